@@ -1,0 +1,8 @@
+"""``python -m uwsgi_fastrouter``: same as the ``uwsgi-fastrouter`` command."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
