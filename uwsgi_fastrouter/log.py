@@ -9,22 +9,23 @@ has one place to change.
 from __future__ import annotations
 
 import sys
-from typing import TextIO
+from typing import Optional, TextIO
 
-_stream: TextIO = sys.stderr
+_stream: Optional[TextIO] = None   # None: whatever sys.stderr is at the time
 
 
 def log(line: str) -> None:
     """Write one log line (a newline is added) and flush it."""
     try:
-        _stream.write(line + "\n")
-        _stream.flush()
+        stream = _stream if _stream is not None else sys.stderr
+        stream.write(line + "\n")
+        stream.flush()
     except (OSError, ValueError):
         # A closed or broken log stream must never take the router down.
         pass
 
 
-def set_stream(stream: TextIO) -> None:
+def set_stream(stream: Optional[TextIO]) -> None:
     """Send every further log line to *stream*."""
     global _stream
     _stream = stream

@@ -1,0 +1,204 @@
+"""Recording uwsgi backends for tests (threads; test code only).
+
+A :class:`RecordingBackend` listens on a TCP port (127.0.0.1:0) or a UNIX path,
+reads each request's header, vars and body (``CONTENT_LENGTH`` bytes, or until EOF
+when ``read_to_eof`` is set) and records them, then answers according to ``mode``:
+
+``"echo"``  an HTTP/1.0 200 response naming the backend, the key vars and the body size;
+``"big"``   a response of ``size`` bytes (``PATH_INFO=/bytes/N`` overrides);
+``"hang"``  nothing, keeps the connection open until the backend stops;
+``"close"`` closes without a byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import struct
+import threading
+from typing import List, Optional
+
+from uwsgi_fastrouter.protocol import parse_vars
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+class Request:
+    def __init__(self, header: bytes, vars_block: bytes, body: bytes, peer, half_closed: bool):
+        self.modifier1, self.datasize, self.modifier2 = struct.unpack("<BHB", header)
+        self.raw = header + vars_block
+        self.vars = dict(parse_vars(vars_block))
+        self.body = body
+        self.peer = peer
+        self.half_closed = half_closed
+
+
+class RecordingBackend:
+    def __init__(self, name: str = "node", mode: str = "echo", unix_path: Optional[str] = None,
+                 size: int = 0, read_to_eof: bool = False):
+        self.name = name
+        self.mode = mode
+        self.size = size
+        self.read_to_eof = read_to_eof
+        self.requests: List[Request] = []
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.open_conns: List[socket.socket] = []
+        if unix_path:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.bind(unix_path)
+            self.address = unix_path
+        else:
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind(("127.0.0.1", 0))
+            self.address = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.sock.listen(128)
+        self.sock.settimeout(0.2)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+        self.sock.close()
+        for conn in self.open_conns:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    @property
+    def count(self) -> int:
+        with self.lock:
+            return len(self.requests)
+
+    def _serve(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, peer = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn, peer), daemon=True).start()
+
+    def _handle(self, conn: socket.socket, peer) -> None:
+        conn.settimeout(10)
+        try:
+            header = recv_exact(conn, 4)
+            if len(header) < 4:
+                conn.close()
+                return
+            datasize = header[1] | (header[2] << 8)
+            vars_block = recv_exact(conn, datasize)
+            env = dict(parse_vars(vars_block))
+            half_closed = False
+            if self.read_to_eof:
+                chunks = []
+                while True:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        half_closed = True
+                        break
+                    chunks.append(chunk)
+                body = b"".join(chunks)
+            else:
+                length = int(env.get(b"CONTENT_LENGTH", b"0") or 0)
+                body = recv_exact(conn, length)
+            request = Request(header, vars_block, body, peer, half_closed)
+            with self.lock:
+                self.requests.append(request)
+            self._answer(conn, request)
+        except OSError:
+            pass
+        finally:
+            if self.mode != "hang":
+                try:
+                    conn.close()
+                except OSError:
+                    pass
+
+    def _answer(self, conn: socket.socket, request: Request) -> None:
+        mode = self.mode
+        if mode == "hang":
+            self.open_conns.append(conn)
+            return
+        if mode == "close":
+            return
+        path = request.vars.get(b"PATH_INFO", b"/")
+        if mode == "big" or path.startswith(b"/bytes/"):
+            size = int(path[7:]) if path.startswith(b"/bytes/") else self.size
+            conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+            block = bytes(range(256)) * 256
+            left = size
+            while left > 0:
+                piece = block[:min(left, len(block))]
+                conn.sendall(piece)
+                left -= len(piece)
+            return
+        body = ("node=%s host=%s key=%s len=%d sha1=%s" % (
+            self.name,
+            request.vars.get(b"HTTP_HOST", b"").decode(),
+            request.vars.get(b"UWSGI_FASTROUTER_KEY", b"").decode(),
+            len(request.body),
+            hashlib.sha1(request.body).hexdigest(),
+        )).encode()
+        conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n" + body)
+
+
+def uwsgi_packet(pairs, modifier1: int = 0, modifier2: int = 0) -> bytes:
+    block = b"".join(struct.pack("<H", len(k)) + k + struct.pack("<H", len(v)) + v for k, v in pairs)
+    return struct.pack("<BHB", modifier1, len(block), modifier2) + block
+
+
+def connect(address: str, timeout: float = 10.0) -> socket.socket:
+    if ":" in address and not address.startswith("/"):
+        host, port = address.rsplit(":", 1)
+        sock = socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout)
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        target = address
+        if address.startswith("@"):
+            target = "\0" + address[1:] + "\0"
+        sock.connect(target)
+    return sock
+
+
+def request(address: str, pairs, body: bytes = b"", modifier1: int = 0, modifier2: int = 0,
+            timeout: float = 10.0, half_close: bool = False) -> bytes:
+    """Send one uwsgi request and read the answer to EOF."""
+    with connect(address, timeout) as sock:
+        sock.sendall(uwsgi_packet(pairs, modifier1, modifier2) + body)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir("/proc/%d/fd" % pid))

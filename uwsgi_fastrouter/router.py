@@ -1,0 +1,197 @@
+"""Key -> node: the mappers, static nodes with their grace marks, and the fallback list.
+
+Theory of operation
+-------------------
+Exactly one mapper is active per router (uWSGI's fixed priority, options.md §2.1):
+``--fastrouter-use-pattern`` > ``--fastrouter-use-base`` > ``--fastrouter-to``; with
+none of them every request is closed once its vars are read.  A mapper turns a key
+into a :class:`Route` (address bytes plus the modifier1/modifier2 to write into the
+forwarded header) or ``None`` ("no route").
+
+Static nodes (``--fastrouter-to``) are a round robin shared by all keys, with a cursor
+that survives between requests.  A node whose connect failed is skipped for
+``--fastrouter-gracetime`` seconds; it is only revived when the cursor lands on it after
+the grace time (uWSGI's rule), so a dead node costs one failed connect per grace period.
+
+Retries are decided here too (:meth:`Router.retry_route`): after a failed connect the
+session asks for the next route, which is the next ``--fastrouter-fallback`` entry if a
+fallback list exists, else the mapper again.  At most ``--fastrouter-max-retries``
+(default 3, uWSGI 2.0's fixed value) retries follow the first attempt.
+
+Time is a parameter: every call that marks or revives takes ``now`` (wall-clock
+seconds, because the stats show the grace mark as a unix timestamp).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+from .log import log
+
+
+class Route:
+    """Where one connection attempt goes."""
+
+    __slots__ = ("address", "modifier1", "modifier2", "node")
+
+    def __init__(self, address: bytes, modifier1: int = 0, modifier2: int = 0,
+                 node: Optional["StaticNode"] = None) -> None:
+        self.address = address
+        self.modifier1 = modifier1
+        self.modifier2 = modifier2
+        self.node = node
+
+    def __repr__(self) -> str:
+        return "Route(%r, %d, %d)" % (self.address, self.modifier1, self.modifier2)
+
+
+class StaticNode:
+    """One ``--fastrouter-to`` entry."""
+
+    __slots__ = ("address", "name", "hits", "dead_since", "route")
+
+    def __init__(self, address: str) -> None:
+        self.name = address
+        self.address = address.encode("utf-8", "surrogateescape")
+        self.hits = 0            # successful connects
+        self.dead_since = 0.0    # unix time of the failure mark, 0 = alive
+        self.route = Route(self.address, 0, 0, self)
+
+
+class StaticMapper:
+    """uWSGI's static round robin with dead-node grace (routing.md §4.1)."""
+
+    def __init__(self, addresses: Sequence[str], gracetime: int, clock) -> None:
+        self.nodes: List[StaticNode] = [StaticNode(a) for a in addresses]
+        self.gracetime = gracetime
+        self.clock = clock           # wall clock, for the grace marks
+        self.cursor = 0
+
+    def __call__(self, key: bytes) -> Optional[Route]:
+        nodes = self.nodes
+        count = len(nodes)
+        index = self.cursor
+        node = nodes[index]
+        if node.dead_since:
+            if node.dead_since + self.gracetime <= self.clock():
+                node.dead_since = 0.0
+            else:
+                for step in range(1, count):
+                    candidate = nodes[(index + step) % count]
+                    if not candidate.dead_since:
+                        index = (index + step) % count
+                        node = candidate
+                        break
+                else:
+                    self.cursor = (self.cursor + 1) % count
+                    return None
+        self.cursor = (index + 1) % count
+        return node.route
+
+
+class PatternMapper:
+    """``--fastrouter-use-pattern``: ``%s`` becomes the key, ``%%`` a percent sign,
+    ``%(`` stays, any other ``%X`` is dropped (uWSGI's rules)."""
+
+    def __init__(self, pattern: str) -> None:
+        raw = pattern.encode("utf-8", "surrogateescape")
+        # Pre-split the pattern into literal parts around the %s slots.
+        parts: List[bytes] = []
+        current = bytearray()
+        i = 0
+        while i < len(raw):
+            c = raw[i:i + 1]
+            if c == b"%" and i + 1 < len(raw):
+                nxt = raw[i + 1:i + 2]
+                if nxt == b"s":
+                    parts.append(bytes(current))
+                    current = bytearray()
+                elif nxt == b"%":
+                    current += b"%"
+                elif nxt == b"(":
+                    current += b"%("
+                i += 2
+                continue
+            current += c
+            i += 1
+        parts.append(bytes(current))
+        self.parts = parts
+
+    def __call__(self, key: bytes) -> Optional[Route]:
+        return Route(key.join(self.parts))
+
+
+class BaseMapper:
+    """``--fastrouter-use-base``: the base string immediately followed by the key."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base.encode("utf-8", "surrogateescape")
+
+    def __call__(self, key: bytes) -> Optional[Route]:
+        return Route(self.base + key)
+
+
+class NoMapper:
+    """No mapper configured: every request is closed after its vars."""
+
+    def __call__(self, key: bytes) -> Optional[Route]:
+        return None
+
+
+class Router:
+    """The routing policy of one router process."""
+
+    def __init__(self, *, to: Sequence[str] = (), use_pattern: Optional[str] = None,
+                 use_base: Optional[str] = None, fallback: Sequence[str] = (),
+                 fallback_on_no_key: bool = False, gracetime: int = 30,
+                 max_retries: int = 3, quiet: bool = False, wall_clock=None) -> None:
+        import time
+        self.wall_clock = wall_clock or time.time
+        self.static = StaticMapper(to, gracetime, self.wall_clock) if to else None
+        if use_pattern is not None:
+            self.mapper = PatternMapper(use_pattern)
+        elif use_base is not None:
+            self.mapper = BaseMapper(use_base)
+        elif self.static is not None:
+            self.mapper = self.static
+        else:
+            self.mapper = NoMapper()
+        self.fallbacks = [Route(a.encode("utf-8", "surrogateescape")) for a in fallback]
+        self.fallback_on_no_key = fallback_on_no_key and bool(self.fallbacks)
+        self.max_retries = max_retries
+        self.quiet = quiet
+
+    @property
+    def static_nodes(self) -> List[StaticNode]:
+        return self.static.nodes if self.static is not None else []
+
+    def route(self, key: bytes) -> Optional[Route]:
+        """The first attempt's route for *key*, or None (no route)."""
+        return self.mapper(key)
+
+    def connect_failed(self, route: Route, key: bytes, retries: int, reason: str) -> None:
+        """Log a failed connect and mark the node it went to (static nodes only)."""
+        if not self.quiet:
+            log('[uwsgi-fastrouter] unable to connect() to node "%s" (%d retries): %s'
+                % (route.address.decode("utf-8", "backslashreplace"), retries, reason))
+        node = route.node
+        if node is not None and not node.dead_since:
+            node.dead_since = self.wall_clock()
+            log("[uwsgi-fastrouter] %s => marking %s as failed"
+                % (key.decode("utf-8", "backslashreplace"), node.name))
+
+    def retry_route(self, key: bytes, previous: Optional[Route], fallback_index: int):
+        """The route for the next attempt after a failure, as ``(route, fallback_index)``.
+
+        *fallback_index* is the position of the next fallback entry to use (0 before
+        any).  Fallback nodes inherit the modifiers of the route that failed (uWSGI
+        keeps them).  Returns ``(None, index)`` when there is nothing left to try.
+        """
+        if self.fallbacks:
+            if fallback_index >= len(self.fallbacks):
+                return None, fallback_index
+            entry = self.fallbacks[fallback_index]
+            if previous is not None and (previous.modifier1 or previous.modifier2):
+                entry = Route(entry.address, previous.modifier1, previous.modifier2)
+            return entry, fallback_index + 1
+        return self.mapper(key), fallback_index

@@ -1,0 +1,187 @@
+"""One router process: listeners, the accept loop, live sessions and their time-outs.
+
+Theory of operation
+-------------------
+Every listening socket is registered for reading; on readiness :meth:`Server._accept`
+accepts in a loop (up to ``events`` connections per readiness, so one busy listener
+cannot starve the others) and starts one :class:`~uwsgi_fastrouter.session.Session`
+per client.  The accepted socket is left in blocking mode: sessions use
+``MSG_DONTWAIT`` on it (one ``fcntl`` saved per request).
+
+Running out of file descriptors (EMFILE/ENFILE) must not spin the loop nor leave
+clients hanging: one descriptor is kept in reserve; on EMFILE it is released, the
+waiting client is accepted and closed at once (it sees a plain close, like every
+other failure), the reserve is taken again and the listeners pause for a short
+back-off.  Each event is logged, at most once a second.
+
+Time-outs: every session records the loop time of its last event; a sweep once a
+second closes those idle for longer than ``--fastrouter-timeout``.  This keeps the
+per-event cost at one attribute store instead of a timer heap operation.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from typing import Callable, List, Optional, Set
+
+from .log import log
+from .reactor import READ, Reactor
+from .router import Router
+from .session import RECV_HEAD, Session
+
+_FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_ACCEPT_BACKOFF = 0.1
+
+
+class Server:
+    def __init__(self, reactor: Reactor, router: Router, listeners: list, *,
+                 timeout: int = 60, chunk: int = 65536, events: int = 64,
+                 force_key: Optional[bytes] = None) -> None:
+        self.reactor = reactor
+        self.router = router
+        self.listeners = list(listeners)
+        self.timeout = timeout if timeout > 0 else 60
+        self.chunk = max(int(chunk), 512)
+        # One process-wide buffer for every read: data lives in it only during one callback.
+        self.scratch = bytearray(max(self.chunk, 65536 + 4))
+        self.scratch_view = memoryview(self.scratch)
+        self.events = max(int(events), 1)
+        self.force_key = force_key
+        self.sessions: Set[Session] = set()
+        self.requests = 0
+        self.accepting = False
+        self.stopping = False
+        self._reserve_fd = self._take_reserve()
+        self._last_fd_log = 0.0
+        self._sweep_timer = None
+        self.on_idle: Optional[Callable[[], None]] = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self.resume_accepting()
+        self._sweep_timer = self.reactor.call_later(1.0, self._sweep)
+
+    def resume_accepting(self) -> None:
+        if self.accepting or self.stopping:
+            return
+        for listener in self.listeners:
+            fd = listener.sock.fileno()
+            self.reactor.add_reader(fd, lambda l=listener: self._accept(l))
+        self.accepting = True
+
+    def pause_accepting(self) -> None:
+        if not self.accepting:
+            return
+        for listener in self.listeners:
+            self.reactor.remove_reader(listener.sock.fileno())
+        self.accepting = False
+
+    def stop(self) -> None:
+        """Stop accepting and drop every session (shutdown)."""
+        self.pause_accepting()
+        self.stopping = True
+        for session in list(self.sessions):
+            session.close()
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+            self._sweep_timer = None
+        if self._reserve_fd is not None:
+            os.close(self._reserve_fd)
+            self._reserve_fd = None
+
+    # --------------------------------------------------------------- accept
+
+    def _accept(self, listener) -> None:
+        lsock = listener.sock
+        accept = lsock._accept
+        family, type_, proto = lsock.family, lsock.type, lsock.proto
+        sessions = self.sessions
+        for _ in range(self.events):
+            try:
+                fd, addr = accept()
+            except BlockingIOError:
+                return
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                if exc.errno in _FD_EXHAUSTED:
+                    self._fd_exhausted(lsock, exc)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue
+                log("[uwsgi-fastrouter] accept() on %s: %s" % (listener.name, exc.strerror or exc))
+                return
+            csock = socket.socket(family, type_, proto, fd)
+            session = Session(self, csock, addr)
+            sessions.add(session)
+            session.start()
+
+    def _take_reserve(self) -> Optional[int]:
+        try:
+            return os.open(os.devnull, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return None
+
+    def _fd_exhausted(self, lsock: socket.socket, exc: OSError) -> None:
+        now = self.reactor.now
+        if now - self._last_fd_log >= 1.0:
+            self._last_fd_log = now
+            log("[uwsgi-fastrouter] accept(): %s (%d sessions open); closing the waiting client "
+                "and pausing accepts for %d ms" % (exc.strerror or exc, len(self.sessions),
+                                                   _ACCEPT_BACKOFF * 1000))
+        if self._reserve_fd is not None:
+            os.close(self._reserve_fd)
+            self._reserve_fd = None
+            try:
+                fd, _ = lsock._accept()
+                os.close(fd)
+            except OSError:
+                pass
+            self._reserve_fd = self._take_reserve()
+        self.pause_accepting()
+        self.reactor.call_later(_ACCEPT_BACKOFF, self.resume_accepting)
+
+    # ------------------------------------------------------------- sessions
+
+    def session_closed(self, session: Session) -> None:
+        self.sessions.discard(session)
+        if not self.sessions and self.on_idle is not None:
+            self.on_idle()
+
+    def log_session(self, session: Session, reason: str) -> None:
+        info = session.info
+        addr = session.caddr
+        client_ip = client_port = ""
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            client_ip, client_port = str(addr[0]), str(addr[1])
+        elif addr:
+            client_ip = addr if isinstance(addr, str) else addr.decode("utf-8", "replace")
+        if info is not None:
+            if info.remote_addr:
+                client_ip = info.remote_addr.decode("utf-8", "replace")
+            if info.remote_port:
+                client_port = info.remote_port.decode("utf-8", "replace")
+        key = session.key.decode("utf-8", "replace")
+        node = ""
+        if session.route is not None:
+            node = " node: %s" % session.route.address.decode("utf-8", "replace")
+        log("[uwsgi-fastrouter key: %s client_addr: %s client_port: %s%s] %s"
+            % (key, client_ip, client_port, node, reason))
+
+    def _sweep(self) -> None:
+        now = self.reactor.now
+        limit = now - self.timeout
+        expired: List[Session] = [s for s in self.sessions if s.last <= limit]
+        for session in expired:
+            session.timed_out()
+        self._sweep_timer = self.reactor.call_later(1.0, self._sweep)
+
+    @property
+    def active_sessions(self) -> int:
+        return len(self.sessions)
+
+
+__all__ = ["Server", "RECV_HEAD"]

@@ -1,0 +1,507 @@
+"""One client connection and the backend connection it is relayed to.
+
+Theory of operation
+-------------------
+A session carries exactly one uwsgi request.  Its states, named after what it waits for:
+
+``RECV_HEAD``
+    Waiting for the 4-byte header and ``datasize`` bytes of vars.  The first read
+    takes up to one relay chunk into the process-wide scratch buffer, so a request
+    that arrived whole (the usual case: nginx writes header, vars and a small body in
+    one go) costs one ``recv``.  Bytes past the vars are body and are forwarded with
+    the head.  A head that arrives in pieces is collected in a buffer of exactly
+    ``4 + datasize`` bytes, so nothing past the vars is read in that case.
+``CONNECTING``
+    The mapper gave a node; a non-blocking connect is in progress and the head
+    (modifier bytes already rewritten) waits in ``up_buf``.  Right after ``connect()``
+    the head is sent optimistically: on loopback and UNIX sockets the connection is
+    usually established by then, which saves a poll round trip.  A failed connect,
+    immediate or not, goes through :meth:`Router.connect_failed` and
+    :meth:`Router.retry_route` (mark, retry, fallback).
+``RELAY``
+    Bytes flow both ways.  Each direction has at most one pending buffer; while a
+    buffer for peer X is pending the peer that produced it is not read
+    (backpressure).  A client EOF is relayed as ``shutdown(SHUT_WR)`` to the backend
+    and the response is still delivered (decisions.md D4).  The session ends when the
+    backend has closed and everything it sent reached the client.
+``CLOSED``
+    Both sockets closed and unregistered; :meth:`close` is idempotent.
+
+Selector interest is derived from the state and the pending buffers in
+``_update_interest`` and the reactor is only called when it changes.  Time-outs are
+enforced by the server's once-a-second sweep over ``last`` (the loop time of the last
+event), so per-event work stays at one attribute store.
+
+The client socket stays in blocking mode and every call on it passes
+``MSG_DONTWAIT``: that saves the ``fcntl`` that making an accepted socket non-blocking
+would cost on every request.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from typing import TYPE_CHECKING, Optional
+
+from .protocol import HEADER, ProtocolError, scan_request
+from .reactor import READ, WRITE
+from .sockets import AddressError, node_sockaddr
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .router import Route
+    from .server import Server
+
+MSG_DONTWAIT = socket.MSG_DONTWAIT
+_SOCK_FLAGS = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
+_IN_PROGRESS = (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK)
+
+# States (ints for speed; names for humans via STATE_NAMES).
+RECV_HEAD = 0
+CONNECTING = 1
+RELAY = 2
+CLOSED = 3
+STATE_NAMES = {RECV_HEAD: "RECV_HEAD", CONNECTING: "CONNECTING", RELAY: "RELAY", CLOSED: "CLOSED"}
+
+# Legal transitions; _set_state is not on the hot path, the table documents and tests them.
+TRANSITIONS = {
+    RECV_HEAD: (CONNECTING, CLOSED),
+    CONNECTING: (CONNECTING, RELAY, CLOSED),
+    RELAY: (CLOSED,),
+    CLOSED: (),
+}
+
+# How many reads one readiness event may do on a streaming side before yielding.
+_READS_PER_EVENT = 8
+
+
+class Session:
+    __slots__ = (
+        "server", "csock", "cfd", "caddr", "bsock", "bfd", "state", "last",
+        "head", "head_len", "key", "route", "retries", "fallback_index",
+        "up_buf", "down_buf", "client_eof", "backend_eof", "c_events", "b_events",
+        "info", "__weakref__",
+    )
+
+    def __init__(self, server: "Server", csock: socket.socket, caddr) -> None:
+        self.server = server
+        self.csock = csock
+        self.cfd = csock.fileno()
+        self.caddr = caddr
+        self.bsock: Optional[socket.socket] = None
+        self.bfd = -1
+        self.state = RECV_HEAD
+        self.last = server.reactor.now
+        self.head: Optional[bytearray] = None   # partial head, sized 4 + datasize once known
+        self.head_len = 0
+        self.key = b""
+        self.route: Optional[Route] = None
+        self.retries = 0
+        self.fallback_index = 0
+        self.up_buf = None        # bytes pending towards the backend
+        self.down_buf = None      # bytes pending towards the client
+        self.client_eof = False
+        self.backend_eof = False
+        self.c_events = 0         # registered interest, client
+        self.b_events = 0         # registered interest, backend
+        self.info = None          # RequestInfo, for log lines
+
+    # ------------------------------------------------------------------ head
+
+    def start(self) -> None:
+        """Called right after accept: try to read the head at once."""
+        self._read_head()
+        if self.state == RECV_HEAD:
+            self.c_events = READ
+            self.server.reactor.register(self.cfd, READ, self._on_client)
+
+    def _read_head(self) -> None:
+        server = self.server
+        head = self.head
+        try:
+            if head is None:
+                # First read: up to one chunk, straight into the shared scratch buffer.
+                scratch = server.scratch
+                n = self.csock.recv_into(scratch, server.chunk, MSG_DONTWAIT)
+                if n == 0:
+                    self.close()
+                    return
+                if n >= 4:
+                    total = 4 + (scratch[1] | (scratch[2] << 8))
+                    if n >= total:
+                        self._head_complete(server.scratch_view, total, n)
+                        return
+                    self.head = head = bytearray(total)
+                    head[:n] = server.scratch_view[:n]
+                else:
+                    self.head = bytearray(server.scratch_view[:n])
+                self.head_len = n
+                return
+            if self.head_len < 4:
+                # Still inside the 4-byte header: read only what completes it.
+                n = self.csock.recv(4 - self.head_len, MSG_DONTWAIT)
+                if not n:
+                    self.close("connection closed in the middle of the request header")
+                    return
+                head += n
+                self.head_len += len(n)
+                if self.head_len < 4:
+                    return
+                total = 4 + (head[1] | (head[2] << 8))
+                if total == 4:
+                    self.head = None
+                    self._head_complete(memoryview(head), 4, 4)
+                    return
+                head.extend(bytes(total - 4))
+            # Read exactly the rest of the vars: body bytes stay in the kernel.
+            view = memoryview(head)
+            n = self.csock.recv_into(view[self.head_len:], len(head) - self.head_len, MSG_DONTWAIT)
+            if n == 0:
+                self.close("connection closed in the middle of the request vars")
+                return
+            self.head_len += n
+            if self.head_len == len(head):
+                self.head = None
+                self._head_complete(view, len(head), len(head))
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.close("error reading the request: %s" % (exc.strerror or exc))
+
+    def _head_complete(self, buf: memoryview, total: int, have: int) -> None:
+        """*buf[:total]* is header + vars; *buf[total:have]* is early body."""
+        server = self.server
+        try:
+            info = scan_request(bytes(buf[4:total]), server.force_key)
+        except ProtocolError as exc:
+            self.close("malformed request vars: %s" % exc)
+            return
+        self.info = info
+        if self.c_events:
+            # The client is watched again once the backend is connected.
+            server.reactor.unregister(self.cfd)
+            self.c_events = 0
+        key = info.key
+        if not key:
+            # No usable key: uWSGI closes without a word; a debug-level fact only.
+            self.close()
+            return
+        self.key = key
+        router = server.router
+        route = router.route(key)
+        if route is None:
+            if not router.fallback_on_no_key:
+                self.close()
+                return
+            # Treated like a failed first attempt (nothing logged, nothing marked).
+            self.retries = 1
+            route, self.fallback_index = router.retry_route(key, None, 0)
+            if route is None:
+                self.close()
+                return
+        # Patch the modifiers into the head before it leaves; copy it out of the shared
+        # scratch buffer only if it cannot be sent right now (see _connect).
+        buf[0] = route.modifier1
+        buf[3] = route.modifier2
+        self.up_buf = buf[:have]
+        self._connect(route)
+
+    # ------------------------------------------------------------- connecting
+
+    def _connect(self, route: "Route") -> None:
+        self.route = route
+        self.state = CONNECTING
+        head = self.up_buf
+        try:
+            family, addr = node_sockaddr(route.address)
+        except AddressError as exc:
+            self._own_up_buf()
+            self._connect_failed(str(exc))
+            return
+        try:
+            sock = socket.socket(family, _SOCK_FLAGS)
+        except OSError as exc:
+            self.close("unable to create a socket for node %s: %s"
+                       % (route.address.decode("utf-8", "replace"), exc.strerror or exc))
+            return
+        err = sock.connect_ex(addr)
+        if err and err not in _IN_PROGRESS:
+            sock.close()
+            self._own_up_buf()
+            self._connect_failed(os.strerror(err))
+            return
+        self.bsock = sock
+        self.bfd = sock.fileno()
+        # Optimistic first send: usually the connection is already up.
+        try:
+            sent = sock.send(head)
+        except BlockingIOError:
+            self._own_up_buf()
+            self.b_events = WRITE
+            self.server.reactor.register(self.bfd, WRITE, self._on_backend)
+            return
+        except OSError as exc:
+            self._own_up_buf()
+            self._drop_backend()
+            self._connect_failed(exc.strerror or str(exc))
+            return
+        self._connected(head, sent)
+
+    def _own_up_buf(self) -> None:
+        """Copy a head that still points into the shared scratch buffer."""
+        buf = self.up_buf
+        if isinstance(buf, memoryview):
+            self.up_buf = bytes(buf)
+
+    def _finish_connect(self) -> None:
+        """The backend socket became writable while CONNECTING."""
+        err = self.bsock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._drop_backend()
+            self._connect_failed(os.strerror(err))
+            return
+        try:
+            sent = self.bsock.send(self.up_buf)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._drop_backend()
+            self._connect_failed(exc.strerror or str(exc))
+            return
+        self._connected(self.up_buf, sent)
+
+    def _connected(self, data, sent: int) -> None:
+        route = self.route
+        node = route.node
+        if node is not None:
+            node.hits += 1
+        self.server.requests += 1
+        self.state = RELAY
+        if sent < len(data):
+            self.up_buf = bytes(memoryview(data)[sent:])
+        else:
+            self.up_buf = None
+        self._update_interest()
+
+    def _connect_failed(self, reason: str) -> None:
+        server = self.server
+        router = server.router
+        route = self.route
+        router.connect_failed(route, self.key, self.retries, reason)
+        if self.retries >= router.max_retries:
+            self.close()
+            return
+        self.retries += 1
+        route, self.fallback_index = router.retry_route(self.key, route, self.fallback_index)
+        if route is None:
+            self.close()
+            return
+        head = self.up_buf
+        if head[0] != route.modifier1 or head[3] != route.modifier2:
+            head = bytearray(head)
+            head[0] = route.modifier1
+            head[3] = route.modifier2
+            self.up_buf = bytes(head)
+        self.last = server.reactor.now
+        self._connect(route)
+
+    def _drop_backend(self) -> None:
+        sock = self.bsock
+        if sock is None:
+            return
+        if self.b_events:
+            self.server.reactor.unregister(self.bfd)
+            self.b_events = 0
+        sock.close()
+        self.bsock = None
+        self.bfd = -1
+
+    # ------------------------------------------------------------------ relay
+
+    def _on_client(self, mask: int) -> None:
+        state = self.state
+        if state == RECV_HEAD:
+            # Not re-armed here: the whole head must arrive within one time-out
+            # from accept, so a client that trickles bytes cannot hold a slot forever.
+            self._read_head()
+            return
+        self.last = self.server.reactor.now
+        if mask & WRITE and self.down_buf is not None:
+            if not self._flush_down():
+                return
+        if mask & READ and state == RELAY and not self.client_eof and self.up_buf is None:
+            self._pump_up()
+        if self.state == RELAY:
+            self._update_interest()
+
+    def _on_backend(self, mask: int) -> None:
+        self.last = self.server.reactor.now
+        if self.state == CONNECTING:
+            self._finish_connect()
+            return
+        if mask & WRITE and self.up_buf is not None:
+            if not self._flush_up():
+                return
+        if mask & READ and not self.backend_eof and self.down_buf is None:
+            self._pump_down()
+        if self.state == RELAY:
+            self._update_interest()
+
+    def _pump_down(self) -> None:
+        """Backend -> client, until the backend has nothing more or the client is full."""
+        server = self.server
+        scratch = server.scratch
+        view = server.scratch_view
+        chunk = server.chunk
+        bsock = self.bsock
+        csock = self.csock
+        for _ in range(_READS_PER_EVENT):
+            try:
+                n = bsock.recv_into(scratch, chunk)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.close("error reading from node: %s" % (exc.strerror or exc))
+                return
+            if n == 0:
+                self.backend_eof = True
+                self.close()
+                return
+            try:
+                sent = csock.send(view[:n], MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self.close("error writing to client: %s" % (exc.strerror or exc))
+                return
+            if sent < n:
+                self.down_buf = bytes(view[sent:n])
+                return
+
+    def _pump_up(self) -> None:
+        """Client -> backend (request body, websocket frames...)."""
+        server = self.server
+        scratch = server.scratch
+        view = server.scratch_view
+        chunk = server.chunk
+        bsock = self.bsock
+        csock = self.csock
+        for _ in range(_READS_PER_EVENT):
+            try:
+                n = csock.recv_into(scratch, chunk, MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.close("error reading from client: %s" % (exc.strerror or exc))
+                return
+            if n == 0:
+                self.client_eof = True
+                self._half_close_backend()
+                return
+            try:
+                sent = bsock.send(view[:n])
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self.close("error writing to node: %s" % (exc.strerror or exc))
+                return
+            if sent < n:
+                self.up_buf = bytes(view[sent:n])
+                return
+
+    def _flush_down(self) -> bool:
+        data = self.down_buf
+        try:
+            sent = self.csock.send(data, MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+        except OSError as exc:
+            self.close("error writing to client: %s" % (exc.strerror or exc))
+            return False
+        self.down_buf = data[sent:] if sent < len(data) else None
+        return True
+
+    def _flush_up(self) -> bool:
+        data = self.up_buf
+        try:
+            sent = self.bsock.send(data)
+        except BlockingIOError:
+            return True
+        except OSError as exc:
+            self.close("error writing to node: %s" % (exc.strerror or exc))
+            return False
+        if sent < len(data):
+            self.up_buf = data[sent:]
+        else:
+            self.up_buf = None
+            if self.client_eof:
+                self._half_close_backend()
+        return True
+
+    def _half_close_backend(self) -> None:
+        if self.up_buf is None and self.bsock is not None:
+            try:
+                self.bsock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def _update_interest(self) -> None:
+        c = 0
+        if self.down_buf is not None:
+            c = WRITE
+        if not self.client_eof and self.up_buf is None:
+            c |= READ
+        b = 0
+        if self.up_buf is not None:
+            b = WRITE
+        if not self.backend_eof and self.down_buf is None:
+            b |= READ
+        reactor = self.server.reactor
+        if c != self.c_events:
+            if not c:
+                reactor.unregister(self.cfd)
+            elif self.c_events:
+                reactor.modify(self.cfd, c, self._on_client)
+            else:
+                reactor.register(self.cfd, c, self._on_client)
+            self.c_events = c
+        if b != self.b_events:
+            if not b:
+                reactor.unregister(self.bfd)
+            elif self.b_events:
+                reactor.modify(self.bfd, b, self._on_backend)
+            else:
+                reactor.register(self.bfd, b, self._on_backend)
+            self.b_events = b
+
+    # ---------------------------------------------------------------- closing
+
+    def timed_out(self) -> None:
+        if self.state == CONNECTING:
+            # A connect that never completes counts as a failed connect (retry path).
+            self._drop_backend()
+            self._connect_failed("timeout")
+        else:
+            self.close("timeout in state %s" % STATE_NAMES[self.state])
+
+    def close(self, reason: Optional[str] = None) -> None:
+        """Tear the session down (idempotent); *reason* is logged when given."""
+        if self.state == CLOSED:
+            return
+        self.state = CLOSED
+        server = self.server
+        reactor = server.reactor
+        if self.c_events:
+            reactor.unregister(self.cfd)
+            self.c_events = 0
+        if self.b_events:
+            reactor.unregister(self.bfd)
+            self.b_events = 0
+        if self.bsock is not None:
+            self.bsock.close()
+            self.bsock = None
+        self.csock.close()
+        self.up_buf = self.down_buf = self.head = None
+        server.session_closed(self)
+        if reason:
+            server.log_session(self, reason)
