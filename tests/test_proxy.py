@@ -204,8 +204,43 @@ def test_bad_input_never_hurts_other_clients_and_leaks_no_fd(backend):
 
 def test_unix_listener_file_is_removed_on_shutdown(tmp_path, backend):
     path = tmp_path / "fr.sock"
-    path.write_text("stale")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))      # a socket file left behind by a dead process
+    stale.close()
     router = start_router(["--fastrouter", str(path), "--fastrouter-to", backend.address])
     assert request(str(path), HOST).startswith(b"HTTP/1.0 200")
     assert router.stop() == 0
     assert not path.exists()
+
+
+def test_fd_exhaustion_closes_the_excess_clients_and_recovers(backend):
+    import resource
+    router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-to", backend.address])
+    addr = router.addresses[0]
+    assert request(addr, HOST).startswith(b"HTTP/1.0 200")
+    base = fd_count(router.pid)
+    limit = base + 10
+    soft, hard = resource.prlimit(router.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(router.pid, resource.RLIMIT_NOFILE, (limit, hard))
+    held = []
+    for _ in range(30):
+        s = connect(addr)
+        s.sendall(uwsgi_packet(HOST)[:6])     # accepted (data arrived), head incomplete
+        held.append(s)
+    router.wait_for_log(r"accept\(\): Too many open files")
+    # the excess clients were closed, not left hanging
+    import select
+    readable, _, _ = select.select(held, [], [], 10)
+    assert readable, "no client was closed by the router"
+    closed = 0
+    for s in readable:
+        try:
+            closed += s.recv(1) == b""
+        except ConnectionResetError:
+            closed += 1
+    assert closed >= 1
+    for s in held:
+        s.close()
+    resource.prlimit(router.pid, resource.RLIMIT_NOFILE, (soft, hard))
+    wait_until(lambda: request(addr, HOST, timeout=5).startswith(b"HTTP/1.0 200"), timeout=10,
+               what="router serving again after fd exhaustion")

@@ -57,6 +57,8 @@ def build(cfg, reactor: Reactor):
     _check(cfg)
     chmod = _chmod_value(cfg.chmod_socket)
     listeners = []
+    stats_listener = None
+    option = "fastrouter"
     try:
         for spec in cfg.fastrouter:
             listener = bind_listener(spec, backlog=cfg.listen, chmod=chmod,
@@ -64,15 +66,15 @@ def build(cfg, reactor: Reactor):
                                      defer_accept=cfg.socket_timeout)
             listeners.append(listener)
             log("uWSGI fastrouter bound on %s fd %d" % (listener.name, listener.sock.fileno()))
-        stats_listener = None
         if cfg.fastrouter_stats:
+            option = "fastrouter-stats"
             stats_listener = bind_stream_server(cfg.fastrouter_stats, backlog=cfg.listen)
             log("*** fastrouter stats server enabled on %s fd: %d ***"
                 % (stats_listener.name, stats_listener.sock.fileno()))
-    except AddressError:
+    except AddressError as exc:
         for listener in listeners:
             listener.close()
-        raise
+        raise StartupError('option "--%s": %s' % (option, exc))
 
     force_key = None
     if cfg.fastrouter_force_key:

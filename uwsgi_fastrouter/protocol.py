@@ -1,0 +1,436 @@
+"""The uwsgi packet codec: bytes in, records out, no I/O.
+
+Theory of operation
+-------------------
+A uwsgi request starts with a 4-byte header -- ``modifier1`` (u8), ``datasize``
+(u16, little-endian), ``modifier2`` (u8) -- followed by exactly ``datasize`` bytes of
+"vars": records of ``u16 key length, key, u16 value length, value``, with no count,
+terminator or padding.  Keys are at least one byte long, values may be empty, and
+the same key may occur more than once; everything after the vars is request body,
+which this module never looks at.
+
+The vars walk is strict, and it is the same walk everywhere in this module
+(:func:`iter_vars`, :func:`scan_request`).  A block is *malformed* when:
+
+* fewer than 3 bytes are left where a record should start (so one or two stray
+  bytes at the end are an error, not padding);
+* a key length is 0;
+* the key, the value length or the value runs past the end of the block.
+
+An empty block is valid and has no vars.  These are the rules uWSGI applies
+before it routes a request; a router that is laxer would forward requests that
+uWSGI closes.
+
+Everything here works on ``bytes``-like objects and returns ``None`` for "need
+more data" (:class:`PacketReader`), so the socket code decides how to read and
+the codec can be tested one byte at a time.
+
+:func:`scan_request` is the per-request hot path of the router: one pass over the
+vars, no list built, only the few names the router cares about are compared.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+from typing import Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
+
+__all__ = [
+    "HEADER",
+    "HEADER_SIZE",
+    "MAX_DATASIZE",
+    "MAX_KEY_LENGTH",
+    "ProtocolError",
+    "MalformedVars",
+    "PacketTooLarge",
+    "Modifier1",
+    "PacketHeader",
+    "Packet",
+    "parse_header",
+    "iter_vars",
+    "parse_vars",
+    "encode_vars",
+    "encode_packet",
+    "PacketReader",
+    "RequestInfo",
+    "scan_request",
+]
+
+#: modifier1 (u8), datasize (u16 little-endian), modifier2 (u8).
+HEADER = struct.Struct("<BHB")
+HEADER_SIZE = HEADER.size  # 4
+#: The largest vars block a 16-bit datasize can announce.
+MAX_DATASIZE = 65535
+#: Routing keys longer than this are ignored (uWSGI keeps keys in a 255-byte slot).
+MAX_KEY_LENGTH = 255
+
+_U16 = struct.Struct("<H")
+
+BytesLike = Union[bytes, bytearray, memoryview]
+Var = Tuple[bytes, bytes]
+
+
+# ---------------------------------------------------------------------------
+# Errors
+
+
+class ProtocolError(ValueError):
+    """Base of every codec error: the bytes are not a valid uwsgi packet."""
+
+
+class MalformedVars(ProtocolError):
+    """The vars block breaks the record rules.
+
+    ``offset`` is where the faulty record starts, relative to the start of the
+    vars block; ``why`` is a short reason.
+    """
+
+    def __init__(self, why: str, offset: int) -> None:
+        super().__init__(f"malformed uwsgi vars at offset {offset}: {why}")
+        self.why = why
+        self.offset = offset
+
+
+class PacketTooLarge(ProtocolError):
+    """A vars block is bigger than the limit (65535, or a reader's smaller limit)."""
+
+    def __init__(self, datasize: int, limit: int) -> None:
+        super().__init__(f"uwsgi vars block of {datasize} bytes exceeds the limit of {limit}")
+        self.datasize = datasize
+        self.limit = limit
+
+
+# ---------------------------------------------------------------------------
+# Records
+
+
+class Modifier1(IntEnum):
+    """The modifier1 values this package gives a name to (the byte is opaque
+    to the router, which only overwrites it)."""
+
+    WSGI = 0
+    PSGI = 5
+    LUA = 6
+    RACK = 7
+    CGI = 9
+    MANAGE = 10
+    PHP = 14
+    SPOOLER = 17
+    PING = 100
+    ECHO = 101
+    SIGNAL = 110
+    CACHE = 111
+    RPC = 173
+    CLOSE_MARK = 200
+    SUBSCRIPTION = 224
+    GENERIC_RESPONSE = 255
+
+
+class PacketHeader(NamedTuple):
+    modifier1: int
+    datasize: int
+    modifier2: int
+
+
+class Packet(NamedTuple):
+    header: PacketHeader
+    #: ``(key, value)`` pairs in wire order, duplicates kept.
+    vars: List[Var]
+
+
+class RequestInfo(NamedTuple):
+    """What the router needs from a request's vars (see :func:`scan_request`)."""
+
+    key: Optional[bytes]
+    content_length: Optional[int]
+    remote_addr: Optional[bytes]
+    remote_port: Optional[bytes]
+    #: the request carries ``HTTP_TRANSFER_ENCODING``: a body of unknown length may follow
+    chunked: bool = False
+
+
+# ---------------------------------------------------------------------------
+# Decoding
+
+
+def parse_header(data: BytesLike, offset: int = 0) -> PacketHeader:
+    """Decode the 4-byte header found at *offset* of *data*.
+
+    Raises :class:`ProtocolError` if fewer than 4 bytes are available there.
+    """
+    try:
+        return PacketHeader._make(HEADER.unpack_from(data, offset))
+    except struct.error:
+        raise ProtocolError(
+            f"uwsgi header needs {HEADER_SIZE} bytes, got {max(0, len(data) - offset)}"
+        ) from None
+
+
+def _as_bytes(block: BytesLike) -> bytes:
+    return block if type(block) is bytes else bytes(block)
+
+
+def iter_vars(block: BytesLike) -> Iterator[Var]:
+    """Yield the ``(key, value)`` pairs of a vars block, in wire order.
+
+    *block* is exactly the vars (the ``datasize`` bytes after the header).
+    Raises :class:`MalformedVars` when the walk reaches a bad record; the pairs
+    before it have been yielded by then.
+    """
+    data = _as_bytes(block)
+    end = len(data)
+    pos = 0
+    while pos < end:
+        start = pos
+        if pos + 2 >= end:
+            raise MalformedVars(f"{end - pos} stray byte(s) at the end", start)
+        klen = data[pos] | (data[pos + 1] << 8)
+        pos += 2
+        if klen == 0:
+            raise MalformedVars("zero key length", start)
+        kend = pos + klen
+        if kend > end:
+            raise MalformedVars(f"key of {klen} bytes overruns the block", start)
+        key = data[pos:kend]
+        pos = kend
+        if pos + 2 > end:
+            raise MalformedVars("value length missing", start)
+        vlen = data[pos] | (data[pos + 1] << 8)
+        pos += 2
+        vend = pos + vlen
+        if vend > end:
+            raise MalformedVars(f"value of {vlen} bytes overruns the block", start)
+        yield key, data[pos:vend]
+        pos = vend
+
+
+def parse_vars(block: BytesLike) -> List[Var]:
+    """Return all ``(key, value)`` pairs of a vars block (see :func:`iter_vars`)."""
+    return list(iter_vars(block))
+
+
+# ---------------------------------------------------------------------------
+# Encoding
+
+
+def encode_vars(pairs: Iterable[Tuple[BytesLike, BytesLike]]) -> bytes:
+    """Encode ``(key, value)`` pairs as a vars block.
+
+    Keys must be 1..65535 bytes, values 0..65535 bytes, else :class:`ProtocolError`.
+    The block itself is not limited here (see :func:`encode_packet`).
+    """
+    pack = _U16.pack
+    parts = []
+    append = parts.append
+    for key, value in pairs:
+        klen = len(key)
+        vlen = len(value)
+        if not 0 < klen <= 65535:
+            raise ProtocolError(f"uwsgi var key must be 1..65535 bytes, got {klen}")
+        if vlen > 65535:
+            raise ProtocolError(f"uwsgi var value must be 0..65535 bytes, got {vlen}")
+        append(pack(klen))
+        append(key)
+        append(pack(vlen))
+        append(value)
+    return b"".join(parts)
+
+
+def encode_packet(
+    pairs: Iterable[Tuple[BytesLike, BytesLike]], modifier1: int = 0, modifier2: int = 0
+) -> bytes:
+    """Encode a whole packet: header followed by the vars block.
+
+    Raises :class:`PacketTooLarge` if the vars exceed 65535 bytes and
+    :class:`ProtocolError` for a modifier outside 0..255.
+    """
+    block = encode_vars(pairs)
+    if len(block) > MAX_DATASIZE:
+        raise PacketTooLarge(len(block), MAX_DATASIZE)
+    if not (0 <= modifier1 <= 255 and 0 <= modifier2 <= 255):
+        raise ProtocolError(f"modifiers must be 0..255, got {modifier1}/{modifier2}")
+    return HEADER.pack(modifier1, len(block), modifier2) + block
+
+
+# ---------------------------------------------------------------------------
+# Incremental reading
+
+
+class PacketReader:
+    """Assemble one packet from bytes that arrive in pieces.
+
+    ``feed(data)`` returns ``None`` while the packet is incomplete and the
+    :class:`Packet` once header and vars are complete.  Bytes beyond the packet
+    (the start of the body) are kept in :attr:`trailing`; after completion every
+    further ``feed`` only appends to :attr:`trailing` and returns ``None`` (the
+    packet stays available as :attr:`packet`).  An empty ``feed`` is a no-op;
+    end of input is the caller's business.
+
+    A header announcing more than *max_datasize* raises :class:`PacketTooLarge`,
+    malformed vars raise :class:`MalformedVars`; the reader is unusable after an
+    error.
+    """
+
+    __slots__ = ("max_datasize", "header", "packet", "trailing", "_buf")
+
+    def __init__(self, max_datasize: int = MAX_DATASIZE) -> None:
+        self.max_datasize = max_datasize
+        self.header: Optional[PacketHeader] = None
+        self.packet: Optional[Packet] = None
+        self.trailing = b""
+        self._buf = bytearray()
+
+    @property
+    def bytes_needed(self) -> int:
+        """How many more bytes complete the packet (0 once it is complete).
+
+        Before the header is complete this only counts the rest of the header.
+        A reader that must not consume body bytes reads at most this many.
+        """
+        if self.packet is not None:
+            return 0
+        if self.header is None:
+            return HEADER_SIZE - len(self._buf)
+        return HEADER_SIZE + self.header.datasize - len(self._buf)
+
+    def feed(self, data: BytesLike) -> Optional[Packet]:
+        """Add *data*; return the packet when this call completes it, else ``None``."""
+        if self.packet is not None:
+            if data:
+                self.trailing += data
+            return None
+        buf = self._buf
+        buf += data
+        if self.header is None:
+            if len(buf) < HEADER_SIZE:
+                return None
+            header = PacketHeader._make(HEADER.unpack_from(buf))
+            if header.datasize > self.max_datasize:
+                raise PacketTooLarge(header.datasize, self.max_datasize)
+            self.header = header
+        total = HEADER_SIZE + self.header.datasize
+        if len(buf) < total:
+            return None
+        pairs = parse_vars(bytes(buf[HEADER_SIZE:total]))
+        self.trailing = bytes(buf[total:])
+        self._buf = bytearray()
+        self.packet = Packet(self.header, pairs)
+        return self.packet
+
+
+# ---------------------------------------------------------------------------
+# Router view of a request
+
+# The names scan_request looks at (its branches rely on the lengths noted here).
+# A record is only sliced and compared when its key length is one of theirs.
+_FR_KEY = b"UWSGI_FASTROUTER_KEY"  # 20
+_HTTP_HOST = b"HTTP_HOST"  # 9
+_SERVER_NAME = b"SERVER_NAME"  # 11
+_CONTENT_LENGTH = b"CONTENT_LENGTH"  # 14
+_REMOTE_ADDR = b"REMOTE_ADDR"  # 11
+_REMOTE_PORT = b"REMOTE_PORT"  # 11
+_TRANSFER_ENCODING = b"HTTP_TRANSFER_ENCODING"  # 22
+_NAME_LENGTHS = frozenset(
+    len(name)
+    for name in (_FR_KEY, _HTTP_HOST, _SERVER_NAME, _CONTENT_LENGTH, _REMOTE_ADDR, _REMOTE_PORT,
+                 _TRANSFER_ENCODING)
+)
+
+
+def _long_content_length(digits: bytes) -> int:
+    """A CONTENT_LENGTH of more than 18 ASCII digits: its value if the leading
+    zeros were all that made it long, else 0 (no real body is that large, and
+    Python 3.11+ refuses to convert very long digit strings)."""
+    significant = digits.lstrip(b"0")
+    return int(significant) if 0 < len(significant) <= 18 else 0
+
+
+_new_tuple = tuple.__new__  # builds a RequestInfo without the Python-level __new__
+
+
+def _raise_malformed(data: bytes) -> None:
+    """Re-walk a block the fast scan rejected, to raise the precise error."""
+    for _ in iter_vars(data):
+        pass
+    raise AssertionError("scan_request rejected a valid vars block")  # pragma: no cover
+
+
+def scan_request(block: BytesLike, force_key: Optional[bytes] = None) -> RequestInfo:
+    """Validate a request's vars block and pick out what the router needs.
+
+    One strict pass (the rules of :func:`iter_vars`; :class:`MalformedVars` on a
+    bad record) that keeps only:
+
+    ``key``
+        ``UWSGI_FASTROUTER_KEY`` > ``HTTP_HOST`` > ``SERVER_NAME``, whatever the var
+        order.  For each name the candidate is its *last* occurrence whose value
+        is 1..255 bytes (an empty or longer value counts as absent); the key is
+        the candidate of the first name that has one, else ``None``.  A
+        *force_key* that is not ``None`` is the key (the block is still
+        validated).
+    ``content_length``
+        last ``CONTENT_LENGTH``: all ASCII digits -> its value; anything else
+        (empty, junk, more than 18 significant digits) -> ``0``; no such var ->
+        ``None``.
+    ``remote_addr``, ``remote_port``
+        last occurrence, raw bytes, or ``None``.
+    ``chunked``
+        an ``HTTP_TRANSFER_ENCODING`` var is present (a body of unknown length).
+    """
+    # The walk does the fewest checks that still catch every malformed block:
+    # an index past the end (stray bytes, a key running into or past the value
+    # length) raises IndexError; a zero key length stops the loop early; a value
+    # running past the end leaves ``pos > end``.  Any of them ends with
+    # ``pos != end`` and the slow path names the fault.
+    data = block if type(block) is bytes else bytes(block)
+    end = len(data)
+    pos = 0
+    lengths = _NAME_LENGTHS
+    fr_key = host = server_name = clen = raddr = rport = None
+    chunked = False
+    try:
+        while pos < end:
+            klen = data[pos] | data[pos + 1] << 8
+            if not klen:
+                break
+            kpos = pos + 2
+            kend = kpos + klen
+            vpos = kend + 2
+            pos = vpos + (data[kend] | data[kend + 1] << 8)
+            if klen in lengths:
+                name = data[kpos:kend]
+                if klen == 9:
+                    if name == _HTTP_HOST and 0 < pos - vpos <= 255:
+                        host = data[vpos:pos]
+                elif klen == 11:
+                    if name == _SERVER_NAME:
+                        if 0 < pos - vpos <= 255:
+                            server_name = data[vpos:pos]
+                    elif name == _REMOTE_ADDR:
+                        raddr = data[vpos:pos]
+                    elif name == _REMOTE_PORT:
+                        rport = data[vpos:pos]
+                elif klen == 14:
+                    if name == _CONTENT_LENGTH:
+                        clen = data[vpos:pos]
+                elif klen == 20:
+                    if name == _FR_KEY and 0 < pos - vpos <= 255:
+                        fr_key = data[vpos:pos]
+                elif name == _TRANSFER_ENCODING:
+                    chunked = True
+    except IndexError:
+        pos = -1
+    if pos != end:
+        _raise_malformed(data)
+    if force_key is None:
+        force_key = fr_key or host or server_name
+    if clen is not None:
+        # junk (empty, signs, spaces, non-ASCII digits) -> 0: "no body to buffer";
+        # bytes.isdigit() is true for ASCII 0-9 only, and false when empty
+        if not clen.isdigit():
+            clen = 0
+        elif len(clen) <= 18:
+            clen = int(clen)
+        else:
+            clen = _long_content_length(clen)
+    return _new_tuple(RequestInfo, (force_key, clen, raddr, rport, chunked))
