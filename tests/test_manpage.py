@@ -1,0 +1,98 @@
+"""The committed man page is the generated one, and it documents every option."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from uwsgi_fastrouter import options as o
+from uwsgi_fastrouter.manpage import render_manpage
+
+ROOT = Path(__file__).resolve().parent.parent
+MAN = ROOT / "man" / "uwsgi-fastrouter.1"
+
+
+def plain(troff: str) -> str:
+    """The page with the escapes this generator uses undone, for text searches."""
+    return troff.replace("\\-", "-").replace("\\fB", "").replace("\\fI", "").replace("\\fR", "")
+
+
+def test_committed_page_is_up_to_date():
+    assert MAN.read_text() == render_manpage(), (
+        "man/uwsgi-fastrouter.1 is stale: run python -m uwsgi_fastrouter.manpage > man/uwsgi-fastrouter.1"
+    )
+
+
+def test_module_entry_point_prints_the_page():
+    done = subprocess.run(
+        [sys.executable, "-m", "uwsgi_fastrouter.manpage"], cwd=str(ROOT),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode() == render_manpage()
+
+
+def test_every_option_in_help_and_man():
+    help_text = o.help_text()
+    page = plain(render_manpage())
+    for option in o.OPTIONS:
+        for name in option.names:
+            assert "--" + name in help_text, name
+            assert "--" + name in page, name
+        if option.short:
+            assert "-%s, --%s" % (option.short, option.name) in page
+
+
+def test_man_documents_arguments_defaults_and_status():
+    page = plain(render_manpage())
+    assert "--fastrouter-timeout SECS" in page
+    assert "--chmod-socket[=MODE]" in page
+    assert "Default: 60." in page
+    assert "Default: page size, 4096 on most systems." in page
+    entries = {}
+    for chunk in render_manpage().split("\n.TP\n")[1:]:
+        head, _nl, body = chunk.partition("\n")
+        entries[plain(head)] = plain(body)
+    for option in o.OPTIONS:
+        head = ("-%s, " % option.short if option.short else "") + "--" + option.name + option.argument_text()
+        body = entries[head]
+        assert ("(not supported yet)" in body) == (option.status == o.PENDING), option.name
+        default = option.default_text()
+        if default is not None:
+            assert "Default: %s." % default in body, option.name
+        if option.aliases:
+            assert "Aliases: " + ", ".join("--" + a for a in option.aliases) + "." in body
+
+
+def test_man_sections():
+    page = render_manpage()
+    headers = [line[4:] for line in page.splitlines() if line.startswith(".SH ")]
+    assert headers == ["NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "ENVIRONMENT", "FILES",
+                       "EXIT STATUS", "SEE ALSO"]
+    text = plain(page)
+    assert "UWSGI_" in text and "UWSGI_RELOADS" in text
+    assert "%%s" in text  # the INI % magic note
+    assert "50done" in text
+
+
+def test_man_has_no_stray_requests():
+    for line in render_manpage().splitlines():
+        # every line starting with . or ' must be a request this generator emits
+        if line.startswith((".", "'")):
+            assert line.split(" ")[0] in {
+                ".TH", ".SH", ".SS", ".TP", ".PP", ".B", ".BR", ".br", ".RS", ".RE", ".nf", ".fi",
+            }, line
+
+
+def test_groff_renders_without_warnings():
+    groff = shutil.which("groff")
+    if groff is None:
+        pytest.skip("groff not installed")
+    done = subprocess.run([groff, "-ww", "-z", "-man"], input=render_manpage().encode(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    assert done.returncode == 0
+    assert done.stderr.decode() == ""

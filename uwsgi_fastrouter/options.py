@@ -1,0 +1,878 @@
+"""The option table and the configuration pipeline (environment, argv, INI).
+
+Theory of operation
+-------------------
+:data:`OPTIONS` is the one declarative table: every option uWSGI users may give
+us, with its kind, argument style, default, help line and status.  ``--help``
+and the man page are generated from it.
+
+:func:`load_config` runs the pipeline uWSGI 2.0.31 runs:
+
+1. **Collect** ``(key, value)`` entries, in order: first ``UWSGI_<NAME>``
+   environment variables (only names of known options; never prefix-matched),
+   then the command line parsed like GNU ``getopt_long`` (``--name value``,
+   ``--name=value``, unique prefixes, bundled short options), then positional
+   ``*.ini`` files (getopt moves them after every option).  "Immediate" options
+   act at the moment they are collected: ``--ini`` inserts the file's entries
+   right there, ``--set``/``--set-ph`` add a placeholder entry, ``--help`` and
+   ``--version`` stop with :class:`EarlyExit`.
+2. **Substitute**, over every collected value, three passes in this order:
+   ``$(NAME)`` environment variables (unset: left as written), ``@(PATH)`` file
+   contents (one trailing newline or CR removed; a missing file is an error),
+   ``%(NAME)`` the value of the first entry with key ``NAME``, wherever it is
+   (unknown: left as written).  A ``%(NAME)`` value is itself resolved first,
+   so chains work in any order; a reference cycle is left as written.
+3. **Apply** the entries in order on a fresh :class:`Config` holding the
+   defaults: scalars keep the last value, lists accumulate.  Keys that are not
+   options are placeholders (an error for plain keys under ``--strict``).
+   "pending" options are rejected, the "deprecated" one only warns.
+
+Values keep uWSGI's typing: ints are C ``atoi`` (junk gives 0, negative is an
+error), 64-bit values ``strtoul``, booleans are false only for
+``false/off/no/0``.  A flag given without any value counts as ``1``/true.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set, Tuple
+
+from . import UWSGI_COMPAT_VERSION, __version__
+from . import log as _log
+from .ini import IniError, IniLoader
+
+PROGRAM = "uwsgi-fastrouter"
+
+# ---------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------
+
+# Kinds of value
+INT = "int"
+UINT64 = "uint64"
+BOOL = "bool"
+STRING = "string"
+LIST = "list"
+ACTION = "action"  # handled while collecting: ini, set, set-ph, help, version
+
+# Argument styles (getopt's has_arg)
+REQUIRED = "required"
+OPTIONAL = "optional"
+NONE = "none"
+
+# Statuses
+SUPPORTED = "supported"
+PENDING = "pending"
+NOOP = "noop"
+DEPRECATED = "deprecated"
+
+# Groups, in --help / man page order
+G_ROUTER = "FastRouter"
+G_PROCESS = "Sockets and processes"
+G_APPS = "Cache and application loading"
+G_SUBS = "Subscriptions"
+G_CONFIG = "Configuration"
+GROUPS = (G_ROUTER, G_PROCESS, G_APPS, G_SUBS, G_CONFIG)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One row of the option table."""
+
+    name: str
+    kind: str
+    help: str
+    group: str
+    arg: str = REQUIRED
+    default: Any = None
+    aliases: Tuple[str, ...] = ()
+    short: Optional[str] = None
+    status: str = SUPPORTED
+    metavar: str = ""
+    bare: Optional[str] = None  # value of an optional-argument option given bare
+    default_doc: Optional[str] = None  # overrides the default shown in help
+
+    @property
+    def attr(self) -> str:
+        """The :class:`Config` attribute name."""
+        return self.name.replace("-", "_")
+
+    @property
+    def names(self) -> Tuple[str, ...]:
+        return (self.name,) + self.aliases
+
+    def default_text(self) -> Optional[str]:
+        """The default as shown to users, or None when there is nothing to say."""
+        if self.default_doc is not None:
+            return self.default_doc
+        if self.kind == BOOL:
+            return "on" if self.default else "off"
+        if self.kind in (LIST, ACTION) or self.default is None:
+            return None
+        return str(self.default)
+
+    def argument_text(self) -> str:
+        """How the argument is written after the option name ("" for none)."""
+        if self.arg == NONE:
+            return ""
+        if self.arg == OPTIONAL:
+            return "[=" + self.metavar + "]"
+        return " " + self.metavar
+
+    def help_line(self) -> str:
+        """The one-line description, with default and status notes."""
+        text = self.help
+        default = self.default_text()
+        if default is not None:
+            text += " (default: %s)" % default
+        if self.status == PENDING:
+            text += " (not supported yet)"
+        elif self.status == NOOP:
+            text += " (accepted, no effect)"
+        return text
+
+
+def _o(name: str, kind: str, help: str, group: str, **kw: Any) -> Option:
+    if "metavar" not in kw:
+        kw["metavar"] = {INT: "N", UINT64: "N", BOOL: "BOOL"}.get(kind, "VALUE")
+    if kind == BOOL and "arg" not in kw:
+        kw["arg"] = NONE
+    if kind == BOOL and "default" not in kw:
+        kw["default"] = False
+    return Option(name, kind, help, group, **kw)
+
+
+OPTIONS: Tuple[Option, ...] = (
+    # -- FastRouter ------------------------------------------------------------
+    _o("fastrouter", LIST, "accept uwsgi clients on ADDR (ip:port, :port, [ipv6]:port, "
+       "/unix/path, @abstract, =N shared socket, fd://N); repeatable", G_ROUTER,
+       default=[], metavar="ADDR"),
+    _o("fastrouter-to", LIST, "static backend node, picked round robin when no other mapper "
+       "is configured; repeatable", G_ROUTER, default=[], metavar="ADDR"),
+    _o("fastrouter-use-pattern", STRING, "backend address is PATTERN with %s replaced by the key "
+       "(%% gives %; write %%s inside INI files)", G_ROUTER, metavar="PATTERN"),
+    _o("fastrouter-use-base", STRING, "backend address is BASE immediately followed by the key "
+       "(no / is added)", G_ROUTER, metavar="BASE"),
+    _o("fastrouter-use-cache", STRING, "look the key up in a cache to get the backend address; "
+       "a bare option means the first cache", G_ROUTER, arg=OPTIONAL, bare="", metavar="NAME",
+       status=PENDING),
+    _o("fastrouter-use-code-string", STRING, "call FUNC(key) from the Python FILE "
+       "(modifier1 0) to get the backend address", G_ROUTER, metavar="MOD1:FILE:FUNC",
+       status=PENDING),
+    _o("fastrouter-use-socket", INT, "forward every request to this instance's --socket number N "
+       "(0-based; a bare option means 0)", G_ROUTER, arg=OPTIONAL, bare="0", status=PENDING),
+    _o("fastrouter-subscription-server", LIST, "accept subscriptions on ADDR (UDP when it contains "
+       "a colon, else a unix datagram socket); repeatable", G_ROUTER, default=[], metavar="ADDR",
+       status=PENDING),
+    _o("fastrouter-subscription-fallback-key", STRING, "look up KEY instead when the request's key "
+       "has no alive subscribed node", G_ROUTER, metavar="KEY", status=PENDING),
+    _o("fastrouter-fallback", LIST, "node tried, in the given order, when the chosen node cannot "
+       "be reached; repeatable", G_ROUTER, default=[], metavar="ADDR"),
+    _o("fastrouter-fallback-on-no-key", BOOL, "also go to the fallback nodes when the mapper finds "
+       "no node for the key", G_ROUTER),
+    _o("fastrouter-gracetime", INT, "seconds a static node that failed is skipped", G_ROUTER,
+       default=30, metavar="SECS"),
+    _o("fastrouter-timeout", INT, "seconds of inactivity after which a connection is closed",
+       G_ROUTER, default=60, metavar="SECS"),
+    _o("fastrouter-max-retries", INT, "connect retries after a failed first attempt, fallback nodes "
+       "included (uWSGI 2.0 has 3, fixed)", G_ROUTER, default=3),
+    _o("fastrouter-force-key", STRING, "route every request with KEY, ignoring the request vars",
+       G_ROUTER, metavar="KEY"),
+    _o("fastrouter-cheap", BOOL, "accept connections only while at least one node is subscribed",
+       G_ROUTER, status=PENDING),
+    _o("fastrouter-processes", INT, "number of router processes sharing the listening sockets",
+       G_ROUTER, default=1, aliases=("fastrouter-workers",), status=PENDING),
+    _o("fastrouter-stats", STRING, "serve the router statistics as JSON on ADDR (ip:port or unix "
+       "path)", G_ROUTER, aliases=("fastrouter-stats-server", "fastrouter-ss"), metavar="ADDR"),
+    _o("fastrouter-post-buffering", UINT64, "read request bodies before connecting: up to N bytes "
+       "in memory, larger ones to a temporary file; 0 is off", G_ROUTER, default=0,
+       status=PENDING),
+    _o("fastrouter-post-buffering-dir", STRING, "accepted for compatibility; temporary files go to "
+       "$TMPDIR or /tmp", G_ROUTER, metavar="DIR", status=PENDING),
+    _o("fastrouter-buffer-size", UINT64, "size in bytes of the first read buffer of a connection; "
+       "0 means the page size", G_ROUTER, default=0, default_doc="page size, 4096 on most systems"),
+    _o("fastrouter-events", INT, "maximum number of events handled per poll", G_ROUTER, default=64),
+    _o("fastrouter-harakiri", INT, "restart a router process whose event loop is stuck for SECS "
+       "seconds; 0 is off", G_ROUTER, default=0, metavar="SECS", status=PENDING),
+    _o("fastrouter-quiet", BOOL, "do not log failed backend connections; takes a value, "
+       "e.g. --fastrouter-quiet 1", G_ROUTER, arg=REQUIRED),
+    _o("fastrouter-resubscribe", LIST, "forward every received subscription and unsubscription "
+       "to the subscription server ADDR; repeatable", G_ROUTER, default=[], metavar="ADDR",
+       status=PENDING),
+    _o("fastrouter-resubscribe-bind", STRING, "local UDP ip:port the forwarded subscriptions are "
+       "sent from", G_ROUTER, metavar="ADDR", status=PENDING),
+    _o("fastrouter-zerg", STRING, "also route on the listening sockets received from the zerg "
+       "server at PATH", G_ROUTER, metavar="PATH", status=PENDING),
+    _o("fastrouter-uid", STRING, "run the router processes as USER (name or number)", G_ROUTER,
+       metavar="USER", status=PENDING),
+    _o("fastrouter-gid", STRING, "run the router processes with group GROUP (name or number)",
+       G_ROUTER, metavar="GROUP", status=PENDING),
+    _o("fastrouter-subscription-slot", STRING, "deprecated: accepted and ignored, with a warning",
+       G_ROUTER, status=DEPRECATED),
+    # -- Sockets and processes -------------------------------------------------
+    _o("master", BOOL, "run a supervising master that respawns router processes and handles "
+       "graceful reloads", G_PROCESS, short="M"),
+    _o("listen", INT, "listen() backlog of every listening socket", G_PROCESS, short="l",
+       default=100),
+    _o("socket-timeout", INT, "TCP_DEFER_ACCEPT seconds on TCP listeners, and the stats server's "
+       "I/O timeout", G_PROCESS, short="z", default=4, metavar="SECS"),
+    _o("abstract-socket", BOOL, "bind every unix socket path in the Linux abstract namespace",
+       G_PROCESS, short="a"),
+    _o("chmod-socket", STRING, "chmod unix listening sockets to the octal MODE; a bare option "
+       "means 666", G_PROCESS, short="C", arg=OPTIONAL, bare="666", aliases=("chmod",),
+       metavar="MODE"),
+    _o("vacuum", BOOL, "remove the unix socket files and the pidfile on exit", G_PROCESS),
+    _o("die-on-term", BOOL, "shut down on SIGTERM instead of reloading", G_PROCESS),
+    _o("stats-minified", BOOL, "write the statistics JSON on one line, without indentation",
+       G_PROCESS, aliases=("stats-min",)),
+    _o("stats-http", BOOL, "send the statistics as an HTTP response", G_PROCESS),
+    _o("no-fd-passing", BOOL, "never hand client connections over to unix-socket nodes; always "
+       "relay", G_PROCESS),
+    _o("buffer-size", UINT64, "largest request vars block a backend instance accepts; the router "
+       "forwards any size", G_PROCESS, short="b", default=4096,
+       status=NOOP),
+    _o("socket", LIST, "bind a uwsgi socket for this instance's application workers; repeatable",
+       G_PROCESS, short="s", aliases=("uwsgi-socket",), default=[], metavar="ADDR",
+       status=PENDING),
+    _o("shared-socket", LIST, "bind a socket before anything else; the k-th one is referenced as "
+       "=k; repeatable", G_PROCESS, default=[], metavar="ADDR", status=PENDING),
+    _o("undeferred-shared-socket", LIST, "like --shared-socket, without TCP_DEFER_ACCEPT; "
+       "repeatable", G_PROCESS, default=[], metavar="ADDR", status=PENDING),
+    _o("processes", INT, "number of application worker processes", G_PROCESS, short="p",
+       aliases=("workers",), default=1, status=PENDING),
+    _o("force-gateway", BOOL, "without a master, run the first router in the main process",
+       G_PROCESS, status=PENDING),
+    _o("uid", STRING, "switch to USER (name or number) after binding the sockets", G_PROCESS,
+       metavar="USER", status=PENDING),
+    _o("gid", STRING, "switch to GROUP (name or number) after binding the sockets", G_PROCESS,
+       metavar="GROUP", status=PENDING),
+    _o("pidfile", STRING, "write the pid of the master to PATH", G_PROCESS, metavar="PATH",
+       status=PENDING),
+    _o("daemonize", STRING, "detach from the terminal and log to LOGFILE", G_PROCESS, short="d",
+       metavar="LOGFILE", status=PENDING),
+    _o("logto", STRING, "log to the file PATH instead of stderr", G_PROCESS, metavar="PATH",
+       status=PENDING),
+    _o("zerg-server", STRING, "hand this instance's listening sockets to zergs connecting to the "
+       "unix socket PATH", G_PROCESS, metavar="PATH", status=PENDING),
+    _o("zerg", LIST, "take the listening sockets from the zerg server at PATH; repeatable",
+       G_PROCESS, default=[], metavar="PATH", status=PENDING),
+    _o("zerg-fallback", BOOL, "use the own sockets when no zerg server can be reached", G_PROCESS,
+       status=PENDING),
+    # -- Cache and application loading -------------------------------------------
+    _o("cache", UINT64, "create the default cache with N items; 0 creates none", G_APPS, default=0,
+       status=PENDING),
+    _o("cache-blocksize", UINT64, "largest value, in bytes, the default cache stores", G_APPS,
+       default=65536, metavar="BYTES", status=PENDING),
+    _o("cache2", LIST, "create a cache from name=NAME,items=N[,blocksize=B][,keysize=K]; "
+       "repeatable", G_APPS, default=[], metavar="SPEC", status=PENDING),
+    _o("file", STRING, "run the Python file PATH once at startup, before the router starts",
+       G_APPS, metavar="PATH", status=PENDING),
+    _o("wsgi-file", STRING, "same as --file", G_APPS, metavar="PATH", status=PENDING),
+    _o("module", STRING, "import the Python module NAME once at startup, before the router starts",
+       G_APPS, short="w", aliases=("wsgi",), metavar="NAME", status=PENDING),
+    # -- Subscriptions -------------------------------------------------------------
+    _o("subscribe-to", LIST, "announce this instance to a subscription server: "
+       "[SOCKNAME=]SERVER:KEY[,MOD1[,DIGEST:KEYFILE]] or SERVER:@MAPFILE; repeatable", G_SUBS,
+       aliases=("st", "subscribe"), default=[], metavar="SPEC", status=PENDING),
+    _o("subscribe2", LIST, "announce this instance using key=value pairs (server, key, socket, "
+       "addr, weight, modifier1, modifier2, sign...); repeatable", G_SUBS, default=[],
+       metavar="SPEC", status=PENDING),
+    _o("subscribe-freq", INT, "seconds between two announces", G_SUBS, default=10, metavar="SECS",
+       status=PENDING),
+    _o("subscribe-with-modifier1", STRING, "announce every subscription with modifier1 N", G_SUBS,
+       metavar="N", status=PENDING),
+    _o("weight", UINT64, "weight announced with the subscriptions (0 counts as 1)", G_SUBS,
+       default=0, status=PENDING),
+    _o("auto-weight", BOOL, "announce processes x cores as the weight; takes a value", G_SUBS,
+       arg=REQUIRED, status=PENDING),
+    _o("unsubscribe-on-graceful-reload", BOOL, "unsubscribe before a graceful reload", G_SUBS,
+       status=PENDING),
+    _o("start-unsubscribed", BOOL, "prepare the subscriptions but send none until enabled", G_SUBS,
+       status=PENDING),
+    _o("subscription-notify-socket", STRING, "unix datagram socket on which subscription servers "
+       "report back", G_SUBS, metavar="PATH", status=PENDING),
+    _o("subscription-tolerance", INT, "seconds a subscribed node is kept without a new announce",
+       G_SUBS, default=17, metavar="SECS", status=PENDING),
+    _o("subscription-algo", STRING, "balancing among subscribed nodes: wrr, lrc or wlrc (other "
+       "names mean wrr)", G_SUBS, default="wrr", metavar="NAME", status=PENDING),
+    _o("subscription-dotsplit", BOOL, "when a key is unknown, retry with its leftmost label "
+       "removed (www.example.com -> .example.com)", G_SUBS, status=PENDING),
+    _o("subscriptions-sign-check", STRING, "accept only subscriptions signed with the public keys "
+       "in DIR (e.g. SHA1:/etc/uwsgi/keys)", G_SUBS, metavar="DIGEST:DIR", status=PENDING),
+    _o("subscriptions-sign-check-tolerance", INT, "seconds a signed subscription's timestamp may "
+       "lag behind", G_SUBS, default=86400, metavar="SECS", status=PENDING),
+    _o("subscriptions-sign-skip-uid", LIST, "do not require signatures from unix peers running as "
+       "UID; repeatable", G_SUBS, default=[], metavar="UID", status=PENDING),
+    _o("subscriptions-use-credentials", BOOL, "send and check unix credentials with subscriptions "
+       "on unix sockets", G_SUBS, status=PENDING),
+    _o("subscriptions-credentials-check", LIST, "accept a key from a unix peer only if DIR followed "
+       "by the key belongs to the peer's uid; repeatable", G_SUBS, default=[], metavar="DIR",
+       status=PENDING),
+    # -- Configuration ---------------------------------------------------------------
+    _o("ini", ACTION, "read the [uwsgi] section (or [SECTION]) of FILE here; :SECTION reads "
+       "another section of the last file", G_CONFIG, metavar="FILE[:SECTION]"),
+    _o("set", ACTION, "define the placeholder NAME; when NAME is an option, set it too", G_CONFIG,
+       short="S", metavar="NAME=VALUE"),
+    _o("set-ph", ACTION, "define the placeholder NAME only", G_CONFIG,
+       aliases=("set-placeholder",), metavar="NAME=VALUE"),
+    _o("strict", BOOL, "reject INI keys and --set names that are not options, instead of keeping "
+       "them as placeholders", G_CONFIG),
+    _o("help", ACTION, "print this help and exit", G_CONFIG, short="h", arg=NONE),
+    _o("version", ACTION, "print the version and exit", G_CONFIG, arg=NONE),
+)
+
+# name or alias -> option
+_BY_NAME: Dict[str, Option] = {}
+# short letter -> option
+_BY_SHORT: Dict[str, Option] = {}
+# every long name in table order (for prefix matching)
+_LONG_NAMES: List[str] = []
+
+for _opt in OPTIONS:
+    for _name in _opt.names:
+        if _name in _BY_NAME:
+            raise RuntimeError("duplicate option name " + _name)
+        _BY_NAME[_name] = _opt
+        _LONG_NAMES.append(_name)
+    if _opt.short:
+        if _opt.short in _BY_SHORT:
+            raise RuntimeError("duplicate short option -" + _opt.short)
+        _BY_SHORT[_opt.short] = _opt
+del _opt, _name
+
+# Environment variables uWSGI uses for its own bookkeeping: never options.
+ENV_SKIP = frozenset({
+    "UWSGI_RELOADS", "UWSGI_VASSALS_DIR", "UWSGI_EMPEROR_FD", "UWSGI_BROODLORD_NUM",
+    "UWSGI_EMPEROR_FD_CONFIG", "UWSGI_EMPEROR_PROXY", "UWSGI_JAIL_PID", "UWSGI_ORIGINAL_PROC_NAME",
+})
+
+# Values that make a boolean false (compared lower-cased; "0" is checked apart).
+_FALSE_WORDS = frozenset({"false", "off", "no"})
+
+
+def find_option(name: str) -> Optional[Option]:
+    """The option called *name* (canonical name or alias, exact), or None."""
+    return _BY_NAME.get(name)
+
+
+# ---------------------------------------------------------------------------
+# Errors and the result object
+# ---------------------------------------------------------------------------
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; ``str(e)`` is the message to print, exit 1."""
+
+
+class EarlyExit(Exception):
+    """``--help`` / ``--version``: print :attr:`text` to stdout, exit :attr:`code`."""
+
+    def __init__(self, text: str, code: int = 0) -> None:
+        super().__init__(text)
+        self.text = text
+        self.code = code
+
+
+class Config:
+    """The effective configuration: one attribute per option (``-`` -> ``_``).
+
+    Every attribute starts at the option's default; :meth:`given` says whether
+    a source set it.  ``placeholders`` maps each non-option key to its first value.
+    """
+
+    def __init__(self) -> None:
+        for option in OPTIONS:
+            default = option.default
+            if option.kind == ACTION:
+                default = [] if option.arg == REQUIRED else False
+            elif isinstance(default, list):
+                default = list(default)
+            setattr(self, option.attr, default)
+        self.placeholders: Dict[str, str] = {}
+        self._given: Set[str] = set()
+
+    def given(self, name: str) -> bool:
+        """Was the option *name* (canonical, with dashes) set by any source?"""
+        return name in self._given
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            "%s=%r" % (o.attr, getattr(self, o.attr)) for o in OPTIONS if o.name in self._given
+        )
+        return "Config(%s)" % shown
+
+
+# ---------------------------------------------------------------------------
+# Value conversion (C semantics)
+# ---------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"[ \t\n\v\f\r]*([+-]?)([0-9]*)")
+
+
+def c_atoi(text: str) -> int:
+    """C ``atoi`` on glibc: leading digits, junk gives 0, result wrapped to a C int."""
+    match = _NUMBER.match(text)
+    sign, digits = match.group(1), match.group(2)
+    value = int(digits) if digits else 0
+    if sign == "-":
+        value = -value
+    value = max(-(1 << 63), min((1 << 63) - 1, value))  # strtol clamps to long
+    value &= 0xFFFFFFFF  # then the cast to int keeps the low 32 bits
+    return value - (1 << 32) if value >= (1 << 31) else value
+
+
+def c_strtoul(text: str) -> int:
+    """C ``strtoul(text, NULL, 10)`` for a 64-bit unsigned long."""
+    match = _NUMBER.match(text)
+    sign, digits = match.group(1), match.group(2)
+    value = int(digits) if digits else 0
+    if value > (1 << 64) - 1:
+        return (1 << 64) - 1
+    if sign == "-":
+        value = (-value) % (1 << 64)
+    return value
+
+
+def parse_bool(value: Optional[str]) -> bool:
+    """uWSGI's boolean: no value is true; false/off/no (any case) and 0 are false."""
+    if value is None:
+        return True
+    return not (value.lower() in _FALSE_WORDS or value == "0")
+
+
+# ---------------------------------------------------------------------------
+# Collection
+# ---------------------------------------------------------------------------
+
+
+class _Entry:
+    """One collected ``key = value`` occurrence."""
+
+    __slots__ = ("key", "value", "option", "placeholder_only")
+
+    def __init__(self, key: str, value: Optional[str], option: Optional[Option], placeholder_only: bool = False) -> None:
+        self.key = key
+        self.value = value
+        self.option = option
+        self.placeholder_only = placeholder_only
+
+
+MAX_INI_DEPTH = 32
+
+
+def _getopt_error(message: str) -> ConfigError:
+    return ConfigError(message + "\ngetopt_long() error")
+
+
+class _Collector:
+    """Gathers entries from the environment, argv and INI files, in order."""
+
+    def __init__(self, warn: Callable[[str], None]) -> None:
+        self.entries: List[_Entry] = []
+        self.warn = warn
+        self.ini = IniLoader()
+        self.ini_specs: List[str] = []
+        self.sets: List[str] = []
+        self.set_phs: List[str] = []
+        self.depth = 0  # INI files being read right now, nested
+
+    # -- the common path for every source -----------------------------------------
+
+    def take(self, option: Option, key: str, value: Optional[str]) -> None:
+        """Record one occurrence of *option* (written as *key*)."""
+        if option.kind != ACTION:
+            self.entries.append(_Entry(key, value, option))
+            return
+        name = option.name
+        if name == "ini":
+            self.load_ini(value or "")
+        elif name == "set":
+            self.sets.append(value or "")
+            ph_key, ph_value = self._split_set(value)
+            self.take_key(ph_key, ph_value)
+        elif name == "set-ph":
+            self.set_phs.append(value or "")
+            ph_key, ph_value = self._split_set(value)
+            if ph_key in _BY_NAME:
+                raise ConfigError(
+                    "you cannot use %s as a placeholder, it is already available as an option" % ph_key
+                )
+            self.entries.append(_Entry(ph_key, ph_value, None, placeholder_only=True))
+        elif name == "help":
+            if parse_bool(value):
+                raise EarlyExit(help_text(), 0)
+        elif name == "version":
+            if parse_bool(value):
+                raise EarlyExit(version_text(), 0)
+        else:  # pragma: no cover - every ACTION is handled above
+            raise AssertionError(name)
+
+    def take_key(self, key: str, value: Optional[str]) -> None:
+        """Record a key from a config source (INI, --set): exact names only."""
+        option = _BY_NAME.get(key)
+        if option is None:
+            self.entries.append(_Entry(key, value, None))
+        else:
+            self.take(option, key, value)
+
+    @staticmethod
+    def _split_set(value: Optional[str]) -> Tuple[str, str]:
+        key, eq, rest = (value or "").partition("=")
+        if not eq:
+            raise ConfigError("invalid placeholder/--set value")
+        return key, rest
+
+    def load_ini(self, spec: str) -> None:
+        if self.depth >= MAX_INI_DEPTH:
+            raise ConfigError(
+                'INI files nested more than %d deep at "%s" (does a file include itself?)' % (MAX_INI_DEPTH, spec)
+            )
+        try:
+            result = self.ini.load(spec)
+        except IniError as exc:
+            raise ConfigError(str(exc)) from None
+        self.ini_specs.append(spec)
+        if result.warning:
+            self.warn(result.warning)
+        self.depth += 1
+        try:
+            for key, value in result.entries:
+                self.take_key(key, value)
+        finally:
+            self.depth -= 1
+
+    # -- sources --------------------------------------------------------------------
+
+    def from_environ(self, environ: Mapping[str, str]) -> None:
+        for var, value in environ.items():
+            if not var.startswith("UWSGI_") or var in ENV_SKIP:
+                continue
+            key = var[6:].lower().replace("_", "-")
+            option = _BY_NAME.get(key)
+            if option is not None:
+                self.take(option, key, value)
+
+    def from_argv(self, argv: List[str]) -> None:
+        positionals: List[str] = []
+        index = 0
+        count = len(argv)
+        while index < count:
+            arg = argv[index]
+            index += 1
+            if arg == "--":
+                positionals.extend(argv[index:])
+                break
+            if arg.startswith("--"):
+                index = self._long(arg, argv, index)
+            elif arg.startswith("-") and arg != "-":
+                index = self._shorts(arg, argv, index)
+            else:
+                positionals.append(arg)
+        for path in positionals:
+            if path.endswith(".ini"):
+                self.load_ini(path)
+            else:
+                raise ConfigError("unable to load configuration from %s" % path)
+
+    def _long(self, arg: str, argv: List[str], index: int) -> int:
+        body = arg[2:]
+        written, eq, attached = body.partition("=")
+        name = self._match_long(written)
+        option = _BY_NAME[name]
+        if option.arg == NONE:
+            if eq:
+                raise _getopt_error("option '--%s' doesn't allow an argument" % name)
+            value: Optional[str] = None
+        elif option.arg == OPTIONAL:
+            value = attached if eq else None
+        elif eq:
+            value = attached
+        elif index < len(argv):
+            value = argv[index]
+            index += 1
+        else:
+            raise _getopt_error("option '--%s' requires an argument" % name)
+        self.take(option, name, value)
+        return index
+
+    @staticmethod
+    def _match_long(written: str) -> str:
+        if written in _BY_NAME:
+            return written
+        candidates = [n for n in _LONG_NAMES if n.startswith(written)]
+        if not candidates:
+            raise _getopt_error("unrecognized option '--%s'" % written)
+        if len(candidates) > 1:
+            # getopt accepts an abbreviation shared by names that all behave
+            # the same (same option with the same short letter); otherwise
+            # it is ambiguous.
+            first = _BY_NAME[candidates[0]]
+            same = all(_BY_NAME[c] is first for c in candidates) and first.short is not None
+            if not same:
+                raise _getopt_error(
+                    "option '--%s' is ambiguous; possibilities: %s"
+                    % (written, " ".join("'--%s'" % c for c in candidates))
+                )
+        return candidates[0]
+
+    def _shorts(self, arg: str, argv: List[str], index: int) -> int:
+        letters = arg[1:]
+        pos = 0
+        while pos < len(letters):
+            letter = letters[pos]
+            pos += 1
+            option = _BY_SHORT.get(letter)
+            if option is None:
+                raise _getopt_error("invalid option -- '%s'" % letter)
+            rest = letters[pos:]
+            if option.arg == NONE:
+                self.take(option, option.name, None)
+                continue
+            if rest:
+                value: Optional[str] = rest
+            elif option.arg == OPTIONAL:
+                value = None
+            elif index < len(argv):
+                value = argv[index]
+                index += 1
+            else:
+                raise _getopt_error("option requires an argument -- '%s'" % letter)
+            self.take(option, option.name, value)
+            break
+        return index
+
+
+# ---------------------------------------------------------------------------
+# Substitution passes
+# ---------------------------------------------------------------------------
+
+
+def _expand(text: str, symbol: str, lookup: Callable[[str], Optional[str]]) -> str:
+    """Replace every ``<symbol>(KEY)`` in *text* by ``lookup(KEY)``.
+
+    Parentheses inside KEY nest; a new ``<symbol>(`` inside a KEY starts over
+    from there, so the innermost one wins.  An empty KEY, or a lookup giving
+    None, leaves the text as written.  Inserted text is not scanned again.
+    """
+    opener = symbol + "("
+    if opener not in text:
+        return text
+    out: List[str] = []
+    copied = 0  # text[copied:] is not in out yet
+    start = -1  # index of the current candidate's symbol
+    depth = 0
+    index = 0
+    length = len(text)
+    while index < length:
+        char = text[index]
+        if char == symbol:
+            if text.startswith("(", index + 1):
+                start = index
+                depth = 0
+                index += 2
+                continue
+            start = -1
+        elif start >= 0:
+            if char == "(":
+                depth += 1
+            elif char == ")":
+                if depth:
+                    depth -= 1
+                else:
+                    key = text[start + 2:index]
+                    begin = start
+                    start = -1
+                    if key:
+                        value = lookup(key)
+                        if value is not None:
+                            out.append(text[copied:begin])
+                            out.append(value)
+                            copied = index + 1
+        index += 1
+    out.append(text[copied:])
+    return "".join(out)
+
+
+def _read_at_file(path: str) -> str:
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise ConfigError('open("%s"): %s' % (path, exc.strerror or exc)) from None
+    if data[-1:] in (b"\n", b"\r"):
+        data = data[:-1]
+    return data.decode("utf-8", "surrogateescape")
+
+
+def _substitute(entries: List[_Entry], environ: Mapping[str, str]) -> None:
+    """Run the ``$()``, ``@()`` and ``%()`` passes over every entry, in place."""
+    for entry in entries:
+        if entry.value is not None:
+            entry.value = _expand(entry.value, "$", environ.get)
+    for entry in entries:
+        if entry.value is not None:
+            entry.value = _expand(entry.value, "@", _read_at_file)
+
+    first: Dict[str, _Entry] = {}
+    for entry in entries:
+        first.setdefault(entry.key, entry)
+    done: Dict[int, str] = {}
+    active: Set[int] = set()
+
+    def resolve(entry: _Entry) -> Optional[str]:
+        if entry.value is None:
+            return None
+        ident = id(entry)
+        if ident in done:
+            return done[ident]
+        if ident in active:  # a reference cycle: leave it as written
+            return None
+        active.add(ident)
+        try:
+            result = _expand(entry.value, "%", lookup)
+        finally:
+            active.discard(ident)
+        done[ident] = result
+        return result
+
+    def lookup(key: str) -> Optional[str]:
+        target = first.get(key)
+        return None if target is None else resolve(target)
+
+    for entry in entries:
+        resolve(entry)
+    for entry in entries:
+        if entry.value is not None:
+            entry.value = done.get(id(entry), entry.value)
+
+
+# ---------------------------------------------------------------------------
+# Apply
+# ---------------------------------------------------------------------------
+
+
+def _convert(option: Option, key: str, value: Optional[str]) -> Any:
+    if option.arg == OPTIONAL and not value:
+        value = option.bare
+    kind = option.kind
+    if kind == INT:
+        number = 1 if value is None else c_atoi(value)
+        if number < 0:
+            raise ConfigError('invalid value for option "%s": must be > 0' % key)
+        return number
+    if kind == UINT64:
+        return 1 if value is None else c_strtoul(value)
+    if kind == BOOL:
+        return parse_bool(value)
+    return "" if value is None else value
+
+
+def _apply(entries: List[_Entry], warn: Callable[[str], None]) -> Config:
+    config = Config()
+    strict = False
+    for entry in entries:
+        if entry.option is not None and entry.option.name == "strict":
+            strict = parse_bool(entry.value)
+
+    for entry in entries:
+        option = entry.option
+        if option is None:
+            if strict and not entry.placeholder_only:
+                raise ConfigError("[strict-mode] unknown config directive: %s" % entry.key)
+            config.placeholders.setdefault(entry.key, entry.value if entry.value is not None else "")
+            continue
+        if option.status == PENDING:
+            raise ConfigError('option "--%s" is not supported yet by %s' % (entry.key, PROGRAM))
+        config._given.add(option.name)
+        if option.status == DEPRECATED:
+            warn('[WARNING] option "%s" is deprecated: useless thanks to the new implementation' % entry.key)
+            continue
+        value = _convert(option, entry.key, entry.value)
+        if option.kind == LIST:
+            getattr(config, option.attr).append(value)
+        else:
+            setattr(config, option.attr, value)
+    return config
+
+
+def load_config(
+    argv: List[str],
+    environ: Mapping[str, str],
+    warn: Optional[Callable[[str], None]] = None,
+) -> Config:
+    """Build the :class:`Config` from *environ* then *argv* (without the program name).
+
+    Raises :class:`ConfigError` for an unusable configuration and
+    :class:`EarlyExit` for ``--help`` / ``--version``.  Warnings (a missing INI
+    section, a deprecated option) go to *warn*, by default the log (stderr).
+    """
+    if warn is None:
+        warn = _log.log
+    collector = _Collector(warn)
+    collector.from_environ(environ)
+    collector.from_argv(list(argv))
+    _substitute(collector.entries, environ)
+    config = _apply(collector.entries, warn)
+    # The immediate options keep what they were given, for the record.
+    for attr, values, name in (
+        ("ini", collector.ini_specs, "ini"),
+        ("set", collector.sets, "set"),
+        ("set_ph", collector.set_phs, "set-ph"),
+    ):
+        setattr(config, attr, list(values))
+        if values:
+            config._given.add(name)
+    return config
+
+
+# ---------------------------------------------------------------------------
+# --help and --version
+# ---------------------------------------------------------------------------
+
+
+def option_flags(option: Option) -> str:
+    """``-M, --master`` / ``--fastrouter-timeout SECS`` as shown in --help."""
+    flag = "--" + option.name + option.argument_text()
+    if option.short:
+        return "-%s, %s" % (option.short, flag)
+    return "    " + flag
+
+
+def options_in_group(group: str) -> Iterable[Option]:
+    return (o for o in OPTIONS if o.group == group)
+
+
+def version_text() -> str:
+    return "%s %s (uWSGI %s compatible)\n" % (PROGRAM, __version__, UWSGI_COMPAT_VERSION)
+
+
+_HELP_COLUMN = 44
+
+
+def help_entry(option: Option) -> str:
+    """The --help lines of one option (one line, two when the flags are long)."""
+    left = "  " + option_flags(option)
+    text = option.help_line()
+    if option.aliases:
+        text += " [alias: %s]" % ", ".join("--" + a for a in option.aliases)
+    if len(left) + 2 > _HELP_COLUMN:
+        return left + "\n" + " " * _HELP_COLUMN + text
+    return left.ljust(_HELP_COLUMN) + text
+
+
+def help_text() -> str:
+    """What ``--help`` prints, generated from :data:`OPTIONS`."""
+    lines = [
+        "Usage: %s [options...] [file.ini...]" % PROGRAM,
+        "",
+        "A drop-in replacement for the uWSGI %s FastRouter." % UWSGI_COMPAT_VERSION,
+        "Options also come from INI files (--ini FILE, or FILE.ini as an argument) and",
+        "from UWSGI_<NAME> environment variables; see %s(1)." % PROGRAM,
+    ]
+    for group in GROUPS:
+        lines.append("")
+        lines.append(group + ":")
+        lines.extend(help_entry(option) for option in options_in_group(group))
+    lines.append("")
+    return "\n".join(lines)
