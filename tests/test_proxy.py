@@ -244,3 +244,45 @@ def test_fd_exhaustion_closes_the_excess_clients_and_recovers(backend):
     resource.prlimit(router.pid, resource.RLIMIT_NOFILE, (soft, hard))
     wait_until(lambda: request(addr, HOST, timeout=5).startswith(b"HTTP/1.0 200"), timeout=10,
                what="router serving again after fd exhaustion")
+
+
+def test_unix_node_with_a_full_listen_queue_is_waited_for_not_failed(tmp_path):
+    import threading
+    path = str(tmp_path / "busy.sock")
+    lsock = socket.socket(socket.AF_UNIX)
+    lsock.bind(path)
+    lsock.listen(0)
+    fillers = []
+    for _ in range(8):                       # fill the queue until a connect would block
+        f = socket.socket(socket.AF_UNIX)
+        f.setblocking(False)
+        try:
+            f.connect(path)
+        except BlockingIOError:
+            f.close()
+            break
+        fillers.append(f)
+    assert len(fillers) < 8, "the listen queue never filled up"
+    router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-to", path])
+    result = {}
+
+    def client():
+        result["answer"] = request(router.addresses[0], HOST, timeout=20)
+
+    t = threading.Thread(target=client)
+    t.start()
+    # drain the queue: the fillers first, then the router's connection
+    lsock.settimeout(10)
+    for _ in fillers:
+        lsock.accept()[0].close()
+    conn, _ = lsock.accept()
+    with conn:
+        head = conn.recv(4)
+        conn.recv(head[1] | head[2] << 8)
+        conn.sendall(b"HTTP/1.0 200 OK\r\n\r\nbusy but fine")
+    t.join(20)
+    lsock.close()
+    for f in fillers:
+        f.close()
+    assert result["answer"].endswith(b"busy but fine")
+    assert "marking" not in router.log()

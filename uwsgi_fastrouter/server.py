@@ -21,6 +21,7 @@ per-event cost at one attribute store instead of a timer heap operation.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
 import socket
@@ -114,7 +115,7 @@ class Server:
                     continue
                 log("[uwsgi-fastrouter] accept() on %s: %s" % (listener.name, exc.strerror or exc))
                 return
-            csock = socket.socket(family, type_, proto, fd)
+            csock = _socket.socket(family, type_, proto, fd)
             session = Session(self, csock, addr)
             sessions.add(session)
             session.start()

@@ -39,6 +39,7 @@ would cost on every request.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
 import socket
@@ -53,6 +54,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from .server import Server
 
 MSG_DONTWAIT = socket.MSG_DONTWAIT
+# The C socket type: per-request sockets skip the Python-level wrapper of
+# socket.socket (its __init__ and close() bookkeeping serve makefile(), unused here).
+_new_socket = _socket.socket
 _SOCK_FLAGS = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
 _IN_PROGRESS = (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK)
 
@@ -71,6 +75,9 @@ TRANSITIONS = {
     CLOSED: (),
 }
 
+# Delay before connecting again to a UNIX node whose listen queue was full.
+_BUSY_RETRY_DELAY = 0.01
+
 # How many reads one readiness event may do on a streaming side before yielding.
 _READS_PER_EVENT = 8
 
@@ -80,7 +87,7 @@ class Session:
         "server", "csock", "cfd", "caddr", "bsock", "bfd", "state", "last",
         "head", "head_len", "key", "route", "retries", "fallback_index",
         "up_buf", "down_buf", "client_eof", "backend_eof", "c_events", "b_events",
-        "info", "watch_client", "__weakref__",
+        "info", "watch_client", "timer", "__weakref__",
     )
 
     def __init__(self, server: "Server", csock: socket.socket, caddr) -> None:
@@ -106,6 +113,7 @@ class Session:
         self.b_events = 0         # registered interest, backend
         self.info = None          # RequestInfo, for log lines
         self.watch_client = True  # read the client during RELAY (see _head_complete)
+        self.timer = None         # pending connect re-try (UNIX listen queue full)
 
     # ------------------------------------------------------------------ head
 
@@ -227,12 +235,19 @@ class Session:
             self._connect_failed(str(exc))
             return
         try:
-            sock = socket.socket(family, _SOCK_FLAGS)
+            sock = _new_socket(family, _SOCK_FLAGS)
         except OSError as exc:
             self.close("unable to create a socket for node %s: %s"
                        % (route.address.decode("utf-8", "replace"), exc.strerror or exc))
             return
         err = sock.connect_ex(addr)
+        if err == errno.EAGAIN and family == socket.AF_UNIX:
+            # The node's listen queue is full: not a failure of the node, it is
+            # busy.  Try again shortly; the session time-out bounds the waiting.
+            sock.close()
+            self._own_up_buf()
+            self.timer = self.server.reactor.call_later(_BUSY_RETRY_DELAY, self._connect_again, route)
+            return
         if err and err not in _IN_PROGRESS:
             sock.close()
             self._own_up_buf()
@@ -254,6 +269,11 @@ class Session:
             self._connect_failed(exc.strerror or str(exc))
             return
         self._connected(head, sent)
+
+    def _connect_again(self, route: "Route") -> None:
+        self.timer = None
+        if self.state == CONNECTING:
+            self._connect(route)
 
     def _own_up_buf(self) -> None:
         """Copy a head that still points into the shared scratch buffer."""
@@ -486,6 +506,9 @@ class Session:
     # ---------------------------------------------------------------- closing
 
     def timed_out(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.state == CONNECTING:
             # A connect that never completes counts as a failed connect (retry path).
             self._drop_backend()
@@ -500,6 +523,9 @@ class Session:
         self.state = CLOSED
         server = self.server
         reactor = server.reactor
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         # Both sockets are closed right below and shared with nobody: forget()
         # spares the epoll_ctl(DEL) that the close makes the kernel do anyway.
         if self.c_events:
