@@ -20,7 +20,7 @@ from .log import log
 from .options import ConfigError, EarlyExit, load_config
 from .reactor import Reactor
 from .router import Router
-from .server import Server
+from .server import DEFAULT_CHUNK, Server
 from .sockets import AddressError, bind_listener, bind_stream_server
 from .stats import StatsServer, build_document
 
@@ -91,7 +91,7 @@ def build(cfg, reactor: Reactor):
     )
     server = Server(reactor, router, listeners,
                     timeout=cfg.fastrouter_timeout or 60,
-                    chunk=cfg.fastrouter_buffer_size or 65536,
+                    chunk=cfg.fastrouter_buffer_size or DEFAULT_CHUNK,
                     events=cfg.fastrouter_events or 64,
                     force_key=force_key)
     stats = None

@@ -32,13 +32,18 @@ from .reactor import READ, Reactor
 from .router import Router
 from .session import RECV_HEAD, Session
 
+# Relay read size when --fastrouter-buffer-size is not given.  uWSGI reads one page
+# at a time; one process-wide buffer costs nothing per connection, and 256 KiB
+# reads move bulk bodies with a quarter of the system calls of 64 KiB ones.
+DEFAULT_CHUNK = 256 * 1024
+
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _ACCEPT_BACKOFF = 0.1
 
 
 class Server:
     def __init__(self, reactor: Reactor, router: Router, listeners: list, *,
-                 timeout: int = 60, chunk: int = 65536, events: int = 64,
+                 timeout: int = 60, chunk: int = DEFAULT_CHUNK, events: int = 64,
                  force_key: Optional[bytes] = None) -> None:
         self.reactor = reactor
         self.router = router
