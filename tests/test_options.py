@@ -40,7 +40,7 @@ SUPPORTED = {
     "fastrouter-quiet", "fastrouter-force-key", "fastrouter-max-retries", "listen",
     "socket-timeout", "abstract-socket", "chmod-socket", "master", "vacuum", "die-on-term",
     "stats-minified", "stats-http", "no-fd-passing", "ini", "set", "set-ph", "strict", "help",
-    "version",
+    "version", "subscription-max-keys", "subscription-max-nodes",
 }
 
 

@@ -309,6 +309,10 @@ OPTIONS: Tuple[Option, ...] = (
     _o("subscriptions-credentials-check", LIST, "accept a key from a unix peer only if DIR followed "
        "by the key belongs to the peer's uid; repeatable", G_SUBS, default=[], metavar="DIR",
        status=PENDING),
+    _o("subscription-max-keys", INT, "most keys the subscription table holds; a subscription for a "
+       "new key beyond it is dropped with a log line", G_SUBS, default=10000, metavar="N"),
+    _o("subscription-max-nodes", INT, "most nodes one key holds; more are dropped with a log line",
+       G_SUBS, default=64, metavar="N"),
     # -- Configuration ---------------------------------------------------------------
     _o("ini", ACTION, "read the [uwsgi] section (or [SECTION]) of FILE here; :SECTION reads "
        "another section of the last file", G_CONFIG, metavar="FILE[:SECTION]"),

@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 Exactly one mapper is active per router (uWSGI's fixed priority, options.md §2.1):
-``--fastrouter-use-pattern`` > ``--fastrouter-use-base`` > ``--fastrouter-to``; with
+``--fastrouter-use-pattern`` > subscriptions > ``--fastrouter-use-base`` >
+``--fastrouter-to``; with
 none of them every request is closed once its vars are read.  A mapper turns a key
 into a :class:`Route` (address bytes plus the modifier1/modifier2 to write into the
 forwarded header) or ``None`` ("no route").
@@ -30,16 +31,23 @@ from .log import log
 
 
 class Route:
-    """Where one connection attempt goes."""
+    """Where one connection attempt goes.
 
-    __slots__ = ("address", "modifier1", "modifier2", "node")
+    *node* is the bookkeeping record behind it (a :class:`StaticNode`, a subscribed
+    node, or None for pattern/base/fallback addresses) and *owner* the mapper that
+    keeps that record: it hears about the attempt's outcome through
+    ``connected``/``failed``/``release``.
+    """
+
+    __slots__ = ("address", "modifier1", "modifier2", "node", "owner")
 
     def __init__(self, address: bytes, modifier1: int = 0, modifier2: int = 0,
-                 node: Optional["StaticNode"] = None) -> None:
+                 node=None, owner=None) -> None:
         self.address = address
         self.modifier1 = modifier1
         self.modifier2 = modifier2
         self.node = node
+        self.owner = owner
 
     def __repr__(self) -> str:
         return "Route(%r, %d, %d)" % (self.address, self.modifier1, self.modifier2)
@@ -48,24 +56,39 @@ class Route:
 class StaticNode:
     """One ``--fastrouter-to`` entry."""
 
-    __slots__ = ("address", "name", "hits", "dead_since", "route")
+    __slots__ = ("address", "name", "hits", "dead_since", "route", "tx", "rx")
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, owner=None) -> None:
         self.name = address
         self.address = address.encode("utf-8", "surrogateescape")
         self.hits = 0            # successful connects
         self.dead_since = 0.0    # unix time of the failure mark, 0 = alive
-        self.route = Route(self.address, 0, 0, self)
+        self.tx = 0              # bytes read from the node
+        self.rx = 0              # bytes written to the node
+        self.route = Route(self.address, 0, 0, self, owner)
 
 
 class StaticMapper:
     """uWSGI's static round robin with dead-node grace (routing.md §4.1)."""
 
     def __init__(self, addresses: Sequence[str], gracetime: int, clock) -> None:
-        self.nodes: List[StaticNode] = [StaticNode(a) for a in addresses]
+        self.nodes: List[StaticNode] = [StaticNode(a, self) for a in addresses]
         self.gracetime = gracetime
         self.clock = clock           # wall clock, for the grace marks
         self.cursor = 0
+
+    def connected(self, route: Route) -> None:
+        route.node.hits += 1
+
+    def failed(self, route: Route, key: bytes) -> None:
+        node = route.node
+        if not node.dead_since:
+            node.dead_since = self.clock()
+            log("[uwsgi-fastrouter] %s => marking %s as failed"
+                % (key.decode("utf-8", "backslashreplace"), node.name))
+
+    def release(self, route: Route) -> None:
+        pass
 
     def __call__(self, key: bytes) -> Optional[Route]:
         nodes = self.nodes
@@ -131,6 +154,53 @@ class BaseMapper:
         return Route(self.base + key)
 
 
+class SubscriptionMapper:
+    """Subscribed nodes (``--fastrouter-subscription-server``), routing.md §4.7/4.8.
+
+    A lookup takes a reference on the node it returns; it is given back through
+    :meth:`release` when the session is over or its attempt failed.  When a lookup
+    finds the table empty, or a failed connect emptied it and there is no fallback
+    list, *on_empty* is called (cheap mode goes back to sleep).
+    """
+
+    def __init__(self, table, *, fallback_key: Optional[bytes] = None, dotsplit: bool = False,
+                 clock=None, on_empty=None, has_fallbacks: bool = False) -> None:
+        import time
+        self.table = table
+        self.fallback_key = fallback_key
+        self.dotsplit = dotsplit
+        self.clock = clock or time.time
+        self.on_empty = on_empty
+        self.has_fallbacks = has_fallbacks
+
+    def __call__(self, key: bytes) -> Optional[Route]:
+        table = self.table
+        now = self.clock()
+        if self.dotsplit:
+            node = table.lookup_dotsplit(key, now)
+        else:
+            node = table.lookup(key, now)
+            if node is None and self.fallback_key:
+                node = table.lookup(self.fallback_key, now)
+        if node is None:
+            if self.on_empty is not None and table.empty:
+                self.on_empty()
+            return None
+        return Route(node.name, node.modifier1, node.modifier2, node, self)
+
+    def connected(self, route: Route) -> None:
+        self.table.connected(route.node)
+
+    def failed(self, route: Route, key: bytes) -> None:
+        self.table.connect_failed(key, route.node, self.clock())
+
+    def release(self, route: Route) -> None:
+        table = self.table
+        table.release(route.node)
+        if self.on_empty is not None and not self.has_fallbacks and table.empty:
+            self.on_empty()
+
+
 class NoMapper:
     """No mapper configured: every request is closed after its vars."""
 
@@ -144,12 +214,16 @@ class Router:
     def __init__(self, *, to: Sequence[str] = (), use_pattern: Optional[str] = None,
                  use_base: Optional[str] = None, fallback: Sequence[str] = (),
                  fallback_on_no_key: bool = False, gracetime: int = 30,
-                 max_retries: int = 3, quiet: bool = False, wall_clock=None) -> None:
+                 max_retries: int = 3, quiet: bool = False, wall_clock=None,
+                 subscriptions: Optional[SubscriptionMapper] = None) -> None:
         import time
         self.wall_clock = wall_clock or time.time
         self.static = StaticMapper(to, gracetime, self.wall_clock) if to else None
+        self.subscriptions = subscriptions
         if use_pattern is not None:
             self.mapper = PatternMapper(use_pattern)
+        elif subscriptions is not None:
+            self.mapper = subscriptions
         elif use_base is not None:
             self.mapper = BaseMapper(use_base)
         elif self.static is not None:
@@ -169,16 +243,27 @@ class Router:
         """The first attempt's route for *key*, or None (no route)."""
         return self.mapper(key)
 
+    def connected(self, route: Route) -> None:
+        """The connect to *route* succeeded."""
+        owner = route.owner
+        if owner is not None:
+            owner.connected(route)
+
+    def release(self, route: Route) -> None:
+        """The session that used *route* is over (or its attempt failed)."""
+        owner = route.owner
+        if owner is not None:
+            owner.release(route)
+
     def connect_failed(self, route: Route, key: bytes, retries: int, reason: str) -> None:
-        """Log a failed connect and mark the node it went to (static nodes only)."""
+        """Log a failed connect, mark the node it went to and release it."""
         if not self.quiet:
             log('[uwsgi-fastrouter] unable to connect() to node "%s" (%d retries): %s'
                 % (route.address.decode("utf-8", "backslashreplace"), retries, reason))
-        node = route.node
-        if node is not None and not node.dead_since:
-            node.dead_since = self.wall_clock()
-            log("[uwsgi-fastrouter] %s => marking %s as failed"
-                % (key.decode("utf-8", "backslashreplace"), node.name))
+        owner = route.owner
+        if owner is not None:
+            owner.failed(route, key)
+            owner.release(route)
 
     def retry_route(self, key: bytes, previous: Optional[Route], fallback_index: int):
         """The route for the next attempt after a failure, as ``(route, fallback_index)``.

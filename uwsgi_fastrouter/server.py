@@ -44,7 +44,7 @@ _ACCEPT_BACKOFF = 0.1
 class Server:
     def __init__(self, reactor: Reactor, router: Router, listeners: list, *,
                  timeout: int = 60, chunk: int = DEFAULT_CHUNK, events: int = 64,
-                 force_key: Optional[bytes] = None) -> None:
+                 force_key: Optional[bytes] = None, cheap: bool = False) -> None:
         self.reactor = reactor
         self.router = router
         self.listeners = list(listeners)
@@ -59,6 +59,9 @@ class Server:
         self.requests = 0
         self.accepting = False
         self.stopping = False
+        self.cheap_enabled = cheap
+        self.cheap = False            # listeners unpolled until a node subscribes
+        self.periodic: List[Callable[[float], None]] = []   # run by the 1 s sweep
         self._reserve_fd = self._take_reserve()
         self._last_fd_log = 0.0
         self._sweep_timer = None
@@ -67,11 +70,33 @@ class Server:
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        self.resume_accepting()
+        if self.cheap_enabled:
+            self.cheap = True
+            log("starting uWSGI fastrouter in cheap mode")
+        else:
+            self.resume_accepting()
         self._sweep_timer = self.reactor.call_later(1.0, self._sweep)
 
+    def go_cheap(self) -> None:
+        """No node left: stop polling the listeners (clients wait in the backlog).
+
+        Sessions in progress are not touched."""
+        if not self.cheap_enabled or self.cheap or self.stopping:
+            return
+        self.cheap = True
+        self.pause_accepting()
+        log("[uWSGI fastrouter pid %d] no more nodes available. Going cheap..." % os.getpid())
+
+    def leave_cheap(self) -> None:
+        """A node subscribed: poll the listeners again."""
+        if not self.cheap:
+            return
+        self.cheap = False
+        self.resume_accepting()
+        log("[uWSGI fastrouter pid %d] leaving cheap mode..." % os.getpid())
+
     def resume_accepting(self) -> None:
-        if self.accepting or self.stopping:
+        if self.accepting or self.stopping or self.cheap:
             return
         for listener in self.listeners:
             fd = listener.sock.fileno()
@@ -183,6 +208,8 @@ class Server:
         expired: List[Session] = [s for s in self.sessions if s.last <= limit]
         for session in expired:
             session.timed_out()
+        for task in self.periodic:
+            task(now)
         self._sweep_timer = self.reactor.call_later(1.0, self._sweep)
 
     @property

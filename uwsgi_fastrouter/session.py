@@ -300,10 +300,12 @@ class Session:
 
     def _connected(self, data, sent: int) -> None:
         route = self.route
+        server = self.server
+        server.router.connected(route)
         node = route.node
         if node is not None:
-            node.hits += 1
-        self.server.requests += 1
+            node.rx += sent
+        server.requests += 1
         self.state = RELAY
         if sent < len(data):
             self.up_buf = bytes(memoryview(data)[sent:])
@@ -315,6 +317,7 @@ class Session:
         server = self.server
         router = server.router
         route = self.route
+        self.route = None            # released by connect_failed
         router.connect_failed(route, self.key, self.retries, reason)
         if self.retries >= router.max_retries:
             self.close()
@@ -383,6 +386,7 @@ class Session:
         chunk = server.chunk
         bsock = self.bsock
         csock = self.csock
+        node = self.route.node
         for _ in range(_READS_PER_EVENT):
             try:
                 n = bsock.recv_into(scratch, chunk)
@@ -395,6 +399,8 @@ class Session:
                 self.backend_eof = True
                 self.close()
                 return
+            if node is not None:
+                node.tx += n
             try:
                 sent = csock.send(view[:n], MSG_DONTWAIT)
             except BlockingIOError:
@@ -415,6 +421,7 @@ class Session:
         chunk = server.chunk
         bsock = self.bsock
         csock = self.csock
+        node = self.route.node
         for _ in range(_READS_PER_EVENT):
             try:
                 n = csock.recv_into(scratch, chunk, MSG_DONTWAIT)
@@ -434,6 +441,8 @@ class Session:
             except OSError as exc:
                 self.close("error writing to node: %s" % (exc.strerror or exc))
                 return
+            if node is not None:
+                node.rx += sent
             if sent < n:
                 self.up_buf = bytes(view[sent:n])
                 return
@@ -459,6 +468,9 @@ class Session:
         except OSError as exc:
             self.close("error writing to node: %s" % (exc.strerror or exc))
             return False
+        node = self.route.node
+        if node is not None:
+            node.rx += sent
         if sent < len(data):
             self.up_buf = data[sent:]
         else:
@@ -539,6 +551,8 @@ class Session:
             self.bsock = None
         self.csock.close()
         self.up_buf = self.down_buf = self.head = None
+        if self.route is not None:
+            server.router.release(self.route)
         server.session_closed(self)
         if reason:
             server.log_session(self, reason)

@@ -118,6 +118,32 @@ def build_document(server, socket_names: List[str], *, static_nodes: Optional[li
     return doc
 
 
+_NODE_FIELDS = ("name", "modifier1", "modifier2", "last_check", "pid", "uid", "gid", "requests",
+                "last_requests", "tx", "rx", "cores", "load", "weight", "wrr", "ref", "failcnt",
+                "death_mark")
+
+
+def subscription_stats(table) -> list:
+    """The ``subscriptions`` member: pools in uWSGI's order, nodes in insertion order."""
+    pools = []
+    for pool in table.pools_for_stats():
+        pools.append({
+            "key": pool.key,
+            "hash": pool.hash,
+            "hits": pool.hits,
+            "sni_enabled": 0,
+            "nodes": [{field: _number(getattr(node, field)) if field != "name" else node.name
+                       for field in _NODE_FIELDS} for node in pool.nodes],
+        })
+    return pools
+
+
+def _number(value) -> int:
+    if value is None:
+        return 0
+    return int(value)
+
+
 def _cwd() -> str:
     try:
         return os.getcwd()
