@@ -18,7 +18,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent / PACKAGE
 
 # Pure modules: codecs and configuration parsing do no I/O of their own.
 PURE_MODULES = ("protocol", "ini", "options", "subscription")
-IO_MODULES = {"socket", "selectors", "os", "posix", "select"}
+IO_MODULES = {"socket", "_socket", "selectors", "os", "posix", "select"}
 # ini.py reads host facts for the %h %u %g %k magic (uid, gid, CPU count): it may use
 # os for those, never sockets or selectors.
 PURE_EXCEPTIONS = {"ini": {"os"}}
@@ -33,7 +33,7 @@ CLI_IMPORTERS = {"__main__"}
 # 3.10 on).  Only names a network daemon could plausibly use; an unlisted stdlib module
 # used on 3.9 shows up here as a failure to extend the list, not as a silent pass.
 STDLIB_39 = frozenset("""
-__future__ _thread abc argparse array ast asyncio atexit base64 binascii bisect builtins
+__future__ _collections _heapq _io _posixsubprocess _socket _ssl _struct _thread _weakref abc argparse array ast asyncio atexit base64 binascii bisect builtins
 calendar codecs collections concurrent configparser contextlib contextvars copy csv ctypes
 dataclasses datetime decimal difflib dis email enum errno faulthandler fcntl fnmatch
 functools gc getopt getpass gettext glob grp gzip hashlib heapq hmac html http importlib
