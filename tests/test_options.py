@@ -41,6 +41,11 @@ SUPPORTED = {
     "socket-timeout", "abstract-socket", "chmod-socket", "master", "vacuum", "die-on-term",
     "stats-minified", "stats-http", "no-fd-passing", "ini", "set", "set-ph", "strict", "help",
     "version", "subscription-max-keys", "subscription-max-nodes",
+    "fastrouter-subscription-server", "fastrouter-subscription-fallback-key", "fastrouter-cheap",
+    "fastrouter-resubscribe", "fastrouter-resubscribe-bind", "subscription-tolerance",
+    "subscription-algo", "subscription-dotsplit", "subscriptions-sign-check",
+    "subscriptions-sign-check-tolerance", "subscriptions-sign-skip-uid",
+    "subscriptions-use-credentials", "subscriptions-credentials-check",
 }
 
 
@@ -67,7 +72,7 @@ def test_statuses_match_the_plan():
     assert by_status[o.NOOP] == {"buffer-size"}
     assert by_status[o.DEPRECATED] == {"fastrouter-subscription-slot"}
     for name in ("socket", "processes", "fastrouter-use-cache", "subscribe-to", "cache2",
-                 "subscriptions-credentials-check", "fastrouter-subscription-server"):
+                 "subscribe2", "fastrouter-post-buffering"):
         assert name in by_status[o.PENDING]
 
 

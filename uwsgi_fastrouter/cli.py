@@ -13,16 +13,20 @@ import os
 import resource
 import signal
 import sys
+import time
 from typing import List, Optional
 
 from . import __version__
 from .log import log
 from .options import ConfigError, EarlyExit, load_config
 from .reactor import Reactor
-from .router import Router
+from .router import Router, SubscriptionMapper
 from .server import DEFAULT_CHUNK, Server
+from .signing import SignatureChecker, SigningError
 from .sockets import AddressError, bind_listener, bind_stream_server
-from .stats import StatsServer, build_document
+from .stats import StatsServer, build_document, subscription_stats
+from .subscription import SubscriptionTable
+from .subserver import SubscriptionServer, bind_datagram
 
 EXIT_OK = 0
 EXIT_CONFIG = 1
@@ -52,11 +56,37 @@ def _check(cfg) -> None:
         raise StartupError('invalid value for option "fastrouter-max-retries": must be >= 0')
 
 
-def build(cfg, reactor: Reactor):
-    """Bind everything *cfg* asks for; returns ``(server, stats, listeners)``."""
-    _check(cfg)
+class Assembly:
+    """Everything one router process runs, and what must be closed at the end."""
+
+    def __init__(self) -> None:
+        self.server: Optional[Server] = None
+        self.stats: Optional[StatsServer] = None
+        self.subscriptions: Optional[SubscriptionServer] = None
+        self.table = None
+        self.closables: list = []       # listeners (stream and datagram), closed at exit
+
+    def start(self) -> None:
+        self.server.start()
+        if self.subscriptions is not None:
+            self.subscriptions.start()
+        if self.stats is not None:
+            self.stats.start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        if self.subscriptions is not None:
+            self.subscriptions.stop()
+        if self.stats is not None:
+            self.stats.stop()
+        for closable in self.closables:
+            closable.close(unlink=True)
+
+
+def _bind_all(cfg, parts: Assembly) -> tuple:
     chmod = _chmod_value(cfg.chmod_socket)
-    listeners = []
+    listeners, datagram = [], []
     stats_listener = None
     option = "fastrouter"
     try:
@@ -65,20 +95,83 @@ def build(cfg, reactor: Reactor):
                                      abstract_all=cfg.abstract_socket,
                                      defer_accept=cfg.socket_timeout)
             listeners.append(listener)
+            parts.closables.append(listener)
             log("uWSGI fastrouter bound on %s fd %d" % (listener.name, listener.sock.fileno()))
+        option = "fastrouter-subscription-server"
+        for spec in cfg.fastrouter_subscription_server:
+            listener = bind_datagram(spec, credentials=cfg.subscriptions_use_credentials)
+            datagram.append(listener)
+            parts.closables.append(listener)
+            log("uWSGI fastrouter subscription server bound on %s fd %d"
+                % (listener.name, listener.sock.fileno()))
         if cfg.fastrouter_stats:
             option = "fastrouter-stats"
             stats_listener = bind_stream_server(cfg.fastrouter_stats, backlog=cfg.listen)
+            parts.closables.append(stats_listener)
             log("*** fastrouter stats server enabled on %s fd: %d ***"
                 % (stats_listener.name, stats_listener.sock.fileno()))
     except AddressError as exc:
-        for listener in listeners:
-            listener.close()
+        for closable in parts.closables:
+            closable.close(unlink=True)
+        parts.closables = []
         raise StartupError('option "--%s": %s' % (option, exc))
+    return listeners, datagram, stats_listener
 
+
+def _signature_checker(cfg):
+    if not cfg.subscriptions_sign_check:
+        return None
+
+    def read_file(path: str) -> Optional[bytes]:
+        try:
+            with open(path, "rb") as handle:
+                return handle.read()
+        except OSError:
+            return None
+
+    try:
+        return SignatureChecker(cfg.subscriptions_sign_check, read_file)
+    except SigningError as exc:
+        raise StartupError('option "--subscriptions-sign-check": %s' % exc)
+
+
+def build(cfg, reactor: Reactor) -> Assembly:
+    """Bind everything *cfg* asks for and wire the router together."""
+    _check(cfg)
+    parts = Assembly()
+    listeners, datagram, stats_listener = _bind_all(cfg, parts)
+    try:
+        return _wire(cfg, reactor, parts, listeners, datagram, stats_listener)
+    except BaseException:
+        parts.stop()
+        raise
+
+
+def _wire(cfg, reactor, parts, listeners, datagram, stats_listener) -> Assembly:
     force_key = None
     if cfg.fastrouter_force_key:
         force_key = cfg.fastrouter_force_key.encode("utf-8", "surrogateescape")
+    server_ref: list = []
+
+    def on_empty() -> None:
+        if server_ref:
+            server_ref[0].go_cheap()
+
+    subscriptions = None
+    if datagram:
+        if cfg.subscription_algo not in ("wrr", "lrc", "wlrc"):
+            log('[uwsgi-subscription] unknown --subscription-algo "%s": using wrr' % cfg.subscription_algo)
+        parts.table = SubscriptionTable(
+            tolerance=cfg.subscription_tolerance or 17, algo=cfg.subscription_algo or "wrr",
+            max_keys=cfg.subscription_max_keys, max_nodes=cfg.subscription_max_nodes,
+            log=log, pid=os.getpid(), verifier=_signature_checker(cfg),
+            sign_tolerance=cfg.subscriptions_sign_check_tolerance)
+        fallback_key = None
+        if cfg.fastrouter_subscription_fallback_key:
+            fallback_key = cfg.fastrouter_subscription_fallback_key.encode("utf-8", "surrogateescape")
+        subscriptions = SubscriptionMapper(
+            parts.table, fallback_key=fallback_key, dotsplit=cfg.subscription_dotsplit,
+            on_empty=on_empty, has_fallbacks=bool(cfg.fastrouter_fallback))
     router = Router(
         to=cfg.fastrouter_to,
         use_pattern=cfg.fastrouter_use_pattern,
@@ -88,28 +181,56 @@ def build(cfg, reactor: Reactor):
         gracetime=cfg.fastrouter_gracetime or 30,
         max_retries=cfg.fastrouter_max_retries,
         quiet=cfg.fastrouter_quiet,
+        subscriptions=subscriptions,
     )
     server = Server(reactor, router, listeners,
                     timeout=cfg.fastrouter_timeout or 60,
                     chunk=cfg.fastrouter_buffer_size or DEFAULT_CHUNK,
                     events=cfg.fastrouter_events or 64,
-                    force_key=force_key)
-    stats = None
+                    force_key=force_key,
+                    cheap=cfg.fastrouter_cheap and bool(datagram))
+    server_ref.append(server)
+    parts.server = server
+    if datagram:
+        table = parts.table
+        own = listeners[0].name.encode("utf-8", "surrogateescape") if listeners else b""
+        try:
+            skip = [int(u) for u in cfg.subscriptions_sign_skip_uid]
+        except ValueError:
+            raise StartupError('option "--subscriptions-sign-skip-uid": not a number')
+        parts.subscriptions = SubscriptionServer(
+            reactor, table, datagram, wall_clock=time.time,
+            on_node=server.leave_cheap, on_empty=on_empty,
+            resubscribe=cfg.fastrouter_resubscribe, resubscribe_bind=cfg.fastrouter_resubscribe_bind,
+            own_address=own, use_credentials=cfg.subscriptions_use_credentials,
+            credentials_check=cfg.subscriptions_credentials_check, skip_uids=skip)
+
+        def expire(_now: float) -> None:
+            table.expire(time.time())
+            if table.empty:
+                on_empty()
+
+        server.periodic.append(expire)
+    if cfg.fastrouter_cheap and not datagram:
+        log("[uwsgi-fastrouter] --fastrouter-cheap has no effect without a subscription server")
     if stats_listener is not None:
-        names = [l.name for l in listeners]
+        names = [l.name for l in listeners] + [d.name for d in datagram]
         static = router.static_nodes if cfg.fastrouter_to else None
-        stats = StatsServer(
+        table = parts.table
+        extra = (lambda doc: doc.__setitem__("subscriptions", subscription_stats(table))) \
+            if table is not None else None
+        parts.stats = StatsServer(
             reactor, stats_listener,
-            lambda: build_document(server, names, static_nodes=static),
+            lambda: build_document(server, names, static_nodes=static, extra=extra,
+                                   cheap=server.cheap),
             minified=cfg.stats_minified, http=cfg.stats_http, timeout=cfg.socket_timeout or 4)
-        listeners = listeners + [stats_listener]
-    return server, stats, listeners
+    return parts
 
 
 def run(cfg) -> int:
     reactor = Reactor(max_events=cfg.fastrouter_events or 64)
     try:
-        server, stats, listeners = build(cfg, reactor)
+        parts = build(cfg, reactor)
     except (StartupError, AddressError) as exc:
         log(str(exc))
         reactor.close()
@@ -130,17 +251,11 @@ def run(cfg) -> int:
     # A vanished log reader or client must not kill the process.
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
-    server.start()
-    if stats is not None:
-        stats.start()
+    parts.start()
     try:
         reactor.run()
     finally:
-        server.stop()
-        if stats is not None:
-            stats.stop()
-        for listener in listeners:
-            listener.close(unlink=True)
+        parts.stop()
         reactor.close()
     log("goodbye from uwsgi-fastrouter %s (pid: %d)" % (__version__, os.getpid()))
     return EXIT_OK

@@ -164,9 +164,9 @@ OPTIONS: Tuple[Option, ...] = (
        "(0-based; a bare option means 0)", G_ROUTER, arg=OPTIONAL, bare="0", status=PENDING),
     _o("fastrouter-subscription-server", LIST, "accept subscriptions on ADDR (UDP when it contains "
        "a colon, else a unix datagram socket); repeatable", G_ROUTER, default=[], metavar="ADDR",
-       status=PENDING),
+       status=SUPPORTED),
     _o("fastrouter-subscription-fallback-key", STRING, "look up KEY instead when the request's key "
-       "has no alive subscribed node", G_ROUTER, metavar="KEY", status=PENDING),
+       "has no alive subscribed node", G_ROUTER, metavar="KEY", status=SUPPORTED),
     _o("fastrouter-fallback", LIST, "node tried, in the given order, when the chosen node cannot "
        "be reached; repeatable", G_ROUTER, default=[], metavar="ADDR"),
     _o("fastrouter-fallback-on-no-key", BOOL, "also go to the fallback nodes when the mapper finds "
@@ -180,7 +180,7 @@ OPTIONS: Tuple[Option, ...] = (
     _o("fastrouter-force-key", STRING, "route every request with KEY, ignoring the request vars",
        G_ROUTER, metavar="KEY"),
     _o("fastrouter-cheap", BOOL, "accept connections only while at least one node is subscribed",
-       G_ROUTER, status=PENDING),
+       G_ROUTER, status=SUPPORTED),
     _o("fastrouter-processes", INT, "number of router processes sharing the listening sockets",
        G_ROUTER, default=1, aliases=("fastrouter-workers",), status=PENDING),
     _o("fastrouter-stats", STRING, "serve the router statistics as JSON on ADDR (ip:port or unix "
@@ -199,9 +199,9 @@ OPTIONS: Tuple[Option, ...] = (
        "e.g. --fastrouter-quiet 1", G_ROUTER, arg=REQUIRED),
     _o("fastrouter-resubscribe", LIST, "forward every received subscription and unsubscription "
        "to the subscription server ADDR; repeatable", G_ROUTER, default=[], metavar="ADDR",
-       status=PENDING),
+       status=SUPPORTED),
     _o("fastrouter-resubscribe-bind", STRING, "local UDP ip:port the forwarded subscriptions are "
-       "sent from", G_ROUTER, metavar="ADDR", status=PENDING),
+       "sent from", G_ROUTER, metavar="ADDR", status=SUPPORTED),
     _o("fastrouter-zerg", STRING, "also route on the listening sockets received from the zerg "
        "server at PATH", G_ROUTER, metavar="PATH", status=PENDING),
     _o("fastrouter-uid", STRING, "run the router processes as USER (name or number)", G_ROUTER,
@@ -293,22 +293,22 @@ OPTIONS: Tuple[Option, ...] = (
     _o("subscription-notify-socket", STRING, "unix datagram socket on which subscription servers "
        "report back", G_SUBS, metavar="PATH", status=PENDING),
     _o("subscription-tolerance", INT, "seconds a subscribed node is kept without a new announce",
-       G_SUBS, default=17, metavar="SECS", status=PENDING),
+       G_SUBS, default=17, metavar="SECS", status=SUPPORTED),
     _o("subscription-algo", STRING, "balancing among subscribed nodes: wrr, lrc or wlrc (other "
-       "names mean wrr)", G_SUBS, default="wrr", metavar="NAME", status=PENDING),
+       "names mean wrr)", G_SUBS, default="wrr", metavar="NAME", status=SUPPORTED),
     _o("subscription-dotsplit", BOOL, "when a key is unknown, retry with its leftmost label "
-       "removed (www.example.com -> .example.com)", G_SUBS, status=PENDING),
+       "removed (www.example.com -> .example.com)", G_SUBS, status=SUPPORTED),
     _o("subscriptions-sign-check", STRING, "accept only subscriptions signed with the public keys "
-       "in DIR (e.g. SHA1:/etc/uwsgi/keys)", G_SUBS, metavar="DIGEST:DIR", status=PENDING),
+       "in DIR (e.g. SHA1:/etc/uwsgi/keys)", G_SUBS, metavar="DIGEST:DIR", status=SUPPORTED),
     _o("subscriptions-sign-check-tolerance", INT, "seconds a signed subscription's timestamp may "
-       "lag behind", G_SUBS, default=86400, metavar="SECS", status=PENDING),
+       "lag behind", G_SUBS, default=86400, metavar="SECS", status=SUPPORTED),
     _o("subscriptions-sign-skip-uid", LIST, "do not require signatures from unix peers running as "
-       "UID; repeatable", G_SUBS, default=[], metavar="UID", status=PENDING),
+       "UID; repeatable", G_SUBS, default=[], metavar="UID", status=SUPPORTED),
     _o("subscriptions-use-credentials", BOOL, "send and check unix credentials with subscriptions "
-       "on unix sockets", G_SUBS, status=PENDING),
+       "on unix sockets", G_SUBS, status=SUPPORTED),
     _o("subscriptions-credentials-check", LIST, "accept a key from a unix peer only if DIR followed "
        "by the key belongs to the peer's uid; repeatable", G_SUBS, default=[], metavar="DIR",
-       status=PENDING),
+       status=SUPPORTED),
     _o("subscription-max-keys", INT, "most keys the subscription table holds; a subscription for a "
        "new key beyond it is dropped with a log line", G_SUBS, default=10000, metavar="N"),
     _o("subscription-max-nodes", INT, "most nodes one key holds; more are dropped with a log line",

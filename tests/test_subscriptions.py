@@ -1,0 +1,184 @@
+"""Subscriptions end to end: datagrams in, routing, cheap mode, stats, real uWSGI subscribers."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+
+import pytest
+
+from backends import RecordingBackend, connect, request, uwsgi_packet
+from support import start_router, start_uwsgi_app, uwsgi_bin, wait_until
+
+APP = """
+def application(environ, start_response):
+    start_response('200 OK', [('Content-Type', 'text/plain')])
+    return [b'uwsgi-app host=' + environ.get('HTTP_HOST', '').encode()]
+"""
+
+
+def announce(server: str, key: bytes, address: bytes, *, unsubscribe=False, modifier1=0, weight=0,
+             extra=()) -> None:
+    pairs = [(b"key", key), (b"address", address), (b"modifier1", str(modifier1).encode()),
+             (b"modifier2", b"0"), (b"cores", b"1"), (b"load", b"0"), (b"weight", str(weight).encode())]
+    pairs += list(extra)
+    send_datagram(server, uwsgi_packet(pairs, 224, 1 if unsubscribe else 0))
+
+
+def send_datagram(server: str, data: bytes) -> None:
+    if ":" in server and not server.startswith("/"):
+        host, port = server.rsplit(":", 1)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(data, (host or "127.0.0.1", int(port)))
+    else:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(data, server)
+
+
+def sub_router(tmp_path, *extra):
+    sub = str(tmp_path / "sub.sock")
+    router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-subscription-server", sub,
+                           *extra])
+    router.wait_for_log(r"subscription server bound on")
+    return router, sub
+
+
+def stats_of(router) -> dict:
+    host, port = router.stats_address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        raw = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return json.loads(raw)
+            raw += chunk
+
+
+HOST = [(b"HTTP_HOST", b"example.com")]
+
+
+def served_by(address, key=b"example.com"):
+    answer = request(address, [(b"HTTP_HOST", key)])
+    if b"node=" not in answer:
+        return None
+    return answer.split(b"node=")[1].split(b" ")[0].decode()
+
+
+def test_subscribe_route_unsubscribe(tmp_path):
+    router, sub = sub_router(tmp_path)
+    with RecordingBackend("a") as a, RecordingBackend("b") as b:
+        assert request(router.addresses[0], HOST) == b""          # unknown key: closed
+        announce(sub, b"example.com", a.address.encode(), modifier1=5)
+        router.wait_for_log(r"new pool: example.com \(hash key: \d+\)")
+        router.wait_for_log(r"example.com => new node: %s" % a.address)
+        assert served_by(router.addresses[0]) == "a"
+        assert a.requests[0].modifier1 == 5
+        announce(sub, b"example.com", b.address.encode())
+        router.wait_for_log(r"example.com => new node: %s" % b.address)
+        assert sorted(served_by(router.addresses[0]) for _ in range(4)) == ["a", "a", "b", "b"]
+        announce(sub, b"example.com", a.address.encode(), unsubscribe=True)
+        router.wait_for_log(r"example.com => marking %s as failed" % a.address)
+        assert {served_by(router.addresses[0]) for _ in range(4)} == {"b"}
+
+
+def test_weights_are_honoured_exactly(tmp_path):
+    router, sub = sub_router(tmp_path)
+    with RecordingBackend("a") as a, RecordingBackend("b") as b:
+        announce(sub, b"example.com", a.address.encode(), weight=2)
+        announce(sub, b"example.com", b.address.encode(), weight=3)
+        router.wait_for_log(r"new node: %s" % b.address)
+        seen = [served_by(router.addresses[0]) for _ in range(10)]
+        assert seen.count("a") == 4 and seen.count("b") == 6
+
+
+def test_garbage_and_floods_are_dropped_and_routing_goes_on(tmp_path):
+    router, sub = sub_router(tmp_path, "--subscription-max-keys", "100")
+    with RecordingBackend("a") as a:
+        announce(sub, b"example.com", a.address.encode())
+        router.wait_for_log(r"new node: %s" % a.address)
+        for junk in (b"", b"\x00", b"garbage datagram", uwsgi_packet([(b"key", b"k")], 224)[:-1],
+                     uwsgi_packet([(b"key", b"x" * 256), (b"address", b"127.0.0.1:1")], 224),
+                     uwsgi_packet([(b"key", b"k"), (b"address", b"")], 224)):
+            send_datagram(sub, junk)
+        router.wait_for_log(r"dropped subscription datagram")
+        for i in range(1000):
+            announce(sub, b"flood%d.example" % i, b"127.0.0.1:9")
+        router.wait_for_log(r"too many keys")
+        assert served_by(router.addresses[0]) == "a"
+
+
+def test_cheap_mode_holds_clients_until_a_node_subscribes(tmp_path):
+    router, sub = sub_router(tmp_path, "--fastrouter-cheap")
+    router.wait_for_log(r"starting uWSGI fastrouter in cheap mode")
+    with RecordingBackend("a") as a:
+        result = {}
+
+        def client():
+            result["answer"] = request(router.addresses[0], HOST, timeout=20)
+
+        t = threading.Thread(target=client)
+        t.start()
+        wait_until(lambda: t.is_alive(), timeout=2)
+        assert "answer" not in result
+        announce(sub, b"example.com", a.address.encode())
+        router.wait_for_log(r"leaving cheap mode")
+        t.join(20)
+        assert b"node=a" in result["answer"]
+        announce(sub, b"example.com", a.address.encode(), unsubscribe=True)
+        router.wait_for_log(r"no more nodes available. Going cheap")
+
+
+def test_stats_show_the_subscription_table(tmp_path):
+    sub = str(tmp_path / "sub.sock")
+    router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-subscription-server", sub,
+                           "--fastrouter-stats", "127.0.0.1:0"])
+    with RecordingBackend("a") as a:
+        announce(sub, b"example.com", a.address.encode(), modifier1=5, weight=2)
+        router.wait_for_log(r"new node")
+        served_by(router.addresses[0])
+        doc = stats_of(router)
+        assert doc["fastrouter"] == [router.addresses[0], sub]
+        (pool,) = doc["subscriptions"]
+        assert list(pool) == ["key", "hash", "hits", "sni_enabled", "nodes"]
+        assert pool["key"] == "example.com" and pool["hits"] == 1
+        (node,) = pool["nodes"]
+        assert list(node) == ["name", "modifier1", "modifier2", "last_check", "pid", "uid", "gid",
+                              "requests", "last_requests", "tx", "rx", "cores", "load", "weight",
+                              "wrr", "ref", "failcnt", "death_mark"]
+        assert node["name"] == a.address and node["modifier1"] == 5 and node["weight"] == 2
+        assert node["requests"] == 1 and node["tx"] > 0 and node["rx"] > 0 and node["ref"] == 0
+        assert doc["cheap"] == 0
+
+
+def test_dead_node_is_marked_and_the_request_retried_on_another(tmp_path):
+    router, sub = sub_router(tmp_path)
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead_addr = "127.0.0.1:%d" % dead.getsockname()[1]
+    dead.close()
+    with RecordingBackend("a") as a:
+        announce(sub, b"example.com", dead_addr.encode())
+        announce(sub, b"example.com", a.address.encode())
+        router.wait_for_log(r"new node: %s" % a.address)
+        assert {served_by(router.addresses[0]) for _ in range(3)} == {"a"}
+        router.wait_for_log(r"example.com => marking %s as failed" % dead_addr)
+
+
+@pytest.mark.interop
+def test_a_real_uwsgi_instance_subscribes_and_is_routed(tmp_path):
+    sub_port_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sub_port_sock.bind(("127.0.0.1", 0))
+    sub_addr = "127.0.0.1:%d" % sub_port_sock.getsockname()[1]
+    sub_port_sock.close()
+    router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-subscription-server", sub_addr])
+    app = start_uwsgi_app(tmp_path, APP, socket="127.0.0.1:0",
+                          extra=["--subscribe-to", "%s:example.com" % sub_addr,
+                                 "--subscribe-to", "%s:uwsgi.it,5" % sub_addr])
+    router.wait_for_log(r"example.com => new node: 127.0.0.1:\d+")
+    answer = request(router.addresses[0], HOST)
+    assert b"uwsgi-app host=example.com" in answer
+    app.stop()
+    router.wait_for_log(r"example.com => marking 127.0.0.1:\d+ as failed")
+    assert request(router.addresses[0], HOST) == b""

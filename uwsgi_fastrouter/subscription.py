@@ -1,0 +1,822 @@
+"""Subscriptions: the announce datagram and the key -> nodes table.  Pure, no I/O.
+
+Theory of operation
+-------------------
+A backend instance announces itself by sending a small uwsgi packet (modifier1 224)
+to the router's subscription socket every few seconds: "requests for KEY may go to
+ADDRESS".  :func:`parse_announcement` turns such a datagram into an
+:class:`Announcement` (strictly: a datagram whose length fields or vars are wrong is
+rejected, where uWSGI would use whatever it managed to read), and
+:func:`build_announcement` writes one the way a uWSGI 2.0.31 instance does.
+
+The :class:`SubscriptionTable` maps each key to a :class:`Pool` of :class:`Node` s.
+An announce creates or refreshes a node, an unsubscribe marks it dead.  A node also
+dies when it has not announced for ``tolerance`` seconds (noticed at lookup time, as
+uWSGI does, or by the periodic :meth:`SubscriptionTable.expire` sweep) or when a
+connect to it fails.  A dead node gets no new requests; it is deleted as soon as no
+session holds a reference to it, and a pool disappears with its last node.  A node
+comes back only by announcing again.
+
+Picking a node for a request (:meth:`SubscriptionTable.lookup`) increments the
+chosen node's ``ref``; the caller gives it back with :meth:`SubscriptionTable.release`
+when the backend connection is closed.  Three algorithms:
+
+``wrr``
+    smooth weighted round robin: every alive node's credit grows by its weight,
+    the node with the most credit is chosen and pays the total weight back.  Over
+    one cycle each node is chosen exactly ``weight`` times, spread out (weights
+    1, 1 alternate; 2, 3 give A B A B B ...).  uWSGI's integer-division variant
+    balances 2 and 3 as 1:1; this one honours them.
+``lrc``, ``wlrc``
+    least reference count (plain, or divided by the weight), reproducing uWSGI's
+    walk including its tie-breaking on ``last_requests``: with one request at a
+    time, three nodes are visited 3 2 1 3 2 1 ...
+
+Signed subscriptions (a ``verifier`` is set): a packet creating a pool or a node
+must be signed, carry a ``unix`` timestamp not older than ``sign_tolerance``, and
+verify against the key's public key; a packet for an existing node must verify and
+carry a timestamp strictly newer than the last one accepted for that node, so a
+captured packet cannot be replayed.
+
+Every time-dependent method takes ``now`` (seconds since the epoch, ``time.time()``);
+``last_check`` and the tolerance comparisons use whole seconds, like uWSGI.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+
+from .protocol import HEADER, HEADER_SIZE, MalformedVars, Modifier1, encode_vars, iter_vars
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .signing import SignatureChecker
+
+__all__ = [
+    "MAX_KEY",
+    "MAX_ADDRESS",
+    "ALGORITHMS",
+    "FORWARDED_VAR",
+    "SubscriptionError",
+    "Announcement",
+    "parse_announcement",
+    "build_announcement",
+    "forward_announcement",
+    "djb33x",
+    "stats_hash",
+    "Node",
+    "Pool",
+    "SubscriptionTable",
+]
+
+MAX_KEY = 255
+MAX_ADDRESS = 255
+#: The balancing algorithms by name; any other name means ``wrr``.
+ALGORITHMS = ("wrr", "lrc", "wlrc")
+#: Set by a router that forwards (resubscribes) a packet; such a packet is never
+#: forwarded again, so two routers resubscribing to each other cannot loop.
+FORWARDED_VAR = b"fastrouter_forwarded"
+
+_BYTE_MAX = 255
+_NUMBER_MAX = 2 ** 63
+_STATS_BUCKETS = 65535
+_DUMP_VERSION = 1
+
+
+class SubscriptionError(ValueError):
+    """A subscription packet was rejected; ``str()`` is the reason to log.
+
+    ``key`` and ``address`` are the packet's key and address when they are known.
+    """
+
+    def __init__(self, reason: str, key: Optional[bytes] = None,
+                 address: Optional[bytes] = None) -> None:
+        super().__init__(reason)
+        self.key = key
+        self.address = address
+
+
+def _text(value: bytes) -> str:
+    return value.decode("utf-8", "backslashreplace")
+
+
+# ---------------------------------------------------------------------------
+# The datagram
+
+
+class Announcement(NamedTuple):
+    """One parsed subscription datagram."""
+
+    unsubscribe: bool
+    key: bytes
+    address: bytes
+    modifier1: int = 0
+    modifier2: int = 0
+    cores: int = 0
+    load: int = 0
+    #: as sent; 0 is allowed here, the table stores ``max(1, weight)``
+    weight: int = 0
+    sni_key: Optional[bytes] = None
+    sni_crt: Optional[bytes] = None
+    sni_ca: Optional[bytes] = None
+    #: a UNIX datagram path that wants a line when a new node is created
+    #: (``sni_*`` and ``notify``: an empty value counts as absent)
+    notify: Optional[bytes] = None
+    #: the signer's timestamp (signed packets)
+    unix: Optional[int] = None
+    #: the raw signature; ``sign`` is always the last var
+    sign: Optional[bytes] = None
+    #: the vars bytes the signature covers: everything before the ``sign`` record
+    #: (the whole vars block when the packet is not signed)
+    signed_part: bytes = b""
+    #: a router forwarded this packet (see :data:`FORWARDED_VAR`)
+    forwarded: bool = False
+
+
+# var name -> (field, largest value); numbers must be plain ASCII decimals
+_NUMBERS = {
+    b"modifier1": ("modifier1", _BYTE_MAX),
+    b"modifier2": ("modifier2", _BYTE_MAX),
+    b"cores": ("cores", _NUMBER_MAX),
+    b"load": ("load", _NUMBER_MAX),
+    b"weight": ("weight", _NUMBER_MAX),
+    b"unix": ("unix", _NUMBER_MAX),
+}
+_STRINGS = {
+    b"key": "key",
+    b"address": "address",
+    b"sni_key": "sni_key",
+    b"sni_crt": "sni_crt",
+    b"sni_ca": "sni_ca",
+    b"notify": "notify",
+    b"sign": "sign",
+}
+_KEEP_EMPTY = ("key", "address", "sign")
+
+
+def _number(name: bytes, value: bytes, limit: int) -> int:
+    # bytes.isdigit() is true for ASCII 0-9 only (and false when empty); int() alone
+    # would also take signs, spaces and underscores
+    digits = value.lstrip(b"0") or value[-1:]
+    if not value.isdigit() or len(digits) > 20 or int(digits) > limit:
+        raise SubscriptionError("invalid %s value %r (a decimal 0..%d is required)"
+                                % (_text(name), value[:32], limit))
+    return int(digits)
+
+
+def parse_announcement(datagram: bytes) -> Announcement:
+    """Parse one subscription datagram, strictly.
+
+    The header's datasize must equal the vars that follow; the vars must be valid
+    uwsgi records; ``key`` and ``address`` must be 1..255 bytes; numbers must be plain
+    decimals (modifiers 0..255, the others 0..2**63); ``sign``, if present, must be
+    the last var.  Header byte 3 == 0 is a subscribe, any other value an unsubscribe;
+    byte 0 is not looked at.  Unknown vars are ignored, for a repeated var the last
+    one counts.  Raises :class:`SubscriptionError` naming the first fault.
+    """
+    data = bytes(datagram)
+    if len(data) < HEADER_SIZE:
+        raise SubscriptionError("subscription packet of %d bytes is shorter than a header"
+                                % len(data))
+    _, datasize, opcode = HEADER.unpack_from(data)
+    block = data[HEADER_SIZE:]
+    if datasize != len(block):
+        raise SubscriptionError("subscription packet announces %d bytes of vars but carries %d"
+                                % (datasize, len(block)))
+    fields: Dict[str, Any] = {}
+    forwarded = False
+    sign_start = -1  # where the sign record starts, once seen
+    pos = 0
+    try:
+        for name, value in iter_vars(block):
+            if sign_start >= 0:
+                raise SubscriptionError("the sign var must be the last one",
+                                        fields.get("key"), fields.get("address"))
+            start = pos
+            pos += 4 + len(name) + len(value)
+            field = _STRINGS.get(name)
+            if field is not None:
+                # an empty path (sni_*, notify) is no path
+                fields[field] = value if value or field in _KEEP_EMPTY else None
+                if field == "sign":
+                    sign_start = start
+                continue
+            number = _NUMBERS.get(name)
+            if number is not None:
+                fields[number[0]] = _number(name, value, number[1])
+            elif name == FORWARDED_VAR:
+                forwarded = value not in (b"", b"0")
+    except MalformedVars as exc:
+        raise SubscriptionError("malformed subscription packet: %s" % exc,
+                                fields.get("key"), fields.get("address")) from None
+    key = fields.get("key")
+    address = fields.get("address")
+    if key is None or not 0 < len(key) <= MAX_KEY:
+        raise SubscriptionError("subscription packet without a key of 1..%d bytes" % MAX_KEY,
+                                key, address)
+    if address is None or not 0 < len(address) <= MAX_ADDRESS:
+        raise SubscriptionError("subscription packet for %s without an address of 1..%d bytes"
+                                % (_text(key), MAX_ADDRESS), key, address)
+    fields["signed_part"] = block[:sign_start] if sign_start >= 0 else block
+    return Announcement(unsubscribe=opcode != 0, forwarded=forwarded, **fields)
+
+
+def build_announcement(key: bytes, address: bytes, *, modifier1: int = 0, modifier2: int = 0,
+                       cores: int = 0, load: int = 0, weight: int = 0,
+                       unsubscribe: bool = False, sni_key: Optional[bytes] = None,
+                       sni_crt: Optional[bytes] = None, sni_ca: Optional[bytes] = None,
+                       notify: Optional[bytes] = None, forwarded: bool = False,
+                       unix: Optional[int] = None,
+                       signer: Optional[Callable[[bytes], bytes]] = None) -> bytes:
+    """Write a subscription datagram as a uWSGI 2.0.31 instance does.
+
+    Var order: key, address, modifier1, modifier2, cores, load, weight, [sni_key],
+    [sni_crt], [sni_ca], [notify], [fastrouter_forwarded], [unix, sign].  The header
+    is modifier1 224, the datasize, and byte 3 = 1 for an unsubscribe.
+
+    *unix* is the current time (whole seconds); it is written whenever given, and,
+    as uWSGI does, an unsubscribe carries ``unix + 1``.  With *signer* (required to
+    sign; it needs *unix*) a ``sign`` var follows, holding ``signer(vars so far)``.
+    """
+    if not 0 < len(key) <= MAX_KEY:
+        raise SubscriptionError("a subscription key must be 1..%d bytes" % MAX_KEY, key, address)
+    if not 0 < len(address) <= MAX_ADDRESS:
+        raise SubscriptionError("a subscription address must be 1..%d bytes" % MAX_ADDRESS,
+                                key, address)
+    for name, value, limit in (("modifier1", modifier1, _BYTE_MAX), ("modifier2", modifier2, _BYTE_MAX),
+                               ("cores", cores, _NUMBER_MAX), ("load", load, _NUMBER_MAX),
+                               ("weight", weight, _NUMBER_MAX)):
+        if not 0 <= value <= limit:
+            raise SubscriptionError("%s must be 0..%d, got %d" % (name, limit, value), key, address)
+    pairs: List[Tuple[bytes, bytes]] = [
+        (b"key", key),
+        (b"address", address),
+        (b"modifier1", b"%d" % modifier1),
+        (b"modifier2", b"%d" % modifier2),
+        (b"cores", b"%d" % cores),
+        (b"load", b"%d" % load),
+        (b"weight", b"%d" % weight),
+    ]
+    for name, value in ((b"sni_key", sni_key), (b"sni_crt", sni_crt), (b"sni_ca", sni_ca),
+                        (b"notify", notify)):
+        if value is not None:
+            pairs.append((name, value))
+    if forwarded:
+        pairs.append((FORWARDED_VAR, b"1"))
+    if unix is not None:
+        pairs.append((b"unix", b"%d" % (unix + 1 if unsubscribe else unix)))
+    elif signer is not None:
+        raise SubscriptionError("a signed subscription needs a unix timestamp", key, address)
+    block = encode_vars(pairs)
+    if signer is not None:
+        block += encode_vars([(b"sign", signer(block))])
+    return HEADER.pack(Modifier1.SUBSCRIPTION, len(block), 1 if unsubscribe else 0) + block
+
+
+def forward_announcement(a: Announcement, address: bytes, *, cores: int = 0, load: int = 0,
+                         weight: int = 0) -> bytes:
+    """The packet a router sends upstream for *a* (``--fastrouter-resubscribe``).
+
+    A new packet, not a copy: the same key and direction, the received modifiers and
+    SNI files, *address* (the router's own first listening address) and the router's
+    own cores/load/weight; ``notify``, ``unix`` and ``sign`` are not forwarded.  It is
+    marked as forwarded.  Callers must not forward an announcement whose
+    ``forwarded`` is true.
+    """
+    return build_announcement(a.key, address, modifier1=a.modifier1, modifier2=a.modifier2,
+                              cores=cores, load=load, weight=weight, unsubscribe=a.unsubscribe,
+                              sni_key=a.sni_key, sni_crt=a.sni_crt, sni_ca=a.sni_ca,
+                              forwarded=True)
+
+
+# ---------------------------------------------------------------------------
+# Hashing (only visible in the stats)
+
+
+def djb33x(key: bytes) -> int:
+    """uWSGI's key hash: ``h = h * 33 ^ byte`` from 5381, on 32 bits, where bytes
+    of 0x80 and above count as negative (sign-extended) C chars."""
+    h = 5381
+    for b in key:
+        h = ((h * 33) ^ (b if b < 0x80 else 0xFFFFFF00 | b)) & 0xFFFFFFFF
+    return h
+
+
+def stats_hash(key: bytes) -> int:
+    """The ``hash`` of a pool in the stats (uWSGI's bucket number)."""
+    return djb33x(key) % _STATS_BUCKETS
+
+
+# ---------------------------------------------------------------------------
+# Table entries
+
+
+class Node:
+    """One backend address subscribed under a key.
+
+    The attribute names are the stats field names.  ``wrr`` is the node's current
+    round-robin credit (never negative in the stats).
+    """
+
+    __slots__ = ("name", "modifier1", "modifier2", "last_check", "pid", "uid", "gid",
+                 "requests", "last_requests", "tx", "rx", "cores", "load", "weight",
+                 "current", "ref", "failcnt", "death_mark", "notify", "created_unix",
+                 "last_unix", "pool")
+
+    def __init__(self, name: bytes, modifier1: int = 0, modifier2: int = 0, last_check: int = 0,
+                 *, cores: int = 0, load: int = 0, weight: int = 1, pid: int = 0, uid: int = 0,
+                 gid: int = 0, notify: Optional[bytes] = None, unix: int = 0) -> None:
+        self.name = name
+        self.modifier1 = modifier1
+        self.modifier2 = modifier2
+        self.last_check = last_check
+        self.pid = pid
+        self.uid = uid
+        self.gid = gid
+        self.requests = 0
+        self.last_requests = 0
+        self.tx = 0
+        self.rx = 0
+        self.cores = cores
+        self.load = load
+        self.weight = weight if weight > 0 else 1
+        #: smooth weighted round robin: grows by ``weight`` per pick, may go negative
+        self.current = 0
+        self.ref = 0
+        self.failcnt = 0
+        self.death_mark = 0
+        self.notify = notify
+        self.created_unix = unix
+        self.last_unix = unix
+        #: the pool holding the node, ``None`` once the node is removed
+        self.pool: Optional[Pool] = None
+
+    @property
+    def wrr(self) -> int:
+        return self.current if self.current > 0 else 0
+
+    def __repr__(self) -> str:
+        return "<Node %s ref=%d weight=%d%s>" % (_text(self.name), self.ref, self.weight,
+                                                  " dead" if self.death_mark else "")
+
+
+class Pool:
+    """The nodes subscribed under one key, in subscription order."""
+
+    __slots__ = ("key", "hash", "hits", "nodes", "by_address", "sni_enabled")
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.hash = stats_hash(key)
+        #: lookups of this key (retries included)
+        self.hits = 0
+        self.nodes: List[Node] = []
+        self.by_address: Dict[bytes, Node] = {}
+        #: stats only; SNI contexts are an HTTPS-router matter
+        self.sni_enabled = 0
+
+    def __repr__(self) -> str:
+        return "<Pool %s nodes=%d>" % (_text(self.key), len(self.nodes))
+
+
+# ---------------------------------------------------------------------------
+# Balancing: each picks among the alive nodes and takes a reference on the choice
+
+
+def _pick_wrr(nodes: List[Node]) -> Optional[Node]:
+    best = None
+    total = 0
+    for node in nodes:
+        if node.death_mark:
+            continue
+        weight = node.weight
+        total += weight
+        current = node.current + weight
+        node.current = current
+        if best is None or current > best.current:
+            best = node
+    if best is not None:
+        best.current -= total
+        best.ref += 1
+    return best
+
+
+def _pick_lrc(nodes: List[Node]) -> Optional[Node]:
+    # uWSGI's walk: 0 doubles as "nothing chosen yet"; a chosen node without references
+    # ends the walk unless its successor (alive or not) is at least as good.
+    chosen = None
+    least = 0
+    last = len(nodes) - 1
+    for i, node in enumerate(nodes):
+        if node.death_mark:
+            continue
+        ref = node.ref
+        if least == 0 or ref < least:
+            least = ref
+            chosen = node
+            if least == 0:
+                nxt = nodes[i + 1] if i < last else None
+                if not (nxt is not None and nxt.ref <= ref
+                        and nxt.last_requests <= node.last_requests):
+                    break
+    if chosen is not None:
+        chosen.ref += 1
+    return chosen
+
+
+def _pick_wlrc(nodes: List[Node]) -> Optional[Node]:
+    # as _pick_lrc, comparing references per unit of weight
+    chosen = None
+    least = 0.0
+    last = len(nodes) - 1
+    for i, node in enumerate(nodes):
+        if node.death_mark:
+            continue
+        load = node.ref / node.weight
+        if least == 0 or load < least:
+            least = load
+            chosen = node
+            if least == 0:
+                nxt = nodes[i + 1] if i < last else None
+                if not (nxt is not None and nxt.ref / nxt.weight <= load
+                        and nxt.last_requests <= node.last_requests):
+                    break
+    if chosen is not None:
+        chosen.ref += 1
+    return chosen
+
+
+_PICKERS = {"wrr": _pick_wrr, "lrc": _pick_lrc, "wlrc": _pick_wlrc}
+
+
+def _no_log(line: str) -> None:
+    pass
+
+
+# ---------------------------------------------------------------------------
+# The table
+
+
+class SubscriptionTable:
+    """Pools by key, with uWSGI's subscribe, expiry and balancing rules.
+
+    ``max_keys`` bounds the number of pools and ``max_nodes`` the nodes of one pool,
+    so a flood of announces cannot grow memory without limit; a rejected packet
+    leaves the table as it was.
+    """
+
+    def __init__(self, *, tolerance: int = 17, algo: str = "wrr", max_keys: int = 10000,
+                 max_nodes: int = 64, log: Callable[[str], None] = _no_log, pid: int = 0,
+                 verifier: Optional["SignatureChecker"] = None,
+                 sign_tolerance: int = 86400) -> None:
+        self.tolerance = tolerance
+        #: the algorithm in use: ``algo`` if it is one of :data:`ALGORITHMS`, else ``wrr``
+        self.algo_name = algo if algo in _PICKERS else "wrr"
+        self._pick = _PICKERS[self.algo_name]
+        self.max_keys = max_keys
+        self.max_nodes = max_nodes
+        self.log = log
+        self.pid = pid
+        #: a :class:`~uwsgi_fastrouter.signing.SignatureChecker` (anything with
+        #: ``check(announcement) -> bool``), or ``None`` to accept unsigned packets
+        self.verifier = verifier
+        self.sign_tolerance = sign_tolerance
+        self._pools: Dict[bytes, Pool] = {}
+        self.node_count = 0
+
+    # -- queries ------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._pools)
+
+    @property
+    def empty(self) -> bool:
+        return not self._pools
+
+    def pool(self, key: bytes) -> Optional[Pool]:
+        return self._pools.get(key)
+
+    def pools_for_stats(self) -> List[Pool]:
+        """Pools by stats hash, ties in creation order."""
+        return sorted(self._pools.values(), key=_by_hash)
+
+    # -- announces ----------------------------------------------------------
+
+    def announce(self, a: Announcement, now: float, *, uid: Optional[int] = None,
+                 gid: Optional[int] = None, pid: Optional[int] = None,
+                 trusted: bool = False) -> Optional[Node]:
+        """Apply a subscribe or unsubscribe packet.
+
+        Returns the node created or refreshed, ``None`` for an unsubscribe.  Raises
+        :class:`SubscriptionError` for a packet the table rejects (limits,
+        signatures); the table is then unchanged.  A call that created a node
+        raised :attr:`node_count` (that is when ``notify`` gets its line).
+        *uid*, *gid*, *pid* are the sender's credentials, if known; *trusted* skips
+        the signature checks (``--subscriptions-sign-skip-uid``).
+        """
+        pool = self._pools.get(a.key)
+        node = pool.by_address.get(a.address) if pool is not None else None
+        check = self.verifier is not None and not trusted
+        if a.unsubscribe:
+            if node is None:
+                return None
+            if check:
+                self._check_known(a, node)
+            if not node.death_mark:
+                self.log("[uWSGI fastrouter pid %d] %s => marking %s as failed"
+                         % (self.pid, _text(a.key), _text(a.address)))
+            node.failcnt += 1
+            node.death_mark = 1
+            if node.ref == 0:
+                self._remove(node)
+            return None
+        now_s = int(now)
+        if node is not None:
+            if check:
+                self._check_known(a, node)
+            node.death_mark = 0
+            node.last_check = now_s
+            node.cores = a.cores
+            node.load = a.load
+            node.weight = a.weight if a.weight > 0 else 1
+            node.last_requests = 0
+            if pid is not None:
+                node.pid = pid
+            if uid is not None:
+                node.uid = uid
+            if gid is not None:
+                node.gid = gid
+            return node
+        if pool is None and len(self._pools) >= self.max_keys:
+            raise SubscriptionError("too many keys (%d): %s refused" % (self.max_keys, _text(a.key)),
+                                    a.key, a.address)
+        if pool is not None and len(pool.nodes) >= self.max_nodes:
+            raise SubscriptionError("too many nodes for key %s (%d): %s refused"
+                                    % (_text(a.key), self.max_nodes, _text(a.address)),
+                                    a.key, a.address)
+        if check:
+            self._check_new(a, now_s)
+        if pool is None:
+            pool = self._pools[a.key] = Pool(a.key)
+            self.log("[uwsgi-subscription for pid %d] new pool: %s (hash key: %d)"
+                     % (self.pid, _text(a.key), pool.hash))
+        node = Node(a.address, a.modifier1, a.modifier2, now_s, cores=a.cores, load=a.load,
+                    weight=a.weight, pid=pid or 0, uid=uid or 0, gid=gid or 0, notify=a.notify,
+                    unix=a.unix or 0)
+        self._add(pool, node)
+        self.log("[uwsgi-subscription for pid %d] %s => new node: %s"
+                 % (self.pid, _text(a.key), _text(a.address)))
+        return node
+
+    def _signature_fault(self, a: Announcement) -> Optional[str]:
+        """Why *a*'s signature is not acceptable, or ``None``."""
+        if a.sign is None:
+            return "unsigned subscription packet for %s" % _text(a.key)
+        verifier = self.verifier
+        reason = getattr(verifier, "check_reason", None)
+        if reason is not None:
+            return reason(a)
+        if not verifier.check(a):
+            return "invalid signature in subscription packet for %s node: %s" % (
+                _text(a.key), _text(a.address))
+        return None
+
+    def _check_new(self, a: Announcement, now: int) -> None:
+        if a.sign is not None and a.unix is None:
+            raise SubscriptionError("signed subscription packet for %s without a unix timestamp"
+                                    % _text(a.key), a.key, a.address)
+        if a.unix is not None and a.unix < now - self.sign_tolerance:
+            raise SubscriptionError("expired subscription packet for %s node: %s (unix %d, now %d, "
+                                    "tolerance %d)" % (_text(a.key), _text(a.address), a.unix, now,
+                                                       self.sign_tolerance), a.key, a.address)
+        fault = self._signature_fault(a)
+        if fault is not None:
+            raise SubscriptionError(fault, a.key, a.address)
+
+    def _check_known(self, a: Announcement, node: Node) -> None:
+        fault = self._signature_fault(a)
+        if fault is not None:
+            raise SubscriptionError(fault, a.key, a.address)
+        if a.unix is None or a.unix <= node.last_unix:
+            raise SubscriptionError("invalid (sniffed ?) packet sent for slot: %s node: %s "
+                                    "unix_check: %d" % (_text(a.key), _text(a.address),
+                                                        node.last_unix), a.key, a.address)
+        node.last_unix = a.unix
+
+    # -- requests -----------------------------------------------------------
+
+    def lookup(self, key: bytes, now: float) -> Optional[Node]:
+        """Choose a node for a request for *key* and take a reference on it.
+
+        Nodes past the tolerance are marked dead on the way; dead nodes that no
+        session references are removed (with the pool once it is empty).
+        """
+        pool = self._pools.get(key)
+        if pool is None:
+            return None
+        pool.hits += 1
+        nodes = pool.nodes
+        limit = int(now) - self.tolerance
+        doomed = False
+        for node in nodes:
+            if node.last_check < limit:
+                self._expired(key, node)
+            if node.death_mark and node.ref == 0:
+                doomed = True
+        if doomed:
+            self._sweep(pool)
+            if not pool.nodes:
+                return None
+        return self._pick(nodes)
+
+    def lookup_dotsplit(self, key: bytes, now: float) -> Optional[Node]:
+        """:meth:`lookup` for *key*, then for its dot-led suffixes (at most 5 tries):
+        ``a.b.example.com``, ``.b.example.com``, ``.example.com``, ``.com``."""
+        for _ in range(5):
+            node = self.lookup(key, now)
+            if node is not None:
+                return node
+            dot = key.find(b".", 1)
+            if dot < 0:
+                return None
+            key = key[dot:]
+        return None
+
+    def release(self, node: Node) -> None:
+        """A session stopped using *node*; a dead node nobody uses is removed."""
+        if node.ref > 0:
+            node.ref -= 1
+        if node.death_mark and node.ref == 0 and node.pool is not None:
+            self._remove(node)
+
+    def connected(self, node: Node) -> None:
+        node.requests += 1
+        node.last_requests += 1
+
+    def connect_failed(self, key: bytes, node: Node, now: float) -> None:
+        """A connect to *node* failed: mark it dead (it goes once nobody uses it)."""
+        node.failcnt += 1
+        if not node.death_mark:
+            self.log("[uwsgi-fastrouter] %s => marking %s as failed" % (_text(key), _text(node.name)))
+            node.death_mark = 1
+        if node.ref == 0 and node.pool is not None:
+            self._remove(node)
+
+    def expire(self, now: float) -> int:
+        """Mark every node past the tolerance dead and remove the dead nodes nobody
+        uses (the router calls this every second).  Returns how many were removed."""
+        limit = int(now) - self.tolerance
+        before = self.node_count
+        for pool in list(self._pools.values()):
+            doomed = False
+            for node in pool.nodes:
+                if node.last_check < limit:
+                    self._expired(pool.key, node)
+                if node.death_mark and node.ref == 0:
+                    doomed = True
+            if doomed:
+                self._sweep(pool)
+        return before - self.node_count
+
+    # -- bookkeeping --------------------------------------------------------
+
+    def _expired(self, key: bytes, node: Node) -> None:
+        if not node.death_mark:
+            self.log("[uwsgi-subscription for pid %d] %s => marking %s as failed "
+                     "(no announce received in %d seconds)"
+                     % (self.pid, _text(key), _text(node.name), self.tolerance))
+            node.death_mark = 1
+            node.failcnt += 1
+
+    def _add(self, pool: Pool, node: Node) -> None:
+        pool.nodes.append(node)
+        pool.by_address[node.name] = node
+        node.pool = pool
+        self.node_count += 1
+
+    def _remove(self, node: Node) -> None:
+        pool = node.pool
+        if pool is None:
+            return
+        pool.nodes.remove(node)
+        self._forget(pool, node)
+
+    def _sweep(self, pool: Pool) -> None:
+        """Remove the pool's dead unreferenced nodes, in place."""
+        keep = []
+        for node in pool.nodes:
+            if node.death_mark and node.ref == 0:
+                self._forget(pool, node)
+            else:
+                keep.append(node)
+        pool.nodes[:] = keep
+        if not keep:
+            self._pools.pop(pool.key, None)
+
+    def _forget(self, pool: Pool, node: Node) -> None:
+        if pool.by_address.get(node.name) is node:
+            del pool.by_address[node.name]
+        node.pool = None
+        self.node_count -= 1
+        if not pool.nodes and self._pools.get(pool.key) is pool:
+            del self._pools[pool.key]
+
+    # -- hand-over ----------------------------------------------------------
+
+    def dump(self) -> bytes:
+        """The table as bytes (JSON, versioned) for :meth:`load` in another process.
+
+        Alive nodes only, with their counters and signature state; references and
+        round-robin credits are not carried over.
+        """
+        pools = []
+        for pool in self._pools.values():
+            nodes = [{
+                "name": _enc(n.name), "modifier1": n.modifier1, "modifier2": n.modifier2,
+                "last_check": n.last_check, "pid": n.pid, "uid": n.uid, "gid": n.gid,
+                "requests": n.requests, "last_requests": n.last_requests, "tx": n.tx, "rx": n.rx,
+                "cores": n.cores, "load": n.load, "weight": n.weight, "failcnt": n.failcnt,
+                "notify": None if n.notify is None else _enc(n.notify),
+                "created_unix": n.created_unix, "last_unix": n.last_unix,
+            } for n in pool.nodes if not n.death_mark]
+            if nodes:
+                pools.append({"key": _enc(pool.key), "hits": pool.hits, "nodes": nodes})
+        doc = {"version": _DUMP_VERSION, "pools": pools}
+        return json.dumps(doc, separators=(",", ":")).encode("ascii")
+
+    def load(self, data: bytes, now: float) -> int:
+        """Add the nodes of a :meth:`dump` to this table; returns how many were added.
+
+        A node this table already knows is kept as it is (it announced since);
+        nodes past the tolerance at *now* and nodes beyond the limits are skipped.
+        Raises :class:`SubscriptionError`, with the table unchanged, for data that is
+        not a dump of this version.
+        """
+        entries = _parse_dump(data)
+        limit = int(now) - self.tolerance
+        added = 0
+        for key, hits, nodes in entries:
+            for node in nodes:
+                if node.last_check < limit:
+                    continue
+                pool = self._pools.get(key)
+                if pool is None:
+                    if len(self._pools) >= self.max_keys:
+                        break
+                    pool = self._pools[key] = Pool(key)
+                    pool.hits = hits
+                if node.name in pool.by_address or len(pool.nodes) >= self.max_nodes:
+                    continue
+                self._add(pool, node)
+                added += 1
+        return added
+
+
+def _parse_dump(data: bytes) -> List[Tuple[bytes, int, List[Node]]]:
+    try:
+        doc = json.loads(bytes(data).decode("ascii"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SubscriptionError("not a subscription table dump: %s" % exc) from None
+    if not isinstance(doc, dict) or doc.get("version") != _DUMP_VERSION:
+        raise SubscriptionError("unsupported subscription table dump version: %r"
+                                % (doc.get("version") if isinstance(doc, dict) else None))
+    entries = []
+    try:
+        for entry in doc["pools"]:
+            key = _dec(entry["key"])
+            nodes = []
+            for item in entry["nodes"]:
+                name = _dec(item["name"])
+                notify = item["notify"]
+                if not (0 < len(key) <= MAX_KEY and 0 < len(name) <= MAX_ADDRESS):
+                    raise ValueError("key or address length out of range")
+                node = Node(name, int(item["modifier1"]), int(item["modifier2"]),
+                            int(item["last_check"]), cores=int(item["cores"]),
+                            load=int(item["load"]), weight=int(item["weight"]),
+                            pid=int(item["pid"]), uid=int(item["uid"]), gid=int(item["gid"]),
+                            notify=None if notify is None else _dec(notify))
+                node.requests = int(item["requests"])
+                node.last_requests = int(item["last_requests"])
+                node.tx = int(item["tx"])
+                node.rx = int(item["rx"])
+                node.failcnt = int(item["failcnt"])
+                node.created_unix = int(item["created_unix"])
+                node.last_unix = int(item["last_unix"])
+                nodes.append(node)
+            entries.append((key, int(entry["hits"]), nodes))
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise SubscriptionError("damaged subscription table dump: %r" % (exc,)) from None
+    return entries
+
+
+def _by_hash(pool: Pool) -> int:
+    return pool.hash
+
+
+def _enc(value: bytes) -> str:
+    return base64.b64encode(value).decode("ascii")
+
+
+def _dec(value: str) -> bytes:
+    return base64.b64decode(value.encode("ascii"), validate=True)
