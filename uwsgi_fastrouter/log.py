@@ -29,3 +29,37 @@ def set_stream(stream: Optional[TextIO]) -> None:
     """Send every further log line to *stream*."""
     global _stream
     _stream = stream
+
+
+class RateLimitedLog:
+    """A log that writes at most *burst* lines per second.
+
+    Lines beyond the burst are counted; the next line after the second is over is
+    preceded by one summary line, so a flood of bad clients or bad datagrams cannot
+    flood the log (or cost the router its time writing it).
+    """
+
+    __slots__ = ("clock", "burst", "what", "window", "count", "suppressed")
+
+    def __init__(self, clock, burst: int = 20, what: str = "log lines") -> None:
+        self.clock = clock
+        self.burst = burst
+        self.what = what
+        self.window = float("-inf")
+        self.count = 0
+        self.suppressed = 0
+
+    def __call__(self, line: str) -> None:
+        now = self.clock()
+        if now - self.window >= 1.0:
+            if self.suppressed:
+                log("... %d more %s not written (at most %d a second)"
+                    % (self.suppressed, self.what, self.burst))
+            self.window = now
+            self.count = 0
+            self.suppressed = 0
+        if self.count < self.burst:
+            self.count += 1
+            log(line)
+        else:
+            self.suppressed += 1

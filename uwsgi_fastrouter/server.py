@@ -27,7 +27,7 @@ import os
 import socket
 from typing import Callable, List, Optional, Set
 
-from .log import log
+from .log import RateLimitedLog, log
 from .reactor import READ, Reactor
 from .router import Router
 from .session import RECV_HEAD, Session
@@ -66,6 +66,9 @@ class Server:
         self._last_fd_log = 0.0
         self._sweep_timer = None
         self.on_idle: Optional[Callable[[], None]] = None
+        # Per-session problems (bad requests, time-outs, vanished peers) are logged,
+        # but at most 50 lines a second.
+        self.session_log = RateLimitedLog(lambda: reactor.now, burst=50, what="session log lines")
 
     # ------------------------------------------------------------ lifecycle
 
@@ -199,8 +202,8 @@ class Server:
         node = ""
         if session.route is not None:
             node = " node: %s" % session.route.address.decode("utf-8", "replace")
-        log("[uwsgi-fastrouter key: %s client_addr: %s client_port: %s%s] %s"
-            % (key, client_ip, client_port, node, reason))
+        self.session_log("[uwsgi-fastrouter key: %s client_addr: %s client_port: %s%s] %s"
+                         % (key, client_ip, client_port, node, reason))
 
     def _sweep(self) -> None:
         now = self.reactor.now

@@ -29,7 +29,7 @@ import socket
 import struct
 from typing import Callable, List, Optional, Sequence
 
-from .log import log
+from .log import RateLimitedLog, log
 from .reactor import Reactor
 from .sockets import AddressError, node_sockaddr
 from .subscription import (Announcement, SubscriptionError, SubscriptionTable, build_announcement,
@@ -40,32 +40,6 @@ _DATAGRAMS_PER_EVENT = 64
 _UCRED = struct.Struct("3i")
 _SO_PASSCRED = getattr(socket, "SO_PASSCRED", 16)
 _SCM_CREDENTIALS = getattr(socket, "SCM_CREDENTIALS", 2)
-
-
-class RateLimitedLog:
-    """At most *burst* lines per second; the rest are counted and summarised."""
-
-    def __init__(self, clock: Callable[[], float], burst: int = 20) -> None:
-        self.clock = clock
-        self.burst = burst
-        self.window = -1.0
-        self.count = 0
-        self.suppressed = 0
-
-    def __call__(self, line: str) -> None:
-        now = self.clock()
-        if now - self.window >= 1.0:
-            if self.suppressed:
-                log("[uwsgi-subscription for pid %d] %d more dropped datagram(s) not logged"
-                    % (os.getpid(), self.suppressed))
-            self.window = now
-            self.count = 0
-            self.suppressed = 0
-        if self.count < self.burst:
-            self.count += 1
-            log(line)
-        else:
-            self.suppressed += 1
 
 
 class DatagramListener:
@@ -160,7 +134,7 @@ class SubscriptionServer:
         self.use_credentials = use_credentials
         self.credentials_check = list(credentials_check)
         self.skip_uids = {u for u in skip_uids if u > 0}
-        self.drop_log = RateLimitedLog(lambda: reactor.now)
+        self.drop_log = RateLimitedLog(lambda: reactor.now, what="subscription log lines")
         self.received = 0
         self.dropped = 0
         self._buf = bytearray(_MAX_DATAGRAM + 1)
