@@ -202,3 +202,67 @@ def request(address: str, pairs, body: bytes = b"", modifier1: int = 0, modifier
 
 def fd_count(pid: int) -> int:
     return len(os.listdir("/proc/%d/fd" % pid))
+
+
+class FdTakingBackend:
+    """A UNIX-socket node that takes a passed client descriptor (SCM_RIGHTS) and
+    answers the client on it directly, naming the client's address as it sees it;
+    without a descriptor it answers on the router's connection (marked "relayed")."""
+
+    def __init__(self, unix_path: str):
+        from uwsgi_fastrouter.fdpass import recv_fds
+        self._recv_fds = recv_fds
+        self.address = unix_path
+        self.taken = 0
+        self.relayed = 0
+        self.ancillary_seen = 0
+        self.stopping = threading.Event()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(unix_path)
+        self.sock.listen(128)
+        self.sock.settimeout(0.2)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stopping.set()
+        self.thread.join(5)
+        self.sock.close()
+
+    def _serve(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            conn.settimeout(10)
+            try:
+                self._handle(conn)
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    def _handle(self, conn: socket.socket) -> None:
+        data, fds, _flags = self._recv_fds(conn, 4, 4)
+        if fds:
+            self.ancillary_seen += 1
+        head = data + recv_exact(conn, 4 - len(data))
+        datasize = head[1] | (head[2] << 8)
+        recv_exact(conn, datasize)
+        if fds:
+            client = socket.socket(fileno=fds[0])
+            for extra in fds[1:]:
+                os.close(extra)
+            with client:
+                peer = client.getpeername()
+                client.sendall(b"HTTP/1.0 200 OK\r\n\r\ntaken peer=%s:%d" % (peer[0].encode(), peer[1]))
+            self.taken += 1
+            return          # close the router's connection without a byte
+        self.relayed += 1
+        conn.sendall(b"HTTP/1.0 200 OK\r\n\r\nrelayed")

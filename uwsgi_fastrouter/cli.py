@@ -188,7 +188,8 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener) -> Assembly:
                     chunk=cfg.fastrouter_buffer_size or DEFAULT_CHUNK,
                     events=cfg.fastrouter_events or 64,
                     force_key=force_key,
-                    cheap=cfg.fastrouter_cheap and bool(datagram))
+                    cheap=cfg.fastrouter_cheap and bool(datagram),
+                    fd_passing=not cfg.no_fd_passing)
     server_ref.append(server)
     parts.server = server
     if datagram:

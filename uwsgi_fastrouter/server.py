@@ -44,7 +44,8 @@ _ACCEPT_BACKOFF = 0.1
 class Server:
     def __init__(self, reactor: Reactor, router: Router, listeners: list, *,
                  timeout: int = 60, chunk: int = DEFAULT_CHUNK, events: int = 64,
-                 force_key: Optional[bytes] = None, cheap: bool = False) -> None:
+                 force_key: Optional[bytes] = None, cheap: bool = False,
+                 fd_passing: bool = True) -> None:
         self.reactor = reactor
         self.router = router
         self.listeners = list(listeners)
@@ -57,6 +58,8 @@ class Server:
         self.force_key = force_key
         self.sessions: Set[Session] = set()
         self.requests = 0
+        self.fd_passing = fd_passing  # hand bodyless requests' clients to UNIX nodes (D2)
+        self.fd_handoffs = 0          # clients a node took over
         self.accepting = False
         self.stopping = False
         self.cheap_enabled = cheap

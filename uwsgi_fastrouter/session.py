@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Optional
 
 from .protocol import HEADER, ProtocolError, scan_request
 from .reactor import READ, WRITE
+from .fdpass import send_fds
 from .sockets import AddressError, node_sockaddr
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -59,6 +60,7 @@ MSG_DONTWAIT = socket.MSG_DONTWAIT
 _new_socket = _socket.socket
 _SOCK_FLAGS = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
 _IN_PROGRESS = (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK)
+_AF_UNIX = socket.AF_UNIX
 
 # States (ints for speed; names for humans via STATE_NAMES).
 RECV_HEAD = 0
@@ -87,7 +89,7 @@ class Session:
         "server", "csock", "cfd", "caddr", "bsock", "bfd", "state", "last",
         "head", "head_len", "key", "route", "retries", "fallback_index",
         "up_buf", "down_buf", "client_eof", "backend_eof", "c_events", "b_events",
-        "info", "watch_client", "timer", "__weakref__",
+        "info", "watch_client", "timer", "fd_passed", "__weakref__",
     )
 
     def __init__(self, server: "Server", csock: socket.socket, caddr) -> None:
@@ -114,6 +116,7 @@ class Session:
         self.info = None          # RequestInfo, for log lines
         self.watch_client = True  # read the client during RELAY (see _head_complete)
         self.timer = None         # pending connect re-try (UNIX listen queue full)
+        self.fd_passed = False    # the client's descriptor went to the node with the head
 
     # ------------------------------------------------------------------ head
 
@@ -257,7 +260,11 @@ class Session:
         self.bfd = sock.fileno()
         # Optimistic first send: usually the connection is already up.
         try:
-            sent = sock.send(head)
+            if family == _AF_UNIX and self._may_pass_fd():
+                sent = send_fds(sock, head, (self.cfd,))
+                self.fd_passed = True
+            else:
+                sent = sock.send(head)
         except BlockingIOError:
             self._own_up_buf()
             self.b_events = WRITE
@@ -289,7 +296,11 @@ class Session:
             self._connect_failed(os.strerror(err))
             return
         try:
-            sent = self.bsock.send(self.up_buf)
+            if self.bsock.family == _AF_UNIX and self._may_pass_fd():
+                sent = send_fds(self.bsock, self.up_buf, (self.cfd,))
+                self.fd_passed = True
+            else:
+                sent = self.bsock.send(self.up_buf)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -297,6 +308,15 @@ class Session:
             self._connect_failed(exc.strerror or str(exc))
             return
         self._connected(self.up_buf, sent)
+
+    def _may_pass_fd(self) -> bool:
+        """Hand the client over with the head (D2): UNIX nodes, requests without a body.
+
+        A node that takes the descriptor answers the client itself and closes our
+        connection without a byte; one that ignores it (every uWSGI 2.0) answers on
+        our connection and is relayed as usual.  Either way the client is not read
+        meanwhile: a bodyless request has nothing to relay upstream."""
+        return self.server.fd_passing and not self.watch_client
 
     def _connected(self, data, sent: int) -> None:
         route = self.route
@@ -397,6 +417,10 @@ class Session:
                 return
             if n == 0:
                 self.backend_eof = True
+                if self.fd_passed and not self.watch_client:
+                    # Closed without a byte: the node took the client over.  Our copy
+                    # is only closed (never shut down: that would cut the node's).
+                    server.fd_handoffs += 1
                 self.close()
                 return
             if node is not None:
@@ -541,7 +565,11 @@ class Session:
         # Both sockets are closed right below and shared with nobody: forget()
         # spares the epoll_ctl(DEL) that the close makes the kernel do anyway.
         if self.c_events:
-            reactor.forget(self.cfd)
+            if self.fd_passed:
+                # The node may hold a copy: the registration would outlive our close.
+                reactor.unregister(self.cfd)
+            else:
+                reactor.forget(self.cfd)
             self.c_events = 0
         if self.b_events:
             reactor.forget(self.bfd)
