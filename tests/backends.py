@@ -17,6 +17,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from typing import List, Optional
 
 from uwsgi_fastrouter.protocol import parse_vars
@@ -53,6 +54,7 @@ class RecordingBackend:
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.open_conns: List[socket.socket] = []
+        self.accept_times: List[float] = []
         if unix_path:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.sock.bind(unix_path)
@@ -96,6 +98,7 @@ class RecordingBackend:
                 continue
             except OSError:
                 return
+            self.accept_times.append(time.monotonic())
             threading.Thread(target=self._handle, args=(conn, peer), daemon=True).start()
 
     def _handle(self, conn: socket.socket, peer) -> None:

@@ -52,7 +52,7 @@ def test_man_documents_arguments_defaults_and_status():
     assert "--fastrouter-timeout SECS" in page
     assert "--chmod-socket[=MODE]" in page
     assert "Default: 60." in page
-    assert "Default: page size, 4096 on most systems." in page
+    assert "Default: 256 KiB." in page
     entries = {}
     for chunk in render_manpage().split("\n.TP\n")[1:]:
         head, _nl, body = chunk.partition("\n")

@@ -189,7 +189,9 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener) -> Assembly:
                     events=cfg.fastrouter_events or 64,
                     force_key=force_key,
                     cheap=cfg.fastrouter_cheap and bool(datagram),
-                    fd_passing=not cfg.no_fd_passing)
+                    fd_passing=not cfg.no_fd_passing,
+                    post_buffering=cfg.fastrouter_post_buffering,
+                    post_buffering_dir=cfg.fastrouter_post_buffering_dir or None)
     server_ref.append(server)
     parts.server = server
     if datagram:

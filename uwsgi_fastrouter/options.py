@@ -187,11 +187,13 @@ OPTIONS: Tuple[Option, ...] = (
        "path)", G_ROUTER, aliases=("fastrouter-stats-server", "fastrouter-ss"), metavar="ADDR"),
     _o("fastrouter-post-buffering", UINT64, "read request bodies before connecting: up to N bytes "
        "in memory, larger ones to a temporary file; 0 is off", G_ROUTER, default=0,
-       status=PENDING),
-    _o("fastrouter-post-buffering-dir", STRING, "accepted for compatibility; temporary files go to "
-       "$TMPDIR or /tmp", G_ROUTER, metavar="DIR", status=PENDING),
-    _o("fastrouter-buffer-size", UINT64, "size in bytes of the first read buffer of a connection; "
-       "0 means the page size", G_ROUTER, default=0, default_doc="page size, 4096 on most systems"),
+       status=SUPPORTED),
+    _o("fastrouter-post-buffering-dir", STRING, "directory for the temporary files of post-buffering "
+       "(default $TMPDIR or /tmp; uWSGI 2.0 ignores this option)", G_ROUTER, metavar="DIR",
+       status=SUPPORTED),
+    _o("fastrouter-buffer-size", UINT64, "size in bytes of each relay read (one buffer per process, "
+       "not per connection); 0 means 256 KiB (uWSGI reads one page at a time)", G_ROUTER, default=0,
+       default_doc="256 KiB"),
     _o("fastrouter-events", INT, "maximum number of events handled per poll", G_ROUTER, default=64),
     _o("fastrouter-harakiri", INT, "restart a router process whose event loop is stuck for SECS "
        "seconds; 0 is off", G_ROUTER, default=0, metavar="SECS", status=PENDING),

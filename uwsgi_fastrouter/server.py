@@ -45,7 +45,8 @@ class Server:
     def __init__(self, reactor: Reactor, router: Router, listeners: list, *,
                  timeout: int = 60, chunk: int = DEFAULT_CHUNK, events: int = 64,
                  force_key: Optional[bytes] = None, cheap: bool = False,
-                 fd_passing: bool = True) -> None:
+                 fd_passing: bool = True, post_buffering: int = 0,
+                 post_buffering_dir: Optional[str] = None) -> None:
         self.reactor = reactor
         self.router = router
         self.listeners = list(listeners)
@@ -60,6 +61,8 @@ class Server:
         self.requests = 0
         self.fd_passing = fd_passing  # hand bodyless requests' clients to UNIX nodes (D2)
         self.fd_handoffs = 0          # clients a node took over
+        self.post_buffering = post_buffering          # bodies up to this size in memory
+        self.post_buffering_dir = post_buffering_dir  # larger ones in a temp file here
         self.accepting = False
         self.stopping = False
         self.cheap_enabled = cheap

@@ -43,6 +43,7 @@ import _socket
 import errno
 import os
 import socket
+import tempfile
 from typing import TYPE_CHECKING, Optional
 
 from .protocol import HEADER, ProtocolError, scan_request
@@ -67,11 +68,14 @@ RECV_HEAD = 0
 CONNECTING = 1
 RELAY = 2
 CLOSED = 3
-STATE_NAMES = {RECV_HEAD: "RECV_HEAD", CONNECTING: "CONNECTING", RELAY: "RELAY", CLOSED: "CLOSED"}
+RECV_BODY = 4
+STATE_NAMES = {RECV_HEAD: "RECV_HEAD", CONNECTING: "CONNECTING", RELAY: "RELAY", CLOSED: "CLOSED",
+               RECV_BODY: "RECV_BODY"}
 
 # Legal transitions; _set_state is not on the hot path, the table documents and tests them.
 TRANSITIONS = {
-    RECV_HEAD: (CONNECTING, CLOSED),
+    RECV_HEAD: (RECV_BODY, CONNECTING, CLOSED),
+    RECV_BODY: (CONNECTING, CLOSED),
     CONNECTING: (CONNECTING, RELAY, CLOSED),
     RELAY: (CLOSED,),
     CLOSED: (),
@@ -89,7 +93,8 @@ class Session:
         "server", "csock", "cfd", "caddr", "bsock", "bfd", "state", "last",
         "head", "head_len", "key", "route", "retries", "fallback_index",
         "up_buf", "down_buf", "client_eof", "backend_eof", "c_events", "b_events",
-        "info", "watch_client", "timer", "fd_passed", "__weakref__",
+        "info", "watch_client", "timer", "fd_passed", "body_left", "up_file", "up_file_size",
+        "up_file_sent", "__weakref__",
     )
 
     def __init__(self, server: "Server", csock: socket.socket, caddr) -> None:
@@ -117,6 +122,10 @@ class Session:
         self.watch_client = True  # read the client during RELAY (see _head_complete)
         self.timer = None         # pending connect re-try (UNIX listen queue full)
         self.fd_passed = False    # the client's descriptor went to the node with the head
+        self.body_left = 0        # post-buffering: body bytes still to read
+        self.up_file = None       # post-buffering: the body in a temporary file
+        self.up_file_size = 0
+        self.up_file_sent = 0
 
     # ------------------------------------------------------------------ head
 
@@ -223,13 +232,108 @@ class Session:
         buf[0] = route.modifier1
         buf[3] = route.modifier2
         self.up_buf = buf[:have]
+        limit = server.post_buffering
+        if limit and info.content_length:
+            self._start_body(route, info.content_length, limit, total, have)
+            return
         self._connect(route)
+
+    # -------------------------------------------------------- post-buffering
+
+    def _start_body(self, route: "Route", length: int, limit: int, total: int, have: int) -> None:
+        """--fastrouter-post-buffering: read the whole body before any node is contacted.
+
+        Up to *limit* bytes are kept in memory with the head; a larger body goes to an
+        unlinked temporary file that is sent with ``os.sendfile`` once the node is
+        connected.  Bytes past CONTENT_LENGTH are left in the kernel."""
+        self.route = route
+        self.state = RECV_BODY
+        early = have - total
+        self.body_left = length - min(early, length)
+        if length <= limit:
+            self.up_buf = bytearray(self.up_buf[:total + min(early, length)])
+        else:
+            try:
+                self.up_file = tempfile.TemporaryFile(dir=self.server.post_buffering_dir)
+            except OSError as exc:
+                self.close("unable to create a temporary file for the request body: %s"
+                           % (exc.strerror or exc))
+                return
+            self.up_file_size = length
+            if early:
+                self.up_file.write(self.up_buf[total:total + min(early, length)])
+            self.up_buf = bytes(self.up_buf[:total])
+        self.last = self.server.reactor.now
+        if self.body_left:
+            self.c_events = READ
+            self.server.reactor.register(self.cfd, READ, self._on_client)
+        else:
+            self._body_complete()
+
+    def _read_body(self) -> None:
+        server = self.server
+        try:
+            n = self.csock.recv_into(server.scratch, min(server.chunk, self.body_left), MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.close("error reading the request body: %s" % (exc.strerror or exc))
+            return
+        if n == 0:
+            self.close("client closed the connection with %d bytes of its body missing" % self.body_left)
+            return
+        self.last = server.reactor.now
+        data = server.scratch_view[:n]
+        if self.up_file is not None:
+            try:
+                self.up_file.write(data)
+            except OSError as exc:
+                self.close("unable to write the request body to a temporary file: %s"
+                           % (exc.strerror or exc))
+                return
+        else:
+            self.up_buf += data
+        self.body_left -= n
+        if not self.body_left:
+            self._body_complete()
+
+    def _body_complete(self) -> None:
+        if self.c_events:
+            self.server.reactor.unregister(self.cfd)
+            self.c_events = 0
+        if self.up_file is not None:
+            self.up_file.flush()
+        self.up_buf = bytes(self.up_buf)
+        self._connect(self.route)
+
+    def _send_file(self) -> bool:
+        """Copy the buffered body file to the node; False once the session is closed."""
+        left = self.up_file_size - self.up_file_sent
+        try:
+            sent = os.sendfile(self.bfd, self.up_file.fileno(), self.up_file_sent, min(left, 1 << 22))
+        except BlockingIOError:
+            return True
+        except OSError as exc:
+            self.close("error sending the buffered body to the node: %s" % (exc.strerror or exc))
+            return False
+        if sent == 0:
+            self.close("the buffered body file is shorter than expected")
+            return False
+        self.up_file_sent += sent
+        node = self.route.node
+        if node is not None:
+            node.rx += sent
+        if self.up_file_sent >= self.up_file_size:
+            self.up_file.close()
+            self.up_file = None
+        return True
 
     # ------------------------------------------------------------- connecting
 
     def _connect(self, route: "Route") -> None:
         self.route = route
         self.state = CONNECTING
+        self.up_file_sent = 0
         head = self.up_buf
         try:
             family, addr = node_sockaddr(route.address)
@@ -376,6 +480,9 @@ class Session:
             # from accept, so a client that trickles bytes cannot hold a slot forever.
             self._read_head()
             return
+        if state == RECV_BODY:
+            self._read_body()
+            return
         self.last = self.server.reactor.now
         if mask & WRITE and self.down_buf is not None:
             if not self._flush_down():
@@ -390,9 +497,13 @@ class Session:
         if self.state == CONNECTING:
             self._finish_connect()
             return
-        if mask & WRITE and self.up_buf is not None:
-            if not self._flush_up():
-                return
+        if mask & WRITE:
+            if self.up_buf is not None:
+                if not self._flush_up():
+                    return
+            elif self.up_file is not None:
+                if not self._send_file():
+                    return
         if mask & READ and not self.backend_eof and self.down_buf is None:
             self._pump_down()
         if self.state == RELAY:
@@ -514,10 +625,11 @@ class Session:
         c = 0
         if self.down_buf is not None:
             c = WRITE
-        if not self.client_eof and self.up_buf is None and self.watch_client:
+        pending_up = self.up_buf is not None or self.up_file is not None
+        if not self.client_eof and not pending_up and self.watch_client:
             c |= READ
         b = 0
-        if self.up_buf is not None:
+        if pending_up:
             b = WRITE
         if not self.backend_eof and self.down_buf is None:
             b |= READ
@@ -579,6 +691,9 @@ class Session:
             self.bsock = None
         self.csock.close()
         self.up_buf = self.down_buf = self.head = None
+        if self.up_file is not None:
+            self.up_file.close()          # unlinked: closing it frees the disk space
+            self.up_file = None
         if self.route is not None:
             server.router.release(self.route)
         server.session_closed(self)
