@@ -46,7 +46,7 @@ SUPPORTED = {
     "subscription-algo", "subscription-dotsplit", "subscriptions-sign-check",
     "subscriptions-sign-check-tolerance", "subscriptions-sign-skip-uid",
     "subscriptions-use-credentials", "subscriptions-credentials-check",
-    "fastrouter-post-buffering", "fastrouter-post-buffering-dir",
+    "fastrouter-post-buffering", "fastrouter-post-buffering-dir", "fastrouter-zerg", "zerg-server",
 }
 
 

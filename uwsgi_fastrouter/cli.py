@@ -16,7 +16,7 @@ import sys
 import time
 from typing import List, Optional
 
-from . import __version__
+from . import __version__, zerg
 from .log import log
 from .options import ConfigError, EarlyExit, load_config
 from .reactor import Reactor
@@ -49,7 +49,7 @@ def _chmod_value(value) -> Optional[int]:
 
 
 def _check(cfg) -> None:
-    if not cfg.fastrouter:
+    if not cfg.fastrouter and not cfg.fastrouter_zerg:
         raise StartupError("no --fastrouter address given: nothing to route "
                            "(example: --fastrouter 127.0.0.1:3017)")
     if cfg.fastrouter_max_retries < 0:
@@ -64,6 +64,8 @@ class Assembly:
         self.stats: Optional[StatsServer] = None
         self.subscriptions: Optional[SubscriptionServer] = None
         self.table = None
+        self.zerg_listener = None
+        self.zerg: Optional[zerg.ZergServer] = None
         self.closables: list = []       # listeners (stream and datagram), closed at exit
 
     def start(self) -> None:
@@ -72,8 +74,12 @@ class Assembly:
             self.subscriptions.start()
         if self.stats is not None:
             self.stats.start()
+        if self.zerg is not None:
+            self.zerg.start()
 
     def stop(self) -> None:
+        if self.zerg is not None:
+            self.zerg.stop()
         if self.server is not None:
             self.server.stop()
         if self.subscriptions is not None:
@@ -97,6 +103,22 @@ def _bind_all(cfg, parts: Assembly) -> tuple:
             listeners.append(listener)
             parts.closables.append(listener)
             log("uWSGI fastrouter bound on %s fd %d" % (listener.name, listener.sock.fileno()))
+        if cfg.fastrouter_zerg:
+            option = "fastrouter-zerg"
+            try:
+                lent = zerg.attach(cfg.fastrouter_zerg)
+            except zerg.ZergError as exc:
+                raise AddressError(cfg.fastrouter_zerg, str(exc))
+            for listener in lent:
+                listeners.append(listener)
+                parts.closables.append(listener)
+                log("uWSGI fastrouter bound on %s fd %d (from the zerg server %s)"
+                    % (listener.name, listener.sock.fileno(), cfg.fastrouter_zerg))
+        if cfg.zerg_server:
+            option = "zerg-server"
+            parts.zerg_listener = bind_stream_server(cfg.zerg_server, backlog=cfg.listen)
+            parts.closables.append(parts.zerg_listener)
+            log("*** zerg server enabled on %s ***" % parts.zerg_listener.name)
         option = "fastrouter-subscription-server"
         for spec in cfg.fastrouter_subscription_server:
             listener = bind_datagram(spec, credentials=cfg.subscriptions_use_credentials)
@@ -194,6 +216,8 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener) -> Assembly:
                     post_buffering_dir=cfg.fastrouter_post_buffering_dir or None)
     server_ref.append(server)
     parts.server = server
+    if parts.zerg_listener is not None:
+        parts.zerg = zerg.ZergServer(reactor, parts.zerg_listener, listeners)
     if datagram:
         table = parts.table
         own = listeners[0].name.encode("utf-8", "surrogateescape") if listeners else b""

@@ -205,7 +205,7 @@ OPTIONS: Tuple[Option, ...] = (
     _o("fastrouter-resubscribe-bind", STRING, "local UDP ip:port the forwarded subscriptions are "
        "sent from", G_ROUTER, metavar="ADDR", status=SUPPORTED),
     _o("fastrouter-zerg", STRING, "also route on the listening sockets received from the zerg "
-       "server at PATH", G_ROUTER, metavar="PATH", status=PENDING),
+       "server at PATH", G_ROUTER, metavar="PATH", status=SUPPORTED),
     _o("fastrouter-uid", STRING, "run the router processes as USER (name or number)", G_ROUTER,
        metavar="USER", status=PENDING),
     _o("fastrouter-gid", STRING, "run the router processes with group GROUP (name or number)",
@@ -256,7 +256,7 @@ OPTIONS: Tuple[Option, ...] = (
     _o("logto", STRING, "log to the file PATH instead of stderr", G_PROCESS, metavar="PATH",
        status=PENDING),
     _o("zerg-server", STRING, "hand this instance's listening sockets to zergs connecting to the "
-       "unix socket PATH", G_PROCESS, metavar="PATH", status=PENDING),
+       "unix socket PATH", G_PROCESS, metavar="PATH", status=SUPPORTED),
     _o("zerg", LIST, "take the listening sockets from the zerg server at PATH; repeatable",
        G_PROCESS, default=[], metavar="PATH", status=PENDING),
     _o("zerg-fallback", BOOL, "use the own sockets when no zerg server can be reached", G_PROCESS,
