@@ -137,6 +137,9 @@ class SubscriptionServer:
         self.drop_log = RateLimitedLog(lambda: reactor.now, what="subscription log lines")
         self.received = 0
         self.dropped = 0
+        # Called with (datagram, pid, uid, gid) for every accepted datagram: the
+        # master copies it to the sibling router processes.
+        self.on_accepted: Optional[Callable[[bytes, Optional[int], Optional[int], Optional[int]], None]] = None
         self._buf = bytearray(_MAX_DATAGRAM + 1)
         self._resub_sock_inet: Optional[socket.socket] = None
         self._resub_sock_unix: Optional[socket.socket] = None
@@ -213,22 +216,41 @@ class SubscriptionServer:
         if self.credentials_check and not self._credentials_ok(announcement.key, uid, gid):
             return self._drop(sender, "credentials of uid %s gid %s do not match any of %s"
                               % (uid, gid, ", ".join(self.credentials_check)), announcement)
+        trusted = uid is not None and uid in self.skip_uids
+        if not self._apply(announcement, sender, pid, uid, gid, trusted, notify=True):
+            return None
+        if self.on_accepted is not None:
+            self.on_accepted(data, pid, uid, gid)
+        self._forward(announcement)
+        return announcement
+
+    def apply_trusted(self, data: bytes, pid: Optional[int] = None, uid: Optional[int] = None,
+                      gid: Optional[int] = None) -> None:
+        """Apply a datagram another router process already accepted (D8): no checks,
+        no acknowledgement, no forwarding (the receiving process did those)."""
+        try:
+            announcement = parse_announcement(data)
+        except SubscriptionError:
+            return
+        self._apply(announcement, None, pid, uid, gid, True, notify=False)
+
+    def _apply(self, announcement: Announcement, sender, pid, uid, gid, trusted: bool,
+               notify: bool) -> bool:
         table = self.table
         existed = self._node_exists(announcement)
-        trusted = uid is not None and uid in self.skip_uids
         try:
             node = table.announce(announcement, self.wall_clock(), uid=uid, gid=gid, pid=pid,
                                   trusted=trusted)
         except SubscriptionError as exc:
-            return self._drop(sender, str(exc), announcement)
+            self._drop(sender, str(exc), announcement)
+            return False
         if node is not None:
-            if not existed and announcement.notify:
+            if notify and not existed and announcement.notify:
                 self._notify(announcement)
             self.on_node()
         elif table.empty:
             self.on_empty()
-        self._forward(announcement)
-        return announcement
+        return True
 
     def _node_exists(self, a: Announcement) -> bool:
         pool = self.table.pool(a.key)
