@@ -47,6 +47,7 @@ SUPPORTED = {
     "subscriptions-sign-check-tolerance", "subscriptions-sign-skip-uid",
     "subscriptions-use-credentials", "subscriptions-credentials-check",
     "fastrouter-post-buffering", "fastrouter-post-buffering-dir", "fastrouter-zerg", "zerg-server",
+    "fastrouter-processes", "pidfile",
 }
 
 
@@ -72,7 +73,7 @@ def test_statuses_match_the_plan():
     assert by_status[o.SUPPORTED] == SUPPORTED
     assert by_status[o.NOOP] == {"buffer-size"}
     assert by_status[o.DEPRECATED] == {"fastrouter-subscription-slot"}
-    for name in ("socket", "processes", "fastrouter-use-cache", "subscribe-to", "cache2",
+    for name in ("socket", "fastrouter-use-cache", "subscribe-to", "cache2",
                  "subscribe2", "fastrouter-harakiri"):
         assert name in by_status[o.PENDING]
 

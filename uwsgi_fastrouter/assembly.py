@@ -58,27 +58,64 @@ class Assembly:
         self.zerg_listener = None
         self.zerg: Optional[zerg.ZergServer] = None
         self.closables: list = []       # listeners (stream and datagram), closed at exit
+        self.external_subscriptions = True   # False in a router process under a master
+        self.report_failure = None           # (key, address) -> None, set under a master
 
     def start(self) -> None:
         self.server.start()
-        if self.subscriptions is not None:
+        if self.subscriptions is not None and self.external_subscriptions:
             self.subscriptions.start()
         if self.stats is not None:
             self.stats.start()
         if self.zerg is not None:
             self.zerg.start()
 
-    def stop(self) -> None:
+    def stop(self, unlink: bool = True) -> None:
         if self.zerg is not None:
             self.zerg.stop()
         if self.server is not None:
             self.server.stop()
-        if self.subscriptions is not None:
+        if self.subscriptions is not None and self.external_subscriptions:
             self.subscriptions.stop()
         if self.stats is not None:
             self.stats.stop()
         for closable in self.closables:
-            closable.close(unlink=True)
+            closable.close(unlink=unlink)
+
+    # ---- under a master: the subscription table is fed by the master
+
+    def apply_subscription(self, data: bytes, pid, uid, gid) -> None:
+        if self.subscriptions is not None:
+            self.subscriptions.apply_trusted(data, pid, uid, gid)
+
+    def apply_failure(self, key: bytes, address: bytes) -> None:
+        table = self.table
+        if table is None:
+            return
+        pool = table.pool(key)
+        if pool is None:
+            return
+        for node in pool.nodes:
+            if node.name == address:
+                table.connect_failed(key, node, time.time())
+                if table.empty and not node.ref:
+                    self.server.go_cheap()
+                return
+
+    def report(self) -> dict:
+        """This process's counters, for the master's stats."""
+        server = self.server
+        report = {"sessions": len(server.sessions),
+                  "static": [[n.hits, int(n.dead_since)] for n in server.router.static_nodes],
+                  "cheap": 1 if server.cheap else 0,
+                  "pools": {}}
+        if self.table is not None:
+            pools = report["pools"]
+            for pool in self.table.pools_for_stats():
+                pools[pool.key.decode("latin-1")] = [pool.hits, {
+                    n.name.decode("latin-1"): [n.requests, n.last_requests, n.tx, n.rx, n.ref, n.failcnt]
+                    for n in pool.nodes}]
+        return report
 
 
 def _bind_all(cfg, parts: Assembly) -> tuple:
@@ -172,13 +209,7 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener) -> Assembly:
 
     subscriptions = None
     if datagram:
-        if cfg.subscription_algo not in ("wrr", "lrc", "wlrc"):
-            log('[uwsgi-subscription] unknown --subscription-algo "%s": using wrr' % cfg.subscription_algo)
-        parts.table = SubscriptionTable(
-            tolerance=cfg.subscription_tolerance or 17, algo=cfg.subscription_algo or "wrr",
-            max_keys=cfg.subscription_max_keys, max_nodes=cfg.subscription_max_nodes,
-            log=log, pid=os.getpid(), verifier=_signature_checker(cfg),
-            sign_tolerance=cfg.subscriptions_sign_check_tolerance)
+        parts.table = _make_table(cfg)
         fallback_key = None
         if cfg.fastrouter_subscription_fallback_key:
             fallback_key = cfg.fastrouter_subscription_fallback_key.encode("utf-8", "surrogateescape")
@@ -212,10 +243,7 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener) -> Assembly:
     if datagram:
         table = parts.table
         own = listeners[0].name.encode("utf-8", "surrogateescape") if listeners else b""
-        try:
-            skip = [int(u) for u in cfg.subscriptions_sign_skip_uid]
-        except ValueError:
-            raise StartupError('option "--subscriptions-sign-skip-uid": not a number')
+        skip = _skip_uids(cfg)
         parts.subscriptions = SubscriptionServer(
             reactor, table, datagram, wall_clock=time.time,
             on_node=server.leave_cheap, on_empty=on_empty,
@@ -245,3 +273,237 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener) -> Assembly:
     return parts
 
 
+
+
+# --------------------------------------------------------------------------
+# Under a master
+
+
+class MasterSockets:
+    """The sockets a master binds (or inherits on a reload) and the parts it runs itself:
+    the subscription sockets with the master's copy of the table, the stats server and
+    the zerg server.  Router processes inherit the listeners."""
+
+    KINDS = ("listeners", "datagram", "stats", "zerg")
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        self.parts = Assembly()          # only for its closables and zerg listener
+        self.listeners: list = []
+        self.datagram: list = []
+        self.stats_listener = None
+        self.master = None
+        self.reactor = None
+        self.table = None
+        self.subscriptions: Optional[SubscriptionServer] = None
+        self.stats: Optional[StatsServer] = None
+        self.zerg: Optional[zerg.ZergServer] = None
+
+    @classmethod
+    def bind(cls, cfg, inherited: Optional[dict]) -> "MasterSockets":
+        _check(cfg)
+        self = cls(cfg)
+        if inherited:
+            self._adopt(inherited)
+        else:
+            self.listeners, self.datagram, self.stats_listener = _bind_all(cfg, self.parts)
+        return self
+
+    def _adopt(self, state: dict) -> None:
+        import socket as _socket
+        from .sockets import Listener
+        from .subserver import DatagramListener
+        for kind in self.KINDS:
+            for name, fd, unix_path in state.get(kind, []):
+                sock = _socket.socket(fileno=fd)
+                sock.setblocking(False)
+                os.set_inheritable(fd, False)
+                if kind == "datagram":
+                    item = DatagramListener(sock, name, unix_path)
+                else:
+                    item = Listener(sock, name, unix_path)
+                self.parts.closables.append(item)
+                if kind == "listeners":
+                    self.listeners.append(item)
+                elif kind == "datagram":
+                    self.datagram.append(item)
+                elif kind == "stats":
+                    self.stats_listener = item
+                else:
+                    self.parts.zerg_listener = item
+
+    def inheritable_state(self) -> dict:
+        def entries(items):
+            out = []
+            for item in items:
+                fd = item.sock.fileno()
+                os.set_inheritable(fd, True)
+                out.append([item.name, fd, item.unix_path])
+            return out
+        return {"listeners": entries(self.listeners), "datagram": entries(self.datagram),
+                "stats": entries([self.stats_listener] if self.stats_listener else []),
+                "zerg": entries([self.parts.zerg_listener] if self.parts.zerg_listener else [])}
+
+    # ---- in the master
+
+    def setup_master(self, master, reactor, inherited: Optional[dict]) -> None:
+        from .master import SUBSCRIPTION, pack_credentials
+        cfg = self.cfg
+        self.master = master
+        self.reactor = reactor
+        if self.datagram:
+            self.table = master.table = _make_table(cfg)
+            if inherited and inherited.get("table_fd") is not None:
+                fd = inherited["table_fd"]
+                try:
+                    with os.fdopen(fd, "rb") as handle:
+                        handle.seek(0)
+                        added = self.table.load(handle.read(), time.time())
+                    log("graceful reload: %d subscribed node(s) carried over" % added)
+                except (OSError, ValueError) as exc:
+                    log("graceful reload: the subscription table could not be carried over: %s" % exc)
+            own = self.listeners[0].name.encode("utf-8", "surrogateescape") if self.listeners else b""
+            self.subscriptions = SubscriptionServer(
+                reactor, self.table, self.datagram, wall_clock=time.time,
+                resubscribe=cfg.fastrouter_resubscribe, resubscribe_bind=cfg.fastrouter_resubscribe_bind,
+                own_address=own, use_credentials=cfg.subscriptions_use_credentials,
+                credentials_check=cfg.subscriptions_credentials_check, skip_uids=_skip_uids(cfg))
+            self.subscriptions.on_accepted = lambda data, pid, uid, gid: master.broadcast(
+                SUBSCRIPTION, pack_credentials(pid, uid, gid) + data)
+        if self.parts.zerg_listener is not None:
+            self.zerg = zerg.ZergServer(reactor, self.parts.zerg_listener, self.listeners)
+        if self.stats_listener is not None:
+            self.stats = StatsServer(reactor, self.stats_listener, self._stats_document,
+                                     minified=cfg.stats_minified, http=cfg.stats_http,
+                                     timeout=cfg.socket_timeout or 4)
+
+    def _stats_document(self) -> dict:
+        reports = self.master.query_routers()
+        names = [l.name for l in self.listeners] + [d.name for d in self.datagram]
+        static = None
+        if self.cfg.fastrouter_to:
+            static = []
+            for i, name in enumerate(self.cfg.fastrouter_to):
+                hits = sum(r["static"][i][0] for r in reports if i < len(r["static"]))
+                grace = max([r["static"][i][1] for r in reports if i < len(r["static"])] or [0])
+                static.append(_StaticView(name, hits, grace))
+        table = self.table
+        extra = None
+        if table is not None:
+            extra = lambda d: d.__setitem__("subscriptions", _aggregate(table, reports))
+        return build_document(_SessionsView(sum(r["sessions"] for r in reports)), names,
+                              static_nodes=static, extra=extra,
+                              cheap=bool(reports) and all(r["cheap"] for r in reports))
+
+    def start_master(self) -> None:
+        if self.subscriptions is not None:
+            self.subscriptions.start()
+        if self.stats is not None:
+            self.stats.start()
+        if self.zerg is not None:
+            self.zerg.start()
+
+    def stop_master(self) -> None:
+        if self.subscriptions is not None:
+            self.subscriptions.stop()
+        if self.stats is not None:
+            self.stats.stop()
+        if self.zerg is not None:
+            self.zerg.stop()
+
+    def node_failed(self, payload: bytes) -> None:
+        key, _, address = payload.partition(b"\0")
+        table = self.table
+        if table is None:
+            return
+        pool = table.pool(key)
+        if pool is not None:
+            for node in pool.nodes:
+                if node.name == address:
+                    table.connect_failed(key, node, time.time())
+                    break
+
+    def tick(self) -> None:
+        if self.table is not None:
+            self.table.expire(time.time())
+
+    def close_master_only(self) -> None:
+        """In a child: the master's own sockets are not the child's business."""
+        for item in self.datagram + ([self.stats_listener] if self.stats_listener else []) \
+                + ([self.parts.zerg_listener] if self.parts.zerg_listener else []):
+            try:
+                item.sock.close()
+            except OSError:
+                pass
+
+    def close_all(self) -> None:
+        for closable in self.parts.closables:
+            closable.close(unlink=True)
+
+
+class _StaticView:
+    __slots__ = ("name", "hits", "dead_since")
+
+    def __init__(self, name, hits, dead_since) -> None:
+        self.name, self.hits, self.dead_since = name, hits, dead_since
+
+
+class _SessionsView:
+    __slots__ = ("active_sessions",)
+
+    def __init__(self, n: int) -> None:
+        self.active_sessions = n
+
+
+def _aggregate(table, reports) -> list:
+    """The master's table with every router process's counters summed."""
+    pools = subscription_stats(table)
+    for pool in pools:
+        key = pool["key"].decode("latin-1") if isinstance(pool["key"], bytes) else pool["key"]
+        hits = 0
+        for report in reports:
+            entry = report["pools"].get(key)
+            if entry:
+                hits += entry[0]
+        pool["hits"] = hits
+        for node in pool["nodes"]:
+            name = node["name"].decode("latin-1") if isinstance(node["name"], bytes) else node["name"]
+            totals = [0, 0, 0, 0, 0, 0]
+            for report in reports:
+                entry = report["pools"].get(key)
+                if entry and name in entry[1]:
+                    totals = [a + b for a, b in zip(totals, entry[1][name])]
+            (node["requests"], node["last_requests"], node["tx"], node["rx"], node["ref"],
+             failcnt) = totals
+            node["failcnt"] = max(node["failcnt"], failcnt)
+    return pools
+
+
+def _make_table(cfg) -> SubscriptionTable:
+    if cfg.subscription_algo not in ("wrr", "lrc", "wlrc"):
+        log('[uwsgi-subscription] unknown --subscription-algo "%s": using wrr' % cfg.subscription_algo)
+    return SubscriptionTable(
+        tolerance=cfg.subscription_tolerance or 17, algo=cfg.subscription_algo or "wrr",
+        max_keys=cfg.subscription_max_keys, max_nodes=cfg.subscription_max_nodes,
+        log=log, pid=os.getpid(), verifier=_signature_checker(cfg),
+        sign_tolerance=cfg.subscriptions_sign_check_tolerance)
+
+
+def _skip_uids(cfg) -> list:
+    try:
+        return [int(u) for u in cfg.subscriptions_sign_skip_uid]
+    except ValueError:
+        raise StartupError('option "--subscriptions-sign-skip-uid": not a number')
+
+
+def wire_child(cfg, reactor: Reactor, sockets: MasterSockets, channel) -> Assembly:
+    """A router process under a master: the inherited listeners, a table fed by the master."""
+    parts = Assembly()
+    _wire(cfg, reactor, parts, sockets.listeners, sockets.datagram, None)
+    parts.external_subscriptions = False
+    if parts.table is not None and sockets.table is not None:
+        parts.table.load(sockets.table.dump(), time.time())
+    mapper = parts.server.router.subscriptions
+    if mapper is not None:
+        mapper.on_failed = lambda key, address: parts.report_failure and parts.report_failure(key, address)
+    return parts

@@ -28,6 +28,22 @@ EXIT_CONFIG = 1
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
 
 
+def needs_master(cfg) -> bool:
+    """D1: one process unless a master is asked for or implied by several processes."""
+    return bool(cfg.master or (cfg.fastrouter_processes or 1) > 1)
+
+
+def run_master(cfg, argv: List[str]) -> int:
+    from .assembly import MasterSockets, wire_child
+    from .master import Master
+    master = Master(cfg, argv, bind=MasterSockets.bind, wire=wire_child)
+    try:
+        return master.run()
+    except (StartupError, AddressError) as exc:
+        log(str(exc))
+        return EXIT_CONFIG
+
+
 def run(cfg) -> int:
     reactor = Reactor(max_events=cfg.fastrouter_events or 64)
     try:
@@ -74,4 +90,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as exc:
         log(str(exc))
         return EXIT_CONFIG
+    if needs_master(cfg):
+        return run_master(cfg, list(argv))
     return run(cfg)

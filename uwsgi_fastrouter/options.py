@@ -182,7 +182,7 @@ OPTIONS: Tuple[Option, ...] = (
     _o("fastrouter-cheap", BOOL, "accept connections only while at least one node is subscribed",
        G_ROUTER, status=SUPPORTED),
     _o("fastrouter-processes", INT, "number of router processes sharing the listening sockets",
-       G_ROUTER, default=1, aliases=("fastrouter-workers",), status=PENDING),
+       G_ROUTER, default=1, aliases=("fastrouter-workers",), status=SUPPORTED),
     _o("fastrouter-stats", STRING, "serve the router statistics as JSON on ADDR (ip:port or unix "
        "path)", G_ROUTER, aliases=("fastrouter-stats-server", "fastrouter-ss"), metavar="ADDR"),
     _o("fastrouter-post-buffering", UINT64, "read request bodies before connecting: up to N bytes "
@@ -250,7 +250,7 @@ OPTIONS: Tuple[Option, ...] = (
     _o("gid", STRING, "switch to GROUP (name or number) after binding the sockets", G_PROCESS,
        metavar="GROUP", status=PENDING),
     _o("pidfile", STRING, "write the pid of the master to PATH", G_PROCESS, metavar="PATH",
-       status=PENDING),
+       status=SUPPORTED),
     _o("daemonize", STRING, "detach from the terminal and log to LOGFILE", G_PROCESS, short="d",
        metavar="LOGFILE", status=PENDING),
     _o("logto", STRING, "log to the file PATH instead of stderr", G_PROCESS, metavar="PATH",

@@ -545,6 +545,21 @@ class Reactor:
         if self._closed:
             raise RuntimeError("reactor is closed")
 
+    def abandon(self) -> None:
+        """Drop this loop in a forked child (or before an exec): close its selector and
+        wakeup pair without touching the signal dispositions, which belong to whoever
+        runs next.  The reactor cannot be used afterwards."""
+        self._closed = True
+        self._running_thread = None
+        self._signal_handlers.clear()
+        self._saved_signal_handlers.clear()
+        self._saved_wakeup_fd = None
+        for closable in (self._selector, self._wakeup_recv, self._wakeup_send):
+            try:
+                closable.close()
+            except OSError:
+                pass
+
     def close(self) -> None:
         """Restore signal handlers and the previous wakeup fd, close the selector
         and the wakeup pair.  Idempotent.  Registered fds are not closed."""

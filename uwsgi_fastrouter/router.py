@@ -172,6 +172,7 @@ class SubscriptionMapper:
         self.clock = clock or time.time
         self.on_empty = on_empty
         self.has_fallbacks = has_fallbacks
+        self.on_failed = None   # (key, address): tell the other router processes (D8)
 
     def __call__(self, key: bytes) -> Optional[Route]:
         table = self.table
@@ -193,6 +194,8 @@ class SubscriptionMapper:
 
     def failed(self, route: Route, key: bytes) -> None:
         self.table.connect_failed(key, route.node, self.clock())
+        if self.on_failed is not None:
+            self.on_failed(key, route.node.name)
 
     def release(self, route: Route) -> None:
         table = self.table

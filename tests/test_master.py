@@ -1,0 +1,152 @@
+"""The pre-fork master: several router processes, respawn, reloads without loss (D1, D8)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from backends import RecordingBackend, request
+from support import fetch_stats, start_router, wait_until
+from test_subscriptions import announce
+
+HOST = [(b"HTTP_HOST", b"example.com")]
+
+
+def children(pid: int) -> list:
+    with open("/proc/%d/task/%d/children" % (pid, pid)) as handle:
+        return [int(p) for p in handle.read().split()]
+
+
+def zombies(pid: int) -> list:
+    out = []
+    for child in children(pid):
+        try:
+            with open("/proc/%d/stat" % child) as handle:
+                if handle.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    out.append(child)
+        except OSError:
+            pass
+    return out
+
+
+def fds(pid: int) -> int:
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+class Load:
+    """Clients sending requests back to back until stopped; counts failures."""
+
+    def __init__(self, address: str, clients: int = 4):
+        self.address = address
+        self.ok = 0
+        self.failed = 0
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run) for _ in range(clients)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self):
+        while not self.stop.is_set():
+            try:
+                answer = request(self.address, HOST, timeout=10)
+            except OSError:
+                answer = b""
+            if answer.startswith(b"HTTP/1.0 200"):
+                self.ok += 1
+            else:
+                self.failed += 1
+
+    def finish(self):
+        self.stop.set()
+        for t in self.threads:
+            t.join(20)
+
+
+def test_several_processes_serve_and_a_killed_one_is_respawned(tmp_path):
+    with RecordingBackend("m") as node:
+        router = start_router(["--master", "--fastrouter", "127.0.0.1:0", "--fastrouter-to", node.address,
+                               "--fastrouter-processes", "2", "--pidfile", str(tmp_path / "m.pid"),
+                               "--fastrouter-stats", "127.0.0.1:0"])
+        router.wait_for_log(r"spawned uWSGI fastrouter 2 \(pid: \d+\)")
+        assert int((tmp_path / "m.pid").read_text()) == router.pid
+        for _ in range(20):
+            assert request(router.addresses[0], HOST).startswith(b"HTTP/1.0 200")
+        stats = fetch_stats(router.stats_address)
+        assert stats["static_nodes"][0]["hits"] == 20 and stats["pid"] == router.pid
+        victim = children(router.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        router.wait_for_log(r"DAMN ! fastrouter \d \(pid: %d\) died" % victim)
+        wait_until(lambda: len(children(router.pid)) == 2 and victim not in children(router.pid),
+                   what="respawned router process")
+        for _ in range(10):
+            assert request(router.addresses[0], HOST).startswith(b"HTTP/1.0 200")
+        assert router.stop() == 0
+        assert not (tmp_path / "m.pid").exists()
+
+
+def test_every_process_sees_every_subscription(tmp_path):
+    sub = str(tmp_path / "sub.sock")
+    with RecordingBackend("a") as a:
+        router = start_router(["--master", "--fastrouter", "127.0.0.1:0", "--fastrouter-processes", "2",
+                               "--fastrouter-subscription-server", sub, "--fastrouter-stats", "127.0.0.1:0"])
+        router.wait_for_log(r"spawned uWSGI fastrouter 2")
+        announce(sub, b"example.com", a.address.encode())
+        wait_until(lambda: router.count(r"example.com => new node") >= 3, what="master + 2 processes")
+        for _ in range(30):
+            assert b"node=a" in request(router.addresses[0], HOST)
+        doc = fetch_stats(router.stats_address)
+        (pool,) = doc["subscriptions"]
+        assert pool["hits"] == 30 and pool["nodes"][0]["requests"] == 30
+
+
+def test_graceful_reloads_under_load_lose_nothing_and_keep_the_table(tmp_path):
+    sub = str(tmp_path / "sub.sock")
+    with RecordingBackend("a") as a:
+        router = start_router(["--master", "--fastrouter", "127.0.0.1:0", "--fastrouter-processes", "2",
+                               "--fastrouter-subscription-server", sub])
+        announce(sub, b"example.com", a.address.encode())
+        wait_until(lambda: router.count(r"example.com => new node") >= 3, what="subscribed everywhere")
+        load = Load(router.addresses[0])
+        try:
+            for i in range(1, 6):
+                os.kill(router.pid, signal.SIGHUP)
+                router.wait_for_log(r"graceful reload: \d+ old process", count=i, timeout=20)
+                wait_until(lambda: load.ok > 0, what="requests flowing")
+        finally:
+            load.finish()
+        assert load.failed == 0 and load.ok > 50
+        # the subscription survived five reloads without a new announce
+        assert router.count(r"subscribed node\(s\) carried over") >= 5
+        assert b"node=a" in request(router.addresses[0], HOST)
+
+
+def test_no_zombies_and_no_leaked_fds_after_many_reloads():
+    with RecordingBackend("r") as node:
+        router = start_router(["--master", "--fastrouter", "127.0.0.1:0", "--fastrouter-to", node.address])
+        router.wait_for_log(r"spawned uWSGI fastrouter 1")
+        wait_until(lambda: len(children(router.pid)) == 1)
+        before = fds(router.pid)
+        for i in range(1, 101):
+            os.kill(router.pid, signal.SIGHUP)
+            router.wait_for_log(r"graceful reload: \d+ old process", count=i, timeout=20)
+        wait_until(lambda: len(children(router.pid)) == 1 and not zombies(router.pid), timeout=30,
+                   what="old generations reaped")
+        assert fds(router.pid) == before
+        assert request(router.addresses[0], HOST).startswith(b"HTTP/1.0 200")
+
+
+def test_sigterm_is_a_reload_unless_die_on_term():
+    with RecordingBackend("t") as node:
+        router = start_router(["--master", "--fastrouter", "127.0.0.1:0", "--fastrouter-to", node.address])
+        os.kill(router.pid, signal.SIGTERM)
+        router.wait_for_log(r"brutally reloading")
+        router.wait_for_log(r"spawned uWSGI fastrouter 1", count=2)
+        assert request(router.addresses[0], HOST).startswith(b"HTTP/1.0 200")
+        dying = start_router(["--master", "--die-on-term", "--fastrouter", "127.0.0.1:0",
+                              "--fastrouter-to", node.address])
+        assert dying.stop(signal.SIGTERM) == 0

@@ -1,0 +1,527 @@
+"""The pre-fork master: router processes, app workers, signals and reloads without loss.
+
+Theory of operation
+-------------------
+The master binds every socket first (or adopts them after a reload), then forks
+``--fastrouter-processes`` router processes and ``--processes`` app workers (when
+``--socket`` and an app are configured) that all poll the same listening sockets, and
+supervises them: a child that dies is respawned (after a one-second back-off when it
+dies young, so a broken child cannot make the master spin).
+
+Subscriptions (decisions.md D8): the master alone reads the subscription sockets,
+checks each datagram (signature, credentials), keeps its own copy of the table, and
+copies every accepted datagram to each router process over that process's channel (a
+UNIX stream socketpair; frames of a 4-byte length, a type byte and a payload).  A
+router that marks a node failed tells the master, which tells the others: every
+process has the same view.  The stats server runs in the master too; on each request
+it asks every router process for its counters (bounded wait) and sums them.
+
+Signals (uWSGI's meanings): SIGHUP is a graceful reload; SIGTERM a brutal reload unless
+``--die-on-term`` (then a shutdown); SIGINT and SIGQUIT shut down.
+
+A graceful reload never closes a listening socket.  The master writes its subscription
+table to an unlinked temporary file, clears close-on-exec on the sockets and the file,
+and re-executes itself with their numbers in the environment.  The new image (same
+pid, so the old children are still its children) adopts the sockets, loads the table,
+forks fresh children, and only then asks the old ones to stop accepting and to finish
+what they have (SIGTERM to a router child: it stops polling its listeners and exits once
+its last session ends, or after ``--fastrouter-timeout``).  Connections arriving
+meanwhile wait in the kernel backlog for a few milliseconds: none is refused or cut.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, List, Optional
+
+from .log import log
+from .reactor import Reactor
+
+ENV_INHERIT = "UWSGI_FASTROUTER_INHERIT"
+_FRAME = struct.Struct("!IB")
+_RESPAWN_BACKOFF = 1.0
+_STATS_WAIT = 0.5
+_KILL_AFTER = 10.0
+_ORPHAN_GRACE = 10.0
+
+# Frame types on a master <-> router channel.
+SUBSCRIPTION = ord("S")   # master -> router: an accepted subscription datagram (+ credentials)
+FAILED = ord("F")         # both ways: a node failed a connect: key \0 address
+QUERY = ord("Q")          # master -> router: send your counters
+REPORT = ord("R")         # router -> master: counters (JSON)
+
+
+def encode_frame(kind: int, payload: bytes) -> bytes:
+    return _FRAME.pack(len(payload), kind) + payload
+
+
+class FrameReader:
+    """Splits a byte stream into ``(kind, payload)`` frames."""
+
+    __slots__ = ("buf",)
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def feed(self, data: bytes) -> List[tuple]:
+        self.buf += data
+        frames = []
+        while len(self.buf) >= _FRAME.size:
+            length, kind = _FRAME.unpack_from(self.buf)
+            if len(self.buf) < _FRAME.size + length:
+                break
+            frames.append((kind, bytes(self.buf[_FRAME.size:_FRAME.size + length])))
+            del self.buf[:_FRAME.size + length]
+        return frames
+
+
+class Child:
+    """One forked process the master supervises."""
+
+    __slots__ = ("kind", "index", "pid", "started", "channel", "reader", "draining")
+
+    def __init__(self, kind: str, index: int) -> None:
+        self.kind = kind            # "router" or "worker"
+        self.index = index          # 1-based, per kind
+        self.pid = 0
+        self.started = 0.0
+        self.channel: Optional[socket.socket] = None   # master's end (routers only)
+        self.reader = FrameReader()
+        self.draining = False
+
+
+def send_frame(sock: socket.socket, kind: int, payload: bytes, timeout: float = 2.0) -> bool:
+    """Blocking send of one frame with a bound; False if the peer is gone or stuck."""
+    data = encode_frame(kind, payload)
+    deadline = time.monotonic() + timeout
+    view = memoryview(data)
+    while view:
+        try:
+            sent = sock.send(view, socket.MSG_DONTWAIT)
+            view = view[sent:]
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            select.select([], [sock], [], left)
+        except OSError:
+            return False
+    return True
+
+
+class Master:
+    """Supervises router processes and app workers for one configuration."""
+
+    def __init__(self, cfg, argv: List[str], *, bind: Callable, wire: Callable,
+                 make_worker: Optional[Callable] = None) -> None:
+        self.cfg = cfg
+        self.argv = argv
+        self._bind = bind            # (cfg, inherited) -> Sockets
+        self._wire = wire            # (cfg, reactor, sockets, channel) -> router Assembly (in a child)
+        self._make_worker = make_worker
+        self.reactor: Optional[Reactor] = None
+        self.sockets = None
+        self.children: Dict[int, Child] = {}
+        self.routers: List[Child] = []
+        self.workers: List[Child] = []
+        self.old_pids: List[int] = []
+        self.stopping = False
+        self.exit_code = 0
+        self.subscriptions = None    # the master's SubscriptionServer (external sockets)
+        self.table = None
+
+    # ----------------------------------------------------------------- start
+
+    def run(self) -> int:
+        inherited = _read_inherited()
+        self.sockets = self._bind(self.cfg, inherited)
+        self.old_pids = inherited.get("children", []) if inherited else []
+        if self.cfg.pidfile:
+            _write_pidfile(self.cfg.pidfile)
+        self.reactor = Reactor()
+        reactor = self.reactor
+        for signum, handler in ((signal.SIGHUP, self._on_hup), (signal.SIGTERM, self._on_term),
+                                (signal.SIGINT, self._on_stop), (signal.SIGQUIT, self._on_stop),
+                                (signal.SIGCHLD, self._on_child)):
+            reactor.add_signal_handler(signum, handler)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        self.sockets.setup_master(self, reactor, inherited)
+        for index in range(1, max(1, self.cfg.fastrouter_processes or 1) + 1):
+            child = Child("router", index)
+            self.routers.append(child)
+            self._spawn(child)
+        if self._make_worker is not None:
+            for index in range(1, max(1, self.cfg.processes or 1) + 1):
+                child = Child("worker", index)
+                self.workers.append(child)
+                self._spawn(child)
+        if self.old_pids:
+            # The new generation is accepting: the old one may stop now.
+            for pid in self.old_pids:
+                _signal(pid, signal.SIGTERM)
+            log("graceful reload: %d old process(es) finishing their requests" % len(self.old_pids))
+        self.sockets.start_master()
+        self._on_child(0)   # old processes that exited before our SIGCHLD handler existed
+        reactor.call_later(1.0, self._tick)
+        try:
+            reactor.run()
+        finally:
+            self.sockets.stop_master()
+        return self._finish()
+
+    # ---------------------------------------------------------------- spawn
+
+    def _spawn(self, child: Child) -> None:
+        parent_end = None
+        child_end = None
+        if child.kind == "router":
+            parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            log("*** unable to fork a %s process: %s ***" % (child.kind, exc.strerror or exc))
+            for s in (parent_end, child_end):
+                if s is not None:
+                    s.close()
+            self.reactor.call_later(_RESPAWN_BACKOFF, self._respawn, child)
+            return
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 1
+            try:
+                self._in_child()
+                if parent_end is not None:
+                    parent_end.close()
+                if child.kind == "router":
+                    code = self._run_router(child, child_end)
+                else:
+                    code = self._make_worker(child.index)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException as exc:
+                log("%s process %d died: %r" % (child.kind, child.index, exc))
+            finally:
+                try:
+                    sys.stderr.flush()
+                except Exception:
+                    pass
+                os._exit(code)
+        child.pid = pid
+        child.started = time.monotonic()
+        child.draining = False
+        self.children[pid] = child
+        if child_end is not None:
+            child_end.close()
+            parent_end.setblocking(False)
+            child.channel = parent_end
+            child.reader = FrameReader()
+            self.reactor.add_reader(parent_end.fileno(), lambda c=child: self._channel_readable(c))
+        what = "uWSGI fastrouter %d" % child.index if child.kind == "router" else "uWSGI worker %d" % child.index
+        log("spawned %s (pid: %d)" % (what, pid))
+
+    def _in_child(self) -> None:
+        """Leave the master's loop behind: its signals and descriptors are not ours."""
+        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+        try:
+            signal.set_wakeup_fd(-1)
+        except (ValueError, OSError):
+            pass
+        self.reactor.abandon()
+        for other in self.children.values():
+            if other.channel is not None:
+                other.channel.close()
+        self.sockets.close_master_only()
+
+    def _run_router(self, child: Child, channel: socket.socket) -> int:
+        reactor = Reactor()
+        parts = self._wire(self.cfg, reactor, self.sockets, channel)
+        link = RouterLink(reactor, channel, parts)
+        stop_requested = []
+
+        def graceful(_signum: int) -> None:
+            if stop_requested:
+                return
+            stop_requested.append(True)
+            parts.server.pause_accepting()
+            parts.server.stopping = True
+            if not parts.server.sessions:
+                reactor.stop()
+                return
+            parts.server.on_idle = reactor.stop
+            reactor.call_later(max(self.cfg.fastrouter_timeout or 60, 1), reactor.stop)
+
+        reactor.add_signal_handler(signal.SIGTERM, graceful)
+        reactor.add_signal_handler(signal.SIGINT, lambda s: reactor.stop())
+        reactor.add_signal_handler(signal.SIGQUIT, lambda s: reactor.stop())
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)   # uWSGI's router ignores it too
+        parts.start()
+        link.start()
+        try:
+            reactor.run()
+        finally:
+            parts.stop(unlink=False)
+            link.stop()
+        return 0
+
+    # -------------------------------------------------------------- signals
+
+    def _on_child(self, _signum: int) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            child = self.children.pop(pid, None)
+            if child is None:
+                if pid in self.old_pids:
+                    self.old_pids.remove(pid)
+                    if not self.old_pids:
+                        log("graceful reload: the old processes are gone")
+                continue
+            if child.channel is not None:
+                self.reactor.remove_reader(child.channel.fileno())
+                child.channel.close()
+                child.channel = None
+            if self.stopping or child.draining:
+                continue
+            what = "fastrouter %d" % child.index if child.kind == "router" else "worker %d" % child.index
+            log("DAMN ! %s (pid: %d) died :( trying respawn ..." % (what, pid))
+            young = time.monotonic() - child.started < _RESPAWN_BACKOFF
+            self.reactor.call_later(_RESPAWN_BACKOFF if young else 0, self._respawn, child)
+        self._maybe_done()
+
+    def _respawn(self, child: Child) -> None:
+        if not self.stopping:
+            self._spawn(child)
+
+    def _on_hup(self, _signum: int) -> None:
+        log("...gracefully reloading (pid: %d)..." % os.getpid())
+        self._reload(graceful=True)
+
+    def _on_term(self, signum: int) -> None:
+        if self.cfg.die_on_term:
+            self._on_stop(signum)
+            return
+        log("...brutally reloading (pid: %d)..." % os.getpid())
+        self._reload(graceful=False)
+
+    def _on_stop(self, signum: int) -> None:
+        if self.stopping:
+            return
+        log("received signal %d, shutting down (pid: %d)" % (signum, os.getpid()))
+        self.stopping = True
+        for pid in list(self.children) + list(self.old_pids):
+            _signal(pid, signal.SIGINT)
+        self.reactor.call_later(_KILL_AFTER, self._kill_all)
+        self._maybe_done()
+
+    def _kill_all(self) -> None:
+        for pid in list(self.children) + list(self.old_pids):
+            _signal(pid, signal.SIGKILL)
+
+    def _maybe_done(self) -> None:
+        if self.stopping and not self.children and not self.old_pids:
+            self.reactor.stop()
+
+    def _finish(self) -> int:
+        if self.cfg.pidfile:
+            try:
+                os.unlink(self.cfg.pidfile)
+            except OSError:
+                pass
+        self.sockets.close_all()
+        self.reactor.close()
+        log("goodbye from the uwsgi-fastrouter master (pid: %d)" % os.getpid())
+        return self.exit_code
+
+    # --------------------------------------------------------------- reload
+
+    def _reload(self, graceful: bool) -> None:
+        if self.stopping:
+            return
+        pids = list(self.children) + list(self.old_pids)
+        if not graceful:
+            for pid in pids:
+                _signal(pid, signal.SIGKILL)
+        state = self.sockets.inheritable_state()
+        state["children"] = pids if graceful else []
+        if self.table is not None:
+            handle = tempfile.TemporaryFile()
+            handle.write(self.table.dump())
+            handle.flush()
+            fd = os.dup(handle.fileno())
+            handle.close()
+            os.set_inheritable(fd, True)
+            state["table_fd"] = fd
+        os.environ[ENV_INHERIT] = json.dumps(state)
+        for child in self.children.values():
+            if child.channel is not None:
+                child.channel.close()
+        try:
+            sys.stderr.flush()
+        except Exception:
+            pass
+        self.reactor.abandon()
+        argv = [sys.executable, "-m", "uwsgi_fastrouter"] + list(self.argv)
+        try:
+            os.execv(sys.executable, argv)
+        except OSError as exc:  # pragma: no cover
+            log("*** reload failed: unable to exec %s: %s ***" % (sys.executable, exc))
+            os._exit(1)
+
+    # ------------------------------------------------------------- channels
+
+    def broadcast(self, kind: int, payload: bytes, exclude: Optional[Child] = None) -> None:
+        for child in self.routers:
+            if child is exclude or child.channel is None or child.draining:
+                continue
+            send_frame(child.channel, kind, payload)
+
+    def _channel_readable(self, child: Child) -> None:
+        sock = child.channel
+        if sock is None:
+            return
+        try:
+            data = sock.recv(1 << 20)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.reactor.remove_reader(sock.fileno())
+            return
+        for kind, payload in child.reader.feed(data):
+            if kind == FAILED:
+                self.sockets.node_failed(payload)
+                self.broadcast(FAILED, payload, exclude=child)
+
+    def query_routers(self) -> List[dict]:
+        """Ask every router process for its counters; waits at most half a second."""
+        reports: List[dict] = []
+        waiting = {}
+        for child in self.routers:
+            if child.channel is not None and send_frame(child.channel, QUERY, b""):
+                waiting[child.channel] = child
+        deadline = time.monotonic() + _STATS_WAIT
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            ready, _, _ = select.select(list(waiting), [], [], left)
+            for sock in ready:
+                child = waiting[sock]
+                try:
+                    data = sock.recv(1 << 20)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    del waiting[sock]
+                    continue
+                for kind, payload in child.reader.feed(data):
+                    if kind == REPORT:
+                        try:
+                            reports.append(json.loads(payload))
+                        except ValueError:
+                            pass
+                        waiting.pop(sock, None)
+                    elif kind == FAILED:
+                        self.sockets.node_failed(payload)
+                        self.broadcast(FAILED, payload, exclude=child)
+        return reports
+
+    def _tick(self) -> None:
+        self.sockets.tick()
+        self._on_child(0)   # a SIGCHLD can be lost across an exec: reap here too
+        self.reactor.call_later(1.0, self._tick)
+
+
+class RouterLink:
+    """A router process's end of its channel to the master."""
+
+    def __init__(self, reactor: Reactor, channel: socket.socket, parts) -> None:
+        self.reactor = reactor
+        self.channel = channel
+        self.parts = parts
+        self.reader = FrameReader()
+        channel.setblocking(False)
+        parts.report_failure = self.node_failed
+
+    def start(self) -> None:
+        self.reactor.add_reader(self.channel.fileno(), self._readable)
+
+    def stop(self) -> None:
+        if self.channel is not None:
+            self.reactor.remove_reader(self.channel.fileno())
+            self.channel.close()
+            self.channel = None
+
+    def node_failed(self, key: bytes, address: bytes) -> None:
+        if self.channel is not None:
+            send_frame(self.channel, FAILED, key + b"\0" + address)
+
+    def _readable(self) -> None:
+        try:
+            data = self.channel.recv(1 << 20)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            # The master closed our channel: it is re-executing itself (a reload: the
+            # new image tells us to stop once its own router processes accept) or it
+            # died.  Keep serving meanwhile, but never outlive it by long.
+            self.reactor.remove_reader(self.channel.fileno())
+            self.reactor.call_later(_ORPHAN_GRACE, os.kill, os.getpid(), signal.SIGTERM)
+            return
+        for kind, payload in self.reader.feed(data):
+            if kind == SUBSCRIPTION:
+                creds = struct.unpack_from("!iii", payload)
+                pid, uid, gid = (None if v < 0 else v for v in creds)
+                self.parts.apply_subscription(payload[12:], pid, uid, gid)
+            elif kind == FAILED:
+                key, _, address = payload.partition(b"\0")
+                self.parts.apply_failure(key, address)
+            elif kind == QUERY:
+                send_frame(self.channel, REPORT, json.dumps(self.parts.report()).encode())
+
+
+def pack_credentials(pid, uid, gid) -> bytes:
+    return struct.pack("!iii", -1 if pid is None else pid, -1 if uid is None else uid,
+                       -1 if gid is None else gid)
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except OSError as exc:
+        if exc.errno != errno.ESRCH:
+            raise
+
+
+def _write_pidfile(path: str) -> None:
+    with open(path, "w") as handle:
+        handle.write("%d\n" % os.getpid())
+
+
+def _read_inherited() -> Optional[dict]:
+    raw = os.environ.pop(ENV_INHERIT, None)
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        log("*** ignoring a malformed %s ***" % ENV_INHERIT)
+        return None
