@@ -109,6 +109,7 @@ def test_graceful_reloads_under_load_lose_nothing_and_keep_the_table(tmp_path):
     with RecordingBackend("a") as a:
         router = start_router(["--master", "--fastrouter", "127.0.0.1:0", "--fastrouter-processes", "2",
                                "--fastrouter-subscription-server", sub])
+        router.wait_for_log(r"spawned uWSGI fastrouter 2")
         announce(sub, b"example.com", a.address.encode())
         wait_until(lambda: router.count(r"example.com => new node") >= 3, what="subscribed everywhere")
         load = Load(router.addresses[0])

@@ -47,7 +47,9 @@ SUPPORTED = {
     "subscriptions-sign-check-tolerance", "subscriptions-sign-skip-uid",
     "subscriptions-use-credentials", "subscriptions-credentials-check",
     "fastrouter-post-buffering", "fastrouter-post-buffering-dir", "fastrouter-zerg", "zerg-server",
-    "fastrouter-processes", "pidfile",
+    "fastrouter-processes", "pidfile", "subscribe-to", "subscribe2", "subscribe-freq",
+    "subscribe-with-modifier1", "weight", "auto-weight", "unsubscribe-on-graceful-reload",
+    "subscription-notify-socket",
 }
 
 
@@ -73,8 +75,8 @@ def test_statuses_match_the_plan():
     assert by_status[o.SUPPORTED] == SUPPORTED
     assert by_status[o.NOOP] == {"buffer-size"}
     assert by_status[o.DEPRECATED] == {"fastrouter-subscription-slot"}
-    for name in ("socket", "fastrouter-use-cache", "subscribe-to", "cache2",
-                 "subscribe2", "fastrouter-harakiri"):
+    for name in ("socket", "fastrouter-use-cache", "start-unsubscribed", "cache2",
+                 "daemonize", "fastrouter-harakiri"):
         assert name in by_status[o.PENDING]
 
 
@@ -505,8 +507,8 @@ def test_pending_option_rejected_from_every_source(tmp_path):
     assert error_of(["--fastrouter-use-cache"]) == (
         'option "--fastrouter-use-cache" is not supported yet by uwsgi-fastrouter'
     )
-    path = write(tmp_path / "a.ini", "[uwsgi]\nsubscribe-to = 127.0.0.1:7000:example.com\n")
-    assert error_of([path]) == 'option "--subscribe-to" is not supported yet by uwsgi-fastrouter'
+    path = write(tmp_path / "a.ini", "[uwsgi]\nstart-unsubscribed = true\n")
+    assert error_of([path]) == 'option "--start-unsubscribed" is not supported yet by uwsgi-fastrouter'
     assert error_of(["--set", "cache=10"]) == 'option "--cache" is not supported yet by uwsgi-fastrouter'
 
 

@@ -182,3 +182,15 @@ def test_a_real_uwsgi_instance_subscribes_and_is_routed(tmp_path):
     app.stop()
     router.wait_for_log(r"example.com => marking 127.0.0.1:\d+ as failed")
     assert request(router.addresses[0], HOST) == b""
+
+
+def test_a_backend_that_cannot_subscribe_is_announced_by_a_subscriber_process(tmp_path):
+    router, sub = sub_router(tmp_path)
+    with RecordingBackend("g") as backend:      # think of gunicorn speaking uwsgi
+        announcer = start_router(["--subscribe-to", "%s=%s:example.com" % (backend.address, sub),
+                                  "--subscribe-freq", "1"], listeners=0)
+        router.wait_for_log(r"example.com => new node: %s" % backend.address)
+        assert served_by(router.addresses[0]) == "g"
+        assert announcer.stop() == 0            # a clean stop unsubscribes
+        router.wait_for_log(r"example.com => marking %s as failed" % backend.address)
+        assert request(router.addresses[0], HOST) == b""

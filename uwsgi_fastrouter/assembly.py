@@ -40,7 +40,7 @@ def _chmod_value(value) -> Optional[int]:
 
 
 def _check(cfg) -> None:
-    if not cfg.fastrouter and not cfg.fastrouter_zerg:
+    if not (cfg.fastrouter or cfg.fastrouter_zerg or cfg.subscribe_to or cfg.subscribe2 or cfg.socket):
         raise StartupError("no --fastrouter address given: nothing to route "
                            "(example: --fastrouter 127.0.0.1:3017)")
     if cfg.fastrouter_max_retries < 0:
@@ -58,6 +58,8 @@ class Assembly:
         self.zerg_listener = None
         self.zerg: Optional[zerg.ZergServer] = None
         self.closables: list = []       # listeners (stream and datagram), closed at exit
+        self.shared: list = []               # --shared-socket listeners, in order
+        self.app_listeners: list = []        # --socket listeners (the local app's)
         self.external_subscriptions = True   # False in a router process under a master
         self.report_failure = None           # (key, address) -> None, set under a master
 
@@ -118,19 +120,62 @@ class Assembly:
         return report
 
 
+def _shared_index(spec: str) -> Optional[int]:
+    """``=N`` names shared socket N (uWSGI parses N with atoi: junk is 0)."""
+    if not spec.startswith("="):
+        return None
+    digits = ""
+    for ch in spec[1:]:
+        if not ch.isdigit():
+            break
+        digits += ch
+    return int(digits or "0")
+
+
 def _bind_all(cfg, parts: Assembly) -> tuple:
     chmod = _chmod_value(cfg.chmod_socket)
     listeners, datagram = [], []
     stats_listener = None
-    option = "fastrouter"
-    try:
-        for spec in cfg.fastrouter:
-            listener = bind_listener(spec, backlog=cfg.listen, chmod=chmod,
-                                     abstract_all=cfg.abstract_socket,
-                                     defer_accept=cfg.socket_timeout)
-            listeners.append(listener)
+    option = "shared-socket"
+
+    def bind(spec: str):
+        return bind_listener(spec, backlog=cfg.listen, chmod=chmod, abstract_all=cfg.abstract_socket,
+                             defer_accept=cfg.socket_timeout)
+
+    def resolve(spec: str):
+        index = _shared_index(spec)
+        if index is None:
+            listener = bind(spec)
             parts.closables.append(listener)
+            return listener, None
+        if index >= len(parts.shared):
+            raise AddressError(spec, "unable to use shared socket %d" % index)
+        return parts.shared[index], index
+
+    try:
+        for number, spec in enumerate(cfg.shared_socket):
+            listener = bind(spec)
+            parts.shared.append(listener)
+            parts.closables.append(listener)
+            log("uwsgi shared socket %d bound to %s address %s fd %d"
+                % (number, "UNIX" if listener.unix_path or spec.startswith("@") else "TCP",
+                   listener.name, listener.sock.fileno()))
+        option = "fastrouter"
+        for spec in cfg.fastrouter:
+            listener, _index = resolve(spec)
+            listeners.append(listener)
             log("uWSGI fastrouter bound on %s fd %d" % (listener.name, listener.sock.fileno()))
+        option = "socket"
+        for number, spec in enumerate(cfg.socket):
+            listener, index = resolve(spec)
+            parts.app_listeners.append(listener)
+            if index is None:
+                log("uwsgi socket %d bound to %s address %s fd %d"
+                    % (number, "UNIX" if listener.unix_path or spec.startswith("@") else "TCP",
+                       listener.name, listener.sock.fileno()))
+            else:
+                log("uwsgi socket %d mapped to shared socket %d (%s) fd %d"
+                    % (number, index, listener.name, listener.sock.fileno()))
         if cfg.fastrouter_zerg:
             option = "fastrouter-zerg"
             try:
@@ -284,8 +329,6 @@ class MasterSockets:
     the subscription sockets with the master's copy of the table, the stats server and
     the zerg server.  Router processes inherit the listeners."""
 
-    KINDS = ("listeners", "datagram", "stats", "zerg")
-
     def __init__(self, cfg) -> None:
         self.cfg = cfg
         self.parts = Assembly()          # only for its closables and zerg listener
@@ -298,6 +341,7 @@ class MasterSockets:
         self.subscriptions: Optional[SubscriptionServer] = None
         self.stats: Optional[StatsServer] = None
         self.zerg: Optional[zerg.ZergServer] = None
+        self.subscriber = None
 
     @classmethod
     def bind(cls, cfg, inherited: Optional[dict]) -> "MasterSockets":
@@ -310,39 +354,43 @@ class MasterSockets:
         return self
 
     def _adopt(self, state: dict) -> None:
+        """Rebuild the socket objects from the descriptors a previous image left open."""
         import socket as _socket
         from .sockets import Listener
         from .subserver import DatagramListener
-        for kind in self.KINDS:
-            for name, fd, unix_path in state.get(kind, []):
-                sock = _socket.socket(fileno=fd)
-                sock.setblocking(False)
-                os.set_inheritable(fd, False)
-                if kind == "datagram":
-                    item = DatagramListener(sock, name, unix_path)
-                else:
-                    item = Listener(sock, name, unix_path)
-                self.parts.closables.append(item)
-                if kind == "listeners":
-                    self.listeners.append(item)
-                elif kind == "datagram":
-                    self.datagram.append(item)
-                elif kind == "stats":
-                    self.stats_listener = item
-                else:
-                    self.parts.zerg_listener = item
+        objects = []
+        for kind, name, fd, unix_path in state["sockets"]:
+            sock = _socket.socket(fileno=fd)
+            sock.setblocking(False)
+            os.set_inheritable(fd, False)
+            item = (DatagramListener if kind == "dgram" else Listener)(sock, name, unix_path)
+            objects.append(item)
+            self.parts.closables.append(item)
+        pick = lambda key: [objects[i] for i in state.get(key, [])]
+        self.listeners = pick("listeners")
+        self.datagram = pick("datagram")
+        self.parts.shared = pick("shared")
+        self.parts.app_listeners = pick("app")
+        stats = pick("stats")
+        self.stats_listener = stats[0] if stats else None
+        zerg_l = pick("zerg")
+        self.parts.zerg_listener = zerg_l[0] if zerg_l else None
 
     def inheritable_state(self) -> dict:
-        def entries(items):
-            out = []
-            for item in items:
-                fd = item.sock.fileno()
-                os.set_inheritable(fd, True)
-                out.append([item.name, fd, item.unix_path])
-            return out
-        return {"listeners": entries(self.listeners), "datagram": entries(self.datagram),
-                "stats": entries([self.stats_listener] if self.stats_listener else []),
-                "zerg": entries([self.parts.zerg_listener] if self.parts.zerg_listener else [])}
+        """Descriptor numbers for the next image; close-on-exec is cleared on them."""
+        objects = self.parts.closables
+        index = {id(item): i for i, item in enumerate(objects)}
+        sockets = []
+        for item in objects:
+            fd = item.sock.fileno()
+            os.set_inheritable(fd, True)
+            kind = "dgram" if item.sock.type == 2 else "stream"
+            sockets.append([kind, item.name, fd, item.unix_path])
+        refs = lambda items: [index[id(item)] for item in items if id(item) in index]
+        return {"sockets": sockets, "listeners": refs(self.listeners), "datagram": refs(self.datagram),
+                "shared": refs(self.parts.shared), "app": refs(self.parts.app_listeners),
+                "stats": refs([self.stats_listener] if self.stats_listener else []),
+                "zerg": refs([self.parts.zerg_listener] if self.parts.zerg_listener else [])}
 
     # ---- in the master
 
@@ -372,6 +420,7 @@ class MasterSockets:
                 SUBSCRIPTION, pack_credentials(pid, uid, gid) + data)
         if self.parts.zerg_listener is not None:
             self.zerg = zerg.ZergServer(reactor, self.parts.zerg_listener, self.listeners)
+        self.subscriber = make_subscriber(cfg, reactor, self.parts)
         if self.stats_listener is not None:
             self.stats = StatsServer(reactor, self.stats_listener, self._stats_document,
                                      minified=cfg.stats_minified, http=cfg.stats_http,
@@ -396,6 +445,8 @@ class MasterSockets:
                               cheap=bool(reports) and all(r["cheap"] for r in reports))
 
     def start_master(self) -> None:
+        if self.subscriber is not None:
+            self.reactor.call_soon(self.subscriber.start)
         if self.subscriptions is not None:
             self.subscriptions.start()
         if self.stats is not None:
@@ -403,7 +454,15 @@ class MasterSockets:
         if self.zerg is not None:
             self.zerg.start()
 
+    def before_reload(self, graceful: bool) -> None:
+        """uWSGI: a brutal reload unsubscribes; a graceful one only when asked to."""
+        if self.subscriber is not None:
+            self.subscriber.stop(unsubscribe=not graceful or self.cfg.unsubscribe_on_graceful_reload)
+
     def stop_master(self) -> None:
+        if self.subscriber is not None:
+            self.subscriber.stop(unsubscribe=True)
+            self.subscriber = None
         if self.subscriptions is not None:
             self.subscriptions.stop()
         if self.stats is not None:
@@ -507,3 +566,44 @@ def wire_child(cfg, reactor: Reactor, sockets: MasterSockets, channel) -> Assemb
     if mapper is not None:
         mapper.on_failed = lambda key, address: parts.report_failure and parts.report_failure(key, address)
     return parts
+
+
+def make_subscriber(cfg, reactor: Reactor, parts: Assembly):
+    """``--subscribe-to`` / ``--subscribe2``: announce this instance (None when not asked)."""
+    if not cfg.subscribe_to and not cfg.subscribe2:
+        return None
+    from .subscriber import SubscribeError, Subscriber, parse_subscribe2, parse_subscribe_to
+    specs: list = []
+    option = "subscribe-to"
+    try:
+        for value in cfg.subscribe_to:
+            parsed = parse_subscribe_to(value)
+            specs.extend(parsed if isinstance(parsed, list) else [parsed])
+        option = "subscribe2"
+        for value in cfg.subscribe2:
+            specs.append(parse_subscribe2(value))
+    except SubscribeError as exc:
+        raise StartupError('option "--%s": %s' % (option, exc))
+    modifier1 = None
+    if cfg.subscribe_with_modifier1:
+        try:
+            modifier1 = int(cfg.subscribe_with_modifier1) % 256
+        except ValueError:
+            raise StartupError('option "--subscribe-with-modifier1": not a number')
+    apps = parts.app_listeners
+    processes = (cfg.processes or 1) if apps else 0
+    default = apps[0].name.encode("utf-8", "surrogateescape") if apps else None
+
+    def by_index(items):
+        return lambda n: items[n].name.encode("utf-8", "surrogateescape") if 0 <= n < len(items) else None
+
+    def backlog() -> int:
+        return 0
+
+    weight = processes if cfg.auto_weight else (cfg.weight or 0)
+    notify = cfg.subscription_notify_socket.encode() if cfg.subscription_notify_socket else None
+    return Subscriber(reactor, specs, default_address=default, freq=cfg.subscribe_freq or 10,
+                      cores=processes, load=backlog, weight=weight,
+                      resolve_shared=by_index(parts.shared), resolve_socket=by_index(apps),
+                      modifier1=modifier1, notify=notify,
+                      credentials=cfg.subscriptions_use_credentials)

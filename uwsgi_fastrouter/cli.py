@@ -16,7 +16,7 @@ import sys
 from typing import List, Optional
 
 from . import __version__
-from .assembly import StartupError, build
+from .assembly import StartupError, build, make_subscriber
 from .log import log
 from .options import ConfigError, EarlyExit, load_config
 from .reactor import Reactor
@@ -68,10 +68,21 @@ def run(cfg) -> int:
     # A vanished log reader or client must not kill the process.
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
+    try:
+        subscriber = make_subscriber(cfg, reactor, parts)
+    except StartupError as exc:
+        log(str(exc))
+        parts.stop()
+        reactor.close()
+        return EXIT_CONFIG
     parts.start()
+    if subscriber is not None:
+        reactor.call_soon(subscriber.start)
     try:
         reactor.run()
     finally:
+        if subscriber is not None:
+            subscriber.stop(unsubscribe=True)
         parts.stop()
         reactor.close()
     log("goodbye from uwsgi-fastrouter %s (pid: %d)" % (__version__, os.getpid()))

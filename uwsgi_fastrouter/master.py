@@ -52,6 +52,7 @@ _RESPAWN_BACKOFF = 1.0
 _STATS_WAIT = 0.5
 _KILL_AFTER = 10.0
 _ORPHAN_GRACE = 10.0
+_MASTER_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD}
 
 # Frame types on a master <-> router channel.
 SUBSCRIPTION = ord("S")   # master -> router: an accepted subscription datagram (+ credentials)
@@ -143,10 +144,7 @@ class Master:
 
     def run(self) -> int:
         inherited = _read_inherited()
-        self.sockets = self._bind(self.cfg, inherited)
-        self.old_pids = inherited.get("children", []) if inherited else []
-        if self.cfg.pidfile:
-            _write_pidfile(self.cfg.pidfile)
+        # Signals first: a signal that arrives while we bind is handled once the loop runs.
         self.reactor = Reactor()
         reactor = self.reactor
         for signum, handler in ((signal.SIGHUP, self._on_hup), (signal.SIGTERM, self._on_term),
@@ -154,6 +152,14 @@ class Master:
                                 (signal.SIGCHLD, self._on_child)):
             reactor.add_signal_handler(signum, handler)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        try:
+            self.sockets = self._bind(self.cfg, inherited)
+        except BaseException:
+            reactor.close()
+            raise
+        self.old_pids = inherited.get("children", []) if inherited else []
+        if self.cfg.pidfile:
+            _write_pidfile(self.cfg.pidfile)
         self.sockets.setup_master(self, reactor, inherited)
         for index in range(1, max(1, self.cfg.fastrouter_processes or 1) + 1):
             child = Child("router", index)
@@ -185,9 +191,13 @@ class Master:
         child_end = None
         if child.kind == "router":
             parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Signals stay blocked across the fork until the child has dropped the master's
+        # handlers: one arriving in between would otherwise be swallowed by them.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _MASTER_SIGNALS)
         try:
             pid = os.fork()
         except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _MASTER_SIGNALS)
             log("*** unable to fork a %s process: %s ***" % (child.kind, exc.strerror or exc))
             for s in (parent_end, child_end):
                 if s is not None:
@@ -198,6 +208,7 @@ class Master:
             code = 1
             try:
                 self._in_child()
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _MASTER_SIGNALS)
                 if parent_end is not None:
                     parent_end.close()
                 if child.kind == "router":
@@ -214,6 +225,7 @@ class Master:
                 except Exception:
                     pass
                 os._exit(code)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _MASTER_SIGNALS)
         child.pid = pid
         child.started = time.monotonic()
         child.draining = False
@@ -354,6 +366,7 @@ class Master:
         if not graceful:
             for pid in pids:
                 _signal(pid, signal.SIGKILL)
+        self.sockets.before_reload(graceful)
         state = self.sockets.inheritable_state()
         state["children"] = pids if graceful else []
         if self.table is not None:

@@ -276,24 +276,24 @@ OPTIONS: Tuple[Option, ...] = (
     # -- Subscriptions -------------------------------------------------------------
     _o("subscribe-to", LIST, "announce this instance to a subscription server: "
        "[SOCKNAME=]SERVER:KEY[,MOD1[,DIGEST:KEYFILE]] or SERVER:@MAPFILE; repeatable", G_SUBS,
-       aliases=("st", "subscribe"), default=[], metavar="SPEC", status=PENDING),
+       aliases=("st", "subscribe"), default=[], metavar="SPEC", status=SUPPORTED),
     _o("subscribe2", LIST, "announce this instance using key=value pairs (server, key, socket, "
        "addr, weight, modifier1, modifier2, sign...); repeatable", G_SUBS, default=[],
-       metavar="SPEC", status=PENDING),
+       metavar="SPEC", status=SUPPORTED),
     _o("subscribe-freq", INT, "seconds between two announces", G_SUBS, default=10, metavar="SECS",
-       status=PENDING),
+       status=SUPPORTED),
     _o("subscribe-with-modifier1", STRING, "announce every subscription with modifier1 N", G_SUBS,
-       metavar="N", status=PENDING),
+       metavar="N", status=SUPPORTED),
     _o("weight", UINT64, "weight announced with the subscriptions (0 counts as 1)", G_SUBS,
-       default=0, status=PENDING),
+       default=0, status=SUPPORTED),
     _o("auto-weight", BOOL, "announce processes x cores as the weight; takes a value", G_SUBS,
-       arg=REQUIRED, status=PENDING),
+       arg=REQUIRED, status=SUPPORTED),
     _o("unsubscribe-on-graceful-reload", BOOL, "unsubscribe before a graceful reload", G_SUBS,
-       status=PENDING),
+       status=SUPPORTED),
     _o("start-unsubscribed", BOOL, "prepare the subscriptions but send none until enabled", G_SUBS,
        status=PENDING),
     _o("subscription-notify-socket", STRING, "unix datagram socket on which subscription servers "
-       "report back", G_SUBS, metavar="PATH", status=PENDING),
+       "report back", G_SUBS, metavar="PATH", status=SUPPORTED),
     _o("subscription-tolerance", INT, "seconds a subscribed node is kept without a new announce",
        G_SUBS, default=17, metavar="SECS", status=SUPPORTED),
     _o("subscription-algo", STRING, "balancing among subscribed nodes: wrr, lrc or wlrc (other "

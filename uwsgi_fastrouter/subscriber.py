@@ -63,11 +63,14 @@ import os
 import socket
 import struct
 import time
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from . import log as _log
 from .signing import RSAPrivateKey, SignatureChecker, SigningError, load_private_key, sign
 from .subscription import MAX_KEY, SubscriptionError, build_announcement
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .reactor import Reactor
 
 __all__ = [
     "SubscribeError",
@@ -85,7 +88,7 @@ _NUMBER_MAX = 2 ** 63
 _SUN_PATH_MAX = 108
 #: a failure (per server and reason) is logged again after this many seconds
 _LOG_INTERVAL = 60.0
-_UCRED = struct.Struct("3i")
+_UCRED = struct.Struct("iII")  # struct ucred: pid_t, uid_t, gid_t
 _SCM_CREDENTIALS = getattr(socket, "SCM_CREDENTIALS", 2)
 
 
@@ -218,12 +221,10 @@ def parse_subscribe_to(value: str) -> Union[List[SubscribeSpec], MapFileSpec]:
         _check_unix_server(value, server)
     else:
         port_colon = rest.find(":")
-        if port_colon < 0:
-            raise _fail(value, "expected HOST:PORT:KEY or /unix/path:KEY (a UNIX path must be "
-                               "absolute)")
-        colon = rest.find(":", port_colon + 1)
+        colon = rest.find(":", port_colon + 1) if port_colon >= 0 else -1
         if colon < 0:
-            raise _fail(value, "no key: expected HOST:PORT:KEY or /unix/path:KEY")
+            raise _fail(value, "%s: expected HOST:PORT:KEY or /unix/path:KEY (a UNIX path must be "
+                               "absolute)" % ("no key" if port_colon >= 0 else "no port"))
         server = rest[:colon]
         _check_udp_server(value, server)
     tail = rest[colon + 1:]
@@ -381,9 +382,14 @@ class Subscriber:
 
     Counters: :attr:`sent` packets sent, :attr:`errors` packets that could not be
     built, signed or sent, :attr:`rounds` rounds run.
+
+    Call :meth:`start` and :meth:`stop` from the reactor's thread (or, for ``stop``,
+    after its loop has ended); ``start`` counts the schedule from the loop time
+    :attr:`Reactor.now`, so schedule it with ``reactor.call_soon(subscriber.start)``
+    when the loop has not run yet.
     """
 
-    def __init__(self, reactor, specs: Sequence[Spec], *, default_address: Optional[bytes],
+    def __init__(self, reactor: "Reactor", specs: Sequence[Spec], *, default_address: Optional[bytes],
                  freq: int = 10, cores: int = 0, load: Callable[[], int] = lambda: 0,
                  weight: int = 0,
                  resolve_shared: Optional[Callable[[int], Optional[bytes]]] = None,
