@@ -56,7 +56,7 @@ class Load:
                 answer = request(self.address, HOST, timeout=10)
             except OSError:
                 answer = b""
-            if answer.startswith(b"HTTP/1.0 200"):
+            if answer[:16].startswith((b"HTTP/1.0 200", b"HTTP/1.1 200")):
                 self.ok += 1
             else:
                 self.failed += 1

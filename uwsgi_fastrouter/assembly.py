@@ -58,6 +58,8 @@ class Assembly:
         self.zerg_listener = None
         self.zerg: Optional[zerg.ZergServer] = None
         self.closables: list = []       # listeners (stream and datagram), closed at exit
+        self.registry = None                 # the caches (--cache, --cache2)
+        self.app = None                      # the local WSGI app (--socket + --wsgi-file/--module)
         self.shared: list = []               # --shared-socket listeners, in order
         self.app_listeners: list = []        # --socket listeners (the local app's)
         self.external_subscriptions = True   # False in a router process under a master
@@ -234,6 +236,7 @@ def build(cfg, reactor: Reactor) -> Assembly:
     """Bind everything *cfg* asks for and wire the router together."""
     _check(cfg)
     parts = Assembly()
+    prepare_scripts(cfg, parts)
     listeners, datagram, stats_listener = _bind_all(cfg, parts)
     try:
         return _wire(cfg, reactor, parts, listeners, datagram, stats_listener)
@@ -261,7 +264,25 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener) -> Assembly:
         subscriptions = SubscriptionMapper(
             parts.table, fallback_key=fallback_key, dotsplit=cfg.subscription_dotsplit,
             on_empty=on_empty, has_fallbacks=bool(cfg.fastrouter_fallback))
+    use_cache = code_string = use_socket = None
+    try:
+        if cfg.fastrouter_use_cache is not None:
+            from .cache import CacheMapper
+            use_cache = CacheMapper(parts.registry, cfg.fastrouter_use_cache or None)
+        if cfg.fastrouter_use_code_string:
+            from .codestring import CodeStringMapper
+            code_string = CodeStringMapper(cfg.fastrouter_use_code_string)
+    except ValueError as exc:
+        raise StartupError(str(exc))
+    if cfg.fastrouter_use_socket is not None:
+        index = _shared_index("=" + str(cfg.fastrouter_use_socket or "0"))
+        if index < len(parts.app_listeners):
+            use_socket = parts.app_listeners[index].name
+        else:
+            log("[uwsgi-fastrouter] --fastrouter-use-socket: there is no socket %d: mapper not installed"
+                % index)
     router = Router(
+        use_cache=use_cache, code_string=code_string, use_socket=use_socket,
         to=cfg.fastrouter_to,
         use_pattern=cfg.fastrouter_use_pattern,
         use_base=cfg.fastrouter_use_base,
@@ -347,6 +368,7 @@ class MasterSockets:
     def bind(cls, cfg, inherited: Optional[dict]) -> "MasterSockets":
         _check(cfg)
         self = cls(cfg)
+        prepare_scripts(cfg, self.parts)
         if inherited:
             self._adopt(inherited)
         else:
@@ -607,3 +629,37 @@ def make_subscriber(cfg, reactor: Reactor, parts: Assembly):
                       resolve_shared=by_index(parts.shared), resolve_socket=by_index(apps),
                       modifier1=modifier1, notify=notify,
                       credentials=cfg.subscriptions_use_credentials)
+
+
+def prepare_scripts(cfg, parts: Assembly) -> None:
+    """Caches first, then the start-up scripts (once, before any process forks): a
+    ``--file`` fills the caches through the ``uwsgi`` module; with ``--socket`` the
+    ``--wsgi-file``/``--module`` is the local app and is loaded here, in the master."""
+    from .cache import CacheRegistry
+    from .scripts import ScriptError, run_startup_scripts
+    from .uwsgi_shim import install, options_from_config
+    try:
+        parts.registry = CacheRegistry.from_options(cfg.cache, cfg.cache_blocksize, cfg.cache2)
+    except ValueError as exc:
+        raise StartupError(str(exc))
+    if cfg.socket:
+        from .wsgiserver import AppLoadError, load_application
+        install(parts.registry, options_from_config(cfg))
+        if cfg.file:
+            try:
+                run_startup_scripts([cfg.file], [], [], registry=parts.registry,
+                                    options=options_from_config(cfg))
+            except ScriptError as exc:
+                raise StartupError(str(exc))
+        if cfg.wsgi_file or cfg.module:
+            try:
+                parts.app = load_application(wsgi_file=cfg.wsgi_file, module=cfg.module)
+            except AppLoadError as exc:
+                raise StartupError(str(exc))
+        return
+    try:
+        run_startup_scripts([cfg.file] if cfg.file else [], [cfg.wsgi_file] if cfg.wsgi_file else [],
+                            [cfg.module] if cfg.module else [], registry=parts.registry,
+                            options=options_from_config(cfg))
+    except ScriptError as exc:
+        raise StartupError(str(exc))

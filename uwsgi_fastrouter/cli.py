@@ -30,7 +30,7 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
 
 def needs_master(cfg) -> bool:
     """D1: one process unless a master is asked for or implied by several processes."""
-    return bool(cfg.master or (cfg.fastrouter_processes or 1) > 1)
+    return bool(cfg.master or (cfg.fastrouter_processes or 1) > 1 or cfg.socket or cfg.shared_socket)
 
 
 def run_master(cfg, argv: List[str]) -> int:

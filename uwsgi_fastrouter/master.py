@@ -161,11 +161,13 @@ class Master:
         if self.cfg.pidfile:
             _write_pidfile(self.cfg.pidfile)
         self.sockets.setup_master(self, reactor, inherited)
-        for index in range(1, max(1, self.cfg.fastrouter_processes or 1) + 1):
+        routers = max(1, self.cfg.fastrouter_processes or 1) if self.sockets.listeners else 0
+        for index in range(1, routers + 1):
             child = Child("router", index)
             self.routers.append(child)
             self._spawn(child)
-        if self._make_worker is not None:
+        if self.sockets.parts.app is not None and self.sockets.parts.app_listeners:
+            self._make_worker = self._run_worker
             for index in range(1, max(1, self.cfg.processes or 1) + 1):
                 child = Child("worker", index)
                 self.workers.append(child)
@@ -283,6 +285,14 @@ class Master:
             parts.stop(unlink=False)
             link.stop()
         return 0
+
+    def _run_worker(self, index: int) -> int:
+        from .wsgiserver import Worker
+        parts = self.sockets.parts
+        worker = Worker([l.sock for l in parts.app_listeners], parts.app, worker_id=index,
+                        harakiri=0, buffer_size=self.cfg.buffer_size or 4096,
+                        parent_pid=os.getppid())
+        return worker.serve_forever()
 
     # -------------------------------------------------------------- signals
 

@@ -156,12 +156,12 @@ OPTIONS: Tuple[Option, ...] = (
        "(no / is added)", G_ROUTER, metavar="BASE"),
     _o("fastrouter-use-cache", STRING, "look the key up in a cache to get the backend address; "
        "a bare option means the first cache", G_ROUTER, arg=OPTIONAL, bare="", metavar="NAME",
-       status=PENDING),
+       status=SUPPORTED),
     _o("fastrouter-use-code-string", STRING, "call FUNC(key) from the Python FILE "
        "(modifier1 0) to get the backend address", G_ROUTER, metavar="MOD1:FILE:FUNC",
-       status=PENDING),
+       status=SUPPORTED),
     _o("fastrouter-use-socket", INT, "forward every request to this instance's --socket number N "
-       "(0-based; a bare option means 0)", G_ROUTER, arg=OPTIONAL, bare="0", status=PENDING),
+       "(0-based; a bare option means 0)", G_ROUTER, arg=OPTIONAL, bare="0", status=SUPPORTED),
     _o("fastrouter-subscription-server", LIST, "accept subscriptions on ADDR (UDP when it contains "
        "a colon, else a unix datagram socket); repeatable", G_ROUTER, default=[], metavar="ADDR",
        status=SUPPORTED),
@@ -231,18 +231,17 @@ OPTIONS: Tuple[Option, ...] = (
     _o("stats-http", BOOL, "send the statistics as an HTTP response", G_PROCESS),
     _o("no-fd-passing", BOOL, "never hand client connections over to unix-socket nodes; always "
        "relay", G_PROCESS),
-    _o("buffer-size", UINT64, "largest request vars block a backend instance accepts; the router "
-       "forwards any size", G_PROCESS, short="b", default=4096,
-       status=NOOP),
+    _o("buffer-size", UINT64, "largest request vars block the local app workers (--socket) accept; "
+       "the router forwards any size", G_PROCESS, short="b", default=4096),
     _o("socket", LIST, "bind a uwsgi socket for this instance's application workers; repeatable",
        G_PROCESS, short="s", aliases=("uwsgi-socket",), default=[], metavar="ADDR",
-       status=PENDING),
+       status=SUPPORTED),
     _o("shared-socket", LIST, "bind a socket before anything else; the k-th one is referenced as "
-       "=k; repeatable", G_PROCESS, default=[], metavar="ADDR", status=PENDING),
+       "=k; repeatable", G_PROCESS, default=[], metavar="ADDR", status=SUPPORTED),
     _o("undeferred-shared-socket", LIST, "like --shared-socket, without TCP_DEFER_ACCEPT; "
        "repeatable", G_PROCESS, default=[], metavar="ADDR", status=PENDING),
     _o("processes", INT, "number of application worker processes", G_PROCESS, short="p",
-       aliases=("workers",), default=1, status=PENDING),
+       aliases=("workers",), default=1, status=SUPPORTED),
     _o("force-gateway", BOOL, "without a master, run the first router in the main process",
        G_PROCESS, status=PENDING),
     _o("uid", STRING, "switch to USER (name or number) after binding the sockets", G_PROCESS,
@@ -263,16 +262,18 @@ OPTIONS: Tuple[Option, ...] = (
        status=PENDING),
     # -- Cache and application loading -------------------------------------------
     _o("cache", UINT64, "create the default cache with N items; 0 creates none", G_APPS, default=0,
-       status=PENDING),
+       status=SUPPORTED),
     _o("cache-blocksize", UINT64, "largest value, in bytes, the default cache stores", G_APPS,
-       default=65536, metavar="BYTES", status=PENDING),
+       default=65536, metavar="BYTES", status=SUPPORTED),
     _o("cache2", LIST, "create a cache from name=NAME,items=N[,blocksize=B][,keysize=K]; "
-       "repeatable", G_APPS, default=[], metavar="SPEC", status=PENDING),
+       "repeatable", G_APPS, default=[], metavar="SPEC", status=SUPPORTED),
     _o("file", STRING, "run the Python file PATH once at startup, before the router starts",
-       G_APPS, metavar="PATH", status=PENDING),
-    _o("wsgi-file", STRING, "same as --file", G_APPS, metavar="PATH", status=PENDING),
-    _o("module", STRING, "import the Python module NAME once at startup, before the router starts",
-       G_APPS, short="w", aliases=("wsgi",), metavar="NAME", status=PENDING),
+       G_APPS, metavar="PATH", status=SUPPORTED),
+    _o("wsgi-file", STRING, "the WSGI app of the local workers (with --socket); without --socket, "
+       "run once at startup like --file", G_APPS, metavar="PATH", status=SUPPORTED),
+    _o("module", STRING, "the local workers' WSGI app as a module (NAME or NAME:CALLABLE, with "
+       "--socket); without --socket, imported once at startup",
+       G_APPS, short="w", aliases=("wsgi",), metavar="NAME", status=SUPPORTED),
     # -- Subscriptions -------------------------------------------------------------
     _o("subscribe-to", LIST, "announce this instance to a subscription server: "
        "[SOCKNAME=]SERVER:KEY[,MOD1[,DIGEST:KEYFILE]] or SERVER:@MAPFILE; repeatable", G_SUBS,

@@ -3,8 +3,9 @@
 Theory of operation
 -------------------
 Exactly one mapper is active per router (uWSGI's fixed priority, options.md §2.1):
-``--fastrouter-use-pattern`` > subscriptions > ``--fastrouter-use-base`` >
-``--fastrouter-to``; with
+``--fastrouter-use-cache`` > ``--fastrouter-use-pattern`` > subscriptions >
+``--fastrouter-use-base`` > ``--fastrouter-use-code-string`` > ``--fastrouter-use-socket``
+> ``--fastrouter-to``; with
 none of them every request is closed once its vars are read.  A mapper turns a key
 into a :class:`Route` (address bytes plus the modifier1/modifier2 to write into the
 forwarded header) or ``None`` ("no route").
@@ -204,6 +205,16 @@ class SubscriptionMapper:
             self.on_empty()
 
 
+class FixedMapper:
+    """``--fastrouter-use-socket``: every request to one address (the instance's own socket)."""
+
+    def __init__(self, address: str) -> None:
+        self.route = Route(address.encode("utf-8", "surrogateescape"))
+
+    def __call__(self, key: bytes) -> Optional[Route]:
+        return self.route
+
+
 class NoMapper:
     """No mapper configured: every request is closed after its vars."""
 
@@ -218,17 +229,24 @@ class Router:
                  use_base: Optional[str] = None, fallback: Sequence[str] = (),
                  fallback_on_no_key: bool = False, gracetime: int = 30,
                  max_retries: int = 3, quiet: bool = False, wall_clock=None,
-                 subscriptions: Optional[SubscriptionMapper] = None) -> None:
+                 subscriptions: Optional[SubscriptionMapper] = None,
+                 use_cache=None, code_string=None, use_socket: Optional[str] = None) -> None:
         import time
         self.wall_clock = wall_clock or time.time
         self.static = StaticMapper(to, gracetime, self.wall_clock) if to else None
         self.subscriptions = subscriptions
-        if use_pattern is not None:
+        if use_cache is not None:
+            self.mapper = use_cache
+        elif use_pattern is not None:
             self.mapper = PatternMapper(use_pattern)
         elif subscriptions is not None:
             self.mapper = subscriptions
         elif use_base is not None:
             self.mapper = BaseMapper(use_base)
+        elif code_string is not None:
+            self.mapper = code_string
+        elif use_socket is not None:
+            self.mapper = FixedMapper(use_socket)
         elif self.static is not None:
             self.mapper = self.static
         else:

@@ -1,0 +1,93 @@
+"""The seed's "Way 3" (cache) and "Way 5" (code string) end to end through the router."""
+
+from __future__ import annotations
+
+from backends import RecordingBackend, request
+from support import start_router
+
+
+def key_request(key: bytes):
+    return [(b"HTTP_HOST", key), (b"PATH_INFO", b"/")]
+
+
+def test_way3_cache_filled_by_a_script(tmp_path):
+    with RecordingBackend("c1") as c1, RecordingBackend("c2") as c2:
+        script = tmp_path / "foobar.py"
+        script.write_text(
+            "import uwsgi\n"
+            "# Requests for example.com on port 8000 go to the first node\n"
+            "uwsgi.cache_set('example.com:8000', '%s')\n"
+            "# unbit.it goes to the second node with modifier1 5\n"
+            "uwsgi.cache_set('unbit.it', '%s,5')\n"
+            "uwsgi.cache_set('rr.example', '%s|%s')\n" % (c1.address, c2.address, c1.address, c2.address))
+        router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-use-cache", "--cache", "100",
+                               "--file", str(script)])
+        addr = router.addresses[0]
+        assert b"node=c1" in request(addr, key_request(b"example.com:8000"))
+        assert b"node=c2" in request(addr, key_request(b"unbit.it"))
+        assert c2.requests[-1].modifier1 == 5
+        assert request(addr, key_request(b"example.com")) == b""          # cache miss: closed
+        seen = [request(addr, key_request(b"rr.example")).split(b"node=")[1][:2] for _ in range(4)]
+        assert seen == [b"c1", b"c2", b"c1", b"c2"]
+
+
+def test_use_cache_without_a_cache_is_a_start_up_error(tmp_path):
+    from support import Proc, router_argv, wait_until
+    proc = Proc(router_argv(["--fastrouter", "127.0.0.1:0", "--fastrouter-use-cache"]))
+    wait_until(lambda: not proc.alive(), timeout=20, what="the router to give up")
+    assert proc.returncode == 1
+    assert "you need to create a uwsgi cache" in proc.log()
+
+
+MEGAMAPPER = '''
+domains = {}
+domains['example.com'] = {'nodes': ('%(a)s', '%(b)s'), 'node': 0}
+domains['unbit.it'] = {'nodes': ('%(a)s,5', '%(b)s,5'), 'node': 0}
+
+DEFAULT_NODE = '%(default)s'
+
+def get(key):
+    if key not in domains:
+        return DEFAULT_NODE
+
+    # get the node to forward requests to
+    nodes = domains[key]['nodes']
+    current_node = domains[key]['node']
+    value = nodes[current_node]
+
+    # round robin :P
+    next_node = current_node + 1
+    if next_node >= len(nodes):
+        next_node = 0
+
+    domains[key]['node'] = next_node
+
+    return value
+'''
+
+
+def test_way5_the_seeds_megamapper_works_as_written(tmp_path):
+    with RecordingBackend("a") as a, RecordingBackend("b") as b, RecordingBackend("d") as d:
+        mapper = tmp_path / "megamapper.py"
+        mapper.write_text(MEGAMAPPER % {"a": a.address, "b": b.address, "default": d.address})
+        router = start_router(["--fastrouter", "127.0.0.1:0",
+                               "--fastrouter-use-code-string", "0:%s:get" % mapper])
+        addr = router.addresses[0]
+        seen = [request(addr, key_request(b"example.com")).split(b"node=")[1][:1] for _ in range(4)]
+        assert seen == [b"a", b"b", b"a", b"b"]
+        assert b"node=a" in request(addr, key_request(b"unbit.it"))
+        assert a.requests[-1].modifier1 == 5
+        assert b"node=d" in request(addr, key_request(b"other.org"))
+
+
+def test_a_raising_mapper_closes_that_request_and_the_router_survives(tmp_path):
+    with RecordingBackend("a") as a:
+        mapper = tmp_path / "bad.py"
+        mapper.write_text("def get(key):\n    if key == 'boom':\n        raise RuntimeError('no')\n"
+                          "    if key == 'junk':\n        return 42\n    return '%s'\n" % a.address)
+        router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-use-code-string", "0:%s:get" % mapper])
+        addr = router.addresses[0]
+        assert request(addr, key_request(b"boom")) == b""
+        assert request(addr, key_request(b"junk")) == b""
+        assert b"node=a" in request(addr, key_request(b"fine"))
+        router.wait_for_log("RuntimeError")
