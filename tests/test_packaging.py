@@ -83,8 +83,8 @@ def test_readme_starts_with_the_two_commands_and_ci_runs_the_second():
     # The first two lines are the commands themselves, ready to paste on a fresh machine.
     lines = (ROOT / "README.md").read_text().splitlines()
     assert lines[:2] == [
-        "pip install . && uwsgi-fastrouter --fastrouter 127.0.0.1:3017 --fastrouter-to 127.0.0.1:3031"
-        " --fastrouter-stats 127.0.0.1:9191",
+        "pip install . && uwsgi-fastrouter --fastrouter 127.0.0.1:3017"
+        " --fastrouter-subscription-server 127.0.0.1:7000 --fastrouter-stats 127.0.0.1:9191",
         "pip install tox && tox",
     ]
     ci = (ROOT / ".ci" / "run").read_text()
