@@ -151,3 +151,57 @@ def test_sigterm_is_a_reload_unless_die_on_term():
         dying = start_router(["--master", "--die-on-term", "--fastrouter", "127.0.0.1:0",
                               "--fastrouter-to", node.address])
         assert dying.stop(signal.SIGTERM) == 0
+
+
+def test_router_harakiri_kills_a_stuck_router_process_and_respawns_it(tmp_path):
+    with RecordingBackend("h") as node:
+        mapper = tmp_path / "slow.py"
+        mapper.write_text("import time\ndef get(key):\n    if key == 'stuck':\n        time.sleep(30)\n"
+                          "    return '%s'\n" % node.address)
+        router = start_router(["--master", "--fastrouter", "127.0.0.1:0", "--fastrouter-harakiri", "1",
+                               "--fastrouter-use-code-string", "0:%s:get" % mapper])
+        router.wait_for_log(r"spawned uWSGI fastrouter 1")
+        started = time.monotonic()
+        assert request(router.addresses[0], [(b"HTTP_HOST", b"stuck")], timeout=20) == b""
+        assert time.monotonic() - started < 10
+        router.wait_for_log(r"\*\*\* HARAKIRI ON GATEWAY uWSGI fastrouter 1 \(pid: \d+\) \*\*\*")
+        router.wait_for_log(r"spawned uWSGI fastrouter 1", count=2)
+        assert b"node=h" in request(router.addresses[0], HOST)
+
+
+def test_logto_and_privileges(tmp_path):
+    if os.getuid() != 0:
+        pytest.skip("needs root to switch users")
+    logfile = tmp_path / "router.log"
+    os.chmod(tmp_path, 0o777)
+    with RecordingBackend("l") as node:
+        router = start_router(["--master", "--fastrouter", "127.0.0.1:0", "--fastrouter-to", node.address,
+                               "--logto", str(logfile), "--fastrouter-uid", "nobody"], listeners=0)
+        wait_until(lambda: logfile.exists() and "spawned uWSGI fastrouter 1" in logfile.read_text(),
+                   what="log lines in the --logto file")
+        address = __import__("re").search(r"bound on (\S+) fd", logfile.read_text()).group(1)
+        assert b"node=l" in request(address, HOST)
+        (child,) = children(router.pid)
+        with open("/proc/%d/status" % child) as handle:
+            uid_line = [line for line in handle if line.startswith("Uid:")][0]
+        assert uid_line.split()[1] == str(__import__("pwd").getpwnam("nobody").pw_uid)
+
+
+def test_daemonize_detaches_and_writes_the_pidfile(tmp_path):
+    from support import Proc, router_argv
+    logfile = tmp_path / "daemon.log"
+    pidfile = tmp_path / "daemon.pid"
+    launcher = Proc(router_argv(["--master", "--fastrouter", "127.0.0.1:0", "--fastrouter-to", "127.0.0.1:9",
+                                 "--daemonize", str(logfile), "--pidfile", str(pidfile)]))
+    wait_until(lambda: not launcher.alive(), what="the launcher to return")
+    assert launcher.returncode == 0
+    wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), what="the daemon's pidfile")
+    daemon = int(pidfile.read_text())
+    try:
+        assert daemon != launcher.pid
+        wait_until(lambda: "spawned uWSGI fastrouter 1" in logfile.read_text(), what="daemon log")
+    finally:
+        os.kill(daemon, signal.SIGINT)
+        wait_until(lambda: not os.path.exists("/proc/%d" % daemon) or
+                   open("/proc/%d/stat" % daemon).read().rsplit(")", 1)[1].split()[0] == "Z",
+                   timeout=15, what="the daemon to stop")

@@ -30,7 +30,8 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
 
 def needs_master(cfg) -> bool:
     """D1: one process unless a master is asked for or implied by several processes."""
-    return bool(cfg.master or (cfg.fastrouter_processes or 1) > 1 or cfg.socket or cfg.shared_socket)
+    return bool(cfg.master or (cfg.fastrouter_processes or 1) > 1 or cfg.socket or cfg.shared_socket
+                or cfg.fastrouter_harakiri)
 
 
 def run_master(cfg, argv: List[str]) -> int:
@@ -68,6 +69,16 @@ def run(cfg) -> int:
     # A vanished log reader or client must not kill the process.
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
+    if cfg.uid or cfg.gid or cfg.fastrouter_uid or cfg.fastrouter_gid:
+        from .proccontrol import PrivilegeError, drop_privileges, resolve_group, resolve_user
+        uid, gid = cfg.fastrouter_uid or cfg.uid, cfg.fastrouter_gid or cfg.gid
+        try:
+            drop_privileges(resolve_user(uid) if uid else None, resolve_group(gid) if gid else None)
+        except (PrivilegeError, ValueError) as exc:
+            log(str(exc))
+            parts.stop()
+            reactor.close()
+            return EXIT_CONFIG
     try:
         subscriber = make_subscriber(cfg, reactor, parts)
     except StartupError as exc:
@@ -101,6 +112,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as exc:
         log(str(exc))
         return EXIT_CONFIG
+    try:
+        _logging(cfg)
+    except (OSError, ValueError) as exc:
+        log("unable to open the log file: %s" % exc)
+        return EXIT_CONFIG
     if needs_master(cfg):
         return run_master(cfg, list(argv))
     return run(cfg)
+
+
+def _logging(cfg) -> None:
+    """--daemonize LOGFILE (not again after a reload's re-exec) and --logto PATH."""
+    from .master import ENV_INHERIT
+    from .proccontrol import daemonize, open_log
+    if cfg.daemonize is not None and ENV_INHERIT not in os.environ:
+        daemonize(cfg.logto or cfg.daemonize or "")
+    elif cfg.logto:
+        open_log(cfg.logto)

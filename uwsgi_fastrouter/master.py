@@ -139,6 +139,7 @@ class Master:
         self.exit_code = 0
         self.subscriptions = None    # the master's SubscriptionServer (external sockets)
         self.table = None
+        self.heartbeat = None        # --fastrouter-harakiri: one slot per router process
 
     # ----------------------------------------------------------------- start
 
@@ -160,8 +161,12 @@ class Master:
         self.old_pids = inherited.get("children", []) if inherited else []
         if self.cfg.pidfile:
             _write_pidfile(self.cfg.pidfile)
-        self.sockets.setup_master(self, reactor, inherited)
+        self._drop_master_privileges()
         routers = max(1, self.cfg.fastrouter_processes or 1) if self.sockets.listeners else 0
+        if self.cfg.fastrouter_harakiri and routers:
+            from .proccontrol import Heartbeat
+            self.heartbeat = Heartbeat(routers)
+        self.sockets.setup_master(self, reactor, inherited)
         for index in range(1, routers + 1):
             child = Child("router", index)
             self.routers.append(child)
@@ -230,6 +235,8 @@ class Master:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _MASTER_SIGNALS)
         child.pid = pid
         child.started = time.monotonic()
+        if self.heartbeat is not None and child.kind == "router":
+            self.heartbeat.reset(child.index - 1, child.started)
         child.draining = False
         self.children[pid] = child
         if child_end is not None:
@@ -256,8 +263,17 @@ class Master:
         self.sockets.close_master_only()
 
     def _run_router(self, child: Child, channel: socket.socket) -> int:
+        cfg = self.cfg
+        if cfg.fastrouter_uid or cfg.fastrouter_gid:
+            from .proccontrol import drop_privileges, resolve_group, resolve_user
+            drop_privileges(resolve_user(cfg.fastrouter_uid) if cfg.fastrouter_uid else None,
+                            resolve_group(cfg.fastrouter_gid) if cfg.fastrouter_gid else None,
+                            who="uWSGI fastrouter %d" % child.index)
         reactor = Reactor()
         parts = self._wire(self.cfg, reactor, self.sockets, channel)
+        if self.heartbeat is not None:
+            from .proccontrol import start_beating
+            start_beating(reactor, self.heartbeat, child.index - 1)
         link = RouterLink(reactor, channel, parts)
         stop_requested = []
 
@@ -465,7 +481,26 @@ class Master:
                         self.broadcast(FAILED, payload, exclude=child)
         return reports
 
+    def _drop_master_privileges(self) -> None:
+        cfg = self.cfg
+        if cfg.uid or cfg.gid:
+            from .proccontrol import drop_privileges, resolve_group, resolve_user
+            drop_privileges(resolve_user(cfg.uid) if cfg.uid else None,
+                            resolve_group(cfg.gid) if cfg.gid else None)
+
+    def _check_harakiri(self) -> None:
+        from .proccontrol import harakiri_line
+        now = time.monotonic()
+        for child in self.routers:
+            if child.pid and not child.draining and child.pid in self.children \
+                    and self.heartbeat.stale(child.index - 1, now, self.cfg.fastrouter_harakiri):
+                log(harakiri_line(child.index, child.pid))
+                _signal(child.pid, signal.SIGKILL)
+                self.heartbeat.reset(child.index - 1, now)
+
     def _tick(self) -> None:
+        if self.heartbeat is not None and not self.stopping:
+            self._check_harakiri()
         self.sockets.tick()
         self._on_child(0)   # a SIGCHLD can be lost across an exec: reap here too
         self.reactor.call_later(1.0, self._tick)

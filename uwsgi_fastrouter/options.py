@@ -196,7 +196,7 @@ OPTIONS: Tuple[Option, ...] = (
        default_doc="256 KiB"),
     _o("fastrouter-events", INT, "maximum number of events handled per poll", G_ROUTER, default=64),
     _o("fastrouter-harakiri", INT, "restart a router process whose event loop is stuck for SECS "
-       "seconds; 0 is off", G_ROUTER, default=0, metavar="SECS", status=PENDING),
+       "seconds; 0 is off", G_ROUTER, default=0, metavar="SECS", status=SUPPORTED),
     _o("fastrouter-quiet", BOOL, "do not log failed backend connections; takes a value, "
        "e.g. --fastrouter-quiet 1", G_ROUTER, arg=REQUIRED),
     _o("fastrouter-resubscribe", LIST, "forward every received subscription and unsubscription "
@@ -207,9 +207,9 @@ OPTIONS: Tuple[Option, ...] = (
     _o("fastrouter-zerg", STRING, "also route on the listening sockets received from the zerg "
        "server at PATH", G_ROUTER, metavar="PATH", status=SUPPORTED),
     _o("fastrouter-uid", STRING, "run the router processes as USER (name or number)", G_ROUTER,
-       metavar="USER", status=PENDING),
+       metavar="USER", status=SUPPORTED),
     _o("fastrouter-gid", STRING, "run the router processes with group GROUP (name or number)",
-       G_ROUTER, metavar="GROUP", status=PENDING),
+       G_ROUTER, metavar="GROUP", status=SUPPORTED),
     _o("fastrouter-subscription-slot", STRING, "deprecated: accepted and ignored, with a warning",
        G_ROUTER, status=DEPRECATED),
     # -- Sockets and processes -------------------------------------------------
@@ -245,15 +245,15 @@ OPTIONS: Tuple[Option, ...] = (
     _o("force-gateway", BOOL, "without a master, run the first router in the main process",
        G_PROCESS, status=PENDING),
     _o("uid", STRING, "switch to USER (name or number) after binding the sockets", G_PROCESS,
-       metavar="USER", status=PENDING),
+       metavar="USER", status=SUPPORTED),
     _o("gid", STRING, "switch to GROUP (name or number) after binding the sockets", G_PROCESS,
-       metavar="GROUP", status=PENDING),
+       metavar="GROUP", status=SUPPORTED),
     _o("pidfile", STRING, "write the pid of the master to PATH", G_PROCESS, metavar="PATH",
        status=SUPPORTED),
     _o("daemonize", STRING, "detach from the terminal and log to LOGFILE", G_PROCESS, short="d",
-       metavar="LOGFILE", status=PENDING),
+       metavar="LOGFILE", status=SUPPORTED),
     _o("logto", STRING, "log to the file PATH instead of stderr", G_PROCESS, metavar="PATH",
-       status=PENDING),
+       status=SUPPORTED),
     _o("zerg-server", STRING, "hand this instance's listening sockets to zergs connecting to the "
        "unix socket PATH", G_PROCESS, metavar="PATH", status=SUPPORTED),
     _o("zerg", LIST, "take the listening sockets from the zerg server at PATH; repeatable",

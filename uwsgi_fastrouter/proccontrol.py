@@ -1,0 +1,321 @@
+"""Process control for the master: user and group ids, the log file, daemonizing, harakiri.
+
+Theory of operation
+-------------------
+Privileges (``--uid``/``--gid``, ``--fastrouter-uid``/``--fastrouter-gid``) are dropped
+after every socket is bound.  As root the order is: supplementary groups, then the
+group id, then the user id -- once the user id is gone the process may no longer change
+its groups.  After a setuid() to a non-root user we check that root cannot be regained.
+A process that is not root cannot change its ids: asking for the ids it already has is
+accepted silently, asking for others is an error (the uWSGI wording: ``cannot setuid()
+as non-root user``).
+
+The log file (``--logto``, and the value of ``--daemonize``) is opened in append mode
+(mode 0640, as uWSGI creates it) and put on descriptors 1 and 2, so that whatever
+writes to stdout or stderr -- Python code, a child process, a crash trace -- ends up
+there; :func:`log.log` is pointed at a line-buffered stream on descriptor 2.
+
+Daemonizing is the classic double fork: the original process exits 0 as soon as the
+first child exists; the first child starts a new session and forks again; the
+grandchild (not a session leader, so it can never acquire a controlling terminal) is
+the daemon.  As in uWSGI the working directory is kept, the umask is cleared, stdin
+comes from /dev/null and stdout/stderr go to the log file.  The log file is opened
+*before* forking so that an unusable path is reported on the terminal with an error
+status instead of killing an invisible daemon.
+
+Router harakiri (``--fastrouter-harakiri N``) uses a heartbeat: the master creates one
+shared anonymous mapping with an 8-byte slot per router process before forking; each
+router stamps its slot with the monotonic clock from a one-second reactor timer (see
+:func:`start_beating`).  A router whose event loop is stuck in one iteration stops
+stamping.  The master looks once a second: a slot older than N seconds plus the beat
+period means the loop has been stuck for at least N seconds, and the router is killed
+(SIGKILL) and respawned.  CLOCK_MONOTONIC is system-wide, so stamps written by one
+process compare with the time read by another.  A slot is written by one process only;
+a reader takes two equal readings in a row, so it never acts on a half-written stamp.
+"""
+
+from __future__ import annotations
+
+import errno
+import grp
+import io
+import mmap
+import os
+import pwd
+import struct
+import sys
+import time
+from typing import Callable, Optional
+
+from . import log as _logmod
+from .log import log
+
+__all__ = [
+    "PrivilegeError", "resolve_user", "resolve_group", "drop_privileges", "open_log",
+    "daemonize", "Heartbeat", "harakiri_line", "start_beating", "BEAT_INTERVAL",
+]
+
+LOG_FILE_MODE = 0o640
+BEAT_INTERVAL = 1.0            # seconds between two heartbeats of a router process
+_SLOT = struct.Struct("=d")    # one monotonic timestamp per router process
+
+
+class PrivilegeError(OSError):
+    """Changing the user or group id failed (or is impossible for this process)."""
+
+
+# --------------------------------------------------------------------------- ids
+
+def resolve_user(value: str) -> int:
+    """A user id from a number or a user name (``ValueError`` naming *value* if unknown)."""
+    return _resolve(value, "user", lambda name: pwd.getpwnam(name).pw_uid)
+
+
+def resolve_group(value: str) -> int:
+    """A group id from a number or a group name (``ValueError`` naming *value* if unknown)."""
+    return _resolve(value, "group", lambda name: grp.getgrnam(name).gr_gid)
+
+
+def _resolve(value: str, what: str, by_name: Callable[[str], int]) -> int:
+    text = str(value).strip()
+    if text.isdigit():
+        return int(text)
+    if text:
+        try:
+            return by_name(text)
+        except KeyError:
+            pass
+    raise ValueError("%s %s not found." % (what, value if text else repr(value)))
+
+
+def drop_privileges(uid: Optional[int], gid: Optional[int], *, who: str = "") -> None:
+    """Switch to *gid* and then *uid* (either may be None: left as it is).
+
+    *who* prefixes the log lines, e.g. ``"uWSGI fastrouter 1"`` for a router process
+    (``uWSGI fastrouter 1 setuid() to 65534``); the master passes nothing.
+    Raises :class:`PrivilegeError` with a clear message when a change fails.
+    """
+    if uid is None and gid is None:
+        return
+    prefix = who + " " if who else ""
+    if os.getuid() != 0:
+        # Not root: only the ids we already have can be "set".
+        if gid is not None and gid != os.getgid():
+            raise PrivilegeError(errno.EPERM, "%scannot setgid() as non-root user (to %d)"
+                                 % (prefix, gid))
+        if uid is not None and uid != os.getuid():
+            raise PrivilegeError(errno.EPERM, "%scannot setuid() as non-root user (to %d)"
+                                 % (prefix, uid))
+        return
+    if gid is not None:
+        log("%ssetgid() to %d" % (prefix, gid))
+        _call(os.setgroups, [gid], what="%ssetgroups() to [%d]" % (prefix, gid))
+        _call(os.setgid, gid, what="%ssetgid() to %d" % (prefix, gid))
+    if uid is not None:
+        log("%ssetuid() to %d" % (prefix, uid))
+        _call(os.setuid, uid, what="%ssetuid() to %d" % (prefix, uid))
+        if uid != 0:
+            try:
+                os.setuid(0)
+            except OSError:
+                pass    # as it must be
+            else:
+                raise PrivilegeError(errno.EPERM, "%sroot privileges could be regained after "
+                                     "setuid() to %d: refusing to run" % (prefix, uid))
+
+
+def _call(func: Callable, arg, *, what: str) -> None:
+    try:
+        func(arg)
+    except OSError as exc:
+        raise PrivilegeError(exc.errno, "%s failed: %s" % (what, exc.strerror or exc)) from None
+
+
+# --------------------------------------------------------------------------- log
+
+def open_log(path: str) -> None:
+    """Append every further output of this process (fds 1 and 2, :func:`log`) to *path*.
+
+    Raises ``OSError`` naming *path* when the file cannot be opened.
+    """
+    _install_log(_open_log_fd(path))
+
+
+def _open_log_fd(path: str) -> int:
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                       LOG_FILE_MODE)
+    except OSError as exc:
+        raise OSError(exc.errno, "unable to open log file: %s" % (exc.strerror or exc),
+                      path) from None
+
+
+def _install_log(fd: int) -> None:
+    """Put the open log file *fd* on descriptors 1 and 2 (and close *fd*)."""
+    _flush_std()
+    try:
+        for target in (1, 2):
+            if fd != target:
+                os.dup2(fd, target)
+    finally:
+        if fd not in (1, 2):
+            os.close(fd)
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name, None)
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(line_buffering=True)
+            except (ValueError, io.UnsupportedOperation):
+                pass
+    _logmod.set_stream(open(2, "w", buffering=1, encoding="utf-8",
+                            errors="backslashreplace", closefd=False))
+
+
+def _flush_std() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+# ----------------------------------------------------------------------- daemon
+
+def daemonize(logfile: Optional[str], *, umask: Optional[int] = 0) -> None:
+    """Become a daemon writing its output to *logfile* (None or "" = /dev/null).
+
+    Returns in the daemon (the grandchild) only; the calling process and the first
+    child leave with ``os._exit(0)``.  *umask* is set in the daemon (uWSGI clears it;
+    None leaves it unchanged).  Raises ``OSError`` naming the path, before forking,
+    when the log file cannot be opened.
+    """
+    log_fd = _open_log_fd(logfile or os.devnull)
+    try:
+        null_fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        os.close(log_fd)
+        raise
+    _flush_std()
+    try:
+        if os.fork() != 0:
+            os._exit(0)
+    except OSError:
+        os.close(log_fd)
+        os.close(null_fd)
+        raise
+    # The first child: a new session without a controlling terminal.
+    try:
+        os.setsid()
+        if os.fork() != 0:
+            os._exit(0)
+    except OSError as exc:
+        log("daemonize: %s" % exc)
+        os._exit(1)
+    # The daemon.
+    if umask is not None:
+        os.umask(umask)
+    if null_fd != 0:
+        os.dup2(null_fd, 0)
+        os.close(null_fd)
+    _install_log(log_fd)
+
+
+# --------------------------------------------------------------------- harakiri
+
+def harakiri_line(index: int, pid: int) -> str:
+    """The master's log line when it kills router process *index* (1-based)."""
+    return "*** HARAKIRI ON GATEWAY uWSGI fastrouter %d (pid: %d) ***" % (index, pid)
+
+
+class Heartbeat:
+    """One monotonic timestamp per router process, in memory shared across fork().
+
+    Create it in the master before forking the routers.  Slots are numbered from 0.
+    A slot that holds 0.0 (never stamped) is never stale.
+    """
+
+    __slots__ = ("slots", "period", "_map")
+
+    def __init__(self, slots: int, period: float = BEAT_INTERVAL) -> None:
+        if slots < 1:
+            raise ValueError("a heartbeat needs at least one slot, not %r" % (slots,))
+        self.slots = slots
+        self.period = period
+        # Anonymous mappings are MAP_SHARED by default: children see the same pages.
+        self._map = mmap.mmap(-1, _SLOT.size * slots)
+
+    def _offset(self, slot: int) -> int:
+        if not 0 <= slot < self.slots:
+            raise IndexError("heartbeat slot %d out of range 0..%d" % (slot, self.slots - 1))
+        return slot * _SLOT.size
+
+    def beat(self, slot: int, now: float) -> None:
+        """Stamp *slot* with *now* (called by the router process that owns the slot)."""
+        _SLOT.pack_into(self._map, self._offset(slot), now)
+
+    def reset(self, slot: int, now: float) -> None:
+        """Stamp *slot* at (re)spawn, so a new process gets the full limit."""
+        _SLOT.pack_into(self._map, self._offset(slot), now)
+
+    def last(self, slot: int) -> float:
+        """The latest stamp of *slot* (0.0 if never stamped)."""
+        offset = self._offset(slot)
+        value = _SLOT.unpack_from(self._map, offset)[0]
+        for _ in range(8):
+            again = _SLOT.unpack_from(self._map, offset)[0]
+            if again == value:
+                break
+            value = again
+        return value
+
+    def stale(self, slot: int, now: float, limit: float) -> bool:
+        """True when the owner of *slot* has not beaten for more than *limit* seconds
+        of loop time (the beat period is added: a healthy loop beats every period).
+        A *limit* of 0 or less means harakiri is off.
+        """
+        if limit <= 0:
+            return False
+        last = self.last(slot)
+        if last == 0.0:
+            return False
+        return now - last > limit + self.period
+
+    def close(self) -> None:
+        """Unmap the shared memory (in a process that no longer needs it)."""
+        if not self._map.closed:
+            self._map.close()
+
+
+class _Beater:
+    """A repeating reactor timer stamping one heartbeat slot."""
+
+    __slots__ = ("reactor", "heartbeat", "slot", "clock", "timer")
+
+    def __init__(self, reactor, heartbeat: Heartbeat, slot: int,
+                 clock: Callable[[], float]) -> None:
+        self.reactor = reactor
+        self.heartbeat = heartbeat
+        self.slot = slot
+        self.clock = clock
+        self.timer = None
+
+    def fire(self) -> None:
+        self.heartbeat.beat(self.slot, self.clock())
+        self.timer = self.reactor.call_later(self.heartbeat.period, self.fire)
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+def start_beating(reactor, heartbeat: Heartbeat, slot: int,
+                  clock: Callable[[], float] = time.monotonic) -> _Beater:
+    """In a router process: stamp *slot* now and every ``heartbeat.period`` seconds
+    from *reactor*'s timers.  Returns a handle whose ``cancel()`` stops the beats.
+    """
+    beater = _Beater(reactor, heartbeat, slot, clock)
+    beater.fire()
+    return beater
