@@ -205,3 +205,25 @@ def test_daemonize_detaches_and_writes_the_pidfile(tmp_path):
         wait_until(lambda: not os.path.exists("/proc/%d" % daemon) or
                    open("/proc/%d/stat" % daemon).read().rsplit(")", 1)[1].split()[0] == "Z",
                    timeout=15, what="the daemon to stop")
+
+
+def test_resubscribe_from_a_bound_port_under_a_master(tmp_path):
+    upstream = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    upstream.bind(("127.0.0.1", 0))
+    upstream.settimeout(10)
+    bind_port = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    bind_port.bind(("127.0.0.1", 0))
+    bind_addr = "127.0.0.1:%d" % bind_port.getsockname()[1]
+    bind_port.close()
+    sub = str(tmp_path / "sub.sock")
+    router = start_router(["--master", "--fastrouter", "127.0.0.1:0", "--fastrouter-processes", "2",
+                           "--fastrouter-subscription-server", sub,
+                           "--fastrouter-resubscribe", "127.0.0.1:%d" % upstream.getsockname()[1],
+                           "--fastrouter-resubscribe-bind", bind_addr])
+    router.wait_for_log(r"spawned uWSGI fastrouter 2")
+    announce(sub, b"example.com", b"127.0.0.1:9")
+    data, sender = upstream.recvfrom(65536)
+    upstream.close()
+    assert b"example.com" in data and "%s:%d" % sender == bind_addr
+    assert router.addresses[0].encode() in data          # upstream routes to this router
+    assert router.count(r"DAMN") == 0                     # no child died on the bound port

@@ -245,7 +245,9 @@ def build(cfg, reactor: Reactor) -> Assembly:
         raise
 
 
-def _wire(cfg, reactor, parts, listeners, datagram, stats_listener) -> Assembly:
+def _wire(cfg, reactor, parts, listeners, datagram, stats_listener, external: bool = True) -> Assembly:
+    """Build the router on bound sockets.  *external* False: a router process under a
+    master, whose subscription table is fed by the master (no forwarding upstream)."""
     force_key = None
     if cfg.fastrouter_force_key:
         force_key = cfg.fastrouter_force_key.encode("utf-8", "surrogateescape")
@@ -313,7 +315,8 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener) -> Assembly:
         parts.subscriptions = SubscriptionServer(
             reactor, table, datagram, wall_clock=time.time,
             on_node=server.leave_cheap, on_empty=on_empty,
-            resubscribe=cfg.fastrouter_resubscribe, resubscribe_bind=cfg.fastrouter_resubscribe_bind,
+            resubscribe=cfg.fastrouter_resubscribe if external else (),
+            resubscribe_bind=cfg.fastrouter_resubscribe_bind if external else None,
             own_address=own, use_credentials=cfg.subscriptions_use_credentials,
             credentials_check=cfg.subscriptions_credentials_check, skip_uids=skip)
 
@@ -580,7 +583,7 @@ def _skip_uids(cfg) -> list:
 def wire_child(cfg, reactor: Reactor, sockets: MasterSockets, channel) -> Assembly:
     """A router process under a master: the inherited listeners, a table fed by the master."""
     parts = Assembly()
-    _wire(cfg, reactor, parts, sockets.listeners, sockets.datagram, None)
+    _wire(cfg, reactor, parts, sockets.listeners, sockets.datagram, None, external=False)
     parts.external_subscriptions = False
     if parts.table is not None and sockets.table is not None:
         parts.table.load(sockets.table.dump(), time.time())
