@@ -102,3 +102,13 @@ def test_the_local_app_reads_bodies_and_survives_a_reload(tmp_path):
     finally:
         load.finish()
     assert load.failed == 0
+
+
+def test_undeferred_shared_sockets_are_numbered_after_the_others(tmp_path):
+    with RecordingBackend("u") as node:
+        router = start_router(["--shared-socket", "127.0.0.1:0", "--undeferred-shared-socket", "127.0.0.1:0",
+                               "--fastrouter", "=1", "--fastrouter-to", node.address])
+        first = router.wait_for_log(r"uwsgi shared socket 0 bound to TCP address (\S+) fd").group(1)
+        second = router.wait_for_log(r"uwsgi shared socket 1 bound to TCP address (\S+) fd").group(1)
+        assert router.addresses == [second] and first != second
+        assert b"node=u" in request(second, HOST)

@@ -75,3 +75,33 @@ def test_a_real_uwsgi_zerg_server_lends_its_sockets(tmp_path):
             for pid in workers:
                 os.kill(pid, signal.SIGCONT)
         assert request(app.address, HOST)   # and both still answer afterwards
+
+
+APP = "def application(e, s):\n    s('200 OK', [])\n    return [b'zerg worker']\n"
+
+
+def test_app_workers_attach_to_a_zerg_server(tmp_path):
+    path = sock_path(tmp_path, "lend.sock")
+    app_file = tmp_path / "app.py"
+    app_file.write_text(APP)
+    with RecordingBackend("z") as node:
+        lender = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-to", node.address,
+                               "--zerg-server", path])
+        lender.wait_for_log(r"zerg server enabled")
+        workers = start_router(["--zerg", path, "--wsgi-file", str(app_file), "--processes", "1"],
+                               listeners=0)
+        workers.wait_for_log(r"spawned uWSGI worker 1")
+        shared = lender.addresses[0]
+        lender.stop()                      # only the zerg workers accept now
+        assert request(shared, HOST).endswith(b"zerg worker")
+
+
+def test_zerg_fallback_uses_the_own_socket(tmp_path):
+    app_file = tmp_path / "app.py"
+    app_file.write_text(APP)
+    proc = start_router(["--zerg", sock_path(tmp_path, "nobody.sock"), "--zerg-fallback",
+                         "--socket", "127.0.0.1:0", "--wsgi-file", str(app_file)], listeners=0)
+    m = proc.wait_for_log(r"uwsgi socket 0 bound to TCP address (127.0.0.1:\d+)")
+    proc.wait_for_log(r"--zerg-fallback")
+    proc.wait_for_log(r"spawned uWSGI worker 1")
+    assert request(m.group(1), HOST).endswith(b"zerg worker")

@@ -40,7 +40,8 @@ def _chmod_value(value) -> Optional[int]:
 
 
 def _check(cfg) -> None:
-    if not (cfg.fastrouter or cfg.fastrouter_zerg or cfg.subscribe_to or cfg.subscribe2 or cfg.socket):
+    if not (cfg.fastrouter or cfg.fastrouter_zerg or cfg.subscribe_to or cfg.subscribe2 or cfg.socket
+            or cfg.zerg):
         raise StartupError("no --fastrouter address given: nothing to route "
                            "(example: --fastrouter 127.0.0.1:3017)")
     if cfg.fastrouter_max_retries < 0:
@@ -155,8 +156,11 @@ def _bind_all(cfg, parts: Assembly) -> tuple:
         return parts.shared[index], index
 
     try:
-        for number, spec in enumerate(cfg.shared_socket):
-            listener = bind(spec)
+        shared_specs = [(spec, True) for spec in cfg.shared_socket] + \
+            [(spec, False) for spec in cfg.undeferred_shared_socket]
+        for number, (spec, deferred) in enumerate(shared_specs):
+            listener = bind(spec) if deferred else bind_listener(
+                spec, backlog=cfg.listen, chmod=chmod, abstract_all=cfg.abstract_socket, defer_accept=0)
             parts.shared.append(listener)
             parts.closables.append(listener)
             log("uwsgi shared socket %d bound to %s address %s fd %d"
@@ -178,6 +182,20 @@ def _bind_all(cfg, parts: Assembly) -> tuple:
             else:
                 log("uwsgi socket %d mapped to shared socket %d (%s) fd %d"
                     % (number, index, listener.name, listener.sock.fileno()))
+        option = "zerg"
+        for path in cfg.zerg:
+            try:
+                lent = zerg.attach(path)
+            except zerg.ZergError as exc:
+                if cfg.zerg_fallback:
+                    log("%s: going on with this instance's own sockets (--zerg-fallback)" % exc)
+                    continue
+                raise AddressError(path, str(exc))
+            for listener in lent:
+                parts.app_listeners.append(listener)
+                parts.closables.append(listener)
+                log("uwsgi socket %d attached from the zerg server %s: %s fd %d"
+                    % (len(parts.app_listeners) - 1, path, listener.name, listener.sock.fileno()))
         if cfg.fastrouter_zerg:
             option = "fastrouter-zerg"
             try:
@@ -645,7 +663,7 @@ def prepare_scripts(cfg, parts: Assembly) -> None:
         parts.registry = CacheRegistry.from_options(cfg.cache, cfg.cache_blocksize, cfg.cache2)
     except ValueError as exc:
         raise StartupError(str(exc))
-    if cfg.socket:
+    if cfg.socket or cfg.zerg:
         from .wsgiserver import AppLoadError, load_application
         install(parts.registry, options_from_config(cfg))
         if cfg.file:

@@ -238,12 +238,12 @@ OPTIONS: Tuple[Option, ...] = (
        status=SUPPORTED),
     _o("shared-socket", LIST, "bind a socket before anything else; the k-th one is referenced as "
        "=k; repeatable", G_PROCESS, default=[], metavar="ADDR", status=SUPPORTED),
-    _o("undeferred-shared-socket", LIST, "like --shared-socket, without TCP_DEFER_ACCEPT; "
-       "repeatable", G_PROCESS, default=[], metavar="ADDR", status=PENDING),
+    _o("undeferred-shared-socket", LIST, "like --shared-socket, without TCP_DEFER_ACCEPT; numbered "
+       "after the --shared-socket ones; repeatable", G_PROCESS, default=[], metavar="ADDR"),
     _o("processes", INT, "number of application worker processes", G_PROCESS, short="p",
        aliases=("workers",), default=1, status=SUPPORTED),
-    _o("force-gateway", BOOL, "without a master, run the first router in the main process",
-       G_PROCESS, status=PENDING),
+    _o("force-gateway", BOOL, "without a master, run the first router in the main process (what "
+       "uwsgi-fastrouter always does without --master)", G_PROCESS),
     _o("uid", STRING, "switch to USER (name or number) after binding the sockets", G_PROCESS,
        metavar="USER", status=SUPPORTED),
     _o("gid", STRING, "switch to GROUP (name or number) after binding the sockets", G_PROCESS,
@@ -256,10 +256,10 @@ OPTIONS: Tuple[Option, ...] = (
        status=SUPPORTED),
     _o("zerg-server", STRING, "hand this instance's listening sockets to zergs connecting to the "
        "unix socket PATH", G_PROCESS, metavar="PATH", status=SUPPORTED),
-    _o("zerg", LIST, "take the listening sockets from the zerg server at PATH; repeatable",
-       G_PROCESS, default=[], metavar="PATH", status=PENDING),
-    _o("zerg-fallback", BOOL, "use the own sockets when no zerg server can be reached", G_PROCESS,
-       status=PENDING),
+    _o("zerg", LIST, "the local app workers also accept on the listening sockets of the zerg "
+       "server at PATH; repeatable", G_PROCESS, default=[], metavar="PATH"),
+    _o("zerg-fallback", BOOL, "start with the own --socket listeners when no zerg server can be "
+       "reached (else that is a start-up error)", G_PROCESS),
     # -- Cache and application loading -------------------------------------------
     _o("cache", UINT64, "create the default cache with N items; 0 creates none", G_APPS, default=0,
        status=SUPPORTED),
