@@ -19,7 +19,15 @@
  *
  * Nothing is printed per request.  The listening address is printed once
  * ("LISTEN 127.0.0.1:PORT") so that port 0 can be used; SIGINT or SIGTERM
- * print the counters on stderr and end the process.
+ * print the counters on stderr and end the process; SIGUSR1 prints them on
+ * stdout ("COUNTERS ...") and goes on.
+ *
+ * With -u PATH the backend listens on a UNIX socket instead.  With -F it also
+ * takes client descriptors passed with SCM_RIGHTS: the head is read with
+ * recvmsg() and room for one descriptor.  If one came with it, the small
+ * response is written to THAT descriptor, which is then closed, and the
+ * router's connection is closed without a byte (the router reads EOF as
+ * "taken").  Without a descriptor the request is answered as usual.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -36,6 +44,7 @@
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #define INLINE_BUF 1024
@@ -52,6 +61,7 @@ struct conn {
     uint32_t have;       /* bytes in buf */
     uint32_t cap;        /* size of buf */
     uint32_t need;       /* 4 + datasize, 0 until the header is in */
+    int passed_fd;       /* client descriptor that came with the head (-F), or -1 */
     uint64_t body_left;  /* request body bytes still to read */
     uint64_t stream_left;/* response body bytes still to write */
     const char *out;     /* response head still to write */
@@ -71,16 +81,20 @@ static const char small_response[] =
 
 static char scratch[SCRATCH_SIZE];
 static int epfd = -1;
-static volatile sig_atomic_t stop_flag;
+static volatile sig_atomic_t stop_flag, report_flag;
+static int take_fds;
 
-static uint64_t n_requests, n_errors, n_accepted, body_bytes_in, bytes_out;
+static uint64_t n_requests, n_errors, n_accepted, body_bytes_in, bytes_out, n_fd_passed;
 
 static void on_signal(int sig) { (void)sig; stop_flag = 1; }
+static void on_report(int sig) { (void)sig; report_flag = 1; }
 
 static void conn_close(struct conn *c, int error)
 {
     if (error)
         n_errors++;
+    if (c->passed_fd >= 0)
+        close(c->passed_fd);
     close(c->fd);
     if (c->buf != c->inline_buf)
         free(c->buf);
@@ -241,6 +255,68 @@ static int read_body(struct conn *c)
     return 1;
 }
 
+/* read() into the head buffer, keeping one descriptor passed with the bytes (-F). */
+static ssize_t read_fd(struct conn *c)
+{
+    union { struct cmsghdr h; char space[CMSG_SPACE(sizeof(int))]; } ctl;
+    struct iovec iov;
+    struct msghdr msg;
+    struct cmsghdr *cm;
+    ssize_t r;
+    iov.iov_base = c->buf + c->have;
+    iov.iov_len = c->cap - c->have;
+    memset(&msg, 0, sizeof(msg));
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = ctl.space;
+    msg.msg_controllen = sizeof(ctl.space);
+    r = recvmsg(c->fd, &msg, MSG_CMSG_CLOEXEC);
+    if (r < 0)
+        return r;
+    for (cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm)) {
+        if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS &&
+            cm->cmsg_len >= CMSG_LEN(sizeof(int))) {
+            int fd;
+            memcpy(&fd, CMSG_DATA(cm), sizeof(int));
+            if (c->passed_fd >= 0)
+                close(fd); /* only one per request */
+            else
+                c->passed_fd = fd;
+        }
+    }
+    if (msg.msg_flags & MSG_CTRUNC)
+        n_errors++; /* more descriptors than room: the kernel closed them */
+    return r;
+}
+
+/* Answer on the passed descriptor, close it, close the router's connection silently. */
+static void answer_passed(struct conn *c)
+{
+    const char *p = small_response;
+    size_t left = sizeof(small_response) - 1;
+    int fd = c->passed_fd, spins = 0;
+    c->passed_fd = -1;
+    while (left) {
+        ssize_t w = write(fd, p, left);
+        if (w < 0) {
+            if (errno == EINTR || (errno == EAGAIN && ++spins < 1000))
+                continue;
+            break;
+        }
+        p += w;
+        left -= (size_t)w;
+        bytes_out += (uint64_t)w;
+    }
+    close(fd);
+    if (left) {
+        conn_close(c, 1);
+        return;
+    }
+    n_fd_passed++;
+    n_requests++;
+    conn_close(c, 0);
+}
+
 static void step_read(struct conn *c)
 {
     if (c->state == ST_HEAD) {
@@ -262,7 +338,7 @@ static void step_read(struct conn *c)
             }
             if (c->need && c->have >= c->need)
                 break;
-            r = read(c->fd, c->buf + c->have, c->cap - c->have);
+            r = take_fds ? read_fd(c) : read(c->fd, c->buf + c->have, c->cap - c->have);
             if (r < 0) {
                 if (errno == EINTR)
                     continue;
@@ -292,6 +368,10 @@ static void step_read(struct conn *c)
             /* remember what to answer; the head buffer is not needed any more */
             c->stream_left = stream;
             c->state = ST_BODY;
+            if (c->passed_fd >= 0 && c->body_left == 0 && stream == UINT64_MAX) {
+                answer_passed(c);
+                return;
+            }
         }
     }
     if (c->state == ST_BODY) {
@@ -331,6 +411,7 @@ static void accept_some(int lfd)
             continue;
         }
         c->fd = fd;
+        c->passed_fd = -1;
         c->state = ST_HEAD;
         c->events = 0;
         c->have = 0;
@@ -348,8 +429,9 @@ static void accept_some(int lfd)
 static void usage(void)
 {
     fprintf(stderr,
-            "usage: backend [-p PORT] [-b BACKLOG]\n"
+            "usage: backend [-p PORT | -u PATH [-F]] [-b BACKLOG]\n"
             "  uwsgi backend on 127.0.0.1:PORT (0 = any free port, printed as LISTEN ...)\n"
+            "  or on the UNIX socket PATH; -F takes client descriptors passed with SCM_RIGHTS\n"
             "  answers a small HTTP/1.1 response; PATH_INFO=/bytes/N streams N bytes\n");
     exit(2);
 }
@@ -357,6 +439,8 @@ static void usage(void)
 int main(int argc, char **argv)
 {
     int port = 0, backlog = 4096, opt, lfd, one = 1;
+    const char *upath = NULL;
+    struct sockaddr_un su;
     struct sockaddr_in sa;
     socklen_t slen = sizeof(sa);
     struct epoll_event ev, events[MAX_EVENTS];
@@ -364,14 +448,17 @@ int main(int argc, char **argv)
     struct rlimit rl;
     struct rusage ru;
 
-    while ((opt = getopt(argc, argv, "p:b:h")) != -1) {
+    while ((opt = getopt(argc, argv, "p:b:u:Fh")) != -1) {
         switch (opt) {
         case 'p': port = atoi(optarg); break;
+        case 'u': upath = optarg; break;
+        case 'F': take_fds = 1; break;
         case 'b': backlog = atoi(optarg); break;
         default: usage();
         }
     }
-    if (port < 0 || port > 65535 || backlog < 1)
+    if (port < 0 || port > 65535 || backlog < 1 || (take_fds && !upath) ||
+        (upath && strlen(upath) >= sizeof(su.sun_path)))
         usage();
 
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
@@ -384,8 +471,24 @@ int main(int argc, char **argv)
     act.sa_handler = on_signal;
     sigaction(SIGINT, &act, NULL);
     sigaction(SIGTERM, &act, NULL);
+    act.sa_handler = on_report;
+    sigaction(SIGUSR1, &act, NULL);
     memset(scratch, 'x', sizeof(scratch));
 
+    if (upath) {
+        lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        memset(&su, 0, sizeof(su));
+        su.sun_family = AF_UNIX;
+        strcpy(su.sun_path, upath);
+        unlink(upath);
+        if (lfd < 0 || bind(lfd, (struct sockaddr *)&su, sizeof(su)) < 0 || listen(lfd, backlog) < 0) {
+            perror("unix bind/listen");
+            return 1;
+        }
+        printf("LISTEN unix:%s\n", upath);
+        fflush(stdout);
+        goto serve;
+    }
     lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (lfd < 0) {
         perror("socket");
@@ -401,15 +504,24 @@ int main(int argc, char **argv)
         return 1;
     }
     getsockname(lfd, (struct sockaddr *)&sa, &slen);
+    printf("LISTEN 127.0.0.1:%d\n", ntohs(sa.sin_port));
+    fflush(stdout);
+serve:
     epfd = epoll_create1(EPOLL_CLOEXEC);
     ev.events = EPOLLIN;
     ev.data.ptr = NULL;
     epoll_ctl(epfd, EPOLL_CTL_ADD, lfd, &ev);
-    printf("LISTEN 127.0.0.1:%d\n", ntohs(sa.sin_port));
-    fflush(stdout);
 
     while (!stop_flag) {
-        int i, n = epoll_wait(epfd, events, MAX_EVENTS, -1);
+        int i, n;
+        if (report_flag) {
+            report_flag = 0;
+            printf("COUNTERS accepted=%llu requests=%llu errors=%llu fd_passed=%llu\n",
+                   (unsigned long long)n_accepted, (unsigned long long)n_requests,
+                   (unsigned long long)n_errors, (unsigned long long)n_fd_passed);
+            fflush(stdout);
+        }
+        n = epoll_wait(epfd, events, MAX_EVENTS, -1);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -432,10 +544,13 @@ int main(int argc, char **argv)
     }
     getrusage(RUSAGE_SELF, &ru);
     fprintf(stderr,
-            "RESULT accepted=%llu requests=%llu errors=%llu body_bytes_in=%llu bytes_out=%llu cpu_s=%.3f\n",
+            "RESULT accepted=%llu requests=%llu errors=%llu fd_passed=%llu body_bytes_in=%llu bytes_out=%llu "
+            "cpu_s=%.3f\n",
             (unsigned long long)n_accepted, (unsigned long long)n_requests,
-            (unsigned long long)n_errors, (unsigned long long)body_bytes_in,
+            (unsigned long long)n_errors, (unsigned long long)n_fd_passed, (unsigned long long)body_bytes_in,
             (unsigned long long)bytes_out,
             ru.ru_utime.tv_sec + ru.ru_stime.tv_sec + (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6);
+    if (upath)
+        unlink(upath);
     return 0;
 }

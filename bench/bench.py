@@ -19,6 +19,8 @@ the machine.  Phases:
 * idle: each router is restarted fresh, its RSS taken, then N connections that
   each sent only a 4-byte uwsgi header are held open; RSS again once the
   router's descriptor count shows it accepted them.
+* fdpass, procs, reload: see extra_phases.py (fd passing to a UNIX node,
+  one against two router processes, SIGHUP reloads under load).
 
 Noise: for each measurement the machine's busy CPU (/proc/stat) minus the CPU
 of our own processes is "background"; above --noise-max the measurement is
@@ -48,7 +50,8 @@ REPO_DIR = os.path.dirname(BENCH_DIR)
 if BENCH_DIR not in sys.path:
     sys.path.insert(0, BENCH_DIR)
 
-import processes  # noqa: E402  (siblings in bench/)
+import extra_phases  # noqa: E402  (siblings in bench/)
+import processes  # noqa: E402
 import proctree  # noqa: E402
 import report  # noqa: E402
 
@@ -122,6 +125,9 @@ class Bench:
         self.hwm: Dict[str, dict] = {}
         self.notes: List[str] = []
         self.loadgen_cmds: Dict[str, List[str]] = {}
+        self.extra_backends: List[processes.Child] = []  # counted with the backend (fdpass)
+        self.extra_tables: List[str] = []                # rendered by the extra phases
+        self.extra_raw: Dict[str, object] = {}
 
     # ------------------------------------------------------------ processes
 
@@ -142,11 +148,11 @@ class Bench:
         self.backend_port = int(line.rsplit(":", 1)[1])
         self.commands["backend"] = argv
 
-    def start_router(self, name: str) -> None:
+    def start_router(self, name: str, backend: Optional[str] = None) -> None:
         port = processes.free_port()
         values = {
             "listen": "127.0.0.1:%d" % port,
-            "backend": "127.0.0.1:%d" % self.backend_port,
+            "backend": backend or "127.0.0.1:%d" % self.backend_port,
             "python": sys.executable,
             "uwsgi": self.uwsgi_bin,
         }
@@ -188,6 +194,9 @@ class Bench:
     def stop_all(self) -> None:
         for name in list(self.routers):
             self.stop_router(name)
+        for child in self.extra_backends:
+            processes.stop(child, signal.SIGINT)
+        self.extra_backends = []
         if self.backend:
             processes.stop(self.backend, signal.SIGINT)
             self.backend = None
@@ -208,7 +217,7 @@ class Bench:
             "t": time.monotonic(),
             "router": proctree.tree_cpu_seconds(router.pid) if router else 0.0,
             "router_sched": proctree.tree_sched_seconds(router.pid) if router else 0.0,
-            "backend": proctree.cpu_seconds([self.backend.pid]),
+            "backend": proctree.cpu_seconds([self.backend.pid] + [b.pid for b in self.extra_backends]),
             "machine": proctree.machine_busy_seconds(),
             "steal": proctree.machine_steal_seconds(),
             "self": sum(os.times()[:2]),
@@ -216,17 +225,25 @@ class Bench:
 
     # ------------------------------------------------------------ phases
 
-    def measure_rps_once(self, target: str, conc: int) -> dict:
+    def measure_rps_once(self, target: str, conc: int, extra_args: tuple = ()) -> dict:
         a = self.a
         argv = [LOADGEN_BIN, "-p", str(self.port_of(target)), "-c", str(conc), "-d", str(a.duration),
-                "-w", str(a.warmup), "-t", "10000"]
+                "-w", str(a.warmup), "-t", "10000"] + list(extra_args)
+        return self.measure_loadgen(target, conc, argv)
+
+    def measure_loadgen(self, target: str, conc: int, argv: List[str], during=None,
+                        duration: Optional[float] = None) -> dict:
+        """Run one closed-loop loadgen; ``during(reader)`` runs between START and END (reload)."""
+        a = self.a
         lg = self.run_loadgen(argv, "rps")
         reader = processes.LineReader(lg)
         try:
             if not reader.wait_for("START", a.warmup + 15):
                 raise BenchError("loadgen did not start measuring: " + lg.log_tail())
             s0 = self.sample(target)
-            if not reader.wait_for("END", a.duration + 15):
+            if during is not None:
+                during()
+            if not reader.wait_for("END", (duration or a.duration) + 15):
                 raise BenchError("loadgen did not finish measuring: " + lg.log_tail())
             s1 = self.sample(target)
             line = reader.wait_for("RESULT", 15)
@@ -247,6 +264,7 @@ class Bench:
             "target": target, "conc": conc, "rps": float(r["rps"]), "requests": reqs,
             "p50_us": int(r["p50_us"]), "p90_us": int(r["p90_us"]), "p99_us": int(r["p99_us"]),
             "max_us": int(r["max_us"]), "errors": int(r["errors"]), "slow_1s": int(r["slow_1s"]),
+            "max_gap_us": int(r.get("max_gap_us", 0)),
             "err_detail": {k: int(v) for k, v in r.items() if k.startswith("err_")},
             "router_cpu_s": router_cpu,
             "router_cpu10k": per10k(router_cpu) if target != "direct" else None,
@@ -458,7 +476,10 @@ class Bench:
         for name in ROUTERS:
             if name in self.commands:
                 out.append("%s (cwd and PYTHONPATH = repo root): %s" % (name, q(self.commands[name])))
-        for kind in ("rps", "upload", "download", "idle"):
+        for name, argv in self.commands.items():
+            if name not in ROUTERS and name != "backend":
+                out.append("%s: %s" % (name, q(argv)))
+        for kind in ("rps", "upload", "download", "idle", "reload"):
             if kind in self.loadgen_cmds:
                 out.append("loadgen %s (e.g.): %s" % (kind, q(self.loadgen_cmds[kind])))
         return out
@@ -481,7 +502,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 3, quick 1)")
     p.add_argument("--duration", type=float, help="seconds per rps measurement (default 5, quick 3)")
     p.add_argument("--warmup", type=float, help="unmeasured seconds before each (default 1, quick 0.5)")
-    p.add_argument("--phases", default="rps,bulk,idle", help="comma list of rps, bulk, idle (default all)")
+    p.add_argument("--phases", default="rps,bulk,idle",
+                   help="comma list of rps, bulk, idle, fdpass, procs, reload (default rps,bulk,idle)")
+    p.add_argument("--extra-concurrency", default="16,128",
+                   help="loadgen connections for the fdpass and procs phases (default 16,128)")
+    p.add_argument("--reload-duration", type=float, default=20.0,
+                   help="seconds of c=16 load per target in the reload phase (default 20)")
+    p.add_argument("--reloads", type=int, default=10, help="SIGHUPs per target in the reload phase (default 10)")
     p.add_argument("--concurrency", default="1,16,128", help="loadgen connections for rps (default 1,16,128)")
     p.add_argument("--candidate-cmd", metavar="TEMPLATE",
                    help="command for 'ours' instead of python -m uwsgi_fastrouter; placeholders "
@@ -508,7 +535,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     a.noise_retries = a.noise_retries if a.noise_retries is not None else (0 if quick else 6)
     a.phases = [x.strip() for x in a.phases.split(",") if x.strip()]
     a.concurrency = [int(x) for x in a.concurrency.split(",") if x.strip()]
-    bad = [x for x in a.phases if x not in ("rps", "bulk", "idle")]
+    a.extra_concurrency = [int(x) for x in a.extra_concurrency.split(",") if x.strip()]
+    bad = [x for x in a.phases if x not in ("rps", "bulk", "idle") + extra_phases.PHASES]
     if bad:
         p.error("unknown phase(s): %s" % ", ".join(bad))
     if a.rounds < 1 or a.duration <= 0 or a.bulk_reps < 1 or a.bulk_count < 1 or not a.concurrency:
@@ -541,14 +569,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     status = 0
     try:
         bench.start_backend()
-        for name in ROUTERS:
-            bench.start_router(name)
+        if any(ph in ("rps", "bulk", "idle") for ph in a.phases):
+            for name in ROUTERS:
+                bench.start_router(name)
         bench.bg_before = bench.idle_background()
         bench.bg.append(bench.bg_before)
         log("background CPU before the run: %.0f%% of one CPU" % (bench.bg_before * 100))
         for phase in a.phases:
             log("== phase %s" % phase)
-            getattr(bench, "phase_" + phase)()
+            if phase in extra_phases.PHASES:
+                extra_phases.run(bench, phase, sys.modules[__name__])
+            else:
+                getattr(bench, "phase_" + phase)()
     except BenchError as e:
         log("!! " + str(e))
         status = 1
@@ -566,17 +598,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         machine_line(uwsgi_bin),
         "settings: %d round(s) x %g s (+%g s warm-up), concurrency %s, %d MiB x %d transfers x %d reps, "
         "%d idle conns; took %.0f s" % (a.rounds, a.duration, a.warmup, ",".join(map(str, a.concurrency)),
-                                         a.bulk_mib, a.bulk_count, a.bulk_reps, a.idle_conns, elapsed),
+                                         a.bulk_mib, a.bulk_count, a.bulk_reps, a.idle_conns, elapsed)
+        + ("; phases %s, extra concurrency %s, reload %g s x %d SIGHUPs" % (
+            ",".join(a.phases), ",".join(map(str, a.extra_concurrency)), a.reload_duration, a.reloads)
+           if any(ph in extra_phases.PHASES for ph in a.phases) else ""),
         "",
         "commands:",
     ] + ["  " + c for c in bench.command_lines()] + [
         "",
-        report.render(rows),
+        report.render(rows) if rows else "",
         "",
+    ] + [t + "\n" for t in bench.extra_tables] + [
         report.background_line(bench.bg, bench.retried, bench.bg_before),
         report.steal_line(bench.steal),
-        "goals met: %d of %d graded rows" % (ok, graded),
-    ] + ["note: " + n for n in bench.notes] + (["run incomplete (status %d)" % status] if status else []))
+    ] + (["goals met: %d of %d graded rows" % (ok, graded)] if graded else []) + ["note: " + n for n in bench.notes] + (["run incomplete (status %d)" % status] if status else []))
     print(text)
     os.makedirs(a.results_dir, exist_ok=True)
     base = os.path.join(a.results_dir, stamp)
@@ -585,7 +620,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     raw = {
         "rps": [m for v in bench.rps.values() for m in v],
         "bulk": [m for v in bench.bulk.values() for m in v],
-        "idle": bench.idle, "hwm": bench.hwm, "discarded": bench.discarded, "bg": bench.bg, "steal": bench.steal,
+        "idle": bench.idle, "hwm": bench.hwm, "extra": bench.extra_raw, "discarded": bench.discarded, "bg": bench.bg, "steal": bench.steal,
         "commands": bench.commands, "settings": {k: v for k, v in vars(a).items()},
     }
     with open(base + ".json", "w") as f:

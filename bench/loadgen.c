@@ -12,6 +12,10 @@
  * "START" is printed, after D seconds "END"; only requests that finish in
  * between are counted.  Then nothing new is started and the requests in
  * flight get up to 2 s to finish (not counted), and one RESULT line follows.
+ * It includes errors by kind (refused/failed connect, reset or other read
+ * error, empty response, timeout, bad status, short body) and max_gap_us, the
+ * longest stretch of the window in which no request completed successfully
+ * (window start to the first completion and the last one to window end count).
  *
  * upload / download modes (-u N / -g N, -n COUNT): COUNT sequential transfers
  * on blocking sockets, one connection each; upload sends CONTENT_LENGTH=N and
@@ -80,6 +84,7 @@ static volatile sig_atomic_t stop_flag;
 /* counters for the measured window */
 static int measuring;
 static uint64_t n_ok, n_slow, e_connect, e_io, e_status, e_short, e_empty, e_timeout, lat_max;
+static uint64_t last_ok_us, max_gap_us; /* completions in the window: longest stretch without one */
 
 static void on_signal(int sig) { (void)sig; stop_flag = 1; }
 
@@ -300,6 +305,9 @@ static void slot_done(struct slot *s)
         count_error(&e_short);
     else if (measuring) {
         uint64_t lat = t - s->t0;
+        if (t - last_ok_us > max_gap_us)
+            max_gap_us = t - last_ok_us;
+        last_ok_us = t;
         n_ok++;
         hist_add(lat);
         if (lat >= 1000000ULL)
@@ -360,6 +368,7 @@ static void slot_event(struct slot *s, uint32_t events)
 static void mark_start(double *cpu0)
 {
     measuring = 1;
+    last_ok_us = now_us();
     *cpu0 = cpu_seconds();
     printf("START\n");
     fflush(stdout);
@@ -402,6 +411,8 @@ static int run_rps(double warm_s, double dur_s)
             cpu1 = cpu_seconds();
             if (t < t_end)
                 t_end = t;
+            if (t - last_ok_us > max_gap_us)
+                max_gap_us = t - last_ok_us;
             t_stop = t + DRAIN_US;
             printf("END\n");
             fflush(stdout);
@@ -456,13 +467,13 @@ static int run_rps(double warm_s, double dur_s)
         printf("RESULT mode=rps conc=%d secs=%.3f requests=%llu rps=%.1f errors=%llu "
                "err_connect=%llu err_io=%llu err_status=%llu err_short=%llu err_empty=%llu "
                "err_timeout=%llu slow_1s=%llu p50_us=%llu p90_us=%llu p99_us=%llu max_us=%llu "
-               "inflight_left=%d cpu_s=%.3f\n",
+               "max_gap_us=%llu inflight_left=%d cpu_s=%.3f\n",
                conc, secs, (unsigned long long)n_ok, (double)n_ok / secs, (unsigned long long)errors,
                (unsigned long long)e_connect, (unsigned long long)e_io, (unsigned long long)e_status,
                (unsigned long long)e_short, (unsigned long long)e_empty, (unsigned long long)e_timeout,
                (unsigned long long)n_slow, (unsigned long long)hist_pct(n_ok, 50),
                (unsigned long long)hist_pct(n_ok, 90), (unsigned long long)hist_pct(n_ok, 99),
-               (unsigned long long)lat_max, inflight, cpu1 - cpu0);
+               (unsigned long long)lat_max, (unsigned long long)max_gap_us, inflight, cpu1 - cpu0);
     }
     return 0;
 }
@@ -698,7 +709,8 @@ static void usage(void)
 {
     fprintf(stderr,
             "usage: loadgen -p PORT MODE [options]   (connects to 127.0.0.1:PORT only)\n"
-            "  rps:      -c CONC -d SECS [-w WARMUP_S] [-t TIMEOUT_MS] [-k HOST]\n"
+            "  rps:      -c CONC -d SECS [-w WARMUP_S] [-t TIMEOUT_MS] [-k HOST] [-z]\n"
+            "            (-z: send an empty CONTENT_LENGTH, as nginx does for a GET)\n"
             "  upload:   -u BYTES [-n COUNT]\n"
             "  download: -g BYTES [-n COUNT]\n"
             "  idle:     -i CONNS [-d MAX_HOLD_S]  (hold until stdin EOF, SIGINT/SIGTERM or MAX_HOLD_S)\n");
@@ -707,7 +719,7 @@ static void usage(void)
 
 int main(int argc, char **argv)
 {
-    int port = -1, opt, count = 1, idle = 0, rc;
+    int port = -1, opt, count = 1, idle = 0, rc, empty_cl = 0;
     double dur = -1, warm = 0;
     long long up = -1, down = -1;
     const char *host = "localhost";
@@ -715,7 +727,7 @@ int main(int argc, char **argv)
     struct rlimit rl;
     unsigned budget;
 
-    while ((opt = getopt(argc, argv, "p:c:d:w:t:k:u:g:n:i:h")) != -1) {
+    while ((opt = getopt(argc, argv, "p:c:d:w:t:k:u:g:n:i:zh")) != -1) {
         switch (opt) {
         case 'p': port = atoi(optarg); break;
         case 'c': conc = atoi(optarg); break;
@@ -727,6 +739,7 @@ int main(int argc, char **argv)
         case 'g': down = atoll(optarg); break;
         case 'n': count = atoi(optarg); break;
         case 'i': idle = atoi(optarg); break;
+        case 'z': empty_cl = 1; break;
         default: usage();
         }
     }
@@ -769,7 +782,7 @@ int main(int argc, char **argv)
     }
     if (conc < 1 || conc > MAX_CONC || dur <= 0)
         usage();
-    build_request(host, "GET", "/", NULL);
+    build_request(host, "GET", "/", empty_cl ? "" : NULL);
     budget = (unsigned)(warm + dur) + 30;
     alarm(budget);
     rc = run_rps(warm, dur);
