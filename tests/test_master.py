@@ -227,3 +227,24 @@ def test_resubscribe_from_a_bound_port_under_a_master(tmp_path):
     assert b"example.com" in data and "%s:%d" % sender == bind_addr
     assert router.addresses[0].encode() in data          # upstream routes to this router
     assert router.count(r"DAMN") == 0                     # no child died on the bound port
+
+
+def test_reload_and_stop_from_the_command_line(tmp_path):
+    from support import Proc, router_argv
+    pidfile = tmp_path / "r.pid"
+    with RecordingBackend("c") as node:
+        router = start_router(["--master", "--fastrouter", "127.0.0.1:0", "--fastrouter-to", node.address,
+                               "--pidfile", str(pidfile)])
+        wait_until(lambda: pidfile.exists())
+        reload = Proc(router_argv(["--reload", str(pidfile)]))
+        wait_until(lambda: not reload.alive(), what="--reload to return")
+        assert reload.returncode == 0
+        router.wait_for_log(r"gracefully reloading")
+        router.wait_for_log(r"graceful reload: \d+ old process")
+        assert b"node=c" in request(router.addresses[0], HOST)
+        stop = Proc(router_argv(["--stop", str(pidfile)]))
+        wait_until(lambda: not stop.alive() and not router.alive(), timeout=20, what="--stop to end the master")
+        assert stop.returncode == 0 and router.returncode == 0
+        bad = Proc(router_argv(["--reload", str(tmp_path / "missing.pid")]))
+        wait_until(lambda: not bad.alive())
+        assert bad.returncode == 1

@@ -53,7 +53,7 @@ SUPPORTED = {
     "fastrouter-use-cache", "fastrouter-use-code-string", "fastrouter-use-socket", "socket",
     "shared-socket", "processes", "buffer-size", "fastrouter-harakiri", "fastrouter-uid",
     "fastrouter-gid", "uid", "gid", "daemonize", "logto", "undeferred-shared-socket",
-    "force-gateway", "zerg", "zerg-fallback",
+    "force-gateway", "zerg", "zerg-fallback", "reload", "brutal-reload", "stop",
 }
 
 

@@ -112,6 +112,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as exc:
         log(str(exc))
         return EXIT_CONFIG
+    for value, signum, what in ((cfg.reload, signal.SIGHUP, "reload"),
+                                (cfg.brutal_reload, signal.SIGTERM, "brutal-reload"),
+                                (cfg.stop, signal.SIGINT, "stop")):
+        if value:
+            return signal_pidfile(value, signum, what)
     try:
         _logging(cfg)
     except (OSError, ValueError) as exc:
@@ -120,6 +125,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     if needs_master(cfg):
         return run_master(cfg, list(argv))
     return run(cfg)
+
+
+def signal_pidfile(path: str, signum: int, option: str) -> int:
+    """--reload/--brutal-reload/--stop PIDFILE: signal a running master, as uWSGI does."""
+    try:
+        with open(path) as handle:
+            pid = int(handle.read().strip() or "0")
+    except (OSError, ValueError) as exc:
+        log('option "--%s": unable to read a pid from %s: %s' % (option, path, exc))
+        return EXIT_CONFIG
+    if pid <= 0:
+        log('option "--%s": no pid in %s' % (option, path))
+        return EXIT_CONFIG
+    try:
+        os.kill(pid, signum)
+    except OSError as exc:
+        log('option "--%s": unable to signal pid %d: %s' % (option, pid, exc.strerror or exc))
+        return EXIT_CONFIG
+    log("signal %d sent to pid %d" % (signum, pid))
+    return EXIT_OK
 
 
 def _logging(cfg) -> None:

@@ -325,6 +325,12 @@ OPTIONS: Tuple[Option, ...] = (
        aliases=("set-placeholder",), metavar="NAME=VALUE"),
     _o("strict", BOOL, "reject INI keys and --set names that are not options, instead of keeping "
        "them as placeholders", G_CONFIG),
+    _o("reload", STRING, "gracefully reload the master whose pid is in PIDFILE (SIGHUP) and exit",
+       G_PROCESS, metavar="PIDFILE"),
+    _o("brutal-reload", STRING, "brutally reload the master whose pid is in PIDFILE (SIGTERM) and "
+       "exit", G_PROCESS, metavar="PIDFILE"),
+    _o("stop", STRING, "shut down the master whose pid is in PIDFILE (SIGINT) and exit", G_PROCESS,
+       metavar="PIDFILE"),
     _o("help", ACTION, "print this help and exit", G_CONFIG, short="h", arg=NONE),
     _o("version", ACTION, "print the version and exit", G_CONFIG, arg=NONE),
 )
