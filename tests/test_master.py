@@ -248,3 +248,28 @@ def test_reload_and_stop_from_the_command_line(tmp_path):
         bad = Proc(router_argv(["--reload", str(tmp_path / "missing.pid")]))
         wait_until(lambda: not bad.alive())
         assert bad.returncode == 1
+
+
+def test_master_fifo_and_start_unsubscribed(tmp_path):
+    from test_subscriptions import sub_router
+    router, sub = sub_router(tmp_path)
+    fifo = str(tmp_path / "master.fifo")
+    with RecordingBackend("f") as node:
+        instance = start_router(["--master", "--master-fifo", fifo, "--start-unsubscribed",
+                                 "--subscribe-to", "%s=%s:example.com" % (node.address, sub),
+                                 "--subscribe-freq", "1"], listeners=0)
+        wait_until(lambda: os.path.exists(fifo), what="the master FIFO")
+        # nothing is announced while the subscriptions are blocked: a request finds no node
+        assert request(router.addresses[0], HOST) == b""
+        with open(fifo, "w") as handle:
+            handle.write("S")
+        instance.wait_for_log(r"subscriptions unblocked")
+        router.wait_for_log(r"example.com => new node: %s" % node.address)
+        assert b"node=f" in request(router.addresses[0], HOST)
+        with open(fifo, "w") as handle:
+            handle.write("S")
+        instance.wait_for_log(r"subscriptions blocked")
+        router.wait_for_log(r"example.com => marking %s as failed" % node.address)
+        with open(fifo, "w") as handle:
+            handle.write("q")
+        wait_until(lambda: not instance.alive(), timeout=20, what="q to shut the master down")

@@ -384,6 +384,7 @@ class MasterSockets:
         self.stats: Optional[StatsServer] = None
         self.zerg: Optional[zerg.ZergServer] = None
         self.subscriber = None
+        self.subscriptions_blocked = False
 
     @classmethod
     def bind(cls, cfg, inherited: Optional[dict]) -> "MasterSockets":
@@ -488,7 +489,8 @@ class MasterSockets:
                               cheap=bool(reports) and all(r["cheap"] for r in reports))
 
     def start_master(self) -> None:
-        if self.subscriber is not None:
+        self.subscriptions_blocked = bool(self.cfg.start_unsubscribed)
+        if self.subscriber is not None and not self.subscriptions_blocked:
             self.reactor.call_soon(self.subscriber.start)
         if self.subscriptions is not None:
             self.subscriptions.start()
@@ -497,9 +499,27 @@ class MasterSockets:
         if self.zerg is not None:
             self.zerg.start()
 
+    def toggle_subscriptions(self) -> None:
+        """Master FIFO ``S``: stop announcing (and unsubscribe), or start again."""
+        if self.subscriber is None:
+            if not (self.cfg.subscribe_to or self.cfg.subscribe2):
+                return
+            self.subscriber = make_subscriber(self.cfg, self.reactor, self.parts)
+            self.subscriptions_blocked = True
+        if self.subscriptions_blocked:
+            self.subscriptions_blocked = False
+            if self.subscriber._stopped:
+                self.subscriber = make_subscriber(self.cfg, self.reactor, self.parts)
+            self.subscriber.start()
+            log("subscriptions unblocked")
+        else:
+            self.subscriptions_blocked = True
+            self.subscriber.stop(unsubscribe=True)
+            log("subscriptions blocked")
+
     def before_reload(self, graceful: bool) -> None:
         """uWSGI: a brutal reload unsubscribes; a graceful one only when asked to."""
-        if self.subscriber is not None:
+        if self.subscriber is not None and not self.subscriptions_blocked:
             self.subscriber.stop(unsubscribe=not graceful or self.cfg.unsubscribe_on_graceful_reload)
 
     def stop_master(self) -> None:

@@ -31,7 +31,7 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
 def needs_master(cfg) -> bool:
     """D1: one process unless a master is asked for or implied by several processes."""
     return bool(cfg.master or (cfg.fastrouter_processes or 1) > 1 or cfg.socket or cfg.shared_socket
-                or cfg.undeferred_shared_socket or cfg.zerg or cfg.fastrouter_harakiri)
+                or cfg.undeferred_shared_socket or cfg.zerg or cfg.fastrouter_harakiri or cfg.master_fifo)
 
 
 def run_master(cfg, argv: List[str]) -> int:

@@ -140,6 +140,7 @@ class Master:
         self.subscriptions = None    # the master's SubscriptionServer (external sockets)
         self.table = None
         self.heartbeat = None        # --fastrouter-harakiri: one slot per router process
+        self.fifos: List[int] = []   # --master-fifo descriptors
 
     # ----------------------------------------------------------------- start
 
@@ -183,6 +184,7 @@ class Master:
                 _signal(pid, signal.SIGTERM)
             log("graceful reload: %d old process(es) finishing their requests" % len(self.old_pids))
         self.sockets.start_master()
+        self._open_fifos()
         self._on_child(0)   # old processes that exited before our SIGCHLD handler existed
         reactor.call_later(1.0, self._tick)
         try:
@@ -309,6 +311,42 @@ class Master:
                         harakiri=0, buffer_size=self.cfg.buffer_size or 4096,
                         parent_pid=os.getppid())
         return worker.serve_forever()
+
+    # ----------------------------------------------------------- master FIFO
+
+    def _open_fifos(self) -> None:
+        self.fifos = []
+        for path in self.cfg.master_fifo:
+            try:
+                if not os.path.exists(path):
+                    os.mkfifo(path, 0o600)
+                # O_RDWR: the pipe never reports EOF when a writer goes away.
+                fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+            except OSError as exc:
+                log("*** unable to open the master FIFO %s: %s ***" % (path, exc.strerror or exc))
+                continue
+            self.fifos.append(fd)
+            self.reactor.add_reader(fd, lambda fd=fd: self._fifo_readable(fd))
+
+    def _fifo_readable(self, fd: int) -> None:
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            return
+        for command in data.decode("latin-1"):
+            if command == "r":
+                self._on_hup(signal.SIGHUP)
+            elif command == "R":
+                log("...brutally reloading (pid: %d)..." % os.getpid())
+                self._reload(graceful=False)
+            elif command in ("q", "Q"):
+                self._on_stop(signal.SIGINT)
+            elif command == "S":
+                self.sockets.toggle_subscriptions()
+            elif command.strip():
+                log("[master-fifo] unknown command %r" % command)
 
     # -------------------------------------------------------------- signals
 

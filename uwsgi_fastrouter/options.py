@@ -292,7 +292,7 @@ OPTIONS: Tuple[Option, ...] = (
     _o("unsubscribe-on-graceful-reload", BOOL, "unsubscribe before a graceful reload", G_SUBS,
        status=SUPPORTED),
     _o("start-unsubscribed", BOOL, "prepare the subscriptions but send none until enabled", G_SUBS,
-       status=PENDING),
+       status=SUPPORTED),
     _o("subscription-notify-socket", STRING, "unix datagram socket on which subscription servers "
        "report back", G_SUBS, metavar="PATH", status=SUPPORTED),
     _o("subscription-tolerance", INT, "seconds a subscribed node is kept without a new announce",
@@ -325,6 +325,9 @@ OPTIONS: Tuple[Option, ...] = (
        aliases=("set-placeholder",), metavar="NAME=VALUE"),
     _o("strict", BOOL, "reject INI keys and --set names that are not options, instead of keeping "
        "them as placeholders", G_CONFIG),
+    _o("master-fifo", LIST, "commands for the master on the named pipe PATH: r graceful reload, "
+       "R brutal reload, q or Q shutdown, S block/unblock the subscriptions; repeatable", G_PROCESS,
+       default=[], metavar="PATH"),
     _o("reload", STRING, "gracefully reload the master whose pid is in PIDFILE (SIGHUP) and exit",
        G_PROCESS, metavar="PIDFILE"),
     _o("brutal-reload", STRING, "brutally reload the master whose pid is in PIDFILE (SIGTERM) and "
