@@ -91,3 +91,18 @@ def test_requests_without_a_body_stream_as_usual():
         with connect(router.addresses[0]) as sock:
             sock.sendall(uwsgi_packet([(b"HTTP_HOST", b"h")]))
             assert read_all(sock).startswith(b"HTTP/1.0 200")
+
+
+import pytest
+
+
+@pytest.mark.parametrize("limit", ["8192", "2"])   # memory, temp file
+def test_bytes_past_content_length_in_the_same_packet_are_still_forwarded(limit):
+    with RecordingBackend("pb", read_to_eof=True) as node:
+        router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-to", node.address,
+                               "--fastrouter-post-buffering", limit])
+        with connect(router.addresses[0]) as sock:
+            sock.sendall(uwsgi_packet(body_request(5)) + b"hello" + b"extra")
+            sock.shutdown(socket.SHUT_WR)
+            assert read_all(sock).startswith(b"HTTP/1.0 200")
+        assert node.requests[0].body == b"helloextra"

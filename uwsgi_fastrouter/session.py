@@ -94,7 +94,7 @@ class Session:
         "head", "head_len", "key", "route", "retries", "fallback_index",
         "up_buf", "down_buf", "client_eof", "backend_eof", "c_events", "b_events",
         "info", "watch_client", "timer", "fd_passed", "body_left", "up_file", "up_file_size",
-        "up_file_sent", "__weakref__",
+        "up_file_sent", "up_tail", "__weakref__",
     )
 
     def __init__(self, server: "Server", csock: socket.socket, caddr) -> None:
@@ -126,6 +126,7 @@ class Session:
         self.up_file = None       # post-buffering: the body in a temporary file
         self.up_file_size = 0
         self.up_file_sent = 0
+        self.up_tail = None       # post-buffering: bytes past the body read with the head
 
     # ------------------------------------------------------------------ head
 
@@ -245,13 +246,16 @@ class Session:
 
         Up to *limit* bytes are kept in memory with the head; a larger body goes to an
         unlinked temporary file that is sent with ``os.sendfile`` once the node is
-        connected.  Bytes past CONTENT_LENGTH are left in the kernel."""
+        connected.  Reading stops at CONTENT_LENGTH; once the body has reached the node
+        the session relays both ways as usual (a later client half-close is relayed)."""
         self.route = route
         self.state = RECV_BODY
         early = have - total
         self.body_left = length - min(early, length)
         if length <= limit:
-            self.up_buf = bytearray(self.up_buf[:total + min(early, length)])
+            # Bytes past CONTENT_LENGTH that came in the same read go out after the body,
+            # as the relaying that follows would send them.
+            self.up_buf = bytearray(self.up_buf[:have])
         else:
             try:
                 self.up_file = tempfile.TemporaryFile(dir=self.server.post_buffering_dir)
@@ -262,6 +266,8 @@ class Session:
             self.up_file_size = length
             if early:
                 self.up_file.write(self.up_buf[total:total + min(early, length)])
+                if early > length:   # read with the head: they follow the body
+                    self.up_tail = bytes(self.up_buf[total + length:have])
             self.up_buf = bytes(self.up_buf[:total])
         self.last = self.server.reactor.now
         if self.body_left:
@@ -324,6 +330,8 @@ class Session:
         if node is not None:
             node.rx += sent
         if self.up_file_sent >= self.up_file_size:
+            if self.up_tail is not None:
+                self.up_buf, self.up_tail = self.up_tail, None
             self.up_file.close()
             self.up_file = None
         return True
