@@ -43,18 +43,11 @@ class Request:
         self.half_closed = half_closed
 
 
-class RecordingBackend:
-    def __init__(self, name: str = "node", mode: str = "echo", unix_path: Optional[str] = None,
-                 size: int = 0, read_to_eof: bool = False):
-        self.name = name
-        self.mode = mode
-        self.size = size
-        self.read_to_eof = read_to_eof
-        self.requests: List[Request] = []
-        self.lock = threading.Lock()
+class _ThreadedServer:
+    """A listening socket served by a thread; a subclass handles each connection."""
+
+    def _listen(self, unix_path: Optional[str]) -> None:
         self.stopping = threading.Event()
-        self.open_conns: List[socket.socket] = []
-        self.accept_times: List[float] = []
         if unix_path:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.sock.bind(unix_path)
@@ -79,6 +72,36 @@ class RecordingBackend:
         self.stopping.set()
         self.thread.join(5)
         self.sock.close()
+
+    def _serve(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, peer = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self._accepted(conn, peer)
+
+    def _accepted(self, conn: socket.socket, peer) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class RecordingBackend(_ThreadedServer):
+    def __init__(self, name: str = "node", mode: str = "echo", unix_path: Optional[str] = None,
+                 size: int = 0, read_to_eof: bool = False):
+        self.name = name
+        self.mode = mode
+        self.size = size
+        self.read_to_eof = read_to_eof
+        self.requests: List[Request] = []
+        self.lock = threading.Lock()
+        self.open_conns: List[socket.socket] = []
+        self.accept_times: List[float] = []
+        self._listen(unix_path)
+
+    def stop(self) -> None:
+        super().stop()
         for conn in self.open_conns:
             try:
                 conn.close()
@@ -90,16 +113,9 @@ class RecordingBackend:
         with self.lock:
             return len(self.requests)
 
-    def _serve(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                conn, peer = self.sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self.accept_times.append(time.monotonic())
-            threading.Thread(target=self._handle, args=(conn, peer), daemon=True).start()
+    def _accepted(self, conn: socket.socket, peer) -> None:
+        self.accept_times.append(time.monotonic())
+        threading.Thread(target=self._handle, args=(conn, peer), daemon=True).start()
 
     def _handle(self, conn: socket.socket, peer) -> None:
         conn.settimeout(10)
@@ -207,7 +223,7 @@ def fd_count(pid: int) -> int:
     return len(os.listdir("/proc/%d/fd" % pid))
 
 
-class FdTakingBackend:
+class FdTakingBackend(_ThreadedServer):
     """A UNIX-socket node that takes a passed client descriptor (SCM_RIGHTS) and
     answers the client on it directly, naming the client's address as it sees it;
     without a descriptor it answers on the router's connection (marked "relayed")."""
@@ -215,41 +231,19 @@ class FdTakingBackend:
     def __init__(self, unix_path: str):
         from uwsgi_fastrouter.fdpass import recv_fds
         self._recv_fds = recv_fds
-        self.address = unix_path
         self.taken = 0
         self.relayed = 0
         self.ancillary_seen = 0
-        self.stopping = threading.Event()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(unix_path)
-        self.sock.listen(128)
-        self.sock.settimeout(0.2)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        self._listen(unix_path)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stopping.set()
-        self.thread.join(5)
-        self.sock.close()
-
-    def _serve(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            conn.settimeout(10)
-            try:
-                self._handle(conn)
-            except OSError:
-                pass
-            finally:
-                conn.close()
+    def _accepted(self, conn: socket.socket, peer) -> None:
+        conn.settimeout(10)
+        try:
+            self._handle(conn)
+        except OSError:
+            pass
+        finally:
+            conn.close()
 
     def _handle(self, conn: socket.socket) -> None:
         data, fds, _flags = self._recv_fds(conn, 4, 4)

@@ -39,37 +39,18 @@ def test_use_cache_without_a_cache_is_a_start_up_error(tmp_path):
     assert "you need to create a uwsgi cache" in proc.log()
 
 
-MEGAMAPPER = '''
-domains = {}
-domains['example.com'] = {'nodes': ('%(a)s', '%(b)s'), 'node': 0}
-domains['unbit.it'] = {'nodes': ('%(a)s,5', '%(b)s,5'), 'node': 0}
-
-DEFAULT_NODE = '%(default)s'
-
-def get(key):
-    if key not in domains:
-        return DEFAULT_NODE
-
-    # get the node to forward requests to
-    nodes = domains[key]['nodes']
-    current_node = domains[key]['node']
-    value = nodes[current_node]
-
-    # round robin :P
-    next_node = current_node + 1
-    if next_node >= len(nodes):
-        next_node = 0
-
-    domains[key]['node'] = next_node
-
-    return value
-'''
+def megamapper(a: str, b: str, default: str) -> str:
+    """The documentation's megamapper, as written, pointed at the test's nodes."""
+    from test_codestring import MEGAMAPPER
+    return (MEGAMAPPER.replace("127.0.0.1:3031", a).replace("192.168.0.100:3032", b)
+            .replace("127.0.0.1:3035", a).replace("192.168.0.100:3035", b)
+            .replace("192.168.0.1:1717", default))
 
 
 def test_way5_the_seeds_megamapper_works_as_written(tmp_path):
     with RecordingBackend("a") as a, RecordingBackend("b") as b, RecordingBackend("d") as d:
         mapper = tmp_path / "megamapper.py"
-        mapper.write_text(MEGAMAPPER % {"a": a.address, "b": b.address, "default": d.address})
+        mapper.write_text(megamapper(a.address, b.address, d.address))
         router = start_router(["--fastrouter", "127.0.0.1:0",
                                "--fastrouter-use-code-string", "0:%s:get" % mapper])
         addr = router.addresses[0]
