@@ -226,32 +226,51 @@ def fd_count(pid: int) -> int:
 class FdTakingBackend(_ThreadedServer):
     """A UNIX-socket node that takes a passed client descriptor (SCM_RIGHTS) and
     answers the client on it directly, naming the client's address as it sees it;
-    without a descriptor it answers on the router's connection (marked "relayed")."""
+    without a descriptor it answers on the router's connection (marked "relayed").
 
-    def __init__(self, unix_path: str):
+    ``take=False`` makes it a node that ignores descriptors, as a uWSGI 2.0 node
+    does: a passed one is closed unread and the answer goes to the router.  While
+    ``hold`` is true, the router's connection of a taken client is kept open (until
+    stop) instead of being closed as the verdict."""
+
+    def __init__(self, unix_path: str, take: bool = True):
         from uwsgi_fastrouter.fdpass import recv_fds
         self._recv_fds = recv_fds
+        self.take = take
+        self.hold = False
+        self.held: List[socket.socket] = []
         self.taken = 0
         self.relayed = 0
         self.ancillary_seen = 0
         self._listen(unix_path)
 
+    def stop(self) -> None:
+        super().stop()
+        for conn in self.held:
+            conn.close()
+
     def _accepted(self, conn: socket.socket, peer) -> None:
         conn.settimeout(10)
         try:
-            self._handle(conn)
+            if self._handle(conn):
+                self.held.append(conn)
+                return
         except OSError:
             pass
-        finally:
-            conn.close()
+        conn.close()
 
-    def _handle(self, conn: socket.socket) -> None:
+    def _handle(self, conn: socket.socket) -> bool:
+        """Serve one request; True when *conn* is to be held open."""
         data, fds, _flags = self._recv_fds(conn, 4, 4)
         if fds:
             self.ancillary_seen += 1
         head = data + recv_exact(conn, 4 - len(data))
         datasize = head[1] | (head[2] << 8)
         recv_exact(conn, datasize)
+        if fds and not self.take:
+            for fd in fds:
+                os.close(fd)
+            fds = []
         if fds:
             client = socket.socket(fileno=fds[0])
             for extra in fds[1:]:
@@ -260,6 +279,7 @@ class FdTakingBackend(_ThreadedServer):
                 peer = client.getpeername()
                 client.sendall(b"HTTP/1.0 200 OK\r\n\r\ntaken peer=%s:%d" % (peer[0].encode(), peer[1]))
             self.taken += 1
-            return          # close the router's connection without a byte
+            return self.hold  # else the router's connection is closed without a byte
         self.relayed += 1
         conn.sendall(b"HTTP/1.0 200 OK\r\n\r\nrelayed")
+        return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 
@@ -11,6 +12,7 @@ from backends import FdTakingBackend, RecordingBackend, fd_count, uwsgi_packet
 from support import sock_path, start_router, start_uwsgi_app, wait_until
 
 from uwsgi_fastrouter.fdpass import FdPassError, recv_fds, send_fds
+from uwsgi_fastrouter.handoff import CHECK_EVERY, TRUST_AFTER
 
 GET = [(b"HTTP_HOST", b"example.com"), (b"PATH_INFO", b"/"), (b"CONTENT_LENGTH", b"")]
 
@@ -106,9 +108,52 @@ def test_nothing_is_passed_over_tcp():
 
 
 @pytest.mark.interop
-def test_a_real_uwsgi_node_on_a_unix_socket_still_answers_every_request(tmp_path):
+@pytest.mark.parametrize("trust", [[], ["--fastrouter-trust-fd-passing"]], ids=["verdict", "trust"])
+def test_a_real_uwsgi_node_on_a_unix_socket_still_answers_every_request(tmp_path, trust):
     app = start_uwsgi_app(tmp_path, "def application(e, s):\n    s('200 OK', [])\n    return [b'real uwsgi']\n")
-    router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-to", app.address])
-    for _ in range(20):
+    router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-to", app.address] + trust)
+    # With the trust option too: a node that never takes a descriptor is never trusted.
+    for _ in range(TRUST_AFTER + 12):
         _, answer = exchange(router.addresses[0], GET)
         assert answer.endswith(b"real uwsgi")
+
+
+def test_trusted_handoffs_do_not_wait_for_the_verdict(tmp_path):
+    path = sock_path(tmp_path, "fd.sock")
+    with FdTakingBackend(path) as node:
+        router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-to", path,
+                               "--fastrouter-trust-fd-passing"])
+        addr = router.addresses[0]
+        for _ in range(TRUST_AFTER):
+            exchange(addr, GET)          # verified: the node's close is the verdict
+        before = fd_count(router.pid)
+        # The node now keeps the router's connections open.  The client still sees
+        # its answer end (EOF) only because the router closed its copy right after
+        # handing it over; waiting for a verdict would hang it (10 s socket bound).
+        node.hold = True
+        for _ in range(20):
+            me, answer = exchange(addr, GET)
+            assert answer == b"HTTP/1.0 200 OK\r\n\r\ntaken peer=%s:%d" % (me[0].encode(), me[1])
+        assert node.taken == TRUST_AFTER + 20 and len(node.held) == 20
+        wait_until(lambda: fd_count(router.pid) == before, what="router holds neither socket")
+
+
+def test_trust_is_withdrawn_from_a_node_that_ignores_descriptors(tmp_path):
+    """The documented price of the option: a trusted node replaced by one that ignores
+    descriptors loses the unverified requests up to the next check, and no more."""
+    path = sock_path(tmp_path, "fd.sock")
+    router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-to", path,
+                           "--fastrouter-trust-fd-passing"])
+    addr = router.addresses[0]
+    with FdTakingBackend(path) as node:
+        for _ in range(TRUST_AFTER + 2):
+            exchange(addr, GET)
+        assert node.taken == TRUST_AFTER + 2
+    os.unlink(path)
+    with FdTakingBackend(path, take=False) as node:
+        answers = [exchange(addr, GET)[1] for _ in range(CHECK_EVERY)]
+    lost = CHECK_EVERY - TRUST_AFTER - 2     # unchecked handoffs before the 64th, the check
+    assert answers[:lost] == [b""] * lost
+    assert answers[lost:] == [b"HTTP/1.0 200 OK\r\n\r\nrelayed"] * (CHECK_EVERY - lost)
+    assert node.ancillary_seen == CHECK_EVERY
+    router.wait_for_log("node ignored a passed descriptor")

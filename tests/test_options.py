@@ -39,7 +39,7 @@ SUPPORTED = {
     "fastrouter-timeout", "fastrouter-buffer-size", "fastrouter-events", "fastrouter-stats",
     "fastrouter-quiet", "fastrouter-force-key", "fastrouter-max-retries", "listen",
     "socket-timeout", "abstract-socket", "chmod-socket", "master", "vacuum", "die-on-term",
-    "stats-minified", "stats-http", "no-fd-passing", "ini", "set", "set-ph", "strict", "help",
+    "stats-minified", "stats-http", "no-fd-passing", "fastrouter-trust-fd-passing", "ini", "set", "set-ph", "strict", "help",
     "version", "subscription-max-keys", "subscription-max-nodes",
     "fastrouter-subscription-server", "fastrouter-subscription-fallback-key", "fastrouter-cheap",
     "fastrouter-resubscribe", "fastrouter-resubscribe-bind", "subscription-tolerance",

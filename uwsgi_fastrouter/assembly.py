@@ -320,6 +320,7 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener, external: bo
                     force_key=force_key,
                     cheap=cfg.fastrouter_cheap and bool(datagram),
                     fd_passing=not cfg.no_fd_passing,
+                    trust_fd_passing=cfg.fastrouter_trust_fd_passing,
                     post_buffering=cfg.fastrouter_post_buffering,
                     post_buffering_dir=cfg.fastrouter_post_buffering_dir or None)
     server_ref.append(server)

@@ -231,6 +231,12 @@ OPTIONS: Tuple[Option, ...] = (
     _o("stats-http", BOOL, "send the statistics as an HTTP response", G_PROCESS),
     _o("no-fd-passing", BOOL, "never hand client connections over to unix-socket nodes; always "
        "relay", G_PROCESS),
+    _o("fastrouter-trust-fd-passing", BOOL, "the unix-socket nodes take handed-over clients "
+       "(uWSGI 1.x nodes, this package's --socket workers): once a node has taken 8 in a row, "
+       "the router closes its side right after the handoff instead of waiting for the node's "
+       "verdict; one handoff in 64 is still verified and a node found ignoring descriptors is "
+       "verified from scratch (the unverified requests sent to it meanwhile are lost)",
+       G_ROUTER),
     _o("buffer-size", UINT64, "largest request vars block the local app workers (--socket) accept; "
        "the router forwards any size", G_PROCESS, short="b", default=4096),
     _o("socket", LIST, "bind a uwsgi socket for this instance's application workers; repeatable",

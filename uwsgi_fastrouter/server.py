@@ -27,6 +27,7 @@ import os
 import socket
 from typing import Callable, List, Optional, Set
 
+from .handoff import HandoffTrust
 from .log import RateLimitedLog, log
 from .reactor import READ, Reactor
 from .router import Router
@@ -45,7 +46,7 @@ class Server:
     def __init__(self, reactor: Reactor, router: Router, listeners: list, *,
                  timeout: int = 60, chunk: int = DEFAULT_CHUNK, events: int = 64,
                  force_key: Optional[bytes] = None, cheap: bool = False,
-                 fd_passing: bool = True, post_buffering: int = 0,
+                 fd_passing: bool = True, trust_fd_passing: bool = False, post_buffering: int = 0,
                  post_buffering_dir: Optional[str] = None) -> None:
         self.reactor = reactor
         self.router = router
@@ -61,6 +62,8 @@ class Server:
         self.requests = 0
         self.fd_passing = fd_passing  # hand bodyless requests' clients to UNIX nodes (D2)
         self.fd_handoffs = 0          # clients a node took over
+        # Which handoffs may skip the node's verdict (--fastrouter-trust-fd-passing).
+        self.handoff_trust = HandoffTrust(fd_passing and trust_fd_passing)
         self.post_buffering = post_buffering          # bodies up to this size in memory
         self.post_buffering_dir = post_buffering_dir  # larger ones in a temp file here
         self.accepting = False

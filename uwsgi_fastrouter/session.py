@@ -375,6 +375,9 @@ class Session:
             if family == _AF_UNIX and self._may_pass_fd():
                 sent = send_fds(sock, head, (self.cfd,))
                 self.fd_passed = True
+                if sent == len(head) and self.server.handoff_trust.unchecked(route.address):
+                    self._handed_over(sent)
+                    return
             else:
                 sent = sock.send(head)
         except BlockingIOError:
@@ -430,6 +433,20 @@ class Session:
         meanwhile: a bodyless request has nothing to relay upstream."""
         return self.server.fd_passing and not self.watch_client
 
+    def _handed_over(self, sent: int) -> None:
+        """An unchecked handoff (--fastrouter-trust-fd-passing): the node is trusted to
+        take the client, so both our copies are closed at once, with no verdict."""
+        route = self.route
+        server = self.server
+        server.router.connected(route)
+        node = route.node
+        if node is not None:
+            node.rx += sent
+        server.requests += 1
+        server.fd_handoffs += 1
+        self.backend_eof = True
+        self.close()
+
     def _connected(self, data, sent: int) -> None:
         route = self.route
         server = self.server
@@ -450,6 +467,7 @@ class Session:
         router = server.router
         route = self.route
         self.route = None            # released by connect_failed
+        server.handoff_trust.forget(route.address)
         router.connect_failed(route, self.key, self.retries, reason)
         if self.retries >= router.max_retries:
             self.close()
@@ -540,10 +558,18 @@ class Session:
                     # Closed without a byte: the node took the client over.  Our copy
                     # is only closed (never shut down: that would cut the node's).
                     server.fd_handoffs += 1
+                    server.handoff_trust.taken(self.route.address)
                 self.close()
                 return
             if node is not None:
                 node.tx += n
+            if not self.watch_client:
+                # The first response bytes.  After a handoff they mean the node
+                # ignored the descriptor: its answer is relayed as usual.
+                self.watch_client = True
+                if self.fd_passed and server.handoff_trust.ignored(self.route.address):
+                    server.log_session(self, "node ignored a passed descriptor: handing clients "
+                                       "over to it is verified again (--fastrouter-trust-fd-passing)")
             try:
                 sent = csock.send(view[:n], MSG_DONTWAIT)
             except BlockingIOError:
@@ -551,7 +577,6 @@ class Session:
             except OSError as exc:
                 self.close("error writing to client: %s" % (exc.strerror or exc))
                 return
-            self.watch_client = True
             if sent < n:
                 self.down_buf = bytes(view[sent:n])
                 return

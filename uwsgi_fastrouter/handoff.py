@@ -1,0 +1,92 @@
+"""Which handed-over clients need the node's verdict (``--fastrouter-trust-fd-passing``).
+
+Theory of operation
+-------------------
+By default (decisions.md D2) every client handed to a UNIX-socket node stays open in
+the router until the node gives its verdict on the connection that carried the
+descriptor: it closes without a byte (it took the client) or it answers (it ignored
+the descriptor, as every uWSGI 2.0 does, and the answer is relayed).  Waiting costs
+a poll registration, a wake-up and a read per request, and keeps the router in the
+client's life until the node has looked at it.
+
+With ``--fastrouter-trust-fd-passing`` the operator says the UNIX nodes take
+descriptors.  The router still verifies that, per node address:
+
+* a node's first :data:`TRUST_AFTER` handoffs all wait for the verdict; only after
+  that many "taken" verdicts in a row does the router close its side right after
+  the handing-over ``sendmsg`` (an *unchecked* handoff);
+* from then on one handoff in :data:`CHECK_EVERY` is verified again, so a node that
+  was replaced by one that ignores descriptors is found within that many requests;
+* an "ignored" verdict or a failed connect (a node restarting) resets the node to
+  zero: it is verified from scratch.
+
+What is lost when the trust is wrong: an unchecked client handed to a node that
+ignores descriptors is closed when that node reads the request (the kernel closes
+a descriptor nobody receives), so at most :data:`CHECK_EVERY` - 1 requests between
+two checks.  That is why the mode is opt-in.
+
+The bookkeeping is pure (no sockets, no clock): the session asks :meth:`unchecked`
+before it hands a client over and reports verdicts with :meth:`taken` and
+:meth:`ignored`.  A verified handoff whose verdict is still pending leaves the
+count unchanged, so concurrent requests to a node under check are verified too.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+# "Taken" verdicts in a row before handoffs to a node go unchecked.
+TRUST_AFTER = 8
+# One handoff in this many is verified again once a node is trusted.
+CHECK_EVERY = 64
+# Addresses remembered at most (subscriptions can bring many short-lived nodes).
+MAX_NODES = 4096
+
+
+class HandoffTrust:
+    """Per node address: handoffs in a row since the last doubt."""
+
+    __slots__ = ("enabled", "counts", "unchecked_total", "reverted")
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.counts: Dict[bytes, int] = {}
+        self.unchecked_total = 0   # handoffs that did not wait for a verdict
+        self.reverted = 0          # trusted nodes found ignoring a descriptor
+
+    def unchecked(self, address: bytes) -> bool:
+        """True when this handoff to *address* may skip the verdict (and is counted)."""
+        if not self.enabled:
+            return False
+        counts = self.counts
+        n = counts.get(address, 0)
+        if n < TRUST_AFTER or n % CHECK_EVERY == 0:
+            return False
+        counts[address] = n + 1
+        self.unchecked_total += 1
+        return True
+
+    def taken(self, address: bytes) -> None:
+        """A verified handoff: the node closed without a byte."""
+        if not self.enabled:
+            return
+        counts = self.counts
+        if address not in counts and len(counts) >= MAX_NODES:
+            counts.clear()
+        counts[address] = counts.get(address, 0) + 1
+
+    def ignored(self, address: bytes) -> bool:
+        """A verified handoff: the node answered on its connection.
+
+        Returns True when the node had been trusted (worth a log line)."""
+        if not self.enabled:
+            return False
+        was_trusted = self.counts.pop(address, 0) >= TRUST_AFTER
+        if was_trusted:
+            self.reverted += 1
+        return was_trusted
+
+    def forget(self, address: bytes) -> None:
+        """The node could not be reached: verify it from scratch when it is back."""
+        if self.enabled:
+            self.counts.pop(address, None)
