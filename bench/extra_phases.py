@@ -11,7 +11,10 @@ own in ``bench.extra_tables`` (its raw samples in ``bench.extra_raw``).
   and takes client descriptors passed with SCM_RIGHTS.  Targets: ``uwsgi``
   (the real FastRouter to that node; it never passes descriptors), ``fd``
   (ours; bodyless requests to a UNIX node are handed over and the router
-  waits for the node's verdict) and ``nofd`` (ours with ``--no-fd-passing``).
+  waits for the node's verdict), ``trust`` (ours with
+  ``--fastrouter-trust-fd-passing``: once the node has taken 8 in a row the
+  router closes its side right after the handoff) and ``nofd`` (ours with
+  ``--no-fd-passing``).
   The load generator sends an empty CONTENT_LENGTH (``-z``), as nginx does
   for a GET: our router counts only such a request as bodyless (a request
   without the var is relayed).
@@ -132,8 +135,9 @@ def phase_fdpass(bench, drv) -> None:
         return {k: int(v) for k, v in processes.parse_kv(line).items()}
 
     ours = bench.templates["ours"]
-    names = ("uwsgi_unix", "ours_fd", "ours_nofd")
-    templates = (drv.UWSGI_CMD, ours, ours + " --no-fd-passing")
+    cols = ("uwsgi", "fd", "trust", "nofd")
+    names = ("uwsgi_unix", "ours_fd", "ours_trust", "ours_nofd")
+    templates = (drv.UWSGI_CMD, ours, ours + " --fastrouter-trust-fd-passing", ours + " --no-fd-passing")
     try:
         for name, tpl in zip(names, templates):
             _start(bench, name, tpl, sock)
@@ -141,27 +145,24 @@ def phase_fdpass(bench, drv) -> None:
                            extra_args=("-z",))
     finally:
         _stop(bench, names)
-    cols = ("uwsgi", "fd", "nofd")
+    ratio_cols = ["%s/uwsgi" % c for c in cols[1:]]
+    blank = [""] * len(ratio_cols)
     rows = []
-    for c in bench.a.extra_concurrency:
-        u = _med(data, "uwsgi_unix", c, "rps")
-        rows.append(["requests/s c=%d" % c] + _cells(data, names, c, "rps", 0)
-                    + [fmt_ratio(_med(data, "ours_fd", c, "rps"), u), fmt_ratio(_med(data, "ours_nofd", c, "rps"), u)])
-    for c in bench.a.extra_concurrency:
-        u = _med(data, "uwsgi_unix", c, "router_cpu10k")
-        rows.append(["router CPU s/10k req c=%d" % c] + _cells(data, names, c, "router_cpu10k", 3)
-                    + [fmt_ratio(_med(data, "ours_fd", c, "router_cpu10k"), u),
-                       fmt_ratio(_med(data, "ours_nofd", c, "router_cpu10k"), u)])
+    for metric, label, digits in (("rps", "requests/s", 0), ("router_cpu10k", "router CPU s/10k req", 3)):
+        for c in bench.a.extra_concurrency:
+            u = _med(data, "uwsgi_unix", c, metric)
+            rows.append(["%s c=%d" % (label, c)] + _cells(data, names, c, metric, digits)
+                        + [fmt_ratio(_med(data, n, c, metric), u) for n in names[1:]])
     frac = []
     for n in names:
         passed = sum(m["fd_passed"] for c in bench.a.extra_concurrency for m in data.get((n, c), []))
         total = sum(m["backend_requests"] for c in bench.a.extra_concurrency for m in data.get((n, c), []))
         frac.append("{:.3f}".format(passed / total) if total else "-")
-    rows.append(["fd-passed fraction (all cells)"] + frac + ["", ""])
+    rows.append(["fd-passed fraction (all cells)"] + frac + blank)
     errs = [str(sum(m["errors"] for c in bench.a.extra_concurrency for m in data.get((n, c), []))) for n in names]
-    rows.append(["errors (all cells)"] + errs + ["", ""])
+    rows.append(["errors (all cells)"] + errs + blank)
     bench.extra_tables.append("fd passing to a UNIX-socket node (backend -F)\n"
-                              + render_table(["metric"] + list(cols) + ["fd/uwsgi", "nofd/uwsgi"], rows))
+                              + render_table(["metric"] + list(cols) + ratio_cols, rows))
     bench.extra_raw["fdpass"] = {"%s c=%d" % k: v for k, v in data.items()}
 
 

@@ -50,12 +50,21 @@ def test_an_ignored_descriptor_resets_the_node():
     assert pattern(trust, A, TRUST_AFTER) == "v" * TRUST_AFTER
 
 
-def test_a_pending_check_keeps_concurrent_handoffs_verified():
+def test_handoffs_concurrent_with_a_check_do_not_wait_for_it():
     trust = HandoffTrust(True)
     pattern(trust, A, CHECK_EVERY)            # the next handoff is a check
     assert not trust.unchecked(A)             # the check, its verdict not in yet
-    assert not trust.unchecked(A)             # a concurrent one: verified too
-    trust.taken(A)
+    assert trust.unchecked(A)                 # the next one goes unchecked
+    trust.taken(A)                            # the check's verdict: nothing to count
+    assert pattern(trust, A, CHECK_EVERY - 2) == "u" * (CHECK_EVERY - 2)
+    assert not trust.unchecked(A)             # the next check, CHECK_EVERY after the last
+
+
+def test_concurrent_handoffs_while_earning_trust_all_wait():
+    trust = HandoffTrust(True)
+    assert not any(trust.unchecked(A) for _ in range(3 * TRUST_AFTER))
+    for _ in range(TRUST_AFTER):
+        trust.taken(A)
     assert trust.unchecked(A)
 
 

@@ -16,7 +16,9 @@ descriptors.  The router still verifies that, per node address:
   that many "taken" verdicts in a row does the router close its side right after
   the handing-over ``sendmsg`` (an *unchecked* handoff);
 * from then on one handoff in :data:`CHECK_EVERY` is verified again, so a node that
-  was replaced by one that ignores descriptors is found within that many requests;
+  was replaced by one that ignores descriptors is found within that many requests
+  (the handoffs that follow a check do not wait for its verdict: under load a
+  whole poll batch would otherwise be verified each time);
 * an "ignored" verdict or a failed connect (a node restarting) resets the node to
   zero: it is verified from scratch.
 
@@ -27,8 +29,9 @@ two checks.  That is why the mode is opt-in.
 
 The bookkeeping is pure (no sockets, no clock): the session asks :meth:`unchecked`
 before it hands a client over and reports verdicts with :meth:`taken` and
-:meth:`ignored`.  A verified handoff whose verdict is still pending leaves the
-count unchanged, so concurrent requests to a node under check are verified too.
+:meth:`ignored`.  While a node is being earned trust, a handoff counts when its
+"taken" verdict arrives (concurrent ones all wait for theirs); once trusted, every
+handoff counts when it is made, the periodic check included.
 """
 
 from __future__ import annotations
@@ -60,9 +63,11 @@ class HandoffTrust:
             return False
         counts = self.counts
         n = counts.get(address, 0)
-        if n < TRUST_AFTER or n % CHECK_EVERY == 0:
+        if n < TRUST_AFTER:
             return False
         counts[address] = n + 1
+        if n % CHECK_EVERY == 0:
+            return False            # the periodic check
         self.unchecked_total += 1
         return True
 
@@ -71,9 +76,12 @@ class HandoffTrust:
         if not self.enabled:
             return
         counts = self.counts
-        if address not in counts and len(counts) >= MAX_NODES:
+        n = counts.get(address, 0)
+        if n >= TRUST_AFTER:
+            return                  # a periodic check, counted when it was made
+        if not n and len(counts) >= MAX_NODES:
             counts.clear()
-        counts[address] = counts.get(address, 0) + 1
+        counts[address] = n + 1
 
     def ignored(self, address: bytes) -> bool:
         """A verified handoff: the node answered on its connection.
