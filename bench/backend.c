@@ -24,8 +24,8 @@
  *
  * With -u PATH the backend listens on a UNIX socket instead.  With -F it also
  * takes client descriptors passed with SCM_RIGHTS: the head is read with
- * recvmsg() and room for one descriptor.  If one came with it, the small
- * response is written to THAT descriptor, which is then closed, and the
+ * recvmsg() and room for one descriptor.  If one came with it, the response
+ * (the small one, or /bytes/N streamed) goes to THAT descriptor, and the
  * router's connection is closed without a byte (the router reads EOF as
  * "taken").  Without a descriptor the request is answered as usual.
  */
@@ -368,9 +368,22 @@ static void step_read(struct conn *c)
             /* remember what to answer; the head buffer is not needed any more */
             c->stream_left = stream;
             c->state = ST_BODY;
-            if (c->passed_fd >= 0 && c->body_left == 0 && stream == UINT64_MAX) {
-                answer_passed(c);
-                return;
+            if (c->passed_fd >= 0 && c->body_left == 0) {
+                if (stream == UINT64_MAX) {
+                    answer_passed(c);
+                    return;
+                }
+                /* /bytes/N: stream it on the client's own socket */
+                int fl = fcntl(c->passed_fd, F_GETFL);
+                if (fl < 0 || fcntl(c->passed_fd, F_SETFL, fl | O_NONBLOCK) < 0) {
+                    conn_close(c, 1);
+                    return;
+                }
+                close(c->fd);    /* the router's connection: closed without a byte */
+                c->fd = c->passed_fd;
+                c->passed_fd = -1;
+                c->events = 0;
+                n_fd_passed++;
             }
         }
     }

@@ -14,7 +14,8 @@ own in ``bench.extra_tables`` (its raw samples in ``bench.extra_raw``).
   waits for the node's verdict), ``trust`` (ours with
   ``--fastrouter-trust-fd-passing``: once the node has taken 8 in a row the
   router closes its side right after the handoff) and ``nofd`` (ours with
-  ``--no-fd-passing``).
+  ``--no-fd-passing``).  Two workloads: the small response at every
+  concurrency, and 1 MiB responses (``/bytes/1048576``) at c=16.
   The load generator sends an empty CONTENT_LENGTH (``-z``), as nginx does
   for a GET: our router counts only such a request as bodyless (a request
   without the var is relayed).
@@ -77,12 +78,13 @@ def _alive_or_restart(bench, name: str, backend: Optional[str]) -> None:
 
 
 def _rps_matrix(bench, drv, phase: str, names: Sequence[str], backend: Optional[str] = None,
-                around=None, extra_args: tuple = ()) -> Dict[tuple, List[dict]]:
+                around=None, extra_args: tuple = (),
+                concurrency: Optional[Sequence[int]] = None) -> Dict[tuple, List[dict]]:
     """Every round x concurrency x target (rotating order), like the rps phase."""
     a = bench.a
     out: Dict[tuple, List[dict]] = {}
     for rnd in range(a.rounds):
-        for ci, conc in enumerate(a.extra_concurrency):
+        for ci, conc in enumerate(concurrency or a.extra_concurrency):
             for name in drv.rotate(names, rnd + ci):
                 _alive_or_restart(bench, name, backend)
                 label = "%s round %d c=%d %s" % (phase, rnd + 1, conc, name)
@@ -116,6 +118,11 @@ def _stop(bench, names: Sequence[str]) -> None:
 
 # ------------------------------------------------------------------ fdpass
 
+# The second fdpass workload: responses this large, where relaying costs the
+# router a copy of every byte and a handed-over client costs it nothing.
+BIG_RESPONSE = 1 << 20
+BIG_CONC = 16
+
 def phase_fdpass(bench, drv) -> None:
     sock = os.path.join(bench.workdir, "node.sock")
     argv = [drv.BACKEND_BIN, "-u", sock, "-F"]
@@ -143,6 +150,8 @@ def phase_fdpass(bench, drv) -> None:
             _start(bench, name, tpl, sock)
         data = _rps_matrix(bench, drv, "fdpass", names, sock, around=counters,
                            extra_args=("-z",))
+        big = _rps_matrix(bench, drv, "fdpass 1 MiB", names, sock, around=counters,
+                          extra_args=("-z", "-r", str(BIG_RESPONSE)), concurrency=(BIG_CONC,))
     finally:
         _stop(bench, names)
     ratio_cols = ["%s/uwsgi" % c for c in cols[1:]]
@@ -153,17 +162,25 @@ def phase_fdpass(bench, drv) -> None:
             u = _med(data, "uwsgi_unix", c, metric)
             rows.append(["%s c=%d" % (label, c)] + _cells(data, names, c, metric, digits)
                         + [fmt_ratio(_med(data, n, c, metric), u) for n in names[1:]])
+    for metric, label, digits in (("rps", "requests/s", 0), ("router_cpu10k", "router CPU s/10k req", 3)):
+        u = _med(big, "uwsgi_unix", BIG_CONC, metric)
+        rows.append(["%s 1 MiB c=%d" % (label, BIG_CONC)] + _cells(big, names, BIG_CONC, metric, digits)
+                    + [fmt_ratio(_med(big, n, BIG_CONC, metric), u) for n in names[1:]])
+    def every_cell(name: str) -> List[dict]:
+        return ([m for c in bench.a.extra_concurrency for m in data.get((name, c), [])]
+                + big.get((name, BIG_CONC), []))
+
     frac = []
     for n in names:
-        passed = sum(m["fd_passed"] for c in bench.a.extra_concurrency for m in data.get((n, c), []))
-        total = sum(m["backend_requests"] for c in bench.a.extra_concurrency for m in data.get((n, c), []))
+        passed = sum(m["fd_passed"] for m in every_cell(n))
+        total = sum(m["backend_requests"] for m in every_cell(n))
         frac.append("{:.3f}".format(passed / total) if total else "-")
     rows.append(["fd-passed fraction (all cells)"] + frac + blank)
-    errs = [str(sum(m["errors"] for c in bench.a.extra_concurrency for m in data.get((n, c), []))) for n in names]
-    rows.append(["errors (all cells)"] + errs + blank)
+    rows.append(["errors (all cells)"] + [str(sum(m["errors"] for m in every_cell(n))) for n in names] + blank)
     bench.extra_tables.append("fd passing to a UNIX-socket node (backend -F)\n"
                               + render_table(["metric"] + list(cols) + ratio_cols, rows))
     bench.extra_raw["fdpass"] = {"%s c=%d" % k: v for k, v in data.items()}
+    bench.extra_raw["fdpass"].update({"%s c=%d 1 MiB" % k: v for k, v in big.items()})
 
 
 # ------------------------------------------------------------------ procs

@@ -495,6 +495,8 @@ static int write_all(int fd, const char *p, size_t n)
     return 0;
 }
 
+static int empty_cl;            /* -z: send an empty CONTENT_LENGTH on GETs */
+
 static int run_transfer(int upload, uint64_t nbytes, int count)
 {
     static char buf[XFER_BUF];
@@ -509,7 +511,7 @@ static int run_transfer(int upload, uint64_t nbytes, int count)
         build_request("localhost", "POST", "/upload", num);
     else {
         snprintf(path, sizeof(path), "/bytes/%llu", (unsigned long long)nbytes);
-        build_request("localhost", "GET", path, NULL);
+        build_request("localhost", "GET", path, empty_cl ? "" : NULL);
     }
     t_all0 = now_us();
     for (i = 0; i < count && !stop_flag; i++) {
@@ -709,25 +711,27 @@ static void usage(void)
 {
     fprintf(stderr,
             "usage: loadgen -p PORT MODE [options]   (connects to 127.0.0.1:PORT only)\n"
-            "  rps:      -c CONC -d SECS [-w WARMUP_S] [-t TIMEOUT_MS] [-k HOST] [-z]\n"
+            "  rps:      -c CONC -d SECS [-w WARMUP_S] [-t TIMEOUT_MS] [-k HOST] [-z] [-r BYTES]\n"
+            "            (-r: ask for a BYTES-byte response body, PATH_INFO=/bytes/BYTES)\n"
             "            (-z: send an empty CONTENT_LENGTH, as nginx does for a GET)\n"
             "  upload:   -u BYTES [-n COUNT]\n"
-            "  download: -g BYTES [-n COUNT]\n"
+            "  download: -g BYTES [-n COUNT] [-z]\n"
             "  idle:     -i CONNS [-d MAX_HOLD_S]  (hold until stdin EOF, SIGINT/SIGTERM or MAX_HOLD_S)\n");
     exit(2);
 }
 
 int main(int argc, char **argv)
 {
-    int port = -1, opt, count = 1, idle = 0, rc, empty_cl = 0;
+    int port = -1, opt, count = 1, idle = 0, rc;
     double dur = -1, warm = 0;
-    long long up = -1, down = -1;
+    long long up = -1, down = -1, resp = -1;
+    char rps_path[64] = "/";
     const char *host = "localhost";
     struct sigaction act;
     struct rlimit rl;
     unsigned budget;
 
-    while ((opt = getopt(argc, argv, "p:c:d:w:t:k:u:g:n:i:zh")) != -1) {
+    while ((opt = getopt(argc, argv, "p:c:d:w:t:k:u:g:n:i:r:zh")) != -1) {
         switch (opt) {
         case 'p': port = atoi(optarg); break;
         case 'c': conc = atoi(optarg); break;
@@ -740,6 +744,7 @@ int main(int argc, char **argv)
         case 'n': count = atoi(optarg); break;
         case 'i': idle = atoi(optarg); break;
         case 'z': empty_cl = 1; break;
+        case 'r': resp = atoll(optarg); break;
         default: usage();
         }
     }
@@ -782,7 +787,11 @@ int main(int argc, char **argv)
     }
     if (conc < 1 || conc > MAX_CONC || dur <= 0)
         usage();
-    build_request(host, "GET", "/", empty_cl ? "" : NULL);
+    if (resp > (1LL << 36))
+        usage();
+    if (resp >= 0)
+        snprintf(rps_path, sizeof(rps_path), "/bytes/%lld", resp);
+    build_request(host, "GET", rps_path, empty_cl ? "" : NULL);
     budget = (unsigned)(warm + dur) + 30;
     alarm(budget);
     rc = run_rps(warm, dur);
