@@ -166,6 +166,7 @@ def phase_fdpass(bench, drv) -> None:
         u = _med(big, "uwsgi_unix", BIG_CONC, metric)
         rows.append(["%s 1 MiB c=%d" % (label, BIG_CONC)] + _cells(big, names, BIG_CONC, metric, digits)
                     + [fmt_ratio(_med(big, n, BIG_CONC, metric), u) for n in names[1:]])
+
     def every_cell(name: str) -> List[dict]:
         return ([m for c in bench.a.extra_concurrency for m in data.get((name, c), [])]
                 + big.get((name, BIG_CONC), []))

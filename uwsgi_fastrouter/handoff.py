@@ -29,7 +29,7 @@ two checks.  That is why the mode is opt-in.
 
 The bookkeeping is pure (no sockets, no clock): the session asks :meth:`unchecked`
 before it hands a client over and reports verdicts with :meth:`taken` and
-:meth:`ignored`.  While a node is being earned trust, a handoff counts when its
+:meth:`ignored`.  While a node is earning trust, a handoff counts when its
 "taken" verdict arrives (concurrent ones all wait for theirs); once trusted, every
 handoff counts when it is made, the periodic check included.
 """
