@@ -9,9 +9,29 @@ has one place to change.
 from __future__ import annotations
 
 import sys
-from typing import Optional, TextIO
+from typing import Optional, TextIO, Union
 
 _stream: Optional[TextIO] = None   # None: whatever sys.stderr is at the time
+
+# Control characters (C0, DEL and C1) shown as \xNN: a peer that sends a newline or a
+# terminal escape in a key, a Host header or a datagram cannot forge or hide a log line
+# (docs/decisions.md D18).
+_CONTROLS = {code: "\\x%02x" % code for code in (*range(0x20), *range(0x7f, 0xa0))}
+
+
+def printable(value: Union[bytes, bytearray, memoryview, str]) -> str:
+    """Peer-supplied bytes (or text decoded with ``surrogateescape``) as a safe log field.
+
+    Valid UTF-8 is kept, every other byte and every control character becomes ``\\xNN``.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            value = value.encode("utf-8", "surrogateescape")
+    if not isinstance(value, str):
+        value = bytes(value).decode("utf-8", "backslashreplace")
+    return value.translate(_CONTROLS)
 
 
 def log(line: str) -> None:
