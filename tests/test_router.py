@@ -1,6 +1,8 @@
 """The routing policy without sockets: static round robin, grace marks, fallbacks."""
 
-from uwsgi_fastrouter.router import BaseMapper, PatternMapper, Router
+import pytest
+
+from uwsgi_fastrouter.router import BaseMapper, PatternMapper, Router, key_is_file_name
 
 
 class Clock:
@@ -104,3 +106,65 @@ def test_connect_failure_is_logged_unless_quiet(capsys):
     quiet.connect_failed(route, b"k", 0, "refused")
     err = capsys.readouterr().err
     assert "unable to connect()" not in err and "marking" in err
+
+
+# ---------------------------------------------------------------- keys as file names (D14)
+
+UNSAFE_KEYS = [b"../outside/secret.sock", b"x/y", b"/etc", b"a\x00b", b".", b"..", b"a\nb",
+               b"\x1b[2J", b"del\x7f", b"tab\there", b"\x01"]
+SAFE_KEYS = [b"example.com", b"example.com:8000", b"...", b".hidden", b"a..b", b"caf\xc3\xa9",
+             b"\xff\x80", b"with space", b"x" * 255]
+
+
+@pytest.mark.parametrize("key", UNSAFE_KEYS)
+def test_a_key_that_is_not_a_plain_file_name_is_refused(key):
+    assert not key_is_file_name(key)
+
+
+@pytest.mark.parametrize("key", SAFE_KEYS)
+def test_plain_file_names_are_accepted(key):
+    assert key_is_file_name(key)
+
+
+def test_every_control_byte_and_del_is_refused_and_nothing_else_alone():
+    refused = {b for b in range(256) if not key_is_file_name(b"k" + bytes([b]))}
+    assert refused == set(range(0x20)) | {0x2F, 0x7F}
+
+
+@pytest.mark.parametrize("make", [
+    lambda log: PatternMapper("/srv/%s/uwsgi.sock", refusal_log=log),
+    lambda log: BaseMapper("/srv/base/", refusal_log=log),
+])
+def test_path_mappers_give_no_route_for_unsafe_keys_and_log_them_escaped(make):
+    lines = []
+    mapper = make(lines.append)
+    for key in UNSAFE_KEYS:
+        assert mapper(key) is None
+    assert len(lines) == len(UNSAFE_KEYS)
+    assert all("\n" not in line and "\x00" not in line and "\x1b" not in line for line in lines)
+    assert 'key "a\\x0ab" is not a plain file name: no route for --fastrouter-' in lines[6]
+    assert 'key "../outside/secret.sock"' in lines[0]
+    for key in SAFE_KEYS:
+        assert mapper(key) is not None
+    assert len(lines) == len(UNSAFE_KEYS)
+
+
+def test_a_pattern_without_the_key_needs_no_check():
+    lines = []
+    assert PatternMapper("/srv/one.sock", refusal_log=lines.append)(b"../x").address == b"/srv/one.sock"
+    assert lines == []
+
+
+def test_a_forced_key_is_the_operators_and_is_used_as_given():
+    router = Router(use_base="/srv/", forced_key=True, wall_clock=Clock())
+    assert router.route(b"sub/node.sock").address == b"/srv/sub/node.sock"
+    router = Router(use_pattern="/srv/%s.sock", forced_key=True, wall_clock=Clock())
+    assert router.route(b"sub/node").address == b"/srv/sub/node.sock"
+
+
+def test_a_refused_key_goes_to_the_fallbacks_only_with_fallback_on_no_key():
+    router = Router(use_base="/srv/", fallback=["F1"], fallback_on_no_key=True, wall_clock=Clock())
+    assert router.route(b"..") is None and router.fallback_on_no_key
+    assert router.retry_route(b"..", None, 0)[0].address == b"F1"
+    router = Router(use_base="/srv/", fallback=["F1"], wall_clock=Clock())
+    assert router.route(b"..") is None and not router.fallback_on_no_key

@@ -312,6 +312,7 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener, external: bo
         max_retries=cfg.fastrouter_max_retries,
         quiet=cfg.fastrouter_quiet,
         subscriptions=subscriptions,
+        forced_key=force_key is not None,
     )
     server = Server(reactor, router, listeners,
                     timeout=cfg.fastrouter_timeout or 60,

@@ -22,13 +22,46 @@ fallback list exists, else the mapper again.  At most ``--fastrouter-max-retries
 
 Time is a parameter: every call that marks or revives takes ``now`` (wall-clock
 seconds, because the stats show the grace mark as a unix timestamp).
+
+Keys as file names
+------------------
+``--fastrouter-use-pattern`` and ``--fastrouter-use-base`` paste the client's key into
+a node address, usually a UNIX socket path.  A key is a client's bytes, so before it
+becomes part of a path it must be one plain file name: no ``/`` (it would leave the
+directory), no NUL (it would cut the path short), no control byte or DEL, and not
+``.`` or ``..``.  Any other key is "no route" for these two mappers, exactly like an
+unknown key elsewhere (``--fastrouter-fallback-on-no-key`` still sends it to the
+fallback list), and is logged, rate-limited, with the key escaped
+(docs/decisions.md D14).  Nothing is connected, so no client descriptor can be
+passed to such a path either.  A key set with ``--fastrouter-force-key`` is the
+operator's, not a client's, and is used as given.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+import re
+import time
+from typing import Callable, List, Optional, Sequence
 
-from .log import log
+from .log import RateLimitedLog, log, printable
+
+# One search finds any byte a file name built from a key must not contain (D14).
+_UNSAFE_KEY_BYTE = re.compile(rb"[\x00-\x1f/\x7f]").search
+
+
+def key_is_file_name(key: bytes) -> bool:
+    """True when *key* can be pasted into a path as one plain file name (D14)."""
+    return _UNSAFE_KEY_BYTE(key) is None and key != b"." and key != b".."
+
+
+def refused_key_log() -> Callable[[str], None]:
+    """The rate-limited log of keys refused as file names (at most 20 lines a second)."""
+    return RateLimitedLog(time.monotonic, burst=20, what="refused key log lines")
+
+
+def _refuse_key(log_line: Callable[[str], None], key: bytes, option: str) -> None:
+    log_line('[uwsgi-fastrouter] key "%s" is not a plain file name: no route for %s'
+             % (printable(key), option))
 
 
 class Route:
@@ -86,7 +119,7 @@ class StaticMapper:
         if not node.dead_since:
             node.dead_since = self.clock()
             log("[uwsgi-fastrouter] %s => marking %s as failed"
-                % (key.decode("utf-8", "backslashreplace"), node.name))
+                % (printable(key), printable(node.name)))
 
     def release(self, route: Route) -> None:
         pass
@@ -115,9 +148,13 @@ class StaticMapper:
 
 class PatternMapper:
     """``--fastrouter-use-pattern``: ``%s`` becomes the key, ``%%`` a percent sign,
-    ``%(`` stays, any other ``%X`` is dropped (uWSGI's rules)."""
+    ``%(`` stays, any other ``%X`` is dropped (uWSGI's rules).
 
-    def __init__(self, pattern: str) -> None:
+    *check_keys* False (a forced key) skips the file-name check of the key (D14);
+    *refusal_log* receives the line for a refused key."""
+
+    def __init__(self, pattern: str, *, check_keys: bool = True,
+                 refusal_log: Optional[Callable[[str], None]] = None) -> None:
         raw = pattern.encode("utf-8", "surrogateescape")
         # Pre-split the pattern into literal parts around the %s slots.
         parts: List[bytes] = []
@@ -140,18 +177,32 @@ class PatternMapper:
             i += 1
         parts.append(bytes(current))
         self.parts = parts
+        # Without a %s the key never reaches the address: nothing to check.
+        self.check_keys = check_keys and len(parts) > 1
+        self.refusal_log = refusal_log or refused_key_log()
 
     def __call__(self, key: bytes) -> Optional[Route]:
+        if self.check_keys and (_UNSAFE_KEY_BYTE(key) is not None or key == b"." or key == b".."):
+            _refuse_key(self.refusal_log, key, "--fastrouter-use-pattern")
+            return None
         return Route(key.join(self.parts))
 
 
 class BaseMapper:
-    """``--fastrouter-use-base``: the base string immediately followed by the key."""
+    """``--fastrouter-use-base``: the base string immediately followed by the key.
 
-    def __init__(self, base: str) -> None:
+    *check_keys* and *refusal_log* as for :class:`PatternMapper`."""
+
+    def __init__(self, base: str, *, check_keys: bool = True,
+                 refusal_log: Optional[Callable[[str], None]] = None) -> None:
         self.base = base.encode("utf-8", "surrogateescape")
+        self.check_keys = check_keys
+        self.refusal_log = refusal_log or refused_key_log()
 
     def __call__(self, key: bytes) -> Optional[Route]:
+        if self.check_keys and (_UNSAFE_KEY_BYTE(key) is not None or key == b"." or key == b".."):
+            _refuse_key(self.refusal_log, key, "--fastrouter-use-base")
+            return None
         return Route(self.base + key)
 
 
@@ -230,19 +281,20 @@ class Router:
                  fallback_on_no_key: bool = False, gracetime: int = 30,
                  max_retries: int = 3, quiet: bool = False, wall_clock=None,
                  subscriptions: Optional[SubscriptionMapper] = None,
-                 use_cache=None, code_string=None, use_socket: Optional[str] = None) -> None:
-        import time
+                 use_cache=None, code_string=None, use_socket: Optional[str] = None,
+                 forced_key: bool = False) -> None:
+        # forced_key: every key is --fastrouter-force-key, the operator's (see the module doc).
         self.wall_clock = wall_clock or time.time
         self.static = StaticMapper(to, gracetime, self.wall_clock) if to else None
         self.subscriptions = subscriptions
         if use_cache is not None:
             self.mapper = use_cache
         elif use_pattern is not None:
-            self.mapper = PatternMapper(use_pattern)
+            self.mapper = PatternMapper(use_pattern, check_keys=not forced_key)
         elif subscriptions is not None:
             self.mapper = subscriptions
         elif use_base is not None:
-            self.mapper = BaseMapper(use_base)
+            self.mapper = BaseMapper(use_base, check_keys=not forced_key)
         elif code_string is not None:
             self.mapper = code_string
         elif use_socket is not None:
@@ -280,7 +332,7 @@ class Router:
         """Log a failed connect, mark the node it went to and release it."""
         if not self.quiet:
             log('[uwsgi-fastrouter] unable to connect() to node "%s" (%d retries): %s'
-                % (route.address.decode("utf-8", "backslashreplace"), retries, reason))
+                % (printable(route.address), retries, reason))
         owner = route.owner
         if owner is not None:
             owner.failed(route, key)
