@@ -30,6 +30,7 @@ import traceback
 from typing import Optional, Tuple
 
 from .log import log as _default_log
+from .log import printable
 from .router import Route
 from .scripts import exec_source, read_source
 
@@ -139,7 +140,7 @@ class CodeStringMapper:
 
     @staticmethod
     def _printable(text: str) -> str:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return printable(text)
 
     @staticmethod
     def _describe(exc: Exception) -> str:
@@ -149,7 +150,7 @@ class CodeStringMapper:
             last = frames[-1]
             where = " (%s line %d)" % (last.filename, last.lineno)
         summary = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        return summary.replace("\n", " ") + where
+        return printable(summary.replace("\n", " ")) + where
 
     def _log_failure(self, text: str, what: str) -> None:
         self._log("[uwsgi-fastrouter] code_string function %s() %s for key %s: no route"

@@ -73,7 +73,7 @@ import traceback
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
-from .log import log
+from .log import log, printable
 
 __all__ = ["READ", "WRITE", "Reactor", "Timer"]
 
@@ -536,9 +536,14 @@ class Reactor:
         except Exception:
             where = object.__repr__(callback)
         log("reactor: unhandled %s in callback %s: %s"
-            % (getattr(exc_type, "__name__", exc_type), where, exc))
+            % (getattr(exc_type, "__name__", exc_type), where, printable(str(exc))))
         for chunk in traceback.format_exception(exc_type, exc, tb):
-            for line in chunk.rstrip("\n").split("\n"):
+            if chunk.startswith("  File "):
+                lines = chunk.rstrip("\n").split("\n")   # a frame: source lines of the program
+            else:
+                # An exception's text may quote peer bytes: one escaped line (D18).
+                lines = [printable(chunk.strip("\n"))]
+            for line in lines:
                 log(line)
 
     def _check_open(self) -> None:

@@ -28,7 +28,7 @@ import socket
 from typing import Callable, List, Optional, Set
 
 from .handoff import HandoffTrust
-from .log import RateLimitedLog, log
+from .log import RateLimitedLog, log, printable
 from .reactor import READ, Reactor
 from .router import Router
 from .session import RECV_HEAD, Session
@@ -201,16 +201,16 @@ class Server:
         if isinstance(addr, tuple) and len(addr) >= 2:
             client_ip, client_port = str(addr[0]), str(addr[1])
         elif addr:
-            client_ip = addr if isinstance(addr, str) else addr.decode("utf-8", "replace")
+            client_ip = printable(addr)
         if info is not None:
             if info.remote_addr:
-                client_ip = info.remote_addr.decode("utf-8", "replace")
+                client_ip = printable(info.remote_addr)
             if info.remote_port:
-                client_port = info.remote_port.decode("utf-8", "replace")
-        key = session.key.decode("utf-8", "replace")
+                client_port = printable(info.remote_port)
+        key = printable(session.key)
         node = ""
         if session.route is not None:
-            node = " node: %s" % session.route.address.decode("utf-8", "replace")
+            node = " node: %s" % printable(session.route.address)
         self.session_log("[uwsgi-fastrouter key: %s client_addr: %s client_port: %s%s] %s"
                          % (key, client_ip, client_port, node, reason))
 

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Optional
 from .protocol import HEADER, ProtocolError, scan_request
 from .reactor import READ, WRITE
 from .fdpass import send_fds
+from .log import printable
 from .sockets import AddressError, node_sockaddr
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -353,7 +354,7 @@ class Session:
             sock = _new_socket(family, _SOCK_FLAGS)
         except OSError as exc:
             self.close("unable to create a socket for node %s: %s"
-                       % (route.address.decode("utf-8", "replace"), exc.strerror or exc))
+                       % (printable(route.address), exc.strerror or exc))
             return
         err = sock.connect_ex(addr)
         if err == errno.EAGAIN and family == socket.AF_UNIX:

@@ -43,6 +43,8 @@ import hmac
 import secrets
 from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
 
+from .log import printable
+
 __all__ = [
     "SigningError",
     "RSAPrivateKey",
@@ -424,7 +426,7 @@ class SignatureChecker:
 
     def check_reason(self, a) -> Optional[str]:
         """``None`` if announcement *a* is correctly signed, else why not."""
-        key = a.key.decode("utf-8", "backslashreplace")
+        key = printable(a.key)
         if a.sign is None:
             return "unsigned subscription packet for %s" % key
         _, public, why = self.public_key(a.key)
@@ -432,7 +434,7 @@ class SignatureChecker:
             return "subscription packet for %s refused: %s" % (key, why)
         if not verify(public, self.digest, a.signed_part, a.sign):
             return "invalid signature in subscription packet for %s node: %s" % (
-                key, a.address.decode("utf-8", "backslashreplace"))
+                key, printable(a.address))
         return None
 
     def check(self, a) -> bool:

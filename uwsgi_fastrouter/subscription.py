@@ -48,6 +48,7 @@ import base64
 import json
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
+from .log import printable
 from .protocol import HEADER, HEADER_SIZE, MalformedVars, Modifier1, encode_vars, iter_vars
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -98,7 +99,8 @@ class SubscriptionError(ValueError):
 
 
 def _text(value: bytes) -> str:
-    return value.decode("utf-8", "backslashreplace")
+    """A packet field as log text: control bytes escaped (docs/decisions.md D18)."""
+    return printable(value)
 
 
 # ---------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import socket
 import struct
 from typing import Callable, List, Optional, Sequence
 
-from .log import RateLimitedLog, log
+from .log import RateLimitedLog, log, printable
 from .reactor import Reactor
 from .sockets import AddressError, node_sockaddr
 from .subscription import (Announcement, SubscriptionError, SubscriptionTable, build_announcement,
@@ -276,8 +276,8 @@ class SubscriptionServer:
         where = _sender_text(sender)
         what = ""
         if announcement is not None:
-            what = " (key: %s node: %s)" % (announcement.key.decode("utf-8", "replace"),
-                                            announcement.address.decode("utf-8", "replace"))
+            what = " (key: %s node: %s)" % (printable(announcement.key),
+                                            printable(announcement.address))
         self.drop_log("[uwsgi-subscription for pid %d] dropped subscription datagram%s%s: %s"
                       % (os.getpid(), where, what, reason))
         return None
@@ -323,6 +323,6 @@ def _sender_text(sender) -> str:
     if isinstance(sender, tuple) and len(sender) >= 2:
         return " from %s:%s" % (sender[0], sender[1])
     if isinstance(sender, (bytes, str)) and sender:
-        text = sender.decode("utf-8", "replace") if isinstance(sender, bytes) else sender
-        return " from %s" % text.replace("\0", "@")
+        text = sender.decode("utf-8", "surrogateescape") if isinstance(sender, bytes) else sender
+        return " from %s" % printable(text.replace("\0", "@"))
     return ""

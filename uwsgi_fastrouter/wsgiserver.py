@@ -644,8 +644,9 @@ def _make_environ(pairs: List[Tuple[bytes, bytes]], modifier1: int, sock: socket
 
 
 def _describe_request(environ: dict) -> str:
-    return "%s %s" % (environ.get("REQUEST_METHOD", "-"),
-                      environ.get("REQUEST_URI") or environ.get("PATH_INFO") or "-")
+    """The request as log text; the client's method and URI with control bytes escaped."""
+    return _logmod.printable("%s %s" % (environ.get("REQUEST_METHOD", "-"),
+                                        environ.get("REQUEST_URI") or environ.get("PATH_INFO") or "-"))
 
 
 def _run_app(app: Callable, environ: dict, sock: socket.socket, log: Log) -> None:
@@ -753,7 +754,8 @@ class Worker:
             environ = self._current
             if environ is not None:
                 self.log("HARAKIRI [core 0] %s - %s since %d" % (
-                    environ.get("REMOTE_ADDR", "-"), _describe_request(environ), int(self._since)))
+                    _logmod.printable(environ.get("REMOTE_ADDR", "-")), _describe_request(environ),
+                    int(self._since)))
         except Exception:
             pass
         _flush_std()
