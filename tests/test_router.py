@@ -168,3 +168,9 @@ def test_a_refused_key_goes_to_the_fallbacks_only_with_fallback_on_no_key():
     assert router.retry_route(b"..", None, 0)[0].address == b"F1"
     router = Router(use_base="/srv/", fallback=["F1"], wall_clock=Clock())
     assert router.route(b"..") is None and not router.fallback_on_no_key
+
+
+def test_refusals_go_to_a_rate_limited_log_by_default():
+    from uwsgi_fastrouter.log import RateLimitedLog
+    for mapper in (BaseMapper("/srv/"), PatternMapper("/srv/%s")):
+        assert isinstance(mapper.refusal_log, RateLimitedLog) and mapper.refusal_log.burst == 20
