@@ -182,6 +182,7 @@ class PatternMapper:
         self.refusal_log = refusal_log or refused_key_log()
 
     def __call__(self, key: bytes) -> Optional[Route]:
+        # key_is_file_name(), written out: one function call less on every request.
         if self.check_keys and (_UNSAFE_KEY_BYTE(key) is not None or key == b"." or key == b".."):
             _refuse_key(self.refusal_log, key, "--fastrouter-use-pattern")
             return None
