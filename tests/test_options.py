@@ -54,7 +54,9 @@ SUPPORTED = {
     "shared-socket", "processes", "buffer-size", "fastrouter-harakiri", "fastrouter-uid",
     "fastrouter-gid", "uid", "gid", "daemonize", "logto", "undeferred-shared-socket",
     "force-gateway", "zerg", "zerg-fallback", "reload", "brutal-reload", "stop", "master-fifo",
-    "start-unsubscribed",
+    "start-unsubscribed", "log-date", "log-reopen", "touch-logreopen", "touch-reload", "harakiri",
+    "auto-procname", "procname-prefix", "procname-prefix-spaced", "procname-append", "procname",
+    "procname-master", "need-app", "plugins",
 }
 
 
@@ -64,7 +66,7 @@ def test_table_is_consistent():
     for option in o.OPTIONS:
         assert option.kind in kinds, option.name
         assert option.arg in (o.REQUIRED, o.OPTIONAL, o.NONE), option.name
-        assert option.status in (o.SUPPORTED, o.PENDING, o.NOOP, o.DEPRECATED), option.name
+        assert option.status in (o.SUPPORTED, o.PENDING, o.NOOP, o.DEPRECATED, o.REPLACED), option.name
         assert option.group in o.GROUPS, option.name
         assert option.help and "\n" not in option.help, option.name
         assert option.attr not in attrs
@@ -78,7 +80,8 @@ def test_statuses_match_the_plan():
     for option in o.OPTIONS:
         by_status.setdefault(option.status, set()).add(option.name)
     assert by_status[o.SUPPORTED] == SUPPORTED
-    assert by_status.get(o.NOOP, set()) == set()
+    assert by_status.get(o.NOOP, set()) == {"enable-threads", "thunder-lock"}
+    assert by_status[o.REPLACED] == {"stats"}
     assert by_status[o.DEPRECATED] == {"fastrouter-subscription-slot"}
     assert o.PENDING not in by_status      # every option of options.md is implemented
 
@@ -99,7 +102,7 @@ def test_shorts_and_aliases():
     assert shorts == {
         "M": "master", "s": "socket", "p": "processes", "l": "listen", "z": "socket-timeout",
         "b": "buffer-size", "a": "abstract-socket", "C": "chmod-socket", "d": "daemonize",
-        "S": "set", "w": "module", "h": "help",
+        "S": "set", "w": "module", "h": "help", "t": "harakiri", "T": "enable-threads",
     }
     assert o.find_option("fastrouter-ss").name == "fastrouter-stats"
     assert o.find_option("fastrouter-stats-server").name == "fastrouter-stats"
@@ -223,11 +226,12 @@ def test_short_options_and_bundling():
 
 
 def test_unknown_options():
-    assert error_of(["--x"]) == "unrecognized option '--x'\ngetopt_long() error"
+    # uWSGI's two lines, then a pointer to --help
+    assert error_of(["--x"]) == "unrecognized option '--x'\ngetopt_long() error\n" + o.HELP_POINTER
     assert error_of(["--master", "--fastrouter-defer-connect-timeout", "3"]) == (
-        "unrecognized option '--fastrouter-defer-connect-timeout'\ngetopt_long() error"
+        "unrecognized option '--fastrouter-defer-connect-timeout'\ngetopt_long() error\n" + o.HELP_POINTER
     )
-    assert error_of(["-MQ"]) == "invalid option -- 'Q'\ngetopt_long() error"
+    assert error_of(["-MQ"]) == "invalid option -- 'Q'\ngetopt_long() error\n" + o.HELP_POINTER
 
 
 def test_double_dash_ends_options(tmp_path):
@@ -613,4 +617,6 @@ def test_error_lines_match_real_uwsgi(argv, tmp_path):
     theirs = done.stderr.decode()
     ours = error_of(argv)
     for line in ours.split("\n"):
+        if line == o.HELP_POINTER or line.startswith("did you mean"):
+            continue  # our own hint after uWSGI's lines
         assert line in theirs  # uWSGI prefixes getopt lines with its program name
