@@ -61,6 +61,10 @@ def run(cfg) -> int:
         log(str(exc))
         reactor.close()
         return EXIT_CONFIG
+    if cfg.touch_logreopen:
+        from .proccontrol import LogReopener, log_file
+        reopener = LogReopener(cfg.touch_logreopen, log_file(cfg), announce=True)
+        parts.server.periodic.append(reopener.check)
     try:
         soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         log("detected max file descriptor number: %d" % soft)
@@ -96,10 +100,6 @@ def run(cfg) -> int:
         parts.stop()
         reactor.close()
         return EXIT_CONFIG
-    if cfg.touch_logreopen:
-        from .proccontrol import LogReopener, log_file
-        reopener = LogReopener(cfg.touch_logreopen, log_file(cfg), announce=True)
-        parts.server.periodic.append(reopener.check)
     parts.start()
     if subscriber is not None:
         reactor.call_soon(subscriber.start)

@@ -159,6 +159,7 @@ class Master:
         set_process_name(process_name(self.cfg, "uWSGI master", master=True))
         if self.notifier is not None:
             self.notifier.status("%s master starting" % _PROGRAM)
+        self._start_watchers()
         # Signals first: a signal that arrives while we bind is handled once the loop runs.
         self.reactor = Reactor()
         reactor = self.reactor
@@ -199,7 +200,6 @@ class Master:
         self.sockets.start_master()
         self._open_fifos()
         self._on_child(0)   # old processes that exited before our SIGCHLD handler existed
-        self._start_watchers()
         if self.notifier is not None:
             self.notifier.ready("%s ready: %d router process(es), %d app worker(s)"
                                 % (_PROGRAM, len(self.routers), len(self.workers)),

@@ -1045,10 +1045,10 @@ def help_entry(option: Option, width: Optional[int] = None) -> str:
     if width is None:
         width = help_width()
     left = "  " + option_flags(option)
-    notes = option.notes()
-    if option.aliases:
-        notes.append("[alias: %s]" % ", ".join("--" + a for a in option.aliases))
-    text = " ".join([option.help] + [note.replace(" ", _NBSP) for note in notes])
+    notes = [note.replace(" ", _NBSP) for note in option.notes()]
+    if option.aliases:   # may break between two aliases, never inside one
+        notes.append("[alias:" + _NBSP + ", ".join("--" + a for a in option.aliases) + "]")
+    text = " ".join([option.help] + notes)
     column = _HELP_COLUMN if width - _HELP_COLUMN >= _HELP_MIN_TEXT else _HELP_NARROW
     body = _wrap(text, width, column)
     pad = " " * column
