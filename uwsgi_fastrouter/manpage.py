@@ -132,6 +132,7 @@ _SYSTEMD_UNIT = [
     "Type=notify",
     "ExecStart=/usr/local/bin/uwsgi-fastrouter --master --die-on-term --ini /etc/uwsgi-fastrouter/router.ini",
     "ExecReload=/bin/kill -HUP $MAINPID",
+    "KillMode=mixed",
     "Restart=on-failure",
     "",
     "[Install]",
@@ -200,7 +201,8 @@ def _examples(out: List[str]) -> None:
               "}"])
     _example(out, "A systemd service. With Type=notify the router reports READY=1 once its "
              "sockets are bound, RELOADING=1 and READY=1 around a reload and STOPPING=1 at "
-             "shutdown; --die-on-term makes systemd's SIGTERM a shutdown, and systemctl reload "
+             "shutdown; --die-on-term makes systemd's SIGTERM a shutdown (KillMode=mixed sends "
+             "it to the master alone, which stops its processes itself), and systemctl reload "
              "sends SIGHUP, a graceful reload:", _SYSTEMD_UNIT)
 
 
