@@ -50,7 +50,8 @@ def log(line: str) -> None:
     try:
         stream = _stream if _stream is not None else sys.stderr
         if _date_format is not None:
-            line = _date_for(int(time.time())) + line
+            second = int(time.time())
+            line = (_date_prefix if second == _date_second else _date_for(second)) + line
         stream.write(line + "\n")
         stream.flush()
     except (OSError, ValueError):
