@@ -23,3 +23,47 @@ def test_printable_escapes_what_could_forge_a_line():
     assert printable("\u0085next") == "\\x85next"
     assert printable(b"\xffx".decode("utf-8", "surrogateescape")) == "\\xffx"
     assert printable(bytearray(b"\x00")) == "\\x00"
+
+
+def test_log_date_prefixes(capsys, monkeypatch):
+    from uwsgi_fastrouter import log as logmod
+    monkeypatch.setattr(logmod.time, "time", lambda: 1796263323.5)   # Thu Dec  3 2026, UTC
+    monkeypatch.setenv("TZ", "UTC")
+    logmod.time.tzset()
+    try:
+        logmod.set_date_format("")
+        logmod.log("uWSGI's default")
+        logmod.set_date_format("%Y-%m-%d %H:%M:%S")
+        logmod.log("strftime")
+        logmod.log("two\nlines")
+        logmod.set_date_format(None)
+        logmod.log("plain")
+    finally:
+        logmod.set_date_format(None)
+        monkeypatch.delenv("TZ")
+        logmod.time.tzset()
+    assert capsys.readouterr().err.splitlines() == [
+        "Thu Dec  3 02:02:03 2026 - uWSGI's default",
+        "2026-12-03 02:02:03 - strftime",
+        "2026-12-03 02:02:03 - two",      # one prefix per log() call, as uWSGI does
+        "lines",
+        "plain",
+    ]
+
+
+def test_log_date_prefix_is_made_once_a_second(monkeypatch, capsys):
+    from uwsgi_fastrouter import log as logmod
+    now = [1000.2]
+    made = []
+    monkeypatch.setattr(logmod.time, "time", lambda: now[0])
+    real_ctime = logmod.time.ctime
+    monkeypatch.setattr(logmod.time, "ctime", lambda t: made.append(t) or real_ctime(t))
+    try:
+        logmod.set_date_format("")
+        for step in (0.0, 0.3, 0.4, 0.2, 0.0):
+            now[0] += step
+            logmod.log("x")
+    finally:
+        logmod.set_date_format(None)
+    assert made == [1000, 1001]
+    capsys.readouterr()

@@ -71,12 +71,50 @@ def test_man_documents_arguments_defaults_and_status():
 def test_man_sections():
     page = render_manpage()
     headers = [line[4:] for line in page.splitlines() if line.startswith(".SH ")]
-    assert headers == ["NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "ENVIRONMENT", "FILES",
-                       "EXIT STATUS", "SEE ALSO"]
+    assert headers == ["NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "SIGNALS", "ENVIRONMENT",
+                       "FILES", "EXIT STATUS", "EXAMPLES", "SEE ALSO"]
     text = plain(page)
     assert "UWSGI_" in text and "UWSGI_RELOADS" in text
     assert "%%s" in text  # the INI % magic note
     assert "50done" in text
+
+
+def section(name: str) -> str:
+    """The plain text of the man page section *name*."""
+    page = plain(render_manpage())
+    start = page.index("\n.SH %s\n" % name) + len(name) + 5
+    end = page.find("\n.SH ", start)
+    return page[start:end if end >= 0 else len(page)]
+
+
+def test_man_examples_cover_the_common_set_ups():
+    examples = section("EXAMPLES")
+    assert "--fastrouter-to 127.0.0.1:3031" in examples                 # a static node list
+    assert "--fastrouter-subscription-server" in examples and "--subscribe-to" in examples
+    assert "fastrouter-use-pattern = /run/uwsgi/apps/%%s/uwsgi.sock" in examples
+    assert "touch-logreopen" in examples and "postrotate" in examples   # logrotate
+    # the systemd unit
+    for line in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "--die-on-term", "--master"):
+        assert line in examples, line
+    unit = examples[examples.index("[Unit]"):]
+    assert unit.index("[Service]") < unit.index("ExecStart=") < unit.index("[Install]")
+
+
+def test_man_signals_name_what_the_router_does():
+    signals = section("SIGNALS")
+    for name in ("SIGHUP", "SIGTERM", "SIGINT", "SIGQUIT", "SIGPIPE"):
+        assert name in signals, name
+    assert "graceful reload" in signals and "--die-on-term" in signals
+    assert "Without a master" in signals
+
+
+def test_man_environment_and_files():
+    environment = section("ENVIRONMENT")
+    for name in ("UWSGI_", "NOTIFY_SOCKET", "COLUMNS", "UWSGI_FASTROUTER_INHERIT"):
+        assert name in environment, name
+    files = section("FILES")
+    for name in ("--logto", "--touch-logreopen", "--touch-reload", "--pidfile", "--log-reopen"):
+        assert name in files, name
 
 
 def test_man_has_no_stray_requests():

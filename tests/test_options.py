@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -54,7 +55,9 @@ SUPPORTED = {
     "shared-socket", "processes", "buffer-size", "fastrouter-harakiri", "fastrouter-uid",
     "fastrouter-gid", "uid", "gid", "daemonize", "logto", "undeferred-shared-socket",
     "force-gateway", "zerg", "zerg-fallback", "reload", "brutal-reload", "stop", "master-fifo",
-    "start-unsubscribed",
+    "start-unsubscribed", "log-date", "log-reopen", "touch-logreopen", "touch-reload", "harakiri",
+    "auto-procname", "procname-prefix", "procname-prefix-spaced", "procname-append", "procname",
+    "procname-master", "need-app", "plugins",
 }
 
 
@@ -64,7 +67,7 @@ def test_table_is_consistent():
     for option in o.OPTIONS:
         assert option.kind in kinds, option.name
         assert option.arg in (o.REQUIRED, o.OPTIONAL, o.NONE), option.name
-        assert option.status in (o.SUPPORTED, o.PENDING, o.NOOP, o.DEPRECATED), option.name
+        assert option.status in (o.SUPPORTED, o.PENDING, o.NOOP, o.DEPRECATED, o.REPLACED), option.name
         assert option.group in o.GROUPS, option.name
         assert option.help and "\n" not in option.help, option.name
         assert option.attr not in attrs
@@ -78,7 +81,8 @@ def test_statuses_match_the_plan():
     for option in o.OPTIONS:
         by_status.setdefault(option.status, set()).add(option.name)
     assert by_status[o.SUPPORTED] == SUPPORTED
-    assert by_status.get(o.NOOP, set()) == set()
+    assert by_status.get(o.NOOP, set()) == {"enable-threads", "thunder-lock"}
+    assert by_status[o.REPLACED] == {"stats"}
     assert by_status[o.DEPRECATED] == {"fastrouter-subscription-slot"}
     assert o.PENDING not in by_status      # every option of options.md is implemented
 
@@ -99,7 +103,7 @@ def test_shorts_and_aliases():
     assert shorts == {
         "M": "master", "s": "socket", "p": "processes", "l": "listen", "z": "socket-timeout",
         "b": "buffer-size", "a": "abstract-socket", "C": "chmod-socket", "d": "daemonize",
-        "S": "set", "w": "module", "h": "help",
+        "S": "set", "w": "module", "h": "help", "t": "harakiri", "T": "enable-threads",
     }
     assert o.find_option("fastrouter-ss").name == "fastrouter-stats"
     assert o.find_option("fastrouter-stats-server").name == "fastrouter-stats"
@@ -223,11 +227,12 @@ def test_short_options_and_bundling():
 
 
 def test_unknown_options():
-    assert error_of(["--x"]) == "unrecognized option '--x'\ngetopt_long() error"
+    # uWSGI's two lines, then a pointer to --help
+    assert error_of(["--x"]) == "unrecognized option '--x'\ngetopt_long() error\n" + o.HELP_POINTER
     assert error_of(["--master", "--fastrouter-defer-connect-timeout", "3"]) == (
-        "unrecognized option '--fastrouter-defer-connect-timeout'\ngetopt_long() error"
+        "unrecognized option '--fastrouter-defer-connect-timeout'\ngetopt_long() error\n" + o.HELP_POINTER
     )
-    assert error_of(["-MQ"]) == "invalid option -- 'Q'\ngetopt_long() error"
+    assert error_of(["-MQ"]) == "invalid option -- 'Q'\ngetopt_long() error\n" + o.HELP_POINTER
 
 
 def test_double_dash_ends_options(tmp_path):
@@ -613,4 +618,160 @@ def test_error_lines_match_real_uwsgi(argv, tmp_path):
     theirs = done.stderr.decode()
     ours = error_of(argv)
     for line in ours.split("\n"):
+        if line == o.HELP_POINTER or line.startswith("did you mean"):
+            continue  # our own hint after uWSGI's lines
         assert line in theirs  # uWSGI prefixes getopt lines with its program name
+
+
+# -- config lines of real uWSGI router configurations ---------------------------------------------------
+
+
+UWSGI_ROUTER_INI = """[uwsgi]
+plugins = python3,fastrouter
+plugin = corerouter python
+master = true
+enable-threads = true
+thunder-lock = true
+need-app = true
+auto-procname = true
+procname-prefix-spaced = edge
+procname-master = edge-master
+harakiri = 30
+buffer-size = 32768
+fastrouter = 127.0.0.1:3017
+fastrouter-to = 127.0.0.1:3031
+"""
+
+
+def test_the_lines_real_router_configs_carry_are_accepted(tmp_path):
+    warnings: List[str] = []
+    cfg = load([write(tmp_path / "router.ini", UWSGI_ROUTER_INI)], warnings=warnings)
+    assert warnings == ["plugins python3, fastrouter, corerouter, python: built into uwsgi-fastrouter, "
+                        "nothing to load"]
+    assert cfg.enable_threads and cfg.thunder_lock and cfg.need_app and cfg.auto_procname
+    assert cfg.procname_prefix == "edge " and cfg.procname_master == "edge-master"
+    assert cfg.harakiri == 30 and cfg.buffer_size == 32768
+    assert cfg.placeholders == {}
+    # the same from the command line, short options included
+    cfg = load(["-T", "-t", "5", "--thunder-lock", "--need-app", "--need-app=false", "--plugins", "python"])
+    assert cfg.enable_threads and cfg.harakiri == 5 and cfg.thunder_lock and cfg.need_app is False
+
+
+def test_plugin_names():
+    assert o.plugin_names(["python3,fastrouter", " corerouter  python ", "a,,b"]) == [
+        "python3", "fastrouter", "corerouter", "python", "a", "b"]
+    assert o.plugin_names(["/usr/lib/uwsgi/plugins/python3_plugin.so", "python311_plugin"]) == [
+        "python3", "python311"]
+    assert o.check_plugins([]) is None
+    assert o.check_plugins(["python39"]) == "plugins python39: built into uwsgi-fastrouter, nothing to load"
+    for bad in ("http", "python2", "rack", "fastrouter,gevent"):
+        with pytest.raises(ConfigError) as info:
+            o.check_plugins([bad])
+        name = bad.split(",")[-1]
+        assert str(info.value).startswith('unable to load plugin "%s": ' % name), info.value
+
+
+def test_an_unknown_plugin_stops_the_start(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "uwsgi_fastrouter", "--plugins", "python3,http",
+                           "--fastrouter", "127.0.0.1:0", "--fastrouter-to", "127.0.0.1:9"],
+                          cwd=str(Path(o.__file__).parent.parent), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=60)
+    assert done.returncode == 1
+    assert b'unable to load plugin "http"' in done.stderr
+    assert b"bound on" not in done.stderr
+
+
+def test_ignored_ini_keys_are_listed_in_one_warning(tmp_path):
+    warnings: List[str] = []
+    path = write(tmp_path / "a.ini", "[uwsgi]\nchdir = /srv\nbase = /run/apps/\n"
+                 "fastrouter-use-base = %(base)\nfastrouter-too = 127.0.0.1:1\nmax-requests = 5\n"
+                 "chdir = /again\n")
+    cfg = load([path, "--set", "cli-only=1"], warnings=warnings)
+    assert cfg.fastrouter_use_base == "/run/apps/"
+    assert warnings == [
+        "*** WARNING: ignoring INI keys that are not uwsgi-fastrouter options: chdir, "
+        "fastrouter-too (did you mean fastrouter-to?), max-requests in %s "
+        "(--strict makes this an error) ***" % path]
+    # placeholders that are used, and --set names, are not "ignored"
+    used = write(tmp_path / "b.ini", "[uwsgi]\nbase = /x/\nfastrouter-use-base = %(base)\n")
+    warnings.clear()
+    load([used, "--set", "whatever=1"], warnings=warnings)
+    assert warnings == []
+    assert error_of(["--strict", path]) == "[strict-mode] unknown config directive: chdir"
+
+
+def test_a_typo_on_the_command_line_gets_a_suggestion():
+    assert error_of(["--fastrouter-tp", "x"]) == (
+        "unrecognized option '--fastrouter-tp'\ngetopt_long() error\n"
+        "did you mean --fastrouter-to? (run uwsgi-fastrouter --help to list every option)")
+    assert error_of(["--mastr"]).endswith("did you mean --master? (%s)" % o.HELP_POINTER)
+    assert error_of(["--subscription-tolerence", "3"]).endswith(
+        "did you mean --subscription-tolerance? (%s)" % o.HELP_POINTER)
+    assert error_of(["--zzz"]).endswith("\n" + o.HELP_POINTER)
+
+
+def test_stats_says_what_to_use_instead(tmp_path):
+    message = ('option "--stats" is refused: uWSGI\'s instance statistics server, which '
+               "uwsgi-fastrouter does not have (giving it is an error): use --fastrouter-stats ADDR "
+               "for the router's statistics")
+    assert error_of(["--stats", "127.0.0.1:9191"]) == message
+    assert error_of(["--stats-server", ":1"]).startswith('option "--stats-server" is refused: ')
+    assert error_of([write(tmp_path / "s.ini", "[uwsgi]\nstats = /tmp/stats.sock\n")]) == message
+    # the prefixes of the stats options still work
+    assert load(["--stats-min"]).stats_minified is True
+
+
+def test_log_date_values():
+    assert load([]).log_date is None
+    assert load(["--log-date"]).log_date == ""
+    assert load(["--logdate=%Y"]).log_date == "%Y"
+    assert o.log_date_format(None) is None
+    for bare in ("", "1", "true", "On", "yes"):
+        assert o.log_date_format(bare) == "", bare
+    for off in ("0", "false", "off", "NO"):
+        assert o.log_date_format(off) is None, off
+    assert o.log_date_format("%d/%m/%Y %H:%M:%S") == "%d/%m/%Y %H:%M:%S"
+
+
+def test_touch_options_repeat():
+    cfg = load(["--touch-reload", "/a", "--touch-reload", "/b", "--touch-logreopen", "/c", "--log-reopen"])
+    assert cfg.touch_reload == ["/a", "/b"] and cfg.touch_logreopen == ["/c"] and cfg.log_reopen
+
+
+def test_touch_reload_implies_the_master():
+    from uwsgi_fastrouter.cli import needs_master
+    assert not needs_master(load(["--touch-logreopen", "/x"]))
+    assert needs_master(load(["--touch-reload", "/x"]))
+
+
+# -- --help wraps to the terminal ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("width", [50, 80, 132])
+def test_help_wraps_to_the_width(width):
+    text = o.help_text(width)
+    for line in text.splitlines():
+        # only an unbreakable flag column may be wider
+        assert len(line) <= width or " " not in line.strip(), (width, line)
+    assert "(default: 256 KiB)" in text and "[alias: --fastrouter-stats-server," in text
+    for option in o.OPTIONS:
+        assert "--" + option.name in text
+
+
+def _help_of(env: Dict[str, str]) -> str:
+    environ = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    environ.update(env)
+    done = subprocess.run([sys.executable, "-m", "uwsgi_fastrouter", "--help"],
+                          cwd=str(Path(o.__file__).parent.parent), env=environ,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.decode()
+
+
+def test_help_is_80_columns_when_not_a_terminal_and_follows_columns():
+    plain = _help_of({})
+    assert plain == o.help_text(80)
+    assert max(len(line) for line in plain.splitlines() if " " in line.strip()) <= 80
+    wide = _help_of({"COLUMNS": "140"})
+    assert wide == o.help_text(140)
+    assert max(len(line) for line in wide.splitlines()) > 100

@@ -16,6 +16,7 @@ import signal
 import stat
 import sys
 import time
+from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 import pytest
@@ -23,8 +24,9 @@ import pytest
 from support import wait_until
 from uwsgi_fastrouter import log as logmod
 from uwsgi_fastrouter.proccontrol import (
-    BEAT_INTERVAL, Heartbeat, PrivilegeError, daemonize, drop_privileges, harakiri_line,
-    open_log, resolve_group, resolve_user, start_beating,
+    BEAT_INTERVAL, Heartbeat, LogReopener, PrivilegeError, TouchWatcher, daemonize,
+    drop_privileges, harakiri_line, log_file, open_log, process_name, reopen_log, resolve_group,
+    resolve_user, set_process_name, start_beating,
 )
 from uwsgi_fastrouter.reactor import Reactor
 
@@ -281,6 +283,136 @@ def test_open_log_redirects_everything(tmp_path):
                                         "raw fd 1", "raw fd 2", "from a child process"])
     assert fresh.read_text() == "into the fresh file\n"
     assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o640
+
+
+def test_reopen_log_follows_a_rename(tmp_path):
+    path = tmp_path / "router.log"
+    rotated = tmp_path / "router.log.1"
+
+    def child():
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+        open_log(str(path))
+        logmod.log("before")
+        os.rename(path, rotated)
+        logmod.log("still the old file")
+        reopen_log(str(path))
+        logmod.log("after")                    # the same stream, now on the new file
+        print("stdout too")
+        os.write(2, b"raw fd 2\n")
+        try:
+            reopen_log(str(tmp_path / "missing" / "x.log"))
+        except OSError as exc:
+            failed = exc.filename
+        logmod.log("the new file is kept after a failed reopen")
+        return failed
+
+    answer = in_child(child)
+    assert answer["ok"], answer
+    assert answer["result"] == str(tmp_path / "missing" / "x.log")
+    assert rotated.read_text().splitlines() == ["before", "still the old file"]
+    assert path.read_text().splitlines() == ["after", "stdout too", "raw fd 2",
+                                             "the new file is kept after a failed reopen"]
+    assert stat.S_IMODE(path.stat().st_mode) & 0o777 == 0o640 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class FakeStat:
+    """A stat() whose answers the test sets: path -> mtime_ns, absent means missing."""
+
+    def __init__(self, **files):
+        self.files = dict(files)
+
+    def __call__(self, path):
+        if path not in self.files:
+            raise FileNotFoundError(path)
+        return SimpleNamespace(st_mtime_ns=self.files[path])
+
+
+def test_touch_watcher_sees_changes_creation_and_removal(capsys):
+    fake = FakeStat(a=1, b=5)
+    watcher = TouchWatcher(["a", "b", "c"], report=True, stat=fake)
+    assert capsys.readouterr().err == (
+        "unable to stat() c, events will be triggered as soon as the file is created\n")
+    assert watcher.touched() is None                 # the first look only records
+    fake.files["b"] = 6
+    assert watcher.touched() == "b"
+    assert watcher.touched() is None
+    fake.files["a"] = 0                              # an older time is a change too
+    assert watcher.touched() == "a"
+    fake.files["c"] = 7
+    assert watcher.touched() == "c"
+    del fake.files["c"]
+    assert watcher.touched() == "c"
+    fake.files["a"] = 2
+    fake.files["b"] = 9
+    assert watcher.touched() == "a"                  # both recorded, one reported
+    assert watcher.touched() is None
+    TouchWatcher(["missing"], stat=fake)             # silent without report
+    assert capsys.readouterr().err == ""
+
+
+def test_log_reopener_without_a_log_file_says_so(capsys):
+    reopener = LogReopener(["t"], None, announce=True)
+    reopener.watcher = TouchWatcher(["t"], stat=FakeStat(t=1))
+    reopener.watcher._stat.files["t"] = 2
+    reopener.check()
+    assert "t touched: no --logto or --daemonize file to reopen" in capsys.readouterr().err
+
+
+def test_log_file_is_logto_else_daemonize():
+    class Cfg:
+        logto = None
+        daemonize = None
+    cfg = Cfg()
+    assert log_file(cfg) is None
+    cfg.daemonize = "/var/log/d.log"
+    assert log_file(cfg) == "/var/log/d.log"
+    cfg.logto = "/var/log/l.log"
+    assert log_file(cfg) == "/var/log/l.log"
+
+
+def test_process_names_follow_uwsgi():
+    from uwsgi_fastrouter.options import load_config
+
+    def name(argv, job="uWSGI fastrouter 1", master=False):
+        return process_name(load_config(argv, {}, warn=lambda line: None), job, master=master)
+
+    assert name([]) is None                                  # nothing asked: names unchanged
+    assert name(["--auto-procname"]) == "uWSGI fastrouter 1"
+    assert name(["--auto-procname"], "uWSGI master", master=True) == "uWSGI master"
+    assert name(["--procname-prefix", "a-"]) == "a-uWSGI fastrouter 1"     # implies auto
+    assert name(["--procname-prefix-spaced", "a"]) == "a uWSGI fastrouter 1"
+    assert name(["--procname-prefix-spaced", "a", "--procname-prefix", "b"]) == "buWSGI fastrouter 1"
+    assert name(["--procname-prefix", "b", "--procname-prefix-spaced", "a"]) == "a uWSGI fastrouter 1"
+    assert name(["--procname-append", "!"]) == "uWSGI fastrouter 1!"
+    assert name(["--procname", "x"]) == "x"
+    assert name(["--procname", "x", "--procname-master", "m"], "uWSGI master", master=True) == "m"
+    assert name(["--procname-master", "m", "--procname-prefix-spaced", "p"]) == "p uWSGI fastrouter 1"
+    assert name(["--procname-master", "m", "--procname-prefix-spaced", "p"], "uWSGI master",
+                master=True) == "p m"
+
+
+def test_set_process_name_never_fails_start_up(tmp_path):
+    comm = tmp_path / "comm"
+    assert set_process_name("a name longer than fifteen bytes", str(comm))
+    assert comm.read_bytes() == b"a name longer t"
+    assert set_process_name("\u00e9" * 10, str(comm))
+    assert comm.read_bytes() == "\u00e9".encode() * 7       # no half character
+    assert set_process_name(None, str(comm)) is False
+    assert set_process_name("x", str(tmp_path / "no" / "such" / "comm")) is False
+
+    def child():
+        set_process_name("renamed")
+        with open("/proc/self/comm") as handle:
+            return handle.read()
+
+    answer = in_child(child)
+    assert answer["ok"] and answer["result"] == "renamed\n"
 
 
 def test_open_log_error_names_the_path(tmp_path):

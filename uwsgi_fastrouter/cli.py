@@ -4,7 +4,9 @@ Start-up order (each step can fail with a message and exit status 1, before anyt
 is served): parse every configuration source; check the combination; bind every
 listener and the stats server (logging uWSGI's lines with the real addresses); build
 the router; run the event loop until SIGINT, SIGQUIT or SIGTERM; close everything and
-remove the UNIX socket files this process created.
+remove the UNIX socket files this process created.  Under systemd (``$NOTIFY_SOCKET``)
+the single process reports READY=1 once its listeners are polled and STOPPING=1 when a
+stop signal arrives; with a master, the master does (see master.py).
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ import signal
 import sys
 from typing import List, Optional
 
-from . import __version__
+from . import __version__, sdnotify
 from .assembly import StartupError, build, make_subscriber
-from .log import log
-from .options import ConfigError, EarlyExit, load_config
+from .log import log, set_date_format
+from .options import ConfigError, EarlyExit, load_config, log_date_format
 from .reactor import Reactor
 from .sockets import AddressError
 
@@ -31,7 +33,8 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
 def needs_master(cfg) -> bool:
     """D1: one process unless a master is asked for or implied by several processes."""
     return bool(cfg.master or (cfg.fastrouter_processes or 1) > 1 or cfg.socket or cfg.shared_socket
-                or cfg.undeferred_shared_socket or cfg.zerg or cfg.fastrouter_harakiri or cfg.master_fifo)
+                or cfg.undeferred_shared_socket or cfg.zerg or cfg.fastrouter_harakiri or cfg.master_fifo
+                or cfg.touch_reload)
 
 
 def run_master(cfg, argv: List[str]) -> int:
@@ -46,6 +49,11 @@ def run_master(cfg, argv: List[str]) -> int:
 
 
 def run(cfg) -> int:
+    from .proccontrol import process_name, set_process_name
+    set_process_name(process_name(cfg, "uWSGI fastrouter 1"))
+    notifier = sdnotify.from_environ()
+    if notifier is not None:
+        notifier.status("uwsgi-fastrouter starting")
     reactor = Reactor(max_events=cfg.fastrouter_events or 64)
     try:
         parts = build(cfg, reactor)
@@ -53,6 +61,10 @@ def run(cfg) -> int:
         log(str(exc))
         reactor.close()
         return EXIT_CONFIG
+    if cfg.touch_logreopen:
+        from .proccontrol import LogReopener, log_file
+        reopener = LogReopener(cfg.touch_logreopen, log_file(cfg), announce=True)
+        parts.server.periodic.append(reopener.check)
     try:
         soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         log("detected max file descriptor number: %d" % soft)
@@ -62,6 +74,8 @@ def run(cfg) -> int:
 
     def on_stop(signum: int) -> None:
         log("received signal %d, shutting down the fastrouter (pid: %d)" % (signum, os.getpid()))
+        if notifier is not None:
+            notifier.stopping("uwsgi-fastrouter shutting down")
         reactor.stop()
 
     for signum in _STOP_SIGNALS:
@@ -89,6 +103,9 @@ def run(cfg) -> int:
     parts.start()
     if subscriber is not None:
         reactor.call_soon(subscriber.start)
+    if notifier is not None:
+        notifier.ready("uwsgi-fastrouter ready: %d listener(s), one process"
+                       % len(parts.server.listeners))
     try:
         reactor.run()
     finally:
@@ -103,15 +120,21 @@ def run(cfg) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
+    warnings: List[str] = []
     try:
-        cfg = load_config(list(argv), os.environ)
+        cfg = load_config(list(argv), os.environ, warn=warnings.append)
     except EarlyExit as early:
         sys.stdout.write(early.text)
         sys.stdout.flush()
         return early.code
     except ConfigError as exc:
+        for line in warnings:
+            log(line)
         log(str(exc))
         return EXIT_CONFIG
+    set_date_format(log_date_format(cfg.log_date))
+    for line in warnings:   # after --log-date, so that they carry the date too
+        log(line)
     for value, signum, what in ((cfg.reload, signal.SIGHUP, "reload"),
                                 (cfg.brutal_reload, signal.SIGTERM, "brutal-reload"),
                                 (cfg.stop, signal.SIGINT, "stop")):
@@ -148,10 +171,13 @@ def signal_pidfile(path: str, signum: int, option: str) -> int:
 
 
 def _logging(cfg) -> None:
-    """--daemonize LOGFILE (not again after a reload's re-exec) and --logto PATH."""
+    """--daemonize LOGFILE and --logto PATH.  After a reload's re-exec the log file
+    inherited on descriptors 1 and 2 is kept, unless --log-reopen (as in uWSGI)."""
     from .master import ENV_INHERIT
-    from .proccontrol import daemonize, open_log
-    if cfg.daemonize is not None and ENV_INHERIT not in os.environ:
-        daemonize(cfg.logto or cfg.daemonize or "")
-    elif cfg.logto:
-        open_log(cfg.logto)
+    from .proccontrol import daemonize, log_file, open_log
+    reloaded = ENV_INHERIT in os.environ
+    path = log_file(cfg)
+    if cfg.daemonize is not None and not reloaded:
+        daemonize(path or "")
+    elif path and (not reloaded or cfg.log_reopen):
+        open_log(path)

@@ -4,14 +4,25 @@ uWSGI writes its log lines unprefixed to stderr (or to ``--logto``); users grep 
 them, so the texts of the lines are part of the interface.  Everything that logs
 goes through :func:`log` so that a later redirection (``--logto``, ``--daemonize``)
 has one place to change.
+
+``--log-date`` puts a date in front of every line, as uWSGI does: by default the 24
+characters of C's ``ctime()`` (``Thu Dec  3 02:02:03 2026``), or a ``strftime`` format,
+then `` - ``.  The prefix is formatted at most once a second and reused: a line costs
+one ``time.time()`` and an integer compare more.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from typing import Optional, TextIO, Union
 
 _stream: Optional[TextIO] = None   # None: whatever sys.stderr is at the time
+
+# --log-date: None is off, "" is ctime's layout, anything else a strftime format.
+_date_format: Optional[str] = None
+_date_second = -1        # the second _date_prefix was made for
+_date_prefix = ""
 
 # Control characters (C0, DEL and C1) shown as \xNN: a peer that sends a newline or a
 # terminal escape in a key, a Host header or a datagram cannot forge or hide a log line
@@ -38,6 +49,9 @@ def log(line: str) -> None:
     """Write one log line (a newline is added) and flush it."""
     try:
         stream = _stream if _stream is not None else sys.stderr
+        if _date_format is not None:
+            second = int(time.time())
+            line = (_date_prefix if second == _date_second else _date_for(second)) + line
         stream.write(line + "\n")
         stream.flush()
     except (OSError, ValueError):
@@ -49,6 +63,26 @@ def set_stream(stream: Optional[TextIO]) -> None:
     """Send every further log line to *stream*."""
     global _stream
     _stream = stream
+
+
+def set_date_format(date_format: Optional[str]) -> None:
+    """Prefix every further line with the date: None is off, "" uWSGI's default
+    (``ctime()`` layout), any other text a ``strftime`` format."""
+    global _date_format, _date_second
+    _date_format = date_format
+    _date_second = -1
+
+
+def _date_for(second: int) -> str:
+    global _date_second, _date_prefix
+    if second != _date_second:
+        if _date_format:
+            stamp = time.strftime(_date_format, time.localtime(second))
+        else:
+            stamp = time.ctime(second)
+        _date_prefix = stamp + " - "
+        _date_second = second
+    return _date_prefix
 
 
 class RateLimitedLog:

@@ -105,6 +105,107 @@ _MAGIC = (
 )
 
 
+def _example(out: List[str], intro: str, lines: List[str]) -> None:
+    """One example: a sentence, then the lines as they are typed, indented, unfilled."""
+    out.append(".PP")
+    out.append(_text(intro))
+    out.append(".PP")
+    out.append(".RS")
+    out.append(".nf")
+    out.extend(_text(line) if line else "" for line in lines)
+    out.append(".fi")
+    out.append(".RE")
+
+
+def _tagged(out: List[str], tag: str, text: str) -> None:
+    out.append(".TP")
+    out.append("\\fB%s\\fR" % _text(tag))
+    out.append(_text(text))
+
+
+_SYSTEMD_UNIT = [
+    "[Unit]",
+    "Description=uwsgi-fastrouter",
+    "After=network.target",
+    "",
+    "[Service]",
+    "Type=notify",
+    "ExecStart=/usr/local/bin/uwsgi-fastrouter --master --die-on-term --ini /etc/uwsgi-fastrouter/router.ini",
+    "ExecReload=/bin/kill -HUP $MAINPID",
+    "KillMode=mixed",
+    "Restart=on-failure",
+    "",
+    "[Install]",
+    "WantedBy=multi-user.target",
+]
+
+
+def _signals(out: List[str]) -> None:
+    add = out.append
+    add(".SH SIGNALS")
+    add(_text("With --master (or an option that implies it) the master process handles:"))
+    _tagged(out, "SIGHUP", "graceful reload: the master executes itself again with the same "
+            "arguments and keeps the listening sockets and the subscription table; new router "
+            "processes start accepting, then the old ones stop accepting and finish their "
+            "requests. Nothing is refused. A --touch-reload file or --reload PIDFILE does the same.")
+    _tagged(out, "SIGTERM", "brutal reload (the processes are killed, then the master executes "
+            "itself again), or, with --die-on-term, a shutdown like SIGINT. Service managers stop "
+            "services with SIGTERM: give --die-on-term.")
+    _tagged(out, "SIGINT, SIGQUIT", "shutdown: the processes are told to stop and killed if they "
+             "are still there after 10 seconds; the pidfile is removed.")
+    add(".PP")
+    add(_text("The router processes under a master stop accepting and finish their requests on "
+              "SIGTERM, stop at once on SIGINT and SIGQUIT, and ignore SIGHUP. The application "
+              "workers (--socket) finish their request and exit on SIGTERM and SIGHUP, and exit "
+              "at once on SIGINT and SIGQUIT."))
+    add(".PP")
+    add(_text("Without a master the single process shuts down on SIGINT, SIGQUIT and SIGTERM "
+              "(it closes its sockets and removes the UNIX socket files it created). It does not "
+              "reload: SIGHUP, like every signal not named here (SIGUSR1 included, which makes "
+              "uWSGI log its statistics), keeps the system's default action and ends the process "
+              "at once. SIGPIPE is ignored by every process."))
+    add(".PP")
+    add(_text("--master-fifo offers the same actions as commands written to a named pipe."))
+
+
+def _examples(out: List[str]) -> None:
+    out.append(".SH EXAMPLES")
+    _example(out, "A fixed list of nodes, used round robin; a node that refuses a connection is "
+             "skipped for --fastrouter-gracetime seconds:",
+             ["uwsgi-fastrouter --fastrouter 127.0.0.1:3017 \\",
+              "    --fastrouter-to 127.0.0.1:3031 --fastrouter-to /run/app2.sock"])
+    _example(out, "Subscriptions: the router learns its nodes from the uWSGI instances that "
+             "announce themselves; with a master, two router processes and the statistics:",
+             ["uwsgi-fastrouter --master --fastrouter 127.0.0.1:3017 --fastrouter-processes 2 \\",
+              "    --fastrouter-subscription-server 127.0.0.1:7000 --fastrouter-stats 127.0.0.1:9191",
+              "",
+              "uwsgi --socket 127.0.0.1:3031 --wsgi-file app.py \\",
+              "    --subscribe-to 127.0.0.1:7000:example.com"])
+    _example(out, "One UNIX socket per host name, in an INI file (note the %% for a literal %), "
+             "with dated log lines in a file that logrotate may rotate:",
+             ["[uwsgi]",
+              "master = true",
+              "fastrouter = /run/uwsgi/router.sock",
+              "fastrouter-use-pattern = /run/uwsgi/apps/%%s/uwsgi.sock",
+              "logto = /var/log/uwsgi-fastrouter.log",
+              "log-date = true",
+              "touch-logreopen = /run/uwsgi/logreopen"])
+    _example(out, "The matching logrotate rule renames the file, then touches the trigger; "
+             "within a second every process writes to a new file at the old path:",
+             ["/var/log/uwsgi-fastrouter.log {",
+              "    daily",
+              "    rotate 7",
+              "    postrotate",
+              "        touch /run/uwsgi/logreopen",
+              "    endscript",
+              "}"])
+    _example(out, "A systemd service. With Type=notify the router reports READY=1 once its "
+             "sockets are bound, RELOADING=1 and READY=1 around a reload and STOPPING=1 at "
+             "shutdown; --die-on-term makes systemd's SIGTERM a shutdown (KillMode=mixed sends "
+             "it to the master alone, which stops its processes itself), and systemctl reload "
+             "sends SIGHUP, a graceful reload:", _SYSTEMD_UNIT)
+
+
 def render_manpage() -> str:
     """The whole page, as troff source."""
     out: List[str] = []
@@ -139,6 +240,7 @@ def render_manpage() -> str:
             add(_option_head(option))
             out.extend(_option_body(option))
 
+    _signals(out)
     add(".SH ENVIRONMENT")
     add(".TP")
     add("\\fBUWSGI_\\fR\\fINAME\\fR")
@@ -149,6 +251,15 @@ def render_manpage() -> str:
               "Names must be written in full; names that are not options are ignored."))
     add(".PP")
     add(_text("These variables are never read as options: " + ", ".join(sorted(ENV_SKIP)) + "."))
+    _tagged(out, "NOTIFY_SOCKET", "set by systemd for a Type=notify service: the master, or the "
+            "single process, sends its readiness and status there (sd_notify). It is left in "
+            "the environment, as a reload needs it again.")
+    _tagged(out, "UWSGI_FASTROUTER_INHERIT", "set by the master for its own re-execution during "
+            "a reload (the sockets and the table it passes on); never set it yourself.")
+    _tagged(out, "COLUMNS", "the width --help wraps its text to; without it, the width of the "
+            "terminal, or 80 columns when the output is not a terminal.")
+    _tagged(out, "TMPDIR", "where --fastrouter-post-buffering writes bodies too large for "
+            "memory, unless --fastrouter-post-buffering-dir says otherwise.")
 
     add(".SH FILES")
     add(".SS INI files")
@@ -161,8 +272,10 @@ def render_manpage() -> str:
               "key and value removed. A line with no = sets the key with an empty value, which "
               "is true for on/off options. A key may be repeated. Lines starting with ; or # "
               "are comments; a ; or # later in a line is part of the value, and so are quotes. "
-              "Keys must be written in full. A key that is not an option defines a placeholder, "
-              "unless --strict is given."))
+              "Keys must be written in full. A key that is not an option defines a placeholder; "
+              "keys that are not options and are not used as %(KEY) anywhere are listed in one "
+              "warning at start-up, and --strict makes any key that is not an option an error. "
+              "uWSGI's plugins, enable-threads, thunder-lock and need-app lines are accepted."))
     add(".SS Magic variables")
     add(_text("Before it is parsed, the whole text of an INI file is scanned for % followed by "
               "one character:"))
@@ -189,6 +302,13 @@ def render_manpage() -> str:
               "file is an error); %(NAME) becomes the value of the first option or placeholder "
               "called NAME, wherever it is defined (left alone when unknown). "
               "Placeholders are defined by unknown INI keys, --set and --set-ph."))
+    add(".SS Log, pid and trigger files")
+    add(_text("--logto and --daemonize append to their file, created with mode 0640; the file is "
+              "put on the standard output and error of every process. A reload keeps the open "
+              "file unless --log-reopen is given. The files named by --touch-logreopen and "
+              "--touch-reload are only looked at (their modification time, once a second); "
+              "they need not exist at start-up, and creating or removing one counts as a touch. "
+              "--pidfile holds the master's pid followed by a newline."))
 
     add(".SH EXIT STATUS")
     add(".TP")
@@ -198,6 +318,7 @@ def render_manpage() -> str:
     add(".B 1")
     add(_text("the configuration is invalid (unknown option, bad value, missing file, option not "
               "supported yet) or the router could not start."))
+    _examples(out)
     add(".SH SEE ALSO")
     add(".BR uwsgi (1),")
     add(".BR nginx (8)")

@@ -17,7 +17,11 @@ process has the same view.  The stats server runs in the master too; on each req
 it asks every router process for its counters (bounded wait) and sums them.
 
 Signals (uWSGI's meanings): SIGHUP is a graceful reload; SIGTERM a brutal reload unless
-``--die-on-term`` (then a shutdown); SIGINT and SIGQUIT shut down.
+``--die-on-term`` (then a shutdown); SIGINT and SIGQUIT shut down.  ``--touch-reload``
+files are looked at once a second and a touch is a graceful reload too.  Under systemd
+(``$NOTIFY_SOCKET``) the master reports READY=1 once its router processes are forked,
+RELOADING=1 before a reload's re-exec (the new image reports READY=1 and its MAINPID)
+and STOPPING=1 on shutdown (see sdnotify.py).
 
 A graceful reload never closes a listening socket.  The master writes its subscription
 table to an unlinked temporary file, clears close-on-exec on the sockets and the file,
@@ -43,10 +47,12 @@ import tempfile
 import time
 from typing import Callable, Dict, List, Optional
 
+from . import sdnotify
 from .log import log
 from .reactor import Reactor
 
 ENV_INHERIT = "UWSGI_FASTROUTER_INHERIT"
+_PROGRAM = "uwsgi-fastrouter"
 _FRAME = struct.Struct("!IB")
 _RESPAWN_BACKOFF = 1.0
 _STATS_WAIT = 0.5
@@ -141,11 +147,19 @@ class Master:
         self.table = None
         self.heartbeat = None        # --fastrouter-harakiri: one slot per router process
         self.fifos: List[int] = []   # --master-fifo descriptors
+        self.notifier = sdnotify.from_environ()   # systemd, when it started us
+        self.reload_watcher = None   # --touch-reload
+        self.log_reopener = None     # --touch-logreopen
 
     # ----------------------------------------------------------------- start
 
     def run(self) -> int:
         inherited = _read_inherited()
+        from .proccontrol import process_name, set_process_name
+        set_process_name(process_name(self.cfg, "uWSGI master", master=True))
+        if self.notifier is not None:
+            self.notifier.status("%s master starting" % _PROGRAM)
+        self._start_watchers()
         # Signals first: a signal that arrives while we bind is handled once the loop runs.
         self.reactor = Reactor()
         reactor = self.reactor
@@ -186,6 +200,10 @@ class Master:
         self.sockets.start_master()
         self._open_fifos()
         self._on_child(0)   # old processes that exited before our SIGCHLD handler existed
+        if self.notifier is not None:
+            self.notifier.ready("%s ready: %d router process(es), %d app worker(s)"
+                                % (_PROGRAM, len(self.routers), len(self.workers)),
+                                main_pid=os.getpid() if inherited else None)
         reactor.call_later(1.0, self._tick)
         try:
             reactor.run()
@@ -266,6 +284,8 @@ class Master:
 
     def _run_router(self, child: Child, channel: socket.socket) -> int:
         cfg = self.cfg
+        from .proccontrol import LogReopener, log_file, process_name, set_process_name
+        set_process_name(process_name(cfg, "uWSGI fastrouter %d" % child.index))
         if cfg.fastrouter_uid or cfg.fastrouter_gid:
             from .proccontrol import drop_privileges, resolve_group, resolve_user
             drop_privileges(resolve_user(cfg.fastrouter_uid) if cfg.fastrouter_uid else None,
@@ -295,6 +315,9 @@ class Master:
         reactor.add_signal_handler(signal.SIGINT, lambda s: reactor.stop())
         reactor.add_signal_handler(signal.SIGQUIT, lambda s: reactor.stop())
         signal.signal(signal.SIGHUP, signal.SIG_IGN)   # uWSGI's router ignores it too
+        if cfg.touch_logreopen:
+            reopener = LogReopener(cfg.touch_logreopen, log_file(cfg), announce=False)
+            parts.server.periodic.append(reopener.check)
         parts.start()
         link.start()
         try:
@@ -305,11 +328,17 @@ class Master:
         return 0
 
     def _run_worker(self, index: int) -> int:
+        from .proccontrol import LogReopener, log_file, process_name, set_process_name
         from .wsgiserver import Worker
+        cfg = self.cfg
+        set_process_name(process_name(cfg, "uWSGI worker %d" % index))
+        periodic = None
+        if cfg.touch_logreopen:
+            periodic = LogReopener(cfg.touch_logreopen, log_file(cfg), announce=False).check
         parts = self.sockets.parts
         worker = Worker([l.sock for l in parts.app_listeners], parts.app, worker_id=index,
-                        harakiri=0, buffer_size=self.cfg.buffer_size or 4096,
-                        parent_pid=os.getppid())
+                        harakiri=cfg.harakiri or 0, buffer_size=cfg.buffer_size or 4096,
+                        parent_pid=os.getppid(), periodic=periodic)
         return worker.serve_forever()
 
     # ----------------------------------------------------------- master FIFO
@@ -397,6 +426,8 @@ class Master:
             return
         log("received signal %d, shutting down (pid: %d)" % (signum, os.getpid()))
         self.stopping = True
+        if self.notifier is not None:
+            self.notifier.stopping("%s shutting down" % _PROGRAM)
         for pid in list(self.children) + list(self.old_pids):
             _signal(pid, signal.SIGINT)
         self.reactor.call_later(_KILL_AFTER, self._kill_all)
@@ -426,6 +457,8 @@ class Master:
     def _reload(self, graceful: bool) -> None:
         if self.stopping:
             return
+        if self.notifier is not None:
+            self.notifier.reloading("%s %s reload" % (_PROGRAM, "graceful" if graceful else "brutal"))
         pids = list(self.children) + list(self.old_pids)
         if not graceful:
             for pid in pids:
@@ -536,7 +569,26 @@ class Master:
                 _signal(child.pid, signal.SIGKILL)
                 self.heartbeat.reset(child.index - 1, now)
 
+    def _start_watchers(self) -> None:
+        """--touch-reload and --touch-logreopen: their files' times are taken now."""
+        from .proccontrol import LogReopener, TouchWatcher, log_file
+        cfg = self.cfg
+        if cfg.touch_reload:
+            self.reload_watcher = TouchWatcher(cfg.touch_reload, report=True)
+        if cfg.touch_logreopen:
+            self.log_reopener = LogReopener(cfg.touch_logreopen, log_file(cfg), announce=True)
+
+    def _check_touches(self) -> None:
+        if self.log_reopener is not None:
+            self.log_reopener.check()
+        if self.reload_watcher is not None and not self.stopping:
+            touched = self.reload_watcher.touched()
+            if touched is not None:
+                log("*** %s has been touched... grace them all !!! ***" % touched)
+                self._on_hup(signal.SIGHUP)
+
     def _tick(self) -> None:
+        self._check_touches()
         if self.heartbeat is not None and not self.stopping:
             self._check_harakiri()
         self.sockets.tick()

@@ -34,7 +34,10 @@ error), 64-bit values ``strtoul``, booleans are false only for
 
 from __future__ import annotations
 
+import difflib
 import re
+import shutil
+import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
@@ -66,6 +69,7 @@ SUPPORTED = "supported"
 PENDING = "pending"
 NOOP = "noop"
 DEPRECATED = "deprecated"
+REPLACED = "replaced"  # a uWSGI option this program does not have: an error naming the one to use
 
 # Groups, in --help / man page order
 G_ROUTER = "FastRouter"
@@ -120,17 +124,23 @@ class Option:
             return "[=" + self.metavar + "]"
         return " " + self.metavar
 
-    def help_line(self) -> str:
-        """The one-line description, with default and status notes."""
-        text = self.help
+    def notes(self) -> List[str]:
+        """The remarks that follow the description: the default, the status."""
+        notes = []
         default = self.default_text()
         if default is not None:
-            text += " (default: %s)" % default
+            notes.append("(default: %s)" % default)
         if self.status == PENDING:
-            text += " (not supported yet)"
+            notes.append("(not supported yet)")
         elif self.status == NOOP:
-            text += " (accepted, no effect)"
-        return text
+            notes.append("(accepted, no effect)")
+        elif self.status == REPLACED:
+            notes.append("(refused)")
+        return notes
+
+    def help_line(self) -> str:
+        """The one-line description, with default and status notes."""
+        return " ".join([self.help] + self.notes())
 
 
 def _o(name: str, kind: str, help: str, group: str, **kw: Any) -> Option:
@@ -229,6 +239,9 @@ OPTIONS: Tuple[Option, ...] = (
     _o("stats-minified", BOOL, "write the statistics JSON on one line, without indentation",
        G_PROCESS, aliases=("stats-min",)),
     _o("stats-http", BOOL, "send the statistics as an HTTP response", G_PROCESS),
+    _o("stats", STRING, "uWSGI's instance statistics server, which uwsgi-fastrouter does not have "
+       "(giving it is an error): use --fastrouter-stats ADDR for the router's statistics",
+       G_PROCESS, aliases=("stats-server",), metavar="ADDR", status=REPLACED),
     _o("no-fd-passing", BOOL, "never hand client connections over to unix-socket nodes; always "
        "relay", G_PROCESS),
     _o("fastrouter-trust-fd-passing", BOOL, "the unix-socket nodes take handed-over clients "
@@ -248,6 +261,25 @@ OPTIONS: Tuple[Option, ...] = (
        "after the --shared-socket ones; repeatable", G_PROCESS, default=[], metavar="ADDR"),
     _o("processes", INT, "number of application worker processes", G_PROCESS, short="p",
        aliases=("workers",), default=1, status=SUPPORTED),
+    _o("harakiri", INT, "kill and respawn an application worker whose request has taken more than "
+       "SECS seconds; 0 is off (for the router processes see --fastrouter-harakiri)", G_PROCESS,
+       short="t", default=0, metavar="SECS"),
+    _o("enable-threads", BOOL, "accepted for uWSGI configurations: Python threads always work in "
+       "the application workers, and the router runs none", G_PROCESS, short="T", status=NOOP),
+    _o("thunder-lock", BOOL, "accepted for uWSGI configurations: the processes sharing a "
+       "listening socket accept from it without a lock", G_PROCESS, status=NOOP),
+    _o("auto-procname", BOOL, "name the processes after their jobs (uWSGI master, uWSGI "
+       "fastrouter N, uWSGI worker N) as ps and top show them; on Linux, at most 15 bytes", G_PROCESS),
+    _o("procname-prefix", STRING, "put PREFIX in front of the process names (implies "
+       "--auto-procname)", G_PROCESS, metavar="PREFIX"),
+    _o("procname-prefix-spaced", STRING, "put PREFIX and a space in front of the process names "
+       "(implies --auto-procname)", G_PROCESS, metavar="PREFIX"),
+    _o("procname-append", STRING, "put SUFFIX after the process names (implies --auto-procname)",
+       G_PROCESS, metavar="SUFFIX"),
+    _o("procname", STRING, "name every process NAME (implies --auto-procname)", G_PROCESS,
+       metavar="NAME"),
+    _o("procname-master", STRING, "name the master process NAME (implies --auto-procname)",
+       G_PROCESS, metavar="NAME"),
     _o("force-gateway", BOOL, "without a master, run the first router in the main process (what "
        "uwsgi-fastrouter always does without --master)", G_PROCESS),
     _o("uid", STRING, "switch to USER (name or number) after binding the sockets", G_PROCESS,
@@ -260,6 +292,18 @@ OPTIONS: Tuple[Option, ...] = (
        metavar="LOGFILE", status=SUPPORTED),
     _o("logto", STRING, "log to the file PATH instead of stderr", G_PROCESS, metavar="PATH",
        status=SUPPORTED),
+    _o("log-date", STRING, "start every log line with the date and ' - ': by default as C's ctime() "
+       "writes it (Thu Dec  3 02:02:03 2026), or formatted by strftime(FORMAT) (in INI files "
+       "write %% for each %)", G_PROCESS, arg=OPTIONAL, bare="", aliases=("logdate",),
+       metavar="FORMAT"),
+    _o("log-reopen", BOOL, "reopen the --logto or --daemonize file on a reload, instead of "
+       "keeping the one already open", G_PROCESS),
+    _o("touch-logreopen", LIST, "reopen the --logto or --daemonize file (in every process) when "
+       "the modification time of FILE changes, checked once a second: logrotate renames the log, "
+       "then touches FILE; repeatable", G_PROCESS, default=[], metavar="FILE"),
+    _o("touch-reload", LIST, "gracefully reload when the modification time of FILE changes, "
+       "checked once a second (implies --master); repeatable", G_PROCESS, default=[],
+       metavar="FILE"),
     _o("zerg-server", STRING, "hand this instance's listening sockets to zergs connecting to the "
        "unix socket PATH", G_PROCESS, metavar="PATH", status=SUPPORTED),
     _o("zerg", LIST, "the local app workers also accept on the listening sockets of the zerg "
@@ -280,6 +324,8 @@ OPTIONS: Tuple[Option, ...] = (
     _o("module", STRING, "the local workers' WSGI app as a module (NAME or NAME:CALLABLE, with "
        "--socket); without --socket, imported once at startup",
        G_APPS, short="w", aliases=("wsgi",), metavar="NAME", status=SUPPORTED),
+    _o("need-app", BOOL, "exit at start-up when the application cannot be loaded (what "
+       "uwsgi-fastrouter always does)", G_APPS, arg=OPTIONAL, bare="1", metavar="BOOL"),
     # -- Subscriptions -------------------------------------------------------------
     _o("subscribe-to", LIST, "announce this instance to a subscription server: "
        "[SOCKNAME=]SERVER:KEY[,MOD1[,DIGEST:KEYFILE]] or SERVER:@MAPFILE; repeatable", G_SUBS,
@@ -331,6 +377,9 @@ OPTIONS: Tuple[Option, ...] = (
        aliases=("set-placeholder",), metavar="NAME=VALUE"),
     _o("strict", BOOL, "reject INI keys and --set names that are not options, instead of keeping "
        "them as placeholders", G_CONFIG),
+    _o("plugins", LIST, "uWSGI plugins to load: fastrouter, corerouter, python and python3 are "
+       "built in (one log line, nothing to load); any other name is a start-up error; comma or "
+       "space separated, repeatable", G_CONFIG, aliases=("plugin",), default=[], metavar="NAMES"),
     _o("master-fifo", LIST, "commands for the master on the named pipe PATH: r graceful reload, "
        "R brutal reload, q or Q shutdown, S block/unblock the subscriptions; repeatable", G_PROCESS,
        default=[], metavar="PATH"),
@@ -463,6 +512,48 @@ def parse_bool(value: Optional[str]) -> bool:
     return not (value.lower() in _FALSE_WORDS or value == "0")
 
 
+def log_date_format(value: Optional[str]) -> Optional[str]:
+    """``--log-date``'s value as :func:`log.set_date_format` takes it: None (off) when
+    not given or false, "" (uWSGI's ctime layout) when bare or true, else the format."""
+    if value is None or value.lower() in _FALSE_WORDS or value == "0":
+        return None
+    if value == "" or value.lower() in ("true", "on", "yes", "1"):
+        return ""
+    return value
+
+
+# --plugins: what uWSGI builds as plugins and this program has built in.
+BUILTIN_PLUGINS = ("fastrouter", "corerouter", "python", "python3")
+_PYTHON_PLUGIN = re.compile(r"python3[0-9]*\Z")
+_PLUGIN_FILE = re.compile(r"(_plugin)?(\.so)?\Z")
+
+
+def plugin_names(values: Iterable[str]) -> List[str]:
+    """The plugin names in ``--plugins`` values: comma or space separated; a path to a
+    plugin file (``/usr/lib/uwsgi/plugins/python3_plugin.so``) counts as its name."""
+    names: List[str] = []
+    for value in values:
+        for word in re.split(r"[,\s]+", value):
+            if word:
+                names.append(_PLUGIN_FILE.sub("", word.rsplit("/", 1)[-1]))
+    return names
+
+
+def check_plugins(values: Iterable[str]) -> Optional[str]:
+    """The log line for the ``--plugins`` given (None if none).
+
+    Raises :class:`ConfigError` naming the first plugin that is not built in."""
+    names = plugin_names(values)
+    for name in names:
+        if name not in BUILTIN_PLUGINS and not _PYTHON_PLUGIN.match(name):
+            raise ConfigError('unable to load plugin "%s": %s has the plugins %s built in and '
+                              "loads no others" % (name, PROGRAM, ", ".join(BUILTIN_PLUGINS)))
+    if not names:
+        return None
+    unique = list(dict.fromkeys(names))
+    return "plugins %s: built into %s, nothing to load" % (", ".join(unique), PROGRAM)
+
+
 # ---------------------------------------------------------------------------
 # Collection
 # ---------------------------------------------------------------------------
@@ -483,8 +574,28 @@ class _Entry:
 MAX_INI_DEPTH = 32
 
 
-def _getopt_error(message: str) -> ConfigError:
-    return ConfigError(message + "\ngetopt_long() error")
+HELP_POINTER = "run %s --help to list every option" % PROGRAM
+
+
+def _getopt_error(message: str, hint: Optional[str] = None) -> ConfigError:
+    """uWSGI's two lines, then (for a name nobody knows) our hint on a third."""
+    text = message + "\ngetopt_long() error"
+    if hint:
+        text += "\n" + hint
+    return ConfigError(text)
+
+
+def close_option(written: str) -> Optional[str]:
+    """The option name *written* most likely meant (a typo), or None."""
+    found = difflib.get_close_matches(written, _LONG_NAMES, n=1, cutoff=0.75)
+    return found[0] if found else None
+
+
+def _unknown_hint(written: str) -> str:
+    guess = close_option(written)
+    if guess is None:
+        return HELP_POINTER
+    return "did you mean --%s? (%s)" % (guess, HELP_POINTER)
 
 
 class _Collector:
@@ -495,6 +606,7 @@ class _Collector:
         self.warn = warn
         self.ini = IniLoader()
         self.ini_specs: List[str] = []
+        self.ini_unknown: List[Tuple[str, str]] = []   # (key, file) of INI keys that are no option
         self.sets: List[str] = []
         self.set_phs: List[str] = []
         self.depth = 0  # INI files being read right now, nested
@@ -560,6 +672,8 @@ class _Collector:
         self.depth += 1
         try:
             for key, value in result.entries:
+                if key not in _BY_NAME:
+                    self.ini_unknown.append((key, result.path))
                 self.take_key(key, value)
         finally:
             self.depth -= 1
@@ -624,7 +738,7 @@ class _Collector:
             return written
         candidates = [n for n in _LONG_NAMES if n.startswith(written)]
         if not candidates:
-            raise _getopt_error("unrecognized option '--%s'" % written)
+            raise _getopt_error("unrecognized option '--%s'" % written, _unknown_hint(written))
         if len(candidates) > 1:
             # getopt accepts an abbreviation shared by names that all behave
             # the same (same option with the same short letter); otherwise
@@ -646,7 +760,7 @@ class _Collector:
             pos += 1
             option = _BY_SHORT.get(letter)
             if option is None:
-                raise _getopt_error("invalid option -- '%s'" % letter)
+                raise _getopt_error("invalid option -- '%s'" % letter, HELP_POINTER)
             rest = letters[pos:]
             if option.arg == NONE:
                 self.take(option, option.name, None)
@@ -727,8 +841,10 @@ def _read_at_file(path: str) -> str:
     return data.decode("utf-8", "surrogateescape")
 
 
-def _substitute(entries: List[_Entry], environ: Mapping[str, str]) -> None:
-    """Run the ``$()``, ``@()`` and ``%()`` passes over every entry, in place."""
+def _substitute(entries: List[_Entry], environ: Mapping[str, str]) -> Set[str]:
+    """Run the ``$()``, ``@()`` and ``%()`` passes over every entry, in place.
+
+    Returns the keys some ``%(KEY)`` referred to."""
     for entry in entries:
         if entry.value is not None:
             entry.value = _expand(entry.value, "$", environ.get)
@@ -741,6 +857,7 @@ def _substitute(entries: List[_Entry], environ: Mapping[str, str]) -> None:
         first.setdefault(entry.key, entry)
     done: Dict[int, str] = {}
     active: Set[int] = set()
+    used: Set[str] = set()
 
     def resolve(entry: _Entry) -> Optional[str]:
         if entry.value is None:
@@ -760,13 +877,17 @@ def _substitute(entries: List[_Entry], environ: Mapping[str, str]) -> None:
 
     def lookup(key: str) -> Optional[str]:
         target = first.get(key)
-        return None if target is None else resolve(target)
+        if target is None:
+            return None
+        used.add(key)
+        return resolve(target)
 
     for entry in entries:
         resolve(entry)
     for entry in entries:
         if entry.value is not None:
             entry.value = done.get(id(entry), entry.value)
+    return used
 
 
 # ---------------------------------------------------------------------------
@@ -806,6 +927,8 @@ def _apply(entries: List[_Entry], warn: Callable[[str], None]) -> Config:
             continue
         if option.status == PENDING:
             raise ConfigError('option "--%s" is not supported yet by %s' % (entry.key, PROGRAM))
+        if option.status == REPLACED:
+            raise ConfigError('option "--%s" is refused: %s' % (entry.key, option.help))
         config._given.add(option.name)
         if option.status == DEPRECATED:
             warn('[WARNING] option "%s" is deprecated: useless thanks to the new implementation' % entry.key)
@@ -815,6 +938,9 @@ def _apply(entries: List[_Entry], warn: Callable[[str], None]) -> Config:
             getattr(config, option.attr).append(value)
         else:
             setattr(config, option.attr, value)
+        if option.name == "procname-prefix-spaced":
+            # uWSGI keeps one prefix: the last of --procname-prefix and this one wins.
+            config.procname_prefix = value + " "
     return config
 
 
@@ -834,8 +960,14 @@ def load_config(
     collector = _Collector(warn)
     collector.from_environ(environ)
     collector.from_argv(list(argv))
-    _substitute(collector.entries, environ)
+    used = _substitute(collector.entries, environ)
     config = _apply(collector.entries, warn)
+    ignored = ignored_ini_keys(collector.ini_unknown, used)
+    if ignored:
+        warn(ignored)
+    plugins = check_plugins(config.plugins)
+    if plugins:
+        warn(plugins)
     # The immediate options keep what they were given, for the record.
     for attr, values, name in (
         ("ini", collector.ini_specs, "ini"),
@@ -846,6 +978,25 @@ def load_config(
         if values:
             config._given.add(name)
     return config
+
+
+def ignored_ini_keys(unknown: List[Tuple[str, str]], used: Set[str]) -> Optional[str]:
+    """The warning about INI keys that are neither options nor used as ``%(KEY)``
+    placeholders (None when there are none); ``--strict`` turns them into errors."""
+    by_file: Dict[str, List[str]] = {}
+    for key, path in unknown:
+        if key in used:
+            continue
+        keys = by_file.setdefault(path, [])
+        guess = close_option(key)
+        shown = key if guess is None else "%s (did you mean %s?)" % (key, guess)
+        if shown not in keys:
+            keys.append(shown)
+    if not by_file:
+        return None
+    files = "; ".join("%s in %s" % (", ".join(keys), path) for path, keys in by_file.items())
+    return ("*** WARNING: ignoring INI keys that are not %s options: %s "
+            "(--strict makes this an error) ***" % (PROGRAM, files))
 
 
 # ---------------------------------------------------------------------------
@@ -869,32 +1020,56 @@ def version_text() -> str:
     return "%s %s (uWSGI %s compatible)\n" % (PROGRAM, __version__, UWSGI_COMPAT_VERSION)
 
 
-_HELP_COLUMN = 44
+_HELP_COLUMN = 44      # where the descriptions start on a wide enough terminal
+_HELP_NARROW = 8       # their indent when the terminal is too narrow for two columns
+_HELP_MIN_TEXT = 30    # the narrowest description column worth keeping beside the flags
+_NBSP = "\xa0"         # glues "(default: 60)" so that wrapping never splits it
 
 
-def help_entry(option: Option) -> str:
-    """The --help lines of one option (one line, two when the flags are long)."""
+def help_width() -> int:
+    """The terminal's width (``COLUMNS`` wins), 80 when output is not a terminal."""
+    return max(40, shutil.get_terminal_size((80, 24)).columns)
+
+
+def _wrap(text: str, width: int, indent: int) -> List[str]:
+    lines = textwrap.wrap(text, width=max(20, width - indent), break_long_words=False,
+                          break_on_hyphens=False)
+    return [line.replace(_NBSP, " ") for line in lines] or [""]
+
+
+def help_entry(option: Option, width: Optional[int] = None) -> str:
+    """The --help lines of one option, wrapped to *width* columns (default: the terminal).
+
+    The flags stand on the left; the description starts on the same line in column 44
+    when both fit, else on the next line, indented."""
+    if width is None:
+        width = help_width()
     left = "  " + option_flags(option)
-    text = option.help_line()
-    if option.aliases:
-        text += " [alias: %s]" % ", ".join("--" + a for a in option.aliases)
-    if len(left) + 2 > _HELP_COLUMN:
-        return left + "\n" + " " * _HELP_COLUMN + text
-    return left.ljust(_HELP_COLUMN) + text
+    notes = [note.replace(" ", _NBSP) for note in option.notes()]
+    if option.aliases:   # may break between two aliases, never inside one
+        notes.append("[alias:" + _NBSP + ", ".join("--" + a for a in option.aliases) + "]")
+    text = " ".join([option.help] + notes)
+    column = _HELP_COLUMN if width - _HELP_COLUMN >= _HELP_MIN_TEXT else _HELP_NARROW
+    body = _wrap(text, width, column)
+    pad = " " * column
+    if len(left) + 2 > column:
+        return "\n".join([left] + [pad + line for line in body])
+    return "\n".join([left.ljust(column) + body[0]] + [pad + line for line in body[1:]])
 
 
-def help_text() -> str:
-    """What ``--help`` prints, generated from :data:`OPTIONS`."""
-    lines = [
-        "Usage: %s [options...] [file.ini...]" % PROGRAM,
-        "",
-        "A drop-in replacement for the uWSGI %s FastRouter." % UWSGI_COMPAT_VERSION,
-        "Options also come from INI files (--ini FILE, or FILE.ini as an argument) and",
-        "from UWSGI_<NAME> environment variables; see %s(1)." % PROGRAM,
-    ]
+def help_text(width: Optional[int] = None) -> str:
+    """What ``--help`` prints, generated from :data:`OPTIONS`, wrapped to *width* columns
+    (default: the terminal's width, 80 when not a terminal)."""
+    if width is None:
+        width = help_width()
+    intro = ("A drop-in replacement for the uWSGI %s FastRouter. Options also come from INI "
+             "files (--ini FILE, or FILE.ini as an argument) and from UWSGI_<NAME> environment "
+             "variables; see %s(1)." % (UWSGI_COMPAT_VERSION, PROGRAM))
+    lines = ["Usage: %s [options...] [file.ini...]" % PROGRAM, ""]
+    lines.extend(_wrap(intro, width, 0))
     for group in GROUPS:
         lines.append("")
         lines.append(group + ":")
-        lines.extend(help_entry(option) for option in options_in_group(group))
+        lines.extend(help_entry(option, width) for option in options_in_group(group))
     lines.append("")
     return "\n".join(lines)

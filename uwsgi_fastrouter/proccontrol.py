@@ -15,6 +15,20 @@ The log file (``--logto``, and the value of ``--daemonize``) is opened in append
 writes to stdout or stderr -- Python code, a child process, a crash trace -- ends up
 there; :func:`log.log` is pointed at a line-buffered stream on descriptor 2.
 
+Reopening the log (``--touch-logreopen``, ``--log-reopen``) opens the path again and
+puts the new file on descriptors 1 and 2 with ``dup2()``: the streams writing there
+follow without being replaced.  Every process reopens its own descriptors: the single
+router process or the master, each router process and each app worker watches the
+trigger files from the one-second timer it already has (:class:`TouchWatcher`, one
+``stat()`` per file and second); only the single process or the master writes the
+two lines about it, the old file's last and the new file's first.
+
+Process names (``--auto-procname`` and ``--procname*``) are uWSGI's ("uWSGI master",
+"uWSGI fastrouter 1", "uWSGI worker 1", with the prefix and suffix options).  The
+standard library cannot rewrite the command line ``ps`` shows, so the name goes to
+the kernel's task name (``/proc/self/comm``, what ``ps -o comm``, ``top`` and
+``pstree`` show; Linux keeps 15 bytes of it); where that fails, nothing happens.
+
 Daemonizing is the classic double fork: the original process exits 0 as soon as the
 first child exists; the first child starts a new session and forks again; the
 grandchild (not a session leader, so it can never acquire a controlling terminal) is
@@ -52,6 +66,7 @@ from .log import log
 
 __all__ = [
     "PrivilegeError", "resolve_user", "resolve_group", "drop_privileges", "open_log",
+    "log_file", "reopen_log", "TouchWatcher", "LogReopener", "process_name", "set_process_name",
     "daemonize", "Heartbeat", "harakiri_line", "start_beating", "BEAT_INTERVAL",
 ]
 
@@ -179,6 +194,153 @@ def _flush_std() -> None:
                 stream.flush()
         except (OSError, ValueError):
             pass
+
+
+def log_file(cfg) -> Optional[str]:
+    """The file the log goes to: ``--logto``, else the value of ``--daemonize``."""
+    if cfg.logto:
+        return cfg.logto
+    if cfg.daemonize:
+        return cfg.daemonize
+    return None
+
+
+def reopen_log(path: str) -> None:
+    """Open *path* again and put it on descriptors 1 and 2 (the log follows).
+
+    Raises ``OSError`` naming *path* when it cannot be opened; the old file stays.
+    """
+    fd = _open_log_fd(path)
+    _flush_std()
+    try:
+        for target in (1, 2):
+            if fd != target:
+                os.dup2(fd, target)
+    finally:
+        if fd not in (1, 2):
+            os.close(fd)
+
+
+class TouchWatcher:
+    """Says when one of some files was touched: its modification time changed, or it
+    appeared, or it went away, since the last look (the first look only records).
+
+    ``stat`` is a parameter for the tests.  With *report*, a file missing at the first
+    look is logged once, in uWSGI's words.
+    """
+
+    __slots__ = ("paths", "_seen", "_stat")
+
+    def __init__(self, paths, *, report: bool = False, stat: Callable = os.stat) -> None:
+        self.paths = list(paths)
+        self._stat = stat
+        self._seen = {}
+        for path in self.paths:
+            self._seen[path] = self._look(path)
+            if self._seen[path] is None and report:
+                log("unable to stat() %s, events will be triggered as soon as the file is created"
+                    % path)
+
+    def _look(self, path: str):
+        try:
+            return self._stat(path).st_mtime_ns
+        except OSError:
+            return None
+
+    def touched(self) -> Optional[str]:
+        """The first file touched since the last call, or None."""
+        found = None
+        for path in self.paths:
+            now = self._look(path)
+            if now != self._seen[path]:
+                self._seen[path] = now
+                if found is None:
+                    found = path
+        return found
+
+
+class LogReopener:
+    """``--touch-logreopen``: reopen the log file when a trigger file is touched.
+
+    *log_path* is the ``--logto``/``--daemonize`` file (None: there is none, and a
+    touch only says so).  *announce* makes this process write the lines about it (the
+    single process or the master); the other processes reopen silently.
+    Call :meth:`check` once a second.
+    """
+
+    __slots__ = ("watcher", "log_path", "announce")
+
+    def __init__(self, triggers, log_path: Optional[str], *, announce: bool) -> None:
+        self.watcher = TouchWatcher(triggers, report=announce)
+        self.log_path = log_path or None
+        self.announce = announce
+
+    def check(self, _now: float = 0.0) -> None:
+        touched = self.watcher.touched()
+        if touched is None:
+            return
+        if self.log_path is None:
+            if self.announce:
+                log("%s touched: no --logto or --daemonize file to reopen" % touched)
+            return
+        if self.announce:
+            log("[%d] logsize: %d, triggering log-reopen (%s touched)..."
+                % (int(time.time()), _log_size(), touched))
+        try:
+            reopen_log(self.log_path)
+        except OSError as exc:
+            log("*** unable to reopen the log file %s: %s ***" % (self.log_path, exc.strerror or exc))
+            return
+        if self.announce:
+            log("[%d] %s reopened." % (int(time.time()), self.log_path))
+
+
+def _log_size() -> int:
+    try:
+        return os.fstat(2).st_size
+    except OSError:
+        return 0
+
+
+# ------------------------------------------------------------------ process names
+
+def process_name(cfg, job: str, *, master: bool = False) -> Optional[str]:
+    """The name for a process doing *job* ("uWSGI master", "uWSGI fastrouter 1", ...),
+    or None when no ``--auto-procname``/``--procname*`` option asks for names.
+
+    As in uWSGI: ``--procname-master`` names the master, ``--procname`` every
+    process, and the prefix and suffix go around whichever name is chosen.
+    """
+    prefix = cfg.procname_prefix or ""
+    suffix = cfg.procname_append or ""
+    if not (cfg.auto_procname or prefix or suffix or cfg.procname or cfg.procname_master):
+        return None
+    name = job
+    if master and cfg.procname_master:
+        name = cfg.procname_master
+    elif cfg.procname:
+        name = cfg.procname
+    return prefix + name + suffix
+
+
+_COMM_BYTES = 15   # Linux's task name: 16 bytes with the terminating NUL
+
+
+def set_process_name(name: Optional[str], comm: str = "/proc/self/comm") -> bool:
+    """Give this process the task name *name* (cut to 15 bytes); False if impossible.
+
+    Never raises: a process name is a convenience, never a reason not to start.
+    """
+    if not name:
+        return False
+    data = name.encode("utf-8", "replace")[:_COMM_BYTES]
+    data = data.decode("utf-8", "ignore").encode("utf-8")   # no half character at the end
+    try:
+        with open(comm, "wb") as handle:
+            handle.write(data)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------- daemon

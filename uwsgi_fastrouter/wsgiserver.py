@@ -712,13 +712,15 @@ class Worker:
     Build it and call :meth:`serve_forever` in the forked child (main thread).
     ``requests`` counts the connections served.  With *parent_pid*, the worker
     also ends (gracefully) when that process is no longer its parent, checked
-    every second: a worker must not outlive its master.
+    every second: a worker must not outlive its master.  *periodic*, if given, is
+    called about once a second from the same wake-up (e.g. to watch a trigger file).
     """
 
     def __init__(self, listeners: Sequence[Any], app: Callable, *, worker_id: int = 1,
                  harakiri: int = 0, buffer_size: int = DEFAULT_BUFFER_SIZE, log: Log = _logmod.log,
                  socket_timeout: Optional[float] = DEFAULT_SOCKET_TIMEOUT,
-                 parent_pid: Optional[int] = None) -> None:
+                 parent_pid: Optional[int] = None,
+                 periodic: Optional[Callable[[], None]] = None) -> None:
         # A sockets.Listener is accepted too (its socket is used).
         self.listeners = [getattr(item, "sock", item) for item in listeners]
         self.app = app
@@ -728,6 +730,7 @@ class Worker:
         self.log = log
         self.socket_timeout = socket_timeout
         self.parent_pid = parent_pid
+        self.periodic = periodic
         self.requests = 0
         self._stopping = False
         self._pid = os.getpid()
@@ -826,13 +829,17 @@ class Worker:
             wake_w.close()
 
     def _loop(self, sel: selectors.BaseSelector, wake_r: socket.socket) -> int:
-        timeout = 1.0 if self.parent_pid is not None else None
+        timeout = 1.0 if self.parent_pid is not None or self.periodic is not None else None
+        next_periodic = time.monotonic() + 1.0
         while not self._stopping:
             events = sel.select(timeout)
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 self.log("worker %d (pid: %d): parent process %d is gone, exiting"
                          % (self.worker_id, self._pid, self.parent_pid))
                 return 0
+            if self.periodic is not None and time.monotonic() >= next_periodic:
+                next_periodic = time.monotonic() + 1.0
+                self.periodic()
             for key, _mask in events:
                 if key.fileobj is wake_r:
                     try:
