@@ -1,10 +1,11 @@
 """``uwsgi-fastrouter``: options -> sockets -> router, and back out on a signal.
 
 Start-up order (each step can fail with a message and exit status 1, before anything
-is served): parse every configuration source; check the combination; bind every
-listener and the stats server (logging uWSGI's lines with the real addresses); build
-the router; run the event loop until SIGINT, SIGQUIT or SIGTERM; close everything and
-remove the UNIX socket files this process created.
+is served): parse every configuration source; set ``--umask`` (before any file or
+socket is created, as uWSGI does); check the combination; bind every listener and the
+stats server (logging uWSGI's lines with the real addresses); build the router; write
+the pidfile; run the event loop until SIGINT, SIGQUIT or SIGTERM; close everything and
+remove the UNIX socket files this process created and the pidfile if it is still ours.
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ def needs_master(cfg) -> bool:
 def run_master(cfg, argv: List[str]) -> int:
     from .assembly import MasterSockets, wire_child
     from .master import Master
+    from .proccontrol import PrivilegeError, SetupError
     master = Master(cfg, argv, bind=MasterSockets.bind, wire=wire_child)
     try:
         return master.run()
-    except (StartupError, AddressError) as exc:
+    except (StartupError, AddressError, SetupError, PrivilegeError) as exc:
         log(str(exc))
         return EXIT_CONFIG
 
@@ -58,8 +60,24 @@ def run(cfg) -> int:
         log("detected max file descriptor number: %d" % soft)
     except (OSError, ValueError):
         pass
-    log("spawned uWSGI fastrouter 1 (pid: %d)" % os.getpid())
+    if cfg.pidfile:
+        from .proccontrol import SetupError, write_pidfile
+        try:
+            write_pidfile(cfg.pidfile, os.getpid())
+        except SetupError as exc:
+            log(str(exc))
+            parts.stop()
+            reactor.close()
+            return EXIT_CONFIG
+    try:
+        return _serve(cfg, reactor, parts)
+    finally:
+        if cfg.pidfile:
+            from .proccontrol import remove_pidfile
+            remove_pidfile(cfg.pidfile, os.getpid())
 
+
+def _serve(cfg, reactor: Reactor, parts) -> int:
     def on_stop(signum: int) -> None:
         log("received signal %d, shutting down the fastrouter (pid: %d)" % (signum, os.getpid()))
         reactor.stop()
@@ -68,6 +86,8 @@ def run(cfg) -> int:
         reactor.add_signal_handler(signum, on_stop)
     # A vanished log reader or client must not kill the process.
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    # Logged once a stop signal is handled: whoever waits for this line may send one.
+    log("spawned uWSGI fastrouter 1 (pid: %d)" % os.getpid())
 
     if cfg.uid or cfg.gid or cfg.fastrouter_uid or cfg.fastrouter_gid:
         from .proccontrol import PrivilegeError, drop_privileges, resolve_group, resolve_user
@@ -112,6 +132,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as exc:
         log(str(exc))
         return EXIT_CONFIG
+    if cfg.umask is not None:
+        os.umask(cfg.umask)
     for value, signum, what in ((cfg.reload, signal.SIGHUP, "reload"),
                                 (cfg.brutal_reload, signal.SIGTERM, "brutal-reload"),
                                 (cfg.stop, signal.SIGINT, "stop")):
