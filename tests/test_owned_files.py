@@ -7,6 +7,7 @@ are in test_proccontrol.py.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import stat
 
@@ -205,10 +206,14 @@ def test_daemonize_keeps_the_umask(tmp_path, sock_dir, mode):
                                + MODES[mode]))
     wait_until(lambda: not launcher.alive(), what="the launcher to return")
     assert launcher.returncode == 0
-    wait_until(lambda: pidfile.exists() and pidfile.read_text().endswith("\n"), what="the daemon's pidfile")
-    daemon = int(pidfile.read_text())
+    wait_until(lambda: logfile.exists() and "spawned uWSGI fastrouter 1" in logfile.read_text(),
+               what="the daemon's log")
+    # the daemon is in a session of its own: it is stopped here, by its pid
+    daemon = int(re.search(r"\(pid: (\d+)\)", logfile.read_text()).group(1))
     try:
-        wait_until(lambda: "spawned uWSGI fastrouter 1" in logfile.read_text(), what="the daemon's log")
+        if mode == "master":
+            daemon = int(pidfile.read_text())
+        assert pidfile.read_text() == "%d\n" % daemon
         assert facts(pidfile)[:2] == ("file", 0o640)
         assert facts(listener)[:2] == ("socket", 0o750)
         assert facts(logfile)[:2] == ("file", 0o640)
