@@ -330,7 +330,7 @@ class Master:
             self._drop_master_privileges()
             self._open_fifos()
         except BaseException:
-            if self.cfg.pidfile and not reload:
+            if self.cfg.pidfile:      # this process is going away (also after a reload)
                 from .proccontrol import remove_pidfile
                 remove_pidfile(self.cfg.pidfile, os.getpid())
             raise
@@ -549,9 +549,13 @@ class Master:
     def _drop_master_privileges(self) -> None:
         cfg = self.cfg
         if cfg.uid or cfg.gid:
-            from .proccontrol import drop_privileges, resolve_group, resolve_user
-            drop_privileges(resolve_user(cfg.uid) if cfg.uid else None,
-                            resolve_group(cfg.gid) if cfg.gid else None)
+            from .proccontrol import SetupError, drop_privileges, resolve_group, resolve_user
+            try:
+                uid = resolve_user(cfg.uid) if cfg.uid else None
+                gid = resolve_group(cfg.gid) if cfg.gid else None
+            except ValueError as exc:
+                raise SetupError(str(exc)) from None
+            drop_privileges(uid, gid)
 
     def _check_harakiri(self) -> None:
         from .proccontrol import harakiri_line

@@ -251,9 +251,9 @@ def daemonize(logfile: Optional[str], *, umask: Optional[int] = None) -> None:
 # ------------------------------------------------------- pidfile and master FIFO
 
 class SetupError(Exception):
-    """A file the configuration names cannot be set up safely (exit status 1).
-
-    The message names the option and the path.
+    """A start-up step of the process failed (exit status 1): a file the configuration
+    names cannot be set up safely (the message names the option and the path), or a
+    user or group to switch to does not exist.
     """
 
 
