@@ -331,6 +331,13 @@ def make_master_fifo(path: str, option: str = "master-fifo") -> int:
     def fail(what: str) -> SetupError:
         return SetupError('option "--%s": %s %s' % (option, path, what))
 
+    _clear_fifo_path(path, fail)
+    _mkfifo_private(path, fail)
+    return _open_own_fifo(path, fail)
+
+
+def _clear_fifo_path(path: str, fail: Callable[[str], SetupError]) -> None:
+    """Unlink whatever is at *path* (a link itself, never its target); not a directory."""
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -339,6 +346,11 @@ def make_master_fifo(path: str, option: str = "master-fifo") -> int:
         if exc.errno in (errno.EISDIR, errno.EPERM) and os.path.isdir(path):
             raise fail("is a directory: refusing to replace it with the master FIFO") from None
         raise fail("cannot be replaced by the master FIFO: %s" % (exc.strerror or exc)) from None
+
+
+def _mkfifo_private(path: str, fail: Callable[[str], SetupError]) -> None:
+    """mkfifo with exactly FIFO_MODE: the umask is 077 for the call (it can only take
+    bits away, and 0600 has none a umask of 077 removes)."""
     old_umask = os.umask(0o077)
     try:
         os.mkfifo(path, FIFO_MODE)
@@ -346,6 +358,10 @@ def make_master_fifo(path: str, option: str = "master-fifo") -> int:
         raise fail("cannot be created as the master FIFO: %s" % (exc.strerror or exc)) from None
     finally:
         os.umask(old_umask)
+
+
+def _open_own_fifo(path: str, fail: Callable[[str], SetupError]) -> int:
+    """Open the FIFO just made and check it is still a FIFO of ours with mode 0600."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW | _flag("O_CLOEXEC"))
     except OSError as exc:
