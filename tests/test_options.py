@@ -57,12 +57,12 @@ SUPPORTED = {
     "force-gateway", "zerg", "zerg-fallback", "reload", "brutal-reload", "stop", "master-fifo",
     "start-unsubscribed", "log-date", "log-reopen", "touch-logreopen", "touch-reload", "harakiri",
     "auto-procname", "procname-prefix", "procname-prefix-spaced", "procname-append", "procname",
-    "procname-master", "need-app", "plugins",
+    "procname-master", "need-app", "plugins", "umask",
 }
 
 
 def test_table_is_consistent():
-    kinds = {o.INT, o.UINT64, o.BOOL, o.STRING, o.LIST, o.ACTION}
+    kinds = {o.INT, o.UINT64, o.BOOL, o.STRING, o.LIST, o.MODE, o.ACTION}
     attrs = set()
     for option in o.OPTIONS:
         assert option.kind in kinds, option.name
@@ -271,6 +271,22 @@ def test_int_option_junk_and_negative():
 def test_uint64_option():
     assert load(["--fastrouter-buffer-size", "65536"]).fastrouter_buffer_size == 65536
     assert load(["--fastrouter-buffer-size", "-1"]).fastrouter_buffer_size == 2 ** 64 - 1
+
+
+def test_umask_is_an_octal_mode(tmp_path):
+    assert load([]).umask is None
+    assert load(["--umask", "022"]).umask == 0o022
+    assert load(["--umask=0077"]).umask == 0o077
+    assert load(["--umask", "7"]).umask == 0o007
+    assert load([], {"UWSGI_UMASK": "027"}).umask == 0o027
+    assert load([write(tmp_path / "u.ini", "[uwsgi]\numask = 0002\n")]).umask == 0o002
+
+
+@pytest.mark.parametrize("value", ["", "abc", "8", "0o22", "1000", "-22", "2 2"])
+def test_a_bad_umask_names_the_flag(value):
+    assert error_of(["--umask=" + value]) == (
+        'invalid value for option "umask": %r is not an octal mode from 000 to 777 (example: 022)'
+        % value)
 
 
 @pytest.mark.parametrize(

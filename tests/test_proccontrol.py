@@ -24,9 +24,10 @@ import pytest
 from support import wait_until
 from uwsgi_fastrouter import log as logmod
 from uwsgi_fastrouter.proccontrol import (
-    BEAT_INTERVAL, Heartbeat, LogReopener, PrivilegeError, TouchWatcher, daemonize,
-    drop_privileges, harakiri_line, log_file, open_log, process_name, reopen_log, resolve_group,
-    resolve_user, set_process_name, start_beating,
+    BEAT_INTERVAL, Heartbeat, LogReopener, PrivilegeError, SetupError, TouchWatcher, daemonize,
+    drop_privileges, harakiri_line, log_file, make_master_fifo, open_log, process_name,
+    remove_pidfile, reopen_log, resolve_group, resolve_user, set_process_name, start_beating,
+    write_pidfile,
 )
 from uwsgi_fastrouter.reactor import Reactor
 
@@ -453,7 +454,7 @@ def _run_daemon(tmp_path, logfile: Optional[str]) -> dict:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child, then in the daemon
         try:
-            os.umask(0o022)
+            os.umask(0o027)
             sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__   # as outside pytest
             daemonize(logfile)
             info = {
@@ -493,7 +494,7 @@ def test_daemonize_detaches(tmp_path, monkeypatch):
     assert info["sid"] != info["pid"]            # ...but not its leader (no tty can come back)
     assert info["pgid"] == info["sid"]
     assert info["cwd"] == str(tmp_path)          # the working directory is kept
-    assert info["umask"] == 0                    # cleared, as uWSGI does
+    assert info["umask"] == 0o027                # kept (uWSGI clears it: D16)
     null = os.stat(os.devnull)
     assert info["stdin"] == [null.st_rdev, null.st_ino]
     assert info["stdout_ino"] == info["stderr_ino"] == os.stat(logfile).st_ino
@@ -522,6 +523,135 @@ def test_daemonize_reports_a_bad_log_file_before_forking(tmp_path):
 
     answer = in_child(child)
     assert answer == {"ok": True, "result": {"same_process": True, "filename": path}}
+
+
+# ---------------------------------------------------------------------------
+# The pidfile and the master FIFO (D15, D16)
+
+@pytest.fixture
+def umask():
+    """Set the umask for one test; the previous one is restored afterwards."""
+    saved = os.umask(0o022)
+    yield os.umask
+    os.umask(saved)
+
+
+def test_pidfile_is_written_with_mode_0644_minus_the_umask(tmp_path, umask):
+    path = tmp_path / "a.pid"
+    umask(0o027)
+    write_pidfile(str(path), 4242)
+    assert path.read_text() == "4242\n"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    inode = path.stat().st_ino
+    path.write_text("999999 and more\n")
+    write_pidfile(str(path), 17)                   # an existing file is rewritten in place
+    assert path.read_text() == "17\n" and path.stat().st_ino == inode
+
+
+def test_pidfile_refuses_a_symlink_and_leaves_its_target_alone(tmp_path):
+    target = tmp_path / "precious"
+    target.write_text("do not touch\n")
+    link = tmp_path / "a.pid"
+    link.symlink_to(target)
+    with pytest.raises(SetupError) as info:
+        write_pidfile(str(link), 4242)
+    assert str(info.value) == ('option "--pidfile": %s is a symbolic link: refusing to write the pid '
+                               'through it (remove it, or give the real path)' % link)
+    assert target.read_text() == "do not touch\n" and link.is_symlink()
+    dangling = tmp_path / "b.pid"
+    dangling.symlink_to(tmp_path / "created-through-the-link")
+    with pytest.raises(SetupError, match="symbolic link"):
+        write_pidfile(str(dangling), 4242)
+    assert not (tmp_path / "created-through-the-link").exists()
+
+
+def test_pidfile_refuses_what_is_not_a_regular_file(tmp_path):
+    fifo = tmp_path / "a.pid"
+    os.mkfifo(str(fifo))
+    with pytest.raises(SetupError, match=r'option "--pidfile": .*a\.pid is not a regular file'):
+        write_pidfile(str(fifo), 4242)             # without blocking on the FIFO
+    with pytest.raises(SetupError, match=r'option "--pidfile": unable to write the pidfile .*missing'):
+        write_pidfile(str(tmp_path / "missing" / "a.pid"), 4242)
+
+
+def test_pidfile_is_removed_only_while_it_is_ours(tmp_path):
+    path = tmp_path / "a.pid"
+    write_pidfile(str(path), 4242)
+    assert remove_pidfile(str(path), 4242) and not path.exists()
+    assert not remove_pidfile(str(path), 4242)     # gone already: nothing to do
+    path.write_text("4243\n")                      # another process's pid now
+    assert not remove_pidfile(str(path), 4242) and path.read_text() == "4243\n"
+    target = tmp_path / "precious"
+    target.write_text("4242\n")
+    path.unlink()
+    path.symlink_to(target)                         # a link, even to a file with our pid
+    assert not remove_pidfile(str(path), 4242)
+    assert path.is_symlink() and target.read_text() == "4242\n"
+
+
+def _fifo_facts(path) -> tuple:
+    info = os.lstat(str(path))
+    return stat.S_ISFIFO(info.st_mode), stat.S_IMODE(info.st_mode), info.st_uid
+
+
+def test_master_fifo_replaces_a_planted_fifo(tmp_path, umask):
+    path = tmp_path / "master.fifo"
+    os.mkfifo(str(path))
+    os.chmod(str(path), 0o666)
+    planted = os.open(str(path), os.O_RDWR | os.O_NONBLOCK)
+    old_inode = os.fstat(planted).st_ino
+    umask(0)                                        # the mode must not depend on it
+    fd = make_master_fifo(str(path))
+    try:
+        assert _fifo_facts(path) == (True, 0o600, os.geteuid())
+        assert os.stat(str(path)).st_ino != old_inode
+        os.write(planted, b"q")                     # into the old pipe: nobody reads it...
+        with pytest.raises(BlockingIOError):
+            os.read(fd, 16)                         # ...and the new one holds nothing
+        with open(str(path), "wb", buffering=0) as writer:
+            writer.write(b"r")
+        assert os.read(fd, 16) == b"r"
+        assert os.get_inheritable(fd) is False and os.get_blocking(fd) is False
+    finally:
+        os.close(fd)
+        os.close(planted)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o277, 0o777])
+def test_master_fifo_mode_is_0600_whatever_the_umask(tmp_path, umask, mask):
+    umask(mask)
+    fd = make_master_fifo(str(tmp_path / "m.fifo"))
+    os.close(fd)
+    assert _fifo_facts(tmp_path / "m.fifo") == (True, 0o600, os.geteuid())
+    assert umask(0o022) == mask                     # the process umask is left as it was
+
+
+def test_master_fifo_replaces_a_regular_file_and_a_symlink(tmp_path):
+    path = tmp_path / "m.fifo"
+    path.write_text("junk")
+    os.close(make_master_fifo(str(path)))
+    assert _fifo_facts(path)[:2] == (True, 0o600)
+    target = tmp_path / "precious"
+    target.write_text("keep")
+    path.unlink()
+    path.symlink_to(target)
+    os.close(make_master_fifo(str(path)))
+    assert _fifo_facts(path)[:2] == (True, 0o600) and target.read_text() == "keep"
+
+
+def test_master_fifo_failures_name_the_option_and_the_path(tmp_path):
+    directory = tmp_path / "m.fifo"
+    directory.mkdir()
+    with pytest.raises(SetupError) as info:
+        make_master_fifo(str(directory))
+    assert str(info.value) == ('option "--master-fifo": %s is a directory: refusing to replace it '
+                               'with the master FIFO' % directory)
+    assert directory.is_dir()
+    missing = tmp_path / "missing" / "m.fifo"
+    with pytest.raises(SetupError) as info:
+        make_master_fifo(str(missing))
+    assert str(info.value) == ('option "--master-fifo": %s cannot be created as the master FIFO: '
+                               'No such file or directory' % missing)
 
 
 # ---------------------------------------------------------------------------

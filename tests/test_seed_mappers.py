@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from backends import RecordingBackend, request
 from support import start_router
 
@@ -31,12 +33,16 @@ def test_way3_cache_filled_by_a_script(tmp_path):
         assert seen == [b"c1", b"c2", b"c1", b"c2"]
 
 
-def test_use_cache_without_a_cache_is_a_start_up_error(tmp_path):
-    from support import Proc, router_argv, wait_until
-    proc = Proc(router_argv(["--fastrouter", "127.0.0.1:0", "--fastrouter-use-cache"]))
+@pytest.mark.parametrize("mode", [[], ["--master"]], ids=["single", "master"])
+def test_use_cache_without_a_cache_is_a_start_up_error(tmp_path, mode):
+    from support import Proc, reference_mode, router_argv, wait_until
+    proc = Proc(router_argv(["--fastrouter", "127.0.0.1:0", "--fastrouter-use-cache"] + mode))
     wait_until(lambda: not proc.alive(), timeout=20, what="the router to give up")
     assert proc.returncode == 1
     assert "you need to create a uwsgi cache" in proc.log()
+    if not reference_mode():
+        assert 'option "--fastrouter-use-cache": you need' in proc.log()
+        assert "spawned" not in proc.log()      # refused before any router process was forked
 
 
 def megamapper(a: str, b: str, default: str) -> str:

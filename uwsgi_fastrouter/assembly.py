@@ -60,11 +60,24 @@ class Assembly:
         self.zerg: Optional[zerg.ZergServer] = None
         self.closables: list = []       # listeners (stream and datagram), closed at exit
         self.registry = None                 # the caches (--cache, --cache2)
+        # Mapper plug-ins, built once by prepare_mappers() before any fork: a router
+        # process under a master gets them from the master (see wire_child).
+        self.use_cache = None                # --fastrouter-use-cache
+        self.code_string = None              # --fastrouter-use-code-string
+        self.use_socket: Optional[str] = None    # --fastrouter-use-socket: the app socket's name
         self.app = None                      # the local WSGI app (--socket + --wsgi-file/--module)
         self.shared: list = []               # --shared-socket listeners, in order
         self.app_listeners: list = []        # --socket listeners (the local app's)
         self.external_subscriptions = True   # False in a router process under a master
         self.report_failure = None           # (key, address) -> None, set under a master
+
+    def share_mappers(self, other: "Assembly") -> None:
+        """Use the caches and mapper plug-ins *other* prepared (a router process under a
+        master takes the master's: the cache memory is shared across the fork)."""
+        self.registry = other.registry
+        self.use_cache = other.use_cache
+        self.code_string = other.code_string
+        self.use_socket = other.use_socket
 
     def start(self) -> None:
         self.server.start()
@@ -257,6 +270,7 @@ def build(cfg, reactor: Reactor) -> Assembly:
     prepare_scripts(cfg, parts)
     listeners, datagram, stats_listener = _bind_all(cfg, parts)
     try:
+        prepare_mappers(cfg, parts)
         return _wire(cfg, reactor, parts, listeners, datagram, stats_listener)
     except BaseException:
         parts.stop()
@@ -284,25 +298,8 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener, external: bo
         subscriptions = SubscriptionMapper(
             parts.table, fallback_key=fallback_key, dotsplit=cfg.subscription_dotsplit,
             on_empty=on_empty, has_fallbacks=bool(cfg.fastrouter_fallback))
-    use_cache = code_string = use_socket = None
-    try:
-        if cfg.fastrouter_use_cache is not None:
-            from .cache import CacheMapper
-            use_cache = CacheMapper(parts.registry, cfg.fastrouter_use_cache or None)
-        if cfg.fastrouter_use_code_string:
-            from .codestring import CodeStringMapper
-            code_string = CodeStringMapper(cfg.fastrouter_use_code_string)
-    except ValueError as exc:
-        raise StartupError(str(exc))
-    if cfg.fastrouter_use_socket is not None:
-        index = _shared_index("=" + str(cfg.fastrouter_use_socket or "0"))
-        if index < len(parts.app_listeners):
-            use_socket = parts.app_listeners[index].name
-        else:
-            log("[uwsgi-fastrouter] --fastrouter-use-socket: there is no socket %d: mapper not installed"
-                % index)
     router = Router(
-        use_cache=use_cache, code_string=code_string, use_socket=use_socket,
+        use_cache=parts.use_cache, code_string=parts.code_string, use_socket=parts.use_socket,
         to=cfg.fastrouter_to,
         use_pattern=cfg.fastrouter_use_pattern,
         use_base=cfg.fastrouter_use_base,
@@ -397,6 +394,11 @@ class MasterSockets:
             self._adopt(inherited)
         else:
             self.listeners, self.datagram, self.stats_listener = _bind_all(cfg, self.parts)
+        try:
+            prepare_mappers(cfg, self.parts)
+        except BaseException:
+            self.close_all()
+            raise
         return self
 
     def _adopt(self, state: dict) -> None:
@@ -623,6 +625,7 @@ def _skip_uids(cfg) -> list:
 def wire_child(cfg, reactor: Reactor, sockets: MasterSockets, channel) -> Assembly:
     """A router process under a master: the inherited listeners, a table fed by the master."""
     parts = Assembly()
+    parts.share_mappers(sockets.parts)
     _wire(cfg, reactor, parts, sockets.listeners, sockets.datagram, None, external=False)
     parts.external_subscriptions = False
     if parts.table is not None and sockets.table is not None:
@@ -672,6 +675,36 @@ def make_subscriber(cfg, reactor: Reactor, parts: Assembly):
                       resolve_shared=by_index(parts.shared), resolve_socket=by_index(apps),
                       modifier1=modifier1, notify=notify,
                       credentials=cfg.subscriptions_use_credentials)
+
+
+def prepare_mappers(cfg, parts: Assembly) -> None:
+    """Build the mapper plug-ins once, on the bound sockets, before any process forks.
+
+    A plug-in that cannot be built (no cache, a code-string file that does not load)
+    is a :class:`StartupError` naming its option, raised here in the process that
+    was started -- never in a forked router process, where it could only die and be
+    respawned again and again.  The cache mapper reads shared memory, so the router
+    processes forked later see every change; a code-string module is loaded once and
+    each router process gets its own copy of its globals.
+    """
+    option = "fastrouter-use-cache"
+    try:
+        if cfg.fastrouter_use_cache is not None:
+            from .cache import CacheMapper
+            parts.use_cache = CacheMapper(parts.registry, cfg.fastrouter_use_cache or None)
+        option = "fastrouter-use-code-string"
+        if cfg.fastrouter_use_code_string:
+            from .codestring import CodeStringMapper
+            parts.code_string = CodeStringMapper(cfg.fastrouter_use_code_string)
+    except ValueError as exc:
+        raise StartupError('option "--%s": %s' % (option, exc))
+    if cfg.fastrouter_use_socket is not None:
+        index = _shared_index("=" + str(cfg.fastrouter_use_socket or "0"))
+        if index < len(parts.app_listeners):
+            parts.use_socket = parts.app_listeners[index].name
+        else:
+            log("[uwsgi-fastrouter] --fastrouter-use-socket: there is no socket %d: mapper not installed"
+                % index)
 
 
 def prepare_scripts(cfg, parts: Assembly) -> None:

@@ -1,12 +1,14 @@
 """``uwsgi-fastrouter``: options -> sockets -> router, and back out on a signal.
 
 Start-up order (each step can fail with a message and exit status 1, before anything
-is served): parse every configuration source; check the combination; bind every
-listener and the stats server (logging uWSGI's lines with the real addresses); build
-the router; run the event loop until SIGINT, SIGQUIT or SIGTERM; close everything and
-remove the UNIX socket files this process created.  Under systemd (``$NOTIFY_SOCKET``)
-the single process reports READY=1 once its listeners are polled and STOPPING=1 when a
-stop signal arrives; with a master, the master does (see master.py).
+is served): parse every configuration source; set ``--umask`` (before any file or
+socket is created, as uWSGI does); check the combination; bind every listener and the
+stats server (logging uWSGI's lines with the real addresses); build the router; write
+the pidfile; run the event loop until SIGINT, SIGQUIT or SIGTERM; close everything and
+remove the UNIX socket files this process created and the pidfile if it is still ours.
+Under systemd (``$NOTIFY_SOCKET``) the single process reports READY=1 once its
+listeners are polled and STOPPING=1 when a stop signal arrives; with a master, the
+master does (see master.py).
 """
 
 from __future__ import annotations
@@ -40,10 +42,11 @@ def needs_master(cfg) -> bool:
 def run_master(cfg, argv: List[str]) -> int:
     from .assembly import MasterSockets, wire_child
     from .master import Master
+    from .proccontrol import PrivilegeError, SetupError
     master = Master(cfg, argv, bind=MasterSockets.bind, wire=wire_child)
     try:
         return master.run()
-    except (StartupError, AddressError) as exc:
+    except (StartupError, AddressError, SetupError, PrivilegeError) as exc:
         log(str(exc))
         return EXIT_CONFIG
 
@@ -70,8 +73,24 @@ def run(cfg) -> int:
         log("detected max file descriptor number: %d" % soft)
     except (OSError, ValueError):
         pass
-    log("spawned uWSGI fastrouter 1 (pid: %d)" % os.getpid())
+    if cfg.pidfile:
+        from .proccontrol import SetupError, write_pidfile
+        try:
+            write_pidfile(cfg.pidfile, os.getpid())
+        except SetupError as exc:
+            log(str(exc))
+            parts.stop()
+            reactor.close()
+            return EXIT_CONFIG
+    try:
+        return _serve(cfg, reactor, parts, notifier)
+    finally:
+        if cfg.pidfile:
+            from .proccontrol import remove_pidfile
+            remove_pidfile(cfg.pidfile, os.getpid())
 
+
+def _serve(cfg, reactor: Reactor, parts, notifier) -> int:
     def on_stop(signum: int) -> None:
         log("received signal %d, shutting down the fastrouter (pid: %d)" % (signum, os.getpid()))
         if notifier is not None:
@@ -82,6 +101,8 @@ def run(cfg) -> int:
         reactor.add_signal_handler(signum, on_stop)
     # A vanished log reader or client must not kill the process.
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    # Logged once a stop signal is handled: whoever waits for this line may send one.
+    log("spawned uWSGI fastrouter 1 (pid: %d)" % os.getpid())
 
     if cfg.uid or cfg.gid or cfg.fastrouter_uid or cfg.fastrouter_gid:
         from .proccontrol import PrivilegeError, drop_privileges, resolve_group, resolve_user
@@ -132,6 +153,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             log(line)
         log(str(exc))
         return EXIT_CONFIG
+    if cfg.umask is not None:
+        os.umask(cfg.umask)
     set_date_format(log_date_format(cfg.log_date))
     for line in warnings:   # after --log-date, so that they carry the date too
         log(line)

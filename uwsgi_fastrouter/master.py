@@ -174,9 +174,13 @@ class Master:
             reactor.close()
             raise
         self.old_pids = inherited.get("children", []) if inherited else []
-        if self.cfg.pidfile:
-            _write_pidfile(self.cfg.pidfile)
-        self._drop_master_privileges()
+        try:
+            self._prepare_files(reload=inherited is not None)
+        except BaseException:
+            self._close_fifos()
+            self.sockets.close_all()
+            reactor.close()
+            raise
         routers = max(1, self.cfg.fastrouter_processes or 1) if self.sockets.listeners else 0
         if self.cfg.fastrouter_harakiri and routers:
             from .proccontrol import Heartbeat
@@ -198,7 +202,6 @@ class Master:
                 _signal(pid, signal.SIGTERM)
             log("graceful reload: %d old process(es) finishing their requests" % len(self.old_pids))
         self.sockets.start_master()
-        self._open_fifos()
         self._on_child(0)   # old processes that exited before our SIGCHLD handler existed
         if self.notifier is not None:
             self.notifier.ready("%s ready: %d router process(es), %d app worker(s)"
@@ -277,6 +280,7 @@ class Master:
         except (ValueError, OSError):
             pass
         self.reactor.abandon()
+        self._close_fifos(unregister=False)
         for other in self.children.values():
             if other.channel is not None:
                 other.channel.close()
@@ -341,21 +345,45 @@ class Master:
                         parent_pid=os.getppid(), periodic=periodic)
         return worker.serve_forever()
 
-    # ----------------------------------------------------------- master FIFO
+    # ------------------------------------------------- pidfile and master FIFO
+
+    def _prepare_files(self, reload: bool) -> None:
+        """The pidfile (as the user that started us, before the ids change; not again
+        after a reload's re-exec: same pid, and the file is already there), the
+        privilege drop, then the master FIFOs (owned by the user the master runs as).
+        Each failure is a start-up error naming the option and the path."""
+        from .proccontrol import write_pidfile
+        if self.cfg.pidfile and not reload:
+            write_pidfile(self.cfg.pidfile, os.getpid())
+        try:
+            self._drop_master_privileges()
+            self._open_fifos()
+        except BaseException:
+            if self.cfg.pidfile:      # this process is going away (also after a reload)
+                from .proccontrol import remove_pidfile
+                remove_pidfile(self.cfg.pidfile, os.getpid())
+            raise
 
     def _open_fifos(self) -> None:
+        """A fresh FIFO at every ``--master-fifo`` path, at every start of this image:
+        after a reload's re-exec the paths are made anew, so they are still ours."""
+        from .proccontrol import make_master_fifo
         self.fifos = []
         for path in self.cfg.master_fifo:
-            try:
-                if not os.path.exists(path):
-                    os.mkfifo(path, 0o600)
-                # O_RDWR: the pipe never reports EOF when a writer goes away.
-                fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-            except OSError as exc:
-                log("*** unable to open the master FIFO %s: %s ***" % (path, exc.strerror or exc))
-                continue
+            fd = make_master_fifo(path)
             self.fifos.append(fd)
             self.reactor.add_reader(fd, lambda fd=fd: self._fifo_readable(fd))
+
+    def _close_fifos(self, unregister: bool = True) -> None:
+        """Close the FIFO descriptors (in a child: the loop is gone, nothing to unregister)."""
+        for fd in self.fifos:
+            if unregister:
+                self.reactor.remove_reader(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fifos = []
 
     def _fifo_readable(self, fd: int) -> None:
         try:
@@ -443,10 +471,9 @@ class Master:
 
     def _finish(self) -> int:
         if self.cfg.pidfile:
-            try:
-                os.unlink(self.cfg.pidfile)
-            except OSError:
-                pass
+            from .proccontrol import remove_pidfile
+            remove_pidfile(self.cfg.pidfile, os.getpid())
+        self._close_fifos()
         self.sockets.close_all()
         self.reactor.close()
         log("goodbye from the uwsgi-fastrouter master (pid: %d)" % os.getpid())
@@ -555,9 +582,13 @@ class Master:
     def _drop_master_privileges(self) -> None:
         cfg = self.cfg
         if cfg.uid or cfg.gid:
-            from .proccontrol import drop_privileges, resolve_group, resolve_user
-            drop_privileges(resolve_user(cfg.uid) if cfg.uid else None,
-                            resolve_group(cfg.gid) if cfg.gid else None)
+            from .proccontrol import SetupError, drop_privileges, resolve_group, resolve_user
+            try:
+                uid = resolve_user(cfg.uid) if cfg.uid else None
+                gid = resolve_group(cfg.gid) if cfg.gid else None
+            except ValueError as exc:
+                raise SetupError(str(exc)) from None
+            drop_privileges(uid, gid)
 
     def _check_harakiri(self) -> None:
         from .proccontrol import harakiri_line
@@ -657,11 +688,6 @@ def _signal(pid: int, signum: int) -> None:
     except OSError as exc:
         if exc.errno != errno.ESRCH:
             raise
-
-
-def _write_pidfile(path: str) -> None:
-    with open(path, "w") as handle:
-        handle.write("%d\n" % os.getpid())
 
 
 def _read_inherited() -> Optional[dict]:

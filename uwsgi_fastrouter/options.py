@@ -57,6 +57,7 @@ UINT64 = "uint64"
 BOOL = "bool"
 STRING = "string"
 LIST = "list"
+MODE = "mode"      # an octal file mode, 000-777 (e.g. --umask 022)
 ACTION = "action"  # handled while collecting: ini, set, set-ph, help, version
 
 # Argument styles (getopt's has_arg)
@@ -145,7 +146,7 @@ class Option:
 
 def _o(name: str, kind: str, help: str, group: str, **kw: Any) -> Option:
     if "metavar" not in kw:
-        kw["metavar"] = {INT: "N", UINT64: "N", BOOL: "BOOL"}.get(kind, "VALUE")
+        kw["metavar"] = {INT: "N", UINT64: "N", BOOL: "BOOL", MODE: "MODE"}.get(kind, "VALUE")
     if kind == BOOL and "arg" not in kw:
         kw["arg"] = NONE
     if kind == BOOL and "default" not in kw:
@@ -290,6 +291,9 @@ OPTIONS: Tuple[Option, ...] = (
        status=SUPPORTED),
     _o("daemonize", STRING, "detach from the terminal and log to LOGFILE", G_PROCESS, short="d",
        metavar="LOGFILE", status=SUPPORTED),
+    _o("umask", MODE, "set the process umask to the octal MODE (e.g. 022) at start-up, before "
+       "any socket, pidfile or log file is created; without it the umask is inherited, also "
+       "by --daemonize", G_PROCESS),
     _o("logto", STRING, "log to the file PATH instead of stderr", G_PROCESS, metavar="PATH",
        status=SUPPORTED),
     _o("log-date", STRING, "start every log line with the date and ' - ': by default as C's ctime() "
@@ -908,7 +912,26 @@ def _convert(option: Option, key: str, value: Optional[str]) -> Any:
         return 1 if value is None else c_strtoul(value)
     if kind == BOOL:
         return parse_bool(value)
+    if kind == MODE:
+        return parse_mode(key, value)
     return "" if value is None else value
+
+
+_OCTAL_MODE = re.compile(r"[0-7]{1,4}")
+
+
+def parse_mode(key: str, value: Optional[str]) -> int:
+    """An octal mode such as ``022`` or ``0022`` (at most 0777); anything else is an error.
+
+    uWSGI logs ``invalid umask`` for a value shorter than three characters and goes
+    on with a umask of 0 (every file it creates world-writable); here a value that
+    is not a mode stops the start-up.
+    """
+    text = (value or "").strip()
+    if not _OCTAL_MODE.fullmatch(text) or int(text, 8) > 0o777:
+        raise ConfigError('invalid value for option "%s": %r is not an octal mode from 000 to 777 '
+                          '(example: 022)' % (key, value or ""))
+    return int(text, 8)
 
 
 def _apply(entries: List[_Entry], warn: Callable[[str], None]) -> Config:

@@ -32,10 +32,32 @@ the kernel's task name (``/proc/self/comm``, what ``ps -o comm``, ``top`` and
 Daemonizing is the classic double fork: the original process exits 0 as soon as the
 first child exists; the first child starts a new session and forks again; the
 grandchild (not a session leader, so it can never acquire a controlling terminal) is
-the daemon.  As in uWSGI the working directory is kept, the umask is cleared, stdin
-comes from /dev/null and stdout/stderr go to the log file.  The log file is opened
-*before* forking so that an unusable path is reported on the terminal with an error
-status instead of killing an invisible daemon.
+the daemon.  As in uWSGI the working directory is kept, stdin comes from /dev/null and
+stdout/stderr go to the log file.  Unlike uWSGI the umask is kept (uWSGI clears it,
+so a daemon's files and UNIX sockets were world-writable; ``--umask`` sets it, see
+docs/decisions.md D16).  The log file is opened *before* forking so that an unusable
+path is reported on the terminal with an error status instead of killing an
+invisible daemon.
+
+Files at paths an operator names (docs/decisions.md D15, D16), all refused with a
+:class:`SetupError` naming the option and the path rather than trusting what is there:
+
+* The pidfile is opened with ``O_NOFOLLOW``: a symbolic link at the path is refused
+  (the kernel checks it in the same call that opens, so there is no window between a
+  check and the open), and so is anything that is not a regular file.  A temporary
+  file renamed into place would replace a link instead of refusing it, needs write
+  access to the directory (a pidfile an administrator created in a root-owned
+  directory could not be written any more) and replaces the inode, owner and mode of
+  a pidfile created in advance; ``O_NOFOLLOW`` keeps all of that.  The file is
+  created with mode 0644 minus the umask: nobody else may rewrite the pid that
+  ``--stop``/``--reload`` signal.  At exit it is removed only while it is still ours:
+  a regular file (not a link) holding our pid.
+* The master FIFO is never reused: whatever is at the path is unlinked (a directory
+  is an error), a fresh FIFO is made with mode 0600 under a umask of 077 (so the mode
+  does not depend on the process umask), opened with ``O_NOFOLLOW | O_NONBLOCK``, and
+  checked after the open to be a FIFO owned by our effective user id -- a FIFO
+  someone swapped in between ``mkfifo`` and ``open`` is refused.  Anyone who had the
+  old one open keeps writing into a pipe nobody reads.
 
 Router harakiri (``--fastrouter-harakiri N``) uses a heartbeat: the master creates one
 shared anonymous mapping with an 8-byte slot per router process before forking; each
@@ -56,6 +78,7 @@ import io
 import mmap
 import os
 import pwd
+import stat
 import struct
 import sys
 import time
@@ -68,9 +91,12 @@ __all__ = [
     "PrivilegeError", "resolve_user", "resolve_group", "drop_privileges", "open_log",
     "log_file", "reopen_log", "TouchWatcher", "LogReopener", "process_name", "set_process_name",
     "daemonize", "Heartbeat", "harakiri_line", "start_beating", "BEAT_INTERVAL",
+    "SetupError", "write_pidfile", "remove_pidfile", "make_master_fifo",
 ]
 
 LOG_FILE_MODE = 0o640
+PIDFILE_MODE = 0o644
+FIFO_MODE = 0o600
 BEAT_INTERVAL = 1.0            # seconds between two heartbeats of a router process
 _SLOT = struct.Struct("=d")    # one monotonic timestamp per router process
 
@@ -345,13 +371,13 @@ def set_process_name(name: Optional[str], comm: str = "/proc/self/comm") -> bool
 
 # ----------------------------------------------------------------------- daemon
 
-def daemonize(logfile: Optional[str], *, umask: Optional[int] = 0) -> None:
+def daemonize(logfile: Optional[str], *, umask: Optional[int] = None) -> None:
     """Become a daemon writing its output to *logfile* (None or "" = /dev/null).
 
     Returns in the daemon (the grandchild) only; the calling process and the first
-    child leave with ``os._exit(0)``.  *umask* is set in the daemon (uWSGI clears it;
-    None leaves it unchanged).  Raises ``OSError`` naming the path, before forking,
-    when the log file cannot be opened.
+    child leave with ``os._exit(0)``.  *umask* is set in the daemon (None, the
+    default, keeps the umask the process has).  Raises ``OSError`` naming the path,
+    before forking, when the log file cannot be opened.
     """
     log_fd = _open_log_fd(logfile or os.devnull)
     try:
@@ -382,6 +408,139 @@ def daemonize(logfile: Optional[str], *, umask: Optional[int] = 0) -> None:
         os.dup2(null_fd, 0)
         os.close(null_fd)
     _install_log(log_fd)
+
+
+# ------------------------------------------------------- pidfile and master FIFO
+
+class SetupError(Exception):
+    """A start-up step of the process failed (exit status 1): a file the configuration
+    names cannot be set up safely (the message names the option and the path), or a
+    user or group to switch to does not exist.
+    """
+
+
+def _flag(name: str) -> int:
+    return getattr(os, name, 0)
+
+
+def write_pidfile(path: str, pid: int, option: str = "pidfile") -> None:
+    """Write *pid* to *path* without following a symbolic link (see the module doc)."""
+    flags = (os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK
+             | _flag("O_CLOEXEC") | _flag("O_NOCTTY"))
+    try:
+        fd = os.open(path, flags, PIDFILE_MODE)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SetupError('option "--%s": %s is a symbolic link: refusing to write the pid '
+                             'through it (remove it, or give the real path)' % (option, path)) from None
+        if exc.errno == errno.ENXIO:
+            raise SetupError('option "--%s": %s is not a regular file' % (option, path)) from None
+        raise SetupError('option "--%s": unable to write the pidfile %s: %s'
+                         % (option, path, exc.strerror or exc)) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SetupError('option "--%s": %s is not a regular file' % (option, path))
+        data = b"%d\n" % pid
+        if os.write(fd, data) != len(data):
+            raise SetupError('option "--%s": short write to the pidfile %s' % (option, path))
+    except OSError as exc:
+        raise SetupError('option "--%s": unable to write the pidfile %s: %s'
+                         % (option, path, exc.strerror or exc)) from None
+    finally:
+        os.close(fd)
+
+
+def remove_pidfile(path: str, pid: int) -> bool:
+    """Remove *path* if it is still ours: a regular file (not a link) holding *pid*.
+
+    Anything else -- a link, another pid, something that is gone -- is left alone
+    with a log line.  Returns True when the file was removed.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _flag("O_CLOEXEC"))
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        log("pidfile %s left in place: %s" % (path, "it is a symbolic link" if exc.errno == errno.ELOOP
+                                              else exc.strerror or exc))
+        return False
+    try:
+        info = os.fstat(fd)
+        content = os.read(fd, 64) if stat.S_ISREG(info.st_mode) else b""
+    except OSError:
+        content = b""
+    finally:
+        os.close(fd)
+    if content.strip() != str(pid).encode():
+        log("pidfile %s left in place: it no longer holds this process's pid (%d)" % (path, pid))
+        return False
+    try:
+        if not os.path.samestat(os.lstat(path), info):
+            log("pidfile %s left in place: it was replaced meanwhile" % path)
+            return False
+        os.unlink(path)
+    except OSError:
+        return False
+    return True
+
+
+def make_master_fifo(path: str, option: str = "master-fifo") -> int:
+    """A fresh FIFO at *path* (see the module doc), opened read-write and non-blocking.
+
+    Read-write, so the pipe never reports end-of-file when a writer goes away.
+    Returns the descriptor (close-on-exec); raises :class:`SetupError`.
+    """
+    def fail(what: str) -> SetupError:
+        return SetupError('option "--%s": %s %s' % (option, path, what))
+
+    _clear_fifo_path(path, fail)
+    _mkfifo_private(path, fail)
+    return _open_own_fifo(path, fail)
+
+
+def _clear_fifo_path(path: str, fail: Callable[[str], SetupError]) -> None:
+    """Unlink whatever is at *path* (a link itself, never its target); not a directory."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exc.errno in (errno.EISDIR, errno.EPERM) and os.path.isdir(path):
+            raise fail("is a directory: refusing to replace it with the master FIFO") from None
+        raise fail("cannot be replaced by the master FIFO: %s" % (exc.strerror or exc)) from None
+
+
+def _mkfifo_private(path: str, fail: Callable[[str], SetupError]) -> None:
+    """mkfifo with exactly FIFO_MODE: the umask is 077 for the call (it can only take
+    bits away, and 0600 has none a umask of 077 removes)."""
+    old_umask = os.umask(0o077)
+    try:
+        os.mkfifo(path, FIFO_MODE)
+    except OSError as exc:
+        raise fail("cannot be created as the master FIFO: %s" % (exc.strerror or exc)) from None
+    finally:
+        os.umask(old_umask)
+
+
+def _open_own_fifo(path: str, fail: Callable[[str], SetupError]) -> int:
+    """Open the FIFO just made and check it is still a FIFO of ours with mode 0600."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW | _flag("O_CLOEXEC"))
+    except OSError as exc:
+        raise fail("cannot be opened as the master FIFO: %s" % (exc.strerror or exc)) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISFIFO(info.st_mode) or info.st_uid != os.geteuid():
+            raise fail("was replaced while the master FIFO was being made: refusing it")
+        if stat.S_IMODE(info.st_mode) != FIFO_MODE:
+            os.fchmod(fd, FIFO_MODE)
+    except OSError as exc:
+        os.close(fd)
+        raise fail("cannot be made private: %s" % (exc.strerror or exc)) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 # --------------------------------------------------------------------- harakiri
