@@ -579,7 +579,7 @@ class SubscriptionTable:
 
     def announce(self, a: Announcement, now: float, *, uid: Optional[int] = None,
                  gid: Optional[int] = None, pid: Optional[int] = None,
-                 trusted: bool = False) -> Optional[Node]:
+                 trusted: bool = False, mirrored: bool = False) -> Optional[Node]:
         """Apply a subscribe or unsubscribe packet.
 
         Returns the node created or refreshed, ``None`` for an unsubscribe.  Raises
@@ -589,11 +589,15 @@ class SubscriptionTable:
         A call that created a node raised :attr:`node_count` (that is when
         ``notify`` gets its line).  *uid*, *gid*, *pid* are the sender's
         credentials, if known; *trusted* skips the signature checks
-        (``--subscriptions-sign-skip-uid``).
+        (``--subscriptions-sign-skip-uid``).  *mirrored*: the master's table
+        accepted this packet already (docs/decisions.md D8); it is applied without
+        checks, and the limits are the master's (up to twice them here: this
+        table's expiry may run a moment behind the master's).
         """
         pool = self._pools.get(a.key)
         node = pool.by_address.get(a.address) if pool is not None else None
-        check = self.verifier is not None and not trusted
+        check = self.verifier is not None and not (trusted or mirrored)
+        room = 2 if mirrored else 1
         if a.unsubscribe:
             if node is None:
                 return None
@@ -631,8 +635,8 @@ class SubscriptionTable:
             self._check_new(a, now_s)
             self._check_not_replayed(a)
         if pool is None:
-            self._check_room_for_key(a, now_s)
-        elif len(pool.nodes) >= self.max_nodes:
+            self._check_room_for_key(a, now_s, room * self.max_keys)
+        elif len(pool.nodes) >= room * self.max_nodes:
             self.refused_nodes += 1
             raise TableFull("too many nodes for key %s (%d): %s refused"
                             % (printable(a.key), self.max_nodes, printable(a.address)),
@@ -687,17 +691,17 @@ class SubscriptionTable:
                 "removed after accepting unix %d)"
                 % (printable(a.key), printable(a.address), a.unix, last), a.key, a.address)
 
-    def _check_room_for_key(self, a: Announcement, now: int) -> None:
+    def _check_room_for_key(self, a: Announcement, now: int, limit: int) -> None:
         """Raise :class:`TableFull` unless a pool for the new key *a.key* fits."""
         until = self._reserved.get(a.key)
         if until is not None:
             if until >= now:
                 return  # the slot kept for this key
             del self._reserved[a.key]
-        if len(self._pools) + len(self._reserved) < self.max_keys:
+        if len(self._pools) + len(self._reserved) < limit:
             return
         self._forget_reservations(now)
-        if len(self._pools) + len(self._reserved) < self.max_keys:
+        if len(self._pools) + len(self._reserved) < limit:
             return
         self.refused_keys += 1
         raise TableFull("too many keys (%d): %s refused" % (self.max_keys, printable(a.key)),
@@ -927,6 +931,7 @@ class SubscriptionTable:
                     if len(self._pools) >= self.max_keys:
                         break
                     pool = self._pools[key] = Pool(key)
+                    self._reserved.pop(key, None)
                     pool.hits = hits
                 if node.name in pool.by_address or len(pool.nodes) >= self.max_nodes:
                     continue

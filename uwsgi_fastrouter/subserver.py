@@ -252,20 +252,22 @@ class SubscriptionServer:
     def apply_trusted(self, data: bytes, pid: Optional[int] = None, uid: Optional[int] = None,
                       gid: Optional[int] = None) -> None:
         """Apply a datagram another router process already accepted (D8): no checks,
-        no acknowledgement, no forwarding (the receiving process did those)."""
+        no acknowledgement, no forwarding (the receiving process did those), and
+        the key limit is that process's (see ``SubscriptionTable.announce``)."""
         try:
             announcement = parse_announcement(data)
         except SubscriptionError:
             return
-        self._apply(announcement, None, pid, uid, gid, True, notify=False, verified=False)
+        self._apply(announcement, None, pid, uid, gid, True, notify=False, verified=False,
+                    mirrored=True)
 
     def _apply(self, announcement: Announcement, sender, pid, uid, gid, trusted: bool,
-               notify: bool, verified: bool) -> bool:
+               notify: bool, verified: bool, mirrored: bool = False) -> bool:
         table = self.table
         existed = self._node_exists(announcement)
         try:
             node = table.announce(announcement, self.wall_clock(), uid=uid, gid=gid, pid=pid,
-                                  trusted=trusted)
+                                  trusted=trusted, mirrored=mirrored)
         except TableFull as exc:
             self.dropped += 1
             self.full_log("[uwsgi-subscription for pid %d] subscription table full: %s%s"
