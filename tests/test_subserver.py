@@ -3,6 +3,7 @@ checks, and packets mirrored from the master.  (End to end: test_subscriptions.p
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 from typing import Optional
@@ -10,6 +11,7 @@ from typing import Optional
 import pytest
 
 from support import sock_path
+from uwsgi_fastrouter import log
 from uwsgi_fastrouter.subscription import Announcement, SubscriptionTable, build_announcement
 from uwsgi_fastrouter.subserver import SubscriptionServer
 
@@ -123,3 +125,28 @@ def test_packets_the_master_accepted_are_mirrored_beyond_the_local_key_limit():
     assert len(table) == 4
     srv.apply_trusted(packet(b"k5"))                                    # twice the limit at most
     assert len(table) == 4 and table.refused_keys == 1
+
+
+def test_refusals_for_room_are_logged_once_a_second_with_a_count():
+    lines = io.StringIO()
+    log.set_stream(lines)
+    try:
+        table = SubscriptionTable(max_keys=1)
+        srv = server(table)
+        srv.handle(packet(b"k"))
+        Clock.now = 100.0
+        for i in range(5):
+            assert srv.handle(packet(b"flood\n%d" % i), ("127.0.0.1", 4000)) is None
+        Clock.now = 101.0
+        srv.handle(packet(b"flood5"))
+    finally:
+        log.set_stream(None)
+        Clock.now = 0.0
+    full = [line for line in lines.getvalue().splitlines() if "table full" in line]
+    pid = os.getpid()
+    assert full == [
+        "[uwsgi-subscription for pid %d] subscription table full: too many keys (1): flood\\x0a0 "
+        "refused from 127.0.0.1:4000" % pid,
+        "[uwsgi-subscription for pid %d] subscription table full: too many keys (1): flood5 "
+        "refused (and 4 more since the last such line)" % pid]
+    assert table.refused_keys == 6 and srv.dropped == 6

@@ -137,7 +137,22 @@ class SubscriptionError(ValueError):
 
 class TableFull(SubscriptionError):
     """A new key (the table holds ``max_keys``) or a new node (its key holds
-    ``max_nodes``) was refused for want of room."""
+    ``max_nodes``) was refused for want of room.
+
+    The text is made only when asked for: under a flood most refusals are counted,
+    not logged.
+    """
+
+    def __init__(self, limit: int, key: bytes, address: bytes, per_key: bool = False) -> None:
+        super().__init__("subscription table full", key, address)
+        self.limit = limit
+        self.per_key = per_key
+
+    def __str__(self) -> str:
+        if self.per_key:
+            return "too many nodes for key %s (%d): %s refused" % (
+                printable(self.key), self.limit, printable(self.address))
+        return "too many keys (%d): %s refused" % (self.limit, printable(self.key))
 
 
 def _text(value: bytes) -> str:
@@ -638,9 +653,7 @@ class SubscriptionTable:
             self._check_room_for_key(a, now_s, room * self.max_keys)
         elif len(pool.nodes) >= room * self.max_nodes:
             self.refused_nodes += 1
-            raise TableFull("too many nodes for key %s (%d): %s refused"
-                            % (printable(a.key), self.max_nodes, printable(a.address)),
-                            a.key, a.address)
+            raise TableFull(self.max_nodes, a.key, a.address, per_key=True)
         if pool is None:
             pool = self._pools[a.key] = Pool(a.key)
             self._reserved.pop(a.key, None)
@@ -704,8 +717,7 @@ class SubscriptionTable:
         if len(self._pools) + len(self._reserved) < limit:
             return
         self.refused_keys += 1
-        raise TableFull("too many keys (%d): %s refused" % (self.max_keys, printable(a.key)),
-                        a.key, a.address)
+        raise TableFull(self.max_keys, a.key, a.address)
 
     def _check_known(self, a: Announcement, node: Node) -> None:
         fault = self._signature_fault(a)

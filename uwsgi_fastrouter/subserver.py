@@ -11,9 +11,11 @@ to the sender except the optional ``notify`` acknowledgement of uWSGI.
 
 Bad datagrams are dropped with a log line; the log is rate limited (a flood of garbage
 cannot flood the log: after 20 lines in a second the rest are counted and summarised).
-New keys refused because the table is full have a log of their own (one line a second
-and a count), so a flood of fresh keys neither floods the log nor hides other faults
-(the policy for a full table is described in :mod:`uwsgi_fastrouter.subscription`).
+New keys refused because the table is full have a log of their own (at most one line a
+second, saying how many more were refused meanwhile; nothing is formatted for the
+others), so a flood of fresh keys neither floods the log nor hides other faults nor
+costs more than counting (the policy for a full table is described in
+:mod:`uwsgi_fastrouter.subscription`).
 
 Order of the checks: parse, then the proof (the credential check here, the signature
 check in the table), then the table's state and room.  What fails a check costs no
@@ -150,8 +152,8 @@ class SubscriptionServer:
         self.credentials_check = list(credentials_check)
         self.skip_uids = {u for u in skip_uids if u > 0}
         self.drop_log = RateLimitedLog(lambda: reactor.now, what="subscription log lines")
-        self.full_log = RateLimitedLog(lambda: reactor.now, burst=1,
-                                       what="refusals for a full subscription table")
+        self._full_logged = float("-inf")
+        self._full_unlogged = 0
         self.notify_log = RateLimitedLog(lambda: reactor.now, burst=1,
                                          what="ignored notify paths")
         self.received = 0
@@ -269,9 +271,7 @@ class SubscriptionServer:
             node = table.announce(announcement, self.wall_clock(), uid=uid, gid=gid, pid=pid,
                                   trusted=trusted, mirrored=mirrored)
         except TableFull as exc:
-            self.dropped += 1
-            self.full_log("[uwsgi-subscription for pid %d] subscription table full: %s%s"
-                          % (os.getpid(), exc, printable(_sender_text(sender))))
+            self._refused_for_room(exc, sender)
             return False
         except SubscriptionError as exc:
             self._drop(sender, str(exc), announcement)
@@ -316,6 +316,19 @@ class SubscriptionServer:
         self.drop_log("[uwsgi-subscription for pid %d] dropped subscription datagram%s%s: %s"
                       % (os.getpid(), where, what, reason))
         return None
+
+    def _refused_for_room(self, exc: TableFull, sender) -> None:
+        self.dropped += 1
+        now = self.reactor.now
+        if now - self._full_logged < 1.0:
+            self._full_unlogged += 1
+            return
+        more = self._full_unlogged
+        log("[uwsgi-subscription for pid %d] subscription table full: %s%s%s"
+            % (os.getpid(), exc, printable(_sender_text(sender)),
+               " (and %d more since the last such line)" % more if more else ""))
+        self._full_logged = now
+        self._full_unlogged = 0
 
     def _notify_ignored(self, a: Announcement, sender) -> None:
         self.notify_ignored += 1
