@@ -45,10 +45,9 @@ import socket
 import struct
 from typing import Callable, List, Optional, Sequence
 
-from .log import RateLimitedLog, log
+from .log import RateLimitedLog, log, printable
 from .reactor import Reactor
 from .sockets import AddressError, node_sockaddr
-from .log import printable
 from .subscription import (Announcement, SubscriptionError, SubscriptionTable, TableFull,
                            build_announcement, parse_announcement)
 
