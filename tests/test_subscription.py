@@ -12,8 +12,8 @@ import pytest
 from uwsgi_fastrouter.protocol import encode_vars, parse_vars
 from uwsgi_fastrouter.subscription import (
     FORWARDED_VAR, MAX_ADDRESS, MAX_KEY, Announcement, Node, SubscriptionError,
-    SubscriptionTable, build_announcement, djb33x, forward_announcement, parse_announcement,
-    stats_hash,
+    SubscriptionTable, TableFull, build_announcement, djb33x, forward_announcement,
+    parse_announcement, stats_hash,
 )
 
 T0 = 1_700_000_000.25  # an arbitrary "now"
@@ -812,3 +812,214 @@ def test_rejected_signed_packet_leaves_the_table_alone():
         t.announce(signed(sig=b"bad"), T0)
     assert info.value.key == b"k" and info.value.address == b"a:1"
     assert t.empty and not log
+
+
+# ---------------------------------------------------------------------------
+# replays after a removal (D9): the last timestamp of a removed node is remembered
+
+
+def test_a_replay_after_the_signed_unsubscribe_is_refused():
+    log = Log()
+    t = SubscriptionTable(verifier=FakeVerifier(), log=log)
+    captured = signed(unix=int(T0))
+    t.announce(captured, T0)
+    t.announce(signed(unix=int(T0), unsubscribe=True), T0)  # carries T0 + 1
+    assert t.empty and t.removed_unix(b"k", b"a:1") == int(T0) + 1
+    for replay in (captured, signed(unix=int(T0) + 1)):
+        with pytest.raises(SubscriptionError) as info:
+            t.announce(replay, T0 + 5)
+        assert str(info.value) == ("replayed subscription packet for slot: k node: a:1 (unix %d; "
+                                   "the node was removed after accepting unix %d)"
+                                   % (replay.unix, int(T0) + 1))
+    assert t.empty and t.refused_replays == 2
+    # the node itself comes back with a newer packet, and is then judged as any node
+    del log[:]
+    node = t.announce(signed(unix=int(T0) + 2), T0 + 5)
+    assert node is not None and node.last_unix == int(T0) + 2
+    assert t.removed_unix(b"k", b"a:1") is None
+    assert log == ["[uwsgi-subscription for pid 0] new pool: k (hash key: %d)" % stats_hash(b"k"),
+                   "[uwsgi-subscription for pid 0] k => new node: a:1"]
+    with pytest.raises(SubscriptionError, match="sniffed"):
+        t.announce(captured, T0 + 6)
+
+
+def test_a_replay_after_expiry_or_a_failed_connect_is_refused():
+    t = SubscriptionTable(verifier=FakeVerifier(), tolerance=10)
+    t.announce(signed(unix=int(T0)), T0)
+    t.announce(signed(unix=int(T0) + 8), T0 + 8)
+    assert t.expire(T0 + 19) == 1 and t.empty  # no announce for 11 s
+    for unix in (int(T0), int(T0) + 8):
+        with pytest.raises(SubscriptionError, match="replayed"):
+            t.announce(signed(unix=unix), T0 + 20)
+    node = t.announce(signed(unix=int(T0) + 20), T0 + 20)
+    t.connect_failed(b"k", node, T0 + 21)
+    assert t.empty and t.removed_unix(b"k", b"a:1") == int(T0) + 20
+    with pytest.raises(SubscriptionError, match="replayed"):
+        t.announce(signed(unix=int(T0) + 20), T0 + 22)
+    # another node of the key is not concerned
+    assert t.announce(signed(address=b"b:1", unix=int(T0)), T0 + 22) is not None
+
+
+def test_removed_nodes_are_remembered_as_long_as_the_signing_tolerance():
+    t = SubscriptionTable(verifier=FakeVerifier(), sign_tolerance=100)
+    t.announce(signed(unix=int(T0)), T0)
+    t.announce(signed(unix=int(T0), unsubscribe=True), T0)
+    t.expire(T0 + 101)          # unix T0 + 1 would still pass the tolerance check
+    assert t.removed_unix(b"k", b"a:1") == int(T0) + 1
+    with pytest.raises(SubscriptionError, match="replayed"):
+        t.announce(signed(unix=int(T0) + 1), T0 + 101)
+    t.expire(T0 + 102)          # from now on such a packet is refused as expired
+    assert t.removed_unix(b"k", b"a:1") is None
+    with pytest.raises(SubscriptionError, match="expired"):
+        t.announce(signed(unix=int(T0) + 1), T0 + 102)
+
+
+def test_the_replay_memory_is_bounded_oldest_removal_first():
+    log = Log()
+    t = SubscriptionTable(verifier=FakeVerifier(), replay_memory=2, log=log)
+    for name in (b"a:1", b"b:1", b"c:1"):
+        t.announce(signed(address=name, unix=int(T0)), T0)
+        t.announce(signed(address=name, unix=int(T0), unsubscribe=True), T0)
+    assert t.removed_unix(b"k", b"a:1") is None and t.replay_memory_evicted == 1
+    assert [line for line in log if "remembered against replays" in line] == [
+        "[uwsgi-subscription for pid 0] 2 removed nodes remembered against replays: from now on "
+        "the oldest is forgotten for each new one"]
+    # past the bound a forgotten node's packets are accepted again (uWSGI's behaviour)
+    assert t.announce(signed(address=b"a:1", unix=int(T0)), T0 + 1) is not None
+    with pytest.raises(SubscriptionError, match="replayed"):
+        t.announce(signed(address=b"b:1", unix=int(T0)), T0 + 1)
+
+
+def test_unsigned_tables_remember_nothing_and_trusted_senders_skip_the_check():
+    t = SubscriptionTable()
+    t.announce(ann(unix=int(T0)), T0)
+    t.announce(ann(unsubscribe=True, unix=int(T0)), T0)
+    assert t.removed_unix(b"k", b"a:1") is None
+    t = SubscriptionTable(verifier=FakeVerifier())
+    t.announce(signed(unix=int(T0)), T0)
+    t.announce(signed(unix=int(T0), unsubscribe=True), T0)
+    assert t.announce(signed(unix=int(T0)), T0, trusted=True) is not None
+
+
+def test_the_replay_memory_survives_a_hand_over():
+    src = SubscriptionTable(verifier=FakeVerifier())
+    src.announce(signed(unix=int(T0)), T0)
+    src.announce(signed(unix=int(T0), unsubscribe=True), T0)
+    dst = SubscriptionTable(verifier=FakeVerifier())
+    assert dst.load(src.dump(), T0 + 1) == 0
+    assert dst.removed_unix(b"k", b"a:1") == int(T0) + 1
+    with pytest.raises(SubscriptionError, match="replayed"):
+        dst.announce(signed(unix=int(T0)), T0 + 1)
+    # a dump without the list (an older router's) loads as before
+    doc = json.loads(src.dump())
+    del doc["removed"]
+    assert SubscriptionTable(verifier=FakeVerifier()).load(json.dumps(doc).encode(), T0) == 0
+
+
+# ---------------------------------------------------------------------------
+# a full table under a flood of new keys
+
+
+def test_a_flood_of_new_keys_never_refuses_or_expires_a_subscribed_node():
+    t = SubscriptionTable(max_keys=5, tolerance=10)
+    legit = t.announce(ann(b"legit", b"a:1"), T0)
+    refused = 0
+    for i in range(300):                       # 30 s of 10 fresh keys a second
+        now = T0 + i / 10
+        if i % 50 == 0:                        # the subscriber's announce every 5 s
+            assert t.announce(ann(b"legit", b"a:1"), now) is legit
+        t.expire(now)
+        try:
+            t.announce(ann(b"flood%d" % i, b"x:1"), now)
+        except TableFull as exc:
+            assert str(exc) == "too many keys (5): flood%d refused" % i
+            refused += 1
+        assert t.lookup(b"legit", now) is legit
+        t.release(legit)
+        assert len(t) <= 5
+    assert refused > 200 and t.refused_keys == refused
+    assert legit.pool is not None and legit.death_mark == 0
+
+
+def test_new_keys_get_the_slots_of_expired_and_removed_keys_at_once():
+    t = SubscriptionTable(max_keys=3, tolerance=10)
+    for i in range(3):
+        t.announce(ann(b"flood%d" % i, b"x:1"), T0 + i)
+    with pytest.raises(TableFull):
+        t.announce(ann(b"new", b"a:1"), T0 + 10)
+    assert t.expire(T0 + 11) == 1               # flood0 expired
+    assert t.announce(ann(b"new", b"a:1"), T0 + 11) is not None
+    t.announce(ann(b"flood1", b"x:1", unsubscribe=True), T0 + 11)
+    assert t.announce(ann(b"new2", b"a:1"), T0 + 11) is not None   # one-off keys keep no slot
+
+
+@pytest.mark.parametrize("how", ["unsubscribe", "connect failure", "expiry"])
+def test_a_subscriber_whose_pool_went_gets_its_key_back_while_a_flood_fills_the_table(how):
+    t = SubscriptionTable(max_keys=3, tolerance=10)
+    node = t.announce(ann(b"legit", b"a:1"), T0)
+    t.announce(ann(b"legit", b"a:1"), T0 + 5)           # a periodic subscriber
+    t.announce(ann(b"flood0", b"x:1"), T0 + 5)
+    t.announce(ann(b"flood1", b"x:1"), T0 + 5)
+    now = T0 + 6
+    if how == "unsubscribe":                             # a restart
+        t.announce(ann(b"legit", b"a:1", unsubscribe=True), now)
+    elif how == "connect failure":
+        t.connect_failed(b"legit", node, now)
+    else:                                                # its announces were lost
+        now = T0 + 16
+        t.announce(ann(b"flood0", b"x:1"), T0 + 15)
+        t.announce(ann(b"flood1", b"x:1"), T0 + 15)
+        t.expire(now)
+    assert t.pool(b"legit") is None and t.reserved_keys == 1
+    with pytest.raises(TableFull):                       # the flood does not get its slot
+        t.announce(ann(b"flood2", b"x:1"), now)
+    back = t.announce(ann(b"legit", b"b:1"), now + 1)    # back, on another port
+    assert back is not None and t.reserved_keys == 0 and len(t) == 3
+    assert t.refused_keys == 1
+
+
+def test_a_kept_slot_is_freed_twice_the_tolerance_after_the_last_announce():
+    t = SubscriptionTable(max_keys=2, tolerance=10)
+    t.announce(ann(b"legit", b"a:1"), T0)
+    t.announce(ann(b"legit", b"a:1"), T0 + 1)
+    t.announce(ann(b"flood0", b"x:1"), T0 + 1)
+    t.announce(ann(b"legit", b"a:1", unsubscribe=True), T0 + 2)
+    with pytest.raises(TableFull):
+        t.announce(ann(b"flood1", b"x:1"), T0 + 21)
+    assert t.announce(ann(b"flood1", b"x:1"), T0 + 22) is not None   # no sweep needed
+    assert t.reserved_keys == 0
+    with pytest.raises(TableFull):                       # the slot went to flood1
+        t.announce(ann(b"legit", b"a:1"), T0 + 22)
+    # the sweep forgets kept slots too
+    t = SubscriptionTable(max_keys=2, tolerance=10)
+    t.announce(ann(b"legit", b"a:1"), T0)
+    t.announce(ann(b"legit", b"a:1"), T0 + 1)
+    t.announce(ann(b"legit", b"a:1", unsubscribe=True), T0 + 2)
+    t.expire(T0 + 21)
+    assert t.reserved_keys == 1
+    t.expire(T0 + 22)
+    assert t.reserved_keys == 0
+
+
+def test_a_full_key_refuses_new_nodes_but_refreshes_its_own():
+    t = SubscriptionTable(max_nodes=2)
+    a = t.announce(ann(b"k", b"a"), T0)
+    t.announce(ann(b"k", b"b"), T0)
+    with pytest.raises(TableFull, match="too many nodes for key k"):
+        t.announce(ann(b"k", b"c"), T0)
+    assert t.announce(ann(b"k", b"a"), T0 + 1) is a and t.refused_nodes == 1
+
+
+def test_the_proof_is_checked_before_the_room():
+    v = FakeVerifier(keys=(b"k", b"k2"))
+    t = SubscriptionTable(verifier=v, max_keys=1)
+    t.announce(signed(unix=int(T0)), T0)
+    with pytest.raises(SubscriptionError, match="unsigned") as info:
+        t.announce(ann(b"flood", b"x:1", unix=int(T0)), T0)
+    assert not isinstance(info.value, TableFull)
+    with pytest.raises(SubscriptionError, match="invalid signature"):
+        t.announce(signed(b"k2", sig=b"bad"), T0)
+    assert t.refused_keys == 0
+    with pytest.raises(TableFull):                    # a proven new key meets the limit
+        t.announce(signed(b"k2"), T0)
+    assert t.refused_keys == 1 and len(t) == 1

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
+import struct
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
 from backends import RecordingBackend, connect, request, uwsgi_packet
-from support import start_router, start_uwsgi_app, uwsgi_bin, wait_until
+from support import sock_path, start_router, start_uwsgi_app, uwsgi_bin, wait_until
+from test_subscriber import keypair  # noqa: F401  (a fixture: an openssl-made RSA key)
+from uwsgi_fastrouter.signing import load_private_key, sign
+from uwsgi_fastrouter.subscription import build_announcement
 
 APP = """
 def application(environ, start_response):
@@ -194,3 +201,189 @@ def test_a_backend_that_cannot_subscribe_is_announced_by_a_subscriber_process(tm
         assert announcer.stop() == 0            # a clean stop unsubscribes
         router.wait_for_log(r"example.com => marking %s as failed" % backend.address)
         assert request(router.addresses[0], HOST) == b""
+
+
+# ---------------------------------------------------------------------------
+# notify (D17), replays after a removal (D9), floods of new keys
+
+MASTER = pytest.mark.parametrize("master", [[], ["--master"]], ids=["single", "master"])
+ACK = b"[subscription ack] example.com => new node: "
+
+
+def copies(master) -> int:
+    """How many processes log each subscription line (the master's table and its router's)."""
+    return 2 if master else 1
+
+
+def signed_packet(private: Path, key: bytes, address: bytes, unix: int, **fields) -> bytes:
+    """A datagram signed as ``--subscribe-to ...,SHA1:PRIVATE`` signs it."""
+    secret = load_private_key(Path(private).read_bytes())
+    return build_announcement(key, address, unix=unix,
+                              signer=lambda data: sign(secret, "SHA1", data), **fields)
+
+
+def send_as(server: str, data: bytes, uid: int, gid: int) -> None:
+    """Send a datagram carrying these credentials (root may name any)."""
+    creds = struct.pack("3i", os.getpid(), uid, gid)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, creds)], 0, server)
+
+
+def free_udp_address() -> str:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return "127.0.0.1:%d" % s.getsockname()[1]
+
+
+def notify_socket(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(10)
+    return sock
+
+
+@MASTER
+def test_notify_is_written_only_for_a_verified_announce(sock_dir, keypair, master):
+    private, public_dir = keypair
+    sub, udp = sock_path(sock_dir, "sub.sock"), free_udp_address()
+    # a sender that may subscribe without a signature (root's uid cannot be listed)
+    uid, gid = (65534, 65534) if os.getuid() == 0 else (os.getuid(), os.getgid())
+    router = start_router(master + [
+        "--fastrouter", "127.0.0.1:0", "--fastrouter-subscription-server", sub,
+        "--fastrouter-subscription-server", udp, "--subscriptions-sign-check", "SHA1:%s" % public_dir,
+        "--subscriptions-use-credentials", "--subscriptions-sign-skip-uid", str(uid)])
+    router.wait_for_log(r"subscription server bound on", count=2)
+    path = sock_path(sock_dir, "notify.sock")
+    with notify_socket(path) as notify, RecordingBackend("a") as a, RecordingBackend("b") as b:
+        send_as(sub, build_announcement(b"example.com", a.address.encode(), notify=path.encode()),
+                uid, gid)
+        router.wait_for_log(r"example.com => new node: %s" % a.address)   # accepted, unsigned
+        # the barrier: a signed announce naming the same path is acknowledged; an ack for
+        # the unsigned one would have come first
+        send_datagram(udp, signed_packet(private, b"example.com", b.address.encode(),
+                                         int(time.time()), notify=path.encode()))
+        assert notify.recv(4096) == ACK + b.address.encode()
+        router.wait_for_log(r"notify %s of example.com => %s ignored: the announce was neither "
+                            r"signed nor credentials-checked" % (re.escape(path), a.address))
+        # both nodes serve
+        wait_until(lambda: router.count(r"new node: %s" % b.address) == copies(master),
+                   what="the signed node in every process")
+        assert sorted(served_by(router.addresses[0]) for _ in range(4)) == ["a", "a", "b", "b"]
+
+
+def test_notify_is_not_written_for_an_unchecked_announce(sock_dir):
+    sub = sock_path(sock_dir, "sub.sock")
+    router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-subscription-server", sub])
+    router.wait_for_log(r"subscription server bound on")
+    path = sock_path(sock_dir, "notify.sock")
+    with notify_socket(path) as notify, RecordingBackend("a") as a:
+        announce(sub, b"example.com", a.address.encode(), extra=[(b"notify", path.encode())])
+        router.wait_for_log(r"notify %s of example.com => %s ignored" % (re.escape(path), a.address))
+        assert served_by(router.addresses[0]) == "a"
+        notify.setblocking(False)
+        with pytest.raises(BlockingIOError):   # nothing was sent (and nothing will be)
+            notify.recv(4096)
+
+
+@MASTER
+def test_notify_is_written_for_a_credentials_checked_announce(sock_dir, master):
+    owners = sock_dir / "owners"
+    owners.mkdir()
+    (owners / "example.com").write_bytes(b"")      # ours: the sender's uid and gid
+    sub = sock_path(sock_dir, "sub.sock")
+    router = start_router(master + [
+        "--fastrouter", "127.0.0.1:0", "--fastrouter-subscription-server", sub,
+        "--subscriptions-use-credentials", "--subscriptions-credentials-check", "%s/" % owners])
+    router.wait_for_log(r"subscription server bound on")
+    path = sock_path(sock_dir, "notify.sock")
+    with notify_socket(path) as notify, RecordingBackend("a") as a:
+        announce(sub, b"example.com", a.address.encode(), extra=[(b"notify", path.encode())])
+        assert notify.recv(4096) == ACK + a.address.encode()
+        wait_until(lambda: router.count(r"new node: %s" % a.address) == copies(master),
+                   what="the node in every process")
+        assert served_by(router.addresses[0]) == "a"
+    assert "ignored" not in router.log()
+
+
+@MASTER
+def test_a_captured_subscribe_replayed_after_the_unsubscribe_is_refused(sock_dir, keypair, master):
+    private, public_dir = keypair
+    sub = sock_path(sock_dir, "sub.sock")
+    router = start_router(master + ["--fastrouter", "127.0.0.1:0",
+                                    "--fastrouter-subscription-server", sub,
+                                    "--subscriptions-sign-check", "SHA1:%s" % public_dir])
+    router.wait_for_log(r"subscription server bound on")
+    with RecordingBackend("a") as a:
+        address = a.address.encode()
+        now = int(time.time())
+        captured = signed_packet(private, b"example.com", address, now)
+        send_datagram(sub, captured)
+        wait_until(lambda: router.count(r"new node: %s" % a.address) == copies(master),
+                   what="the signed node in every process")
+        assert served_by(router.addresses[0]) == "a"
+        send_datagram(sub, signed_packet(private, b"example.com", address, now, unsubscribe=True))
+        wait_until(lambda: router.count(r"marking %s as failed" % a.address) == copies(master),
+                   what="the signed unsubscribe in every process")
+        send_datagram(sub, captured)                   # the replay
+        router.wait_for_log(r"replayed subscription packet for slot: example.com node: %s "
+                            r"\(unix %d; the node was removed after accepting unix %d\)"
+                            % (a.address, now, now + 1))
+        assert request(router.addresses[0], HOST) == b""
+        # the instance itself signs newer packets and comes back
+        send_datagram(sub, signed_packet(private, b"example.com", address, now + 2))
+        wait_until(lambda: router.count(r"new node: %s" % a.address) == 2 * copies(master),
+                   what="the newer announce in every process")
+        assert served_by(router.addresses[0]) == "a"
+    assert router.count(r"new node: %s" % a.address) == 2 * copies(master)
+
+
+@MASTER
+def test_a_flood_of_new_keys_does_not_lock_out_subscribed_nodes(tmp_path, master):
+    router, sub = sub_router(tmp_path, *master, "--subscription-max-keys", "20")
+    with RecordingBackend("a") as a, RecordingBackend("b") as b:
+        for _ in range(2):                             # a periodic subscriber
+            announce(sub, b"example.com", a.address.encode())
+        wait_until(lambda: router.count(r"example.com => new node") == copies(master),
+                   what="the subscriber in every process")
+        for flood in range(5):
+            for i in range(100):
+                announce(sub, b"flood%d-%d.example" % (flood, i), b"127.0.0.1:9")
+            announce(sub, b"example.com", a.address.encode())    # its refresh, amid the flood
+            assert served_by(router.addresses[0]) == "a"
+        router.wait_for_log(r"too many keys \(20\): flood\d-\d+.example refused")
+        # it restarts on another port while the flood goes on: its slot was kept
+        announce(sub, b"example.com", a.address.encode(), unsubscribe=True)
+        wait_until(lambda: router.count(r"marking %s as failed" % a.address) == copies(master),
+                   what="the unsubscribe in every process")
+        for i in range(100):
+            announce(sub, b"flood-late-%d.example" % i, b"127.0.0.1:9")
+        announce(sub, b"example.com", b.address.encode())
+        wait_until(lambda: router.count(r"example.com => new node: %s" % b.address) == copies(master),
+                   what="the restarted subscriber back in every process")
+        assert served_by(router.addresses[0]) == "b"
+        log = router.log()
+        assert "example.com refused" not in log and "key: example.com" not in log
+
+
+def test_unsigned_floods_never_cost_a_key_at_a_signing_router(sock_dir, keypair):
+    private, public_dir = keypair
+    sub = sock_path(sock_dir, "sub.sock")
+    router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-subscription-server", sub,
+                           "--fastrouter-stats", "127.0.0.1:0", "--subscription-max-keys", "1",
+                           "--subscriptions-sign-check", "SHA1:%s" % public_dir])
+    router.wait_for_log(r"subscription server bound on")
+    with RecordingBackend("a") as a, RecordingBackend("b") as b:
+        now = int(time.time())
+        send_datagram(sub, signed_packet(private, b"example.com", a.address.encode(), now))
+        router.wait_for_log(r"example.com => new node: %s" % a.address)
+        for i in range(300):
+            send_datagram(sub, build_announcement(b"flood%d.example" % i, b"127.0.0.1:9", unix=now))
+        # the barrier: a second signed node for the key (the table is full: 1 key)
+        send_datagram(sub, signed_packet(private, b"example.com", b.address.encode(), now))
+        router.wait_for_log(r"example.com => new node: %s" % b.address)
+        doc = stats_of(router)
+        assert [pool["key"] for pool in doc["subscriptions"]] == ["example.com"]
+        assert sorted(served_by(router.addresses[0]) for _ in range(2)) == ["a", "b"]
+    log = router.log()
+    assert "unsigned subscription packet for flood0.example" in log
+    assert "too many keys" not in log and "table full" not in log

@@ -350,7 +350,8 @@ OPTIONS: Tuple[Option, ...] = (
     _o("start-unsubscribed", BOOL, "prepare the subscriptions but send none until enabled", G_SUBS,
        status=SUPPORTED),
     _o("subscription-notify-socket", STRING, "unix datagram socket on which subscription servers "
-       "report back", G_SUBS, metavar="PATH", status=SUPPORTED),
+       "report back (our router does so only for signed or credentials-checked announces)",
+       G_SUBS, metavar="PATH", status=SUPPORTED),
     _o("subscription-tolerance", INT, "seconds a subscribed node is kept without a new announce",
        G_SUBS, default=17, metavar="SECS", status=SUPPORTED),
     _o("subscription-algo", STRING, "balancing among subscribed nodes: wrr, lrc or wlrc (other "
@@ -360,7 +361,9 @@ OPTIONS: Tuple[Option, ...] = (
     _o("subscriptions-sign-check", STRING, "accept only subscriptions signed with the public keys "
        "in DIR (e.g. SHA1:/etc/uwsgi/keys)", G_SUBS, metavar="DIGEST:DIR", status=SUPPORTED),
     _o("subscriptions-sign-check-tolerance", INT, "seconds a signed subscription's timestamp may "
-       "lag behind", G_SUBS, default=86400, metavar="SECS", status=SUPPORTED),
+       "lag behind; as long, the last timestamp of a removed node (at most 10000 of them) is "
+       "kept, so that its captured packets cannot bring it back", G_SUBS, default=86400,
+       metavar="SECS", status=SUPPORTED),
     _o("subscriptions-sign-skip-uid", LIST, "do not require signatures from unix peers running as "
        "UID; repeatable", G_SUBS, default=[], metavar="UID", status=SUPPORTED),
     _o("subscriptions-use-credentials", BOOL, "send and check unix credentials with subscriptions "
@@ -368,8 +371,10 @@ OPTIONS: Tuple[Option, ...] = (
     _o("subscriptions-credentials-check", LIST, "accept a key from a unix peer only if DIR followed "
        "by the key belongs to the peer's uid; repeatable", G_SUBS, default=[], metavar="DIR",
        status=SUPPORTED),
-    _o("subscription-max-keys", INT, "most keys the subscription table holds; a subscription for a "
-       "new key beyond it is dropped with a log line", G_SUBS, default=10000, metavar="N"),
+    _o("subscription-max-keys", INT, "most keys the subscription table holds; while it is full a "
+       "new key is refused (counted, logged once a second), nothing is evicted and subscribed "
+       "nodes keep refreshing; a key announced more than once keeps its slot for twice the "
+       "tolerance after its nodes go", G_SUBS, default=10000, metavar="N"),
     _o("subscription-max-nodes", INT, "most nodes one key holds; more are dropped with a log line",
        G_SUBS, default=64, metavar="N"),
     # -- Configuration ---------------------------------------------------------------

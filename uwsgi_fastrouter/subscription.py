@@ -38,6 +38,38 @@ verify against the key's public key; a packet for an existing node must verify a
 carry a timestamp strictly newer than the last one accepted for that node, so a
 captured packet cannot be replayed.
 
+Replays after a removal (docs/decisions.md D9).  Once a node is gone (unsubscribed,
+expired, failed), a captured packet of it would be a valid "new node" for as long as
+its timestamp is within ``sign_tolerance``.  So the table remembers, per removed
+(key, address), the last timestamp it accepted from that node, and refuses a new node
+whose timestamp is not newer.  An entry is needed only while a packet that old could
+still pass the tolerance check: it is dropped when its timestamp falls out of the
+window (:meth:`SubscriptionTable.expire`).  The memory holds at most
+``replay_memory`` entries, oldest removal dropped first (logged once, counted in
+``replay_memory_evicted``); past that bound a forgotten node's captured packets are
+replayable again until they expire, which is uWSGI's behaviour.
+
+Order of the checks for an announce: the datagram is parsed first (by the caller);
+then the proof (signature and timestamp, or the caller's credential check) is
+verified; only a proven announce is looked at against the table's state (replays)
+and its room (limits), and only then is anything inserted.  An unsigned flood at a
+signing router therefore never costs a table entry, nor counts as table pressure.
+
+Under pressure (``max_keys``).  A full table refuses new keys (:class:`TableFull`,
+counted in ``refused_keys``); it never evicts a node to make room, and a node already
+in the table is refreshed whatever the table's state, so a flood of fresh keys cannot
+push out or lock out subscribed nodes.  Without signatures a newcomer cannot be told
+from an attacker's key, so new keys get free slots first come, first served, and a
+slot is free again as soon as its key is removed or expires (the one-second
+:meth:`SubscriptionTable.expire` sweep).  One exception protects nodes that were
+already subscribed: when a key whose pool had been refreshed at least once (a real
+subscriber announces periodically; a flooded key is announced once) loses its pool
+(an unsubscribe before a restart, a failed connect, missed announces), its slot is
+kept for it until ``2 * tolerance`` seconds after its last announce.  Reserved slots
+count as used, so the table never holds more than ``max_keys`` pools plus
+reservations, and the returning subscriber gets its key back even while a flood keeps
+every other slot taken.
+
 Every time-dependent method takes ``now`` (seconds since the epoch, ``time.time()``);
 ``last_check`` and the tolerance comparisons use whole seconds, like uWSGI.
 """
@@ -46,6 +78,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from .log import printable
@@ -57,9 +90,11 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "MAX_KEY",
     "MAX_ADDRESS",
+    "REPLAY_MEMORY",
     "ALGORITHMS",
     "FORWARDED_VAR",
     "SubscriptionError",
+    "TableFull",
     "Announcement",
     "parse_announcement",
     "build_announcement",
@@ -83,6 +118,8 @@ _BYTE_MAX = 255
 _NUMBER_MAX = 2 ** 63
 _STATS_BUCKETS = 65535
 _DUMP_VERSION = 1
+#: removed nodes whose last signed timestamp is remembered against replays
+REPLAY_MEMORY = 10000
 
 
 class SubscriptionError(ValueError):
@@ -96,6 +133,26 @@ class SubscriptionError(ValueError):
         super().__init__(reason)
         self.key = key
         self.address = address
+
+
+class TableFull(SubscriptionError):
+    """A new key (the table holds ``max_keys``) or a new node (its key holds
+    ``max_nodes``) was refused for want of room.
+
+    The text is made only when asked for: under a flood most refusals are counted,
+    not logged.
+    """
+
+    def __init__(self, limit: int, key: bytes, address: bytes, per_key: bool = False) -> None:
+        super().__init__("subscription table full", key, address)
+        self.limit = limit
+        self.per_key = per_key
+
+    def __str__(self) -> str:
+        if self.per_key:
+            return "too many nodes for key %s (%d): %s refused" % (
+                printable(self.key), self.limit, printable(self.address))
+        return "too many keys (%d): %s refused" % (self.limit, printable(self.key))
 
 
 def _text(value: bytes) -> str:
@@ -366,7 +423,8 @@ class Node:
 class Pool:
     """The nodes subscribed under one key, in subscription order."""
 
-    __slots__ = ("key", "hash", "hits", "nodes", "by_address", "sni_enabled")
+    __slots__ = ("key", "hash", "hits", "nodes", "by_address", "sni_enabled", "refreshed",
+                 "last_announce")
 
     def __init__(self, key: bytes) -> None:
         self.key = key
@@ -377,6 +435,11 @@ class Pool:
         self.by_address: Dict[bytes, Node] = {}
         #: stats only; SNI contexts are an HTTPS-router matter
         self.sni_enabled = 0
+        #: a node of this key announced itself again (a periodic subscriber, not a
+        #: one-off key): the key's slot is kept for a while when the pool goes
+        self.refreshed = False
+        #: when an announce last reached this key (whole seconds)
+        self.last_announce = 0
 
     def __repr__(self) -> str:
         return "<Pool %s nodes=%d>" % (_text(self.key), len(self.nodes))
@@ -463,15 +526,17 @@ def _no_log(line: str) -> None:
 class SubscriptionTable:
     """Pools by key, with uWSGI's subscribe, expiry and balancing rules.
 
-    ``max_keys`` bounds the number of pools and ``max_nodes`` the nodes of one pool,
-    so a flood of announces cannot grow memory without limit; a rejected packet
-    leaves the table as it was.
+    ``max_keys`` bounds the number of pools (plus the slots kept for returning
+    subscribers) and ``max_nodes`` the nodes of one pool, so a flood of announces
+    cannot grow memory without limit; a rejected packet leaves the table as it was.
+    With a ``verifier``, up to ``replay_memory`` removed nodes are remembered against
+    replays (see the module's documentation for both policies).
     """
 
     def __init__(self, *, tolerance: int = 17, algo: str = "wrr", max_keys: int = 10000,
                  max_nodes: int = 64, log: Callable[[str], None] = _no_log, pid: int = 0,
                  verifier: Optional["SignatureChecker"] = None,
-                 sign_tolerance: int = 86400) -> None:
+                 sign_tolerance: int = 86400, replay_memory: int = REPLAY_MEMORY) -> None:
         self.tolerance = tolerance
         #: the algorithm in use: ``algo`` if it is one of :data:`ALGORITHMS`, else ``wrr``
         self.algo_name = algo if algo in _PICKERS else "wrr"
@@ -484,8 +549,21 @@ class SubscriptionTable:
         #: ``check(announcement) -> bool``), or ``None`` to accept unsigned packets
         self.verifier = verifier
         self.sign_tolerance = sign_tolerance
+        self.replay_memory = replay_memory
         self._pools: Dict[bytes, Pool] = {}
         self.node_count = 0
+        # key -> until (whole seconds): slots kept for subscribers whose pool went,
+        # oldest first
+        self._reserved: "OrderedDict[bytes, int]" = OrderedDict()
+        # (key, address) -> last accepted unix of a removed signed node, oldest first
+        self._removed_unix: "OrderedDict[Tuple[bytes, bytes], int]" = OrderedDict()
+        #: refusals, for the stats: a new key while the table was full, a new node
+        #: while its key was full, a replayed packet of a removed node
+        self.refused_keys = 0
+        self.refused_nodes = 0
+        self.refused_replays = 0
+        #: removed nodes forgotten early because the replay memory was full
+        self.replay_memory_evicted = 0
 
     # -- queries ------------------------------------------------------------
 
@@ -503,23 +581,39 @@ class SubscriptionTable:
         """Pools by stats hash, ties in creation order."""
         return sorted(self._pools.values(), key=_by_hash)
 
+    @property
+    def reserved_keys(self) -> int:
+        """Slots kept for returning subscribers (some may be past their time until
+        the next :meth:`expire`)."""
+        return len(self._reserved)
+
+    def removed_unix(self, key: bytes, address: bytes) -> Optional[int]:
+        """The last timestamp accepted from a removed signed node, if remembered."""
+        return self._removed_unix.get((key, address))
+
     # -- announces ----------------------------------------------------------
 
     def announce(self, a: Announcement, now: float, *, uid: Optional[int] = None,
                  gid: Optional[int] = None, pid: Optional[int] = None,
-                 trusted: bool = False) -> Optional[Node]:
+                 trusted: bool = False, mirrored: bool = False) -> Optional[Node]:
         """Apply a subscribe or unsubscribe packet.
 
         Returns the node created or refreshed, ``None`` for an unsubscribe.  Raises
-        :class:`SubscriptionError` for a packet the table rejects (limits,
-        signatures); the table is then unchanged.  A call that created a node
-        raised :attr:`node_count` (that is when ``notify`` gets its line).
-        *uid*, *gid*, *pid* are the sender's credentials, if known; *trusted* skips
-        the signature checks (``--subscriptions-sign-skip-uid``).
+        :class:`SubscriptionError` for a packet the table rejects (signatures,
+        replays) and :class:`TableFull` for want of room; the table is then
+        unchanged.  A refresh of a node in the table is never refused for room.
+        A call that created a node raised :attr:`node_count` (that is when
+        ``notify`` gets its line).  *uid*, *gid*, *pid* are the sender's
+        credentials, if known; *trusted* skips the signature checks
+        (``--subscriptions-sign-skip-uid``).  *mirrored*: the master's table
+        accepted this packet already (docs/decisions.md D8); it is applied without
+        checks, and the limits are the master's (up to twice them here: this
+        table's expiry may run a moment behind the master's).
         """
         pool = self._pools.get(a.key)
         node = pool.by_address.get(a.address) if pool is not None else None
-        check = self.verifier is not None and not trusted
+        check = self.verifier is not None and not (trusted or mirrored)
+        room = 2 if mirrored else 1
         if a.unsubscribe:
             if node is None:
                 return None
@@ -549,23 +643,28 @@ class SubscriptionTable:
                 node.uid = uid
             if gid is not None:
                 node.gid = gid
+            pool.refreshed = True
+            pool.last_announce = now_s
             return node
-        if pool is None and len(self._pools) >= self.max_keys:
-            raise SubscriptionError("too many keys (%d): %s refused" % (self.max_keys, _text(a.key)),
-                                    a.key, a.address)
-        if pool is not None and len(pool.nodes) >= self.max_nodes:
-            raise SubscriptionError("too many nodes for key %s (%d): %s refused"
-                                    % (_text(a.key), self.max_nodes, _text(a.address)),
-                                    a.key, a.address)
+        # A new node: its proof first, then the table's memory, then room.
         if check:
             self._check_new(a, now_s)
+            self._check_not_replayed(a)
+        if pool is None:
+            self._check_room_for_key(a, now_s, room * self.max_keys)
+        elif len(pool.nodes) >= room * self.max_nodes:
+            self.refused_nodes += 1
+            raise TableFull(self.max_nodes, a.key, a.address, per_key=True)
         if pool is None:
             pool = self._pools[a.key] = Pool(a.key)
+            self._reserved.pop(a.key, None)
             self.log("[uwsgi-subscription for pid %d] new pool: %s (hash key: %d)"
                      % (self.pid, _text(a.key), pool.hash))
         node = Node(a.address, a.modifier1, a.modifier2, now_s, cores=a.cores, load=a.load,
                     weight=a.weight, pid=pid or 0, uid=uid or 0, gid=gid or 0, notify=a.notify,
                     unix=a.unix or 0)
+        if self._removed_unix:
+            self._removed_unix.pop((a.key, a.address), None)
         self._add(pool, node)
         self.log("[uwsgi-subscription for pid %d] %s => new node: %s"
                  % (self.pid, _text(a.key), _text(a.address)))
@@ -595,6 +694,31 @@ class SubscriptionTable:
         fault = self._signature_fault(a)
         if fault is not None:
             raise SubscriptionError(fault, a.key, a.address)
+
+    def _check_not_replayed(self, a: Announcement) -> None:
+        """A removed node comes back only with a packet newer than its last one."""
+        last = self._removed_unix.get((a.key, a.address))
+        if last is not None and a.unix is not None and a.unix <= last:
+            self.refused_replays += 1
+            raise SubscriptionError(
+                "replayed subscription packet for slot: %s node: %s (unix %d; the node was "
+                "removed after accepting unix %d)"
+                % (printable(a.key), printable(a.address), a.unix, last), a.key, a.address)
+
+    def _check_room_for_key(self, a: Announcement, now: int, limit: int) -> None:
+        """Raise :class:`TableFull` unless a pool for the new key *a.key* fits."""
+        until = self._reserved.get(a.key)
+        if until is not None:
+            if until >= now:
+                return  # the slot kept for this key
+            del self._reserved[a.key]
+        if len(self._pools) + len(self._reserved) < limit:
+            return
+        self._forget_reservations(now)
+        if len(self._pools) + len(self._reserved) < limit:
+            return
+        self.refused_keys += 1
+        raise TableFull(self.max_keys, a.key, a.address)
 
     def _check_known(self, a: Announcement, node: Node) -> None:
         fault = self._signature_fault(a)
@@ -667,8 +791,11 @@ class SubscriptionTable:
 
     def expire(self, now: float) -> int:
         """Mark every node past the tolerance dead and remove the dead nodes nobody
-        uses (the router calls this every second).  Returns how many were removed."""
+        uses (the router calls this every second); forget the kept slots and the
+        replay timestamps whose time is over.  Returns how many nodes were removed."""
         limit = int(now) - self.tolerance
+        self._forget_reservations(int(now))
+        self._forget_removed(int(now))
         before = self.node_count
         for pool in list(self._pools.values()):
             doomed = False
@@ -695,6 +822,8 @@ class SubscriptionTable:
         pool.nodes.append(node)
         pool.by_address[node.name] = node
         node.pool = pool
+        if node.last_check > pool.last_announce:
+            pool.last_announce = node.last_check
         self.node_count += 1
 
     def _remove(self, node: Node) -> None:
@@ -713,24 +842,70 @@ class SubscriptionTable:
             else:
                 keep.append(node)
         pool.nodes[:] = keep
-        if not keep:
-            self._pools.pop(pool.key, None)
+        if not keep and self._pools.get(pool.key) is pool:
+            self._drop_pool(pool)
 
     def _forget(self, pool: Pool, node: Node) -> None:
         if pool.by_address.get(node.name) is node:
             del pool.by_address[node.name]
         node.pool = None
         self.node_count -= 1
+        if self.verifier is not None and node.last_unix:
+            self._remember_removed(pool.key, node)
         if not pool.nodes and self._pools.get(pool.key) is pool:
-            del self._pools[pool.key]
+            self._drop_pool(pool)
+
+    def _drop_pool(self, pool: Pool) -> None:
+        del self._pools[pool.key]
+        if pool.refreshed:
+            reserved = self._reserved
+            reserved[pool.key] = pool.last_announce + 2 * self.tolerance
+            reserved.move_to_end(pool.key)
+            if len(reserved) > self.max_keys:
+                reserved.popitem(last=False)
+
+    def _forget_reservations(self, now: int) -> None:
+        """Drop the kept slots whose time is over, from the oldest on (their times
+        are nearly in order; a late one goes at a later sweep)."""
+        reserved = self._reserved
+        while reserved:
+            key, until = next(iter(reserved.items()))
+            if until >= now:
+                break
+            del reserved[key]
+
+    def _remember_removed(self, key: bytes, node: Node) -> None:
+        memory = self._removed_unix
+        entry = (key, node.name)
+        memory[entry] = node.last_unix
+        memory.move_to_end(entry)
+        if len(memory) > self.replay_memory:
+            memory.popitem(last=False)
+            self.replay_memory_evicted += 1
+            if self.replay_memory_evicted == 1:
+                self.log("[uwsgi-subscription for pid %d] %d removed nodes remembered against "
+                         "replays: from now on the oldest is forgotten for each new one"
+                         % (self.pid, self.replay_memory))
+
+    def _forget_removed(self, now: int) -> None:
+        """Drop the remembered timestamps so old that a packet carrying them would be
+        refused as expired anyway, from the oldest removal on."""
+        memory = self._removed_unix
+        horizon = now - self.sign_tolerance
+        while memory:
+            entry, unix = next(iter(memory.items()))
+            if unix >= horizon:
+                break
+            del memory[entry]
 
     # -- hand-over ----------------------------------------------------------
 
     def dump(self) -> bytes:
         """The table as bytes (JSON, versioned) for :meth:`load` in another process.
 
-        Alive nodes only, with their counters and signature state; references and
-        round-robin credits are not carried over.
+        Alive nodes only, with their counters and signature state, and the
+        timestamps remembered against replays; references, round-robin credits and
+        kept slots are not carried over.
         """
         pools = []
         for pool in self._pools.values():
@@ -744,7 +919,9 @@ class SubscriptionTable:
             } for n in pool.nodes if not n.death_mark]
             if nodes:
                 pools.append({"key": _enc(pool.key), "hits": pool.hits, "nodes": nodes})
-        doc = {"version": _DUMP_VERSION, "pools": pools}
+        doc = {"version": _DUMP_VERSION, "pools": pools,
+               "removed": [[_enc(key), _enc(address), unix]
+                           for (key, address), unix in self._removed_unix.items()]}
         return json.dumps(doc, separators=(",", ":")).encode("ascii")
 
     def load(self, data: bytes, now: float) -> int:
@@ -755,7 +932,7 @@ class SubscriptionTable:
         Raises :class:`SubscriptionError`, with the table unchanged, for data that is
         not a dump of this version.
         """
-        entries = _parse_dump(data)
+        entries, removed = _parse_dump(data)
         limit = int(now) - self.tolerance
         added = 0
         for key, hits, nodes in entries:
@@ -767,15 +944,25 @@ class SubscriptionTable:
                     if len(self._pools) >= self.max_keys:
                         break
                     pool = self._pools[key] = Pool(key)
+                    self._reserved.pop(key, None)
                     pool.hits = hits
                 if node.name in pool.by_address or len(pool.nodes) >= self.max_nodes:
                     continue
                 self._add(pool, node)
                 added += 1
+        if self.verifier is not None:
+            for key, address, unix in removed:
+                pool = self._pools.get(key)
+                if pool is None or address not in pool.by_address:
+                    self._removed_unix[(key, address)] = unix
+                    if len(self._removed_unix) > self.replay_memory:
+                        self._removed_unix.popitem(last=False)
+            self._forget_removed(int(now))
         return added
 
 
-def _parse_dump(data: bytes) -> List[Tuple[bytes, int, List[Node]]]:
+def _parse_dump(data: bytes) -> Tuple[List[Tuple[bytes, int, List[Node]]],
+                                        List[Tuple[bytes, bytes, int]]]:
     try:
         doc = json.loads(bytes(data).decode("ascii"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -807,9 +994,11 @@ def _parse_dump(data: bytes) -> List[Tuple[bytes, int, List[Node]]]:
                 node.last_unix = int(item["last_unix"])
                 nodes.append(node)
             entries.append((key, int(entry["hits"]), nodes))
+        removed = [(_dec(key), _dec(address), int(unix))
+                   for key, address, unix in doc.get("removed", ())]
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise SubscriptionError("damaged subscription table dump: %r" % (exc,)) from None
-    return entries
+    return entries, removed
 
 
 def _by_hash(pool: Pool) -> int:

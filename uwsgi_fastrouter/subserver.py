@@ -11,6 +11,22 @@ to the sender except the optional ``notify`` acknowledgement of uWSGI.
 
 Bad datagrams are dropped with a log line; the log is rate limited (a flood of garbage
 cannot flood the log: after 20 lines in a second the rest are counted and summarised).
+New keys refused because the table is full have a log of their own (at most one line a
+second, saying how many more were refused meanwhile; nothing is formatted for the
+others), so a flood of fresh keys neither floods the log nor hides other faults nor
+costs more than counting (the policy for a full table is described in
+:mod:`uwsgi_fastrouter.subscription`).
+
+Order of the checks: parse, then the proof (the credential check here, the signature
+check in the table), then the table's state and room.  What fails a check costs no
+table entry.
+
+``notify`` (docs/decisions.md D17).  A packet may name a UNIX datagram path that gets
+a line when its node is created; the router may run as root, so it writes there only
+for an announce that proved who sent it: a signature the table verified, or a
+``--subscriptions-credentials-check`` the sender passed.  Otherwise (no check
+configured, or a ``--subscriptions-sign-skip-uid`` sender, which skips the signature
+check) the path is ignored, counted in ``notify_ignored`` and logged, rate limited.
 
 With ``--subscriptions-use-credentials`` UNIX datagrams are read with
 ``SCM_CREDENTIALS``; the sender's pid/uid/gid feed the credential checks and the stats.
@@ -32,8 +48,8 @@ from typing import Callable, List, Optional, Sequence
 from .log import RateLimitedLog, log, printable
 from .reactor import Reactor
 from .sockets import AddressError, node_sockaddr
-from .subscription import (Announcement, SubscriptionError, SubscriptionTable, build_announcement,
-                           parse_announcement)
+from .subscription import (Announcement, SubscriptionError, SubscriptionTable, TableFull,
+                           build_announcement, parse_announcement)
 
 _MAX_DATAGRAM = 65535 + 4
 _DATAGRAMS_PER_EVENT = 64
@@ -135,8 +151,14 @@ class SubscriptionServer:
         self.credentials_check = list(credentials_check)
         self.skip_uids = {u for u in skip_uids if u > 0}
         self.drop_log = RateLimitedLog(lambda: reactor.now, what="subscription log lines")
+        self._full_logged = float("-inf")
+        self._full_unlogged = 0
+        self.notify_log = RateLimitedLog(lambda: reactor.now, burst=1,
+                                         what="ignored notify paths")
         self.received = 0
         self.dropped = 0
+        #: notify paths not written to because the announce was not verified
+        self.notify_ignored = 0
         # Called with (datagram, pid, uid, gid) for every accepted datagram: the
         # master copies it to the sibling router processes.
         self.on_accepted: Optional[Callable[[bytes, Optional[int], Optional[int], Optional[int]], None]] = None
@@ -217,7 +239,11 @@ class SubscriptionServer:
             return self._drop(sender, "credentials of uid %s gid %s do not match any of %s"
                               % (uid, gid, ", ".join(self.credentials_check)), announcement)
         trusted = uid is not None and uid in self.skip_uids
-        if not self._apply(announcement, sender, pid, uid, gid, trusted, notify=True):
+        # proven: the table checks signatures of every untrusted packet, and a failed
+        # credential check has dropped the packet above
+        verified = bool(self.credentials_check) or (self.table.verifier is not None and not trusted)
+        if not self._apply(announcement, sender, pid, uid, gid, trusted, notify=True,
+                           verified=verified):
             return None
         if self.on_accepted is not None:
             self.on_accepted(data, pid, uid, gid)
@@ -227,26 +253,34 @@ class SubscriptionServer:
     def apply_trusted(self, data: bytes, pid: Optional[int] = None, uid: Optional[int] = None,
                       gid: Optional[int] = None) -> None:
         """Apply a datagram another router process already accepted (D8): no checks,
-        no acknowledgement, no forwarding (the receiving process did those)."""
+        no acknowledgement, no forwarding (the receiving process did those), and
+        the key limit is that process's (see ``SubscriptionTable.announce``)."""
         try:
             announcement = parse_announcement(data)
         except SubscriptionError:
             return
-        self._apply(announcement, None, pid, uid, gid, True, notify=False)
+        self._apply(announcement, None, pid, uid, gid, True, notify=False, verified=False,
+                    mirrored=True)
 
     def _apply(self, announcement: Announcement, sender, pid, uid, gid, trusted: bool,
-               notify: bool) -> bool:
+               notify: bool, verified: bool, mirrored: bool = False) -> bool:
         table = self.table
         existed = self._node_exists(announcement)
         try:
             node = table.announce(announcement, self.wall_clock(), uid=uid, gid=gid, pid=pid,
-                                  trusted=trusted)
+                                  trusted=trusted, mirrored=mirrored)
+        except TableFull as exc:
+            self._refused_for_room(exc, sender)
+            return False
         except SubscriptionError as exc:
             self._drop(sender, str(exc), announcement)
             return False
         if node is not None:
             if notify and not existed and announcement.notify:
-                self._notify(announcement)
+                if verified:
+                    self._notify(announcement)
+                else:
+                    self._notify_ignored(announcement, sender)
             self.on_node()
         elif table.empty:
             self.on_empty()
@@ -282,6 +316,26 @@ class SubscriptionServer:
                       % (os.getpid(), where, what, reason))
         return None
 
+    def _refused_for_room(self, exc: TableFull, sender) -> None:
+        self.dropped += 1
+        now = self.reactor.now
+        if now - self._full_logged < 1.0:
+            self._full_unlogged += 1
+            return
+        more = self._full_unlogged
+        log("[uwsgi-subscription for pid %d] subscription table full: %s%s%s"
+            % (os.getpid(), exc, printable(_sender_text(sender)),
+               " (and %d more since the last such line)" % more if more else ""))
+        self._full_logged = now
+        self._full_unlogged = 0
+
+    def _notify_ignored(self, a: Announcement, sender) -> None:
+        self.notify_ignored += 1
+        self.notify_log("[uwsgi-subscription for pid %d] notify %s of %s => %s ignored%s: "
+                        "the announce was neither signed nor credentials-checked"
+                        % (os.getpid(), printable(a.notify), printable(a.key),
+                           printable(a.address), printable(_sender_text(sender))))
+
     def _notify(self, a: Announcement) -> None:
         path = a.notify
         message = b"[subscription ack] " + a.key + b" => new node: " + a.address
@@ -292,7 +346,7 @@ class SubscriptionServer:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
                 sock.setblocking(False)
             sock.sendto(message, path)
-        except OSError:
+        except (OSError, ValueError):
             pass
         finally:
             if own and sock is not None:
