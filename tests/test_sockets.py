@@ -422,10 +422,10 @@ def test_fd_closed_descriptor():
     assert f"fd://{r}" in str(info.value)
 
 
-def test_shared_socket_not_supported():
+def test_a_shared_socket_reference_is_not_bound_here():
     with pytest.raises(AddressError) as info:
         bind_listener("=0")
-    assert "shared sockets (=N) are not supported yet" in str(info.value)
+    assert "a shared socket (=N) cannot be used here" in str(info.value)
 
 
 def test_empty_spec():

@@ -139,7 +139,7 @@ def bind_listener(
     if address.kind == FD:
         return _adopt_fd(spec, address.sockaddr)
     if address.kind == SHARED:
-        raise AddressError(spec, "shared sockets (=N) are not supported yet")
+        raise AddressError(spec, "a shared socket (=N) cannot be used here")
     return _bind(address, socket.SOCK_STREAM, backlog=backlog, chmod=chmod,
                  defer_accept=defer_accept)
 
