@@ -17,7 +17,7 @@ PACKAGE = "uwsgi_fastrouter"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / PACKAGE
 
 # Pure modules: codecs and configuration parsing do no I/O of their own.
-PURE_MODULES = ("protocol", "ini", "options", "subscription")
+PURE_MODULES = ("protocol", "ini", "options", "subscription", "addresses")
 IO_MODULES = {"socket", "_socket", "selectors", "os", "posix", "select"}
 # ini.py reads host facts for the %h %u %g %k magic (uid, gid, CPU count): it may use
 # os for those, never sockets or selectors.
@@ -25,6 +25,8 @@ PURE_EXCEPTIONS = {"ini": {"os"}}
 
 # The reactor knows nothing of the router; it may only log.
 REACTOR_MAY_IMPORT = {"log"}
+# The one accept path sits on the reactor and knows nothing of uwsgi either.
+ACCEPTOR_MAY_IMPORT = {"log", "reactor"}
 
 # Only the entry point may import the command line.
 CLI_IMPORTERS = {"__main__"}
@@ -130,6 +132,16 @@ def test_reactor_imports_nothing_of_the_package_but_log():
         pytest.skip("reactor.py not written yet")
     own: Set[str] = {name for _, kind, name in imports(path) if kind == "own"}
     assert own <= REACTOR_MAY_IMPORT, "reactor.py imports %s" % sorted(own - REACTOR_MAY_IMPORT)
+
+
+def test_the_acceptor_imports_only_the_log_and_the_reactor():
+    own: Set[str] = {name for _, kind, name in imports(PACKAGE_DIR / "acceptor.py") if kind == "own"}
+    assert own <= ACCEPTOR_MAY_IMPORT, "acceptor.py imports %s" % sorted(own - ACCEPTOR_MAY_IMPORT)
+
+
+def test_addresses_imports_nothing_of_the_package():
+    own = [name for _, kind, name in imports(PACKAGE_DIR / "addresses.py") if kind == "own"]
+    assert own == [], "addresses.py (rank 1) imports %s" % own
 
 
 @pytest.mark.parametrize("path", modules(), ids=module_ids())

@@ -422,10 +422,10 @@ def test_fd_closed_descriptor():
     assert f"fd://{r}" in str(info.value)
 
 
-def test_shared_socket_not_supported():
+def test_a_shared_socket_reference_is_not_bound_here():
     with pytest.raises(AddressError) as info:
         bind_listener("=0")
-    assert "shared sockets (=N) are not supported yet" in str(info.value)
+    assert "a shared socket (=N) cannot be used here" in str(info.value)
 
 
 def test_empty_spec():
@@ -445,7 +445,6 @@ def test_empty_spec():
         (b"10.0.0.7:8000", (socket.AF_INET, ("10.0.0.7", 8000))),
         (b"127.0.0.1:3031/extra", (socket.AF_INET, ("127.0.0.1", 3031))),  # atoi
         (b"127.0.0.1:3031:4", (socket.AF_INET, ("127.0.0.1", 3031))),  # first ':'
-        (b"127.0.0.1:0", (socket.AF_INET, ("127.0.0.1", 0))),
         (b"127.0.0.1:65535", (socket.AF_INET, ("127.0.0.1", 65535))),
         (b"127.0.0.1:0003031", (socket.AF_INET, ("127.0.0.1", 3031))),
         (b"@app", (socket.AF_UNIX, b"\0app\0")),
@@ -476,6 +475,8 @@ def test_node_sockaddr_ipv6():
         (b"1.2.3.4:", "port"),
         (b"1.2.3.4:abc", "port"),
         (b"1.2.3.4:65536", "port"),
+        (b"127.0.0.1:0", "port 0"),
+        (b"127.0.0.1:00", "port 0"),
         (b"1.2.3.4:99999999999999999999", "port"),
         (b"[::1]", "ipv6"),
         (b"[::1]:", "port"),

@@ -49,6 +49,11 @@ def spec(server, key, **fields) -> List[SubscribeSpec]:
     # a UNIX datagram server: split at the first ':' after the path
     ("/run/sub.sock:example.com", spec("/run/sub.sock", b"example.com")),
     ("/run/sub.sock:a:b,7", spec("/run/sub.sock", b"a:b", modifier1=7)),
+    # the addresses module's rules: '@name', a relative path with a '/', an empty host, IPv6
+    ("@sub:example.com", spec("@sub", b"example.com")),
+    ("run/sub.sock:k", spec("run/sub.sock", b"k")),
+    (":3031:k", spec(":3031", b"k")),
+    ("[::1]:3031:a:b", spec("[::1]:3031", b"a:b")),
     # announce another address
     ("127.0.0.1:4000=127.0.0.1:3031:k", spec("127.0.0.1:3031", b"k", address=b"127.0.0.1:4000")),
     ("/run/app.sock=/run/sub.sock:k,9", spec("/run/sub.sock", b"k", address=b"/run/app.sock",
@@ -74,17 +79,18 @@ def test_subscribe_to_map_file_forms():
 
 @pytest.mark.parametrize("value, why", [
     ("127.0.0.1:3031", "no key"),
-    ("127.0.0.1", "no port: expected HOST:PORT:KEY"),
-    ("sub.sock:example.com", "must be absolute"),
+    ("127.0.0.1", "no key: expected SERVER:KEY"),
+    ("sub.sock:example.com", "a UNIX server starts with '/' or '@'"),
     ("/run/sub.sock", "no key"),
     ("127.0.0.1:3031:", "empty subscription key"),
     ("127.0.0.1:3031:,5", "empty subscription key"),
     ("127.0.0.1:3031:" + "k" * 256, "256 bytes"),
     ("localhost:3031:k", "not an IPv4 address"),
-    (":3031:k", "has no host"),
-    ("127.0.0.1:0:k", "not 1..65535"),
-    ("127.0.0.1:70000:k", "not 1..65535"),
-    ("127.0.0.1:http:k", "not 1..65535"),
+    ("127.0.0.1:0:k", "port 0 cannot be reached"),
+    ("127.0.0.1:70000:k", "port out of range"),
+    ("127.0.0.1:http:k", "missing port"),
+    ("/" + "p" * 120 + ":k", "longer than 107 bytes"),
+    ("[::1]3031:k", "expected [ipv6]:port"),
     ("127.0.0.1:3031:k,x", "modifier1 must be a decimal"),
     ("127.0.0.1:3031:k,256", "modifier1 must be a decimal"),
     ("127.0.0.1:3031:k,0,SHA1", "DIGEST:/path"),

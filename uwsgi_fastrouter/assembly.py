@@ -14,6 +14,7 @@ import time
 from typing import List, Optional
 
 from . import zerg
+from .addresses import shared_socket_index as _shared_index  # "=N": atoi, as uWSGI
 from .log import log
 from .reactor import Reactor
 from .router import Router, SubscriptionMapper
@@ -134,18 +135,6 @@ class Assembly:
                     n.name.decode("latin-1"): [n.requests, n.last_requests, n.tx, n.rx, n.ref, n.failcnt]
                     for n in pool.nodes}]
         return report
-
-
-def _shared_index(spec: str) -> Optional[int]:
-    """``=N`` names shared socket N (uWSGI parses N with atoi: junk is 0)."""
-    if not spec.startswith("="):
-        return None
-    digits = ""
-    for ch in spec[1:]:
-        if not ch.isdigit():
-            break
-        digits += ch
-    return int(digits or "0")
 
 
 def _bind_all(cfg, parts: Assembly) -> tuple:

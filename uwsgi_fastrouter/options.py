@@ -173,9 +173,9 @@ OPTIONS: Tuple[Option, ...] = (
        status=SUPPORTED),
     _o("fastrouter-use-socket", INT, "forward every request to this instance's --socket number N "
        "(0-based; a bare option means 0)", G_ROUTER, arg=OPTIONAL, bare="0", status=SUPPORTED),
-    _o("fastrouter-subscription-server", LIST, "accept subscriptions on ADDR (UDP when it contains "
-       "a colon, else a unix datagram socket); repeatable", G_ROUTER, default=[], metavar="ADDR",
-       status=SUPPORTED),
+    _o("fastrouter-subscription-server", LIST, "accept subscriptions on ADDR (UDP ip:port, else a "
+       "unix datagram socket path; @NAME is the file @NAME, as uWSGI binds it); repeatable",
+       G_ROUTER, default=[], metavar="ADDR", status=SUPPORTED),
     _o("fastrouter-subscription-fallback-key", STRING, "look up KEY instead when the request's key "
        "has no alive subscribed node", G_ROUTER, metavar="KEY", status=SUPPORTED),
     _o("fastrouter-fallback", LIST, "node tried, in the given order, when the chosen node cannot "

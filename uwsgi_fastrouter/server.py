@@ -2,17 +2,14 @@
 
 Theory of operation
 -------------------
-Every listening socket is registered for reading; on readiness :meth:`Server._accept`
-accepts in a loop (up to ``events`` connections per readiness, so one busy listener
-cannot starve the others) and starts one :class:`~uwsgi_fastrouter.session.Session`
-per client.  The accepted socket is left in blocking mode: sessions use
-``MSG_DONTWAIT`` on it (one ``fcntl`` saved per request).
-
-Running out of file descriptors (EMFILE/ENFILE) must not spin the loop nor leave
-clients hanging: one descriptor is kept in reserve; on EMFILE it is released, the
-waiting client is accepted and closed at once (it sees a plain close, like every
-other failure), the reserve is taken again and the listeners pause for a short
-back-off.  Each event is logged, at most once a second.
+Every listening socket has an :class:`~uwsgi_fastrouter.acceptor.Acceptor`: on
+readiness it accepts in a loop (up to ``events`` connections per readiness, so one
+busy listener cannot starve the others) and starts one
+:class:`~uwsgi_fastrouter.session.Session` per client.  The accepted socket is left
+in blocking mode: sessions use ``MSG_DONTWAIT`` on it (one ``fcntl`` saved per
+request).  Running out of file descriptors is the acceptor's business: it sheds
+the waiting client with a spare descriptor, pauses that listener for a short
+back-off and logs at most once a second, so the loop never spins.
 
 Time-outs: every session records the loop time of its last event; a sweep once a
 second closes those idle for longer than ``--fastrouter-timeout``.  This keeps the
@@ -22,11 +19,10 @@ per-event cost at one attribute store instead of a timer heap operation.
 from __future__ import annotations
 
 import _socket
-import errno
 import os
-import socket
-from typing import Callable, List, Optional, Set
+from typing import Any, Callable, List, Optional, Set
 
+from .acceptor import Acceptor
 from .handoff import HandoffTrust
 from .log import RateLimitedLog, log, printable
 from .reactor import READ, Reactor
@@ -37,9 +33,6 @@ from .session import RECV_HEAD, Session
 # at a time; one process-wide buffer costs nothing per connection, and 256 KiB
 # reads move bulk bodies with a quarter of the system calls of 64 KiB ones.
 DEFAULT_CHUNK = 256 * 1024
-
-_FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-_ACCEPT_BACKOFF = 0.1
 
 
 class Server:
@@ -71,8 +64,9 @@ class Server:
         self.cheap_enabled = cheap
         self.cheap = False            # listeners unpolled until a node subscribes
         self.periodic: List[Callable[[float], None]] = []   # run by the 1 s sweep
-        self._reserve_fd = self._take_reserve()
-        self._last_fd_log = 0.0
+        self.acceptors = [Acceptor(reactor, listener.sock, self._session_starter(listener.sock),
+                                   name=listener.name, batch=self.events)
+                          for listener in self.listeners]
         self._sweep_timer = None
         self.on_idle: Optional[Callable[[], None]] = None
         # Per-session problems (bad requests, time-outs, vanished peers) are logged,
@@ -110,16 +104,15 @@ class Server:
     def resume_accepting(self) -> None:
         if self.accepting or self.stopping or self.cheap:
             return
-        for listener in self.listeners:
-            fd = listener.sock.fileno()
-            self.reactor.add_reader(fd, lambda l=listener: self._accept(l))
+        for acceptor in self.acceptors:
+            acceptor.start()
         self.accepting = True
 
     def pause_accepting(self) -> None:
         if not self.accepting:
             return
-        for listener in self.listeners:
-            self.reactor.remove_reader(listener.sock.fileno())
+        for acceptor in self.acceptors:
+            acceptor.stop()
         self.accepting = False
 
     def stop(self) -> None:
@@ -131,61 +124,21 @@ class Server:
         if self._sweep_timer is not None:
             self._sweep_timer.cancel()
             self._sweep_timer = None
-        if self._reserve_fd is not None:
-            os.close(self._reserve_fd)
-            self._reserve_fd = None
 
     # --------------------------------------------------------------- accept
 
-    def _accept(self, listener) -> None:
-        lsock = listener.sock
-        accept = lsock._accept
+    def _session_starter(self, lsock) -> Callable[[int, Any], None]:
+        """The acceptor's callback for *lsock*: one session per accepted descriptor."""
         family, type_, proto = lsock.family, lsock.type, lsock.proto
+        new_socket = _socket.socket
         sessions = self.sessions
-        for _ in range(self.events):
-            try:
-                fd, addr = accept()
-            except BlockingIOError:
-                return
-            except InterruptedError:
-                continue
-            except OSError as exc:
-                if exc.errno in _FD_EXHAUSTED:
-                    self._fd_exhausted(lsock, exc)
-                    return
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
-                    continue
-                log("[uwsgi-fastrouter] accept() on %s: %s" % (listener.name, exc.strerror or exc))
-                return
-            csock = _socket.socket(family, type_, proto, fd)
-            session = Session(self, csock, addr)
+
+        def start_session(fd: int, addr: Any) -> None:
+            session = Session(self, new_socket(family, type_, proto, fd), addr)
             sessions.add(session)
             session.start()
 
-    def _take_reserve(self) -> Optional[int]:
-        try:
-            return os.open(os.devnull, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError:
-            return None
-
-    def _fd_exhausted(self, lsock: socket.socket, exc: OSError) -> None:
-        now = self.reactor.now
-        if now - self._last_fd_log >= 1.0:
-            self._last_fd_log = now
-            log("[uwsgi-fastrouter] accept(): %s (%d sessions open); closing the waiting client "
-                "and pausing accepts for %d ms" % (exc.strerror or exc, len(self.sessions),
-                                                   _ACCEPT_BACKOFF * 1000))
-        if self._reserve_fd is not None:
-            os.close(self._reserve_fd)
-            self._reserve_fd = None
-            try:
-                fd, _ = lsock._accept()
-                os.close(fd)
-            except OSError:
-                pass
-            self._reserve_fd = self._take_reserve()
-        self.pause_accepting()
-        self.reactor.call_later(_ACCEPT_BACKOFF, self.resume_accepting)
+        return start_session
 
     # ------------------------------------------------------------- sessions
 

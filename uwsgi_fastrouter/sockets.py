@@ -1,40 +1,22 @@
-"""Socket addresses: binding listeners and resolving node addresses.
+"""Sockets for addresses: binding listeners and servers, reaching nodes.
 
 Theory of operation
 -------------------
-Two directions, two sets of rules, both taken from uWSGI so that existing
-configurations and subscribers keep working.
+What an address means is decided in one place, :mod:`uwsgi_fastrouter.addresses`
+(uWSGI's rules, for both directions and both socket types); this module does the
+I/O that follows from it.
 
-*Listening* (:func:`bind_listener`, the ``--fastrouter`` values) accepts the
-forms uWSGI binds:
+*Binding* (:func:`bind_listener` for ``--fastrouter``/``--socket``/shared sockets,
+:func:`bind_stream_server` for the stats and zerg servers, :func:`bind_datagram` for
+subscription servers) happens once at start-up, so it may block (a host name is
+resolved, IPv4 preferred) and fails loudly with an :class:`AddressError` naming the
+address.  A UNIX socket file left behind by an earlier run is removed first; a file
+that is not a socket is never removed.  ``fd://N`` adopts an inherited listening
+descriptor.  Every socket is non-blocking and close-on-exec.
 
-==================  =====================================================
-``ip:port``         TCP on that IPv4 address (``:port`` = all interfaces)
-``host:port``       TCP; the host is resolved now, IPv4 preferred
-``[ipv6]:port``     TCP over IPv6
-``/path``, ``rel``  UNIX stream socket; a stale socket file is removed first
-``@name``           Linux abstract UNIX socket
-``fd://N``          an inherited descriptor N that already listens
-``=N``              shared socket N (not supported yet)
-==================  =====================================================
-
-An address containing ``:`` is TCP, whatever else it looks like (as in uWSGI).
-Binding happens once at start-up, so it may block (DNS) and fails loudly with an
-:class:`AddressError` naming the address.
-
-*Connecting* (:func:`node_sockaddr`, the node addresses of static lists,
-subscriptions and mappers) runs once per proxied request inside the event loop,
-so it never blocks: host names are **not** resolved (uWSGI does not resolve
-them either; ``localhost:3031`` is an invalid node address), the IPv4 host goes
-through ``inet_aton`` (so the short forms ``127.1`` and an empty host meaning
-``0.0.0.0`` work), and the port is the run of digits after the first ``:``.
-Beyond uWSGI, ``[ipv6]:port`` is accepted for IPv6 nodes (numeric only).
-Results are memoised.
-
-Abstract UNIX names are bound and reached as ``"\\0" + name + "\\0"`` -- with one
-trailing NUL counted in the address length, exactly as uWSGI does.  A peer that
-uses Python's natural ``"\\0name"`` is a *different* socket and cannot talk to a
-uWSGI instance (or to us) under the same ``@name``.
+*Reaching* (:func:`node_sockaddr` for nodes, :func:`connect_sockaddr` for the
+rest) never blocks: no name is ever resolved.  ``node_sockaddr`` runs once per
+proxied request and is memoised.
 
 UNIX paths of nodes are kept as the raw bytes they arrived as (the kernel takes
 bytes); listener paths are ``str`` as given on the command line.
@@ -48,32 +30,23 @@ import socket
 import stat
 from typing import Optional, Tuple
 
+from .addresses import FD, INET, INET6, NAME, SHARED, UNIX, Address, AddressError
+from .addresses import parse_bind, parse_connect
+
 __all__ = [
     "AddressError",
     "Listener",
+    "bind_datagram",
     "bind_listener",
     "bind_stream_server",
+    "connect_sockaddr",
     "node_sockaddr",
     "sockname",
 ]
 
-# sizeof(struct sockaddr_un.sun_path) on Linux.
-_SUN_PATH_MAX = 108
-
-
-class AddressError(ValueError):
-    """An address cannot be parsed, bound or used.
-
-    ``address`` is the offending address as given (``str``; bytes are decoded),
-    ``reason`` the explanation; ``str()`` shows both, the address quoted.
-    """
-
-    def __init__(self, address: object, reason: str) -> None:
-        if isinstance(address, bytes):
-            address = address.decode("utf-8", "backslashreplace")
-        super().__init__(f"{address!r}: {reason}")
-        self.address = address
-        self.reason = reason
+_FAMILIES = {INET: socket.AF_INET, INET6: socket.AF_INET6}
+if hasattr(socket, "AF_UNIX"):
+    _FAMILIES[UNIX] = socket.AF_UNIX
 
 
 # ---------------------------------------------------------------------------
@@ -81,7 +54,7 @@ class AddressError(ValueError):
 
 
 class Listener:
-    """One bound, listening, non-blocking, close-on-exec socket.
+    """One bound (listening, for a stream), non-blocking, close-on-exec socket.
 
     ``name`` is the address as uWSGI logs and reports it: the spec as given,
     except that a requested port 0 is replaced by the real port and ``fd://N``
@@ -160,42 +133,39 @@ def bind_listener(
     on TCP listeners.
 
     Raises :class:`AddressError` for anything that cannot be bound, including
-    ``=N`` shared sockets (not supported yet).
+    ``=N`` shared sockets (the caller resolves those to a socket it holds).
     """
-    if not spec:
-        raise AddressError(spec, "empty address")
-    if spec.startswith("fd://"):
-        return _adopt_fd(spec)
-    if spec.startswith("="):
-        raise AddressError(spec, "shared sockets (=N) are not supported yet")
-    if ":" in spec:
-        return _bind_tcp(spec, backlog, defer_accept)
-    if spec.startswith("@"):
-        return _bind_unix(spec, spec[1:], True, backlog, None)
-    return _bind_unix(spec, spec, abstract_all, backlog, chmod)
+    address = parse_bind(spec, abstract_all=abstract_all)
+    if address.kind == FD:
+        return _adopt_fd(spec, address.sockaddr)
+    if address.kind == SHARED:
+        raise AddressError(spec, "a shared socket (=N) cannot be used here")
+    return _bind(address, socket.SOCK_STREAM, backlog=backlog, chmod=chmod,
+                 defer_accept=defer_accept)
 
 
 def bind_stream_server(spec: str, *, backlog: int = 100) -> Listener:
-    """Bind a plain stream server (the stats server): TCP when *spec* contains
-    ``:`` (no deferred accept, so a client is served as soon as it connects),
-    else a UNIX stream socket, ``@name`` being abstract."""
+    """Bind a plain stream server (the stats and zerg servers): no deferred accept,
+    so a client is served as soon as it connects; ``@name`` is abstract."""
     return bind_listener(spec, backlog=backlog, defer_accept=0)
 
 
-def _ascii_digits(text: str) -> bool:
-    # str.isdigit() alone also accepts non-ASCII digits, which int() would take
-    return text.isdigit() and text.isascii()
+def bind_datagram(spec: str, *, credentials: bool = False) -> Listener:
+    """Bind a datagram socket (a subscription server): UDP, or a UNIX datagram socket
+    at a path (``@x`` being the file ``@x``, as in uWSGI).  With *credentials*, a UNIX
+    socket gets ``SO_PASSCRED`` (Linux)."""
+    address = parse_bind(spec, datagram=True)
+    listener = _bind(address, socket.SOCK_DGRAM)
+    if credentials and address.kind == UNIX and hasattr(socket, "SO_PASSCRED"):
+        listener.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    return listener
 
 
 def _os_error(spec: str, action: str, exc: OSError) -> AddressError:
     return AddressError(spec, f"cannot {action}: {exc.strerror or exc}")
 
 
-def _adopt_fd(spec: str) -> Listener:
-    text = spec[5:]
-    if not _ascii_digits(text):
-        raise AddressError(spec, "fd:// needs a descriptor number")
-    fd = int(text)
+def _adopt_fd(spec: str, fd: int) -> Listener:
     try:
         sock = socket.socket(fileno=fd)
     except OSError as exc:
@@ -214,97 +184,85 @@ def _adopt_fd(spec: str) -> Listener:
     return Listener(sock, sockname(sock))
 
 
-def _split_tcp(spec: str) -> Tuple[str, int, bool]:
-    """``host:port`` / ``[v6]:port`` -> (host, port, is_bracketed_ipv6)."""
-    if spec.startswith("["):
-        close = spec.find("]:")
-        if close < 0:
-            raise AddressError(spec, "expected [ipv6]:port")
-        host, port_text, v6 = spec[1:close], spec[close + 2 :], True
-    else:
-        host, _, port_text = spec.rpartition(":")
-        v6 = False
-    if not _ascii_digits(port_text) or int(port_text) > 65535:
-        raise AddressError(spec, f"invalid port {port_text!r}")
-    return host, int(port_text), v6
-
-
-def _bind_tcp(spec: str, backlog: int, defer_accept: int) -> Listener:
-    host, port, v6 = _split_tcp(spec)
-    if v6:
-        family = socket.AF_INET6
-        try:
-            infos = socket.getaddrinfo(
-                host, port, socket.AF_INET6, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST
-            )
-        except (socket.gaierror, UnicodeError) as exc:
-            raise AddressError(spec, f"invalid IPv6 address {host!r}") from exc
-        sockaddr = infos[0][4]
-    elif host == "":
-        family, sockaddr = socket.AF_INET, ("0.0.0.0", port)
-    else:
-        try:
-            infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-        except (socket.gaierror, UnicodeError) as exc:
-            raise AddressError(spec, f"cannot resolve {host!r}: {exc}") from exc
-        infos = [i for i in infos if i[0] in (socket.AF_INET, socket.AF_INET6)]
-        if not infos:
-            raise AddressError(spec, f"no IPv4/IPv6 address for {host!r}")
-        infos.sort(key=lambda i: i[0] != socket.AF_INET)  # IPv4 first, stable
-        family, sockaddr = infos[0][0], infos[0][4]
-
-    sock = socket.socket(family, socket.SOCK_STREAM)
+def _bind(address: Address, kind: int, *, backlog: int = 0, chmod: Optional[int] = None,
+          defer_accept: int = 0) -> Listener:
+    """Bind *address* on a new socket of type *kind*; listen if it is a stream."""
+    if address.kind == UNIX:
+        return _bind_unix(address, kind, backlog, chmod)
+    spec = address.text
+    family, sockaddr = _bind_sockaddr(address, kind)
+    sock = socket.socket(family, kind)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if defer_accept > 0 and hasattr(socket, "TCP_DEFER_ACCEPT"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, defer_accept)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if defer_accept > 0 and hasattr(socket, "TCP_DEFER_ACCEPT"):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, defer_accept)
         try:
             sock.bind(sockaddr)
         except OSError as exc:
             raise _os_error(spec, "bind", exc) from exc
-        try:
-            sock.listen(backlog)
-        except OSError as exc:
-            raise _os_error(spec, "listen", exc) from exc
+        if kind == socket.SOCK_STREAM:
+            try:
+                sock.listen(backlog)
+            except OSError as exc:
+                raise _os_error(spec, "listen", exc) from exc
         sock.setblocking(False)
     except BaseException:
         sock.close()
         raise
     name = spec
-    if port == 0:
-        real = sock.getsockname()[1]
-        name = f"{spec[: spec.rfind(':')]}:{real}"
+    if sockaddr[1] == 0:
+        name = f"{spec[: spec.rfind(':')]}:{sock.getsockname()[1]}"
     return Listener(sock, name)
 
 
-def _bind_unix(
-    spec: str, path: str, abstract: bool, backlog: int, chmod: Optional[int]
-) -> Listener:
+def _bind_sockaddr(address: Address, kind: int) -> Tuple[int, object]:
+    """``(family, sockaddr)`` to bind an IP *address*; a host name is resolved here."""
+    spec = address.text
+    if address.kind == INET:
+        return socket.AF_INET, address.sockaddr
+    if address.kind == INET6:
+        return socket.AF_INET6, _inet6_sockaddr(address, kind)
+    assert address.kind == NAME, address
+    host, port = address.sockaddr
+    try:
+        infos = socket.getaddrinfo(host, port, 0, kind)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise AddressError(spec, f"cannot resolve {host!r}: {exc}") from exc
+    infos = [i for i in infos if i[0] in (socket.AF_INET, socket.AF_INET6)]
+    if not infos:
+        raise AddressError(spec, f"no IPv4/IPv6 address for {host!r}")
+    infos.sort(key=lambda i: i[0] != socket.AF_INET)  # IPv4 first, stable
+    return infos[0][0], infos[0][4]
+
+
+def _inet6_sockaddr(address: Address, kind: int) -> object:
+    """The full IPv6 sockaddr (a ``%scope`` becomes its interface index); never blocks."""
+    host, port = address.sockaddr[:2]
+    try:
+        infos = socket.getaddrinfo(host, port, socket.AF_INET6, kind, 0, socket.AI_NUMERICHOST)
+    except (socket.gaierror, UnicodeError):
+        raise AddressError(address.text, f"invalid IPv6 address {host!r}") from None
+    return infos[0][4]
+
+
+def _bind_unix(address: Address, kind: int, backlog: int, chmod: Optional[int]) -> Listener:
+    spec = address.text
     if not hasattr(socket, "AF_UNIX"):  # pragma: no cover - not Linux/BSD
         raise AddressError(spec, "UNIX sockets are not available on this platform")
-    if not path:
-        raise AddressError(spec, "empty socket name")
-    raw = os.fsencode(path)
-    if abstract:
-        addr: object = b"\0" + raw + b"\0"
-        if len(addr) > _SUN_PATH_MAX:
-            raise AddressError(spec, "abstract socket name too long")
-    else:
-        if len(raw) >= _SUN_PATH_MAX:
-            raise AddressError(spec, f"UNIX socket path longer than {_SUN_PATH_MAX - 1} bytes")
-        addr = raw
+    path = address.path
+    if path is not None:
         _remove_stale(spec, path)
-
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_UNIX, kind)
     file_id = None
     unix_path = None
     try:
         try:
-            sock.bind(addr)
+            sock.bind(address.sockaddr)
         except OSError as exc:
             raise _os_error(spec, "bind", exc) from exc
-        if not abstract:
-            unix_path = os.path.abspath(path)
+        if path is not None:
+            unix_path = os.path.abspath(os.fsdecode(path))
             st = os.stat(path)
             file_id = (st.st_dev, st.st_ino)
             if chmod is not None:
@@ -312,10 +270,11 @@ def _bind_unix(
                     os.chmod(path, chmod)
                 except OSError as exc:
                     raise _os_error(spec, "chmod", exc) from exc
-        try:
-            sock.listen(backlog)
-        except OSError as exc:
-            raise _os_error(spec, "listen", exc) from exc
+        if kind == socket.SOCK_STREAM:
+            try:
+                sock.listen(backlog)
+            except OSError as exc:
+                raise _os_error(spec, "listen", exc) from exc
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -325,7 +284,7 @@ def _bind_unix(
     return Listener(sock, spec, unix_path, file_id)
 
 
-def _remove_stale(spec: str, path: str) -> None:
+def _remove_stale(spec: str, path: bytes) -> None:
     """Remove a socket file left behind by a previous run.
 
     As in uWSGI, a socket file is removed even if something still listens on
@@ -349,7 +308,7 @@ def _remove_stale(spec: str, path: str) -> None:
         raise _os_error(spec, "remove the stale socket", exc) from exc
 
 
-def _unlink_quietly(path: str) -> None:
+def _unlink_quietly(path: bytes) -> None:
     try:
         os.unlink(path)
     except OSError:
@@ -357,87 +316,36 @@ def _unlink_quietly(path: str) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Node addresses (outgoing)
+# Addresses to reach
 
 
 @functools.lru_cache(maxsize=4096)
 def node_sockaddr(address: bytes) -> Tuple[int, object]:
-    """``(family, sockaddr)`` to ``connect()`` to the node *address*.
+    """``(family, sockaddr)`` to ``connect()`` a stream socket to the node *address*.
 
-    Follows uWSGI's outgoing rules (see the module doc), except that an address
-    starting with ``/`` is always a UNIX path: contains ``:`` -> IPv4
-    TCP (split at the first ``:``, numeric host via ``inet_aton``, empty host =
-    ``0.0.0.0``, port = the leading digits after the ``:``); ``[ipv6]:port`` ->
-    IPv6 TCP (an extension); ``@name`` -> abstract UNIX ``"\\0name\\0"``; anything
-    else -> UNIX path (bytes, as given).  Host names are never resolved.
+    The rules are :func:`uwsgi_fastrouter.addresses.parse_connect`'s: IPv4 literals
+    only (``127.1`` and an empty host work, names are never resolved), the port is
+    ``atoi`` of what follows the first ``:``, ``[ipv6]:port``, ``@name`` is the
+    abstract ``"\\0name\\0"``, and a path is anything that starts with ``/``, has no
+    ``:``, or has a ``/`` before its first ``:``.  Memoised: it runs for every
+    proxied request.
 
-    Raises :class:`AddressError` for an empty address, an invalid IPv4/IPv6
-    host, a missing port or one above 65535, or a name too long for a UNIX
-    socket.  ``str`` is accepted too (encoded as UTF-8).
+    Raises :class:`AddressError`.  ``str`` is accepted too (encoded as UTF-8).
     """
     if isinstance(address, str):
         address = address.encode("utf-8", "surrogateescape")
-    if not address:
-        raise AddressError(address, "empty node address")
-    # A path that starts with "/" is a UNIX socket even if it contains ":" (uWSGI
-    # would try TCP and fail): so --fastrouter-use-base /dir/ works for keys with a
-    # port, like example.com:8000.  No TCP address can start with "/".
-    colon = -1 if address[0] == 0x2F else address.find(b":")
-    if colon >= 0:
-        if address[0] == 0x5B:  # '['
-            return _node_inet6(address)
-        host = _ipv4_host(address, address[:colon])
-        return socket.AF_INET, (host, _port(address, address[colon + 1 :]))
-    if address[0] == 0x40:  # '@'
-        if len(address) == 1:
-            raise AddressError(address, "empty abstract socket name")
-        sockaddr = b"\0" + address[1:] + b"\0"
-        if len(sockaddr) > _SUN_PATH_MAX:
-            raise AddressError(address, "abstract socket name too long")
-        return socket.AF_UNIX, sockaddr
-    if len(address) >= _SUN_PATH_MAX or b"\0" in address:
-        raise AddressError(address, "invalid UNIX socket path")
-    return socket.AF_UNIX, address
+    return connect_sockaddr(address)
 
 
-def _ipv4_host(address: bytes, host: bytes) -> str:
-    if not host:
-        return "0.0.0.0"
-    try:
-        text = host.decode("ascii")
-        if not text.replace(".", "").isalnum():  # inet_aton ignores trailing junk after a space
-            raise ValueError(text)
-        return socket.inet_ntoa(socket.inet_aton(text))
-    except (UnicodeError, ValueError, OSError):
-        shown = host.decode("latin-1")
-        raise AddressError(
-            address, f"invalid IPv4 address {shown!r} (host names are not resolved)"
-        ) from None
-
-
-def _port(address: bytes, text: bytes) -> int:
-    # atoi(): the leading decimal digits count, the rest is ignored.
-    n = 0
-    while n < len(text) and 0x30 <= text[n] <= 0x39:
-        n += 1
-    if n == 0:
-        raise AddressError(address, "missing port")
-    digits = text[:n].lstrip(b"0")
-    if len(digits) > 5 or int(digits or b"0") > 65535:
-        raise AddressError(address, "port out of range")
-    return int(digits or b"0")
-
-
-def _node_inet6(address: bytes) -> Tuple[int, object]:
-    close = address.find(b"]:")
-    if close < 0:
-        raise AddressError(address, "expected [ipv6]:port")
-    port = _port(address, address[close + 2 :])
-    try:
-        host = address[1:close].decode("ascii")
-        infos = socket.getaddrinfo(
-            host, port, socket.AF_INET6, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST
-        )
-    except (UnicodeError, socket.gaierror, ValueError):
-        raise AddressError(address, "invalid IPv6 address") from None
-    return socket.AF_INET6, infos[0][4]
+def connect_sockaddr(address, *, datagram: bool = False) -> Tuple[int, object]:
+    """``(family, sockaddr)`` to reach *address* (``str`` or ``bytes``) with a stream
+    socket, or with a datagram socket when *datagram* (``@x`` is then the file
+    ``@x``).  Never blocks.  Raises :class:`AddressError`."""
+    parsed = parse_connect(address, datagram=datagram)
+    if parsed.kind == INET6:
+        kind = socket.SOCK_DGRAM if datagram else socket.SOCK_STREAM
+        return socket.AF_INET6, _inet6_sockaddr(parsed, kind)
+    family = _FAMILIES.get(parsed.kind)
+    if family is None:  # pragma: no cover - AF_UNIX missing on this platform
+        raise AddressError(address, "UNIX sockets are not available on this platform")
+    return family, parsed.sockaddr

@@ -18,6 +18,7 @@ import socket
 from typing import Any, Callable, Dict, List, Optional
 
 from . import UWSGI_COMPAT_VERSION
+from .acceptor import Acceptor, adopt
 from .log import log
 from .reactor import Reactor
 
@@ -163,28 +164,21 @@ class StatsServer:
         self.http = http
         self.timeout = timeout if timeout > 0 else 4.0
         self.clients: Dict[int, "_StatsClient"] = {}
+        self.acceptor = Acceptor(reactor, listener.sock, self._accept,
+                                 name="stats server %s" % listener.name)
 
     def start(self) -> None:
-        self.reactor.add_reader(self.listener.sock.fileno(), self._accept)
+        self.acceptor.start()
 
     def stop(self) -> None:
-        self.reactor.remove_reader(self.listener.sock.fileno())
+        self.acceptor.stop()
         for client in list(self.clients.values()):
             client.close()
 
-    def _accept(self) -> None:
-        for _ in range(16):
-            try:
-                sock, _addr = self.listener.sock.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                log("[uwsgi-fastrouter] stats server accept(): %s" % (exc.strerror or exc))
-                return
-            sock.setblocking(False)
-            client = _StatsClient(self, sock)
-            self.clients[client.fd] = client
-            client.start()
+    def _accept(self, fd: int, _addr) -> None:
+        client = _StatsClient(self, adopt(self.listener.sock, fd))
+        self.clients[client.fd] = client
+        client.start()
 
     def payload(self) -> bytes:
         try:

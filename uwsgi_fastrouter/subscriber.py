@@ -11,7 +11,10 @@ sends the same datagram with header byte 3 = 1 ("unsubscribe").
 Parsing.  :func:`parse_subscribe_to` understands every ``--subscribe-to`` form::
 
     HOST:PORT:KEY[,MOD1[,DIGEST:PRIVKEY]]    UDP server (IPv4 literal), KEY may contain ':'
-    /unix/path:KEY[,...]                      UNIX datagram server (split at the first ':')
+    /unix/path:KEY[,...]                      UNIX datagram server (split at the first ':';
+                                              a relative path needs a '/' before that ':')
+    @name:KEY[,...]                           the UNIX datagram server "@name" (a file, as
+                                              uWSGI's subscription servers bind it)
     ADDR=SERVER:KEY[,...]                     announce ADDR instead of the first socket
     =N=SERVER:KEY[,...]                       announce the name of shared socket N
     SERVER:@FILE                              one key per line of FILE, re-read every round
@@ -66,7 +69,9 @@ import time
 from typing import TYPE_CHECKING, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from . import log as _log
+from .addresses import AddressError, is_unix, parse_connect
 from .signing import RSAPrivateKey, SignatureChecker, SigningError, load_private_key, sign
+from .sockets import connect_sockaddr
 from .subscription import MAX_KEY, SubscriptionError, build_announcement
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -85,7 +90,6 @@ __all__ = [
 
 _BYTE_MAX = 255
 _NUMBER_MAX = 2 ** 63
-_SUN_PATH_MAX = 108
 #: a failure (per server and reason) is logged again after this many seconds
 _LOG_INTERVAL = 60.0
 _UCRED = struct.Struct("iII")  # struct ucred: pid_t, uid_t, gid_t
@@ -159,25 +163,12 @@ def _check_key(value: str, key: bytes) -> bytes:
     return key
 
 
-def _check_udp_server(value: str, server: str) -> None:
-    host, _, port = server.rpartition(":")
-    if not host:
-        raise _fail(value, "the subscription server %r has no host" % server)
+def _check_server(value: str, server: str) -> None:
+    """A subscription server must be an address we can send a datagram to."""
     try:
-        if not host.replace(".", "").isalnum():
-            raise ValueError(host)
-        socket.inet_aton(host)
-    except (OSError, ValueError, UnicodeError):
-        raise _fail(value, "the subscription server host %r is not an IPv4 address "
-                           "(host names are not resolved)" % host) from None
-    if not (port.isascii() and port.isdigit()) or not 0 < int(port) <= 65535:
-        raise _fail(value, "the subscription server port %r is not 1..65535" % port)
-
-
-def _check_unix_server(value: str, server: str) -> None:
-    name = _b(server)
-    if name in (b"", b"@") or len(name) >= _SUN_PATH_MAX or b"\0" in name:
-        raise _fail(value, "invalid UNIX subscription server path %r" % server)
+        parse_connect(server, datagram=True)
+    except AddressError as exc:
+        raise _fail(value, "subscription server %s" % exc) from None
 
 
 def _check_sign(value: str, spec: str) -> str:
@@ -213,20 +204,21 @@ def parse_subscribe_to(value: str) -> Union[List[SubscribeSpec], MapFileSpec]:
         else:
             address = _b(value[:equal])
             rest = value[equal + 1:]
-    if rest.startswith("/"):
+    if ":" not in rest:
+        raise _fail(value, "no key: expected SERVER:KEY")
+    if is_unix(rest):
         colon = rest.find(":", 1)
         if colon < 0:
             raise _fail(value, "no key: expected /unix/path:KEY")
-        server = rest[:colon]
-        _check_unix_server(value, server)
     else:
-        port_colon = rest.find(":")
-        colon = rest.find(":", port_colon + 1) if port_colon >= 0 else -1
+        close = rest.find("]:") + 1 if rest.startswith("[") else 0
+        port_colon = rest.find(":", close)
+        colon = rest.find(":", port_colon + 1)
         if colon < 0:
-            raise _fail(value, "%s: expected HOST:PORT:KEY or /unix/path:KEY (a UNIX path must be "
-                               "absolute)" % ("no key" if port_colon >= 0 else "no port"))
-        server = rest[:colon]
-        _check_udp_server(value, server)
+            raise _fail(value, "no key: expected HOST:PORT:KEY, /unix/path:KEY or @name:KEY "
+                               "(a UNIX server starts with '/' or '@' or has a '/' before its ':')")
+    server = rest[:colon]
+    _check_server(value, server)
     tail = rest[colon + 1:]
     if tail.startswith("@"):
         if len(tail) == 1:
@@ -274,8 +266,8 @@ def parse_subscribe2(value: str) -> SubscribeSpec:
     """Parse a ``--subscribe2`` value: ``k=v`` items separated by ``,`` (``\\,`` is a
     literal comma).  ``server`` and ``key`` are required; the other keys are
     ``addr``, ``socket``, ``weight``, ``modifier1``, ``modifier2``, ``sign``,
-    ``check``, ``sni_key``, ``sni_crt``, ``sni_ca``.  A server containing ``:`` is
-    UDP ``HOST:PORT``, anything else a UNIX datagram path (``@name``: abstract).
+    ``check``, ``sni_key``, ``sni_crt``, ``sni_ca``.  The server is UDP ``HOST:PORT``
+    or a UNIX datagram path, by the rules of :mod:`~uwsgi_fastrouter.addresses`.
     Raises :class:`SubscribeError` naming *value*.
     """
     fields: Dict[str, str] = {}
@@ -294,10 +286,7 @@ def parse_subscribe2(value: str) -> SubscribeSpec:
         if required not in fields:
             raise _fail(value, "%r is required" % required)
     server = fields["server"]
-    if ":" in server:
-        _check_udp_server(value, server)
-    else:
-        _check_unix_server(value, server)
+    _check_server(value, server)
     key = _check_key(value, _b(fields["key"]))
 
     def number(name: str, limit: int) -> Optional[int]:
@@ -357,15 +346,6 @@ def read_map_file(spec: MapFileSpec) -> Tuple[List[SubscribeSpec], List[str]]:
 
 # ---------------------------------------------------------------------------
 # Announcing
-
-
-def _server_sockaddr(server: str) -> Tuple[int, object]:
-    if ":" in server and not server.startswith("/"):
-        host, _, port = server.rpartition(":")
-        return socket.AF_INET, (socket.inet_ntoa(socket.inet_aton(host)), int(port))
-    if server.startswith("@"):
-        return socket.AF_UNIX, b"\0" + _b(server[1:])
-    return socket.AF_UNIX, _b(server)
 
 
 class Subscriber:
@@ -567,7 +547,7 @@ class Subscriber:
 
     def _send(self, server: str, packet: bytes) -> None:
         try:
-            family, target = _server_sockaddr(server)
+            family, target = connect_sockaddr(server, datagram=True)
             sock = self._sockets.get(family)
             if sock is None:
                 sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -578,9 +558,9 @@ class Subscriber:
                 sock.sendmsg([packet], [(socket.SOL_SOCKET, _SCM_CREDENTIALS, creds)], 0, target)
             else:
                 sock.sendto(packet, target)
-        except OSError as exc:
+        except (OSError, AddressError) as exc:
             self.errors += 1
-            why = exc.strerror or str(exc)
+            why = getattr(exc, "strerror", None) or str(exc)
             self._log_limited("send:%s:%s" % (server, why), "[uwsgi-subscriber] unable to send a "
                               "subscription packet to %s: %s" % (server, why))
             return

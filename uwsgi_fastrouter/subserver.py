@@ -45,16 +45,16 @@ import socket
 import struct
 from typing import Callable, List, Optional, Sequence
 
+from . import sockets
 from .log import RateLimitedLog, log, printable
 from .reactor import Reactor
-from .sockets import AddressError, node_sockaddr
+from .sockets import AddressError, connect_sockaddr
 from .subscription import (Announcement, SubscriptionError, SubscriptionTable, TableFull,
                            build_announcement, parse_announcement)
 
 _MAX_DATAGRAM = 65535 + 4
 _DATAGRAMS_PER_EVENT = 64
 _UCRED = struct.Struct("3i")
-_SO_PASSCRED = getattr(socket, "SO_PASSCRED", 16)
 _SCM_CREDENTIALS = getattr(socket, "SCM_CREDENTIALS", 2)
 
 
@@ -81,52 +81,10 @@ class DatagramListener:
 
 
 def bind_datagram(spec: str, *, credentials: bool = False) -> DatagramListener:
-    """Bind a subscription server address (uWSGI's rule: ``:`` means UDP/IPv4)."""
-    if ":" in spec:
-        host, _, port_text = spec.rpartition(":")
-        if not port_text.isdigit() or int(port_text) > 65535:
-            raise AddressError(spec, "invalid port")
-        host = host or "0.0.0.0"
-        try:
-            infos = socket.getaddrinfo(host, int(port_text), socket.AF_INET, socket.SOCK_DGRAM)
-        except socket.gaierror as exc:
-            raise AddressError(spec, "cannot resolve host: %s" % exc)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            sock.bind(infos[0][4])
-        except OSError as exc:
-            sock.close()
-            raise AddressError(spec, "cannot bind: %s" % (exc.strerror or exc))
-        sock.setblocking(False)
-        bound_host, bound_port = sock.getsockname()[:2]
-        name = "%s:%d" % ("" if spec.startswith(":") else host, bound_port)
-        return DatagramListener(sock, name, None)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    path = spec
-    unix_path = None
-    if spec.startswith("@"):
-        path = "\0" + spec[1:] + "\0"
-    else:
-        try:
-            if os.path.exists(spec):
-                import stat
-                if not stat.S_ISSOCK(os.stat(spec).st_mode):
-                    sock.close()
-                    raise AddressError(spec, "path exists and is not a socket")
-                os.unlink(spec)
-        except OSError as exc:
-            sock.close()
-            raise AddressError(spec, "cannot remove the stale socket: %s" % (exc.strerror or exc))
-        unix_path = spec
-    try:
-        sock.bind(path)
-    except OSError as exc:
-        sock.close()
-        raise AddressError(spec, "cannot bind: %s" % (exc.strerror or exc))
-    if credentials:
-        sock.setsockopt(socket.SOL_SOCKET, _SO_PASSCRED, 1)
-    sock.setblocking(False)
-    return DatagramListener(sock, spec, unix_path)
+    """Bind a subscription server address (UDP when it has a ``:``, else a UNIX
+    datagram socket; the rules are :mod:`~uwsgi_fastrouter.addresses`')."""
+    bound = sockets.bind_datagram(spec, credentials=credentials)
+    return DatagramListener(bound.sock, bound.name, bound.unix_path)
 
 
 class SubscriptionServer:
@@ -165,17 +123,19 @@ class SubscriptionServer:
         self._buf = bytearray(_MAX_DATAGRAM + 1)
         self._resub_sock_inet: Optional[socket.socket] = None
         self._resub_sock_unix: Optional[socket.socket] = None
+        # Targets are parsed now: a bad one is a start-up error, not a log line per packet.
+        self._resub_targets = [(target, connect_sockaddr(target, datagram=True))
+                               for target in self.resubscribe]
         if self.resubscribe:
-            inet = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             if resubscribe_bind:
-                host, _, port = resubscribe_bind.rpartition(":")
-                try:
-                    inet.bind((host or "0.0.0.0", int(port)))
-                except (OSError, ValueError) as exc:
-                    inet.close()
-                    raise AddressError(resubscribe_bind, "cannot bind: %s" % exc)
-            inet.setblocking(False)
-            self._resub_sock_inet = inet
+                source = sockets.bind_datagram(resubscribe_bind).sock
+                if source.family == socket.AF_UNIX:
+                    source.close()
+                    raise AddressError(resubscribe_bind, "the resubscribe source must be ip:port")
+                self._resub_sock_inet = source
+            else:
+                self._resub_sock_inet = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                self._resub_sock_inet.setblocking(False)
             unix = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             unix.setblocking(False)
             self._resub_sock_unix = unix
@@ -361,16 +321,13 @@ class SubscriptionServer:
             a.key, self.own_address, modifier1=a.modifier1, modifier2=a.modifier2,
             unsubscribe=a.unsubscribe, sni_key=a.sni_key, sni_crt=a.sni_crt, sni_ca=a.sni_ca,
             forwarded=True)
-        for target in self.resubscribe:
+        for target, (family, addr) in self._resub_targets:
+            sock = self._resub_sock_unix if family == socket.AF_UNIX else self._resub_sock_inet
             try:
-                if ":" in target and not target.startswith("/"):
-                    family, addr = node_sockaddr(target.encode())
-                    self._resub_sock_inet.sendto(packet, addr)
-                else:
-                    self._resub_sock_unix.sendto(packet, target)
-            except (OSError, AddressError) as exc:
+                sock.sendto(packet, addr)
+            except OSError as exc:
                 self.drop_log("[uwsgi-subscription for pid %d] unable to resubscribe to %s: %s"
-                              % (os.getpid(), target, getattr(exc, "strerror", None) or exc))
+                              % (os.getpid(), target, exc.strerror or exc))
 
 
 def _sender_text(sender) -> str:

@@ -51,7 +51,6 @@ signal handling runs in (or is woken by) a worker.
 
 from __future__ import annotations
 
-import errno
 import importlib
 import io
 import os
@@ -66,6 +65,7 @@ import types
 from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 
 from . import log as _logmod
+from .acceptor import BACKOFF, EXHAUSTED, shed_waiting_client
 from .fdpass import FdPassError, recv_fds
 from .protocol import HEADER, HEADER_SIZE, MalformedVars, parse_vars
 
@@ -859,9 +859,11 @@ class Worker:
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return  # another process won the race, or the client gave up: wait again
         except OSError as exc:
-            self.log("accept(): %s" % (exc.strerror or exc))
-            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                time.sleep(0.1)  # out of resources: do not spin on a listener that stays readable
+            if exc.errno in EXHAUSTED:
+                shed_waiting_client(listener, "worker %d" % self.worker_id, exc)
+            else:
+                self.log("accept(): %s" % (exc.strerror or exc))
+            time.sleep(BACKOFF)  # a listener that stays readable must not make the worker spin
             return
         self._since = time.time()
         if self.harakiri > 0:

@@ -17,9 +17,10 @@ import socket
 import struct
 from typing import List, Sequence
 
+from .acceptor import Acceptor, adopt
 from .fdpass import FdPassError, recv_fds, send_fds
 from .log import log
-from .sockets import Listener, sockname
+from .sockets import AddressError, Listener, connect_sockaddr, sockname
 
 MAGIC = b"uwsgi-zerg"
 _COUNT = struct.Struct("=i")
@@ -33,11 +34,17 @@ class ZergError(OSError):
 
 def attach(path: str, timeout: float = _CONNECT_TIMEOUT) -> List[Listener]:
     """Receive the listening sockets a zerg server at *path* lends (blocking, start-up only)."""
+    try:
+        family, target = connect_sockaddr(path)
+    except AddressError as exc:
+        raise ZergError("--- unable to connect to zerg server --- (%s)" % exc) from None
+    if family != socket.AF_UNIX:
+        raise ZergError("--- unable to connect to zerg server --- (%s: descriptors only travel "
+                        "over a UNIX socket)" % path)
     room = _FIRST_ROOM
     for _attempt in range(2):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
-        target = "\0" + path[1:] + "\0" if path.startswith("@") else path
         try:
             sock.connect(target)
             data, fds, _flags = recv_fds(sock, len(MAGIC) + _COUNT.size, room)
@@ -74,29 +81,23 @@ class ZergServer:
         self.listener = listener
         self.lent = list(lent)
         self.served = 0
+        self.acceptor = Acceptor(reactor, listener.sock, self._accept,
+                                 name="zerg server %s" % listener.name)
 
     def start(self) -> None:
-        self.reactor.add_reader(self.listener.sock.fileno(), self._accept)
+        self.acceptor.start()
 
     def stop(self) -> None:
-        self.reactor.remove_reader(self.listener.sock.fileno())
+        self.acceptor.stop()
 
-    def _accept(self) -> None:
-        for _ in range(16):
-            try:
-                conn, _ = self.listener.sock.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                log("[uwsgi-fastrouter] zerg server accept(): %s" % (exc.strerror or exc))
-                return
-            fds = [l.sock.fileno() for l in self.lent]
-            try:
-                conn.settimeout(1.0)
-                send_fds(conn, MAGIC + _COUNT.pack(len(fds)), fds)
-                self.served += 1
-            except OSError as exc:
-                log("[uwsgi-fastrouter] zerg server: unable to send the sockets: %s" % (exc.strerror or exc))
-            finally:
-                conn.close()
-
+    def _accept(self, fd: int, _addr) -> None:
+        conn = adopt(self.listener.sock, fd)
+        fds = [l.sock.fileno() for l in self.lent]
+        try:
+            conn.settimeout(1.0)
+            send_fds(conn, MAGIC + _COUNT.pack(len(fds)), fds)
+            self.served += 1
+        except OSError as exc:
+            log("[uwsgi-fastrouter] zerg server: unable to send the sockets: %s" % (exc.strerror or exc))
+        finally:
+            conn.close()
