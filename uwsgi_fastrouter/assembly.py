@@ -20,7 +20,7 @@ from .router import Router, SubscriptionMapper
 from .server import DEFAULT_CHUNK, Server
 from .signing import SignatureChecker, SigningError
 from .sockets import AddressError, bind_listener, bind_stream_server
-from .stats import StatsServer, build_document, subscription_stats
+from .stats import StatsServer, build_document, subscription_stats, subscription_stream
 from .subscription import SubscriptionTable
 from .subserver import SubscriptionServer, bind_datagram
 
@@ -351,7 +351,7 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener, external: bo
         names = [l.name for l in listeners] + [d.name for d in datagram]
         static = router.static_nodes if cfg.fastrouter_to else None
         table = parts.table
-        extra = (lambda doc: doc.__setitem__("subscriptions", subscription_stats(table))) \
+        extra = (lambda doc: doc.__setitem__("subscriptions", subscription_stream(table))) \
             if table is not None else None
         parts.stats = StatsServer(
             reactor, stats_listener,
