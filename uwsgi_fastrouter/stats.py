@@ -59,6 +59,15 @@ CHUNK = 65536
 SLICE_BUDGET = 0.0005
 
 
+def slice_deadline(reactor: Reactor, own_events: int) -> float:
+    """When a slice of low-priority work that starts now must stop: after
+    :data:`SLICE_BUDGET` in a pass of the loop whose ready fds were at most
+    *own_events* (the worker's own), at once (after one step) in a pass that had other
+    work: then routing goes first."""
+    idle = reactor.ready_count <= own_events
+    return time.monotonic() + (SLICE_BUDGET if idle else 0.0)
+
+
 class Unindented(list):
     """A list whose string elements uWSGI prints without indentation."""
 
@@ -396,8 +405,7 @@ class StatsServer:
         reactor = self.reactor
         if self._pass != reactor.now:
             self._pass = reactor.now
-            idle = reactor.ready_count <= len(self.clients)
-            self._pass_deadline = time.monotonic() + (SLICE_BUDGET if idle else 0.0)
+            self._pass_deadline = slice_deadline(reactor, len(self.clients))
         return self._pass_deadline
 
 
