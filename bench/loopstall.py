@@ -24,6 +24,7 @@ windows it measured.  Nothing of the router itself is changed.
 
 from __future__ import annotations
 
+import gc
 import os
 import runpy
 import selectors
@@ -58,6 +59,23 @@ def _install(path: str, threshold: float) -> None:
             state["cpu"] = cpu_clock()
 
     selectors.EpollSelector.select = timed_select
+
+    # The cyclic garbage collector runs inside whichever pass allocates: its pauses are
+    # logged apart, as "PID MONOTONIC gcN SECONDS", to tell them from the router's work.
+    gc_started = {}
+
+    def on_gc(phase, info):
+        if phase == "start":
+            gc_started["t"] = clock()
+            return
+        took = clock() - gc_started.get("t", clock())
+        if took >= threshold / 2:
+            out = state["out"]
+            if out is None or state["pid"] != os.getpid():
+                return
+            out.write("%d %.6f gc%d %.6f\n" % (os.getpid(), clock(), info.get("generation", -1), took))
+
+    gc.callbacks.append(on_gc)
 
 
 def main() -> None:

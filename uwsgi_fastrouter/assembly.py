@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from . import zerg
 from .log import log
@@ -117,53 +117,91 @@ class Assembly:
                "cheap": 1 if server.cheap else 0}
         if self.table is None:
             return
-        pools: dict = {}
-        for key, entry in live_pools(self.table, _pool_counters):
-            pools[key] = entry
-            if len(pools) >= pools_per_part:
-                yield {"pools": pools}
-                pools = {}
-        if pools:
-            yield {"pools": pools}
+        flat: list = []
+        count = 0
+        for counters in live_pools(self.table, _pool_counters):
+            flat += counters
+            count += 1
+            if count >= pools_per_part:
+                yield {"pools": flat}
+                flat, count = [], 0
+        if flat:
+            yield {"pools": flat}
 
 
-def _pool_counters(pool) -> tuple:
-    """One pool in a router process's report: key, [hits, {node: counters}]."""
-    return pool.key.decode("latin-1"), [pool.hits, {
-        n.name.decode("latin-1"): [n.requests, n.last_requests, n.tx, n.rx, n.ref, n.failcnt]
-        for n in pool.nodes}]
+def _pool_counters(pool) -> list:
+    """One pool in a router process's report, flat (see :class:`RouterReport`)."""
+    flat = [pool.key.decode("latin-1"), pool.hits, len(pool.nodes)]
+    for n in pool.nodes:
+        flat += (n.name.decode("latin-1"), n.requests, n.last_requests, n.tx, n.rx, n.ref, n.failcnt)
+    return flat
 
 
 class RouterReport:
     """One router process's counters, as the master receives them in parts.
 
     Each part is a JSON object: the first has ``sessions``, ``static`` (``[hits,
-    grace]`` per static node) and ``cheap``; the others ``pools``: key (latin-1) ->
-    ``[hits, {node name: [requests, last_requests, tx, rx, ref, failcnt]}]``.
+    grace]`` per static node) and ``cheap``; the others ``pools``, a flat list with,
+    per pool, its key (latin-1), hits and node count, then per node its name
+    (latin-1), requests, last_requests, tx, rx, ref and failcnt.
+
+    The counters stay in one flat list with an index of positions by key: tens of
+    thousands of small lists and dicts kept across passes would make every full run
+    of the cyclic garbage collector (which walks them all, in one pass of the loop)
+    that much longer.
     """
 
-    __slots__ = ("sessions", "static", "cheap", "pools")
+    __slots__ = ("sessions", "static", "cheap", "counters", "index")
 
     def __init__(self) -> None:
         self.sessions = 0
         self.static: list = []
         self.cheap = 0
-        self.pools: dict = {}
+        self.counters: list = []
+        self.index: Dict[str, int] = {}   # key -> position of its hits in counters
 
     def add(self, data: bytes) -> None:
         """Merge one part; ValueError for one that is not a part."""
         part = json.loads(data)
         if not isinstance(part, dict):
             raise ValueError("a report part is not an object")
-        if "sessions" in part:
-            self.sessions = int(part["sessions"])
-            self.static = list(part["static"])
-            self.cheap = int(part["cheap"])
-        pools = part.get("pools")
-        if pools is not None:
-            if not isinstance(pools, dict):
-                raise ValueError("the pools of a report part are not an object")
-            self.pools.update(pools)
+        try:
+            if "sessions" in part:
+                self.sessions = int(part["sessions"])
+                self.static = [(int(hits), int(grace)) for hits, grace in part["static"]]
+                self.cheap = int(part["cheap"])
+            flat = part.get("pools")
+            if flat is not None:
+                self._index(flat)
+        except (IndexError, KeyError, TypeError) as exc:
+            raise ValueError("a malformed report part: %r" % (exc,)) from None
+
+    def _index(self, flat: list) -> None:
+        base = len(self.counters)
+        index = {}
+        at = 0
+        while at < len(flat):
+            key, nodes = flat[at], flat[at + 2]
+            if type(key) is not str or type(nodes) is not int or nodes < 0 \
+                    or at + 3 + 7 * nodes > len(flat):
+                raise ValueError("a malformed pool in a report part")
+            index[key] = base + at + 1
+            at += 3 + 7 * nodes
+        self.counters += flat
+        self.index.update(index)
+
+    def pool(self, key: str) -> Optional[Tuple[int, Dict[str, list]]]:
+        """(hits, {node name: [requests, last_requests, tx, rx, ref, failcnt]}) of *key*."""
+        at = self.index.get(key)
+        if at is None:
+            return None
+        counters = self.counters
+        nodes = {}
+        node = at + 2
+        for _ in range(counters[at + 1]):
+            nodes[counters[node]] = counters[node + 1:node + 7]
+            node += 7
+        return counters[at], nodes
 
 
 def _shared_index(spec: str) -> Optional[int]:
@@ -647,7 +685,7 @@ def _aggregate(table, reports: List[RouterReport]) -> Streamed:
 def _with_totals(record: dict, reports: List[RouterReport]) -> dict:
     """A pool's record with the router processes' counters summed into it."""
     key = record["key"].decode("latin-1")
-    entries = [entry for entry in (report.pools.get(key) for report in reports) if entry]
+    entries = [entry for entry in (report.pool(key) for report in reports) if entry]
     record["hits"] = sum(entry[0] for entry in entries)
     for node in record["nodes"]:
         name = node["name"].decode("latin-1")
