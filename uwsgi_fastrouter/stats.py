@@ -56,7 +56,7 @@ HTTP_HEADER = (b"HTTP/1.0 200 OK\r\nConnection: close\r\nAccess-Control-Allow-Or
 #: the most a stats client renders ahead of what its socket took (bytes)
 CHUNK = 65536
 #: seconds of stats work one pass of the event loop may do, for all stats clients
-SLICE_BUDGET = 0.0005
+SLICE_BUDGET = 0.00025
 
 
 def slice_deadline(reactor: Reactor, own_events: int) -> float:
