@@ -4,11 +4,11 @@
 Usage::
 
     python3 bench/stats_stall.py [--tree PATH ...] [--keys 7000,10000] [--modes single,master]
-                                 [--duration 5] [--interval 0.002] [--keep-logs]
+                                 [--rounds 2] [--duration 4] [--interval 0.002] [--keep-logs]
 
 ``--tree`` (repeatable) names source trees to compare, e.g. an unmodified checkout and
 this one (default: this repository); each router runs with ``PYTHONPATH`` = that tree.
-About 25 s per tree, mode and key count with the defaults.  Nothing here asserts a
+About 30 s per tree, mode and key count with the defaults.  Nothing here asserts a
 timing: it prints a table.
 
 Theory of operation
@@ -21,20 +21,22 @@ than 2 ms) with a UNIX datagram subscription server, a stats server and a long
 key, ``hot.bench``, for the backend ``bench/build/backend``, and N-1 more for the same
 address), and the stats are polled until they show N pools.
 
-Then two windows of ``--duration`` seconds each, in which this process sends one
-request for the hot key every ``--interval`` seconds (a new connection each, the
-latency is connect to EOF):
+Then ``--rounds`` times two windows of ``--duration`` seconds each, in which this
+process sends one request for the hot key every ``--interval`` seconds (a new
+connection each, the latency is connect to EOF):
 
 * ``quiet``: nothing else happens;
 * ``stats``: a second process (this script with ``--fetch-stats``) fetches the whole
   stats document back to back; it parses every ``--check-every``-th one (default 5)
   and checks that it is valid JSON with N pools, and that the others have its length.
 
-Reported per window: requests, errors, latency p50 / p99 / max, and the longest busy
-pass of the router's loops seen by ``loopstall.py`` in that window, in wall-clock time
-and in CPU time (the master's, or the single process's, and the router processes'
-apart), plus the stats fetches (count, mean time, size).  On a loaded machine the wall
-time of a pass includes waiting for a CPU; its CPU time is what the pass itself cost.
+Reported per kind of window (all rounds together): requests, errors, latency p50 /
+p99 / max, and the longest busy pass of the router's loops seen by ``loopstall.py``,
+in wall-clock time and in CPU time (the master's, or the single process's, and the
+router processes' apart), plus the stats fetches (count, mean time, size).  On a
+loaded machine the wall time of a pass includes waiting for a CPU; its CPU time is
+what the pass itself cost.  ``--keep-logs`` keeps every pass and every request's
+latency (``stall-*.txt``, ``latency-*.txt``) for a closer look.
 """
 
 from __future__ import annotations
@@ -271,54 +273,65 @@ def stalls(router: Router, t0: float, t1: float) -> Dict[str, float]:
 # Measurement
 
 
+def run_window(a, router: Router, keys: int, window: str, workdir: str, tag: str) -> dict:
+    """One window: latencies, errors, the longest passes, and the stats fetches."""
+    fetcher = reader = None
+    if window == "stats":
+        fetcher = processes.spawn("fetcher", [sys.executable, os.path.abspath(__file__), "--fetch-stats",
+                                              str(router.stats_port), "--expect", str(keys),
+                                              "--check-every", str(a.check_every)],
+                                  None, stdout_pipe=True, death_signal=signal.SIGKILL)
+        reader = processes.LineReader(fetcher)
+        if not reader.wait_for("FETCH", 60):
+            processes.stop(fetcher, signal.SIGTERM)
+            raise BenchError("no stats fetch finished within 60 s")
+    t0 = time.monotonic()
+    trace: list = []
+    latencies, errors = probe_latency(router.listen_port, a.duration, a.interval, trace)
+    t1 = time.monotonic()
+    with open(os.path.join(workdir, "latency-%s-%s.txt" % (tag, window)), "a") as f:
+        f.writelines("%.6f %.6f\n" % pair for pair in trace)
+    fetches = []
+    if fetcher is not None:
+        os.kill(fetcher.pid, signal.SIGTERM)
+        while reader.next_line(30) is not None:   # to EOF: every finished fetch
+            pass
+        processes.stop(fetcher, signal.SIGTERM, grace=5)
+        fetches = [processes.parse_kv(line) for line in reader.lines if line.startswith("FETCH")]
+    return {"latencies": latencies, "errors": errors, "busy": stalls(router, t0, t1), "fetches": fetches}
+
+
 def measure(a, tree: str, mode: str, keys: int, workdir: str, backend_port: int, tag: str) -> List[dict]:
+    """``--rounds`` x (a quiet window, a stats window), summed up per kind of window."""
     router = start_router(tree, mode, workdir, tag, a.start_timeout)
-    rows = []
+    runs: Dict[str, List[dict]] = {"quiet": [], "stats": []}
     try:
         log("%s %s %d keys: subscribing" % (tree, mode, keys))
         subscribe(router, keys, b"127.0.0.1:%d" % backend_port)
-        for window in ("quiet", "stats"):
-            fetcher = None
-            if window == "stats":
-                fetcher = processes.spawn("fetcher", [sys.executable, os.path.abspath(__file__), "--fetch-stats",
-                                                      str(router.stats_port), "--expect", str(keys),
-                                                      "--check-every", str(a.check_every)],
-                                          None, stdout_pipe=True, death_signal=signal.SIGKILL)
-                reader = processes.LineReader(fetcher)
-                if not reader.wait_for("FETCH", 60):
-                    processes.stop(fetcher, signal.SIGTERM)
-                    raise BenchError("no stats fetch finished within 60 s")
-            log("%s %s %d keys: window %s" % (tree, mode, keys, window))
-            t0 = time.monotonic()
-            trace: list = []
-            latencies, errors = probe_latency(router.listen_port, a.duration, a.interval, trace)
-            t1 = time.monotonic()
-            with open(os.path.join(workdir, "latency-%s-%s.txt" % (tag, window)), "w") as f:
-                f.writelines("%.6f %.6f\n" % pair for pair in trace)
-            fetches = []
-            if fetcher is not None:
-                os.kill(fetcher.pid, signal.SIGTERM)
-                while reader.next_line(30) is not None:   # to EOF: every finished fetch
-                    pass
-                processes.stop(fetcher, signal.SIGTERM, grace=5)
-                fetches = [processes.parse_kv(line) for line in reader.lines if line.startswith("FETCH")]
-            busy = stalls(router, t0, t1)
-            latencies.sort()
-            rows.append({
-                "tree": tree, "mode": mode, "keys": keys, "window": window, "requests": len(latencies),
-                "errors": errors,
-                "p50": latencies[len(latencies) // 2] if latencies else None,
-                "p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else None,
-                "max": latencies[-1] if latencies else None,
-                "stall_first": busy["first"], "stall_others": busy["others"],
-                "cpu_first": busy["first_cpu"], "cpu_others": busy["others_cpu"],
-                "fetches": len(fetches),
-                "fetch_bad": sum(1 for f in fetches if f.get("ok") != "1"),
-                "fetch_mean": statistics.mean(float(f["seconds"]) for f in fetches) if fetches else None,
-                "fetch_bytes": int(fetches[-1]["bytes"]) if fetches else None,
-            })
+        for r in range(a.rounds):
+            for window in ("quiet", "stats"):
+                log("%s %s %d keys: round %d, window %s" % (tree, mode, keys, r + 1, window))
+                runs[window].append(run_window(a, router, keys, window, workdir, tag))
     finally:
         router.stop()
+    rows = []
+    for window, items in runs.items():
+        latencies = sorted(x for run in items for x in run["latencies"])
+        fetches = [f for run in items for f in run["fetches"]]
+        busy = {k: max(run["busy"][k] for run in items) for k in items[0]["busy"]}
+        rows.append({
+            "tree": tree, "mode": mode, "keys": keys, "window": window, "requests": len(latencies),
+            "errors": sum(run["errors"] for run in items),
+            "p50": latencies[len(latencies) // 2] if latencies else None,
+            "p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else None,
+            "max": latencies[-1] if latencies else None,
+            "stall_first": busy["first"], "stall_others": busy["others"],
+            "cpu_first": busy["first_cpu"], "cpu_others": busy["others_cpu"],
+            "fetches": len(fetches),
+            "fetch_bad": sum(1 for f in fetches if f.get("ok") != "1"),
+            "fetch_mean": statistics.mean(float(f["seconds"]) for f in fetches) if fetches else None,
+            "fetch_bytes": int(fetches[-1]["bytes"]) if fetches else None,
+        })
     return rows
 
 
@@ -352,7 +365,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--tree", action="append", help="source tree to run (repeatable; default: this repository)")
     p.add_argument("--keys", default="7000,10000", help="subscribed key counts (default 7000,10000)")
     p.add_argument("--modes", default="single,master", help="single and/or master (default both)")
-    p.add_argument("--duration", type=float, default=5.0, help="seconds per window (default 5)")
+    p.add_argument("--duration", type=float, default=4.0, help="seconds per window (default 4)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="rounds of (quiet window, stats window) per router, summed up (default 2)")
     p.add_argument("--interval", type=float, default=0.002, help="seconds between probe requests (default 0.002)")
     p.add_argument("--start-timeout", type=float, default=30.0)
     p.add_argument("--keep-logs", action="store_true", help="keep the directory with every process's log")
@@ -401,8 +416,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("router: python3 bench/loopstall.py --fastrouter ... --fastrouter-subscription-server SOCK "
           "--fastrouter-stats ... --subscription-tolerance 3600 --subscription-max-keys 100000 --listen 1024 "
           "[--master --fastrouter-processes 2]")
-    print("probe: one request for %s every %.1f ms, %.0f s per window\n"
-          % (HOT_KEY.decode(), a.interval * 1000, a.duration))
+    print("probe: one request for %s every %.1f ms; %d rounds of a quiet and a stats window of %.0f s each\n"
+          % (HOT_KEY.decode(), a.interval * 1000, a.rounds, a.duration))
     print(table(rows))
     if a.keep_logs or status:
         log("logs kept in %s" % workdir)

@@ -559,7 +559,11 @@ class MasterSockets:
         is under way share it."""
         self._stats_waiting.append(deliver)
         if len(self._stats_waiting) == 1:
-            self.master.collect_reports(RouterReport, self._reports_collected)
+            try:
+                self.master.collect_reports(RouterReport, self._reports_collected)
+            except BaseException:
+                self._stats_waiting = []    # the next request starts afresh
+                raise
 
     def _reports_collected(self, reports: List[RouterReport]) -> None:
         waiting, self._stats_waiting = self._stats_waiting, []
