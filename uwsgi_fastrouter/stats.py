@@ -16,15 +16,17 @@ in one go would freeze routing for a large fraction of a second.  So it is never
 in one go.  A member whose value is :class:`Streamed` (the ``subscriptions`` list) is
 an iterable *factory*: :func:`render_pieces` calls it when the text reaches that
 member and renders its items one at a time, yielding a piece of text after each.  The
-subscription list snapshots the table's pools (a sorted list of references, about a
-millisecond for 10,000 keys) and turns each pool into its stats record only when the
+subscription list snapshots the table's pools (a sorted list of references, a few
+milliseconds for 10,000 keys) and turns each pool into its stats record only when the
 renderer asks for it.
 
 Each client pulls pieces while its socket takes them, at most :data:`CHUNK` bytes at a
-time and only while the pass of the event loop has :data:`SLICE_BUDGET` seconds of
-stats work left (one budget per pass, shared by every stats client; a client always
-gets at least one piece, so none starves).  It then returns to the loop: routing runs
-between slices, and the next slice is taken on the next writability event.
+time and only while the pass of the event loop has stats time left: a quarter of a
+millisecond (:data:`SLICE_BUDGET`, shared by every stats client) in a pass where only
+stats sockets were ready, none in a pass that also had other work, where routing goes
+first.  A client always gets at least one piece per pass, so none starves.  It then
+returns to the loop: routing runs between slices, and the next slice is taken on the
+next writability event, normally the next pass.
 
 What a slow document shows: the pools that were in the table at the snapshot, each
 rendered as it is when its turn comes (counters of that moment, nodes added or
