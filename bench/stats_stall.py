@@ -4,7 +4,8 @@
 Usage::
 
     python3 bench/stats_stall.py [--tree PATH ...] [--keys 7000,10000] [--modes single,master]
-                                 [--rounds 2] [--duration 4] [--interval 0.002] [--keep-logs]
+                                 [--rounds 2] [--duration 4] [--interval 0.002] [--fetch-interval 0]
+                                 [--keep-logs]
 
 ``--tree`` (repeatable) names source trees to compare, e.g. an unmodified checkout and
 this one (default: this repository); each router runs with ``PYTHONPATH`` = that tree.
@@ -27,8 +28,10 @@ connection each, the latency is connect to EOF):
 
 * ``quiet``: nothing else happens;
 * ``stats``: a second process (this script with ``--fetch-stats``) fetches the whole
-  stats document back to back; it parses every ``--check-every``-th one (default 5)
-  and checks that it is valid JSON with N pools, and that the others have its length.
+  stats document back to back (or one every ``--fetch-interval`` seconds); it parses
+  every ``--check-every``-th one (default 5) and checks that it is valid JSON with N
+  pools, and that the others have its length.  The requests that started while a
+  fetch was under way are also summed up on their own ("during a fetch").
 
 Reported per kind of window (all rounds together): requests, errors, latency p50 /
 p99 / max, and the longest busy pass of the router's loops seen by ``loopstall.py``,
@@ -95,8 +98,9 @@ def pool_count(raw: bytes) -> int:
     return len(json.loads(raw.decode("utf-8")).get("subscriptions", []))
 
 
-def fetcher_main(port: int, expect: int, check_every: int) -> int:
-    """``--fetch-stats``: fetch the document back to back until SIGTERM, a line per fetch.
+def fetcher_main(port: int, expect: int, check_every: int, interval: float) -> int:
+    """``--fetch-stats``: fetch the document every *interval* seconds (or right after
+    the previous one, if that took longer) until SIGTERM, a line per fetch.
 
     Every *check_every*-th document (and the first) is parsed and its pools counted;
     the others are only read and compared in length with the last parsed one (parsing
@@ -105,7 +109,12 @@ def fetcher_main(port: int, expect: int, check_every: int) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     checked_length = None
     n = 0
+    due = time.monotonic()
     while True:
+        pause = due - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)  # pacing of the fetches, not synchronisation
+        due = max(due + interval, time.monotonic())
         t0 = time.monotonic()
         try:
             raw = fetch_stats(port)
@@ -120,7 +129,8 @@ def fetcher_main(port: int, expect: int, check_every: int) -> int:
         except (OSError, ValueError):
             raw, pools, ok, elapsed = b"", -1, False, time.monotonic() - t0
         n += 1
-        print("FETCH seconds=%.6f bytes=%d pools=%d ok=%d" % (elapsed, len(raw), pools, ok), flush=True)
+        print("FETCH start=%.6f seconds=%.6f bytes=%d pools=%d ok=%d" % (t0, elapsed, len(raw), pools, ok),
+              flush=True)
 
 
 def one_request(port: int, request: bytes) -> bool:
@@ -279,7 +289,8 @@ def run_window(a, router: Router, keys: int, window: str, workdir: str, tag: str
     if window == "stats":
         fetcher = processes.spawn("fetcher", [sys.executable, os.path.abspath(__file__), "--fetch-stats",
                                               str(router.stats_port), "--expect", str(keys),
-                                              "--check-every", str(a.check_every)],
+                                              "--check-every", str(a.check_every),
+                                              "--fetch-interval", str(a.fetch_interval)],
                                   None, stdout_pipe=True, death_signal=signal.SIGKILL)
         reader = processes.LineReader(fetcher)
         if not reader.wait_for("FETCH", 60):
@@ -298,7 +309,10 @@ def run_window(a, router: Router, keys: int, window: str, workdir: str, tag: str
             pass
         processes.stop(fetcher, signal.SIGTERM, grace=5)
         fetches = [processes.parse_kv(line) for line in reader.lines if line.startswith("FETCH")]
-    return {"latencies": latencies, "errors": errors, "busy": stalls(router, t0, t1), "fetches": fetches}
+    spans = [(float(f["start"]), float(f["start"]) + float(f["seconds"])) for f in fetches]
+    during = [latency for start, latency in trace if any(a0 <= start < a1 for a0, a1 in spans)]
+    return {"latencies": latencies, "during": during, "errors": errors, "busy": stalls(router, t0, t1),
+            "fetches": fetches}
 
 
 def measure(a, tree: str, mode: str, keys: int, workdir: str, backend_port: int, tag: str) -> List[dict]:
@@ -317,14 +331,15 @@ def measure(a, tree: str, mode: str, keys: int, workdir: str, backend_port: int,
     rows = []
     for window, items in runs.items():
         latencies = sorted(x for run in items for x in run["latencies"])
+        during = sorted(x for run in items for x in run["during"])
         fetches = [f for run in items for f in run["fetches"]]
         busy = {k: max(run["busy"][k] for run in items) for k in items[0]["busy"]}
         rows.append({
             "tree": tree, "mode": mode, "keys": keys, "window": window, "requests": len(latencies),
             "errors": sum(run["errors"] for run in items),
-            "p50": latencies[len(latencies) // 2] if latencies else None,
-            "p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else None,
+            "p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99),
             "max": latencies[-1] if latencies else None,
+            "during": len(during), "during_p50": percentile(during, 0.5), "during_p99": percentile(during, 0.99),
             "stall_first": busy["first"], "stall_others": busy["others"],
             "cpu_first": busy["first_cpu"], "cpu_others": busy["others_cpu"],
             "fetches": len(fetches),
@@ -335,19 +350,25 @@ def measure(a, tree: str, mode: str, keys: int, workdir: str, backend_port: int,
     return rows
 
 
+def percentile(ordered: List[float], fraction: float) -> Optional[float]:
+    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))] if ordered else None
+
+
 def ms(value: Optional[float]) -> str:
     return "-" if value is None else "%.2f" % (value * 1000)
 
 
 def table(rows: List[dict]) -> str:
     header = ["tree", "mode", "keys", "window", "requests", "errors", "p50 ms", "p99 ms", "max ms",
-              "longest pass ms wall (cpu)", "routers: longest pass ms wall (cpu)",
+              "during a fetch: requests, p50, p99 ms", "longest pass ms wall (cpu)", "routers: longest pass ms wall (cpu)",
               "stats fetches", "bad", "mean fetch s", "doc bytes"]
     body = []
     for r in rows:
         master = r["mode"] == "master"
         body.append([r["tree"], r["mode"], str(r["keys"]), r["window"], str(r["requests"]), str(r["errors"]),
                      ms(r["p50"]), ms(r["p99"]), ms(r["max"]),
+                     "%d, %s, %s" % (r["during"], ms(r["during_p50"]), ms(r["during_p99"]))
+                     if r["window"] == "stats" else "-",
                      "%s (%s)" % (ms(r["stall_first"]), ms(r["cpu_first"])),
                      "%s (%s)" % (ms(r["stall_others"]), ms(r["cpu_others"])) if master else "-",
                      str(r["fetches"]) if r["window"] == "stats" else "-",
@@ -373,6 +394,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--keep-logs", action="store_true", help="keep the directory with every process's log")
     p.add_argument("--fetch-stats", type=int, metavar="PORT", help=argparse.SUPPRESS)
     p.add_argument("--expect", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--fetch-interval", type=float, default=0.0,
+                   help="seconds from the start of one stats fetch to the next (default 0: back to back)")
     p.add_argument("--check-every", type=int, default=5,
                    help="parse every Nth stats document fetched (default 5; the others are compared "
                         "in length)")
@@ -388,7 +411,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     a = parse_args(argv)
     if a.fetch_stats:
-        return fetcher_main(a.fetch_stats, a.expect, max(1, a.check_every))
+        return fetcher_main(a.fetch_stats, a.expect, max(1, a.check_every), a.fetch_interval)
     build = subprocess.run(["make", "-s", "-C", BENCH_DIR], capture_output=True, text=True)
     if not os.access(BACKEND_BIN, os.X_OK):
         log("building bench/build/backend failed:\n" + build.stdout + build.stderr)
@@ -416,8 +439,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("router: python3 bench/loopstall.py --fastrouter ... --fastrouter-subscription-server SOCK "
           "--fastrouter-stats ... --subscription-tolerance 3600 --subscription-max-keys 100000 --listen 1024 "
           "[--master --fastrouter-processes 2]")
-    print("probe: one request for %s every %.1f ms; %d rounds of a quiet and a stats window of %.0f s each\n"
-          % (HOT_KEY.decode(), a.interval * 1000, a.rounds, a.duration))
+    print("probe: one request for %s every %.1f ms; %d rounds of a quiet and a stats window of %.0f s each; "
+          "stats fetched %s\n" % (HOT_KEY.decode(), a.interval * 1000, a.rounds, a.duration,
+                                  "every %.2f s" % a.fetch_interval if a.fetch_interval else "back to back"))
     print(table(rows))
     if a.keep_logs or status:
         log("logs kept in %s" % workdir)

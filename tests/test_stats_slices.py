@@ -291,6 +291,26 @@ def test_an_empty_or_nested_streamed_member_renders_like_a_list(minified):
     assert "".join(render_pieces(doc, minified)).encode() == reference_render(plain, minified)
 
 
+def test_the_reactor_counts_the_fds_ready_in_each_pass():
+    """What the stats server reads to let routing go first."""
+    reactor = Reactor()
+    pairs = [socket.socketpair() for _ in range(3)]
+    seen = []
+    try:
+        for a, _b in pairs:
+            reactor.add_reader(a.fileno(), lambda: seen.append(reactor.ready_count))
+        pairs[0][1].send(b"x")
+        pairs[2][1].send(b"x")
+        reactor.call_later(0, reactor.stop)
+        reactor.run()
+        assert seen == [2, 2]
+    finally:
+        reactor.close()
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
 # --------------------------------------------------------------------------
 # The stats server, in process
 
@@ -439,7 +459,7 @@ def test_the_masters_document_is_byte_for_byte_the_full_render(minified):
 
 
 @pytest.mark.parametrize("part", [b"[1]", b"not json", b'{"pools":["k",1,5]}', b'{"pools":{"k":1}}',
-                                  b'{"sessions":1}', b'{"pools":[1,2,0]}'])
+                                  b'{"sessions":1}', b'{"pools":[1,2,0]}', b'{"pools":["k","1",0]}'])
 def test_a_malformed_report_part_is_refused(part):
     with pytest.raises(ValueError):
         RouterReport().add(part)

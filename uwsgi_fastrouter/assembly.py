@@ -181,8 +181,8 @@ class RouterReport:
         index = {}
         at = 0
         while at < len(flat):
-            key, nodes = flat[at], flat[at + 2]
-            if type(key) is not str or type(nodes) is not int or nodes < 0 \
+            key, hits, nodes = flat[at], flat[at + 1], flat[at + 2]
+            if type(key) is not str or type(hits) is not int or type(nodes) is not int or nodes < 0 \
                     or at + 3 + 7 * nodes > len(flat):
                 raise ValueError("a malformed pool in a report part")
             index[key] = base + at + 1
