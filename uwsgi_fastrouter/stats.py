@@ -187,11 +187,11 @@ def _emit_value(value: Any, depth: int, out: List[str], nl: str, tab: str) -> No
         out.append(_scalar(value))
 
 
-# Objects whose members are all scalars (a subscribed node has 18) are many and all of a
-# few shapes.  Each shape is rendered once by the generic emitter with a hole for every
-# value, giving a %-template; a record of that shape is then one % operation on its
-# scalars.  The template comes from the generic emitter, so the text is the same.
-_SCALAR_TYPES = frozenset((int, bool, float, str, bytes, type(None)))
+# The objects of a document are many (a pool, a node: thousands of each) and of a few
+# shapes (their member names).  Each shape is rendered once by the generic emitter with
+# a hole for every value, giving a %-template; an object of that shape is then one %
+# operation on the texts of its values.  The template comes from the generic emitter,
+# so the text is the same.
 _HOLE = object()              # a value that _scalar() renders as _HOLE_TEXT
 _HOLE_TEXT = str(object())    # a str object told apart by identity
 _TEMPLATES: Dict[tuple, str] = {}
@@ -199,16 +199,26 @@ _MAX_TEMPLATES = 64
 
 
 def _emit_object(obj: Dict[str, Any], depth: int, out: List[str], nl: str, tab: str) -> None:
-    if len(obj) > 2 and _SCALAR_TYPES.issuperset(map(type, obj.values())):
+    if len(obj) > 2:
         shape = (tuple(obj), depth, nl, tab)
         template = _TEMPLATES.get(shape)
         if template is None and len(_TEMPLATES) < _MAX_TEMPLATES:
             template = _TEMPLATES[shape] = _template(shape[0], depth, nl, tab)
         if template is not None:
-            out.append(template % tuple([value if type(value) is int else _scalar(value)
+            inner = depth + 1
+            out.append(template % tuple([value if type(value) is int else _text(value, inner, nl, tab)
                                          for value in obj.values()]))
             return
     _emit_members(obj, depth, out, nl, tab)
+
+
+def _text(value: Any, depth: int, nl: str, tab: str) -> str:
+    """The text of one value at *depth*."""
+    if isinstance(value, (dict, list, Streamed)):
+        out: List[str] = []
+        _emit_value(value, depth, out, nl, tab)
+        return "".join(out)
+    return _scalar(value)
 
 
 def _template(keys: tuple, depth: int, nl: str, tab: str) -> str:
