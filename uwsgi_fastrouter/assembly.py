@@ -107,7 +107,7 @@ class Assembly:
                     self.server.go_cheap()
                 return
 
-    def report_parts(self, pools_per_part: int = 64) -> Iterator[dict]:
+    def report_parts(self, pools_per_part: int = 32) -> Iterator[dict]:
         """This process's counters for the master's stats, in parts (see
         :class:`RouterReport`): the totals first, then the pools a few at a time, each
         taken from the table when its part is built (one removed meanwhile is left out)."""

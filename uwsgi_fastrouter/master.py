@@ -19,7 +19,7 @@ a stopped or slow process never holds up the master or a router.
 
 Stats (D8): the stats server runs in the master.  A request starts a collection round:
 a QUERY frame with the round's number to every router process, which answers with
-REPORT frames built a slice at a time on its own loop (64 pools each, so no pass of
+REPORT frames built a slice at a time on its own loop (32 pools each, so no pass of
 either loop parses or builds megabytes), the last one flagged.  The master
 merges each frame as it arrives.  A process that has sent nothing for half a second
 (or is not done after three) is left out of that round with a log line, never waited
