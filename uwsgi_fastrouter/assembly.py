@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from . import zerg
 from .addresses import shared_socket_index as _shared_index  # "=N": atoi, as uWSGI
@@ -21,7 +21,7 @@ from .router import Router, SubscriptionMapper
 from .server import DEFAULT_CHUNK, Server
 from .signing import SignatureChecker, SigningError
 from .sockets import AddressError, bind_listener, bind_stream_server
-from .stats import StatsServer, build_document, subscription_stats
+from .stats import StatsServer, Streamed, build_document, live_pools, pool_stats, subscription_stream
 from .subscription import SubscriptionTable
 from .subserver import SubscriptionServer, bind_datagram
 
@@ -121,20 +121,101 @@ class Assembly:
                     self.server.go_cheap()
                 return
 
-    def report(self) -> dict:
-        """This process's counters, for the master's stats."""
+    def report_parts(self, pools_per_part: int = 32) -> Iterator[dict]:
+        """This process's counters for the master's stats, in parts (see
+        :class:`RouterReport`): the totals first, then the pools a few at a time, each
+        taken from the table when its part is built (one removed meanwhile is left out)."""
         server = self.server
-        report = {"sessions": len(server.sessions),
-                  "static": [[n.hits, int(n.dead_since)] for n in server.router.static_nodes],
-                  "cheap": 1 if server.cheap else 0,
-                  "pools": {}}
-        if self.table is not None:
-            pools = report["pools"]
-            for pool in self.table.pools_for_stats():
-                pools[pool.key.decode("latin-1")] = [pool.hits, {
-                    n.name.decode("latin-1"): [n.requests, n.last_requests, n.tx, n.rx, n.ref, n.failcnt]
-                    for n in pool.nodes}]
-        return report
+        yield {"sessions": len(server.sessions),
+               "static": [[n.hits, int(n.dead_since)] for n in server.router.static_nodes],
+               "cheap": 1 if server.cheap else 0}
+        if self.table is None:
+            return
+        flat: list = []
+        count = 0
+        for counters in live_pools(self.table, _pool_counters):
+            flat += counters
+            count += 1
+            if count >= pools_per_part:
+                yield {"pools": flat}
+                flat, count = [], 0
+        if flat:
+            yield {"pools": flat}
+
+
+def _pool_counters(pool) -> list:
+    """One pool in a router process's report, flat (see :class:`RouterReport`)."""
+    flat = [pool.key.decode("latin-1"), pool.hits, len(pool.nodes)]
+    for n in pool.nodes:
+        flat += (n.name.decode("latin-1"), n.requests, n.last_requests, n.tx, n.rx, n.ref, n.failcnt)
+    return flat
+
+
+class RouterReport:
+    """One router process's counters, as the master receives them in parts.
+
+    Each part is a JSON object: the first has ``sessions``, ``static`` (``[hits,
+    grace]`` per static node) and ``cheap``; the others ``pools``, a flat list with,
+    per pool, its key (latin-1), hits and node count, then per node its name
+    (latin-1), requests, last_requests, tx, rx, ref and failcnt.
+
+    The counters stay in one flat list with an index of positions by key: tens of
+    thousands of small lists and dicts kept across passes would make every full run
+    of the cyclic garbage collector (which walks them all, in one pass of the loop)
+    that much longer.
+    """
+
+    __slots__ = ("sessions", "static", "cheap", "counters", "index")
+
+    def __init__(self) -> None:
+        self.sessions = 0
+        self.static: list = []
+        self.cheap = 0
+        self.counters: list = []
+        self.index: Dict[str, int] = {}   # key -> position of its hits in counters
+
+    def add(self, data: bytes) -> None:
+        """Merge one part; ValueError for one that is not a part."""
+        part = json.loads(data)
+        if not isinstance(part, dict):
+            raise ValueError("a report part is not an object")
+        try:
+            if "sessions" in part:
+                self.sessions = int(part["sessions"])
+                self.static = [(int(hits), int(grace)) for hits, grace in part["static"]]
+                self.cheap = int(part["cheap"])
+            flat = part.get("pools")
+            if flat is not None:
+                self._index(flat)
+        except (IndexError, KeyError, TypeError) as exc:
+            raise ValueError("a malformed report part: %r" % (exc,)) from None
+
+    def _index(self, flat: list) -> None:
+        base = len(self.counters)
+        index = {}
+        at = 0
+        while at < len(flat):
+            key, hits, nodes = flat[at], flat[at + 1], flat[at + 2]
+            if type(key) is not str or type(hits) is not int or type(nodes) is not int or nodes < 0 \
+                    or at + 3 + 7 * nodes > len(flat):
+                raise ValueError("a malformed pool in a report part")
+            index[key] = base + at + 1
+            at += 3 + 7 * nodes
+        self.counters += flat
+        self.index.update(index)
+
+    def pool(self, key: str) -> Optional[Tuple[int, Dict[str, list]]]:
+        """(hits, {node name: [requests, last_requests, tx, rx, ref, failcnt]}) of *key*."""
+        at = self.index.get(key)
+        if at is None:
+            return None
+        counters = self.counters
+        nodes = {}
+        node = at + 2
+        for _ in range(counters[at + 1]):
+            nodes[counters[node]] = counters[node + 1:node + 7]
+            node += 7
+        return counters[at], nodes
 
 
 def _bind_all(cfg, parts: Assembly) -> tuple:
@@ -338,7 +419,7 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener, external: bo
         names = [l.name for l in listeners] + [d.name for d in datagram]
         static = router.static_nodes if cfg.fastrouter_to else None
         table = parts.table
-        extra = (lambda doc: doc.__setitem__("subscriptions", subscription_stats(table))) \
+        extra = (lambda doc: doc.__setitem__("subscriptions", subscription_stream(table))) \
             if table is not None else None
         parts.stats = StatsServer(
             reactor, stats_listener,
@@ -373,6 +454,7 @@ class MasterSockets:
         self.zerg: Optional[zerg.ZergServer] = None
         self.subscriber = None
         self.subscriptions_blocked = False
+        self._stats_waiting: list = []   # stats requests waiting for the collection under way
 
     @classmethod
     def bind(cls, cfg, inherited: Optional[dict]) -> "MasterSockets":
@@ -459,27 +541,47 @@ class MasterSockets:
             self.zerg = zerg.ZergServer(reactor, self.parts.zerg_listener, self.listeners)
         self.subscriber = make_subscriber(cfg, reactor, self.parts)
         if self.stats_listener is not None:
-            self.stats = StatsServer(reactor, self.stats_listener, self._stats_document,
+            self.stats = StatsServer(reactor, self.stats_listener, gather=self._gather_stats,
                                      minified=cfg.stats_minified, http=cfg.stats_http,
                                      timeout=cfg.socket_timeout or 4)
 
-    def _stats_document(self) -> dict:
-        reports = self.master.query_routers()
+    def _gather_stats(self, deliver) -> None:
+        """A stats request: collect the router processes' counters (without waiting on
+        this loop), then *deliver* the document.  Requests arriving while a collection
+        is under way share it."""
+        self._stats_waiting.append(deliver)
+        if len(self._stats_waiting) == 1:
+            try:
+                self.master.collect_reports(RouterReport, self._reports_collected)
+            except BaseException:
+                self._stats_waiting = []    # the next request starts afresh
+                raise
+
+    def _reports_collected(self, reports: List[RouterReport]) -> None:
+        waiting, self._stats_waiting = self._stats_waiting, []
+        document = self._stats_document(reports)
+        for deliver in waiting:
+            try:
+                deliver(document)
+            except Exception as exc:  # one broken client must not cost the others theirs
+                log("[uwsgi-fastrouter] unable to send the stats document: %r" % (exc,))
+
+    def _stats_document(self, reports: List[RouterReport]) -> dict:
         names = [l.name for l in self.listeners] + [d.name for d in self.datagram]
         static = None
         if self.cfg.fastrouter_to:
             static = []
             for i, name in enumerate(self.cfg.fastrouter_to):
-                hits = sum(r["static"][i][0] for r in reports if i < len(r["static"]))
-                grace = max([r["static"][i][1] for r in reports if i < len(r["static"])] or [0])
+                hits = sum(r.static[i][0] for r in reports if i < len(r.static))
+                grace = max([r.static[i][1] for r in reports if i < len(r.static)] or [0])
                 static.append(_StaticView(name, hits, grace))
         table = self.table
         extra = None
         if table is not None:
             extra = lambda d: d.__setitem__("subscriptions", _aggregate(table, reports))
-        return build_document(_SessionsView(sum(r["sessions"] for r in reports)), names,
+        return build_document(_SessionsView(sum(r.sessions for r in reports)), names,
                               static_nodes=static, extra=extra,
-                              cheap=bool(reports) and all(r["cheap"] for r in reports))
+                              cheap=bool(reports) and all(r.cheap for r in reports))
 
     def start_master(self) -> None:
         self.subscriptions_blocked = bool(self.cfg.start_unsubscribed)
@@ -570,28 +672,28 @@ class _SessionsView:
         self.active_sessions = n
 
 
-def _aggregate(table, reports) -> list:
-    """The master's table with every router process's counters summed."""
-    pools = subscription_stats(table)
-    for pool in pools:
-        key = pool["key"].decode("latin-1") if isinstance(pool["key"], bytes) else pool["key"]
-        hits = 0
-        for report in reports:
-            entry = report["pools"].get(key)
-            if entry:
-                hits += entry[0]
-        pool["hits"] = hits
-        for node in pool["nodes"]:
-            name = node["name"].decode("latin-1") if isinstance(node["name"], bytes) else node["name"]
-            totals = [0, 0, 0, 0, 0, 0]
-            for report in reports:
-                entry = report["pools"].get(key)
-                if entry and name in entry[1]:
-                    totals = [a + b for a, b in zip(totals, entry[1][name])]
-            (node["requests"], node["last_requests"], node["tx"], node["rx"], node["ref"],
-             failcnt) = totals
-            node["failcnt"] = max(node["failcnt"], failcnt)
-    return pools
+def _aggregate(table, reports: List[RouterReport]) -> Streamed:
+    """The master's table with every router process's counters summed, as a
+    :class:`~uwsgi_fastrouter.stats.Streamed` member: a pool at a time."""
+    return Streamed(lambda: live_pools(table, lambda pool: _with_totals(pool_stats(pool), reports)))
+
+
+def _with_totals(record: dict, reports: List[RouterReport]) -> dict:
+    """A pool's record with the router processes' counters summed into it."""
+    key = record["key"].decode("latin-1")
+    entries = [entry for entry in (report.pool(key) for report in reports) if entry]
+    record["hits"] = sum(entry[0] for entry in entries)
+    for node in record["nodes"]:
+        name = node["name"].decode("latin-1")
+        totals = [0, 0, 0, 0, 0, 0]
+        for entry in entries:
+            counters = entry[1].get(name)
+            if counters:
+                totals = [a + b for a, b in zip(totals, counters)]
+        (node["requests"], node["last_requests"], node["tx"], node["rx"], node["ref"],
+         failcnt) = totals
+        node["failcnt"] = max(node["failcnt"], failcnt)
+    return record
 
 
 def _make_table(cfg) -> SubscriptionTable:

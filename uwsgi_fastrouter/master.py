@@ -13,8 +13,17 @@ checks each datagram (signature, credentials), keeps its own copy of the table, 
 copies every accepted datagram to each router process over that process's channel (a
 UNIX stream socketpair; frames of a 4-byte length, a type byte and a payload).  A
 router that marks a node failed tells the master, which tells the others: every
-process has the same view.  The stats server runs in the master too; on each request
-it asks every router process for its counters (bounded wait) and sums them.
+process has the same view.  Frames are written without blocking: what a channel does
+not take at once waits in that channel's outbox (bounded) and goes on writability, so
+a stopped or slow process never holds up the master or a router.
+
+Stats (D8): the stats server runs in the master.  A request starts a collection round:
+a QUERY frame with the round's number to every router process, which answers with
+REPORT frames built a slice at a time on its own loop (32 pools each, so no pass of
+either loop parses or builds megabytes), the last one flagged.  The master
+merges each frame as it arrives.  A process that has sent nothing for half a second
+(or is not done after three) is left out of that round with a log line, never waited
+for; the document is then rendered from the master's table and the complete reports.
 
 Signals (uWSGI's meanings): SIGHUP is a graceful reload; SIGTERM a brutal reload unless
 ``--die-on-term`` (then a shutdown); SIGINT and SIGQUIT shut down.  ``--touch-reload``
@@ -38,7 +47,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import select
 import signal
 import socket
 import struct
@@ -48,14 +56,20 @@ import time
 from typing import Callable, Dict, List, Optional
 
 from . import sdnotify
-from .log import log
+from .log import RateLimitedLog, log
 from .reactor import Reactor
+from .stats import slice_deadline
 
 ENV_INHERIT = "UWSGI_FASTROUTER_INHERIT"
 _PROGRAM = "uwsgi-fastrouter"
 _FRAME = struct.Struct("!IB")
+_REPORT_HEAD = struct.Struct("!IB")     # round number, 1 on the last frame of a report
 _RESPAWN_BACKOFF = 1.0
-_STATS_WAIT = 0.5
+_STATS_WAIT = 0.5          # a router process silent this long is left out of a stats round
+_STATS_CAP = 3.0           # and one not done after this long
+_CHANNEL_READ = 65536      # bytes read from a channel per event (a few report frames)
+_OUTBOX_LIMIT = 16 << 20   # bytes queued for one channel before frames are dropped
+_REPORT_HIGH_WATER = 256 << 10   # a router builds no more report frames while this much waits
 _KILL_AFTER = 10.0
 _ORPHAN_GRACE = 10.0
 _MASTER_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD}
@@ -63,8 +77,8 @@ _MASTER_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
 # Frame types on a master <-> router channel.
 SUBSCRIPTION = ord("S")   # master -> router: an accepted subscription datagram (+ credentials)
 FAILED = ord("F")         # both ways: a node failed a connect: key \0 address
-QUERY = ord("Q")          # master -> router: send your counters
-REPORT = ord("R")         # router -> master: counters (JSON)
+QUERY = ord("Q")          # master -> router: send your counters (round number)
+REPORT = ord("R")         # router -> master: round number, last flag, a part of the counters (JSON)
 
 
 def encode_frame(kind: int, payload: bytes) -> bytes:
@@ -94,7 +108,7 @@ class FrameReader:
 class Child:
     """One forked process the master supervises."""
 
-    __slots__ = ("kind", "index", "pid", "started", "channel", "reader", "draining")
+    __slots__ = ("kind", "index", "pid", "started", "channel", "reader", "draining", "outbox")
 
     def __init__(self, kind: str, index: int) -> None:
         self.kind = kind            # "router" or "worker"
@@ -104,25 +118,7 @@ class Child:
         self.channel: Optional[socket.socket] = None   # master's end (routers only)
         self.reader = FrameReader()
         self.draining = False
-
-
-def send_frame(sock: socket.socket, kind: int, payload: bytes, timeout: float = 2.0) -> bool:
-    """Blocking send of one frame with a bound; False if the peer is gone or stuck."""
-    data = encode_frame(kind, payload)
-    deadline = time.monotonic() + timeout
-    view = memoryview(data)
-    while view:
-        try:
-            sent = sock.send(view, socket.MSG_DONTWAIT)
-            view = view[sent:]
-        except BlockingIOError:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            select.select([], [sock], [], left)
-        except OSError:
-            return False
-    return True
+        self.outbox = bytearray()   # frames the channel has not taken yet
 
 
 class Master:
@@ -150,6 +146,10 @@ class Master:
         self.notifier = sdnotify.from_environ()   # systemd, when it started us
         self.reload_watcher = None   # --touch-reload
         self.log_reopener = None     # --touch-logreopen
+        self._rounds: Dict[int, _ReportRound] = {}   # stats collections under way
+        self._round_seq = 0
+        self._stats_log = RateLimitedLog(time.monotonic, burst=10, what="stats log lines")
+        self._outbox_log = RateLimitedLog(time.monotonic, burst=10, what="channel log lines")
 
     # ----------------------------------------------------------------- start
 
@@ -267,6 +267,7 @@ class Master:
             parent_end.setblocking(False)
             child.channel = parent_end
             child.reader = FrameReader()
+            child.outbox = bytearray()
             self.reactor.add_reader(parent_end.fileno(), lambda c=child: self._channel_readable(c))
         what = "uWSGI fastrouter %d" % child.index if child.kind == "router" else "uWSGI worker %d" % child.index
         log("spawned %s (pid: %d)" % (what, pid))
@@ -423,9 +424,11 @@ class Master:
                         log("graceful reload: the old processes are gone")
                 continue
             if child.channel is not None:
-                self.reactor.remove_reader(child.channel.fileno())
+                self.reactor.unregister(child.channel.fileno())
                 child.channel.close()
                 child.channel = None
+                child.outbox = bytearray()
+            self._report_lost(child)
             if self.stopping or child.draining:
                 continue
             what = "fastrouter %d" % child.index if child.kind == "router" else "worker %d" % child.index
@@ -523,61 +526,141 @@ class Master:
         for child in self.routers:
             if child is exclude or child.channel is None or child.draining:
                 continue
-            send_frame(child.channel, kind, payload)
+            self._send(child, kind, payload)
+
+    def _send(self, child: Child, kind: int, payload: bytes) -> bool:
+        """Queue one frame for *child* and write what its channel takes now; False if
+        the channel is gone or its outbox is full (the frame is dropped whole)."""
+        sock = child.channel
+        if sock is None:
+            return False
+        frame = encode_frame(kind, payload)
+        if len(child.outbox) + len(frame) > _OUTBOX_LIMIT:
+            self._outbox_log("*** the channel to fastrouter %d (pid: %d) is full: frame dropped ***"
+                             % (child.index, child.pid))
+            return False
+        was_empty = not child.outbox
+        child.outbox += frame
+        if was_empty:
+            self._flush(child)
+        return child.channel is not None
+
+    def _flush(self, child: Child) -> None:
+        sock = child.channel
+        if sock is None:
+            return
+        outbox = child.outbox
+        try:
+            sent = sock.send(outbox)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            # The process is gone: its reaping closes the channel.
+            del outbox[:]
+            self.reactor.remove_writer(sock.fileno())
+            return
+        del outbox[:sent]
+        if outbox:
+            self.reactor.add_writer(sock.fileno(), lambda c=child: self._flush(c))
+        else:
+            self.reactor.remove_writer(sock.fileno())
 
     def _channel_readable(self, child: Child) -> None:
         sock = child.channel
         if sock is None:
             return
         try:
-            data = sock.recv(1 << 20)
+            data = sock.recv(_CHANNEL_READ)
         except BlockingIOError:
             return
         except OSError:
             data = b""
         if not data:
             self.reactor.remove_reader(sock.fileno())
+            self._report_lost(child)
             return
         for kind, payload in child.reader.feed(data):
             if kind == FAILED:
                 self.sockets.node_failed(payload)
                 self.broadcast(FAILED, payload, exclude=child)
+            elif kind == REPORT:
+                self._report_frame(child, payload)
 
-    def query_routers(self) -> List[dict]:
-        """Ask every router process for its counters; waits at most half a second."""
-        reports: List[dict] = []
-        waiting = {}
+    # ---------------------------------------------------------------- stats
+
+    def collect_reports(self, make_report: Callable[[], object],
+                        on_done: Callable[[list], None]) -> None:
+        """Ask every router process for its counters, without waiting for them.
+
+        ``make_report()`` makes an empty report per process (``add(part_bytes)`` is
+        called for each part it sends); ``on_done(reports)`` is called once, from
+        this loop, with the reports of the processes that answered completely in
+        time (right away if there is none to ask)."""
+        self._round_seq = (self._round_seq + 1) & 0xFFFFFFFF
+        rnd = _ReportRound(self._round_seq, self.reactor.now, on_done)
+        query = struct.pack("!I", rnd.ident)
         for child in self.routers:
-            if child.channel is not None and send_frame(child.channel, QUERY, b""):
-                waiting[child.channel] = child
-        deadline = time.monotonic() + _STATS_WAIT
-        while waiting:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            ready, _, _ = select.select(list(waiting), [], [], left)
-            for sock in ready:
-                child = waiting[sock]
-                try:
-                    data = sock.recv(1 << 20)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    data = b""
-                if not data:
-                    del waiting[sock]
-                    continue
-                for kind, payload in child.reader.feed(data):
-                    if kind == REPORT:
-                        try:
-                            reports.append(json.loads(payload))
-                        except ValueError:
-                            pass
-                        waiting.pop(sock, None)
-                    elif kind == FAILED:
-                        self.sockets.node_failed(payload)
-                        self.broadcast(FAILED, payload, exclude=child)
-        return reports
+            if child.channel is None or child.draining or child.pid not in self.children:
+                continue
+            if self._send(child, QUERY, query):
+                rnd.waiting[child.pid] = [child, make_report(), rnd.started]
+        if not rnd.waiting:
+            on_done([])
+            return
+        self._rounds[rnd.ident] = rnd
+        rnd.timer = self.reactor.call_later(_STATS_WAIT, self._round_check, rnd)
+
+    def _report_frame(self, child: Child, payload: bytes) -> None:
+        if len(payload) < _REPORT_HEAD.size:
+            return
+        ident, last = _REPORT_HEAD.unpack_from(payload)
+        rnd = self._rounds.get(ident)
+        entry = rnd.waiting.get(child.pid) if rnd is not None else None
+        if entry is None:
+            return          # a late answer to a round that is over
+        entry[2] = self.reactor.now
+        if len(payload) > _REPORT_HEAD.size:
+            try:
+                entry[1].add(payload[_REPORT_HEAD.size:])
+            except ValueError as exc:
+                self._stats_log("stats: fastrouter %d (pid: %d) sent bad counters (%s): left out of "
+                                "this document" % (child.index, child.pid, exc))
+                del rnd.waiting[child.pid]
+                last = 0
+        if last:
+            del rnd.waiting[child.pid]
+            rnd.done.append(entry[1])
+        if not rnd.waiting:
+            self._finish_round(rnd)
+
+    def _round_check(self, rnd: "_ReportRound") -> None:
+        if self._rounds.get(rnd.ident) is not rnd:
+            return
+        now = self.reactor.now
+        for pid, (child, _report, heard) in list(rnd.waiting.items()):
+            if now - heard >= _STATS_WAIT or now - rnd.started >= _STATS_CAP:
+                del rnd.waiting[pid]
+                self._stats_log("stats: fastrouter %d (pid: %d) did not send its counters in time: "
+                                "left out of this document" % (child.index, pid))
+        if not rnd.waiting:
+            self._finish_round(rnd)
+            return
+        wake = min(min(entry[2] for entry in rnd.waiting.values()) + _STATS_WAIT,
+                   rnd.started + _STATS_CAP)
+        rnd.timer = self.reactor.call_at(wake, self._round_check, rnd)
+
+    def _report_lost(self, child: Child) -> None:
+        """*child*'s channel is gone: no round waits for it any more."""
+        for rnd in list(self._rounds.values()):
+            if rnd.waiting.pop(child.pid, None) is not None and not rnd.waiting:
+                self._finish_round(rnd)
+
+    def _finish_round(self, rnd: "_ReportRound") -> None:
+        if self._rounds.pop(rnd.ident, None) is None:
+            return
+        if rnd.timer is not None:
+            rnd.timer.cancel()
+        rnd.on_done(rnd.done)
 
     def _drop_master_privileges(self) -> None:
         cfg = self.cfg
@@ -627,14 +710,36 @@ class Master:
         self.reactor.call_later(1.0, self._tick)
 
 
+class _ReportRound:
+    """One stats request's collection of counters from the router processes."""
+
+    __slots__ = ("ident", "started", "waiting", "done", "on_done", "timer")
+
+    def __init__(self, ident: int, started: float, on_done: Callable[[list], None]) -> None:
+        self.ident = ident
+        self.started = started
+        self.waiting: Dict[int, list] = {}   # pid -> [child, report, when last heard from]
+        self.done: list = []
+        self.on_done = on_done
+        self.timer = None
+
+
 class RouterLink:
-    """A router process's end of its channel to the master."""
+    """A router process's end of its channel to the master.
+
+    Frames to the master wait in an outbox and go as the channel takes them.  A stats
+    QUERY is answered with REPORT frames built from ``parts.report_parts()`` a slice at
+    a time (see :func:`~uwsgi_fastrouter.stats.slice_deadline`; none while the outbox
+    holds more than :data:`_REPORT_HIGH_WATER`), so routing goes on meanwhile.
+    """
 
     def __init__(self, reactor: Reactor, channel: socket.socket, parts) -> None:
         self.reactor = reactor
         self.channel = channel
         self.parts = parts
         self.reader = FrameReader()
+        self.outbox = bytearray()
+        self.report = None          # (round number, iterator of parts) while answering
         channel.setblocking(False)
         parts.report_failure = self.node_failed
 
@@ -643,13 +748,15 @@ class RouterLink:
 
     def stop(self) -> None:
         if self.channel is not None:
-            self.reactor.remove_reader(self.channel.fileno())
+            self.reactor.unregister(self.channel.fileno())
             self.channel.close()
             self.channel = None
+        self.report = None
 
     def node_failed(self, key: bytes, address: bytes) -> None:
         if self.channel is not None:
-            send_frame(self.channel, FAILED, key + b"\0" + address)
+            self.outbox += encode_frame(FAILED, key + b"\0" + address)
+            self._flush()
 
     def _readable(self) -> None:
         try:
@@ -662,7 +769,9 @@ class RouterLink:
             # The master closed our channel: it is re-executing itself (a reload: the
             # new image tells us to stop once its own router processes accept) or it
             # died.  Keep serving meanwhile, but never outlive it by long.
-            self.reactor.remove_reader(self.channel.fileno())
+            self.reactor.unregister(self.channel.fileno())
+            self.outbox = bytearray()
+            self.report = None
             self.reactor.call_later(_ORPHAN_GRACE, os.kill, os.getpid(), signal.SIGTERM)
             return
         for kind, payload in self.reader.feed(data):
@@ -673,8 +782,54 @@ class RouterLink:
             elif kind == FAILED:
                 key, _, address = payload.partition(b"\0")
                 self.parts.apply_failure(key, address)
-            elif kind == QUERY:
-                send_frame(self.channel, REPORT, json.dumps(self.parts.report()).encode())
+            elif kind == QUERY and len(payload) >= 4:
+                # A newer round replaces one still being answered (the master has
+                # given up on that one).
+                self.report = (struct.unpack_from("!I", payload)[0], self.parts.report_parts())
+                self._pump()
+
+    def _pump(self) -> None:
+        """Build report frames for this pass's budget, then let the channel take them."""
+        report = self.report
+        if report is not None:
+            ident, parts = report
+            deadline = slice_deadline(self.reactor, 1)
+            while len(self.outbox) < _REPORT_HIGH_WATER:
+                try:
+                    part = next(parts)
+                except StopIteration:
+                    part = None
+                except Exception as exc:  # never let a stats bug hurt routing
+                    log("[uwsgi-fastrouter] unable to build the stats report: %r" % (exc,))
+                    part = None
+                if part is None:
+                    self.outbox += encode_frame(REPORT, _REPORT_HEAD.pack(ident, 1))
+                    self.report = None
+                    break
+                self.outbox += encode_frame(REPORT, _REPORT_HEAD.pack(ident, 0)
+                                            + json.dumps(part, separators=(",", ":")).encode())
+                if time.monotonic() >= deadline:
+                    break
+        self._flush()
+
+    def _flush(self) -> None:
+        channel = self.channel
+        if channel is None:
+            return
+        outbox = self.outbox
+        if outbox:
+            try:
+                sent = channel.send(outbox)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                sent = len(outbox)      # the master is gone: _readable sees the EOF
+            del outbox[:sent]
+        if outbox or self.report is not None:
+            # More to write, or more to build: on writability, the next pass.
+            self.reactor.add_writer(channel.fileno(), self._pump)
+        else:
+            self.reactor.remove_writer(channel.fileno())
 
 
 def pack_credentials(pid, uid, gid) -> bytes:

@@ -172,6 +172,9 @@ class Reactor:
         self._clock = clock
         self.max_events = max_events
         self.now: float = clock()
+        #: how many fds were ready in the current pass (low-priority work such as the
+        #: stats server yields when others were)
+        self.ready_count = 0
         self.errors = 0
         self._keys: Dict[int, selectors.SelectorKey] = {}
         # forget() may skip the epoll_ctl(DEL) only on the stdlib epoll selector.
@@ -504,6 +507,7 @@ class Reactor:
                     timeout = None
                 ready = select(timeout)
                 self.now = now = clock()
+                self.ready_count = len(ready)
                 for key, mask in ready:
                     # Skip events whose registration changed earlier in this batch.
                     if keys_get(key.fd) is key:

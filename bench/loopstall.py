@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""Run ``python -m uwsgi_fastrouter ARGS`` with its event loops timed (benchmarks only).
+
+Usage::
+
+    LOOPSTALL_FILE=/tmp/stalls python3 bench/loopstall.py --fastrouter ... [--master ...]
+
+Theory of operation
+-------------------
+Every pass of the router's reactor ends in ``selector.select()``.  The time from one
+``select()`` returning to the next one being called is what that pass spent on its
+callbacks: while it runs, no other client is served.  This wrapper patches the stdlib
+``EpollSelector.select`` (the reactor's default selector on Linux) before the router
+is imported, and appends one line ``PID MONOTONIC BUSY_SECONDS CPU_SECONDS`` to
+``$LOOPSTALL_FILE`` for every pass that took more than ``$LOOPSTALL_MIN_MS`` (default
+2 ms) of wall-clock time.  CPU_SECONDS is the CPU time the pass used; the rest of
+BUSY_SECONDS is time the process waited for a CPU on a loaded machine.  The patch is
+inherited by forked router processes; the pid tells them apart, and ``time.monotonic``
+is one clock for every process of the machine, so a reader can cut the lines into the
+windows it measured.  Nothing of the router itself is changed.
+
+``PYTHONPATH`` picks the tree under test, as for ``python -m uwsgi_fastrouter``.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import runpy
+import selectors
+import sys
+import time
+
+
+def _install(path: str, threshold: float) -> None:
+    original = selectors.EpollSelector.select
+    clock = time.monotonic
+    cpu_clock = time.thread_time
+    state = {"pid": None, "returned": None, "cpu": 0.0, "out": None}
+
+    def timed_select(self, timeout=None):
+        entered = clock()
+        cpu = cpu_clock()
+        pid = os.getpid()
+        if state["pid"] != pid:          # a fresh process (forked): start over
+            state["pid"] = pid
+            state["returned"] = None
+            state["out"] = None
+        returned = state["returned"]
+        if returned is not None and entered - returned >= threshold:
+            out = state["out"]
+            if out is None:
+                out = state["out"] = open(path, "a", buffering=1)
+            out.write("%d %.6f %.6f %.6f\n" % (pid, entered, entered - returned, cpu - state["cpu"]))
+        try:
+            return original(self, timeout)
+        finally:
+            state["returned"] = clock()
+            state["cpu"] = cpu_clock()
+
+    selectors.EpollSelector.select = timed_select
+
+    # The cyclic garbage collector runs inside whichever pass allocates: its pauses are
+    # logged apart, as "PID MONOTONIC gcN SECONDS", to tell them from the router's work.
+    gc_started = {}
+
+    def on_gc(phase, info):
+        if phase == "start":
+            gc_started["t"] = clock()
+            return
+        took = clock() - gc_started.get("t", clock())
+        if took >= threshold / 2:
+            out = state["out"]
+            if out is None or state["pid"] != os.getpid():
+                return
+            out.write("%d %.6f gc%d %.6f\n" % (os.getpid(), clock(), info.get("generation", -1), took))
+
+    gc.callbacks.append(on_gc)
+
+
+def main() -> None:
+    path = os.environ.get("LOOPSTALL_FILE")
+    if path:
+        _install(path, float(os.environ.get("LOOPSTALL_MIN_MS", "2")) / 1000.0)
+    sys.argv = ["uwsgi_fastrouter"] + sys.argv[1:]
+    runpy.run_module("uwsgi_fastrouter", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()
