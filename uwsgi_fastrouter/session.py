@@ -221,12 +221,12 @@ class Session:
             if route is None:
                 self.close()
                 return
-        # A request that says it has no body (CONTENT_LENGTH empty or 0, as nginx
-        # sends for a GET, no Transfer-Encoding, nothing past the vars) has nothing
-        # to relay upstream until the node answers: the client is watched only from
-        # the first response bytes on (a websocket's frames follow its 101), which
+        # A request without a body (uWSGI's rule, decisions.md D2: CONTENT_LENGTH
+        # absent, empty or 0, no Transfer-Encoding; and nothing past the vars) has
+        # nothing to relay upstream until the node answers: the client is watched only
+        # from the first response bytes on (a websocket's frames follow its 101), which
         # spares two epoll_ctl calls per plain request.
-        if info.content_length == 0 and not info.chunked and have == total:
+        if not info.content_length and not info.chunked and have == total:
             self.watch_client = False
         # Patch the modifiers into the head before it leaves; copy it out of the shared
         # scratch buffer only if it cannot be sent right now (see _connect).
