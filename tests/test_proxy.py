@@ -10,7 +10,7 @@ import struct
 import pytest
 
 from backends import RecordingBackend, connect, fd_count, request, uwsgi_packet
-from support import start_router, wait_until
+from support import busy_unix_node, sock_path, start_router, wait_until
 
 HOST = [(b"HTTP_HOST", b"example.com"), (b"PATH_INFO", b"/")]
 
@@ -248,21 +248,8 @@ def test_fd_exhaustion_closes_the_excess_clients_and_recovers(backend):
 
 def test_unix_node_with_a_full_listen_queue_is_waited_for_not_failed(tmp_path):
     import threading
-    path = str(tmp_path / "busy.sock")
-    lsock = socket.socket(socket.AF_UNIX)
-    lsock.bind(path)
-    lsock.listen(0)
-    fillers = []
-    for _ in range(8):                       # fill the queue until a connect would block
-        f = socket.socket(socket.AF_UNIX)
-        f.setblocking(False)
-        try:
-            f.connect(path)
-        except BlockingIOError:
-            f.close()
-            break
-        fillers.append(f)
-    assert len(fillers) < 8, "the listen queue never filled up"
+    path = sock_path(tmp_path, "busy.sock")
+    lsock, fillers = busy_unix_node(path)
     router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-to", path])
     result = {}
 

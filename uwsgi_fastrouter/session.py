@@ -17,7 +17,10 @@ A session carries exactly one uwsgi request.  Its states, named after what it wa
     the head is sent optimistically: on loopback and UNIX sockets the connection is
     usually established by then, which saves a poll round trip.  A failed connect,
     immediate or not, goes through :meth:`Router.connect_failed` and
-    :meth:`Router.retry_route` (mark, retry, fallback).
+    :meth:`Router.retry_route` (mark, retry, fallback).  A UNIX node whose listen
+    queue is full is busy, not dead: it is tried again after 10 ms, 20 ms, ... up to
+    1 s between attempts, and counts as a failed connect once ``--fastrouter-timeout``
+    has passed since the first attempt.
 ``RELAY``
     Bytes flow both ways.  Each direction has at most one pending buffer; while a
     buffer for peer X is pending the peer that produced it is not read
@@ -81,8 +84,12 @@ TRANSITIONS = {
     CLOSED: (),
 }
 
-# Delay before connecting again to a UNIX node whose listen queue was full.
-_BUSY_RETRY_DELAY = 0.01
+# A UNIX node whose listen queue is full (connect gives EAGAIN) is busy, not dead: it is
+# tried again after a delay that starts here and doubles up to BUSY_MAX_DELAY, for at
+# most --fastrouter-timeout from the first attempt.  A fixed short delay made hundreds
+# of clients waiting for one busy node cost a whole CPU and slowed every other key.
+BUSY_FIRST_DELAY = 0.01
+BUSY_MAX_DELAY = 1.0
 
 # How many reads one readiness event may do on a streaming side before yielding.
 _READS_PER_EVENT = 8
@@ -338,7 +345,9 @@ class Session:
 
     # ------------------------------------------------------------- connecting
 
-    def _connect(self, route: "Route") -> None:
+    def _connect(self, route: "Route", busy: Optional[tuple] = None) -> None:
+        """Connect to *route* and send the head; *busy* is the back-off state
+        ``(deadline, last delay)`` while the node's listen queue stays full."""
         self.route = route
         self.state = CONNECTING
         self.up_file_sent = 0
@@ -357,11 +366,9 @@ class Session:
             return
         err = sock.connect_ex(addr)
         if err == errno.EAGAIN and family == socket.AF_UNIX:
-            # The node's listen queue is full: not a failure of the node, it is
-            # busy.  Try again shortly; the session time-out bounds the waiting.
             sock.close()
             self._own_up_buf()
-            self.timer = self.server.reactor.call_later(_BUSY_RETRY_DELAY, self._connect_again, route)
+            self._wait_for_busy_node(route, busy)
             return
         if err and err not in _IN_PROGRESS:
             sock.close()
@@ -392,10 +399,27 @@ class Session:
             return
         self._connected(head, sent)
 
-    def _connect_again(self, route: "Route") -> None:
+    def _wait_for_busy_node(self, route: "Route", busy: Optional[tuple]) -> None:
+        """The node's listen queue is full: connect again after the next back-off delay,
+        or count it as a failed connect (mark, retry, fallback) once --fastrouter-timeout
+        has passed since the first attempt."""
+        reactor = self.server.reactor
+        now = reactor.now
+        if busy is None:
+            deadline, delay = now + self.server.timeout, BUSY_FIRST_DELAY
+        else:
+            deadline, delay = busy
+            delay = min(delay * 2, BUSY_MAX_DELAY)
+        left = deadline - now
+        if left <= 0:
+            self._connect_failed("listen queue full for %d seconds" % self.server.timeout)
+            return
+        self.timer = reactor.call_later(min(delay, left), self._connect_again, route, (deadline, delay))
+
+    def _connect_again(self, route: "Route", busy: tuple) -> None:
         self.timer = None
         if self.state == CONNECTING:
-            self._connect(route)
+            self._connect(route, busy)
 
     def _own_up_buf(self) -> None:
         """Copy a head that still points into the shared scratch buffer."""

@@ -1,0 +1,118 @@
+"""The session state machine in-process: a real reactor and real sockets, the clock and
+the timers driven by the test."""
+
+from __future__ import annotations
+
+import io
+import socket
+
+import pytest
+
+from backends import RecordingBackend, uwsgi_packet
+from support import busy_unix_node, sock_path, start_router, uwsgi_request
+
+from uwsgi_fastrouter import log
+from uwsgi_fastrouter.reactor import Reactor
+from uwsgi_fastrouter.router import Router
+from uwsgi_fastrouter.server import Server
+from uwsgi_fastrouter.session import BUSY_FIRST_DELAY, BUSY_MAX_DELAY, CONNECTING, Session
+
+GET = [(b"HTTP_HOST", b"example.com"), (b"PATH_INFO", b"/"), (b"CONTENT_LENGTH", b"")]
+
+
+class ScheduledTimer:
+    """Stands in for a reactor timer: the test runs it (see ``TimerLog``)."""
+
+    def __init__(self, delay: float, callback, args) -> None:
+        self.delay, self.callback, self.args = delay, callback, args
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class TimerLog:
+    """Replaces ``reactor.call_later``: records each timer and lets the test fire it
+    after moving the loop time forward by its delay."""
+
+    def __init__(self, reactor: Reactor) -> None:
+        self.reactor = reactor
+        self.timers = []
+        reactor.call_later = self.call_later
+
+    def call_later(self, delay, callback, *args):
+        timer = ScheduledTimer(delay, callback, args)
+        self.timers.append(timer)
+        return timer
+
+    def fire_last(self) -> None:
+        timer = self.timers[-1]
+        assert not timer.cancelled
+        self.reactor.now += timer.delay
+        timer.callback(*timer.args)
+
+
+@pytest.fixture
+def log_lines():
+    stream = io.StringIO()
+    log.set_stream(stream)
+    yield stream
+    log.set_stream(None)
+
+
+def test_a_busy_unix_node_is_retried_with_doubling_delays_then_falls_back(sock_dir, log_lines):
+    busy_path = sock_path(sock_dir, "busy.sock")
+    lsock, fillers = busy_unix_node(busy_path)
+    fallback = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    fallback_path = sock_path(sock_dir, "fallback.sock")
+    fallback.bind(fallback_path)
+    fallback.listen(8)
+    fallback.settimeout(10)
+    reactor = Reactor()
+    timers = TimerLog(reactor)
+    router = Router(to=[busy_path], fallback=[fallback_path])
+    server = Server(reactor, router, [], timeout=3)
+    client, ours = socket.socketpair()
+    try:
+        client.sendall(uwsgi_packet(GET))
+        session = Session(server, ours, "")
+        server.sessions.add(session)
+        session.start()
+        for _ in range(50):                         # bounded: each pass is one attempt
+            if session.state != CONNECTING or session.bsock is not None:
+                break
+            timers.fire_last()
+        delays = [t.delay for t in timers.timers]
+        expected = [BUSY_FIRST_DELAY * 2 ** i for i in range(7)]        # 10 ms .. 640 ms
+        assert expected[-1] * 2 > BUSY_MAX_DELAY
+        expected += [BUSY_MAX_DELAY, 3 - sum(expected) - BUSY_MAX_DELAY]  # capped, then up to the deadline
+        assert delays == pytest.approx(expected)
+        assert 'unable to connect() to node "%s"' % busy_path in log_lines.getvalue()
+        assert "listen queue full for 3 seconds" in log_lines.getvalue()
+        assert router.static_nodes[0].dead_since, "the busy node counts as failed: it is marked"
+        conn, _ = fallback.accept()                 # the fallback node got the request
+        with conn:
+            head = conn.recv(4)
+            assert conn.recv(head[1] | head[2] << 8) == uwsgi_packet(GET)[4:]
+    finally:
+        server.stop()
+        reactor.close()
+        for sock in [client, lsock, fallback] + fillers:
+            sock.close()
+
+
+@pytest.mark.parametrize("master", [[], ["--master"]], ids=["single", "master"])
+def test_a_node_that_stays_busy_gives_a_failed_connect_and_the_fallback_answers(sock_dir, master):
+    busy_path = sock_path(sock_dir, "busy.sock")
+    lsock, fillers = busy_unix_node(busy_path)
+    try:
+        with RecordingBackend("fallback") as node:
+            router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-to", busy_path,
+                                   "--fastrouter-fallback", node.address, "--fastrouter-timeout", "1"]
+                                  + master)
+            answer = uwsgi_request(router.addresses[0], GET, timeout=20)
+            assert b"node=fallback" in answer
+            router.wait_for_log(r'unable to connect\(\) to node "%s"' % busy_path)
+    finally:
+        for sock in [lsock] + fillers:
+            sock.close()
