@@ -452,6 +452,28 @@ def _children(pid: int) -> List[int]:
     return kids
 
 
+def files_open_under(pid: int, directory: Union[str, Path]) -> List[str]:
+    """What *pid* and its descendants hold open below *directory* (``/proc/PID/fd`` links;
+    an unlinked file shows as ``PATH (deleted)``)."""
+    prefix = os.path.join(str(directory), "")
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fds = os.listdir("/proc/%d/fd" % p)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink("/proc/%d/fd/%s" % (p, fd))
+            except OSError:
+                continue
+            if link.startswith(prefix):
+                found.append(link)
+        todo.extend(_children(p))
+    return found
+
+
 def _listening_port(pid: int, fd: int) -> Optional[int]:
     """Port of the TCP socket *fd* of *pid* or of one of its descendants, from /proc."""
     todo, seen = [pid], set()

@@ -254,8 +254,19 @@ class Session:
         Up to *limit* bytes are kept in memory with the head; a larger body goes to an
         unlinked temporary file that is sent with ``os.sendfile`` once the node is
         connected.  Reading stops at CONTENT_LENGTH; once the body has reached the node
-        the session relays both ways as usual (a later client half-close is relayed)."""
+        the session relays both ways as usual (a later client half-close is relayed).
+
+        What one request may cost is bounded: a CONTENT_LENGTH over
+        --fastrouter-post-buffering-max is refused at once, and the whole body must arrive
+        within --fastrouter-timeout + CONTENT_LENGTH / --fastrouter-post-buffering-min-rate
+        seconds (the idle time-out alone restarts with every byte)."""
         self.route = route
+        server = self.server
+        cap = server.post_buffering_max
+        if cap and length > cap:
+            self.close("request body of %d bytes refused: over --fastrouter-post-buffering-max %d"
+                       % (length, cap))
+            return
         self.state = RECV_BODY
         early = have - total
         self.body_left = length - min(early, length)
@@ -276,12 +287,24 @@ class Session:
                 if early > length:   # read with the head: they follow the body
                     self.up_tail = bytes(self.up_buf[total + length:have])
             self.up_buf = bytes(self.up_buf[:total])
-        self.last = self.server.reactor.now
+        reactor = server.reactor
+        self.last = reactor.now
         if self.body_left:
             self.c_events = READ
-            self.server.reactor.register(self.cfd, READ, self._on_client)
+            reactor.register(self.cfd, READ, self._on_client)
+            rate = server.post_buffering_min_rate
+            if rate:
+                allowed = server.timeout + length / rate
+                self.timer = reactor.call_later(allowed, self._body_too_slow, length, allowed)
         else:
             self._body_complete()
+
+    def _body_too_slow(self, length: int, allowed: float) -> None:
+        self.timer = None
+        if self.state == RECV_BODY:
+            self.close("request body not complete after %.1f seconds (%d of %d bytes missing; "
+                       "--fastrouter-post-buffering-min-rate %d)"
+                       % (allowed, self.body_left, length, self.server.post_buffering_min_rate))
 
     def _read_body(self) -> None:
         server = self.server
@@ -311,6 +334,9 @@ class Session:
             self._body_complete()
 
     def _body_complete(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.c_events:
             self.server.reactor.unregister(self.cfd)
             self.c_events = 0
