@@ -9,13 +9,13 @@ import socket
 import pytest
 
 from backends import RecordingBackend, uwsgi_packet
-from support import busy_unix_node, sock_path, start_router, uwsgi_request
+from support import busy_unix_node, sock_path, start_router, uwsgi_request, wait_until
 
 from uwsgi_fastrouter import log
 from uwsgi_fastrouter.reactor import Reactor
 from uwsgi_fastrouter.router import Router
 from uwsgi_fastrouter.server import Server
-from uwsgi_fastrouter.session import BUSY_FIRST_DELAY, BUSY_MAX_DELAY, CONNECTING, Session
+from uwsgi_fastrouter.session import BUSY_FIRST_DELAY, BUSY_MAX_DELAY, CONNECTING, RELAY, Session
 
 GET = [(b"HTTP_HOST", b"example.com"), (b"PATH_INFO", b"/"), (b"CONTENT_LENGTH", b"")]
 
@@ -116,3 +116,51 @@ def test_a_node_that_stays_busy_gives_a_failed_connect_and_the_fallback_answers(
     finally:
         for sock in [lsock] + fillers:
             sock.close()
+
+
+def one_pass(reactor: Reactor) -> None:
+    """Handle whatever is ready now, without waiting for more."""
+    reactor.stop()
+    reactor.run()
+
+
+def internet_client(listener: socket.socket):
+    """A TCP client with a tiny receive window and an Internet MSS, and the router's
+    side of it (accepted, left blocking as the router leaves it)."""
+    client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1448)
+    client.connect(listener.getsockname())
+    ours, addr = listener.accept()
+    return client, ours, addr
+
+
+def test_a_client_that_never_reads_leaves_at_most_16_kib_in_the_router():
+    size = 8 * 1024 * 1024
+    reactor = Reactor()
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    with RecordingBackend("big", mode="big", size=size) as node:
+        server = Server(reactor, Router(to=[node.address]), [])
+        client, ours, addr = internet_client(listener)
+        try:
+            client.sendall(uwsgi_packet([(b"HTTP_HOST", b"h")]))
+            session = Session(server, ours, addr)
+            server.sessions.add(session)
+            session.start()
+
+            def client_full():
+                one_pass(reactor)
+                return session.down_buf is not None
+            wait_until(client_full, what="the client's buffers full")
+            for _ in range(20):             # and it stays that way
+                one_pass(reactor)
+            assert session.state == RELAY
+            assert len(session.down_buf) <= 16 * 1024
+            assert session.route.node.tx < size, "the rest waits in the node's socket"
+        finally:
+            server.stop()
+            reactor.close()
+            client.close()
+            listener.close()

@@ -27,6 +27,13 @@ A session carries exactly one uwsgi request.  Its states, named after what it wa
     (backpressure).  A client EOF is relayed as ``shutdown(SHUT_WR)`` to the backend
     and the response is still delivered (decisions.md D4).  The session ends when the
     backend has closed and everything it sent reached the client.
+
+    A client that stops reading costs the router at most ``FIRST_READ`` (16 KiB) of
+    its own memory: only the first read of a response takes bytes out of the node's
+    socket before the client took them.  Every later read peeks (``MSG_PEEK``, full
+    relay chunks), sends, and then removes from the node's socket exactly what the
+    client took (``MSG_TRUNC``: no copy on TCP); what the client did not take stays in
+    the kernel, and is peeked again once the client is writable.
 ``CLOSED``
     Both sockets closed and unregistered; :meth:`close` is idempotent.
 
@@ -94,6 +101,15 @@ BUSY_MAX_DELAY = 1.0
 # How many reads one readiness event may do on a streaming side before yielding.
 _READS_PER_EVENT = 8
 
+# The first read of a response: enough for a whole small response (one recv, as
+# before), and all that a client that never reads can leave in the router's memory.
+FIRST_READ = 16 * 1024
+_MSG_PEEK = socket.MSG_PEEK
+_MSG_TRUNC = getattr(socket, "MSG_TRUNC", 0)   # without it the consumed bytes are copied
+# down_buf while the response bytes the client could not take yet wait in the node's
+# socket (they were only peeked): the client is polled for writing, the node not read.
+_IN_NODE_SOCKET = memoryview(b"")
+
 
 class Session:
     __slots__ = (
@@ -101,7 +117,7 @@ class Session:
         "head", "head_len", "key", "route", "retries", "fallback_index",
         "up_buf", "down_buf", "client_eof", "backend_eof", "c_events", "b_events",
         "info", "watch_client", "timer", "fd_passed", "body_left", "up_file", "up_file_size",
-        "up_file_sent", "up_tail", "__weakref__",
+        "up_file_sent", "up_tail", "down_peek", "__weakref__",
     )
 
     def __init__(self, server: "Server", csock: socket.socket, caddr) -> None:
@@ -134,6 +150,7 @@ class Session:
         self.up_file_size = 0
         self.up_file_sent = 0
         self.up_tail = None       # post-buffering: bytes past the body read with the head
+        self.down_peek = False    # the first response bytes were read: peek from now on
 
     # ------------------------------------------------------------------ head
 
@@ -586,7 +603,10 @@ class Session:
             self._update_interest()
 
     def _pump_down(self) -> None:
-        """Backend -> client, until the backend has nothing more or the client is full."""
+        """Backend -> client, until the backend has nothing more or the client is full.
+
+        The first read takes up to FIRST_READ bytes; later ones peek a whole chunk and
+        consume only what the client took (see the module docstring)."""
         server = self.server
         scratch = server.scratch
         view = server.scratch_view
@@ -594,9 +614,13 @@ class Session:
         bsock = self.bsock
         csock = self.csock
         node = self.route.node
+        peek = self.down_peek
         for _ in range(_READS_PER_EVENT):
             try:
-                n = bsock.recv_into(scratch, chunk)
+                if peek:
+                    n = bsock.recv_into(scratch, chunk, _MSG_PEEK)
+                else:
+                    n = bsock.recv_into(scratch, FIRST_READ if chunk > FIRST_READ else chunk)
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -611,15 +635,8 @@ class Session:
                     server.handoff_trust.taken(self.route.address)
                 self.close()
                 return
-            if node is not None:
-                node.tx += n
-            if not self.watch_client:
-                # The first response bytes.  After a handoff they mean the node
-                # ignored the descriptor: its answer is relayed as usual.
-                self.watch_client = True
-                if self.fd_passed and server.handoff_trust.ignored(self.route.address):
-                    server.log_session(self, "node ignored a passed descriptor: handing clients "
-                                       "over to it is verified again (--fastrouter-trust-fd-passing)")
+            if not peek:
+                self._first_response_bytes()
             try:
                 sent = csock.send(view[:n], MSG_DONTWAIT)
             except BlockingIOError:
@@ -627,9 +644,47 @@ class Session:
             except OSError as exc:
                 self.close("error writing to client: %s" % (exc.strerror or exc))
                 return
-            if sent < n:
-                self.down_buf = bytes(view[sent:n])
+            if not peek:
+                if node is not None:
+                    node.tx += n
+                if sent < n:
+                    self.down_buf = bytes(view[sent:n])
+                    return
+                peek = True
+                continue
+            if sent and not self._consume(sent):
                 return
+            if node is not None:
+                node.tx += sent
+            if sent < n:
+                self.down_buf = _IN_NODE_SOCKET
+                return
+
+    def _first_response_bytes(self) -> None:
+        self.down_peek = True
+        if not self.watch_client:
+            # After a handoff the first response bytes mean the node ignored the
+            # descriptor: its answer is relayed as usual.
+            self.watch_client = True
+            server = self.server
+            if self.fd_passed and server.handoff_trust.ignored(self.route.address):
+                server.log_session(self, "node ignored a passed descriptor: handing clients "
+                                   "over to it is verified again (--fastrouter-trust-fd-passing)")
+
+    def _consume(self, count: int) -> bool:
+        """Take *count* peeked bytes, which reached the client, out of the node's socket."""
+        bsock = self.bsock
+        scratch = self.server.scratch
+        try:
+            while count:
+                n = bsock.recv_into(scratch, count, _MSG_TRUNC)
+                if n <= 0:
+                    raise ConnectionError("the node's socket lost bytes that were peeked")
+                count -= n
+        except OSError as exc:
+            self.close("error reading from node: %s" % (exc.strerror or exc))
+            return False
+        return True
 
     def _pump_up(self) -> None:
         """Client -> backend (request body, websocket frames...)."""
@@ -666,7 +721,12 @@ class Session:
                 return
 
     def _flush_down(self) -> bool:
+        """The client is writable: send what is pending for it; False once closed."""
         data = self.down_buf
+        if data is _IN_NODE_SOCKET:
+            self.down_buf = None
+            self._pump_down()
+            return self.state != CLOSED
         try:
             sent = self.csock.send(data, MSG_DONTWAIT)
         except BlockingIOError:
@@ -674,7 +734,7 @@ class Session:
         except OSError as exc:
             self.close("error writing to client: %s" % (exc.strerror or exc))
             return False
-        self.down_buf = data[sent:] if sent < len(data) else None
+        self.down_buf = memoryview(data)[sent:] if sent < len(data) else None
         return True
 
     def _flush_up(self) -> bool:
@@ -690,7 +750,7 @@ class Session:
         if node is not None:
             node.rx += sent
         if sent < len(data):
-            self.up_buf = data[sent:]
+            self.up_buf = memoryview(data)[sent:]     # no copy of the unsent tail
         else:
             self.up_buf = None
             if self.client_eof:
