@@ -11,11 +11,12 @@ import pytest
 from backends import RecordingBackend, uwsgi_packet
 from support import busy_unix_node, sock_path, start_router, uwsgi_request, wait_until
 
-from uwsgi_fastrouter import log
+from uwsgi_fastrouter import log, session as session_module
 from uwsgi_fastrouter.reactor import Reactor
 from uwsgi_fastrouter.router import Router
 from uwsgi_fastrouter.server import Server
-from uwsgi_fastrouter.session import BUSY_FIRST_DELAY, BUSY_MAX_DELAY, CONNECTING, RELAY, Session
+from uwsgi_fastrouter.session import (BUSY_FIRST_DELAY, BUSY_MAX_DELAY, BUSY_TICK, CONNECTING, RELAY,
+                                      Session)
 
 GET = [(b"HTTP_HOST", b"example.com"), (b"PATH_INFO", b"/"), (b"CONTENT_LENGTH", b"")]
 
@@ -32,18 +33,22 @@ class ScheduledTimer:
 
 
 class TimerLog:
-    """Replaces ``reactor.call_later``: records each timer and lets the test fire it
-    after moving the loop time forward by its delay."""
+    """Replaces ``reactor.call_later`` and ``call_at``: records each timer and lets the
+    test fire it after moving the loop time forward by its delay."""
 
     def __init__(self, reactor: Reactor) -> None:
         self.reactor = reactor
         self.timers = []
         reactor.call_later = self.call_later
+        reactor.call_at = self.call_at
 
     def call_later(self, delay, callback, *args):
         timer = ScheduledTimer(delay, callback, args)
         self.timers.append(timer)
         return timer
+
+    def call_at(self, when, callback, *args):
+        return self.call_later(when - self.reactor.now, callback, *args)
 
     def fire_last(self) -> None:
         timer = self.timers[-1]
@@ -60,7 +65,11 @@ def log_lines():
     log.set_stream(None)
 
 
-def test_a_busy_unix_node_is_retried_with_doubling_delays_then_falls_back(sock_dir, log_lines):
+@pytest.mark.parametrize("draw", [0.0, 1.0])
+def test_a_busy_unix_node_is_retried_with_doubling_delays_then_falls_back(sock_dir, log_lines,
+                                                                         monkeypatch, draw):
+    monkeypatch.setattr(session_module, "_random", lambda: draw)
+    jitter = 1.0 - session_module.BUSY_JITTER * draw           # the random part of each wait
     busy_path = sock_path(sock_dir, "busy.sock")
     lsock, fillers = busy_unix_node(busy_path)
     fallback = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -83,10 +92,16 @@ def test_a_busy_unix_node_is_retried_with_doubling_delays_then_falls_back(sock_d
                 break
             timers.fire_last()
         delays = [t.delay for t in timers.timers]
-        expected = [BUSY_FIRST_DELAY * 2 ** i for i in range(7)]        # 10 ms .. 640 ms
-        assert expected[-1] * 2 > BUSY_MAX_DELAY
-        expected += [BUSY_MAX_DELAY, 3 - sum(expected) - BUSY_MAX_DELAY]  # capped, then up to the deadline
-        assert delays == pytest.approx(expected)
+        nominal = [BUSY_FIRST_DELAY * 2 ** i for i in range(7)]          # 10 ms .. 640 ms
+        assert nominal[-1] * 2 > BUSY_MAX_DELAY
+        nominal += [BUSY_MAX_DELAY] * len(delays)                       # capped at 1 s
+        for i, delay in enumerate(delays):
+            # each wait: the nominal delay less its random part, cut at the 3 s deadline,
+            # then rounded up to the next tick of the loop
+            wanted = min(nominal[i] * jitter, 3 - sum(delays[:i]))
+            assert wanted < delay <= wanted + BUSY_TICK + 1e-9, (i, delays)
+        assert 3 <= sum(delays) <= 3 + BUSY_TICK + 1e-9
+        assert len(delays) == (9 if draw == 0.0 else 12)
         assert 'unable to connect() to node "%s"' % busy_path in log_lines.getvalue()
         assert "listen queue full for 3 seconds" in log_lines.getvalue()
         assert router.static_nodes[0].dead_since, "the busy node counts as failed: it is marked"

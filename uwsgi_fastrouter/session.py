@@ -19,8 +19,9 @@ A session carries exactly one uwsgi request.  Its states, named after what it wa
     immediate or not, goes through :meth:`Router.connect_failed` and
     :meth:`Router.retry_route` (mark, retry, fallback).  A UNIX node whose listen
     queue is full is busy, not dead: it is tried again after 10 ms, 20 ms, ... up to
-    1 s between attempts, and counts as a failed connect once ``--fastrouter-timeout``
-    has passed since the first attempt.
+    1 s between attempts (each less a random part of up to a half, so waiting clients
+    spread out), and counts as a failed connect once ``--fastrouter-timeout`` has passed
+    since the first attempt.
 ``RELAY``
     Bytes flow both ways.  Each direction has at most one pending buffer; while a
     buffer for peer X is pending the peer that produced it is not read
@@ -52,6 +53,7 @@ from __future__ import annotations
 import _socket
 import errno
 import os
+import random
 import socket
 import tempfile
 from typing import TYPE_CHECKING, Optional
@@ -95,8 +97,16 @@ TRANSITIONS = {
 # tried again after a delay that starts here and doubles up to BUSY_MAX_DELAY, for at
 # most --fastrouter-timeout from the first attempt.  A fixed short delay made hundreds
 # of clients waiting for one busy node cost a whole CPU and slowed every other key.
+# Each wait is the delay less a random part of up to BUSY_JITTER of it, so clients that
+# started waiting together spread out instead of trying again all at once (a stall for
+# every other client); and it ends on the next multiple of BUSY_TICK, so the loop wakes
+# up at most 1/BUSY_TICK times a second for them however many wait (wake-ups cost more
+# than the attempts).
 BUSY_FIRST_DELAY = 0.01
 BUSY_MAX_DELAY = 1.0
+BUSY_JITTER = 0.5
+BUSY_TICK = 0.01
+_random = random.random
 
 # How many reads one readiness event may do on a streaming side before yielding.
 _READS_PER_EVENT = 8
@@ -457,7 +467,9 @@ class Session:
         if left <= 0:
             self._connect_failed("listen queue full for %d seconds" % self.server.timeout)
             return
-        self.timer = reactor.call_later(min(delay, left), self._connect_again, route, (deadline, delay))
+        wait = min(delay * (1.0 - BUSY_JITTER * _random()), left)
+        when = (int((now + wait) / BUSY_TICK) + 1) * BUSY_TICK
+        self.timer = reactor.call_at(when, self._connect_again, route, (deadline, delay))
 
     def _connect_again(self, route: "Route", busy: tuple) -> None:
         self.timer = None
