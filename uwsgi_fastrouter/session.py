@@ -648,7 +648,14 @@ class Session:
                 self.close()
                 return
             if not peek:
-                self._first_response_bytes()
+                self.down_peek = True
+                if not self.watch_client:
+                    # After a handoff the first response bytes mean the node ignored
+                    # the descriptor: its answer is relayed as usual.
+                    self.watch_client = True
+                    if self.fd_passed and server.handoff_trust.ignored(self.route.address):
+                        server.log_session(self, "node ignored a passed descriptor: handing clients "
+                                           "over to it is verified again (--fastrouter-trust-fd-passing)")
             try:
                 sent = csock.send(view[:n], MSG_DONTWAIT)
             except BlockingIOError:
@@ -671,17 +678,6 @@ class Session:
             if sent < n:
                 self.down_buf = _IN_NODE_SOCKET
                 return
-
-    def _first_response_bytes(self) -> None:
-        self.down_peek = True
-        if not self.watch_client:
-            # After a handoff the first response bytes mean the node ignored the
-            # descriptor: its answer is relayed as usual.
-            self.watch_client = True
-            server = self.server
-            if self.fd_passed and server.handoff_trust.ignored(self.route.address):
-                server.log_session(self, "node ignored a passed descriptor: handing clients "
-                                   "over to it is verified again (--fastrouter-trust-fd-passing)")
 
     def _consume(self, count: int) -> bool:
         """Take *count* peeked bytes, which reached the client, out of the node's socket."""
