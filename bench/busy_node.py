@@ -22,12 +22,13 @@ The router under test is ``python3 -m uwsgi_fastrouter`` with ``PYTHONPATH`` set
 measured with the same script), ``--fastrouter-timeout 60`` so that nobody gives up
 during the run.
 
-Each round measures the healthy key with the C load generator (one client in a closed
-loop, ``loadgen -c 1 -k healthy``) twice: with nobody waiting, then while
-``--waiters`` clients have each sent a request for ``busy`` and wait for it.  In
-between, the router's CPU is measured with the waiters alone and no load: that is
-what the waiting costs (from 1 s after the waiters connected: their first attempts,
-5 ms to 640 ms apart, are mostly over by then).  The router's CPU time over each window is
+The healthy key is measured with the C load generator (one client in a closed loop,
+``loadgen -c 1 -k healthy``), ``--rounds`` times with nobody waiting, then
+``--rounds`` times while ``--waiters`` clients have each sent a request for ``busy``
+and wait for it.  Before each of the latter, the router's CPU is measured with the
+waiters alone and no load: that is what the waiting costs (from ``--warmup`` s after
+the waiters connected: their first attempts, 5 ms to 640 ms apart, are mostly over by
+then).  The router's CPU time over each window is
 its run time in ``/proc/PID/task/*/schedstat`` (ns, where ``/proc/PID/stat`` counts
 10 ms ticks); the latencies are the load generator's p50/p99.  The table shows the
 median of the rounds.
@@ -149,15 +150,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise RuntimeError("router did not serve:\n" + router.log_tail())
         for _ in range(a.rounds):
             rows["alone"].append(measure(router, port, a, workdir))
-            waiters = open_waiters(port, a.waiters)
-            try:
-                time.sleep(a.warmup)
+        # Once connected, the waiters stay: the router does not read a client while it
+        # connects for it, so one that left is still tried for until the time-out.
+        waiters = open_waiters(port, a.waiters)
+        try:
+            time.sleep(a.warmup)
+            for _ in range(a.rounds):
                 rows["idle"].append(measure_idle(router, a.duration))
                 rows["waiting"].append(measure(router, port, a, workdir))
-            finally:
-                for s in waiters:
-                    s.close()
-            time.sleep(1.5)     # the router notices the closed waiters at their next attempt
+        finally:
+            for s in waiters:
+                s.close()
         alive = router.alive()
     finally:
         processes.stop(router, signal.SIGINT)
