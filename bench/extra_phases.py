@@ -17,8 +17,7 @@ own in ``bench.extra_tables`` (its raw samples in ``bench.extra_raw``).
   ``--no-fd-passing``).  Two workloads: the small response at every
   concurrency, and 1 MiB responses (``/bytes/1048576``) at c=16.
   The load generator sends an empty CONTENT_LENGTH (``-z``), as nginx does
-  for a GET: our router counts only such a request as bodyless (a request
-  without the var is relayed).
+  for a GET (a request without the var is bodyless too, as in uWSGI).
   Around every measurement the backend is asked for its counters (SIGUSR1,
   "COUNTERS" on its stdout), so the share of requests that arrived with a
   descriptor is known per target.

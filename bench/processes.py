@@ -185,6 +185,18 @@ class LineReader:
                 return line
 
 
+def spawn_listening(name: str, argv: Sequence[str], log_path: str, timeout: float = 10.0) -> tuple:
+    """Start a bench program that prints ``LISTEN ADDR`` once it listens (``backend``).
+
+    Returns ``(child, ADDR)``; raises RuntimeError with the log tail if no such line comes."""
+    child = spawn(name, argv, log_path, stdout_pipe=True, death_signal=signal.SIGKILL)
+    line = LineReader(child).wait_for("LISTEN ", timeout)
+    if not line:
+        stop(child)
+        raise RuntimeError("%s did not start:\n%s" % (name, child.log_tail()))
+    return child, line.split(None, 1)[1]
+
+
 def parse_kv(line: str) -> Dict[str, str]:
     """``RESULT a=1 b=2`` -> {'a': '1', 'b': '2'}."""
     out = {}
@@ -216,12 +228,12 @@ def uwsgi_request(host: str = "localhost", path: str = "/") -> bytes:
     return struct.pack("<BHB", 0, len(body), 0) + body
 
 
-def probe(port: int, timeout: float = 2.0) -> bool:
+def probe(port: int, timeout: float = 2.0, host: str = "localhost") -> bool:
     """One uwsgi request to 127.0.0.1:port; True if an HTTP 200 came back before EOF."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
             s.settimeout(timeout)
-            s.sendall(uwsgi_request())
+            s.sendall(uwsgi_request(host))
             data = b""
             while len(data) < 65536:
                 chunk = s.recv(65536)
@@ -233,13 +245,13 @@ def probe(port: int, timeout: float = 2.0) -> bool:
     return data.startswith(b"HTTP/1.") and data[9:12] == b"200"
 
 
-def wait_serving(child: Child, port: int, timeout: float) -> bool:
+def wait_serving(child: Child, port: int, timeout: float, host: str = "localhost") -> bool:
     """Poll with probe() until the child serves a request, dies, or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not child.alive():
             return False
-        if probe(port, timeout=1.0):
+        if probe(port, timeout=1.0, host=host):
             return True
         time.sleep(0.05)
     return False

@@ -452,6 +452,28 @@ def _children(pid: int) -> List[int]:
     return kids
 
 
+def files_open_under(pid: int, directory: Union[str, Path]) -> List[str]:
+    """What *pid* and its descendants hold open below *directory* (``/proc/PID/fd`` links;
+    an unlinked file shows as ``PATH (deleted)``)."""
+    prefix = os.path.join(str(directory), "")
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fds = os.listdir("/proc/%d/fd" % p)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink("/proc/%d/fd/%s" % (p, fd))
+            except OSError:
+                continue
+            if link.startswith(prefix):
+                found.append(link)
+        todo.extend(_children(p))
+    return found
+
+
 def _listening_port(pid: int, fd: int) -> Optional[int]:
     """Port of the TCP socket *fd* of *pid* or of one of its descendants, from /proc."""
     todo, seen = [pid], set()
@@ -979,3 +1001,25 @@ def free_dead_tcp_address() -> Tuple[str, socket.socket]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     return "127.0.0.1:%d" % sock.getsockname()[1], sock
+
+
+def busy_unix_node(path: str) -> Tuple[socket.socket, List[socket.socket]]:
+    """A UNIX socket at *path* whose listen queue is full: a non-blocking connect to it
+    gets EAGAIN.  Returns the listening socket (it never accepts unless the caller does)
+    and the connected sockets that fill its queue; the caller closes them all."""
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(path)
+    lsock.listen(0)
+    fillers: List[socket.socket] = []
+    for _ in range(8):
+        filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        filler.setblocking(False)
+        try:
+            filler.connect(path)
+        except BlockingIOError:
+            filler.close()
+            return lsock, fillers
+        fillers.append(filler)
+    for sock in [lsock] + fillers:
+        sock.close()
+    raise AssertionError("the listen queue of %s never filled up" % path)

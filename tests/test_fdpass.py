@@ -70,6 +70,22 @@ def test_a_node_that_takes_the_fd_answers_the_client_directly(tmp_path):
         wait_until(lambda: fd_count(router.pid) == before, what="router holds no client fd")
 
 
+@pytest.mark.parametrize("master", [[], ["--master"]], ids=["single", "master"])
+def test_a_request_without_content_length_is_handed_over_unless_chunked(tmp_path, master):
+    """uWSGI reads a missing CONTENT_LENGTH as 0: no body, so the client is handed over
+    like one with an empty CONTENT_LENGTH (D2); Transfer-Encoding means a body follows."""
+    path = sock_path(tmp_path, "fd.sock")
+    with FdTakingBackend(path) as node:
+        router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-to", path] + master)
+        me, answer = exchange(router.addresses[0], [(b"HTTP_HOST", b"h"), (b"PATH_INFO", b"/")])
+        assert answer == b"HTTP/1.0 200 OK\r\n\r\ntaken peer=%s:%d" % (me[0].encode(), me[1])
+        assert node.taken == 1 and node.ancillary_seen == 1
+        chunked = [(b"HTTP_HOST", b"h"), (b"HTTP_TRANSFER_ENCODING", b"chunked")]
+        _, answer = exchange(router.addresses[0], chunked)
+        assert answer.endswith(b"relayed")
+        assert node.taken == 1 and node.ancillary_seen == 1 and node.relayed == 1
+
+
 def test_requests_with_a_body_and_no_fd_passing_are_relayed(tmp_path):
     path = sock_path(tmp_path, "fd.sock")
     with FdTakingBackend(path) as node:

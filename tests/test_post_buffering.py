@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
 import socket
 import threading
+import time
+
+import pytest
 
 from backends import RecordingBackend, connect, uwsgi_packet
-from support import start_router, wait_until
+from support import files_open_under, start_router, wait_until
+
+MASTER = pytest.mark.parametrize("master", [[], ["--master"]], ids=["single", "master"])
 
 
 def body_request(length: int):
@@ -93,9 +99,6 @@ def test_requests_without_a_body_stream_as_usual():
             assert read_all(sock).startswith(b"HTTP/1.0 200")
 
 
-import pytest
-
-
 @pytest.mark.parametrize("limit", ["8192", "2"])   # memory, temp file
 def test_bytes_past_content_length_in_the_same_packet_are_still_forwarded(limit):
     with RecordingBackend("pb", read_to_eof=True) as node:
@@ -106,3 +109,71 @@ def test_bytes_past_content_length_in_the_same_packet_are_still_forwarded(limit)
             sock.shutdown(socket.SHUT_WR)
             assert read_all(sock).startswith(b"HTTP/1.0 200")
         assert node.requests[0].body == b"helloextra"
+
+
+def trickle_until_closed(sock, bound: float = 20.0) -> bool:
+    """Send one body byte every 0.2 s (a client too slow for the minimum rate, but never
+    idle for a whole time-out) until the router closes; False if it is still open after
+    *bound* seconds."""
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline:
+        try:
+            sock.send(b"x")
+        except OSError:              # reset: closed with our bytes unread
+            return True
+        readable, _, _ = select.select([sock], [], [], 0.2)   # paces the bytes, sees the close
+        if readable:
+            try:
+                return sock.recv(1) == b""
+            except ConnectionResetError:
+                return True
+    return False
+
+
+@MASTER
+def test_a_body_slower_than_the_minimum_rate_is_closed_and_its_file_removed(tmp_path, master):
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    with RecordingBackend("pb") as node:
+        router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-to", node.address,
+                               "--fastrouter-post-buffering", "10", "--fastrouter-timeout", "1",
+                               "--fastrouter-post-buffering-min-rate", "100000",
+                               "--fastrouter-post-buffering-dir", str(spool)] + master)
+        with connect(router.addresses[0]) as sock:
+            sock.sendall(uwsgi_packet(body_request(100000)) + b"x" * 100)
+            wait_until(lambda: files_open_under(router.pid, spool), what="a temp file for the body")
+            # allowed: 1 s + 100000 bytes / 100000 bytes/s; the idle time-out never strikes
+            assert trickle_until_closed(sock), "the trickled body still holds the session"
+        router.wait_for_log(r"request body not complete after 2\.0 seconds \(\d+ of 100000 bytes missing")
+        wait_until(lambda: not files_open_under(router.pid, spool), what="temp file released")
+        assert os.listdir(spool) == []
+        # the router still serves, and a body that keeps the rate goes through
+        body = os.urandom(50000)
+        with connect(router.addresses[0]) as sock:
+            sock.sendall(uwsgi_packet(body_request(len(body))) + body)
+            assert hashlib.sha1(body).hexdigest().encode() in read_all(sock)
+        assert node.count == 1
+
+
+@MASTER
+def test_a_body_over_the_maximum_is_refused_while_others_are_served(tmp_path, master):
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    with RecordingBackend("pb") as node:
+        router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-to", node.address,
+                               "--fastrouter-post-buffering", "4096",
+                               "--fastrouter-post-buffering-max", "100000",
+                               "--fastrouter-post-buffering-dir", str(spool)] + master)
+        with connect(router.addresses[0]) as other:
+            other.sendall(uwsgi_packet(body_request(100000)) + b"y" * 1000)   # at the cap: fine
+            with connect(router.addresses[0]) as sock:
+                sock.sendall(uwsgi_packet(body_request(100001)) + b"x" * 1000)
+                assert read_all(sock) == b""                       # closed without a byte
+            router.wait_for_log(r"request body of 100001 bytes refused: over "
+                                r"--fastrouter-post-buffering-max 100000")
+            other.sendall(b"y" * 99000)
+            answer = read_all(other)
+        assert hashlib.sha1(b"y" * 100000).hexdigest().encode() in answer
+        assert node.count == 1
+        wait_until(lambda: not files_open_under(router.pid, spool), what="temp files released")
+        assert os.listdir(spool) == []

@@ -10,7 +10,7 @@ import struct
 import pytest
 
 from backends import RecordingBackend, connect, fd_count, request, uwsgi_packet
-from support import start_router, wait_until
+from support import busy_unix_node, sock_path, start_router, wait_until
 
 HOST = [(b"HTTP_HOST", b"example.com"), (b"PATH_INFO", b"/")]
 
@@ -128,6 +128,37 @@ def test_upload_and_download_are_streamed_intact(backend):
     head, _, payload = answer.partition(b"\r\n\r\n")
     assert len(payload) == size
     assert payload[:256] == bytes(range(256))
+
+
+def big_response_pattern(size: int) -> bytes:
+    """What RecordingBackend sends as the body of PATH_INFO=/bytes/SIZE."""
+    block = bytes(range(256)) * 256
+    return (block * (size // len(block) + 1))[:size]
+
+
+@pytest.mark.parametrize("node_family", ["tcp", "unix"])
+def test_a_client_that_reads_slowly_gets_the_whole_response_intact(sock_dir, node_family):
+    """Partial sends to a client with a small window: the bytes it could not take wait in
+    the node's socket and are peeked again, never lost or sent twice."""
+    unix_path = sock_path(sock_dir, "big.sock") if node_family == "unix" else None
+    with RecordingBackend("big", unix_path=unix_path) as node:
+        router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-to", node.address])
+        size = 3 * 1024 * 1024 + 5
+        host, port = router.addresses[0].rsplit(":", 1)
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(20)
+            sock.connect((host, int(port)))
+            sock.sendall(uwsgi_packet([(b"HTTP_HOST", b"h"), (b"PATH_INFO", b"/bytes/%d" % size)]))
+            answer = bytearray()
+            while True:
+                chunk = sock.recv(1000)
+                if not chunk:
+                    break
+                answer += chunk
+        head, _, payload = bytes(answer).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200") and len(payload) == size
+        assert payload == big_response_pattern(size)
 
 
 def test_client_half_close_still_gets_the_response(tmp_path):
@@ -248,21 +279,8 @@ def test_fd_exhaustion_closes_the_excess_clients_and_recovers(backend):
 
 def test_unix_node_with_a_full_listen_queue_is_waited_for_not_failed(tmp_path):
     import threading
-    path = str(tmp_path / "busy.sock")
-    lsock = socket.socket(socket.AF_UNIX)
-    lsock.bind(path)
-    lsock.listen(0)
-    fillers = []
-    for _ in range(8):                       # fill the queue until a connect would block
-        f = socket.socket(socket.AF_UNIX)
-        f.setblocking(False)
-        try:
-            f.connect(path)
-        except BlockingIOError:
-            f.close()
-            break
-        fillers.append(f)
-    assert len(fillers) < 8, "the listen queue never filled up"
+    path = sock_path(tmp_path, "busy.sock")
+    lsock, fillers = busy_unix_node(path)
     router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-to", path])
     result = {}
 

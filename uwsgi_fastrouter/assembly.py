@@ -390,7 +390,9 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener, external: bo
                     fd_passing=not cfg.no_fd_passing,
                     trust_fd_passing=cfg.fastrouter_trust_fd_passing,
                     post_buffering=cfg.fastrouter_post_buffering,
-                    post_buffering_dir=cfg.fastrouter_post_buffering_dir or None)
+                    post_buffering_dir=cfg.fastrouter_post_buffering_dir or None,
+                    post_buffering_max=cfg.fastrouter_post_buffering_max,
+                    post_buffering_min_rate=cfg.fastrouter_post_buffering_min_rate)
     server_ref.append(server)
     parts.server = server
     if parts.zerg_listener is not None:

@@ -202,6 +202,13 @@ OPTIONS: Tuple[Option, ...] = (
     _o("fastrouter-post-buffering-dir", STRING, "directory for the temporary files of post-buffering "
        "(default $TMPDIR or /tmp; uWSGI 2.0 ignores this option)", G_ROUTER, metavar="DIR",
        status=SUPPORTED),
+    _o("fastrouter-post-buffering-max", UINT64, "with post-buffering, refuse at once (close, with a "
+       "log line) a request whose CONTENT_LENGTH is over BYTES: at most that much of one request "
+       "goes to memory or disk; 0 is no limit, as in uWSGI", G_ROUTER, default=0, metavar="BYTES"),
+    _o("fastrouter-post-buffering-min-rate", UINT64, "with post-buffering, the whole body must "
+       "arrive within --fastrouter-timeout + CONTENT_LENGTH / RATE seconds, else the client is "
+       "closed with a log line (a body trickled byte by byte cannot hold a session); RATE in "
+       "bytes per second, 0 leaves only the idle time-out", G_ROUTER, default=1024, metavar="RATE"),
     _o("fastrouter-buffer-size", UINT64, "size in bytes of each relay read (one buffer per process, "
        "not per connection); 0 means 256 KiB (uWSGI reads one page at a time)", G_ROUTER, default=0,
        default_doc="256 KiB"),

@@ -40,7 +40,8 @@ class Server:
                  timeout: int = 60, chunk: int = DEFAULT_CHUNK, events: int = 64,
                  force_key: Optional[bytes] = None, cheap: bool = False,
                  fd_passing: bool = True, trust_fd_passing: bool = False, post_buffering: int = 0,
-                 post_buffering_dir: Optional[str] = None) -> None:
+                 post_buffering_dir: Optional[str] = None, post_buffering_max: int = 0,
+                 post_buffering_min_rate: int = 0) -> None:
         self.reactor = reactor
         self.router = router
         self.listeners = list(listeners)
@@ -59,6 +60,8 @@ class Server:
         self.handoff_trust = HandoffTrust(fd_passing and trust_fd_passing)
         self.post_buffering = post_buffering          # bodies up to this size in memory
         self.post_buffering_dir = post_buffering_dir  # larger ones in a temp file here
+        self.post_buffering_max = post_buffering_max  # refuse bodies over this size (0: no cap)
+        self.post_buffering_min_rate = post_buffering_min_rate  # bytes/s a body must keep up
         self.accepting = False
         self.stopping = False
         self.cheap_enabled = cheap

@@ -17,13 +17,24 @@ A session carries exactly one uwsgi request.  Its states, named after what it wa
     the head is sent optimistically: on loopback and UNIX sockets the connection is
     usually established by then, which saves a poll round trip.  A failed connect,
     immediate or not, goes through :meth:`Router.connect_failed` and
-    :meth:`Router.retry_route` (mark, retry, fallback).
+    :meth:`Router.retry_route` (mark, retry, fallback).  A UNIX node whose listen
+    queue is full is busy, not dead: it is tried again after 10 ms, 20 ms, ... up to
+    1 s between attempts (each less a random part of up to a half, so waiting clients
+    spread out), and counts as a failed connect once ``--fastrouter-timeout`` has passed
+    since the first attempt.
 ``RELAY``
     Bytes flow both ways.  Each direction has at most one pending buffer; while a
     buffer for peer X is pending the peer that produced it is not read
     (backpressure).  A client EOF is relayed as ``shutdown(SHUT_WR)`` to the backend
     and the response is still delivered (decisions.md D4).  The session ends when the
     backend has closed and everything it sent reached the client.
+
+    A client that stops reading costs the router at most ``FIRST_READ`` (16 KiB) of
+    its own memory: only the first read of a response takes bytes out of the node's
+    socket before the client took them.  Every later read peeks (``MSG_PEEK``, full
+    relay chunks), sends, and then removes from the node's socket exactly what the
+    client took (``MSG_TRUNC``: no copy on TCP); what the client did not take stays in
+    the kernel, and is peeked again once the client is writable.
 ``CLOSED``
     Both sockets closed and unregistered; :meth:`close` is idempotent.
 
@@ -42,6 +53,7 @@ from __future__ import annotations
 import _socket
 import errno
 import os
+import random
 import socket
 import tempfile
 from typing import TYPE_CHECKING, Optional
@@ -82,11 +94,32 @@ TRANSITIONS = {
     CLOSED: (),
 }
 
-# Delay before connecting again to a UNIX node whose listen queue was full.
-_BUSY_RETRY_DELAY = 0.01
+# A UNIX node whose listen queue is full (connect gives EAGAIN) is busy, not dead: it is
+# tried again after a delay that starts here and doubles up to BUSY_MAX_DELAY, for at
+# most --fastrouter-timeout from the first attempt.  A fixed short delay made hundreds
+# of clients waiting for one busy node cost a whole CPU and slowed every other key.
+# Each wait is the delay less a random part of up to BUSY_JITTER of it, so clients that
+# started waiting together spread out instead of trying again all at once (a stall for
+# every other client); and it ends on the next multiple of BUSY_TICK, so the loop wakes
+# up at most 1/BUSY_TICK times a second for them however many wait (wake-ups cost more
+# than the attempts).
+BUSY_FIRST_DELAY = 0.01
+BUSY_MAX_DELAY = 1.0
+BUSY_JITTER = 0.5
+BUSY_TICK = 0.01
+_random = random.random
 
 # How many reads one readiness event may do on a streaming side before yielding.
 _READS_PER_EVENT = 8
+
+# The first read of a response: enough for a whole small response (one recv, as
+# before), and all that a client that never reads can leave in the router's memory.
+FIRST_READ = 16 * 1024
+_MSG_PEEK = socket.MSG_PEEK
+_MSG_TRUNC = getattr(socket, "MSG_TRUNC", 0)   # without it the consumed bytes are copied
+# down_buf while the response bytes the client could not take yet wait in the node's
+# socket (they were only peeked): the client is polled for writing, the node not read.
+_IN_NODE_SOCKET = memoryview(b"")
 
 
 class Session:
@@ -95,7 +128,7 @@ class Session:
         "head", "head_len", "key", "route", "retries", "fallback_index",
         "up_buf", "down_buf", "client_eof", "backend_eof", "c_events", "b_events",
         "info", "watch_client", "timer", "fd_passed", "body_left", "up_file", "up_file_size",
-        "up_file_sent", "up_tail", "__weakref__",
+        "up_file_sent", "up_tail", "down_peek", "__weakref__",
     )
 
     def __init__(self, server: "Server", csock: socket.socket, caddr) -> None:
@@ -128,6 +161,7 @@ class Session:
         self.up_file_size = 0
         self.up_file_sent = 0
         self.up_tail = None       # post-buffering: bytes past the body read with the head
+        self.down_peek = False    # the first response bytes were read: peek from now on
 
     # ------------------------------------------------------------------ head
 
@@ -222,12 +256,12 @@ class Session:
             if route is None:
                 self.close()
                 return
-        # A request that says it has no body (CONTENT_LENGTH empty or 0, as nginx
-        # sends for a GET, no Transfer-Encoding, nothing past the vars) has nothing
-        # to relay upstream until the node answers: the client is watched only from
-        # the first response bytes on (a websocket's frames follow its 101), which
+        # A request without a body (uWSGI's rule, decisions.md D2: CONTENT_LENGTH
+        # absent, empty or 0, no Transfer-Encoding; and nothing past the vars) has
+        # nothing to relay upstream until the node answers: the client is watched only
+        # from the first response bytes on (a websocket's frames follow its 101), which
         # spares two epoll_ctl calls per plain request.
-        if info.content_length == 0 and not info.chunked and have == total:
+        if not info.content_length and not info.chunked and have == total:
             self.watch_client = False
         # Patch the modifiers into the head before it leaves; copy it out of the shared
         # scratch buffer only if it cannot be sent right now (see _connect).
@@ -248,8 +282,19 @@ class Session:
         Up to *limit* bytes are kept in memory with the head; a larger body goes to an
         unlinked temporary file that is sent with ``os.sendfile`` once the node is
         connected.  Reading stops at CONTENT_LENGTH; once the body has reached the node
-        the session relays both ways as usual (a later client half-close is relayed)."""
+        the session relays both ways as usual (a later client half-close is relayed).
+
+        What one request may cost is bounded: a CONTENT_LENGTH over
+        --fastrouter-post-buffering-max is refused at once, and the whole body must arrive
+        within --fastrouter-timeout + CONTENT_LENGTH / --fastrouter-post-buffering-min-rate
+        seconds (the idle time-out alone restarts with every byte)."""
         self.route = route
+        server = self.server
+        cap = server.post_buffering_max
+        if cap and length > cap:
+            self.close("request body of %d bytes refused: over --fastrouter-post-buffering-max %d"
+                       % (length, cap))
+            return
         self.state = RECV_BODY
         early = have - total
         self.body_left = length - min(early, length)
@@ -270,12 +315,24 @@ class Session:
                 if early > length:   # read with the head: they follow the body
                     self.up_tail = bytes(self.up_buf[total + length:have])
             self.up_buf = bytes(self.up_buf[:total])
-        self.last = self.server.reactor.now
+        reactor = server.reactor
+        self.last = reactor.now
         if self.body_left:
             self.c_events = READ
-            self.server.reactor.register(self.cfd, READ, self._on_client)
+            reactor.register(self.cfd, READ, self._on_client)
+            rate = server.post_buffering_min_rate
+            if rate:
+                allowed = server.timeout + length / rate
+                self.timer = reactor.call_later(allowed, self._body_too_slow, length, allowed)
         else:
             self._body_complete()
+
+    def _body_too_slow(self, length: int, allowed: float) -> None:
+        self.timer = None
+        if self.state == RECV_BODY:
+            self.close("request body not complete after %.1f seconds (%d of %d bytes missing; "
+                       "--fastrouter-post-buffering-min-rate %d)"
+                       % (allowed, self.body_left, length, self.server.post_buffering_min_rate))
 
     def _read_body(self) -> None:
         server = self.server
@@ -305,6 +362,9 @@ class Session:
             self._body_complete()
 
     def _body_complete(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.c_events:
             self.server.reactor.unregister(self.cfd)
             self.c_events = 0
@@ -339,7 +399,9 @@ class Session:
 
     # ------------------------------------------------------------- connecting
 
-    def _connect(self, route: "Route") -> None:
+    def _connect(self, route: "Route", busy: Optional[tuple] = None) -> None:
+        """Connect to *route* and send the head; *busy* is the back-off state
+        ``(deadline, last delay)`` while the node's listen queue stays full."""
         self.route = route
         self.state = CONNECTING
         self.up_file_sent = 0
@@ -358,11 +420,9 @@ class Session:
             return
         err = sock.connect_ex(addr)
         if err == errno.EAGAIN and family == socket.AF_UNIX:
-            # The node's listen queue is full: not a failure of the node, it is
-            # busy.  Try again shortly; the session time-out bounds the waiting.
             sock.close()
             self._own_up_buf()
-            self.timer = self.server.reactor.call_later(_BUSY_RETRY_DELAY, self._connect_again, route)
+            self._wait_for_busy_node(route, busy)
             return
         if err and err not in _IN_PROGRESS:
             sock.close()
@@ -393,10 +453,29 @@ class Session:
             return
         self._connected(head, sent)
 
-    def _connect_again(self, route: "Route") -> None:
+    def _wait_for_busy_node(self, route: "Route", busy: Optional[tuple]) -> None:
+        """The node's listen queue is full: connect again after the next back-off delay,
+        or count it as a failed connect (mark, retry, fallback) once --fastrouter-timeout
+        has passed since the first attempt."""
+        reactor = self.server.reactor
+        now = reactor.now
+        if busy is None:
+            deadline, delay = now + self.server.timeout, BUSY_FIRST_DELAY
+        else:
+            deadline, delay = busy
+            delay = min(delay * 2, BUSY_MAX_DELAY)
+        left = deadline - now
+        if left <= 0:
+            self._connect_failed("listen queue full for %d seconds" % self.server.timeout)
+            return
+        wait = min(delay * (1.0 - BUSY_JITTER * _random()), left)
+        when = (int((now + wait) / BUSY_TICK) + 1) * BUSY_TICK
+        self.timer = reactor.call_at(when, self._connect_again, route, (deadline, delay))
+
+    def _connect_again(self, route: "Route", busy: tuple) -> None:
         self.timer = None
         if self.state == CONNECTING:
-            self._connect(route)
+            self._connect(route, busy)
 
     def _own_up_buf(self) -> None:
         """Copy a head that still points into the shared scratch buffer."""
@@ -537,7 +616,10 @@ class Session:
             self._update_interest()
 
     def _pump_down(self) -> None:
-        """Backend -> client, until the backend has nothing more or the client is full."""
+        """Backend -> client, until the backend has nothing more or the client is full.
+
+        The first read takes up to FIRST_READ bytes; later ones peek a whole chunk and
+        consume only what the client took (see the module docstring)."""
         server = self.server
         scratch = server.scratch
         view = server.scratch_view
@@ -545,9 +627,13 @@ class Session:
         bsock = self.bsock
         csock = self.csock
         node = self.route.node
+        peek = self.down_peek
         for _ in range(_READS_PER_EVENT):
             try:
-                n = bsock.recv_into(scratch, chunk)
+                if peek:
+                    n = bsock.recv_into(scratch, chunk, _MSG_PEEK)
+                else:
+                    n = bsock.recv_into(scratch, FIRST_READ if chunk > FIRST_READ else chunk)
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -562,15 +648,15 @@ class Session:
                     server.handoff_trust.taken(self.route.address)
                 self.close()
                 return
-            if node is not None:
-                node.tx += n
-            if not self.watch_client:
-                # The first response bytes.  After a handoff they mean the node
-                # ignored the descriptor: its answer is relayed as usual.
-                self.watch_client = True
-                if self.fd_passed and server.handoff_trust.ignored(self.route.address):
-                    server.log_session(self, "node ignored a passed descriptor: handing clients "
-                                       "over to it is verified again (--fastrouter-trust-fd-passing)")
+            if not peek:
+                self.down_peek = True
+                if not self.watch_client:
+                    # After a handoff the first response bytes mean the node ignored
+                    # the descriptor: its answer is relayed as usual.
+                    self.watch_client = True
+                    if self.fd_passed and server.handoff_trust.ignored(self.route.address):
+                        server.log_session(self, "node ignored a passed descriptor: handing clients "
+                                           "over to it is verified again (--fastrouter-trust-fd-passing)")
             try:
                 sent = csock.send(view[:n], MSG_DONTWAIT)
             except BlockingIOError:
@@ -578,9 +664,36 @@ class Session:
             except OSError as exc:
                 self.close("error writing to client: %s" % (exc.strerror or exc))
                 return
-            if sent < n:
-                self.down_buf = bytes(view[sent:n])
+            if not peek:
+                if node is not None:
+                    node.tx += n
+                if sent < n:
+                    self.down_buf = bytes(view[sent:n])
+                    return
+                peek = True
+                continue
+            if sent and not self._consume(sent):
                 return
+            if node is not None:
+                node.tx += sent
+            if sent < n:
+                self.down_buf = _IN_NODE_SOCKET
+                return
+
+    def _consume(self, count: int) -> bool:
+        """Take *count* peeked bytes, which reached the client, out of the node's socket."""
+        bsock = self.bsock
+        scratch = self.server.scratch
+        try:
+            while count:
+                n = bsock.recv_into(scratch, count, _MSG_TRUNC)
+                if n <= 0:
+                    raise ConnectionError("the node's socket lost bytes that were peeked")
+                count -= n
+        except OSError as exc:
+            self.close("error reading from node: %s" % (exc.strerror or exc))
+            return False
+        return True
 
     def _pump_up(self) -> None:
         """Client -> backend (request body, websocket frames...)."""
@@ -617,7 +730,12 @@ class Session:
                 return
 
     def _flush_down(self) -> bool:
+        """The client is writable: send what is pending for it; False once closed."""
         data = self.down_buf
+        if data is _IN_NODE_SOCKET:
+            self.down_buf = None
+            self._pump_down()
+            return self.state != CLOSED
         try:
             sent = self.csock.send(data, MSG_DONTWAIT)
         except BlockingIOError:
@@ -625,7 +743,7 @@ class Session:
         except OSError as exc:
             self.close("error writing to client: %s" % (exc.strerror or exc))
             return False
-        self.down_buf = data[sent:] if sent < len(data) else None
+        self.down_buf = memoryview(data)[sent:] if sent < len(data) else None
         return True
 
     def _flush_up(self) -> bool:
@@ -641,7 +759,7 @@ class Session:
         if node is not None:
             node.rx += sent
         if sent < len(data):
-            self.up_buf = data[sent:]
+            self.up_buf = memoryview(data)[sent:]     # no copy of the unsent tail
         else:
             self.up_buf = None
             if self.client_eof:
