@@ -29,7 +29,7 @@ import socket
 import struct
 from typing import Callable, List, Optional, Sequence
 
-from .log import RateLimitedLog, log
+from .log import RateLimitedLog, log, printable
 from .reactor import Reactor
 from .sockets import AddressError, node_sockaddr
 from .subscription import (Announcement, SubscriptionError, SubscriptionTable, build_announcement,
@@ -303,10 +303,15 @@ class SubscriptionServer:
     def _forward(self, a: Announcement) -> None:
         if not self.resubscribe or a.forwarded:
             return
-        packet = build_announcement(
-            a.key, self.own_address, modifier1=a.modifier1, modifier2=a.modifier2,
-            unsubscribe=a.unsubscribe, sni_key=a.sni_key, sni_crt=a.sni_crt, sni_ca=a.sni_ca,
-            forwarded=True)
+        try:
+            packet = build_announcement(
+                a.key, self.own_address, modifier1=a.modifier1, modifier2=a.modifier2,
+                unsubscribe=a.unsubscribe, sni_key=a.sni_key, sni_crt=a.sni_crt, sni_ca=a.sni_ca,
+                forwarded=True)
+        except SubscriptionError as exc:  # e.g. SNI paths that fill the datagram
+            self.drop_log("[uwsgi-subscription for pid %d] not resubscribing %s: %s"
+                          % (os.getpid(), printable(a.key), exc))
+            return
         for target in self.resubscribe:
             try:
                 if ":" in target and not target.startswith("/"):
