@@ -254,7 +254,7 @@ def build_announcement(key: bytes, address: bytes, *, modifier1: int = 0, modifi
                                ("weight", weight, _NUMBER_MAX)):
         if not 0 <= value <= limit:
             raise SubscriptionError("%s must be 0..%d, got %d" % (name, limit, value), key, address)
-    stamp = None if unix is None else unix + 1 if unsubscribe else unix
+    stamp = None if unix is None else (unix + 1 if unsubscribe else unix)
     if stamp is not None and not 0 <= stamp <= _NUMBER_MAX:
         raise SubscriptionError("the unix timestamp must be 0..%d, got %d" % (_NUMBER_MAX, stamp),
                                 key, address)
