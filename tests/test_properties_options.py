@@ -90,6 +90,7 @@ def test_any_command_line_gives_a_config_or_a_config_error(argv, environ):
 @given(st.one_of(st.text(st.sampled_from(" \t+-0123456789x"), max_size=30), long_numbers,
                  st.tuples(st.sampled_from(["", "-", "+", " -"]), long_numbers).map("".join)))
 @example("7" * 4301)
+@example("0" * 4292 + "7" * 9)
 def test_c_numbers_of_any_text_stay_in_range(text):
     """atoi and strtoul never raise and stay in their C types, however long the digits."""
     assert -(1 << 31) <= o.c_atoi(text) < 1 << 31
@@ -97,7 +98,7 @@ def test_c_numbers_of_any_text_stay_in_range(text):
     match = re.match(r"[ \t]*([+-]?)([0-9]+)", text)
     if match and len(match.group(2).lstrip("0")) <= 9:  # fits a C int: the plain value
         sign = -1 if match.group(1) == "-" else 1
-        assert o.c_atoi(text) == sign * int(match.group(2))
+        assert o.c_atoi(text) == sign * int(match.group(2).lstrip("0") or "0")
 
 
 _ini_key = st.one_of(long_names, st.sampled_from(["ini", "set", "strict", "x", ""]))
@@ -150,7 +151,12 @@ def test_placeholder_chains_resolve_or_are_refused(length, first_is_outermost):
 
 # -- one configuration, three ways to write it ------------------------------------------------
 
-_value_chars = st.sampled_from("abz019 -_.,:/=;#[]\"'%()$@\t")
+_value_chars = st.one_of(
+    st.sampled_from("abz019 -_.,:/=;#[]\"'%()$@\t"),
+    # anything else a value may hold: no newline (it ends an INI line), no NUL (the
+    # environment cannot hold one), no lone surrogate (not in a file or an argv)
+    st.characters(exclude_categories=("Cs",), exclude_characters="\n\x00"),
+)
 _plain_values = st.text(_value_chars, max_size=10).map(lambda t: t.strip(" \t\r"))
 _NONE_ARG = {opt.name for opt in VALUED if opt.arg == o.NONE}
 _REFERABLE = [opt.name for opt in VALUED if opt.arg != o.NONE] + ["undefined-name"]
