@@ -2,7 +2,11 @@
 """Fuzz target: the subscription datagram parser (uwsgi_fastrouter/subscription.py).
 
 Input layout: one or more datagrams, each as a little-endian u16 length and that
-many bytes (a short last one takes what is left).  Each datagram goes through
+many bytes (a short last one takes what is left).  A length with the top bit set
+asks for the datagram to be filled up to the 64 KiB limit: the byte after it says
+how many bytes short of 65535 the vars end, and an ``sni_ca`` var of the right size
+goes in front (libFuzzer would hardly build inputs that big by itself, and the
+limit is where a builder can overflow).  Each datagram goes through
 parse_announcement; an accepted one is checked, forwarded (built again as a
 router resubscribing would) and applied to a small table, with a lookup and a
 release after it.  Only SubscriptionError may come out of any of these.
@@ -22,6 +26,7 @@ if __name__ == "__main__":
     # with the package under coverage instrumentation
     sys.exit(harness.main("fuzz_subscription"))
 
+from uwsgi_fastrouter.protocol import encode_vars
 from uwsgi_fastrouter.subscription import (
     MAX_ADDRESS, MAX_KEY, SubscriptionError, SubscriptionTable, forward_announcement,
     parse_announcement,
@@ -38,13 +43,29 @@ class Verifier:
         return announcement.sign == b"good"
 
 
+def fill_to_limit(datagram: bytes, slack: int) -> bytes:
+    """*datagram* with an ``sni_ca`` var in front, sized so that its vars end *slack*
+    bytes short of 65535; the header's datasize follows."""
+    room = 0xFFFF - (len(datagram) - 4) - slack - 4 - len(b"sni_ca")
+    if len(datagram) < 4 or room < 0:
+        return datagram
+    block = encode_vars([(b"sni_ca", b"c" * room)]) + datagram[4:]
+    return datagram[:1] + struct.pack("<H", len(block)) + datagram[3:4] + block
+
+
 def datagrams(data: bytes):
     pos = 0
     while pos < len(data):
-        size = struct.unpack_from("<H", data, pos)[0] if pos + 2 <= len(data) else 0
+        word = struct.unpack_from("<H", data, pos)[0] if pos + 2 <= len(data) else 0
         pos += 2
-        yield data[pos:pos + size]
+        size = word & 0x7FFF
+        datagram = data[pos:pos + size]
         pos += size
+        if word & 0x8000:
+            slack = data[pos] if pos < len(data) else 0
+            pos += 1
+            datagram = fill_to_limit(datagram, slack)
+        yield datagram
 
 
 def check_accepted(datagram: bytes, a) -> None:

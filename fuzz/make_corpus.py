@@ -69,6 +69,9 @@ def subscriptions():
     yield "two-keys-three-nodes", framed(*(
         build_announcement(key, b"127.0.0.1:%d" % port, weight=port % 3)
         for key in (b"a.example", b"b.example") for port in (3031, 3032, 3033)))
+    # the first datagram filled to 40 bytes short of the limit (see the target's layout)
+    full = build_announcement(b"big.example", b"127.0.0.1:3031", cores=1)
+    yield "filled-to-the-limit", struct.pack("<H", 0x8000 | len(full)) + full + b"\x28"
     yield "signed-bad", framed(build_announcement(b"k", b"a:1", unix=1_700_000_001,
                                                   signer=lambda data: b"bad"))
 

@@ -49,7 +49,8 @@ def run_target(name: str, seconds: int, python: str, fallback: bool) -> dict:
                           text=True, errors="replace")
     elapsed = time.monotonic() - started
     output = proc.stdout
-    runs = re.findall(r"Done (\d+) runs in", output)
+    # "Done N runs" ends a run that did not crash; otherwise the last "#N" status line
+    runs = re.findall(r"Done (\d+) runs in", output) or re.findall(r"^#(\d+)\s", output, re.M)
     corpus = re.findall(r"corp: (\d+)/", output)
     coverage = re.findall(r"\bcov: (\d+)", output)
     crash = re.findall(r"(?:Test unit written to|input written to) (\S+)", output)

@@ -216,11 +216,24 @@ def test_build_gives_what_parse_accepts_or_refuses(fields):
     _check_accepted(packet, parse_announcement(packet))
 
 
+def _filled(datagram: bytes, slack: int) -> bytes:
+    """*datagram* with an sni_ca var in front that makes its vars end *slack* bytes
+    short of 65535 (as fuzz/fuzz_subscription.py fills datagrams)."""
+    room = _MAX_VARS - (len(datagram) - 4) - slack - 4 - len(b"sni_ca")
+    block = encode_vars([(b"sni_ca", b"c" * room)]) + datagram[4:]
+    return datagram[:1] + len(block).to_bytes(2, "little") + datagram[3:4] + block
+
+
 @PROPERTY
 @given(st.one_of(built, mutated(built)), st.sampled_from([b"127.0.0.1:3117", b"r" * MAX_ADDRESS]),
        numbers)
 @example(build_announcement(b"k", b"a", sni_key=b"x" * 32000, sni_crt=b"y" * 33400),
          b"r" * MAX_ADDRESS, 0)
+# the fuzzer's crash (fuzz/corpus/subscription/crash-forward-overflow-*): vars of
+# exactly 65535 bytes; the forwarded packet adds the router's numbers and mark
+@example(_filled(HEADER.pack(224, 0, 0) + encode_vars([
+    (b"key", b"big.example"), (b"address", b"127.0.0.1:3031"), (b"modifier1", b"0")]), 0),
+    b"127.0.0.1:3017", 0)
 def test_any_accepted_announcement_can_be_forwarded_or_is_refused(datagram, address, weight):
     """What a router forwards is derived from a hostile datagram: it is either a
     datagram the next router accepts or a SubscriptionError, never anything else."""
