@@ -6,6 +6,7 @@
 Every seed is a valid input in the target's layout (see the target's docstring):
 requests as nginx and uWSGI send them, and subscription datagrams as uWSGI 2.0.31
 instances build them.  The files are small and checked in; a run never writes here.
+Files named ``crash-*`` are inputs that once crashed a target: they are kept.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def main() -> int:
         directory = os.path.join(HERE, "corpus", sub)
         if os.path.isdir(directory):
             for name in os.listdir(directory):
-                os.unlink(os.path.join(directory, name))
+                if not name.startswith("crash-"):  # crash inputs found by a run stay
+                    os.unlink(os.path.join(directory, name))
     for name, prefix, stream in requests():
         write(os.path.join(HERE, "corpus", "request_head"), name, prefix + stream)
     for name, data in subscriptions():
