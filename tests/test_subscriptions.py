@@ -387,3 +387,29 @@ def test_unsigned_floods_never_cost_a_key_at_a_signing_router(sock_dir, keypair)
     log = router.log()
     assert "unsigned subscription packet for flood0.example" in log
     assert "too many keys" not in log and "table full" not in log
+
+
+def test_a_datagram_too_big_to_forward_is_kept_and_not_forwarded(tmp_path):
+    """Resubscribing writes a new packet with the router's own address and the
+    forwarded mark: for a datagram already at the 64 KiB limit (long SNI paths) it
+    cannot fit.  The router keeps the node, logs why it does not forward, and goes
+    on forwarding the others (it used to raise out of the subscription callback)."""
+    upstream = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    upstream.bind(("127.0.0.1", 0))
+    upstream.settimeout(10)
+    router, sub = sub_router(tmp_path, "--fastrouter-resubscribe",
+                             "127.0.0.1:%d" % upstream.getsockname()[1])
+    with RecordingBackend("a") as a, upstream:
+        pairs = [(b"key", b"example.com"), (b"address", a.address.encode()), (b"modifier1", b"0"),
+                 (b"modifier2", b"0"), (b"cores", b"1"), (b"load", b"0"), (b"weight", b"0")]
+        used = len(uwsgi_packet(pairs, 224)) - 4 + 4 + len(b"sni_key")
+        big = uwsgi_packet(pairs + [(b"sni_key", b"k" * (65535 - 5 - used))], 224)
+        assert len(big) == 4 + 65535 - 5
+        send_datagram(sub, big)
+        router.wait_for_log(r"example.com => new node: %s" % a.address)
+        router.wait_for_log(r"not resubscribing example.com: .*exceeds the limit of 65535")
+        assert served_by(router.addresses[0]) == "a"
+        announce(sub, b"other.example", b"127.0.0.1:9")
+        data, _ = upstream.recvfrom(65536)
+        assert b"other.example" in data and b"example.com" not in data
+        assert router.count(r"unhandled") == 0

@@ -275,6 +275,8 @@ class IniLoader:
                 data = handle.read()
         except OSError as exc:
             raise IniError('open("%s"): %s' % (path, exc.strerror or exc)) from None
+        except ValueError as exc:  # a NUL byte (a name read from a file can hold one)
+            raise IniError('open("%s"): %s' % (path.replace("\0", "\\0"), exc)) from None
         text = data.decode("utf-8", "surrogateescape")
 
         table = dict(self.process.values)

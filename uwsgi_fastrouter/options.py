@@ -497,11 +497,18 @@ class Config:
 _NUMBER = re.compile(r"[ \t\n\v\f\r]*([+-]?)([0-9]*)")
 
 
+def _digits_value(digits: str) -> int:
+    """The value of a run of ASCII digits ("" is 0), saturated at 2**64: the callers
+    clamp at or below that, and int() refuses strings of thousands of digits."""
+    significant = digits.lstrip("0")
+    return int(significant or "0") if len(significant) <= 20 else 1 << 64
+
+
 def c_atoi(text: str) -> int:
     """C ``atoi`` on glibc: leading digits, junk gives 0, result wrapped to a C int."""
     match = _NUMBER.match(text)
     sign, digits = match.group(1), match.group(2)
-    value = int(digits) if digits else 0
+    value = _digits_value(digits)
     if sign == "-":
         value = -value
     value = max(-(1 << 63), min((1 << 63) - 1, value))  # strtol clamps to long
@@ -513,7 +520,7 @@ def c_strtoul(text: str) -> int:
     """C ``strtoul(text, NULL, 10)`` for a 64-bit unsigned long."""
     match = _NUMBER.match(text)
     sign, digits = match.group(1), match.group(2)
-    value = int(digits) if digits else 0
+    value = _digits_value(digits)
     if value > (1 << 64) - 1:
         return (1 << 64) - 1
     if sign == "-":
@@ -588,6 +595,8 @@ class _Entry:
 
 
 MAX_INI_DEPTH = 32
+#: a %(NAME) whose value refers to another, and so on: resolved recursively, so bounded
+MAX_PLACEHOLDER_DEPTH = 100
 
 
 HELP_POINTER = "run %s --help to list every option" % PROGRAM
@@ -852,6 +861,8 @@ def _read_at_file(path: str) -> str:
             data = handle.read()
     except OSError as exc:
         raise ConfigError('open("%s"): %s' % (path, exc.strerror or exc)) from None
+    except ValueError as exc:  # a NUL byte, from an INI file
+        raise ConfigError('open("%s"): %s' % (path.replace("\0", "\\0"), exc)) from None
     if data[-1:] in (b"\n", b"\r"):
         data = data[:-1]
     return data.decode("utf-8", "surrogateescape")
@@ -883,6 +894,9 @@ def _substitute(entries: List[_Entry], environ: Mapping[str, str]) -> Set[str]:
             return done[ident]
         if ident in active:  # a reference cycle: leave it as written
             return None
+        if len(active) >= MAX_PLACEHOLDER_DEPTH:
+            raise ConfigError("placeholder references nested more than %d deep at %s"
+                              % (MAX_PLACEHOLDER_DEPTH, entry.key))
         active.add(ident)
         try:
             result = _expand(entry.value, "%", lookup)

@@ -82,7 +82,8 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from .log import printable
-from .protocol import HEADER, HEADER_SIZE, MalformedVars, Modifier1, encode_vars, iter_vars
+from .protocol import (HEADER, HEADER_SIZE, MAX_DATASIZE, MalformedVars, Modifier1, ProtocolError,
+                       encode_vars, iter_vars)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .signing import SignatureChecker
@@ -297,6 +298,10 @@ def build_announcement(key: bytes, address: bytes, *, modifier1: int = 0, modifi
     *unix* is the current time (whole seconds); it is written whenever given, and,
     as uWSGI does, an unsubscribe carries ``unix + 1``.  With *signer* (required to
     sign; it needs *unix*) a ``sign`` var follows, holding ``signer(vars so far)``.
+
+    What :func:`parse_announcement` would refuse is refused here with
+    :class:`SubscriptionError`: a field out of range, or vars over 65535 bytes
+    (long SNI paths, a long signature, or a long router address when forwarding).
     """
     if not 0 < len(key) <= MAX_KEY:
         raise SubscriptionError("a subscription key must be 1..%d bytes" % MAX_KEY, key, address)
@@ -308,6 +313,10 @@ def build_announcement(key: bytes, address: bytes, *, modifier1: int = 0, modifi
                                ("weight", weight, _NUMBER_MAX)):
         if not 0 <= value <= limit:
             raise SubscriptionError("%s must be 0..%d, got %d" % (name, limit, value), key, address)
+    stamp = None if unix is None else (unix + 1 if unsubscribe else unix)
+    if stamp is not None and not 0 <= stamp <= _NUMBER_MAX:
+        raise SubscriptionError("the unix timestamp must be 0..%d, got %d" % (_NUMBER_MAX, stamp),
+                                key, address)
     pairs: List[Tuple[bytes, bytes]] = [
         (b"key", key),
         (b"address", address),
@@ -323,13 +332,19 @@ def build_announcement(key: bytes, address: bytes, *, modifier1: int = 0, modifi
             pairs.append((name, value))
     if forwarded:
         pairs.append((FORWARDED_VAR, b"1"))
-    if unix is not None:
-        pairs.append((b"unix", b"%d" % (unix + 1 if unsubscribe else unix)))
+    if stamp is not None:
+        pairs.append((b"unix", b"%d" % stamp))
     elif signer is not None:
         raise SubscriptionError("a signed subscription needs a unix timestamp", key, address)
-    block = encode_vars(pairs)
-    if signer is not None:
-        block += encode_vars([(b"sign", signer(block))])
+    try:
+        block = encode_vars(pairs)
+        if signer is not None:
+            block += encode_vars([(b"sign", signer(block))])
+    except ProtocolError as exc:  # a value of more than 65535 bytes
+        raise SubscriptionError(str(exc), key, address) from None
+    if len(block) > MAX_DATASIZE:
+        raise SubscriptionError("a subscription packet of %d bytes of vars exceeds the limit of %d"
+                                % (len(block), MAX_DATASIZE), key, address)
     return HEADER.pack(Modifier1.SUBSCRIPTION, len(block), 1 if unsubscribe else 0) + block
 
 
@@ -341,7 +356,8 @@ def forward_announcement(a: Announcement, address: bytes, *, cores: int = 0, loa
     SNI files, *address* (the router's own first listening address) and the router's
     own cores/load/weight; ``notify``, ``unix`` and ``sign`` are not forwarded.  It is
     marked as forwarded.  Callers must not forward an announcement whose
-    ``forwarded`` is true.
+    ``forwarded`` is true.  :class:`SubscriptionError` when the new packet would
+    not fit in a datagram (see :func:`build_announcement`).
     """
     return build_announcement(a.key, address, modifier1=a.modifier1, modifier2=a.modifier2,
                               cores=cores, load=load, weight=weight, unsubscribe=a.unsubscribe,

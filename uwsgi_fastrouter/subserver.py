@@ -317,10 +317,15 @@ class SubscriptionServer:
     def _forward(self, a: Announcement) -> None:
         if not self.resubscribe or a.forwarded:
             return
-        packet = build_announcement(
-            a.key, self.own_address, modifier1=a.modifier1, modifier2=a.modifier2,
-            unsubscribe=a.unsubscribe, sni_key=a.sni_key, sni_crt=a.sni_crt, sni_ca=a.sni_ca,
-            forwarded=True)
+        try:
+            packet = build_announcement(
+                a.key, self.own_address, modifier1=a.modifier1, modifier2=a.modifier2,
+                unsubscribe=a.unsubscribe, sni_key=a.sni_key, sni_crt=a.sni_crt, sni_ca=a.sni_ca,
+                forwarded=True)
+        except SubscriptionError as exc:  # e.g. SNI paths that fill the datagram
+            self.drop_log("[uwsgi-subscription for pid %d] not resubscribing %s: %s"
+                          % (os.getpid(), printable(a.key), exc))
+            return
         for target, (family, addr) in self._resub_targets:
             sock = self._resub_sock_unix if family == socket.AF_UNIX else self._resub_sock_inet
             try:
