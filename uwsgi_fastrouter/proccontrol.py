@@ -193,14 +193,7 @@ def _open_log_fd(path: str) -> int:
 
 def _install_log(fd: int) -> None:
     """Put the open log file *fd* on descriptors 1 and 2 (and close *fd*)."""
-    _flush_std()
-    try:
-        for target in (1, 2):
-            if fd != target:
-                os.dup2(fd, target)
-    finally:
-        if fd not in (1, 2):
-            os.close(fd)
+    _dup_onto_std(fd)
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name, None)
         reconfigure = getattr(stream, "reconfigure", None)
@@ -236,7 +229,11 @@ def reopen_log(path: str) -> None:
 
     Raises ``OSError`` naming *path* when it cannot be opened; the old file stays.
     """
-    fd = _open_log_fd(path)
+    _dup_onto_std(_open_log_fd(path))
+
+
+def _dup_onto_std(fd: int) -> None:
+    """Flush, then make descriptors 1 and 2 copies of *fd*, which is closed."""
     _flush_std()
     try:
         for target in (1, 2):
