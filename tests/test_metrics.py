@@ -9,6 +9,7 @@ prometheus_parser = pytest.importorskip("prometheus_client.parser")
 
 from uwsgi_fastrouter import __version__
 from uwsgi_fastrouter.metrics import BUCKETS, Counters, label_value, merge, render
+from uwsgi_fastrouter.subscription import build_announcement
 
 from backends import RecordingBackend, request
 from support import fetch_stats, free_dead_tcp_address, reference_mode, start_router, wait_until
@@ -194,3 +195,57 @@ def test_render_parses_and_merge_bounds_the_tables():
     buckets = {s.labels["le"]: s.value for s in families["uwsgi_fastrouter_request_seconds"].samples
                if s.name.endswith("_bucket")}
     assert buckets["0.25"] == 4 and buckets["+Inf"] == 6 and len(buckets) == len(BUCKETS) + 1
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_connect_failed_client_error_and_timeout(mode):
+    dead, holder = free_dead_tcp_address()
+    with holder:
+        router, metrics = start(["--fastrouter-to", dead, "--fastrouter-max-retries", "0",
+                                 "--fastrouter-timeout", "1"], mode)
+        addr = router.addresses[0]
+        assert request(addr, [(b"HTTP_HOST", b"down.example.com")]) == b""
+        assert request(addr, [], body=b"") == b""                       # no key at all: no route
+        with socket.create_connection(tuple_address(addr), timeout=10) as sock:
+            sock.sendall(b"\x00\x04\x00\x00\x09\x00ab")                  # vars that do not parse
+            assert sock.recv(10) == b""
+        with socket.create_connection(tuple_address(addr), timeout=10) as sock:
+            sock.sendall(b"\x00\x40\x00")                                # a head that never ends
+            assert sock.recv(10) == b""                                  # closed by the time-out
+
+        def counted():
+            samples = scrape(metrics)
+            return samples if value(samples, "uwsgi_fastrouter_request_seconds_count") == 4 else None
+
+        samples = wait_until(counted, what="four requests in the metrics")
+        assert value(samples, "uwsgi_fastrouter_requests_total", outcome="connect_failed") == 1
+        assert value(samples, "uwsgi_fastrouter_requests_total", outcome="no_route") == 1
+        assert value(samples, "uwsgi_fastrouter_requests_total", outcome="client_error") == 1
+        assert value(samples, "uwsgi_fastrouter_requests_total", outcome="timeout") == 1
+        assert value(samples, "uwsgi_fastrouter_requests_total", outcome="ok") == 0
+        assert value(samples, "uwsgi_fastrouter_node_failures_total", node=dead) == 1
+        assert value(samples, "uwsgi_fastrouter_key_failures_total", key="down.example.com") == 1
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_subscription_counters(backend, mode, sock_dir):
+    sub = str(sock_dir / "sub.sock")
+    router, metrics = start(["--fastrouter-subscription-server", sub], mode)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+        sender.sendto(build_announcement(b"app.example.com", backend.address.encode()), sub)
+        sender.sendto(b"\x00\x10\x00\x00not a subscription", sub)
+    addr = router.addresses[0]
+    wait_until(lambda: request(addr, [(b"HTTP_HOST", b"app.example.com")]).startswith(b"HTTP/1.0 200"),
+               what="the subscribed node serving")
+
+    def counted():
+        samples = scrape(metrics)
+        return samples if value(samples, "uwsgi_fastrouter_subscription_datagrams_total") == 2 else None
+
+    samples = wait_until(counted, what="two datagrams in the metrics")
+    assert value(samples, "uwsgi_fastrouter_subscription_drops_total", reason="other") == 1
+    assert value(samples, "uwsgi_fastrouter_subscription_drops_total", reason="table_full") == 0
+    assert value(samples, "uwsgi_fastrouter_subscription_keys") == 1
+    assert value(samples, "uwsgi_fastrouter_subscription_nodes") == 1
+    assert value(samples, "uwsgi_fastrouter_cheap") == 0
+    assert value(samples, "uwsgi_fastrouter_requests_total", outcome="ok") >= 1
