@@ -249,3 +249,17 @@ def test_subscription_counters(backend, mode, sock_dir):
     assert value(samples, "uwsgi_fastrouter_subscription_nodes") == 1
     assert value(samples, "uwsgi_fastrouter_cheap") == 0
     assert value(samples, "uwsgi_fastrouter_requests_total", outcome="ok") >= 1
+
+
+def test_the_metrics_socket_survives_a_graceful_reload(backend):
+    import os
+    import signal
+    router, metrics = start(["--fastrouter-to", backend.address], "master")
+    assert request(router.addresses[0], [(b"HTTP_HOST", b"a")]).startswith(b"HTTP/1.0 200")
+    os.kill(router.pid, signal.SIGHUP)
+    router.wait_for_log(r"graceful reload: \d+ old process", timeout=20)
+    assert request(router.addresses[0], [(b"HTTP_HOST", b"a")]).startswith(b"HTTP/1.0 200")
+    # The same listening socket, now served by the new image; the counters start afresh
+    # with the new router processes.
+    samples = wait_until(lambda: scrape(metrics), what="a scrape after the reload")
+    assert value(samples, "uwsgi_fastrouter_build_info", version=__version__) == 1
