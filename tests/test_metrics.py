@@ -8,7 +8,7 @@ import pytest
 prometheus_parser = pytest.importorskip("prometheus_client.parser")
 
 from uwsgi_fastrouter import __version__
-from uwsgi_fastrouter.metrics import BUCKETS, Counters, label_value, merge, render
+from uwsgi_fastrouter.metrics import BUCKETS, MAX_REQUEST, Counters, label_value, merge, render
 from uwsgi_fastrouter.subscription import build_announcement
 
 from backends import RecordingBackend, request
@@ -153,7 +153,7 @@ def test_other_paths_are_404_and_the_router_keeps_serving(backend, mode):
         sock.sendall(b"garbage\r\n\r\n")
         assert sock.recv(100).startswith(b"HTTP/1.1 400")
     with socket.create_connection(tuple_address(metrics), timeout=10) as sock:
-        sock.sendall(b"GET /" + b"x" * 10000)       # no end of head within the bound
+        sock.sendall(b"GET /" + b"x" * (MAX_REQUEST - 4))    # one byte over, no end of head
         assert sock.recv(100).startswith(b"HTTP/1.1 431")
     assert request(router.addresses[0], [(b"HTTP_HOST", b"a")]).startswith(b"HTTP/1.0 200")
     assert value(scrape(metrics), "uwsgi_fastrouter_requests_total", outcome="ok") == 1
