@@ -38,6 +38,7 @@ SUPPORTED = {
     "fastrouter", "fastrouter-to", "fastrouter-use-pattern", "fastrouter-use-base",
     "fastrouter-fallback", "fastrouter-fallback-on-no-key", "fastrouter-gracetime",
     "fastrouter-timeout", "fastrouter-buffer-size", "fastrouter-events", "fastrouter-stats",
+    "fastrouter-metrics", "fastrouter-metrics-max-keys",
     "fastrouter-quiet", "fastrouter-force-key", "fastrouter-max-retries", "listen",
     "socket-timeout", "abstract-socket", "chmod-socket", "master", "vacuum", "die-on-term",
     "stats-minified", "stats-http", "no-fd-passing", "fastrouter-trust-fd-passing", "ini", "set", "set-ph", "strict", "help",

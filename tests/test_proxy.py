@@ -198,7 +198,8 @@ def test_stats_json_shape(backend):
     assert not raw.endswith(b"\n")
     doc = json.loads(raw)
     assert list(doc) == ["version", "pid", "uid", "gid", "cwd", "active_sessions", "fastrouter",
-                         "static_nodes", "cheap"]
+                         "static_nodes", "cheap", "uwsgi_fastrouter_version", "requests_ok", "no_route",
+                         "connect_failed", "timeouts", "client_errors", "node_errors"]
     assert doc["fastrouter"] == [router.addresses[0]]
     assert doc["static_nodes"] == [{"name": backend.address, "hits": 1, "grace": 0}]
     assert b'\n"%s"\n\t],' % router.addresses[0].encode() in raw

@@ -22,6 +22,7 @@ import pytest
 from backends import RecordingBackend, request
 from support import fetch_stats, start_router, wait_until
 from test_master import children
+from uwsgi_fastrouter.metrics import Counters
 from uwsgi_fastrouter.assembly import Assembly, MasterSockets, RouterReport
 from uwsgi_fastrouter.reactor import Reactor
 from uwsgi_fastrouter.sockets import bind_stream_server
@@ -417,7 +418,7 @@ def _router_parts(table, sessions: int, static: list, cheap: bool) -> Assembly:
     parts = Assembly()
     parts.table = table
     parts.server = types.SimpleNamespace(
-        sessions=[None] * sessions, cheap=cheap,
+        sessions=[None] * sessions, cheap=cheap, counters=Counters(), fd_handoffs=0,
         router=types.SimpleNamespace(static_nodes=[_Static("", h, g) for h, g in static]))
     return parts
 

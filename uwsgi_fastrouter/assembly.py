@@ -16,6 +16,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 from . import zerg
 from .addresses import shared_socket_index as _shared_index  # "=N": atoi, as uWSGI
 from .log import log
+from . import metrics
 from .reactor import Reactor
 from .router import Router, SubscriptionMapper
 from .server import DEFAULT_CHUNK, Server
@@ -55,6 +56,8 @@ class Assembly:
     def __init__(self) -> None:
         self.server: Optional[Server] = None
         self.stats: Optional[StatsServer] = None
+        self.metrics_listener = None         # --fastrouter-metrics
+        self.metrics: Optional[metrics.MetricsServer] = None
         self.subscriptions: Optional[SubscriptionServer] = None
         self.table = None
         self.zerg_listener = None
@@ -86,6 +89,8 @@ class Assembly:
             self.subscriptions.start()
         if self.stats is not None:
             self.stats.start()
+        if self.metrics is not None:
+            self.metrics.start()
         if self.zerg is not None:
             self.zerg.start()
 
@@ -98,6 +103,8 @@ class Assembly:
             self.subscriptions.stop()
         if self.stats is not None:
             self.stats.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
         for closable in self.closables:
             closable.close(unlink=unlink)
 
@@ -121,15 +128,17 @@ class Assembly:
                     self.server.go_cheap()
                 return
 
-    def report_parts(self, pools_per_part: int = 32) -> Iterator[dict]:
+    def report_parts(self, pools_per_part: int = 32, totals_only: bool = False) -> Iterator[dict]:
         """This process's counters for the master's stats, in parts (see
-        :class:`RouterReport`): the totals first, then the pools a few at a time, each
-        taken from the table when its part is built (one removed meanwhile is left out)."""
+        :class:`RouterReport`): the totals first, then (unless *totals_only*: a metrics
+        scrape) the pools a few at a time, each taken from the table when its part is
+        built (one removed meanwhile is left out)."""
         server = self.server
         yield {"sessions": len(server.sessions),
                "static": [[n.hits, int(n.dead_since)] for n in server.router.static_nodes],
-               "cheap": 1 if server.cheap else 0}
-        if self.table is None:
+               "cheap": 1 if server.cheap else 0,
+               "metrics": server.counters.snapshot(server)}
+        if self.table is None or totals_only:
             return
         flat: list = []
         count = 0
@@ -155,7 +164,8 @@ class RouterReport:
     """One router process's counters, as the master receives them in parts.
 
     Each part is a JSON object: the first has ``sessions``, ``static`` (``[hits,
-    grace]`` per static node) and ``cheap``; the others ``pools``, a flat list with,
+    grace]`` per static node), ``cheap`` and ``metrics`` (the request counters, see
+    :meth:`~uwsgi_fastrouter.metrics.Counters.snapshot`); the others ``pools``, a flat list with,
     per pool, its key (latin-1), hits and node count, then per node its name
     (latin-1), requests, last_requests, tx, rx, ref and failcnt.
 
@@ -165,12 +175,13 @@ class RouterReport:
     that much longer.
     """
 
-    __slots__ = ("sessions", "static", "cheap", "counters", "index")
+    __slots__ = ("sessions", "static", "cheap", "metrics", "counters", "index")
 
     def __init__(self) -> None:
         self.sessions = 0
         self.static: list = []
         self.cheap = 0
+        self.metrics: Optional[dict] = None   # the process's request counters (metrics.py)
         self.counters: list = []
         self.index: Dict[str, int] = {}   # key -> position of its hits in counters
 
@@ -184,6 +195,8 @@ class RouterReport:
                 self.sessions = int(part["sessions"])
                 self.static = [(int(hits), int(grace)) for hits, grace in part["static"]]
                 self.cheap = int(part["cheap"])
+                if "metrics" in part:
+                    self.metrics = metrics.validate(part["metrics"])
             flat = part.get("pools")
             if flat is not None:
                 self._index(flat)
@@ -308,6 +321,12 @@ def _bind_all(cfg, parts: Assembly) -> tuple:
             parts.closables.append(stats_listener)
             log("*** fastrouter stats server enabled on %s fd: %d ***"
                 % (stats_listener.name, stats_listener.sock.fileno()))
+        if cfg.fastrouter_metrics:
+            option = "fastrouter-metrics"
+            parts.metrics_listener = bind_stream_server(cfg.fastrouter_metrics, backlog=cfg.listen)
+            parts.closables.append(parts.metrics_listener)
+            log("*** fastrouter metrics server enabled on %s fd: %d ***"
+                % (parts.metrics_listener.name, parts.metrics_listener.sock.fileno()))
     except AddressError as exc:
         for closable in parts.closables:
             closable.close(unlink=True)
@@ -393,6 +412,8 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener, external: bo
                     post_buffering_dir=cfg.fastrouter_post_buffering_dir or None,
                     post_buffering_max=cfg.fastrouter_post_buffering_max,
                     post_buffering_min_rate=cfg.fastrouter_post_buffering_min_rate)
+    server.counters = metrics.Counters(detailed=bool(cfg.fastrouter_metrics),
+                                       max_keys=cfg.fastrouter_metrics_max_keys)
     server_ref.append(server)
     parts.server = server
     if parts.zerg_listener is not None:
@@ -426,8 +447,17 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener, external: bo
         parts.stats = StatsServer(
             reactor, stats_listener,
             lambda: build_document(server, names, static_nodes=static, extra=extra,
-                                   cheap=server.cheap),
+                                   cheap=server.cheap, counters=server.counters.snapshot(server)),
             minified=cfg.stats_minified, http=cfg.stats_http, timeout=cfg.socket_timeout or 4)
+    if parts.metrics_listener is not None and external:
+        subscriptions = parts.subscriptions
+
+        def scrape(deliver) -> None:
+            deliver(metrics.render(server.counters.snapshot(server),
+                                   metrics.subscription_counters(subscriptions, parts.table)))
+
+        parts.metrics = metrics.MetricsServer(reactor, parts.metrics_listener, scrape,
+                                              timeout=cfg.socket_timeout or 4)
     return parts
 
 
@@ -453,10 +483,12 @@ class MasterSockets:
         self.table = None
         self.subscriptions: Optional[SubscriptionServer] = None
         self.stats: Optional[StatsServer] = None
+        self.metrics: Optional[metrics.MetricsServer] = None
         self.zerg: Optional[zerg.ZergServer] = None
         self.subscriber = None
         self.subscriptions_blocked = False
         self._stats_waiting: list = []   # stats requests waiting for the collection under way
+        self._metrics_waiting: list = []  # scrapes waiting for the collection under way
 
     @classmethod
     def bind(cls, cfg, inherited: Optional[dict]) -> "MasterSockets":
@@ -494,6 +526,8 @@ class MasterSockets:
         self.parts.app_listeners = pick("app")
         stats = pick("stats")
         self.stats_listener = stats[0] if stats else None
+        metrics_l = pick("metrics")
+        self.parts.metrics_listener = metrics_l[0] if metrics_l else None
         zerg_l = pick("zerg")
         self.parts.zerg_listener = zerg_l[0] if zerg_l else None
 
@@ -511,6 +545,7 @@ class MasterSockets:
         return {"sockets": sockets, "listeners": refs(self.listeners), "datagram": refs(self.datagram),
                 "shared": refs(self.parts.shared), "app": refs(self.parts.app_listeners),
                 "stats": refs([self.stats_listener] if self.stats_listener else []),
+                "metrics": refs([self.parts.metrics_listener] if self.parts.metrics_listener else []),
                 "zerg": refs([self.parts.zerg_listener] if self.parts.zerg_listener else [])}
 
     # ---- in the master
@@ -546,6 +581,32 @@ class MasterSockets:
             self.stats = StatsServer(reactor, self.stats_listener, gather=self._gather_stats,
                                      minified=cfg.stats_minified, http=cfg.stats_http,
                                      timeout=cfg.socket_timeout or 4)
+        if self.parts.metrics_listener is not None:
+            self.metrics = metrics.MetricsServer(reactor, self.parts.metrics_listener, self._gather_metrics,
+                                                 timeout=cfg.socket_timeout or 4)
+
+    def _gather_metrics(self, deliver) -> None:
+        """A scrape: the router processes' totals (a totals-only round, see master.py),
+        summed, with the master's subscription counters.  Scrapes arriving while a
+        collection is under way share it."""
+        self._metrics_waiting.append(deliver)
+        if len(self._metrics_waiting) == 1:
+            try:
+                self.master.collect_reports(RouterReport, self._metrics_collected, totals_only=True)
+            except BaseException:
+                self._metrics_waiting = []
+                raise
+
+    def _metrics_collected(self, reports: List[RouterReport]) -> None:
+        waiting, self._metrics_waiting = self._metrics_waiting, []
+        merged = metrics.merge([r.metrics for r in reports if r.metrics is not None],
+                               self.cfg.fastrouter_metrics_max_keys)
+        text = metrics.render(merged, metrics.subscription_counters(self.subscriptions, self.table))
+        for deliver in waiting:
+            try:
+                deliver(text)
+            except Exception as exc:  # one broken client must not cost the others theirs
+                log("[uwsgi-fastrouter] unable to send the metrics: %r" % (exc,))
 
     def _gather_stats(self, deliver) -> None:
         """A stats request: collect the router processes' counters (without waiting on
@@ -583,7 +644,8 @@ class MasterSockets:
             extra = lambda d: d.__setitem__("subscriptions", _aggregate(table, reports))
         return build_document(_SessionsView(sum(r.sessions for r in reports)), names,
                               static_nodes=static, extra=extra,
-                              cheap=bool(reports) and all(r.cheap for r in reports))
+                              cheap=bool(reports) and all(r.cheap for r in reports),
+                              counters=metrics.merge([r.metrics for r in reports if r.metrics is not None]))
 
     def start_master(self) -> None:
         self.subscriptions_blocked = bool(self.cfg.start_unsubscribed)
@@ -593,6 +655,8 @@ class MasterSockets:
             self.subscriptions.start()
         if self.stats is not None:
             self.stats.start()
+        if self.metrics is not None:
+            self.metrics.start()
         if self.zerg is not None:
             self.zerg.start()
 
@@ -627,6 +691,8 @@ class MasterSockets:
             self.subscriptions.stop()
         if self.stats is not None:
             self.stats.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.zerg is not None:
             self.zerg.stop()
 
@@ -649,7 +715,8 @@ class MasterSockets:
     def close_master_only(self) -> None:
         """In a child: the master's own sockets are not the child's business."""
         for item in self.datagram + ([self.stats_listener] if self.stats_listener else []) \
-                + ([self.parts.zerg_listener] if self.parts.zerg_listener else []):
+                + ([self.parts.zerg_listener] if self.parts.zerg_listener else []) \
+                + ([self.parts.metrics_listener] if self.parts.metrics_listener else []):
             try:
                 item.sock.close()
             except OSError:

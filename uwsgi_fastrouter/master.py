@@ -17,13 +17,15 @@ process has the same view.  Frames are written without blocking: what a channel 
 not take at once waits in that channel's outbox (bounded) and goes on writability, so
 a stopped or slow process never holds up the master or a router.
 
-Stats (D8): the stats server runs in the master.  A request starts a collection round:
+Stats (D8): the stats server (and the metrics server) runs in the master.  A request starts a collection round:
 a QUERY frame with the round's number to every router process, which answers with
 REPORT frames built a slice at a time on its own loop (32 pools each, so no pass of
 either loop parses or builds megabytes), the last one flagged.  The master
 merges each frame as it arrives.  A process that has sent nothing for half a second
 (or is not done after three) is left out of that round with a log line, never waited
 for; the document is then rendered from the master's table and the complete reports.
+A metrics scrape asks for the totals only (a flag byte after the round number): each
+process answers with one part, its request counters included (see metrics.py).
 
 Signals (uWSGI's meanings): SIGHUP is a graceful reload; SIGTERM a brutal reload unless
 ``--die-on-term`` (then a shutdown); SIGINT and SIGQUIT shut down.  ``--touch-reload``
@@ -77,7 +79,8 @@ _MASTER_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
 # Frame types on a master <-> router channel.
 SUBSCRIPTION = ord("S")   # master -> router: an accepted subscription datagram (+ credentials)
 FAILED = ord("F")         # both ways: a node failed a connect: key \0 address
-QUERY = ord("Q")          # master -> router: send your counters (round number)
+QUERY = ord("Q")          # master -> router: send your counters (round number; a 1 byte after it:
+                          # the totals only, for a metrics scrape)
 REPORT = ord("R")         # router -> master: round number, last flag, a part of the counters (JSON)
 
 
@@ -589,16 +592,17 @@ class Master:
     # ---------------------------------------------------------------- stats
 
     def collect_reports(self, make_report: Callable[[], object],
-                        on_done: Callable[[list], None]) -> None:
+                        on_done: Callable[[list], None], totals_only: bool = False) -> None:
         """Ask every router process for its counters, without waiting for them.
 
         ``make_report()`` makes an empty report per process (``add(part_bytes)`` is
         called for each part it sends); ``on_done(reports)`` is called once, from
         this loop, with the reports of the processes that answered completely in
-        time (right away if there is none to ask)."""
+        time (right away if there is none to ask).  *totals_only*: each process sends
+        its first part only (its totals and request counters, not its pools)."""
         self._round_seq = (self._round_seq + 1) & 0xFFFFFFFF
         rnd = _ReportRound(self._round_seq, self.reactor.now, on_done)
-        query = struct.pack("!I", rnd.ident)
+        query = struct.pack("!I", rnd.ident) + (b"\x01" if totals_only else b"")
         for child in self.routers:
             if child.channel is None or child.draining or child.pid not in self.children:
                 continue
@@ -785,7 +789,9 @@ class RouterLink:
             elif kind == QUERY and len(payload) >= 4:
                 # A newer round replaces one still being answered (the master has
                 # given up on that one).
-                self.report = (struct.unpack_from("!I", payload)[0], self.parts.report_parts())
+                totals_only = payload[4:5] == b"\x01"
+                self.report = (struct.unpack_from("!I", payload)[0],
+                               self.parts.report_parts(totals_only=totals_only))
                 self._pump()
 
     def _pump(self) -> None:

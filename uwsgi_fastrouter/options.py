@@ -196,6 +196,13 @@ OPTIONS: Tuple[Option, ...] = (
        G_ROUTER, default=1, aliases=("fastrouter-workers",), status=SUPPORTED),
     _o("fastrouter-stats", STRING, "serve the router statistics as JSON on ADDR (ip:port or unix "
        "path)", G_ROUTER, aliases=("fastrouter-stats-server", "fastrouter-ss"), metavar="ADDR"),
+    _o("fastrouter-metrics", STRING, "serve Prometheus text metrics on ADDR (ip:port or unix path): "
+       "GET /metrics; requests by outcome, retries, fallbacks, handoffs, bytes, latency histograms, "
+       "per-key and per-node counters, subscription counters (summed over the router processes "
+       "under --master)", G_ROUTER, metavar="ADDR", status=SUPPORTED),
+    _o("fastrouter-metrics-max-keys", INT, "most keys (and most nodes) with their own series in the "
+       "metrics; the others are summed into one key=\"other\" (node=\"other\") series", G_ROUTER,
+       default=100, metavar="N", status=SUPPORTED),
     _o("fastrouter-post-buffering", UINT64, "read request bodies before connecting: up to N bytes "
        "in memory, larger ones to a temporary file; 0 is off", G_ROUTER, default=0,
        status=SUPPORTED),

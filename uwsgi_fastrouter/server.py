@@ -25,6 +25,7 @@ from typing import Any, Callable, List, Optional, Set
 from .acceptor import Acceptor
 from .handoff import HandoffTrust
 from .log import RateLimitedLog, log, printable
+from .metrics import Counters
 from .reactor import READ, Reactor
 from .router import Router
 from .session import RECV_HEAD, Session
@@ -54,6 +55,7 @@ class Server:
         self.force_key = force_key
         self.sessions: Set[Session] = set()
         self.requests = 0
+        self.counters = Counters()    # how requests ended (metrics.py); detailed with --fastrouter-metrics
         self.fd_passing = fd_passing  # hand bodyless requests' clients to UNIX nodes (D2)
         self.fd_handoffs = 0          # clients a node took over
         # Which handoffs may skip the node's verdict (--fastrouter-trust-fd-passing).

@@ -129,6 +129,7 @@ class Session:
         "up_buf", "down_buf", "client_eof", "backend_eof", "c_events", "b_events",
         "info", "watch_client", "timer", "fd_passed", "body_left", "up_file", "up_file_size",
         "up_file_sent", "up_tail", "down_peek", "__weakref__",
+        "started", "first_byte",
     )
 
     def __init__(self, server: "Server", csock: socket.socket, caddr) -> None:
@@ -162,6 +163,8 @@ class Session:
         self.up_file_sent = 0
         self.up_tail = None       # post-buffering: bytes past the body read with the head
         self.down_peek = False    # the first response bytes were read: peek from now on
+        self.started = self.last  # loop times: accept, first response byte (0: none yet)
+        self.first_byte = 0.0
 
     # ------------------------------------------------------------------ head
 
@@ -390,6 +393,7 @@ class Session:
         node = self.route.node
         if node is not None:
             node.rx += sent
+        self.server.counters.bytes_in += sent
         if self.up_file_sent >= self.up_file_size:
             if self.up_tail is not None:
                 self.up_buf, self.up_tail = self.up_tail, None
@@ -522,6 +526,7 @@ class Session:
         node = route.node
         if node is not None:
             node.rx += sent
+        server.counters.bytes_in += sent
         server.requests += 1
         server.fd_handoffs += 1
         self.backend_eof = True
@@ -534,6 +539,7 @@ class Session:
         node = route.node
         if node is not None:
             node.rx += sent
+        server.counters.bytes_in += sent
         server.requests += 1
         self.state = RELAY
         if sent < len(data):
@@ -549,6 +555,7 @@ class Session:
         self.route = None            # released by connect_failed
         server.handoff_trust.forget(route.address)
         router.connect_failed(route, self.key, self.retries, reason)
+        server.counters.node_failed(route.address)
         if self.retries >= router.max_retries:
             self.close()
             return
@@ -650,6 +657,7 @@ class Session:
                 return
             if not peek:
                 self.down_peek = True
+                self.first_byte = server.reactor.now
                 if not self.watch_client:
                     # After a handoff the first response bytes mean the node ignored
                     # the descriptor: its answer is relayed as usual.
@@ -667,6 +675,7 @@ class Session:
             if not peek:
                 if node is not None:
                     node.tx += n
+                server.counters.bytes_out += n
                 if sent < n:
                     self.down_buf = bytes(view[sent:n])
                     return
@@ -676,6 +685,7 @@ class Session:
                 return
             if node is not None:
                 node.tx += sent
+            server.counters.bytes_out += sent
             if sent < n:
                 self.down_buf = _IN_NODE_SOCKET
                 return
@@ -725,6 +735,7 @@ class Session:
                 return
             if node is not None:
                 node.rx += sent
+            server.counters.bytes_in += sent
             if sent < n:
                 self.up_buf = bytes(view[sent:n])
                 return
@@ -758,6 +769,7 @@ class Session:
         node = self.route.node
         if node is not None:
             node.rx += sent
+        self.server.counters.bytes_in += sent
         if sent < len(data):
             self.up_buf = memoryview(data)[sent:]     # no copy of the unsent tail
         else:
@@ -818,7 +830,8 @@ class Session:
 
     def close(self, reason: Optional[str] = None) -> None:
         """Tear the session down (idempotent); *reason* is logged when given."""
-        if self.state == CLOSED:
+        state = self.state
+        if state == CLOSED:
             return
         self.state = CLOSED
         server = self.server
@@ -848,6 +861,7 @@ class Session:
             self.up_file = None
         if self.route is not None:
             server.router.release(self.route)
+        server.counters.ended(self, state, reason, reactor.now)
         server.session_closed(self)
         if reason:
             server.log_session(self, reason)

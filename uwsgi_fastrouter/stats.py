@@ -47,9 +47,10 @@ import socket
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
-from . import UWSGI_COMPAT_VERSION
+from . import UWSGI_COMPAT_VERSION, __version__
 from .acceptor import Acceptor, adopt
 from .log import log
+from .metrics import outcome_counts
 from .reactor import Reactor
 
 HTTP_HEADER = (b"HTTP/1.0 200 OK\r\nConnection: close\r\nAccess-Control-Allow-Origin: *\r\n"
@@ -264,10 +265,18 @@ def _emit_list(items: list, depth: int, out: List[str], nl: str, tab: str) -> No
     out.append("]")
 
 
+#: the members added after uWSGI's (readers of uWSGI's document ignore them): the
+#: package version, then how many requests ended each way (see metrics.OUTCOMES)
+_OUTCOME_MEMBERS = (("ok", "requests_ok"), ("no_route", "no_route"), ("connect_failed", "connect_failed"),
+                    ("timeout", "timeouts"), ("client_error", "client_errors"), ("node_error", "node_errors"))
+
+
 def build_document(server, socket_names: List[str], *, static_nodes: Optional[list],
                    extra: Optional[Callable[[Dict[str, Any]], None]] = None,
-                   cheap: bool = False) -> Dict[str, Any]:
-    """The stats members in uWSGI's order (wire.md §3.3)."""
+                   cheap: bool = False, counters: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The stats members in uWSGI's order (wire.md §3.3), then this package's own:
+    its version and the request outcome counters of *counters* (a
+    :meth:`~uwsgi_fastrouter.metrics.Counters.snapshot`, or None: all zero)."""
     doc: Dict[str, Any] = {
         "version": UWSGI_COMPAT_VERSION,
         "pid": os.getpid(),
@@ -285,6 +294,10 @@ def build_document(server, socket_names: List[str], *, static_nodes: Optional[li
     if extra is not None:
         extra(doc)
     doc["cheap"] = 1 if cheap else 0
+    doc["uwsgi_fastrouter_version"] = __version__
+    outcomes = outcome_counts(counters)
+    for outcome, member in _OUTCOME_MEMBERS:
+        doc[member] = outcomes[outcome]
     return doc
 
 

@@ -1,0 +1,514 @@
+"""Request counters and the Prometheus text metrics server (``--fastrouter-metrics``).
+
+Theory of operation
+-------------------
+Counting.  Every router process has one :class:`Counters` on its server.  A session
+calls :meth:`Counters.ended` once, from ``close()``, with the state it was in: that
+state (and the close reason) says how the request ended -- ``ok``, ``no_route``,
+``connect_failed``, ``timeout``, ``client_error`` or ``node_error`` -- and the
+session's own fields give its retries, fallbacks, key, last node and times.  So the
+request path gains a handful of integer increments at its end and nothing per event.
+The latency histograms (time to the first response byte, total time; fixed buckets,
+the loop time as clock), and the per-key and per-node tables are only kept when the
+metrics server is on.  Those tables are bounded: past ``--fastrouter-metrics-max-keys``
+entries a new key (or node) is counted in one ``other`` entry, so a client that sends
+a million distinct keys costs a fixed amount of memory.  Bytes each way are counted
+by the relay itself, next to each node's own tx/rx counters.
+
+Under a master, the counters live in the router processes.  A scrape starts a
+collection round with a totals-only query (the master's QUERY/REPORT mechanism, see
+master.py): each process answers with its first report part, which carries
+:meth:`Counters.snapshot`; the master adds them up with :func:`merge` and renders the
+sum, with its own subscription counters (the master reads the subscription sockets).
+A process that does not answer in time is left out of that scrape, as for the stats.
+
+Serving.  :class:`MetricsServer` accepts on the shared accept path
+(:mod:`uwsgi_fastrouter.acceptor`), reads one HTTP/1.x request head (at most
+:data:`MAX_REQUEST` bytes, within the socket time-out), answers ``GET /metrics``
+with the text exposition format (version 0.0.4) and anything else with 404 (405 for
+a method other than GET/HEAD, 400 for a request that is not HTTP), then closes.
+Writes are non-blocking and resumed on writability.
+
+Label values are client bytes (a key is whatever the client sent): they are decoded
+as UTF-8 (undecodable bytes shown as ``\\xNN``) and escaped as the format requires
+(backslash, double quote, newline).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from bisect import bisect_left
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+from . import __version__
+from .acceptor import Acceptor, adopt
+from .log import RateLimitedLog, log
+from .reactor import Reactor
+
+#: how a request ended, in the order of the counters
+OUTCOMES = ("ok", "no_route", "connect_failed", "timeout", "client_error", "node_error")
+OK, NO_ROUTE, CONNECT_FAILED, TIMEOUT, CLIENT_ERROR, NODE_ERROR = range(len(OUTCOMES))
+#: upper bounds (seconds) of the latency histogram buckets; +Inf is implicit
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+#: default bound of the per-key and per-node tables
+DEFAULT_MAX_KEYS = 100
+#: the largest request head a metrics client may send
+MAX_REQUEST = 8192
+#: when this process started (unix time)
+START_TIME = time.time()
+
+# Session states, as in session.py (not imported: session.py must not depend on us).
+_RECV_HEAD, _CONNECTING, _RELAY, _RECV_BODY = 0, 1, 2, 4
+
+
+class Counters:
+    """One router process's request counters (see the module docstring)."""
+
+    __slots__ = ("outcomes", "retries", "fallbacks", "bytes_in", "bytes_out", "detailed", "max_keys",
+                 "first_byte", "first_byte_sum", "total", "total_sum", "keys", "nodes", "other_key",
+                 "other_node")
+
+    def __init__(self, detailed: bool = False, max_keys: int = DEFAULT_MAX_KEYS) -> None:
+        self.outcomes = [0] * len(OUTCOMES)
+        self.retries = 0
+        self.fallbacks = 0
+        self.bytes_in = 0             # bytes relayed to the nodes (requests)
+        self.bytes_out = 0            # bytes relayed to the clients (responses)
+        self.detailed = detailed
+        self.max_keys = max(1, int(max_keys))
+        self.first_byte = [0] * (len(BUCKETS) + 1)
+        self.first_byte_sum = 0.0
+        self.total = [0] * (len(BUCKETS) + 1)
+        self.total_sum = 0.0
+        self.keys: Dict[bytes, List[int]] = {}    # key -> [requests, failures]
+        self.nodes: Dict[bytes, List[int]] = {}   # node address -> [requests, failures]
+        self.other_key = [0, 0]
+        self.other_node = [0, 0]
+
+    def ended(self, session, state: int, reason: Optional[str], now: float) -> None:
+        """*session* was closed in *state* (with *reason*, if any) at loop time *now*."""
+        outcome = _outcome(session, state, reason)
+        self.outcomes[outcome] += 1
+        retries = session.retries
+        if retries:
+            self.retries += retries
+            self.fallbacks += session.fallback_index
+        if not self.detailed:
+            return
+        started = session.started
+        if session.first_byte:
+            elapsed = session.first_byte - started
+            self.first_byte[bisect_left(BUCKETS, elapsed)] += 1
+            self.first_byte_sum += elapsed
+        elapsed = now - started
+        self.total[bisect_left(BUCKETS, elapsed)] += 1
+        self.total_sum += elapsed
+        failed = 0 if outcome == OK else 1
+        key = session.key
+        if key:
+            entry = self.keys.get(key)
+            if entry is None:
+                entry = self.other_key if len(self.keys) >= self.max_keys else self.keys.setdefault(key, [0, 0])
+            entry[0] += 1
+            entry[1] += failed
+        route = session.route
+        if route is not None and outcome != CONNECT_FAILED:
+            entry = self._node(route.address)
+            entry[0] += 1
+
+    def node_failed(self, address: bytes) -> None:
+        """A connect to *address* failed (each attempt counts)."""
+        if self.detailed:
+            self._node(address)[1] += 1
+
+    def _node(self, address: bytes) -> List[int]:
+        entry = self.nodes.get(address)
+        if entry is None:
+            entry = self.other_node if len(self.nodes) >= self.max_keys else self.nodes.setdefault(address, [0, 0])
+        return entry
+
+    def snapshot(self, server) -> Dict[str, Any]:
+        """The counters as plain JSON values (keys and addresses as latin-1 text)."""
+        return {
+            "outcomes": list(self.outcomes),
+            "retries": self.retries,
+            "fallbacks": self.fallbacks,
+            "handoffs": server.fd_handoffs,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "sessions": len(server.sessions),
+            "cheap": 1 if server.cheap else 0,
+            "first_byte": list(self.first_byte),
+            "first_byte_sum": self.first_byte_sum,
+            "total": list(self.total),
+            "total_sum": self.total_sum,
+            "keys": _table(self.keys, self.other_key),
+            "nodes": _table(self.nodes, self.other_node),
+        }
+
+
+def _table(entries: Dict[bytes, List[int]], other: List[int]) -> List[list]:
+    rows = [[name.decode("latin-1"), counts[0], counts[1]] for name, counts in entries.items()]
+    if other[0] or other[1]:
+        rows.append([None, other[0], other[1]])
+    return rows
+
+
+def _outcome(session, state: int, reason: Optional[str]) -> int:
+    """How a session closed in *state* ended."""
+    timed_out = reason is not None and reason.startswith("timeout")
+    if state == _RELAY:
+        if reason is None:
+            return OK
+        if timed_out:
+            return TIMEOUT
+        return CLIENT_ERROR if "client" in reason else NODE_ERROR
+    if state == _CONNECTING:
+        if session.fd_passed and session.backend_eof:
+            return OK                # handed over to the node (trusted handoff)
+        return CONNECT_FAILED
+    if timed_out:
+        return TIMEOUT
+    if state == _RECV_HEAD and session.info is not None:
+        return NO_ROUTE              # vars read, no key or no route for it
+    return CLIENT_ERROR              # nothing usable read, bad vars, bad or refused body
+
+
+def outcome_counts(snapshot: Optional[Dict[str, Any]]) -> Dict[str, int]:
+    """``{outcome: count}`` of a snapshot (all zero for None)."""
+    values = snapshot["outcomes"] if snapshot else [0] * len(OUTCOMES)
+    return dict(zip(OUTCOMES, values))
+
+
+# ----------------------------------------------------------------- merging
+
+
+_SUMMED = ("retries", "fallbacks", "handoffs", "bytes_in", "bytes_out", "sessions",
+           "first_byte_sum", "total_sum")
+
+
+def merge(snapshots: Iterable[Dict[str, Any]], max_keys: int = DEFAULT_MAX_KEYS) -> Dict[str, Any]:
+    """The sum of several processes' snapshots.  ``cheap`` is 1 only when every process is
+    cheap; the key and node tables are bounded again (the busiest kept, the rest summed
+    into ``other``)."""
+    result: Dict[str, Any] = {name: 0 for name in _SUMMED}
+    result["outcomes"] = [0] * len(OUTCOMES)
+    result["first_byte"] = [0] * (len(BUCKETS) + 1)
+    result["total"] = [0] * (len(BUCKETS) + 1)
+    keys: Dict[Optional[str], List[int]] = {}
+    nodes: Dict[Optional[str], List[int]] = {}
+    cheap = None
+    for snap in snapshots:
+        for name in _SUMMED:
+            result[name] += snap[name]
+        for name in ("outcomes", "first_byte", "total"):
+            result[name] = [a + int(b) for a, b in zip(result[name], snap[name])]
+        cheap = snap["cheap"] if cheap is None else (cheap and snap["cheap"])
+        _add_rows(keys, snap["keys"])
+        _add_rows(nodes, snap["nodes"])
+    result["cheap"] = 1 if cheap else 0
+    result["keys"] = _bounded(keys, max_keys)
+    result["nodes"] = _bounded(nodes, max_keys)
+    return result
+
+
+def _add_rows(into: Dict[Optional[str], List[int]], rows: List[list]) -> None:
+    for name, requests, failures in rows:
+        entry = into.setdefault(name, [0, 0])
+        entry[0] += int(requests)
+        entry[1] += int(failures)
+
+
+def _bounded(entries: Dict[Optional[str], List[int]], max_keys: int) -> List[list]:
+    other = entries.pop(None, [0, 0])
+    named = sorted(entries.items(), key=lambda item: -item[1][0])
+    rows = [[name, counts[0], counts[1]] for name, counts in named[:max_keys]]
+    for _name, counts in named[max_keys:]:
+        other[0] += counts[0]
+        other[1] += counts[1]
+    if other[0] or other[1]:
+        rows.append([None, other[0], other[1]])
+    return rows
+
+
+def validate(snapshot: Any) -> Dict[str, Any]:
+    """*snapshot* from a router process's report, checked; ValueError otherwise."""
+    try:
+        if not isinstance(snapshot, dict):
+            raise TypeError("not an object")
+        for name in _SUMMED:
+            if not isinstance(snapshot[name], (int, float)):
+                raise TypeError(name)
+        for name, size in (("outcomes", len(OUTCOMES)), ("first_byte", len(BUCKETS) + 1),
+                           ("total", len(BUCKETS) + 1)):
+            if len(snapshot[name]) != size or not all(type(v) is int for v in snapshot[name]):
+                raise TypeError(name)
+        for name in ("keys", "nodes"):
+            for row in snapshot[name]:
+                if len(row) != 3 or not (row[0] is None or isinstance(row[0], str)) \
+                        or type(row[1]) is not int or type(row[2]) is not int:
+                    raise TypeError(name)
+        snapshot["cheap"] = int(snapshot["cheap"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError("malformed metrics: %s" % exc) from None
+    return snapshot
+
+
+# --------------------------------------------------------------- rendering
+
+
+def label_value(text: str) -> str:
+    """*text* escaped for a label value of the text format."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _peer_label(name: Optional[str]) -> str:
+    """A key or node name from a snapshot (latin-1 text of the client's bytes)."""
+    if name is None:
+        return "other"
+    return label_value(name.encode("latin-1").decode("utf-8", "backslashreplace"))
+
+
+def _number(value) -> str:
+    if isinstance(value, float):
+        return repr(value)
+    return str(int(value))
+
+
+class _Text:
+    """Builds the exposition text, a metric family at a time."""
+
+    def __init__(self, prefix: str = "uwsgi_fastrouter_") -> None:
+        self.prefix = prefix
+        self.lines: List[str] = []
+
+    def family(self, name: str, kind: str, help_text: str,
+               samples: Iterable[tuple]) -> None:
+        """*samples*: ``(suffix, labels text, value)``."""
+        full = self.prefix + name
+        # In this format a counter's HELP and TYPE lines name its samples: name_total.
+        named = full + "_total" if kind == "counter" else full
+        self.lines.append("# HELP %s %s" % (named, help_text))
+        self.lines.append("# TYPE %s %s" % (named, kind))
+        for suffix, labels, value in samples:
+            self.lines.append("%s%s%s %s" % (full, suffix, "{%s}" % labels if labels else "", _number(value)))
+
+    def one(self, name: str, kind: str, help_text: str, value) -> None:
+        self.family(name, kind, help_text, [("_total" if kind == "counter" else "", "", value)])
+
+    def text(self) -> bytes:
+        return ("\n".join(self.lines) + "\n").encode("utf-8")
+
+
+def _histogram(counts: List[int], total_sum: float) -> List[tuple]:
+    samples = []
+    running = 0
+    for bound, count in zip(BUCKETS, counts):
+        running += count
+        samples.append(("_bucket", 'le="%s"' % repr(bound), running))
+    running += counts[-1]
+    samples.append(("_bucket", 'le="+Inf"', running))
+    samples.append(("_count", "", running))
+    samples.append(("_sum", "", float(total_sum)))
+    return samples
+
+
+def render(snapshot: Dict[str, Any], subscriptions: Optional[Dict[str, int]] = None,
+           start_time: float = START_TIME) -> bytes:
+    """The exposition text of a (merged) snapshot and the subscription counters."""
+    out = _Text()
+    out.family("build_info", "gauge", "the package version (always 1)",
+               [("", 'version="%s"' % label_value(__version__), 1)])
+    out.one("process_start_time_seconds", "gauge", "when the router (its master) started, unix time",
+            start_time)
+    out.family("requests", "counter", "requests by how they ended",
+               [("_total", 'outcome="%s"' % name, count)
+                for name, count in zip(OUTCOMES, snapshot["outcomes"])])
+    out.one("retries", "counter", "connection attempts after a failed one", snapshot["retries"])
+    out.one("fallbacks", "counter", "attempts sent to a --fastrouter-fallback node", snapshot["fallbacks"])
+    out.one("handoffs", "counter", "clients handed over to a unix-socket node", snapshot["handoffs"])
+    out.one("active_sessions", "gauge", "client connections open now", snapshot["sessions"])
+    out.family("bytes", "counter", "bytes relayed (in: client to node, out: node to client)",
+               [("_total", 'direction="in"', snapshot["bytes_in"]),
+                ("_total", 'direction="out"', snapshot["bytes_out"])])
+    out.family("first_byte_seconds", "histogram", "time from accept to the first response byte",
+               _histogram(snapshot["first_byte"], snapshot["first_byte_sum"]))
+    out.family("request_seconds", "histogram", "time from accept to close",
+               _histogram(snapshot["total"], snapshot["total_sum"]))
+    for table, label, what in (("keys", "key", "key"), ("nodes", "node", "node")):
+        rows = snapshot[table]
+        out.family("%s_requests" % label, "counter",
+                   "requests by %s (past the cap summed into %s=\"other\")" % (what, label),
+                   [("_total", '%s="%s"' % (label, _peer_label(name)), requests)
+                    for name, requests, _failures in rows])
+        out.family("%s_failures" % label, "counter",
+                   "failed requests by key" if label == "key" else "failed connects by node",
+                   [("_total", '%s="%s"' % (label, _peer_label(name)), failures)
+                    for name, _requests, failures in rows])
+    out.one("cheap", "gauge", "1 while in cheap mode (no node subscribed, listeners not polled)",
+            snapshot["cheap"])
+    if subscriptions is not None:
+        out.one("subscription_datagrams", "counter", "subscription datagrams received",
+                subscriptions["received"])
+        out.family("subscription_drops", "counter", "subscription datagrams dropped, by reason",
+                   [("_total", 'reason="%s"' % reason, subscriptions[reason])
+                    for reason in ("table_full", "key_full", "replay", "other")])
+        out.one("subscription_notify_ignored", "counter",
+                "notify paths not written to (announce not verified)", subscriptions["notify_ignored"])
+        out.one("subscription_keys", "gauge", "keys in the subscription table", subscriptions["keys"])
+        out.one("subscription_nodes", "gauge", "nodes in the subscription table", subscriptions["nodes"])
+    return out.text()
+
+
+def subscription_counters(server, table) -> Optional[Dict[str, int]]:
+    """The subscription counters of a :class:`~uwsgi_fastrouter.subserver.SubscriptionServer`
+    and its table (None without a subscription server)."""
+    if server is None or table is None:
+        return None
+    refused = table.refused_keys + table.refused_nodes + table.refused_replays
+    return {
+        "received": server.received,
+        "table_full": table.refused_keys,
+        "key_full": table.refused_nodes,
+        "replay": table.refused_replays,
+        "other": max(0, server.dropped - refused),
+        "notify_ignored": server.notify_ignored,
+        "keys": len(table),
+        "nodes": table.node_count,
+    }
+
+
+# ----------------------------------------------------------------- serving
+
+_TEXT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+
+
+def http_response(status: str, body: bytes, content_type: bytes = b"text/plain; charset=utf-8",
+                  head_only: bool = False) -> bytes:
+    head = (b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+            % (status.encode("ascii"), content_type, len(body)))
+    return head if head_only else head + body
+
+
+class MetricsServer:
+    """Serves ``GET /metrics`` on *listener*.  *gather* is called with a ``deliver``
+    function to call once with the exposition text, now or later."""
+
+    def __init__(self, reactor: Reactor, listener, gather: Callable[[Callable[[bytes], None]], None],
+                 *, timeout: float = 4.0) -> None:
+        self.reactor = reactor
+        self.listener = listener
+        self.gather = gather
+        self.timeout = timeout if timeout > 0 else 4.0
+        self.clients: Dict[int, "_MetricsClient"] = {}
+        self.acceptor = Acceptor(reactor, listener.sock, self._accept,
+                                 name="metrics server %s" % listener.name)
+        self.log = RateLimitedLog(lambda: reactor.now, burst=5, what="metrics log lines")
+
+    def start(self) -> None:
+        self.acceptor.start()
+
+    def stop(self) -> None:
+        self.acceptor.stop()
+        for client in list(self.clients.values()):
+            client.close()
+
+    def _accept(self, fd: int, _addr) -> None:
+        client = _MetricsClient(self, adopt(self.listener.sock, fd))
+        self.clients[client.fd] = client
+        self.reactor.add_reader(client.fd, client.read)
+
+
+class _MetricsClient:
+    """One connection: the request head, the answer, close."""
+
+    __slots__ = ("server", "sock", "fd", "request", "out", "timer", "head_only")
+
+    def __init__(self, server: MetricsServer, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.request = bytearray()
+        self.out = memoryview(b"")
+        self.head_only = False
+        self.timer = server.reactor.call_later(server.timeout, self.close)
+
+    def read(self) -> None:
+        try:
+            chunk = self.sock.recv(MAX_REQUEST + 1 - len(self.request))
+        except BlockingIOError:
+            return
+        except OSError:
+            self.close()
+            return
+        if not chunk:
+            self.close()
+            return
+        self.request += chunk
+        end = self.request.find(b"\r\n\r\n")
+        if end < 0:
+            end = self.request.find(b"\n\n")
+        if end < 0:
+            if len(self.request) > MAX_REQUEST:
+                self.server.reactor.remove_reader(self.fd)
+                self.answer(http_response("431 Request Header Fields Too Large", b"request too large\n"))
+            return
+        self.server.reactor.remove_reader(self.fd)
+        self.route(bytes(self.request[:end]))
+
+    def route(self, head: bytes) -> None:
+        parts = head.split(b"\n", 1)[0].strip().split(b" ")
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+            self.answer(http_response("400 Bad Request", b"bad request\n"))
+            return
+        method, target = parts[0], parts[1]
+        if target.split(b"?", 1)[0] != b"/metrics":
+            self.answer(http_response("404 Not Found", b"not found: try /metrics\n"))
+            return
+        if method not in (b"GET", b"HEAD"):
+            self.answer(http_response("405 Method Not Allowed", b"GET /metrics\n"))
+            return
+        self.head_only = method == b"HEAD"
+        try:
+            self.server.gather(self.deliver)
+        except Exception as exc:  # never let a metrics bug hurt routing
+            self.server.log("[uwsgi-fastrouter] unable to collect the metrics: %r" % (exc,))
+            self.answer(http_response("500 Internal Server Error", b"metrics unavailable\n"))
+
+    def deliver(self, text: bytes) -> None:
+        self.answer(http_response("200 OK", text, _TEXT_TYPE, self.head_only))
+
+    def answer(self, data: bytes) -> None:
+        if self.sock is None:
+            return
+        self.out = memoryview(data)
+        self.write()
+
+    def write(self) -> None:
+        if self.sock is None:
+            return
+        try:
+            sent = self.sock.send(self.out)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.close()
+            return
+        self.out = self.out[sent:]
+        if not self.out:
+            self.close()
+            return
+        self.server.reactor.add_writer(self.fd, self.write)
+
+    def close(self) -> None:
+        if self.sock is None:
+            return
+        self.timer.cancel()
+        reactor = self.server.reactor
+        reactor.remove_reader(self.fd)
+        reactor.remove_writer(self.fd)
+        self.server.clients.pop(self.fd, None)
+        self.sock.close()
+        self.sock = None
