@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--subscribe-freq", type=int, default=defaults.subscribe_freq)
     p.add_argument("--tolerance", type=int, default=defaults.tolerance)
     p.add_argument("--router-timeout", type=int, default=defaults.router_timeout)
+    p.add_argument("--nginx-max-fails", type=int, default=defaults.nginx_max_fails,
+                   help="nginx max_fails per router (nginx's own default is 1)")
     p.add_argument("-v", "--verbose", action="store_true", help="print notes and the first failures")
     return p.parse_args(argv)
 
@@ -56,7 +58,8 @@ def main(argv=None) -> int:
         for kind in kinds:
             settings = meshlab.Settings(router_kind=kind, rate=args.rate, threads=args.threads,
                                         hold=args.hold, subscribe_freq=args.subscribe_freq,
-                                        tolerance=args.tolerance, router_timeout=args.router_timeout)
+                                        tolerance=args.tolerance, router_timeout=args.router_timeout,
+                                        nginx_max_fails=args.nginx_max_fails)
             for name in names:
                 for n in range(args.rounds):
                     work = Path(tmp) / ("%s-%s-%d" % (kind, name, n))
@@ -70,6 +73,11 @@ def main(argv=None) -> int:
                     if args.verbose:
                         for line in result.notes + result.failures:
                             print("    " + line, file=sys.stderr)
+    print("settings: rate %.0f/s over %d threads, hold %.0f s, subscribe-freq %d s, tolerance %d s, "
+          "router timeout %d s, nginx connect/read timeout %s/%s, max_fails %d"
+          % (args.rate, args.threads, args.hold, args.subscribe_freq, args.tolerance,
+             args.router_timeout, settings.nginx_connect_timeout, settings.nginx_read_timeout,
+             settings.nginx_max_fails))
     print(meshlab.format_table(results))
     return 0
 

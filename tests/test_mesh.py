@@ -25,11 +25,12 @@ end, pass or fail.
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
 import meshlab
-from support import nginx_bin, uwsgi_bin
+from support import Proc, nginx_bin, uwsgi_bin
 
 pytestmark = [pytest.mark.slow, pytest.mark.interop]
 
@@ -87,3 +88,12 @@ def test_a_chained_router_gets_the_nodes_through_resubscribe(mesh, sock_dir):
     result = run(mesh, sock_dir, "e-chained-router")
     assert_goal(result)
     assert "r3 served a request directly: yes" in result.notes, result.notes
+
+
+def test_ip_netns_exec_runs_the_program_under_the_pid_we_stop(mesh):
+    """``ip netns exec`` execs the program: the PID the mesh stops is the program's own."""
+    proc = Proc(mesh.argv("cli", [sys.executable, "-c", "import os; print('pid=%d' % os.getpid())"]))
+    try:
+        assert int(proc.wait_for_log(r"pid=(\d+)").group(1)) == proc.pid
+    finally:
+        proc.stop()
