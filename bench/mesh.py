@@ -41,6 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--router-timeout", type=int, default=defaults.router_timeout)
     p.add_argument("--nginx-max-fails", type=int, default=defaults.nginx_max_fails,
                    help="nginx max_fails per router (nginx's own default is 1)")
+    p.add_argument("--router-master", action="store_true", help="run our routers under --master")
     p.add_argument("-v", "--verbose", action="store_true", help="print notes and the first failures")
     return p.parse_args(argv)
 
@@ -59,7 +60,8 @@ def main(argv=None) -> int:
             settings = meshlab.Settings(router_kind=kind, rate=args.rate, threads=args.threads,
                                         hold=args.hold, subscribe_freq=args.subscribe_freq,
                                         tolerance=args.tolerance, router_timeout=args.router_timeout,
-                                        nginx_max_fails=args.nginx_max_fails)
+                                        nginx_max_fails=args.nginx_max_fails,
+                                        router_master=args.router_master)
             for name in names:
                 for n in range(args.rounds):
                     work = Path(tmp) / ("%s-%s-%d" % (kind, name, n))
@@ -74,10 +76,10 @@ def main(argv=None) -> int:
                         for line in result.notes + result.failures:
                             print("    " + line, file=sys.stderr)
     print("settings: rate %.0f/s over %d threads, hold %.0f s, subscribe-freq %d s, tolerance %d s, "
-          "router timeout %d s, nginx connect/read timeout %s/%s, max_fails %d"
+          "router timeout %d s, nginx connect/read timeout %s/%s, max_fails %d, our routers %s"
           % (args.rate, args.threads, args.hold, args.subscribe_freq, args.tolerance,
              args.router_timeout, settings.nginx_connect_timeout, settings.nginx_read_timeout,
-             settings.nginx_max_fails))
+             settings.nginx_max_fails, "under --master" if args.router_master else "without a master"))
     print(meshlab.format_table(results))
     return 0
 

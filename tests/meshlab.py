@@ -40,6 +40,7 @@ and the time from the event until the tables were right (the convergence time).
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import shutil
@@ -151,6 +152,8 @@ class Mesh:
         return self
 
     def _add_ns(self, name: str) -> None:
+        if not self.created:
+            atexit.register(self.destroy)  # also when the caller never reaches its cleanup
         _ip("netns", "add", name)
         self.created.append(name)
 
@@ -211,6 +214,7 @@ class Settings:
     """Knobs of one mesh run; the defaults keep a scenario to a few seconds."""
 
     router_kind: str = "ours"          # "ours" or "uwsgi" (uWSGI 2.0 routers with --master)
+    router_master: bool = False        # ours under --master (uWSGI routers always have one)
     subscribe_freq: int = 1            # the nodes' --subscribe-freq
     tolerance: int = 3                 # the routers' --subscription-tolerance
     router_timeout: int = 2            # the routers' --fastrouter-timeout
@@ -265,7 +269,7 @@ class Lab:
             args += ["--fastrouter-resubscribe", self.mesh.addr("r3", SUBSCRIPTION_PORT)]
         if self.cfg.router_kind == "uwsgi":
             return [uwsgi_bin(), "--master", "--die-on-term"] + args
-        return [sys.executable, "-m", "uwsgi_fastrouter"] + args
+        return [sys.executable, "-m", "uwsgi_fastrouter"] + (["--master"] if self.cfg.router_master else []) + args
 
     def start_router(self, host: str) -> Proc:
         path = self.stats_path(host)
@@ -281,6 +285,8 @@ class Lab:
         proc = self.routers[host]
         proc.wait_for_log(BIND_RE.pattern, timeout=timeout)
         proc.wait_for_log(STATS_RE.pattern, timeout=timeout)
+        if self.cfg.router_kind == "uwsgi" or self.cfg.router_master:
+            proc.wait_for_log(r"spawned uWSGI fastrouter 1 ", timeout=timeout)
 
     def kill_router(self, host: str) -> None:
         proc = self.routers.pop(host)
@@ -629,7 +635,8 @@ SCENARIOS: Dict[str, Callable[[Lab, Load], Tuple[float, Optional[float], List[st
 def run_scenario(mesh: Mesh, workdir: Path, name: str, settings: Settings) -> Result:
     """Start a lab on *mesh*, put the load on, run scenario *name*, measure, stop the lab."""
     lab = Lab(mesh, workdir, settings)
-    result = Result(name, settings.router_kind)
+    label = settings.router_kind + ("+master" if settings.router_master and settings.router_kind == "ours" else "")
+    result = Result(name, label)
     load: Optional[Load] = None
     try:
         lab.start()

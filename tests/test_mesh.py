@@ -48,8 +48,9 @@ def mesh():
         yield built
 
 
-def run(mesh, sock_dir, name):
-    result = meshlab.run_scenario(mesh, sock_dir, name, meshlab.Settings(hold=1.5))
+def run(mesh, sock_dir, name, master=False):
+    settings = meshlab.Settings(hold=1.5, router_master=master)
+    result = meshlab.run_scenario(mesh, sock_dir, name, settings)
     print("\n" + meshlab.format_table([result]))
     for line in result.notes + result.failures:
         print("    " + line)
@@ -88,6 +89,15 @@ def test_a_chained_router_gets_the_nodes_through_resubscribe(mesh, sock_dir):
     result = run(mesh, sock_dir, "e-chained-router")
     assert_goal(result)
     assert "r3 served a request directly: yes" in result.notes, result.notes
+
+
+@pytest.mark.parametrize("name", ["a-kill-router", "d-node-new-port", "e-chained-router"])
+def test_routers_under_master_fail_no_request(mesh, sock_dir, name):
+    """Scenarios (a), (d) and (e) with our routers under ``--master``."""
+    result = run(mesh, sock_dir, name, master=True)
+    assert_goal(result)
+    if name == "e-chained-router":
+        assert "r3 served a request directly: yes" in result.notes, result.notes
 
 
 def test_ip_netns_exec_runs_the_program_under_the_pid_we_stop(mesh):
