@@ -15,7 +15,6 @@ inside the namespaces the script creates; they are deleted at the end.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path

@@ -269,7 +269,8 @@ class Lab:
             args += ["--fastrouter-resubscribe", self.mesh.addr("r3", SUBSCRIPTION_PORT)]
         if self.cfg.router_kind == "uwsgi":
             return [uwsgi_bin(), "--master", "--die-on-term"] + args
-        return [sys.executable, "-m", "uwsgi_fastrouter"] + (["--master"] if self.cfg.router_master else []) + args
+        master = ["--master"] if self.cfg.router_master else []
+        return [sys.executable, "-m", "uwsgi_fastrouter"] + master + args
 
     def start_router(self, host: str) -> Proc:
         path = self.stats_path(host)
@@ -534,6 +535,7 @@ class Result:
     failed: int = 0
     longest_gap: float = 0.0
     convergence: Optional[float] = None   # None: the tables were not right within the bound
+    failed_after: int = 0                 # failed requests started once the scenario had settled
     notes: List[str] = field(default_factory=list)
     failures: List[str] = field(default_factory=list)
 
@@ -575,7 +577,8 @@ def scenario_freeze_and_kill_nodes(lab: Lab, load: Load) -> Tuple[float, Optiona
     lab.freeze_node("n1")
     lab.kill_node("n2")
     conv = _converge(lab, event)
-    return event, conv, ["n1 frozen: requests routed to it wait for --fastrouter-timeout / nginx's read timeout"]
+    return event, conv, ["n1 frozen: requests routed to it wait for --fastrouter-timeout "
+                         "or nginx's read timeout"]
 
 
 def scenario_link_down_up(lab: Lab, load: Load) -> Tuple[float, Optional[float], List[str]]:
@@ -584,7 +587,7 @@ def scenario_link_down_up(lab: Lab, load: Load) -> Tuple[float, Optional[float],
     lab.mesh.link("r2", up=False)
     notes = []
     try:
-        wait_until(lambda: not lab.table("r2"), timeout=lab.cfg.tolerance + 10, interval=0.05,
+        wait_until(lambda: lab.table("r2") == set(), timeout=lab.cfg.tolerance + 10, interval=0.05,
                    what="r2 to expire its nodes while cut off")
         notes.append("r2 expired its nodes after %.1f s cut off" % (time.monotonic() - event))
     except AssertionError:
@@ -635,7 +638,8 @@ SCENARIOS: Dict[str, Callable[[Lab, Load], Tuple[float, Optional[float], List[st
 def run_scenario(mesh: Mesh, workdir: Path, name: str, settings: Settings) -> Result:
     """Start a lab on *mesh*, put the load on, run scenario *name*, measure, stop the lab."""
     lab = Lab(mesh, workdir, settings)
-    label = settings.router_kind + ("+master" if settings.router_master and settings.router_kind == "ours" else "")
+    master = settings.router_master and settings.router_kind == "ours"
+    label = settings.router_kind + ("+master" if master else "")
     result = Result(name, label)
     load: Optional[Load] = None
     try:
@@ -646,13 +650,15 @@ def run_scenario(mesh: Mesh, workdir: Path, name: str, settings: Settings) -> Re
                    what="the load to be answered before the event")
         _event, conv, notes = SCENARIOS[name](lab, load)
         result.convergence, result.notes = conv, notes
-        _hold(load, lab, time.monotonic())
+        settled = time.monotonic()
+        _hold(load, lab, settled)
         load.stop()
         end = time.monotonic()
         outcomes = load.snapshot()
         result.requests = len(outcomes)
         bad = [o for o in outcomes if not o.ok]
         result.failed = len(bad)
+        result.failed_after = sum(1 for o in bad if o.start >= settled)
         result.failures = ["%.2fs: %s" % (o.start - begin, o.detail) for o in bad[:10]]
         result.longest_gap = longest_gap(outcomes, begin, end)
     finally:
@@ -663,9 +669,12 @@ def run_scenario(mesh: Mesh, workdir: Path, name: str, settings: Settings) -> Re
 
 
 def format_table(results: Sequence[Result]) -> str:
-    rows = [("scenario", "routers", "requests", "failed", "longest gap s", "convergence s")]
+    """One row per result; "failed after" counts the failed requests that started once the
+    scenario had settled (the tables were right)."""
+    rows = [("scenario", "routers", "requests", "failed", "failed after", "longest gap s", "convergence s")]
     for r in results:
-        rows.append((r.scenario, r.kind, str(r.requests), str(r.failed), "%.2f" % r.longest_gap,
+        rows.append((r.scenario, r.kind, str(r.requests), str(r.failed), str(r.failed_after),
+                     "%.2f" % r.longest_gap,
                      "%.2f" % r.convergence if r.convergence is not None else "not within bound"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]

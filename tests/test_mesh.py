@@ -16,6 +16,8 @@ leaves the tables once it misses its announces for ``--subscription-tolerance``
 seconds.  That scenario reports its failures and asserts only that the tables converge
 and that the mesh answers again afterwards.
 
+With ``ROUTER_UNDER_TEST=uwsgi`` the routers are uWSGI 2.0's (see ``tests/support.py``).
+
 Needs root for ``ip netns``: skipped with the reason where namespaces cannot be made,
 failed instead when ``$CI`` is set.  All traffic stays inside the namespaces the module
 creates (private addresses on veths that exist only there); they are deleted at the
@@ -30,7 +32,7 @@ import sys
 import pytest
 
 import meshlab
-from support import Proc, nginx_bin, uwsgi_bin
+from support import Proc, nginx_bin, reference_mode, uwsgi_bin
 
 pytestmark = [pytest.mark.slow, pytest.mark.interop]
 
@@ -49,7 +51,10 @@ def mesh():
 
 
 def run(mesh, sock_dir, name, master=False):
-    settings = meshlab.Settings(hold=1.5, router_master=master)
+    if master and reference_mode():
+        pytest.skip("uWSGI's routers always run under a master")
+    kind = "uwsgi" if reference_mode() else "ours"
+    settings = meshlab.Settings(hold=1.5, router_kind=kind, router_master=master)
     result = meshlab.run_scenario(mesh, sock_dir, name, settings)
     print("\n" + meshlab.format_table([result]))
     for line in result.notes + result.failures:
@@ -72,13 +77,17 @@ def test_a_frozen_node_and_a_killed_node_leave_the_tables(mesh, sock_dir):
     frozen node fail after the routers' --fastrouter-timeout (no health checks yet)."""
     result = run(mesh, sock_dir, "b-stop-and-kill-nodes")
     assert result.convergence is not None, "the routers' tables did not drop n1 and n2"
-    assert result.requests > result.failed, "nothing was answered at all"
+    assert result.failed_after == 0, "requests failed after the tables were right:\n%s" % (
+        "\n".join(result.failures))
 
 
 def test_a_router_cut_off_and_back_fails_no_request_and_relearns_the_nodes(mesh, sock_dir):
+    """Our router expires nodes that miss their announces once a second, so r2's table
+    empties while it is cut off; uWSGI 2.0 expires them only when a request looks them up."""
     result = run(mesh, sock_dir, "c-router-link-down-up")
     assert_goal(result)
-    assert any("expired its nodes" in note for note in result.notes), result.notes
+    if not reference_mode():
+        assert any("expired its nodes" in note for note in result.notes), result.notes
 
 
 def test_a_node_restarted_on_a_new_port_replaces_the_old_one_everywhere(mesh, sock_dir):
