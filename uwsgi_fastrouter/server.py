@@ -25,6 +25,7 @@ from typing import Any, Callable, List, Optional, Set
 from .acceptor import Acceptor
 from .handoff import HandoffTrust
 from .log import RateLimitedLog, log, printable
+from .protocol import scan_request
 from .reactor import READ, Reactor
 from .router import Router
 from .session import RECV_HEAD, Session
@@ -52,6 +53,9 @@ class Server:
         self.scratch_view = memoryview(self.scratch)
         self.events = max(int(events), 1)
         self.force_key = force_key
+        # The request scan: protocol.scan_request, or balancing.make_scanner's when
+        # mountpoints or a hash var need more of the vars.
+        self.scan_request = scan_request
         self.sessions: Set[Session] = set()
         self.requests = 0
         self.fd_passing = fd_passing  # hand bodyless requests' clients to UNIX nodes (D2)
