@@ -212,3 +212,21 @@ def test_a_uwsgi_20_router_routes_our_announces_with_21_fields(sock_dir):
             assert announcer.stop() == 0
     finally:
         uwsgi_router.stop()
+
+
+@MASTER
+def test_stats_show_the_21_fields_in_21s_names(sock_dir, master):
+    from test_subscriptions import stats_of
+    sub = str(sock_dir / "sub.sock")
+    router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-subscription-server", sub,
+                           "--fastrouter-stats", "127.0.0.1:0", *master])
+    announce(sub, b"new.example", b"127.0.0.1:1", extra=[
+        (b"algo", b"wlrc"), (b"backup", b"2"), (b"proto", b"h"), (b"vassal", b"app.ini")])
+    announce(sub, b"old.example", b"127.0.0.1:2")
+    router.wait_for_log(r"old.example => new node", count=copies(master))
+    pools = {pool["key"]: pool for pool in stats_of(router)["subscriptions"]}
+    assert pools["new.example"]["algo"] == "wlrc"
+    (node,) = pools["new.example"]["nodes"]
+    assert (node["vassal"], node["backup"], node["proto"]) == ("app.ini", 2, "h")
+    assert "algo" not in pools["old.example"]
+    assert "backup" not in pools["old.example"]["nodes"][0]

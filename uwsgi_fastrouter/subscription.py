@@ -19,7 +19,11 @@ comes back only by announcing again.
 
 Picking a node for a request (:meth:`SubscriptionTable.lookup`) increments the
 chosen node's ``ref``; the caller gives it back with :meth:`SubscriptionTable.release`
-when the backend connection is closed.  Three algorithms:
+when the backend connection is closed.  Each key has its algorithm, chosen by the
+``algo`` var of the announce that creates it, else the table's default
+(``--subscription-algo``).  Backup levels (uWSGI 2.1): only the nodes of the lowest
+``backup`` level that has an alive node are candidates, so a node announcing
+``backup=1`` gets requests only while every level-0 node is dead.  Four algorithms:
 
 ``wrr``
     smooth weighted round robin: every alive node's credit grows by its weight,
@@ -31,6 +35,10 @@ when the backend connection is closed.  Three algorithms:
     least reference count (plain, or divided by the weight), reproducing uWSGI's
     walk including its tie-breaking on ``last_requests``: with one request at a
     time, three nodes are visited 3 2 1 3 2 1 ...
+``iphash``
+    rendezvous hashing of the request's client (see :func:`_pick_hash`): what the
+    client is comes from :attr:`SubscriptionTable.client_of`, asked only for such
+    keys (uwsgi_fastrouter/balancing.py makes it: ``REMOTE_ADDR`` or a chosen var).
 
 Signed subscriptions (a ``verifier`` is set): a packet creating a pool or a node
 must be signed, carry a ``unix`` timestamp not older than ``sign_tolerance``, and
