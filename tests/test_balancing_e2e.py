@@ -230,3 +230,19 @@ def test_stats_show_the_21_fields_in_21s_names(sock_dir, master):
     assert (node["vassal"], node["backup"], node["proto"]) == ("app.ini", 2, "h")
     assert "algo" not in pools["old.example"]
     assert "backup" not in pools["old.example"]["nodes"][0]
+
+
+def test_a_dead_mounted_node_is_marked_under_its_own_key_in_the_master(sock_dir):
+    """The router process tells the master which node failed under which key: the
+    mountpoint's, not the request's host key."""
+    router, sub = sub_router(sock_dir, "--master", "--subscription-mountpoints", "1")
+    with RecordingBackend("app1") as app1, RecordingBackend("root") as root:
+        announce(sub, b"example.com/app1", app1.address.encode())
+        announce(sub, b"example.com", root.address.encode())
+        router.wait_for_log(r"new node: %s" % root.address, count=2)
+        assert served_for(router, [(b"PATH_INFO", b"/app1/x")]) == "app1"
+        app1.stop()
+        # the retry finds the mountpoint empty and falls back to the host key
+        assert served_for(router, [(b"PATH_INFO", b"/app1/x")]) == "root"
+        # the master's table (the router process's line names the request's key)
+        router.wait_for_log(r"example.com/app1 => marking %s as failed" % app1.address)

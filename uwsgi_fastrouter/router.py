@@ -259,9 +259,14 @@ class SubscriptionMapper:
         self.table.connected(route.node)
 
     def failed(self, route: Route, key: bytes) -> None:
-        self.table.connect_failed(key, route.node, self.clock())
+        node = route.node
+        # the key the node is subscribed under: a mountpoint, dot-split or fallback
+        # key differs from the request's
+        pool = node.pool
+        pool_key = pool.key if pool is not None else key
+        self.table.connect_failed(key, node, self.clock())
         if self.on_failed is not None:
-            self.on_failed(key, route.node.name)
+            self.on_failed(pool_key, node.name)
 
     def release(self, route: Route) -> None:
         table = self.table
