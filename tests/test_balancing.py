@@ -281,3 +281,16 @@ def test_subscribe2_takes_the_21_keys():
 def test_subscribe2_refuses_bad_21_values(item):
     with pytest.raises(SubscribeError):
         parse_subscribe2("server=127.0.0.1:7000,key=k," + item)
+
+
+def test_the_subscriber_sends_the_21_fields_it_was_given(sock_dir):
+    from test_subscriber import FakeReactor, Receiver, announcement_vars, subscriber
+    receiver = Receiver(sock_dir)
+    sub = subscriber(FakeReactor(), ["s2:server=%s,key=spare,backup=1,algo=lrc,proto=h,vassal=v.ini,"
+                                     "inactive=1" % receiver.server, "%s:plain" % receiver.server])
+    sub.start()
+    spare, plain = [announcement_vars(p) for p in receiver.drain()]
+    assert (spare[b"backup"], spare[b"algo"], spare[b"proto"], spare[b"vassal"]) == (
+        b"1", b"lrc", b"h", b"v.ini")
+    assert b"inactive" not in spare
+    assert not {b"backup", b"algo", b"proto", b"vassal"} & set(plain)   # a 2.0 packet
