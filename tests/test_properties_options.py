@@ -174,11 +174,17 @@ def _unique_prefixes(name: str) -> List[str]:
             if [n for n in o._LONG_NAMES if n.startswith(name[:k])] == [name] or k == len(name)]
 
 
+def _setting(opt) -> str:
+    """The setting an option writes: --procname-prefix and --procname-prefix-spaced share
+    one (the last wins), so the sources' order would matter if both were drawn."""
+    return "procname-prefix" if opt.name.startswith("procname-prefix") else opt.name
+
+
 @st.composite
 def settings_in_three_forms(draw):
     """A few options with values; each written on the command line (some way),
     in an INI file or in the environment; and all of them on the command line."""
-    chosen = draw(st.lists(st.sampled_from(VALUED), unique_by=lambda opt: opt.name, max_size=6))
+    chosen = draw(st.lists(st.sampled_from(VALUED), unique_by=_setting, max_size=6))
     canonical: List[str] = []
     argv: List[str] = []
     ini_lines: List[str] = []

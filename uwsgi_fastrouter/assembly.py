@@ -13,7 +13,7 @@ import os
 import time
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from . import zerg
+from . import balancing, zerg
 from .addresses import shared_socket_index as _shared_index  # "=N": atoi, as uWSGI
 from .log import log
 from . import metrics
@@ -23,7 +23,7 @@ from .server import DEFAULT_CHUNK, Server
 from .signing import SignatureChecker, SigningError
 from .sockets import AddressError, bind_listener, bind_stream_server
 from .stats import StatsServer, Streamed, build_document, live_pools, pool_stats, subscription_stream
-from .subscription import SubscriptionTable
+from .subscription import ALGORITHMS, SubscriptionTable
 from .subserver import SubscriptionServer, bind_datagram
 
 
@@ -386,7 +386,9 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener, external: bo
             fallback_key = cfg.fastrouter_subscription_fallback_key.encode("utf-8", "surrogateescape")
         subscriptions = SubscriptionMapper(
             parts.table, fallback_key=fallback_key, dotsplit=cfg.subscription_dotsplit,
-            on_empty=on_empty, has_fallbacks=bool(cfg.fastrouter_fallback))
+            on_empty=on_empty, has_fallbacks=bool(cfg.fastrouter_fallback),
+            mountpoints=cfg.subscription_mountpoints,
+            client_of=balancing.make_client_of(_hash_var(cfg)))
     router = Router(
         use_cache=parts.use_cache, code_string=parts.code_string, use_socket=parts.use_socket,
         to=cfg.fastrouter_to,
@@ -416,6 +418,10 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener, external: bo
                                        max_keys=cfg.fastrouter_metrics_max_keys)
     server_ref.append(server)
     parts.server = server
+    if datagram:
+        scanner = balancing.make_scanner(cfg.subscription_mountpoints, _hash_var(cfg))
+        if scanner is not None:
+            server.scan_request = scanner
     if parts.zerg_listener is not None:
         parts.zerg = zerg.ZergServer(reactor, parts.zerg_listener, listeners)
     if datagram:
@@ -765,8 +771,14 @@ def _with_totals(record: dict, reports: List[RouterReport]) -> dict:
     return record
 
 
+def _hash_var(cfg) -> Optional[bytes]:
+    """--fastrouter-hash-var as bytes, or None."""
+    name = cfg.fastrouter_hash_var
+    return name.encode("utf-8", "surrogateescape") if name else None
+
+
 def _make_table(cfg) -> SubscriptionTable:
-    if cfg.subscription_algo not in ("wrr", "lrc", "wlrc"):
+    if cfg.subscription_algo not in ALGORITHMS:
         log('[uwsgi-subscription] unknown --subscription-algo "%s": using wrr' % cfg.subscription_algo)
     return SubscriptionTable(
         tolerance=cfg.subscription_tolerance or 17, algo=cfg.subscription_algo or "wrr",

@@ -178,6 +178,9 @@ OPTIONS: Tuple[Option, ...] = (
        G_ROUTER, default=[], metavar="ADDR", status=SUPPORTED),
     _o("fastrouter-subscription-fallback-key", STRING, "look up KEY instead when the request's key "
        "has no alive subscribed node", G_ROUTER, metavar="KEY", status=SUPPORTED),
+    _o("fastrouter-hash-var", STRING, "the request var that iphash keys hash instead of "
+       "REMOTE_ADDR (e.g. HTTP_COOKIE); a request without it hashes its client address",
+       G_ROUTER, metavar="NAME"),
     _o("fastrouter-fallback", LIST, "node tried, in the given order, when the chosen node cannot "
        "be reached; repeatable", G_ROUTER, default=[], metavar="ADDR"),
     _o("fastrouter-fallback-on-no-key", BOOL, "also go to the fallback nodes when the mapper finds "
@@ -368,8 +371,13 @@ OPTIONS: Tuple[Option, ...] = (
        G_SUBS, metavar="PATH", status=SUPPORTED),
     _o("subscription-tolerance", INT, "seconds a subscribed node is kept without a new announce",
        G_SUBS, default=17, metavar="SECS", status=SUPPORTED),
-    _o("subscription-algo", STRING, "balancing among subscribed nodes: wrr, lrc or wlrc (other "
-       "names mean wrr)", G_SUBS, default="wrr", metavar="NAME", status=SUPPORTED),
+    _o("subscription-algo", STRING, "balancing among subscribed nodes: wrr, lrc, wlrc or iphash "
+       "(rendezvous hashing of the client's REMOTE_ADDR, sticky); other names mean wrr; a key's "
+       "first announce may name its own with algo=", G_SUBS, default="wrr", metavar="NAME",
+       status=SUPPORTED),
+    _o("subscription-mountpoints", INT, "route by host plus the first N segments of PATH_INFO "
+       "(example.com/app) when such a key is subscribed, else by the host; PATH_INFO is passed "
+       "unchanged", G_SUBS, aliases=("subscription-mountpoint",), default=0),
     _o("subscription-dotsplit", BOOL, "when a key is unknown, retry with its leftmost label "
        "removed (www.example.com -> .example.com)", G_SUBS, status=SUPPORTED),
     _o("subscriptions-sign-check", STRING, "accept only subscriptions signed with the public keys "

@@ -43,6 +43,7 @@ import re
 import time
 from typing import Callable, List, Optional, Sequence
 
+from .balancing import mount_key
 from .log import RateLimitedLog, log, printable
 
 # One search finds any byte a file name built from a key must not contain (D14).
@@ -217,9 +218,14 @@ class SubscriptionMapper:
     """
 
     def __init__(self, table, *, fallback_key: Optional[bytes] = None, dotsplit: bool = False,
-                 clock=None, on_empty=None, has_fallbacks: bool = False) -> None:
+                 clock=None, on_empty=None, has_fallbacks: bool = False,
+                 mountpoints: int = 0, client_of=None) -> None:
         import time
         self.table = table
+        #: --subscription-mountpoints: try host/seg1/.../segN first (see balancing.py)
+        self.mountpoints = mountpoints
+        if client_of is not None:
+            table.client_of = client_of
         self.fallback_key = fallback_key
         self.dotsplit = dotsplit
         self.clock = clock or time.time
@@ -227,15 +233,22 @@ class SubscriptionMapper:
         self.has_fallbacks = has_fallbacks
         self.on_failed = None   # (key, address): tell the other router processes (D8)
 
-    def __call__(self, key: bytes) -> Optional[Route]:
+    def __call__(self, key: bytes, request=None) -> Optional[Route]:
         table = self.table
         now = self.clock()
-        if self.dotsplit:
-            node = table.lookup_dotsplit(key, now)
+        node = None
+        if self.mountpoints and request is not None:
+            mounted = mount_key(key, request.info, self.mountpoints)
+            if mounted is not None:
+                node = table.lookup(mounted, now, request)
+        if node is not None:
+            pass
+        elif self.dotsplit:
+            node = table.lookup_dotsplit(key, now, request)
         else:
-            node = table.lookup(key, now)
+            node = table.lookup(key, now, request)
             if node is None and self.fallback_key:
-                node = table.lookup(self.fallback_key, now)
+                node = table.lookup(self.fallback_key, now, request)
         if node is None:
             if self.on_empty is not None and table.empty:
                 self.on_empty()
@@ -246,9 +259,14 @@ class SubscriptionMapper:
         self.table.connected(route.node)
 
     def failed(self, route: Route, key: bytes) -> None:
-        self.table.connect_failed(key, route.node, self.clock())
+        node = route.node
+        # the key the node is subscribed under: a mountpoint, dot-split or fallback
+        # key differs from the request's
+        pool = node.pool
+        pool_key = pool.key if pool is not None else key
+        self.table.connect_failed(key, node, self.clock())
         if self.on_failed is not None:
-            self.on_failed(key, route.node.name)
+            self.on_failed(pool_key, node.name)
 
     def release(self, route: Route) -> None:
         table = self.table
@@ -304,6 +322,9 @@ class Router:
             self.mapper = self.static
         else:
             self.mapper = NoMapper()
+        if self.mapper is subscriptions:
+            # the subscription mapper takes the request along: called directly
+            self.route = subscriptions
         self.fallbacks = [Route(a.encode("utf-8", "surrogateescape")) for a in fallback]
         self.fallback_on_no_key = fallback_on_no_key and bool(self.fallbacks)
         self.max_retries = max_retries
@@ -313,8 +334,9 @@ class Router:
     def static_nodes(self) -> List[StaticNode]:
         return self.static.nodes if self.static is not None else []
 
-    def route(self, key: bytes) -> Optional[Route]:
-        """The first attempt's route for *key*, or None (no route)."""
+    def route(self, key: bytes, request=None) -> Optional[Route]:
+        """The first attempt's route for *key*, or None (no route).  *request* (the
+        session) is handed to the subscription mapper only (mountpoints, iphash)."""
         return self.mapper(key)
 
     def connected(self, route: Route) -> None:
@@ -339,7 +361,8 @@ class Router:
             owner.failed(route, key)
             owner.release(route)
 
-    def retry_route(self, key: bytes, previous: Optional[Route], fallback_index: int):
+    def retry_route(self, key: bytes, previous: Optional[Route], fallback_index: int,
+                    request=None):
         """The route for the next attempt after a failure, as ``(route, fallback_index)``.
 
         *fallback_index* is the position of the next fallback entry to use (0 before
@@ -353,4 +376,4 @@ class Router:
             if previous is not None and (previous.modifier1 or previous.modifier2):
                 entry = Route(entry.address, previous.modifier1, previous.modifier2)
             return entry, fallback_index + 1
-        return self.mapper(key), fallback_index
+        return self.route(key, request), fallback_index

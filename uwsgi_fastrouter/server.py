@@ -26,6 +26,7 @@ from .acceptor import Acceptor
 from .handoff import HandoffTrust
 from .log import RateLimitedLog, log, printable
 from .metrics import Counters
+from .protocol import scan_request
 from .reactor import READ, Reactor
 from .router import Router
 from .session import RECV_HEAD, Session
@@ -53,6 +54,9 @@ class Server:
         self.scratch_view = memoryview(self.scratch)
         self.events = max(int(events), 1)
         self.force_key = force_key
+        # The request scan: protocol.scan_request, or balancing.make_scanner's when
+        # mountpoints or a hash var need more of the vars.
+        self.scan_request = scan_request
         self.sessions: Set[Session] = set()
         self.requests = 0
         self.counters = Counters()    # how requests ended (metrics.py); detailed with --fastrouter-metrics

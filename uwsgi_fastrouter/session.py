@@ -58,7 +58,7 @@ import socket
 import tempfile
 from typing import TYPE_CHECKING, Optional
 
-from .protocol import HEADER, ProtocolError, scan_request
+from .protocol import HEADER, ProtocolError
 from .reactor import READ, WRITE
 from .fdpass import send_fds
 from .log import printable
@@ -232,7 +232,7 @@ class Session:
         """*buf[:total]* is header + vars; *buf[total:have]* is early body."""
         server = self.server
         try:
-            info = scan_request(bytes(buf[4:total]), server.force_key)
+            info = server.scan_request(bytes(buf[4:total]), server.force_key)
         except ProtocolError as exc:
             self.close("malformed request vars: %s" % exc)
             return
@@ -248,7 +248,7 @@ class Session:
             return
         self.key = key
         router = server.router
-        route = router.route(key)
+        route = router.route(key, self)
         if route is None:
             if not router.fallback_on_no_key:
                 self.close()
@@ -560,7 +560,7 @@ class Session:
             self.close()
             return
         self.retries += 1
-        route, self.fallback_index = router.retry_route(self.key, route, self.fallback_index)
+        route, self.fallback_index = router.retry_route(self.key, route, self.fallback_index, self)
         if route is None:
             self.close()
             return

@@ -328,7 +328,18 @@ def live_pools(table, record: Callable[[Any], Dict[str, Any]]) -> Iterator[Dict[
 
 
 def pool_stats(pool) -> Dict[str, Any]:
-    """One pool's record in the ``subscriptions`` member."""
+    """One pool's record in the ``subscriptions`` member.  A key that uses uWSGI 2.1
+    features (a 2.1 field in an announce, an algorithm 2.0 lacks) also shows uWSGI
+    2.1's ``algo``, and its nodes ``vassal``, ``backup`` and ``proto``."""
+    if pool.v21 or pool.hashed:
+        return {
+            "key": pool.key,
+            "hash": pool.hash,
+            "hits": pool.hits,
+            "sni_enabled": 0,
+            "algo": pool.algo,
+            "nodes": [node_stats_v21(node) for node in pool.nodes],
+        }
     return {
         "key": pool.key,
         "hash": pool.hash,
@@ -348,6 +359,16 @@ def node_stats(node) -> Dict[str, Any]:
     for field, value in record.items():
         if type(value) is not int and field != "name":
             record[field] = _number(value)
+    return record
+
+
+def node_stats_v21(node) -> Dict[str, Any]:
+    """:func:`node_stats` plus uWSGI 2.1's ``vassal``, ``backup`` and ``proto`` (empty
+    strings for an absent vassal or proto)."""
+    record = node_stats(node)
+    record["vassal"] = node.vassal or b""
+    record["backup"] = node.backup
+    record["proto"] = node.proto or b""
     return record
 
 

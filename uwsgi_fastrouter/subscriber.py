@@ -72,7 +72,7 @@ from . import log as _log
 from .addresses import AddressError, is_unix, parse_connect
 from .signing import RSAPrivateKey, SignatureChecker, SigningError, load_private_key, sign
 from .sockets import connect_sockaddr
-from .subscription import MAX_KEY, SubscriptionError, build_announcement
+from .subscription import ALGORITHMS, MAX_BACKUP, MAX_KEY, SubscriptionError, build_announcement
 
 if TYPE_CHECKING:  # pragma: no cover
     from .reactor import Reactor
@@ -123,6 +123,11 @@ class SubscribeSpec(NamedTuple):
     sni_ca: Optional[bytes] = None
     socket: Optional[int] = None
     source: str = ""
+    #: uWSGI 2.1 fields, sent only when given (a 2.0 router ignores them)
+    backup: Optional[int] = None
+    algo: Optional[bytes] = None
+    proto: Optional[bytes] = None
+    vassal: Optional[bytes] = None
 
 
 class MapFileSpec(NamedTuple):
@@ -239,7 +244,9 @@ def parse_subscribe_to(value: str) -> Union[List[SubscribeSpec], MapFileSpec]:
 
 
 _SUBSCRIBE2_KEYS = ("server", "key", "socket", "addr", "weight", "modifier1", "modifier2",
-                    "sign", "check", "sni_key", "sni_crt", "sni_ca")
+                    "sign", "check", "sni_key", "sni_crt", "sni_ca",
+                    # uWSGI 2.1's (no router reads inactive: accepted, not sent)
+                    "backup", "algo", "proto", "vassal", "inactive")
 
 
 def _split_escaped(text: str, separator: str) -> List[str]:
@@ -266,7 +273,9 @@ def parse_subscribe2(value: str) -> SubscribeSpec:
     """Parse a ``--subscribe2`` value: ``k=v`` items separated by ``,`` (``\\,`` is a
     literal comma).  ``server`` and ``key`` are required; the other keys are
     ``addr``, ``socket``, ``weight``, ``modifier1``, ``modifier2``, ``sign``,
-    ``check``, ``sni_key``, ``sni_crt``, ``sni_ca``.  The server is UDP ``HOST:PORT``
+    ``check``, ``sni_key``, ``sni_crt``, ``sni_ca``, and uWSGI 2.1's ``backup`` (a level,
+    0..65535), ``algo`` (wrr, lrc, wlrc, iphash), ``proto`` (one letter), ``vassal`` and
+    ``inactive`` (accepted and ignored, as every router does).  The server is UDP ``HOST:PORT``
     or a UNIX datagram path, by the rules of :mod:`~uwsgi_fastrouter.addresses`.
     Raises :class:`SubscribeError` naming *value*.
     """
@@ -305,7 +314,35 @@ def parse_subscribe2(value: str) -> SubscribeSpec:
         sign=_check_sign(value, fields["sign"]) if "sign" in fields else None,
         check=fields.get("check"),
         sni_key=raw("sni_key"), sni_crt=raw("sni_crt"), sni_ca=raw("sni_ca"),
-        socket=number("socket", 65535), source=value)
+        socket=number("socket", 65535), source=value,
+        backup=number("backup", MAX_BACKUP), algo=_check_algo(value, fields.get("algo")),
+        proto=_check_proto(value, fields.get("proto")),
+        vassal=_check_vassal(value, fields.get("vassal")))
+
+
+def _check_algo(value: str, algo: Optional[str]) -> Optional[bytes]:
+    if algo is None:
+        return None
+    if algo not in ALGORITHMS:
+        raise _fail(value, "unknown algo %r (known: %s)" % (algo, ", ".join(ALGORITHMS)))
+    return _b(algo)
+
+
+def _check_proto(value: str, proto: Optional[str]) -> Optional[bytes]:
+    if proto is None:
+        return None
+    if not (len(proto) == 1 and proto.isascii() and proto.isalpha()):
+        raise _fail(value, "proto must be one ASCII letter, not %r" % proto)
+    return _b(proto)
+
+
+def _check_vassal(value: str, vassal: Optional[str]) -> Optional[bytes]:
+    if vassal is None:
+        return None
+    name = _b(vassal)
+    if len(name) > MAX_KEY:
+        raise _fail(value, "the vassal name is %d bytes long (at most %d)" % (len(name), MAX_KEY))
+    return name
 
 
 def parse_map_file(spec: MapFileSpec, data: bytes) -> Tuple[List[SubscribeSpec], List[str]]:
@@ -517,7 +554,8 @@ class Subscriber:
                 modifier2=spec.modifier2, cores=self.cores, load=load,
                 weight=self.weight if spec.weight is None else spec.weight,
                 unsubscribe=unsubscribe, sni_key=spec.sni_key, sni_crt=spec.sni_crt,
-                sni_ca=spec.sni_ca, notify=self.notify, unix=unix, signer=signer)
+                sni_ca=spec.sni_ca, notify=self.notify, unix=unix, signer=signer,
+                backup=spec.backup, algo=spec.algo, proto=spec.proto, vassal=spec.vassal)
         except SubscriptionError as exc:
             self.errors += 1
             self._log_limited("build:%s" % exc, "[uwsgi-subscriber] cannot announce %s: %s"

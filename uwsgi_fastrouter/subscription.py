@@ -19,7 +19,11 @@ comes back only by announcing again.
 
 Picking a node for a request (:meth:`SubscriptionTable.lookup`) increments the
 chosen node's ``ref``; the caller gives it back with :meth:`SubscriptionTable.release`
-when the backend connection is closed.  Three algorithms:
+when the backend connection is closed.  Each key has its algorithm, chosen by the
+``algo`` var of the announce that creates it, else the table's default
+(``--subscription-algo``).  Backup levels (uWSGI 2.1): only the nodes of the lowest
+``backup`` level that has an alive node are candidates, so a node announcing
+``backup=1`` gets requests only while every level-0 node is dead.  Four algorithms:
 
 ``wrr``
     smooth weighted round robin: every alive node's credit grows by its weight,
@@ -31,6 +35,10 @@ when the backend connection is closed.  Three algorithms:
     least reference count (plain, or divided by the weight), reproducing uWSGI's
     walk including its tie-breaking on ``last_requests``: with one request at a
     time, three nodes are visited 3 2 1 3 2 1 ...
+``iphash``
+    rendezvous hashing of the request's client (see :func:`_pick_hash`): what the
+    client is comes from :attr:`SubscriptionTable.client_of`, asked only for such
+    keys (uwsgi_fastrouter/balancing.py makes it: ``REMOTE_ADDR`` or a chosen var).
 
 Signed subscriptions (a ``verifier`` is set): a packet creating a pool or a node
 must be signed, carry a ``unix`` timestamp not older than ``sign_tolerance``, and
@@ -78,6 +86,7 @@ from __future__ import annotations
 
 import base64
 import json
+from hashlib import blake2b
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -91,6 +100,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "MAX_KEY",
     "MAX_ADDRESS",
+    "MAX_BACKUP",
     "REPLAY_MEMORY",
     "ALGORITHMS",
     "FORWARDED_VAR",
@@ -109,8 +119,11 @@ __all__ = [
 
 MAX_KEY = 255
 MAX_ADDRESS = 255
-#: The balancing algorithms by name; any other name means ``wrr``.
-ALGORITHMS = ("wrr", "lrc", "wlrc")
+#: The balancing algorithms by name; as ``--subscription-algo`` any other name means
+#: ``wrr``, in a packet's ``algo`` var it is refused.
+ALGORITHMS = ("wrr", "lrc", "wlrc", "iphash")
+#: The highest ``backup`` level a packet may announce.
+MAX_BACKUP = 65535
 #: Set by a router that forwards (resubscribes) a packet; such a packet is never
 #: forwarded again, so two routers resubscribing to each other cannot loop.
 FORWARDED_VAR = b"fastrouter_forwarded"
@@ -192,6 +205,15 @@ class Announcement(NamedTuple):
     signed_part: bytes = b""
     #: a router forwarded this packet (see :data:`FORWARDED_VAR`)
     forwarded: bool = False
+    #: uWSGI 2.1 fields (a 2.0 router ignores them): the node's backup level, the
+    #: key's algorithm (applied when the announce creates the key), a one-letter
+    #: protocol and the Emperor vassal's name (both only stored and shown)
+    backup: int = 0
+    algo: Optional[bytes] = None
+    proto: Optional[bytes] = None
+    vassal: Optional[bytes] = None
+    #: the packet carried at least one of the 2.1 fields above
+    v21: bool = False
 
 
 # var name -> (field, largest value); numbers must be plain ASCII decimals
@@ -202,6 +224,7 @@ _NUMBERS = {
     b"load": ("load", _NUMBER_MAX),
     b"weight": ("weight", _NUMBER_MAX),
     b"unix": ("unix", _NUMBER_MAX),
+    b"backup": ("backup", MAX_BACKUP),
 }
 _STRINGS = {
     b"key": "key",
@@ -211,7 +234,11 @@ _STRINGS = {
     b"sni_ca": "sni_ca",
     b"notify": "notify",
     b"sign": "sign",
+    b"algo": "algo",
+    b"proto": "proto",
+    b"vassal": "vassal",
 }
+_V21_FIELDS = ("backup", "algo", "proto", "vassal")
 _KEEP_EMPTY = ("key", "address", "sign")
 
 
@@ -279,7 +306,30 @@ def parse_announcement(datagram: bytes) -> Announcement:
         raise SubscriptionError("subscription packet for %s without an address of 1..%d bytes"
                                 % (_text(key), MAX_ADDRESS), key, address)
     fields["signed_part"] = block[:sign_start] if sign_start >= 0 else block
+    for name in _V21_FIELDS:
+        if name in fields:
+            _check_v21(fields, key, address)
+            fields["v21"] = True
+            break
     return Announcement(unsubscribe=opcode != 0, forwarded=forwarded, **fields)
+
+
+def _check_v21(fields: Dict[str, Any], key: bytes, address: bytes) -> None:
+    """The 2.1 string fields: ``algo`` one of :data:`ALGORITHMS`, ``proto`` one
+    ASCII letter, ``vassal`` at most 255 bytes (empty values count as absent)."""
+    algo = fields.get("algo")
+    if algo is not None and algo.decode("latin-1") not in ALGORITHMS:
+        raise SubscriptionError("unknown algo %r for %s node: %s (known: %s)"
+                                % (algo[:32], _text(key), _text(address), ", ".join(ALGORITHMS)),
+                                key, address)
+    proto = fields.get("proto")
+    if proto is not None and not (len(proto) == 1 and proto.isalpha()):
+        raise SubscriptionError("invalid proto %r for %s node: %s (one ASCII letter is required)"
+                                % (proto[:32], _text(key), _text(address)), key, address)
+    vassal = fields.get("vassal")
+    if vassal is not None and len(vassal) > MAX_KEY:
+        raise SubscriptionError("vassal name of %d bytes for %s node: %s (at most %d)"
+                                % (len(vassal), _text(key), _text(address), MAX_KEY), key, address)
 
 
 def build_announcement(key: bytes, address: bytes, *, modifier1: int = 0, modifier2: int = 0,
@@ -288,11 +338,15 @@ def build_announcement(key: bytes, address: bytes, *, modifier1: int = 0, modifi
                        sni_crt: Optional[bytes] = None, sni_ca: Optional[bytes] = None,
                        notify: Optional[bytes] = None, forwarded: bool = False,
                        unix: Optional[int] = None,
-                       signer: Optional[Callable[[bytes], bytes]] = None) -> bytes:
+                       signer: Optional[Callable[[bytes], bytes]] = None,
+                       backup: Optional[int] = None, algo: Optional[bytes] = None,
+                       proto: Optional[bytes] = None, vassal: Optional[bytes] = None) -> bytes:
     """Write a subscription datagram as a uWSGI 2.0.31 instance does.
 
     Var order: key, address, modifier1, modifier2, cores, load, weight, [sni_key],
-    [sni_crt], [sni_ca], [notify], [fastrouter_forwarded], [unix, sign].  The header
+    [sni_crt], [sni_ca], [notify], [backup], [algo], [proto], [vassal],
+    [fastrouter_forwarded], [unix, sign].  The 2.1 fields (*backup* ... *vassal*) are
+    written only when given; a uWSGI 2.0 router ignores them.  The header
     is modifier1 224, the datasize, and byte 3 = 1 for an unsubscribe.
 
     *unix* is the current time (whole seconds); it is written whenever given, and,
@@ -330,6 +384,14 @@ def build_announcement(key: bytes, address: bytes, *, modifier1: int = 0, modifi
                         (b"notify", notify)):
         if value is not None:
             pairs.append((name, value))
+    if backup is not None:
+        if not 0 <= backup <= MAX_BACKUP:
+            raise SubscriptionError("backup must be 0..%d, got %d" % (MAX_BACKUP, backup),
+                                    key, address)
+        pairs.append((b"backup", b"%d" % backup))
+    for name, value in ((b"algo", algo), (b"proto", proto), (b"vassal", vassal)):
+        if value is not None:
+            pairs.append((name, value))
     if forwarded:
         pairs.append((FORWARDED_VAR, b"1"))
     if stamp is not None:
@@ -362,7 +424,7 @@ def forward_announcement(a: Announcement, address: bytes, *, cores: int = 0, loa
     return build_announcement(a.key, address, modifier1=a.modifier1, modifier2=a.modifier2,
                               cores=cores, load=load, weight=weight, unsubscribe=a.unsubscribe,
                               sni_key=a.sni_key, sni_crt=a.sni_crt, sni_ca=a.sni_ca,
-                              forwarded=True)
+                              forwarded=True, algo=a.algo)
 
 
 # ---------------------------------------------------------------------------
@@ -397,7 +459,7 @@ class Node:
     __slots__ = ("name", "modifier1", "modifier2", "last_check", "pid", "uid", "gid",
                  "requests", "last_requests", "tx", "rx", "cores", "load", "weight",
                  "current", "ref", "failcnt", "death_mark", "notify", "created_unix",
-                 "last_unix", "pool")
+                 "last_unix", "pool", "backup", "proto", "vassal", "v21", "hrw")
 
     def __init__(self, name: bytes, modifier1: int = 0, modifier2: int = 0, last_check: int = 0,
                  *, cores: int = 0, load: int = 0, weight: int = 1, pid: int = 0, uid: int = 0,
@@ -426,6 +488,14 @@ class Node:
         self.last_unix = unix
         #: the pool holding the node, ``None`` once the node is removed
         self.pool: Optional[Pool] = None
+        #: uWSGI 2.1 fields: backup level (0: primary), protocol letter, vassal name;
+        #: ``v21`` is true once an announce of the node carried any of them
+        self.backup = 0
+        self.proto: Optional[bytes] = None
+        self.vassal: Optional[bytes] = None
+        self.v21 = False
+        #: the node's rendezvous-hashing seed (see :func:`_pick_hash`)
+        self.hrw = _seed(name)
 
     @property
     def wrr(self) -> int:
@@ -440,9 +510,9 @@ class Pool:
     """The nodes subscribed under one key, in subscription order."""
 
     __slots__ = ("key", "hash", "hits", "nodes", "by_address", "sni_enabled", "refreshed",
-                 "last_announce")
+                 "last_announce", "algo", "pick", "hashed", "levels", "v21")
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, algo: str = "wrr") -> None:
         self.key = key
         self.hash = stats_hash(key)
         #: lookups of this key (retries included)
@@ -456,6 +526,15 @@ class Pool:
         self.refreshed = False
         #: when an announce last reached this key (whole seconds)
         self.last_announce = 0
+        #: the key's algorithm, fixed when the key is created; ``pick(nodes)`` for
+        #: wrr/lrc/wlrc, ``hashed`` for iphash (it needs the request's client)
+        self.algo = algo
+        self.pick = _PICKERS.get(algo, _pick_wrr)
+        self.hashed = algo == "iphash"
+        #: some node of the key announced a backup level above 0
+        self.levels = False
+        #: an announce of the key carried a uWSGI 2.1 field (the stats show them)
+        self.v21 = False
 
     def __repr__(self) -> str:
         return "<Pool %s nodes=%d>" % (_text(self.key), len(self.nodes))
@@ -530,6 +609,55 @@ def _pick_wlrc(nodes: List[Node]) -> Optional[Node]:
 
 _PICKERS = {"wrr": _pick_wrr, "lrc": _pick_lrc, "wlrc": _pick_wlrc}
 
+_MASK64 = (1 << 64) - 1
+
+
+def _seed(value: bytes) -> int:
+    """64 well-mixed bits of *value*, the same in every process and run."""
+    return int.from_bytes(blake2b(value, digest_size=8).digest(), "little")
+
+
+def _pick_hash(nodes: List[Node], client: bytes) -> Optional[Node]:
+    """Rendezvous (highest random weight) hashing: every alive node gets the score
+    ``mix(seed(client) ^ node.hrw)`` and the highest score wins.  The same client
+    always lands on the same node while the node set stays the same; a node added
+    or removed only moves the clients whose best score it has or had, about 1/N of
+    them.  Weights are not looked at."""
+    h = _seed(client)
+    best = None
+    top = -1
+    for node in nodes:
+        if node.death_mark:
+            continue
+        # murmur3's 64-bit finaliser
+        x = h ^ node.hrw
+        x = ((x ^ (x >> 33)) * 0xFF51AFD7ED558CCD) & _MASK64
+        x = ((x ^ (x >> 33)) * 0xC4CEB9FE1A85EC53) & _MASK64
+        x ^= x >> 33
+        if x > top:
+            top = x
+            best = node
+    if best is not None:
+        best.ref += 1
+    return best
+
+
+def _lowest_level(nodes: List[Node]) -> List[Node]:
+    """The nodes of the lowest backup level that has an alive node (all of *nodes*
+    when none is alive: the pickers then find nothing)."""
+    level = None
+    for node in nodes:
+        if not node.death_mark and (level is None or node.backup < level):
+            level = node.backup
+    if level is None:
+        return nodes
+    return [node for node in nodes if node.backup == level]
+
+
+def _request_bytes(request: Any) -> bytes:
+    """The default client of an iphash lookup: *request* itself when it is bytes."""
+    return request if type(request) is bytes else b""
+
 
 def _no_log(line: str) -> None:
     pass
@@ -554,9 +682,12 @@ class SubscriptionTable:
                  verifier: Optional["SignatureChecker"] = None,
                  sign_tolerance: int = 86400, replay_memory: int = REPLAY_MEMORY) -> None:
         self.tolerance = tolerance
-        #: the algorithm in use: ``algo`` if it is one of :data:`ALGORITHMS`, else ``wrr``
-        self.algo_name = algo if algo in _PICKERS else "wrr"
-        self._pick = _PICKERS[self.algo_name]
+        #: the algorithm of keys whose creating announce names none: ``algo`` if it
+        #: is one of :data:`ALGORITHMS`, else ``wrr``
+        self.algo_name = algo if algo in ALGORITHMS else "wrr"
+        #: iphash's input: ``client_of(request)`` -> bytes, *request* being what the
+        #: caller of :meth:`lookup` passed (called only for iphash keys)
+        self.client_of: Callable[[Any], bytes] = _request_bytes
         self.max_keys = max_keys
         self.max_nodes = max_nodes
         self.log = log
@@ -653,6 +784,8 @@ class SubscriptionTable:
             node.load = a.load
             node.weight = a.weight if a.weight > 0 else 1
             node.last_requests = 0
+            if a.v21 or node.v21:
+                _apply_v21(pool, node, a)
             if pid is not None:
                 node.pid = pid
             if uid is not None:
@@ -672,13 +805,16 @@ class SubscriptionTable:
             self.refused_nodes += 1
             raise TableFull(self.max_nodes, a.key, a.address, per_key=True)
         if pool is None:
-            pool = self._pools[a.key] = Pool(a.key)
+            pool = self._pools[a.key] = Pool(a.key, a.algo.decode("ascii") if a.algo
+                                             else self.algo_name)
             self._reserved.pop(a.key, None)
             self.log("[uwsgi-subscription for pid %d] new pool: %s (hash key: %d)"
                      % (self.pid, _text(a.key), pool.hash))
         node = Node(a.address, a.modifier1, a.modifier2, now_s, cores=a.cores, load=a.load,
                     weight=a.weight, pid=pid or 0, uid=uid or 0, gid=gid or 0, notify=a.notify,
                     unix=a.unix or 0)
+        if a.v21:
+            _apply_v21(pool, node, a)
         if self._removed_unix:
             self._removed_unix.pop((a.key, a.address), None)
         self._add(pool, node)
@@ -748,11 +884,13 @@ class SubscriptionTable:
 
     # -- requests -----------------------------------------------------------
 
-    def lookup(self, key: bytes, now: float) -> Optional[Node]:
+    def lookup(self, key: bytes, now: float, request: Any = None) -> Optional[Node]:
         """Choose a node for a request for *key* and take a reference on it.
 
         Nodes past the tolerance are marked dead on the way; dead nodes that no
-        session references are removed (with the pool once it is empty).
+        session references are removed (with the pool once it is empty).  Only
+        the nodes of the lowest backup level with an alive node are candidates.
+        *request* is looked at only for an iphash key, through :attr:`client_of`.
         """
         pool = self._pools.get(key)
         if pool is None:
@@ -770,13 +908,17 @@ class SubscriptionTable:
             self._sweep(pool)
             if not pool.nodes:
                 return None
-        return self._pick(nodes)
+        if pool.levels:
+            nodes = _lowest_level(nodes)
+        if pool.hashed:
+            return _pick_hash(nodes, self.client_of(request))
+        return pool.pick(nodes)
 
-    def lookup_dotsplit(self, key: bytes, now: float) -> Optional[Node]:
+    def lookup_dotsplit(self, key: bytes, now: float, request: Any = None) -> Optional[Node]:
         """:meth:`lookup` for *key*, then for its dot-led suffixes (at most 5 tries):
         ``a.b.example.com``, ``.b.example.com``, ``.example.com``, ``.com``."""
         for _ in range(5):
-            node = self.lookup(key, now)
+            node = self.lookup(key, now, request)
             if node is not None:
                 return node
             dot = key.find(b".", 1)
@@ -932,9 +1074,12 @@ class SubscriptionTable:
                 "cores": n.cores, "load": n.load, "weight": n.weight, "failcnt": n.failcnt,
                 "notify": None if n.notify is None else _enc(n.notify),
                 "created_unix": n.created_unix, "last_unix": n.last_unix,
+                "backup": n.backup, "proto": None if n.proto is None else _enc(n.proto),
+                "vassal": None if n.vassal is None else _enc(n.vassal), "v21": n.v21,
             } for n in pool.nodes if not n.death_mark]
             if nodes:
-                pools.append({"key": _enc(pool.key), "hits": pool.hits, "nodes": nodes})
+                pools.append({"key": _enc(pool.key), "hits": pool.hits, "nodes": nodes,
+                              "algo": pool.algo, "v21": pool.v21})
         doc = {"version": _DUMP_VERSION, "pools": pools,
                "removed": [[_enc(key), _enc(address), unix]
                            for (key, address), unix in self._removed_unix.items()]}
@@ -951,7 +1096,7 @@ class SubscriptionTable:
         entries, removed = _parse_dump(data)
         limit = int(now) - self.tolerance
         added = 0
-        for key, hits, nodes in entries:
+        for key, hits, nodes, algo, v21 in entries:
             for node in nodes:
                 if node.last_check < limit:
                     continue
@@ -959,12 +1104,15 @@ class SubscriptionTable:
                 if pool is None:
                     if len(self._pools) >= self.max_keys:
                         break
-                    pool = self._pools[key] = Pool(key)
+                    pool = self._pools[key] = Pool(key, algo or self.algo_name)
                     self._reserved.pop(key, None)
                     pool.hits = hits
+                    pool.v21 = v21
                 if node.name in pool.by_address or len(pool.nodes) >= self.max_nodes:
                     continue
                 self._add(pool, node)
+                if node.backup:
+                    pool.levels = True
                 added += 1
         if self.verifier is not None:
             for key, address, unix in removed:
@@ -977,7 +1125,7 @@ class SubscriptionTable:
         return added
 
 
-def _parse_dump(data: bytes) -> Tuple[List[Tuple[bytes, int, List[Node]]],
+def _parse_dump(data: bytes) -> Tuple[List[Tuple[bytes, int, List[Node], Optional[str], bool]],
                                         List[Tuple[bytes, bytes, int]]]:
     try:
         doc = json.loads(bytes(data).decode("ascii"))
@@ -1008,13 +1156,31 @@ def _parse_dump(data: bytes) -> Tuple[List[Tuple[bytes, int, List[Node]]],
                 node.failcnt = int(item["failcnt"])
                 node.created_unix = int(item["created_unix"])
                 node.last_unix = int(item["last_unix"])
+                node.backup = int(item.get("backup", 0))
+                proto, vassal = item.get("proto"), item.get("vassal")
+                node.proto = None if proto is None else _dec(proto)
+                node.vassal = None if vassal is None else _dec(vassal)
+                node.v21 = bool(item.get("v21", False))
                 nodes.append(node)
-            entries.append((key, int(entry["hits"]), nodes))
+            algo = entry.get("algo")
+            if algo is not None and algo not in ALGORITHMS:
+                raise ValueError("unknown algo %r" % (algo,))
+            entries.append((key, int(entry["hits"]), nodes, algo, bool(entry.get("v21", False))))
         removed = [(_dec(key), _dec(address), int(unix))
                    for key, address, unix in doc.get("removed", ())]
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise SubscriptionError("damaged subscription table dump: %r" % (exc,)) from None
     return entries, removed
+
+
+def _apply_v21(pool: Pool, node: Node, a: Announcement) -> None:
+    """Store an announce's 2.1 fields on its node (every announce sets them all)."""
+    node.backup = a.backup
+    node.proto = a.proto
+    node.vassal = a.vassal
+    node.v21 = pool.v21 = True
+    if a.backup:
+        pool.levels = True
 
 
 def _by_hash(pool: Pool) -> int:
