@@ -71,7 +71,11 @@ _CHANNEL_READ = 65536      # bytes read from a channel per event (a few report f
 _OUTBOX_LIMIT = 16 << 20   # bytes queued for one channel before frames are dropped
 _REPORT_HIGH_WATER = 256 << 10   # a router builds no more report frames while this much waits
 _KILL_AFTER = 10.0
+_EXIT_CRASH = 70           # a child's status after an unexpected exception (EX_SOFTWARE)
 _ORPHAN_GRACE = 10.0
+# Blocked across a fork until the child has its own handlers, and across a reload's
+# re-exec until the new image has its own: one arriving in between is held, not lost
+# and never given its default action (which for SIGHUP is death).
 _MASTER_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD}
 
 # Frame types on a master <-> router channel.
@@ -79,6 +83,7 @@ SUBSCRIPTION = ord("S")   # master -> router: an accepted subscription datagram 
 FAILED = ord("F")         # both ways: a node failed a connect: key \0 address
 QUERY = ord("Q")          # master -> router: send your counters (round number)
 REPORT = ord("R")         # router -> master: round number, last flag, a part of the counters (JSON)
+READY = ord("Y")          # router -> master: my loop runs (I have started; no payload)
 
 
 def encode_frame(kind: int, payload: bytes) -> bytes:
@@ -108,7 +113,8 @@ class FrameReader:
 class Child:
     """One forked process the master supervises."""
 
-    __slots__ = ("kind", "index", "pid", "started", "channel", "reader", "draining", "outbox")
+    __slots__ = ("kind", "index", "pid", "started", "channel", "reader", "draining", "outbox",
+                 "ready")
 
     def __init__(self, kind: str, index: int) -> None:
         self.kind = kind            # "router" or "worker"
@@ -119,18 +125,25 @@ class Child:
         self.reader = FrameReader()
         self.draining = False
         self.outbox = bytearray()   # frames the channel has not taken yet
+        self.ready = False          # it said it has started (READY); workers never say
 
 
 class Master:
     """Supervises router processes and app workers for one configuration."""
 
     def __init__(self, cfg, argv: List[str], *, bind: Callable, wire: Callable,
-                 make_worker: Optional[Callable] = None) -> None:
+                 make_worker: Optional[Callable] = None, ops=None,
+                 startup_errors: tuple = ()) -> None:
+        from .proccontrol import PrivilegeError, ProcessOps, SetupError
         self.cfg = cfg
         self.argv = argv
         self._bind = bind            # (cfg, inherited) -> Sockets
         self._wire = wire            # (cfg, reactor, sockets, channel) -> router Assembly (in a child)
         self._make_worker = make_worker
+        self.ops = ops if ops is not None else ProcessOps()   # fork, waitpid, kill, execv
+        # What a router process that cannot start raises: its message is logged and it
+        # exits with EXIT_CONFIG (see _child_died for what the master makes of that).
+        self.startup_errors = tuple(startup_errors) + (SetupError, PrivilegeError)
         self.reactor: Optional[Reactor] = None
         self.sockets = None
         self.children: Dict[int, Child] = {}
@@ -168,6 +181,10 @@ class Master:
                                 (signal.SIGCHLD, self._on_child)):
             reactor.add_signal_handler(signum, handler)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        # After a reload the old image left these blocked across its exec: the handlers
+        # exist now, so whatever arrived meanwhile is handled by the loop (several
+        # SIGHUPs held there are one pending signal: one more reload).
+        self.ops.sigmask(signal.SIG_UNBLOCK, _MASTER_SIGNALS)
         try:
             self.sockets = self._bind(self.cfg, inherited)
         except BaseException:
@@ -199,7 +216,7 @@ class Master:
         if self.old_pids:
             # The new generation is accepting: the old one may stop now.
             for pid in self.old_pids:
-                _signal(pid, signal.SIGTERM)
+                self._signal(pid, signal.SIGTERM)
             log("graceful reload: %d old process(es) finishing their requests" % len(self.old_pids))
         self.sockets.start_master()
         self._on_child(0)   # old processes that exited before our SIGCHLD handler existed
@@ -221,13 +238,14 @@ class Master:
         child_end = None
         if child.kind == "router":
             parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        # Signals stay blocked across the fork until the child has dropped the master's
-        # handlers: one arriving in between would otherwise be swallowed by them.
-        signal.pthread_sigmask(signal.SIG_BLOCK, _MASTER_SIGNALS)
+        # Signals stay blocked across the fork until the child has its own handlers:
+        # one arriving in between would otherwise be swallowed by the master's, or be
+        # given its default action (SIGHUP would kill a router process that ignores it).
+        self.ops.sigmask(signal.SIG_BLOCK, _MASTER_SIGNALS)
         try:
-            pid = os.fork()
+            pid = self.ops.fork()
         except OSError as exc:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _MASTER_SIGNALS)
+            self.ops.sigmask(signal.SIG_UNBLOCK, _MASTER_SIGNALS)
             log("*** unable to fork a %s process: %s ***" % (child.kind, exc.strerror or exc))
             for s in (parent_end, child_end):
                 if s is not None:
@@ -235,10 +253,9 @@ class Master:
             self.reactor.call_later(_RESPAWN_BACKOFF, self._respawn, child)
             return
         if pid == 0:  # pragma: no cover - runs in the child
-            code = 1
+            code = _EXIT_CRASH
             try:
                 self._in_child()
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, _MASTER_SIGNALS)
                 if parent_end is not None:
                     parent_end.close()
                 if child.kind == "router":
@@ -247,6 +264,10 @@ class Master:
                     code = self._make_worker(child.index)
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1
+            except self.startup_errors as exc:
+                from .proccontrol import EXIT_CONFIG
+                log(str(exc))
+                code = EXIT_CONFIG
             except BaseException as exc:
                 log("%s process %d died: %r" % (child.kind, child.index, exc))
             finally:
@@ -255,9 +276,10 @@ class Master:
                 except Exception:
                     pass
                 os._exit(code)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _MASTER_SIGNALS)
+        self.ops.sigmask(signal.SIG_UNBLOCK, _MASTER_SIGNALS)
         child.pid = pid
         child.started = time.monotonic()
+        child.ready = child.kind != "router"
         if self.heartbeat is not None and child.kind == "router":
             self.heartbeat.reset(child.index - 1, child.started)
         child.draining = False
@@ -292,10 +314,9 @@ class Master:
         from .proccontrol import LogReopener, log_file, process_name, set_process_name
         set_process_name(process_name(cfg, "uWSGI fastrouter %d" % child.index))
         if cfg.fastrouter_uid or cfg.fastrouter_gid:
-            from .proccontrol import drop_privileges, resolve_group, resolve_user
-            drop_privileges(resolve_user(cfg.fastrouter_uid) if cfg.fastrouter_uid else None,
-                            resolve_group(cfg.fastrouter_gid) if cfg.fastrouter_gid else None,
-                            who="uWSGI fastrouter %d" % child.index)
+            from .proccontrol import drop_privileges, resolve_ids
+            uid, gid = resolve_ids(cfg.fastrouter_uid, cfg.fastrouter_gid)
+            drop_privileges(uid, gid, who="uWSGI fastrouter %d" % child.index)
         reactor = Reactor()
         parts = self._wire(self.cfg, reactor, self.sockets, channel)
         if self.heartbeat is not None:
@@ -320,11 +341,13 @@ class Master:
         reactor.add_signal_handler(signal.SIGINT, lambda s: reactor.stop())
         reactor.add_signal_handler(signal.SIGQUIT, lambda s: reactor.stop())
         signal.signal(signal.SIGHUP, signal.SIG_IGN)   # uWSGI's router ignores it too
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _MASTER_SIGNALS)   # blocked since the fork
         if cfg.touch_logreopen:
             reopener = LogReopener(cfg.touch_logreopen, log_file(cfg), announce=False)
             parts.server.periodic.append(reopener.check)
         parts.start()
         link.start()
+        reactor.call_soon(link.ready)   # from the loop: this process has started
         try:
             reactor.run()
         finally:
@@ -343,7 +366,8 @@ class Master:
         parts = self.sockets.parts
         worker = Worker([l.sock for l in parts.app_listeners], parts.app, worker_id=index,
                         harakiri=cfg.harakiri or 0, buffer_size=cfg.buffer_size or 4096,
-                        parent_pid=os.getppid(), periodic=periodic)
+                        parent_pid=os.getppid(), periodic=periodic,
+                        on_start=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, _MASTER_SIGNALS))
         return worker.serve_forever()
 
     # ------------------------------------------------- pidfile and master FIFO
@@ -411,31 +435,50 @@ class Master:
     def _on_child(self, _signum: int) -> None:
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status = self.ops.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 break
             if pid == 0:
                 break
-            child = self.children.pop(pid, None)
-            if child is None:
-                if pid in self.old_pids:
-                    self.old_pids.remove(pid)
-                    if not self.old_pids:
-                        log("graceful reload: the old processes are gone")
-                continue
-            if child.channel is not None:
-                self.reactor.unregister(child.channel.fileno())
-                child.channel.close()
-                child.channel = None
-                child.outbox = bytearray()
-            self._report_lost(child)
-            if self.stopping or child.draining:
-                continue
-            what = "fastrouter %d" % child.index if child.kind == "router" else "worker %d" % child.index
-            log("DAMN ! %s (pid: %d) died :( trying respawn ..." % (what, pid))
-            young = time.monotonic() - child.started < _RESPAWN_BACKOFF
-            self.reactor.call_later(_RESPAWN_BACKOFF if young else 0, self._respawn, child)
+            self._child_died(pid, status)
         self._maybe_done()
+
+    def _child_died(self, pid: int, status: int) -> None:
+        """Reaped *pid*: respawn it, or give up when a router process could not start.
+
+        "Could not start" is: it exited with EXIT_CONFIG before saying READY (from its
+        loop, once it runs), i.e. its set-up failed -- starting it again would fail
+        again, forever.  Any other death (a signal, another status, or after READY)
+        is respawned, after a back-off when it died young."""
+        from .proccontrol import EXIT_CONFIG, describe_status, exit_status
+        how = describe_status(status)
+        child = self.children.pop(pid, None)
+        if child is None:
+            if pid in self.old_pids:
+                self.old_pids.remove(pid)
+                log("graceful reload: old process (pid: %d) %s" % (pid, how))
+                if not self.old_pids:
+                    log("graceful reload: the old processes are gone")
+            return
+        if child.channel is not None:
+            self._drain(child)     # what it said before dying (READY, say) counts
+            self.reactor.unregister(child.channel.fileno())
+            child.channel.close()
+            child.channel = None
+            child.outbox = bytearray()
+        self._report_lost(child)
+        what = "fastrouter %d" % child.index if child.kind == "router" else "worker %d" % child.index
+        if self.stopping or child.draining:
+            log("%s (pid: %d) %s" % (what, pid, how))
+            return
+        if not child.ready and exit_status(status) == EXIT_CONFIG:
+            log("*** %s (pid: %d) could not start (%s): shutting down ***" % (what, pid, how))
+            self.exit_code = EXIT_CONFIG
+            self._shut_down()
+            return
+        log("DAMN ! %s (pid: %d) died, %s :( trying respawn ..." % (what, pid, how))
+        young = time.monotonic() - child.started < _RESPAWN_BACKOFF
+        self.reactor.call_later(_RESPAWN_BACKOFF if young else 0, self._respawn, child)
 
     def _respawn(self, child: Child) -> None:
         if not self.stopping:
@@ -456,17 +499,31 @@ class Master:
         if self.stopping:
             return
         log("received signal %d, shutting down (pid: %d)" % (signum, os.getpid()))
+        self._shut_down()
+
+    def _shut_down(self) -> None:
+        """Stop every child (SIGINT, SIGKILL after a while); the loop ends once all are reaped."""
+        if self.stopping:
+            return
         self.stopping = True
         if self.notifier is not None:
             self.notifier.stopping("%s shutting down" % _PROGRAM)
         for pid in list(self.children) + list(self.old_pids):
-            _signal(pid, signal.SIGINT)
+            self._signal(pid, signal.SIGINT)
         self.reactor.call_later(_KILL_AFTER, self._kill_all)
         self._maybe_done()
 
     def _kill_all(self) -> None:
         for pid in list(self.children) + list(self.old_pids):
-            _signal(pid, signal.SIGKILL)
+            self._signal(pid, signal.SIGKILL)
+
+    def _signal(self, pid: int, signum: int) -> None:
+        """Send *signum* to *pid*; a process already gone is no error."""
+        try:
+            self.ops.kill(pid, signum)
+        except OSError as exc:
+            if exc.errno != errno.ESRCH:
+                raise
 
     def _maybe_done(self) -> None:
         if self.stopping and not self.children and not self.old_pids:
@@ -492,7 +549,7 @@ class Master:
         pids = list(self.children) + list(self.old_pids)
         if not graceful:
             for pid in pids:
-                _signal(pid, signal.SIGKILL)
+                self._signal(pid, signal.SIGKILL)
         self.sockets.before_reload(graceful)
         state = self.sockets.inheritable_state()
         state["children"] = pids if graceful else []
@@ -514,8 +571,12 @@ class Master:
             pass
         self.reactor.abandon()
         argv = [sys.executable, "-m", "uwsgi_fastrouter"] + list(self.argv)
+        # The exec resets our handlers to their defaults (SIGHUP's kills) long before
+        # the new image installs its own: the signals wait, blocked, until it has
+        # (the mask survives the exec; Master.run unblocks them).
+        self.ops.sigmask(signal.SIG_BLOCK, _MASTER_SIGNALS)
         try:
-            os.execv(sys.executable, argv)
+            self.ops.execv(sys.executable, argv)
         except OSError as exc:  # pragma: no cover
             log("*** reload failed: unable to exec %s: %s ***" % (sys.executable, exc))
             os._exit(1)
@@ -565,26 +626,36 @@ class Master:
         else:
             self.reactor.remove_writer(sock.fileno())
 
-    def _channel_readable(self, child: Child) -> None:
+    def _channel_readable(self, child: Child) -> bool:
+        """Read what *child* sent and act on its frames; False when there was nothing
+        (or the channel is at its end)."""
         sock = child.channel
         if sock is None:
-            return
+            return False
         try:
             data = sock.recv(_CHANNEL_READ)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             data = b""
         if not data:
             self.reactor.remove_reader(sock.fileno())
             self._report_lost(child)
-            return
+            return False
         for kind, payload in child.reader.feed(data):
-            if kind == FAILED:
+            if kind == READY:
+                child.ready = True
+            elif kind == FAILED:
                 self.sockets.node_failed(payload)
                 self.broadcast(FAILED, payload, exclude=child)
             elif kind == REPORT:
                 self._report_frame(child, payload)
+        return True
+
+    def _drain(self, child: Child) -> None:
+        """Everything a dead child wrote is in its channel: act on it before closing."""
+        while self._channel_readable(child):
+            pass
 
     # ---------------------------------------------------------------- stats
 
@@ -665,13 +736,8 @@ class Master:
     def _drop_master_privileges(self) -> None:
         cfg = self.cfg
         if cfg.uid or cfg.gid:
-            from .proccontrol import SetupError, drop_privileges, resolve_group, resolve_user
-            try:
-                uid = resolve_user(cfg.uid) if cfg.uid else None
-                gid = resolve_group(cfg.gid) if cfg.gid else None
-            except ValueError as exc:
-                raise SetupError(str(exc)) from None
-            drop_privileges(uid, gid)
+            from .proccontrol import drop_privileges, resolve_ids
+            drop_privileges(*resolve_ids(cfg.uid, cfg.gid))
 
     def _check_harakiri(self) -> None:
         from .proccontrol import harakiri_line
@@ -680,7 +746,7 @@ class Master:
             if child.pid and not child.draining and child.pid in self.children \
                     and self.heartbeat.stale(child.index - 1, now, self.cfg.fastrouter_harakiri):
                 log(harakiri_line(child.index, child.pid))
-                _signal(child.pid, signal.SIGKILL)
+                self._signal(child.pid, signal.SIGKILL)
                 self.heartbeat.reset(child.index - 1, now)
 
     def _start_watchers(self) -> None:
@@ -752,6 +818,12 @@ class RouterLink:
             self.channel.close()
             self.channel = None
         self.report = None
+
+    def ready(self) -> None:
+        """Tell the master this process has started (its loop runs)."""
+        if self.channel is not None:
+            self.outbox += encode_frame(READY, b"")
+            self._flush()
 
     def node_failed(self, key: bytes, address: bytes) -> None:
         if self.channel is not None:
@@ -835,14 +907,6 @@ class RouterLink:
 def pack_credentials(pid, uid, gid) -> bytes:
     return struct.pack("!iii", -1 if pid is None else pid, -1 if uid is None else uid,
                        -1 if gid is None else gid)
-
-
-def _signal(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except OSError as exc:
-        if exc.errno != errno.ESRCH:
-            raise
 
 
 def _read_inherited() -> Optional[dict]:
