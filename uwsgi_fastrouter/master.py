@@ -6,7 +6,15 @@ The master binds every socket first (or adopts them after a reload), then forks
 ``--fastrouter-processes`` router processes and ``--processes`` app workers (when
 ``--socket`` and an app are configured) that all poll the same listening sockets, and
 supervises them: a child that dies is respawned (after a one-second back-off when it
-dies young, so a broken child cannot make the master spin).
+dies young, so a broken child cannot make the master spin).  Every death is logged with
+its decoded status ("exited with status 1", "killed by signal SIGSEGV").  A router
+process says READY over its channel once its loop runs; one that exits with EXIT_CONFIG
+before that could not start (an unknown ``--fastrouter-uid`` user, say: it logs why) and
+would fail the same way forever, so the master stops everything and exits with status 1,
+as the single-process router does.  App workers are not judged so: their app is loaded
+in the master, before any fork.  The fork, waitpid, kill and execv calls (and the
+signal mask) go through a :class:`~uwsgi_fastrouter.proccontrol.ProcessOps`, which tests
+replace to exercise these decisions without making processes.
 
 Subscriptions (decisions.md D8): the master alone reads the subscription sockets,
 checks each datagram (signature, credentials), keeps its own copy of the table, and
@@ -30,7 +38,12 @@ Signals (uWSGI's meanings): SIGHUP is a graceful reload; SIGTERM a brutal reload
 files are looked at once a second and a touch is a graceful reload too.  Under systemd
 (``$NOTIFY_SOCKET``) the master reports READY=1 once its router processes are forked,
 RELOADING=1 before a reload's re-exec (the new image reports READY=1 and its MAINPID)
-and STOPPING=1 on shutdown (see sdnotify.py).
+and STOPPING=1 on shutdown (see sdnotify.py).  SIGHUP, SIGTERM, SIGINT, SIGQUIT and
+SIGCHLD are blocked across every fork until the child has its own handlers, and across
+a reload's exec until the new image has installed the master's: the exec resets the
+handlers to their defaults, and SIGHUP's default would kill the master and orphan its
+children.  What arrived meanwhile is handled once the new loop runs; several SIGHUPs
+held there are a single pending signal, so a burst makes one more reload, not ten.
 
 A graceful reload never closes a listening socket.  The master writes its subscription
 table to an unlinked temporary file, clears close-on-exec on the sockets and the file,
