@@ -43,7 +43,8 @@ def run_master(cfg, argv: List[str]) -> int:
     from .assembly import MasterSockets, wire_child
     from .master import Master
     from .proccontrol import PrivilegeError, SetupError
-    master = Master(cfg, argv, bind=MasterSockets.bind, wire=wire_child)
+    master = Master(cfg, argv, bind=MasterSockets.bind, wire=wire_child,
+                    startup_errors=(StartupError, AddressError))
     try:
         return master.run()
     except (StartupError, AddressError, SetupError, PrivilegeError) as exc:
@@ -99,6 +100,9 @@ def _serve(cfg, reactor: Reactor, parts, notifier) -> int:
 
     for signum in _STOP_SIGNALS:
         reactor.add_signal_handler(signum, on_stop)
+    # A master's reload leaves its signals blocked across the exec (see master.py); a
+    # configuration that no longer asks for a master lands here with them still blocked.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS + (signal.SIGHUP, signal.SIGCHLD))
     # A vanished log reader or client must not kill the process.
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     # Logged once a stop signal is handled: whoever waits for this line may send one.

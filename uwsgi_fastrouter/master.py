@@ -6,7 +6,15 @@ The master binds every socket first (or adopts them after a reload), then forks
 ``--fastrouter-processes`` router processes and ``--processes`` app workers (when
 ``--socket`` and an app are configured) that all poll the same listening sockets, and
 supervises them: a child that dies is respawned (after a one-second back-off when it
-dies young, so a broken child cannot make the master spin).
+dies young, so a broken child cannot make the master spin).  Every death is logged with
+its decoded status ("exited with status 1", "killed by signal SIGSEGV").  A router
+process says READY over its channel once its loop runs; one that exits with EXIT_CONFIG
+before that could not start (an unknown ``--fastrouter-uid`` user, say: it logs why) and
+would fail the same way forever, so the master stops everything and exits with status 1,
+as the single-process router does.  App workers are not judged so: their app is loaded
+in the master, before any fork.  The fork, waitpid, kill and execv calls (and the
+signal mask) go through a :class:`~uwsgi_fastrouter.proccontrol.ProcessOps`, which tests
+replace to exercise these decisions without making processes.
 
 Subscriptions (decisions.md D8): the master alone reads the subscription sockets,
 checks each datagram (signature, credentials), keeps its own copy of the table, and
@@ -32,7 +40,12 @@ Signals (uWSGI's meanings): SIGHUP is a graceful reload; SIGTERM a brutal reload
 files are looked at once a second and a touch is a graceful reload too.  Under systemd
 (``$NOTIFY_SOCKET``) the master reports READY=1 once its router processes are forked,
 RELOADING=1 before a reload's re-exec (the new image reports READY=1 and its MAINPID)
-and STOPPING=1 on shutdown (see sdnotify.py).
+and STOPPING=1 on shutdown (see sdnotify.py).  SIGHUP, SIGTERM, SIGINT, SIGQUIT and
+SIGCHLD are blocked across every fork until the child has its own handlers, and across
+a reload's exec until the new image has installed the master's: the exec resets the
+handlers to their defaults, and SIGHUP's default would kill the master and orphan its
+children.  What arrived meanwhile is handled once the new loop runs; several SIGHUPs
+held there are a single pending signal, so a burst makes one more reload, not ten.
 
 A graceful reload never closes a listening socket.  The master writes its subscription
 table to an unlinked temporary file, clears close-on-exec on the sockets and the file,
@@ -73,7 +86,11 @@ _CHANNEL_READ = 65536      # bytes read from a channel per event (a few report f
 _OUTBOX_LIMIT = 16 << 20   # bytes queued for one channel before frames are dropped
 _REPORT_HIGH_WATER = 256 << 10   # a router builds no more report frames while this much waits
 _KILL_AFTER = 10.0
+_EXIT_CRASH = 70           # a child's status after an unexpected exception (EX_SOFTWARE)
 _ORPHAN_GRACE = 10.0
+# Blocked across a fork until the child has its own handlers, and across a reload's
+# re-exec until the new image has its own: one arriving in between is held, not lost
+# and never given its default action (which for SIGHUP is death).
 _MASTER_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD}
 
 # Frame types on a master <-> router channel.
@@ -82,6 +99,7 @@ FAILED = ord("F")         # both ways: a node failed a connect: key \0 address
 QUERY = ord("Q")          # master -> router: send your counters (round number; a 1 byte after it:
                           # the totals only, for a metrics scrape)
 REPORT = ord("R")         # router -> master: round number, last flag, a part of the counters (JSON)
+READY = ord("Y")          # router -> master: my loop runs (I have started; no payload)
 
 
 def encode_frame(kind: int, payload: bytes) -> bytes:
@@ -111,7 +129,8 @@ class FrameReader:
 class Child:
     """One forked process the master supervises."""
 
-    __slots__ = ("kind", "index", "pid", "started", "channel", "reader", "draining", "outbox")
+    __slots__ = ("kind", "index", "pid", "started", "channel", "reader", "draining", "outbox",
+                 "ready")
 
     def __init__(self, kind: str, index: int) -> None:
         self.kind = kind            # "router" or "worker"
@@ -122,18 +141,25 @@ class Child:
         self.reader = FrameReader()
         self.draining = False
         self.outbox = bytearray()   # frames the channel has not taken yet
+        self.ready = False          # it said it has started (READY); workers never say
 
 
 class Master:
     """Supervises router processes and app workers for one configuration."""
 
     def __init__(self, cfg, argv: List[str], *, bind: Callable, wire: Callable,
-                 make_worker: Optional[Callable] = None) -> None:
+                 make_worker: Optional[Callable] = None, ops=None,
+                 startup_errors: tuple = ()) -> None:
+        from .proccontrol import PrivilegeError, ProcessOps, SetupError
         self.cfg = cfg
         self.argv = argv
         self._bind = bind            # (cfg, inherited) -> Sockets
         self._wire = wire            # (cfg, reactor, sockets, channel) -> router Assembly (in a child)
         self._make_worker = make_worker
+        self.ops = ops if ops is not None else ProcessOps()   # fork, waitpid, kill, execv
+        # What a router process that cannot start raises: its message is logged and it
+        # exits with EXIT_CONFIG (see _child_died for what the master makes of that).
+        self.startup_errors = tuple(startup_errors) + (SetupError, PrivilegeError)
         self.reactor: Optional[Reactor] = None
         self.sockets = None
         self.children: Dict[int, Child] = {}
@@ -171,6 +197,10 @@ class Master:
                                 (signal.SIGCHLD, self._on_child)):
             reactor.add_signal_handler(signum, handler)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        # After a reload the old image left these blocked across its exec: the handlers
+        # exist now, so whatever arrived meanwhile is handled by the loop (several
+        # SIGHUPs held there are one pending signal: one more reload).
+        self.ops.sigmask(signal.SIG_UNBLOCK, _MASTER_SIGNALS)
         try:
             self.sockets = self._bind(self.cfg, inherited)
         except BaseException:
@@ -202,7 +232,7 @@ class Master:
         if self.old_pids:
             # The new generation is accepting: the old one may stop now.
             for pid in self.old_pids:
-                _signal(pid, signal.SIGTERM)
+                self._signal(pid, signal.SIGTERM)
             log("graceful reload: %d old process(es) finishing their requests" % len(self.old_pids))
         self.sockets.start_master()
         self._on_child(0)   # old processes that exited before our SIGCHLD handler existed
@@ -224,13 +254,14 @@ class Master:
         child_end = None
         if child.kind == "router":
             parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        # Signals stay blocked across the fork until the child has dropped the master's
-        # handlers: one arriving in between would otherwise be swallowed by them.
-        signal.pthread_sigmask(signal.SIG_BLOCK, _MASTER_SIGNALS)
+        # Signals stay blocked across the fork until the child has its own handlers:
+        # one arriving in between would otherwise be swallowed by the master's, or be
+        # given its default action (SIGHUP would kill a router process that ignores it).
+        self.ops.sigmask(signal.SIG_BLOCK, _MASTER_SIGNALS)
         try:
-            pid = os.fork()
+            pid = self.ops.fork()
         except OSError as exc:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _MASTER_SIGNALS)
+            self.ops.sigmask(signal.SIG_UNBLOCK, _MASTER_SIGNALS)
             log("*** unable to fork a %s process: %s ***" % (child.kind, exc.strerror or exc))
             for s in (parent_end, child_end):
                 if s is not None:
@@ -238,10 +269,9 @@ class Master:
             self.reactor.call_later(_RESPAWN_BACKOFF, self._respawn, child)
             return
         if pid == 0:  # pragma: no cover - runs in the child
-            code = 1
+            code = _EXIT_CRASH
             try:
                 self._in_child()
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, _MASTER_SIGNALS)
                 if parent_end is not None:
                     parent_end.close()
                 if child.kind == "router":
@@ -250,6 +280,10 @@ class Master:
                     code = self._make_worker(child.index)
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1
+            except self.startup_errors as exc:
+                from .proccontrol import EXIT_CONFIG
+                log(str(exc))
+                code = EXIT_CONFIG
             except BaseException as exc:
                 log("%s process %d died: %r" % (child.kind, child.index, exc))
             finally:
@@ -258,9 +292,10 @@ class Master:
                 except Exception:
                     pass
                 os._exit(code)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _MASTER_SIGNALS)
+        self.ops.sigmask(signal.SIG_UNBLOCK, _MASTER_SIGNALS)
         child.pid = pid
         child.started = time.monotonic()
+        child.ready = child.kind != "router"
         if self.heartbeat is not None and child.kind == "router":
             self.heartbeat.reset(child.index - 1, child.started)
         child.draining = False
@@ -295,10 +330,9 @@ class Master:
         from .proccontrol import LogReopener, log_file, process_name, set_process_name
         set_process_name(process_name(cfg, "uWSGI fastrouter %d" % child.index))
         if cfg.fastrouter_uid or cfg.fastrouter_gid:
-            from .proccontrol import drop_privileges, resolve_group, resolve_user
-            drop_privileges(resolve_user(cfg.fastrouter_uid) if cfg.fastrouter_uid else None,
-                            resolve_group(cfg.fastrouter_gid) if cfg.fastrouter_gid else None,
-                            who="uWSGI fastrouter %d" % child.index)
+            from .proccontrol import drop_privileges, resolve_ids
+            uid, gid = resolve_ids(cfg.fastrouter_uid, cfg.fastrouter_gid)
+            drop_privileges(uid, gid, who="uWSGI fastrouter %d" % child.index)
         reactor = Reactor()
         parts = self._wire(self.cfg, reactor, self.sockets, channel)
         if self.heartbeat is not None:
@@ -323,11 +357,13 @@ class Master:
         reactor.add_signal_handler(signal.SIGINT, lambda s: reactor.stop())
         reactor.add_signal_handler(signal.SIGQUIT, lambda s: reactor.stop())
         signal.signal(signal.SIGHUP, signal.SIG_IGN)   # uWSGI's router ignores it too
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _MASTER_SIGNALS)   # blocked since the fork
         if cfg.touch_logreopen:
             reopener = LogReopener(cfg.touch_logreopen, log_file(cfg), announce=False)
             parts.server.periodic.append(reopener.check)
         parts.start()
         link.start()
+        reactor.call_soon(link.ready)   # from the loop: this process has started
         try:
             reactor.run()
         finally:
@@ -346,7 +382,8 @@ class Master:
         parts = self.sockets.parts
         worker = Worker([l.sock for l in parts.app_listeners], parts.app, worker_id=index,
                         harakiri=cfg.harakiri or 0, buffer_size=cfg.buffer_size or 4096,
-                        parent_pid=os.getppid(), periodic=periodic)
+                        parent_pid=os.getppid(), periodic=periodic,
+                        on_start=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, _MASTER_SIGNALS))
         return worker.serve_forever()
 
     # ------------------------------------------------- pidfile and master FIFO
@@ -414,31 +451,50 @@ class Master:
     def _on_child(self, _signum: int) -> None:
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status = self.ops.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 break
             if pid == 0:
                 break
-            child = self.children.pop(pid, None)
-            if child is None:
-                if pid in self.old_pids:
-                    self.old_pids.remove(pid)
-                    if not self.old_pids:
-                        log("graceful reload: the old processes are gone")
-                continue
-            if child.channel is not None:
-                self.reactor.unregister(child.channel.fileno())
-                child.channel.close()
-                child.channel = None
-                child.outbox = bytearray()
-            self._report_lost(child)
-            if self.stopping or child.draining:
-                continue
-            what = "fastrouter %d" % child.index if child.kind == "router" else "worker %d" % child.index
-            log("DAMN ! %s (pid: %d) died :( trying respawn ..." % (what, pid))
-            young = time.monotonic() - child.started < _RESPAWN_BACKOFF
-            self.reactor.call_later(_RESPAWN_BACKOFF if young else 0, self._respawn, child)
+            self._child_died(pid, status)
         self._maybe_done()
+
+    def _child_died(self, pid: int, status: int) -> None:
+        """Reaped *pid*: respawn it, or give up when a router process could not start.
+
+        "Could not start" is: it exited with EXIT_CONFIG before saying READY (from its
+        loop, once it runs), i.e. its set-up failed -- starting it again would fail
+        again, forever.  Any other death (a signal, another status, or after READY)
+        is respawned, after a back-off when it died young."""
+        from .proccontrol import EXIT_CONFIG, describe_status, exit_status
+        how = describe_status(status)
+        child = self.children.pop(pid, None)
+        if child is None:
+            if pid in self.old_pids:
+                self.old_pids.remove(pid)
+                log("graceful reload: old process (pid: %d) %s" % (pid, how))
+                if not self.old_pids:
+                    log("graceful reload: the old processes are gone")
+            return
+        if child.channel is not None:
+            self._drain(child)     # what it said before dying (READY, say) counts
+            self.reactor.unregister(child.channel.fileno())
+            child.channel.close()
+            child.channel = None
+            child.outbox = bytearray()
+        self._report_lost(child)
+        what = "fastrouter %d" % child.index if child.kind == "router" else "worker %d" % child.index
+        if self.stopping or child.draining:
+            log("%s (pid: %d) %s" % (what, pid, how))
+            return
+        if not child.ready and exit_status(status) == EXIT_CONFIG:
+            log("*** %s (pid: %d) could not start (%s): shutting down ***" % (what, pid, how))
+            self.exit_code = EXIT_CONFIG
+            self._shut_down()
+            return
+        log("DAMN ! %s (pid: %d) died, %s :( trying respawn ..." % (what, pid, how))
+        young = time.monotonic() - child.started < _RESPAWN_BACKOFF
+        self.reactor.call_later(_RESPAWN_BACKOFF if young else 0, self._respawn, child)
 
     def _respawn(self, child: Child) -> None:
         if not self.stopping:
@@ -459,17 +515,31 @@ class Master:
         if self.stopping:
             return
         log("received signal %d, shutting down (pid: %d)" % (signum, os.getpid()))
+        self._shut_down()
+
+    def _shut_down(self) -> None:
+        """Stop every child (SIGINT, SIGKILL after a while); the loop ends once all are reaped."""
+        if self.stopping:
+            return
         self.stopping = True
         if self.notifier is not None:
             self.notifier.stopping("%s shutting down" % _PROGRAM)
         for pid in list(self.children) + list(self.old_pids):
-            _signal(pid, signal.SIGINT)
+            self._signal(pid, signal.SIGINT)
         self.reactor.call_later(_KILL_AFTER, self._kill_all)
         self._maybe_done()
 
     def _kill_all(self) -> None:
         for pid in list(self.children) + list(self.old_pids):
-            _signal(pid, signal.SIGKILL)
+            self._signal(pid, signal.SIGKILL)
+
+    def _signal(self, pid: int, signum: int) -> None:
+        """Send *signum* to *pid*; a process already gone is no error."""
+        try:
+            self.ops.kill(pid, signum)
+        except OSError as exc:
+            if exc.errno != errno.ESRCH:
+                raise
 
     def _maybe_done(self) -> None:
         if self.stopping and not self.children and not self.old_pids:
@@ -495,7 +565,7 @@ class Master:
         pids = list(self.children) + list(self.old_pids)
         if not graceful:
             for pid in pids:
-                _signal(pid, signal.SIGKILL)
+                self._signal(pid, signal.SIGKILL)
         self.sockets.before_reload(graceful)
         state = self.sockets.inheritable_state()
         state["children"] = pids if graceful else []
@@ -517,8 +587,12 @@ class Master:
             pass
         self.reactor.abandon()
         argv = [sys.executable, "-m", "uwsgi_fastrouter"] + list(self.argv)
+        # The exec resets our handlers to their defaults (SIGHUP's kills) long before
+        # the new image installs its own: the signals wait, blocked, until it has
+        # (the mask survives the exec; Master.run unblocks them).
+        self.ops.sigmask(signal.SIG_BLOCK, _MASTER_SIGNALS)
         try:
-            os.execv(sys.executable, argv)
+            self.ops.execv(sys.executable, argv)
         except OSError as exc:  # pragma: no cover
             log("*** reload failed: unable to exec %s: %s ***" % (sys.executable, exc))
             os._exit(1)
@@ -568,26 +642,36 @@ class Master:
         else:
             self.reactor.remove_writer(sock.fileno())
 
-    def _channel_readable(self, child: Child) -> None:
+    def _channel_readable(self, child: Child) -> bool:
+        """Read what *child* sent and act on its frames; False when there was nothing
+        (or the channel is at its end)."""
         sock = child.channel
         if sock is None:
-            return
+            return False
         try:
             data = sock.recv(_CHANNEL_READ)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             data = b""
         if not data:
             self.reactor.remove_reader(sock.fileno())
             self._report_lost(child)
-            return
+            return False
         for kind, payload in child.reader.feed(data):
-            if kind == FAILED:
+            if kind == READY:
+                child.ready = True
+            elif kind == FAILED:
                 self.sockets.node_failed(payload)
                 self.broadcast(FAILED, payload, exclude=child)
             elif kind == REPORT:
                 self._report_frame(child, payload)
+        return True
+
+    def _drain(self, child: Child) -> None:
+        """Everything a dead child wrote is in its channel: act on it before closing."""
+        while self._channel_readable(child):
+            pass
 
     # ---------------------------------------------------------------- stats
 
@@ -669,13 +753,8 @@ class Master:
     def _drop_master_privileges(self) -> None:
         cfg = self.cfg
         if cfg.uid or cfg.gid:
-            from .proccontrol import SetupError, drop_privileges, resolve_group, resolve_user
-            try:
-                uid = resolve_user(cfg.uid) if cfg.uid else None
-                gid = resolve_group(cfg.gid) if cfg.gid else None
-            except ValueError as exc:
-                raise SetupError(str(exc)) from None
-            drop_privileges(uid, gid)
+            from .proccontrol import drop_privileges, resolve_ids
+            drop_privileges(*resolve_ids(cfg.uid, cfg.gid))
 
     def _check_harakiri(self) -> None:
         from .proccontrol import harakiri_line
@@ -684,7 +763,7 @@ class Master:
             if child.pid and not child.draining and child.pid in self.children \
                     and self.heartbeat.stale(child.index - 1, now, self.cfg.fastrouter_harakiri):
                 log(harakiri_line(child.index, child.pid))
-                _signal(child.pid, signal.SIGKILL)
+                self._signal(child.pid, signal.SIGKILL)
                 self.heartbeat.reset(child.index - 1, now)
 
     def _start_watchers(self) -> None:
@@ -756,6 +835,12 @@ class RouterLink:
             self.channel.close()
             self.channel = None
         self.report = None
+
+    def ready(self) -> None:
+        """Tell the master this process has started (its loop runs)."""
+        if self.channel is not None:
+            self.outbox += encode_frame(READY, b"")
+            self._flush()
 
     def node_failed(self, key: bytes, address: bytes) -> None:
         if self.channel is not None:
@@ -841,14 +926,6 @@ class RouterLink:
 def pack_credentials(pid, uid, gid) -> bytes:
     return struct.pack("!iii", -1 if pid is None else pid, -1 if uid is None else uid,
                        -1 if gid is None else gid)
-
-
-def _signal(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except OSError as exc:
-        if exc.errno != errno.ESRCH:
-            raise
 
 
 def _read_inherited() -> Optional[dict]:

@@ -78,11 +78,12 @@ import io
 import mmap
 import os
 import pwd
+import signal
 import stat
 import struct
 import sys
 import time
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional, Tuple
 
 from . import log as _logmod
 from .log import log
@@ -92,7 +93,10 @@ __all__ = [
     "log_file", "reopen_log", "TouchWatcher", "LogReopener", "process_name", "set_process_name",
     "daemonize", "Heartbeat", "harakiri_line", "start_beating", "BEAT_INTERVAL",
     "SetupError", "write_pidfile", "remove_pidfile", "make_master_fifo",
+    "ProcessOps", "describe_status", "exit_status", "resolve_ids", "EXIT_CONFIG",
 ]
+
+EXIT_CONFIG = 1                # a configuration or start-up error (as the command's own status)
 
 LOG_FILE_MODE = 0o640
 PIDFILE_MODE = 0o644
@@ -127,6 +131,15 @@ def _resolve(value: str, what: str, by_name: Callable[[str], int]) -> int:
         except KeyError:
             pass
     raise ValueError("%s %s not found." % (what, value if text else repr(value)))
+
+
+def resolve_ids(user, group) -> Tuple[Optional[int], Optional[int]]:
+    """``(uid, gid)`` for the *user* and *group* options (either may be empty: None);
+    an unknown name is a :class:`SetupError` naming it."""
+    try:
+        return (resolve_user(user) if user else None, resolve_group(group) if group else None)
+    except ValueError as exc:
+        raise SetupError(str(exc)) from None
 
 
 def drop_privileges(uid: Optional[int], gid: Optional[int], *, who: str = "") -> None:
@@ -637,3 +650,47 @@ def start_beating(reactor, heartbeat: Heartbeat, slot: int,
     beater = _Beater(reactor, heartbeat, slot, clock)
     beater.fire()
     return beater
+
+
+# ------------------------------------------------------------ process calls
+
+class ProcessOps:
+    """The calls through which the master makes, reaps, signals and replaces processes.
+
+    One small object, so that the master's decisions (respawn, give up, reload) can be
+    tested in-process with a fake in its place: nothing is forked then.
+    """
+
+    def fork(self) -> int:
+        return os.fork()
+
+    def waitpid(self, pid: int, options: int) -> Tuple[int, int]:
+        return os.waitpid(pid, options)
+
+    def kill(self, pid: int, signum: int) -> None:
+        os.kill(pid, signum)
+
+    def execv(self, path: str, argv: list) -> None:
+        os.execv(path, argv)
+
+    def sigmask(self, how: int, signals: Iterable[int]) -> None:
+        signal.pthread_sigmask(how, signals)
+
+
+def exit_status(status: int) -> Optional[int]:
+    """The exit status in a ``waitpid()`` *status*, or None when a signal ended the process."""
+    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+
+
+def describe_status(status: int) -> str:
+    """A ``waitpid()`` *status* in words: "exited with status 1", "killed by signal SIGSEGV"."""
+    if os.WIFEXITED(status):
+        return "exited with status %d" % os.WEXITSTATUS(status)
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = "%d" % number
+        return "killed by signal %s%s" % (name, " (core dumped)" if os.WCOREDUMP(status) else "")
+    return "ended with wait status %d" % status

@@ -714,13 +714,16 @@ class Worker:
     also ends (gracefully) when that process is no longer its parent, checked
     every second: a worker must not outlive its master.  *periodic*, if given, is
     called about once a second from the same wake-up (e.g. to watch a trigger file).
+    *on_start*, if given, is called once the worker's signal handlers are in place
+    (the master unblocks the signals it held across the fork there).
     """
 
     def __init__(self, listeners: Sequence[Any], app: Callable, *, worker_id: int = 1,
                  harakiri: int = 0, buffer_size: int = DEFAULT_BUFFER_SIZE, log: Log = _logmod.log,
                  socket_timeout: Optional[float] = DEFAULT_SOCKET_TIMEOUT,
                  parent_pid: Optional[int] = None,
-                 periodic: Optional[Callable[[], None]] = None) -> None:
+                 periodic: Optional[Callable[[], None]] = None,
+                 on_start: Optional[Callable[[], None]] = None) -> None:
         # A sockets.Listener is accepted too (its socket is used).
         self.listeners = [getattr(item, "sock", item) for item in listeners]
         self.app = app
@@ -731,6 +734,7 @@ class Worker:
         self.socket_timeout = socket_timeout
         self.parent_pid = parent_pid
         self.periodic = periodic
+        self.on_start = on_start
         self.requests = 0
         self._stopping = False
         self._pid = os.getpid()
@@ -802,6 +806,8 @@ class Worker:
             wake_w.setblocking(False)
             saved_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
             saved_signals = self._install_signals()
+            if self.on_start is not None:
+                self.on_start()
             for listener in self.listeners:
                 listener.setblocking(False)
                 sel.register(listener, selectors.EVENT_READ)
