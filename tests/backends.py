@@ -253,14 +253,16 @@ class FdTakingBackend(_ThreadedServer):
         conn.settimeout(10)
         try:
             if self._handle(conn):
-                self.held.append(conn)
                 return
         except OSError:
             pass
         conn.close()
 
     def _handle(self, conn: socket.socket) -> bool:
-        """Serve one request; True when *conn* is to be held open."""
+        """Serve one request; True when *conn* is held open (in ``held``).
+
+        Counts and holds before the client's copy is closed: a test that sees the
+        answer end may read the counters at once."""
         data, fds, _flags = self._recv_fds(conn, 4, 4)
         if fds:
             self.ancillary_seen += 1
@@ -275,11 +277,14 @@ class FdTakingBackend(_ThreadedServer):
             client = socket.socket(fileno=fds[0])
             for extra in fds[1:]:
                 os.close(extra)
+            hold = self.hold   # else the router's connection is closed without a byte
+            self.taken += 1
+            if hold:
+                self.held.append(conn)
             with client:
                 peer = client.getpeername()
                 client.sendall(b"HTTP/1.0 200 OK\r\n\r\ntaken peer=%s:%d" % (peer[0].encode(), peer[1]))
-            self.taken += 1
-            return self.hold  # else the router's connection is closed without a byte
+            return hold
         self.relayed += 1
         conn.sendall(b"HTTP/1.0 200 OK\r\n\r\nrelayed")
         return False

@@ -126,6 +126,7 @@ def test_graceful_reloads_under_load_lose_nothing_and_keep_the_table(tmp_path):
         assert b"node=a" in request(router.addresses[0], HOST)
 
 
+@pytest.mark.slow
 def test_no_zombies_and_no_leaked_fds_after_many_reloads():
     with RecordingBackend("r") as node:
         router = start_router(["--master", "--fastrouter", "127.0.0.1:0", "--fastrouter-to", node.address])
