@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from . import zerg
 from .addresses import shared_socket_index as _shared_index  # "=N": atoi, as uWSGI
+from .accesslog import AccessLog, compile_format
 from .log import log
+from .options import access_log_target
 from .reactor import Reactor
 from .router import Router, SubscriptionMapper
 from .server import DEFAULT_CHUNK, Server
@@ -47,6 +49,44 @@ def _check(cfg) -> None:
                            "(example: --fastrouter 127.0.0.1:3017)")
     if cfg.fastrouter_max_retries < 0:
         raise StartupError('invalid value for option "fastrouter-max-retries": must be >= 0')
+    _check_access_log(cfg)
+
+
+def _check_access_log(cfg) -> None:
+    """A bad --fastrouter-access-log-format or an unwritable access log file stops the
+    start, in the process that reads the configuration (the master too)."""
+    if cfg.fastrouter_access_log_format is not None:
+        try:
+            compile_format(cfg.fastrouter_access_log_format)
+        except ValueError as exc:
+            raise StartupError(str(exc))
+    path = access_log_target(cfg.fastrouter_access_log)
+    if path:
+        try:
+            AccessLog(cfg.fastrouter_access_log_format, path).close()
+        except OSError as exc:
+            raise StartupError('option "--fastrouter-access-log": unable to open %s: %s'
+                               % (path, exc.strerror or exc))
+
+
+def _make_access_log(cfg) -> Tuple[Optional[AccessLog], Optional[Callable[[float], None]]]:
+    """The access log of this router process (None when it is off) and, for a file with
+    --touch-logreopen, the once-a-second task that reopens it when a trigger file is
+    touched (the file is opened in each router process, in append mode)."""
+    path = access_log_target(cfg.fastrouter_access_log)
+    if path is None:
+        return None, None
+    access_log = AccessLog(cfg.fastrouter_access_log_format, path or None)
+    reopen_if_touched = None
+    if path and cfg.touch_logreopen:
+        from .proccontrol import TouchWatcher
+        watcher = TouchWatcher(cfg.touch_logreopen)
+
+        def reopen_if_touched(_now: float) -> None:
+            if watcher.touched() is not None:
+                access_log.reopen()
+
+    return access_log, reopen_if_touched
 
 
 class Assembly:
@@ -381,6 +421,7 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener, external: bo
         subscriptions=subscriptions,
         forced_key=force_key is not None,
     )
+    access_log, reopen_access_log = _make_access_log(cfg)
     server = Server(reactor, router, listeners,
                     timeout=cfg.fastrouter_timeout or 60,
                     chunk=cfg.fastrouter_buffer_size or DEFAULT_CHUNK,
@@ -392,7 +433,10 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener, external: bo
                     post_buffering=cfg.fastrouter_post_buffering,
                     post_buffering_dir=cfg.fastrouter_post_buffering_dir or None,
                     post_buffering_max=cfg.fastrouter_post_buffering_max,
-                    post_buffering_min_rate=cfg.fastrouter_post_buffering_min_rate)
+                    post_buffering_min_rate=cfg.fastrouter_post_buffering_min_rate,
+                    access_log=access_log)
+    if reopen_access_log is not None:
+        server.periodic.append(reopen_access_log)
     server_ref.append(server)
     parts.server = server
     if parts.zerg_listener is not None:
