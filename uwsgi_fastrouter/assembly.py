@@ -156,7 +156,8 @@ class Assembly:
             return
         for node in pool.nodes:
             if node.name == address:
-                table.connect_failed(key, node, time.time())
+                # Logged by the router process that saw it fail.
+                table.quietly(table.connect_failed, key, node, time.time())
                 if table.empty and not node.ref:
                     self.server.go_cheap()
                 return
@@ -454,7 +455,10 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener, external: bo
             credentials_check=cfg.subscriptions_credentials_check, skip_uids=skip)
 
         def expire(_now: float) -> None:
-            table.expire(time.time())
+            if external:
+                table.expire(time.time())
+            else:   # a copy of the master's table: the master logs the expiries
+                table.quietly(table.expire, time.time())
             if table.empty:
                 on_empty()
 
@@ -683,7 +687,8 @@ class MasterSockets:
         if pool is not None:
             for node in pool.nodes:
                 if node.name == address:
-                    table.connect_failed(key, node, time.time())
+                    # Logged by the router process that saw it fail.
+                    table.quietly(table.connect_failed, key, node, time.time())
                     break
 
     def tick(self) -> None:
