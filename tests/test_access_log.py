@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -71,10 +72,14 @@ def test_every_variable_is_documented_and_has_a_getter():
 
 
 def test_the_format_compiles_to_one_percent_string():
-    template, getters = accesslog.compile_format("100% %(key) %(status)!")
-    assert template == "100%% %s %s!" and len(getters) == 2
+    template, names = accesslog.parse_format("100% %(key) %(status)!")
+    assert template == "100%% %s %s!" and names == ["key", "status"]
     with pytest.raises(ValueError, match=r"--fastrouter-access-log-format.*%\(nope\)"):
         accesslog.compile_format("%(key) %(nope)")
+    # the format's own text is data, never code
+    session = types.SimpleNamespace(csock=None, retries=2)
+    line = accesslog.compile_format("%(outcome) \") + str(1/0) + (\" %(pid) %(retries)")
+    assert line(session, "ok", 0.0, "7") == "ok \") + str(1/0) + (\" 7 2"
 
 
 def test_http_status_from_the_first_bytes():

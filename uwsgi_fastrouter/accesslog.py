@@ -9,8 +9,9 @@ response (for the HTTP status) and the time of the first one.  With the log off,
 nothing of this exists and a session pays one attribute check when it closes.
 
 The format (``--fastrouter-access-log-format``) uses uWSGI's ``%(name)`` variables.
-It is compiled once, at start-up, into a ``%``-string and a tuple of getters; a line
-is then one tuple of calls and one ``%``.  An unknown variable is a start-up error.
+It is compiled once, at start-up, into a ``%``-string and one small function that
+builds the tuple of values from fixed expressions (see :func:`compile_format`); a
+line is then one call and one ``%``.  An unknown variable is a start-up error.
 
 Every field a peer can influence (the key, the client address the front end passed,
 the node address, which may come from a subscription datagram) goes through
@@ -44,6 +45,11 @@ ERROR = "error"          # closed early: a bad or vanished client, a time-out, a
 DEFAULT_FORMAT = ACCESS_LOG_FORMAT
 
 
+_recv_into = _socket.socket.recv_into
+_recv = _socket.socket.recv
+_send = _socket.socket.send
+
+
 class CountingSocket(_socket.socket):
     """A client socket that counts what it moves (only used when the access log is on)."""
 
@@ -58,22 +64,41 @@ class CountingSocket(_socket.socket):
         self.first = b""        # the first response bytes (for the status)
 
     def recv_into(self, buffer, nbytes: int = 0, flags: int = 0) -> int:
-        n = super().recv_into(buffer, nbytes, flags)
+        n = _recv_into(self, buffer, nbytes, flags)
         self.rx += n
         return n
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        data = super().recv(bufsize, flags)
+        data = _recv(self, bufsize, flags)
         self.rx += len(data)
         return data
 
     def send(self, data, flags: int = 0) -> int:
-        n = super().send(data, flags)
+        n = _send(self, data, flags)
         if n and not self.tx:
             self.t_first = _monotonic()
             self.first = bytes(data[:16])
         self.tx += n
         return n
+
+
+_texts: Dict[bytes, str] = {}
+_TEXTS_MAX = 4096
+_TEXT_MAX_LEN = 255
+
+
+def _text(value: bytes) -> str:
+    """printable(value), remembered: keys and node addresses repeat from request to
+    request.  The memory is bounded: only short values are kept, and it is emptied
+    when full."""
+    if len(value) > _TEXT_MAX_LEN:
+        return printable(value)
+    text = _texts.get(value)
+    if text is None:
+        if len(_texts) >= _TEXTS_MAX:
+            _texts.clear()
+        text = _texts[value] = printable(value)
+    return text
 
 
 def http_status(first: bytes) -> str:
@@ -85,141 +110,118 @@ def http_status(first: bytes) -> str:
     return "-"
 
 
-class Entry:
-    """What one finished session tells the access log (built only when the log is on)."""
-
-    __slots__ = ("session", "sock", "outcome", "end")
-
-    def __init__(self, session, outcome: str, end: float) -> None:
-        self.session = session
-        self.sock = session.csock
-        self.outcome = outcome
-        self.end = end
-
-
-def _client_addr(e: Entry) -> str:
-    info = e.session.info
+def _client_addr(session) -> str:
+    info = session.info
     if info is not None and info.remote_addr:
-        return printable(info.remote_addr)
-    addr = e.session.caddr
+        return _text(info.remote_addr)
+    addr = session.caddr
     if isinstance(addr, tuple) and addr:
         return str(addr[0])
     return printable(addr) if addr else "-"
 
 
-def _client_port(e: Entry) -> str:
-    info = e.session.info
+def _client_port(session) -> str:
+    info = session.info
     if info is not None and info.remote_port:
-        return printable(info.remote_port)
-    addr = e.session.caddr
+        return _text(info.remote_port)
+    addr = session.caddr
     if isinstance(addr, tuple) and len(addr) >= 2:
         return str(addr[1])
     return "-"
 
 
-def _key(e: Entry) -> str:
-    key = e.session.key
-    return printable(key) if key else "-"
-
-
-def _node(e: Entry) -> str:
-    session = e.session
+def _node(session) -> str:
     route = session.route
     if route is not None:
-        return printable(route.address)
+        return _text(route.address)
     if session.failed_address is not None:
-        return printable(session.failed_address)
+        return _text(session.failed_address)
     return "-"
 
 
-def _modifier1(e: Entry) -> str:
-    route = e.session.route
-    return str(route.modifier1) if route is not None else "-"
-
-
-def _status(e: Entry) -> str:
-    return "-" if e.outcome == HANDOFF else http_status(e.sock.first)
-
-
-def _rx(e: Entry) -> str:
-    return str(e.sock.rx)
-
-
-def _tx(e: Entry) -> str:
-    return "-" if e.outcome == HANDOFF else str(e.sock.tx)
-
-
-def _ttfb(e: Entry) -> str:
-    sock = e.sock
-    if not sock.tx:
-        return "-"
-    return "%.1f" % ((sock.t_first - sock.t0) * 1000.0)
-
-
-def _msecs(e: Entry) -> str:
-    return "%.1f" % ((e.end - e.sock.t0) * 1000.0)
-
-
-def _retries(e: Entry) -> str:
-    return str(e.session.retries)
-
-
-def _outcome(e: Entry) -> str:
-    return e.outcome
-
-
-def _pid(e: Entry) -> str:
-    return str(os.getpid())
-
-
-def _time(e: Entry) -> str:
-    return str(int(time.time()))
-
-
-#: variable name -> getter; the names and their descriptions are
+#: variable name -> the Python expression that gives its text, over ``s`` (the
+#: session), ``k`` (its CountingSocket), ``o`` (the outcome), ``now`` (monotonic
+#: time at the end) and ``pid``.  The names and their descriptions are
 #: options.ACCESS_LOG_VARIABLES (they feed --help, the man page and README).
-VARIABLES: Dict[str, Callable[[Entry], str]] = {
-    "addr": _client_addr, "port": _client_port, "key": _key, "node": _node,
-    "modifier1": _modifier1, "status": _status, "rx": _rx, "tx": _tx, "ttfb": _ttfb,
-    "msecs": _msecs, "retries": _retries, "outcome": _outcome, "pid": _pid, "time": _time,
+VARIABLES: Dict[str, str] = {
+    "addr": "_client_addr(s)",
+    "port": "_client_port(s)",
+    "key": '(_text(s.key) if s.key else "-")',
+    "node": "_node(s)",
+    "modifier1": '(str(s.route.modifier1) if s.route is not None else "-")',
+    "status": '("-" if o == HANDOFF else http_status(k.first))',
+    "rx": "str(k.rx)",
+    "tx": '("-" if o == HANDOFF else str(k.tx))',
+    "ttfb": '("%.1f" % ((k.t_first - k.t0) * 1000.0) if k.tx else "-")',
+    "msecs": '"%.1f" % ((now - k.t0) * 1000.0)',
+    "retries": "str(s.retries)",
+    "outcome": "o",
+    "pid": "pid",
+    "time": "str(int(_time()))",
 }
 
 _VARIABLE = re.compile(r"%\(([^)]*)\)")
 
 
-def compile_format(fmt: str, option: str = "--fastrouter-access-log-format") -> Tuple[str, tuple]:
-    """*fmt* as a ``%``-string with one ``%s`` per variable and the tuple of getters.
+def parse_format(fmt: str, option: str = "--fastrouter-access-log-format") -> Tuple[str, List[str]]:
+    """*fmt* as a ``%``-string with one ``%s`` per variable, and the variables' names.
 
     Raises ``ValueError`` naming *option* for an unknown variable."""
     pieces: List[str] = []
-    getters = []
+    names: List[str] = []
     unknown: List[str] = []
     pos = 0
     for match in _VARIABLE.finditer(fmt):
         pieces.append(fmt[pos:match.start()].replace("%", "%%"))
         name = match.group(1)
-        getter = VARIABLES.get(name)
-        if getter is None:
-            unknown.append(name)
-        else:
+        if name in VARIABLES:
             pieces.append("%s")
-            getters.append(getter)
+            names.append(name)
+        else:
+            unknown.append(name)
         pos = match.end()
     pieces.append(fmt[pos:].replace("%", "%%"))
     if unknown:
         raise ValueError('option "%s": unknown variable%s %s (known: %s)'
                          % (option, "s" if len(unknown) > 1 else "",
                             ", ".join("%%(%s)" % n for n in unknown), ", ".join(VARIABLES)))
-    return "".join(pieces), tuple(getters)
+    return "".join(pieces), names
+
+
+def compile_format(fmt: str, option: str = "--fastrouter-access-log-format"
+                   ) -> Callable[[object, str, float, str], str]:
+    """*fmt* compiled, once, into one function ``line(session, outcome, now, pid)``.
+
+    The function's source is made of the fixed expressions of :data:`VARIABLES`
+    only; the format's own text is the ``%``-string, a constant, never code.  A line
+    then costs one call and one ``%``.  ``ValueError`` for an unknown variable."""
+    template, names = parse_format(fmt, option)
+    values = "".join(VARIABLES[name] + ", " for name in names)
+    source = ("def line(s, o, now, pid):\n"
+              "    k = s.csock\n"
+              "    return TEMPLATE %% (%s)\n" % values)
+    namespace = {"TEMPLATE": template, "HANDOFF": HANDOFF, "_text": _text,
+                 "_client_addr": _client_addr, "_client_port": _client_port, "_node": _node,
+                 "http_status": http_status, "_time": time.time}
+    exec(compile(source, "<access log format>", "exec"), namespace)
+    return namespace["line"]
 
 
 class AccessLog:
-    """Writes one line per finished session; *path* None means the main log."""
+    """Writes one line per finished session; *path* None means the main log.
 
-    def __init__(self, fmt: Optional[str] = None, path: Optional[str] = None) -> None:
-        self.template, self.getters = compile_format(fmt or DEFAULT_FORMAT)
+    With a file and a *reactor*, the lines of one pass of the event loop are written
+    together, with one ``write`` at the end of that pass (whole lines only, so the
+    router processes sharing the file in append mode never split one)."""
+
+    def __init__(self, fmt: Optional[str] = None, path: Optional[str] = None,
+                 reactor=None) -> None:
+        self.line = compile_format(fmt or DEFAULT_FORMAT)
         self.path = path or None
+        self.pid = str(os.getpid())   # made in the router process that writes the lines
         self.fd = -1
+        self.reactor = reactor
+        self.pending: List[str] = []
         if self.path is not None:
             self.fd = self._open(self.path)
 
@@ -228,13 +230,29 @@ class AccessLog:
         return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
     def __call__(self, session, outcome: str) -> None:
-        entry = Entry(session, outcome, _monotonic())
-        line = self.template % tuple([get(entry) for get in self.getters])
+        line = self.line(session, outcome, _monotonic(), self.pid)
         if self.fd < 0:
             log(line)
             return
+        pending = self.pending
+        pending.append(line)
+        if len(pending) == 1:
+            if self.reactor is not None:
+                self.reactor.call_soon(self.flush)
+            else:
+                self.flush()
+
+    def flush(self) -> None:
+        """Write the pending lines (one ``write``)."""
+        if not self.pending:
+            return
+        lines = self.pending
+        self.pending = []
+        lines.append("")
+        data = "\n".join(lines).encode("utf-8", "backslashreplace")
         try:
-            os.write(self.fd, (line + "\n").encode("utf-8", "backslashreplace"))
+            while data:
+                data = data[os.write(self.fd, data):]
         except OSError:
             pass   # a full disk must not take the router down
 
@@ -242,6 +260,7 @@ class AccessLog:
         """Reopen the file (logrotate renamed it); keep the old one if that fails."""
         if self.path is None:
             return
+        self.flush()
         try:
             fd = self._open(self.path)
         except OSError as exc:
@@ -251,6 +270,7 @@ class AccessLog:
         os.close(old)
 
     def close(self) -> None:
+        self.flush()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

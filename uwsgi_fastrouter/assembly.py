@@ -69,14 +69,15 @@ def _check_access_log(cfg) -> None:
                                % (path, exc.strerror or exc))
 
 
-def _make_access_log(cfg) -> Tuple[Optional[AccessLog], Optional[Callable[[float], None]]]:
+def _make_access_log(cfg, reactor: Optional[Reactor] = None
+                     ) -> Tuple[Optional[AccessLog], Optional[Callable[[float], None]]]:
     """The access log of this router process (None when it is off) and, for a file with
     --touch-logreopen, the once-a-second task that reopens it when a trigger file is
     touched (the file is opened in each router process, in append mode)."""
     path = access_log_target(cfg.fastrouter_access_log)
     if path is None:
         return None, None
-    access_log = AccessLog(cfg.fastrouter_access_log_format, path or None)
+    access_log = AccessLog(cfg.fastrouter_access_log_format, path or None, reactor)
     reopen_if_touched = None
     if path and cfg.touch_logreopen:
         from .proccontrol import TouchWatcher
@@ -94,6 +95,7 @@ class Assembly:
 
     def __init__(self) -> None:
         self.server: Optional[Server] = None
+        self.access_log: Optional[AccessLog] = None
         self.stats: Optional[StatsServer] = None
         self.subscriptions: Optional[SubscriptionServer] = None
         self.table = None
@@ -134,6 +136,8 @@ class Assembly:
             self.zerg.stop()
         if self.server is not None:
             self.server.stop()
+        if self.access_log is not None:
+            self.access_log.close()      # the lines of the sessions just dropped too
         if self.subscriptions is not None and self.external_subscriptions:
             self.subscriptions.stop()
         if self.stats is not None:
@@ -422,7 +426,7 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener, external: bo
         subscriptions=subscriptions,
         forced_key=force_key is not None,
     )
-    access_log, reopen_access_log = _make_access_log(cfg)
+    access_log, reopen_access_log = _make_access_log(cfg, reactor)
     server = Server(reactor, router, listeners,
                     timeout=cfg.fastrouter_timeout or 60,
                     chunk=cfg.fastrouter_buffer_size or DEFAULT_CHUNK,
@@ -438,6 +442,8 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener, external: bo
                     access_log=access_log)
     if reopen_access_log is not None:
         server.periodic.append(reopen_access_log)
+    if access_log is not None:
+        parts.access_log = access_log
     server_ref.append(server)
     parts.server = server
     if parts.zerg_listener is not None:
