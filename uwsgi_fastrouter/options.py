@@ -257,7 +257,8 @@ OPTIONS: Tuple[Option, ...] = (
        "--fastrouter-access-log-format", G_ROUTER, arg=OPTIONAL, bare="", metavar="PATH"),
     _o("fastrouter-access-log-format", STRING, "layout of the access log lines: text with "
        "uWSGI-style variables: " + "; ".join("%%(%s) %s" % v for v in ACCESS_LOG_VARIABLES)
-       + "; an unknown variable is a start-up error; in INI files write %% for each %. "
+       + "; an unknown variable is a start-up error; in INI files %%(name) is always taken "
+       "literally (%(name) too, unless a placeholder of that name is set). "
        "The default: " + ACCESS_LOG_FORMAT, G_ROUTER, metavar="FORMAT"),
     _o("fastrouter-resubscribe", LIST, "forward every received subscription and unsubscription "
        "to the subscription server ADDR; repeatable", G_ROUTER, default=[], metavar="ADDR",
