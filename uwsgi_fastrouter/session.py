@@ -36,7 +36,10 @@ A session carries exactly one uwsgi request.  Its states, named after what it wa
     client took (``MSG_TRUNC``: no copy on TCP); what the client did not take stays in
     the kernel, and is peeked again once the client is writable.
 ``CLOSED``
-    Both sockets closed and unregistered; :meth:`close` is idempotent.
+    Both sockets closed and unregistered; :meth:`close` is idempotent.  A request
+    for which no node could be found ends in :meth:`_no_route`: closed as uWSGI
+    closes it, with a rate-limited "no route" line saying why (decisions.md D19).
+    With the access log on (accesslog.py), :meth:`close` hands the session to it.
 
 Selector interest is derived from the state and the pending buffers in
 ``_update_interest`` and the reactor is only called when it changes.  Time-outs are
