@@ -17,9 +17,11 @@ Every field a peer can influence (the key, the client address the front end pass
 the node address, which may come from a subscription datagram) goes through
 :func:`~uwsgi_fastrouter.log.printable`, so a line can never be split or forged.
 
-Where lines go: the main log (``log``) when the option is given bare, else a file
-opened in append mode, written with one ``write`` per line (so the router
-processes under a master can share it), and reopened on ``--touch-logreopen``.
+Where lines go: the main log when the option is given bare, else a file opened in
+append mode (so the router processes under a master can share it) and reopened on
+``--touch-logreopen``.  Either way the lines are written in batches, at most 0.2 s
+after they were made (see :class:`AccessLog`); a router process that is killed
+loses at most that much.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import re
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .log import log, printable
+from .log import log, log_lines, printable
 from .options import ACCESS_LOG_FORMAT
 
 _monotonic = time.monotonic
@@ -207,12 +209,20 @@ def compile_format(fmt: str, option: str = "--fastrouter-access-log-format"
     return namespace["line"]
 
 
+# Lines waiting for the file are written this long after the first of them at most,
+# or as soon as this many wait.
+FLUSH_DELAY = 0.2
+FLUSH_LINES = 256
+
+
 class AccessLog:
     """Writes one line per finished session; *path* None means the main log.
 
-    With a file and a *reactor*, the lines of one pass of the event loop are written
-    together, with one ``write`` at the end of that pass (whole lines only, so the
-    router processes sharing the file in append mode never split one)."""
+    With a *reactor*, lines are collected and written together with one ``write``,
+    at most FLUSH_DELAY seconds after the first of them or as soon as FLUSH_LINES
+    are waiting, and when the router stops (whole lines only, so the router
+    processes sharing a file in append mode never split one).  A write per request
+    would cost more than the line itself."""
 
     def __init__(self, fmt: Optional[str] = None, path: Optional[str] = None,
                  reactor=None) -> None:
@@ -222,6 +232,7 @@ class AccessLog:
         self.fd = -1
         self.reactor = reactor
         self.pending: List[str] = []
+        self.timer = None
         if self.path is not None:
             self.fd = self._open(self.path)
 
@@ -231,23 +242,28 @@ class AccessLog:
 
     def __call__(self, session, outcome: str) -> None:
         line = self.line(session, outcome, _monotonic(), self.pid)
-        if self.fd < 0:
-            log(line)
-            return
         pending = self.pending
         pending.append(line)
         if len(pending) == 1:
             if self.reactor is not None:
-                self.reactor.call_soon(self.flush)
+                self.timer = self.reactor.call_later(FLUSH_DELAY, self.flush)
             else:
                 self.flush()
+        elif len(pending) >= FLUSH_LINES:
+            self.flush()
 
     def flush(self) -> None:
         """Write the pending lines (one ``write``)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if not self.pending:
             return
         lines = self.pending
         self.pending = []
+        if self.fd < 0:
+            log_lines(lines)
+            return
         lines.append("")
         data = "\n".join(lines).encode("utf-8", "backslashreplace")
         try:
