@@ -252,8 +252,9 @@ OPTIONS: Tuple[Option, ...] = (
     _o("fastrouter-quiet", BOOL, "do not log failed backend connections; takes a value, "
        "e.g. --fastrouter-quiet 1", G_ROUTER, arg=REQUIRED),
     _o("fastrouter-access-log", STRING, "write one line per request (off by default) to the main "
-       "log, or, as --fastrouter-access-log=PATH, to that file (append mode, one write per line, shared by the "
-       "router processes, reopened with --touch-logreopen); the line's layout is "
+       "log, or, as --fastrouter-access-log=PATH, to that file (append mode, shared by the "
+       "router processes, reopened with --touch-logreopen); lines are written in batches, "
+       "within 0.2 s; the line's layout is "
        "--fastrouter-access-log-format", G_ROUTER, arg=OPTIONAL, bare="", metavar="PATH"),
     _o("fastrouter-access-log-format", STRING, "layout of the access log lines: text with "
        "uWSGI-style variables: " + "; ".join("%%(%s) %s" % v for v in ACCESS_LOG_VARIABLES)
