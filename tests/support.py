@@ -580,6 +580,17 @@ def start_router(args: Sequence[Any], cwd: Optional[Union[str, Path]] = None,
     return proc
 
 
+def wait_applied_everywhere(router: "RouterProc", regex: str, timeout: float = 20.0) -> None:
+    """Wait until a subscription event the master logged (*regex*) is applied by every
+    router process too.  Under a master the event is logged once, by the master, and
+    the router processes apply it silently; but the master's channel to each router
+    process is in order, so a stats document asked for afterwards (its query goes
+    down the same channels) comes back only once every process has applied it.
+    Needs ``--fastrouter-stats`` (also harmless without a master)."""
+    router.wait_for_log(regex, timeout=timeout)
+    fetch_stats(router.stats_address, timeout=timeout)
+
+
 def fetch_stats(address: str, timeout: float = 10.0) -> dict:
     """Connect to a stats server, read the document to EOF and parse it as JSON."""
     raw = _exchange(address, b"", timeout)

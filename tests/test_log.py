@@ -67,3 +67,16 @@ def test_log_date_prefix_is_made_once_a_second(monkeypatch, capsys):
         logmod.set_date_format(None)
     assert made == [1000, 1001]
     capsys.readouterr()
+
+
+def test_log_lines_writes_a_batch_with_one_prefix_per_line(capsys, monkeypatch):
+    from uwsgi_fastrouter import log as logmod
+    monkeypatch.setattr(logmod.time, "time", lambda: 1796263323.5)
+    try:
+        logmod.set_date_format("%Y")
+        logmod.log_lines(["one", "two"])
+        logmod.set_date_format(None)
+        logmod.log_lines(["three"])
+    finally:
+        logmod.set_date_format(None)
+    assert capsys.readouterr().err.splitlines() == ["2026 - one", "2026 - two", "three"]

@@ -15,7 +15,7 @@ import socket
 import pytest
 
 from backends import RecordingBackend, connect, request, uwsgi_packet
-from support import free_dead_tcp_address, start_router, wait_until
+from support import free_dead_tcp_address, start_router, wait_applied_everywhere
 from test_key_paths import MODES
 from test_subscriptions import announce, send_datagram
 
@@ -49,14 +49,12 @@ def test_a_subscribed_key_in_the_pool_and_marking_lines(sock_dir, mode):
     sub = str(sock_dir / "sub.sock")
     with reserved, RecordingBackend("live") as live:
         router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-subscription-server", sub,
-                               *MODES[mode]])
+                               "--fastrouter-stats", "127.0.0.1:0", *MODES[mode]])
         router.wait_for_log(r"subscription server bound on")
-        tables = 3 if MODES[mode] else 1        # the master's and each process's
         announce(sub, EVIL, dead.encode())
         announce(sub, b"fine", live.address.encode())
         for key in (EVIL_LOGGED, "fine"):
-            wait_until(lambda: router.count(re.escape("%s => new node: " % key)) >= tables,
-                       what="the subscriptions everywhere")
+            wait_applied_everywhere(router, re.escape("%s => new node: " % key))
         assert request(router.addresses[0], [(b"HTTP_HOST", EVIL)]) == b""
         router.wait_for_log(re.escape("[uwsgi-fastrouter] %s => marking %s as failed" % (EVIL_LOGGED, dead)))
         assert b"node=live" in request(router.addresses[0], [(b"HTTP_HOST", b"fine")])

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from backends import RecordingBackend, request
-from support import fetch_stats, start_router, wait_until
+from support import (fetch_stats, free_dead_tcp_address, start_router, wait_applied_everywhere,
+                     wait_until)
 from test_subscriptions import announce
 
 HOST = [(b"HTTP_HOST", b"example.com")]
@@ -96,7 +97,7 @@ def test_every_process_sees_every_subscription(tmp_path):
                                "--fastrouter-subscription-server", sub, "--fastrouter-stats", "127.0.0.1:0"])
         router.wait_for_log(r"spawned uWSGI fastrouter 2")
         announce(sub, b"example.com", a.address.encode())
-        wait_until(lambda: router.count(r"example.com => new node") >= 3, what="master + 2 processes")
+        wait_applied_everywhere(router, r"example.com => new node")
         for _ in range(30):
             assert b"node=a" in request(router.addresses[0], HOST)
         doc = fetch_stats(router.stats_address)
@@ -104,14 +105,41 @@ def test_every_process_sees_every_subscription(tmp_path):
         assert pool["hits"] == 30 and pool["nodes"][0]["requests"] == 30
 
 
+def test_each_subscription_event_is_logged_once(tmp_path):
+    """The master logs what it accepts; its router processes apply their copies
+    silently, and a failure is logged by the process that saw it, not repeated by
+    the master and the other processes."""
+    sub = str(tmp_path / "sub.sock")
+    dead, reserved = free_dead_tcp_address()
+    with reserved, RecordingBackend("a") as a:
+        router = start_router(["--master", "--fastrouter", "127.0.0.1:0", "--fastrouter-processes", "2",
+                               "--fastrouter-subscription-server", sub, "--fastrouter-stats", "127.0.0.1:0"])
+        router.wait_for_log(r"spawned uWSGI fastrouter 2")
+        announce(sub, b"example.com", a.address.encode())
+        announce(sub, b"dead.example", dead.encode())
+        wait_applied_everywhere(router, r"dead.example => new node")
+        assert b"node=a" in request(router.addresses[0], HOST)
+        assert request(router.addresses[0], [(b"HTTP_HOST", b"dead.example")]) == b""
+        router.wait_for_log(r"dead.example => marking %s as failed" % dead)
+        # the failing process told the master, which told the other one: after two
+        # rounds of reports every copy has it
+        fetch_stats(router.stats_address)
+        fetch_stats(router.stats_address)
+        assert router.count(r"new pool: example.com") == 1
+        assert router.count(r"example.com => new node: %s" % a.address) == 1
+        assert router.count(r"new pool: dead.example") == 1
+        assert router.count(r"dead.example => new node") == 1
+        assert router.count(r"marking %s as failed" % dead) == 1
+
+
 def test_graceful_reloads_under_load_lose_nothing_and_keep_the_table(tmp_path):
     sub = str(tmp_path / "sub.sock")
     with RecordingBackend("a") as a:
         router = start_router(["--master", "--fastrouter", "127.0.0.1:0", "--fastrouter-processes", "2",
-                               "--fastrouter-subscription-server", sub])
+                               "--fastrouter-subscription-server", sub, "--fastrouter-stats", "127.0.0.1:0"])
         router.wait_for_log(r"spawned uWSGI fastrouter 2")
         announce(sub, b"example.com", a.address.encode())
-        wait_until(lambda: router.count(r"example.com => new node") >= 3, what="subscribed everywhere")
+        wait_applied_everywhere(router, r"example.com => new node")
         load = Load(router.addresses[0])
         try:
             for i in range(1, 6):

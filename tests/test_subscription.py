@@ -285,6 +285,17 @@ def test_stats_hash_examples():
 # the table: subscribe, refresh, unsubscribe
 
 
+def test_quietly_applies_without_a_line_and_keeps_the_log():
+    """A router process under a master applies the master's events silently."""
+    log = Log()
+    t = SubscriptionTable(log=log, pid=42)
+    node = t.quietly(t.announce, ann(b"example.com", b"127.0.0.1:3031"), T0)
+    t.quietly(t.connect_failed, b"example.com", node, T0)
+    assert log == [] and t.log is log and t.pool(b"example.com") is None
+    t.announce(ann(b"example.com", b"127.0.0.1:3031"), T0)
+    assert len(log) == 2      # its own events are still logged
+
+
 def test_subscribe_creates_pool_and_node_and_logs():
     log = Log()
     t = SubscriptionTable(log=log, pid=42)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from backends import RecordingBackend, connect, request, uwsgi_packet
-from support import sock_path, start_router, start_uwsgi_app, uwsgi_bin, wait_until
+from support import (sock_path, start_router, start_uwsgi_app, uwsgi_bin, wait_applied_everywhere,
+                     wait_until)
 from test_subscriber import keypair  # noqa: F401  (a fixture: an openssl-made RSA key)
 from uwsgi_fastrouter.signing import load_private_key, sign
 from uwsgi_fastrouter.subscription import build_announcement
@@ -210,9 +211,12 @@ MASTER = pytest.mark.parametrize("master", [[], ["--master"]], ids=["single", "m
 ACK = b"[subscription ack] example.com => new node: "
 
 
-def copies(master) -> int:
-    """How many processes log each subscription line (the master's table and its router's)."""
-    return 2 if master else 1
+def applied(router, regex: str, times: int = 1) -> None:
+    """Wait until an event is logged *times* in all (once per event: by the master under
+    one, its router processes apply it silently), then until every process applied it."""
+    wait_until(lambda: router.count(regex) == times, what="%d lines %s" % (times, regex))
+    wait_applied_everywhere(router, regex)
+    assert router.count(regex) == times
 
 
 def signed_packet(private: Path, key: bytes, address: bytes, unix: int, **fields) -> bytes:
@@ -251,7 +255,8 @@ def test_notify_is_written_only_for_a_verified_announce(sock_dir, keypair, maste
     router = start_router(master + [
         "--fastrouter", "127.0.0.1:0", "--fastrouter-subscription-server", sub,
         "--fastrouter-subscription-server", udp, "--subscriptions-sign-check", "SHA1:%s" % public_dir,
-        "--subscriptions-use-credentials", "--subscriptions-sign-skip-uid", str(uid)])
+        "--subscriptions-use-credentials", "--subscriptions-sign-skip-uid", str(uid),
+        "--fastrouter-stats", "127.0.0.1:0"])
     router.wait_for_log(r"subscription server bound on", count=2)
     path = sock_path(sock_dir, "notify.sock")
     with notify_socket(path) as notify, RecordingBackend("a") as a, RecordingBackend("b") as b:
@@ -266,8 +271,7 @@ def test_notify_is_written_only_for_a_verified_announce(sock_dir, keypair, maste
         router.wait_for_log(r"notify %s of example.com => %s ignored: the announce was neither "
                             r"signed nor credentials-checked" % (re.escape(path), a.address))
         # both nodes serve
-        wait_until(lambda: router.count(r"new node: %s" % b.address) == copies(master),
-                   what="the signed node in every process")
+        applied(router, r"new node: %s" % b.address)
         assert sorted(served_by(router.addresses[0]) for _ in range(4)) == ["a", "a", "b", "b"]
 
 
@@ -293,14 +297,14 @@ def test_notify_is_written_for_a_credentials_checked_announce(sock_dir, master):
     sub = sock_path(sock_dir, "sub.sock")
     router = start_router(master + [
         "--fastrouter", "127.0.0.1:0", "--fastrouter-subscription-server", sub,
-        "--subscriptions-use-credentials", "--subscriptions-credentials-check", "%s/" % owners])
+        "--subscriptions-use-credentials", "--subscriptions-credentials-check", "%s/" % owners,
+        "--fastrouter-stats", "127.0.0.1:0"])
     router.wait_for_log(r"subscription server bound on")
     path = sock_path(sock_dir, "notify.sock")
     with notify_socket(path) as notify, RecordingBackend("a") as a:
         announce(sub, b"example.com", a.address.encode(), extra=[(b"notify", path.encode())])
         assert notify.recv(4096) == ACK + a.address.encode()
-        wait_until(lambda: router.count(r"new node: %s" % a.address) == copies(master),
-                   what="the node in every process")
+        applied(router, r"new node: %s" % a.address)
         assert served_by(router.addresses[0]) == "a"
     assert "ignored" not in router.log()
 
@@ -311,19 +315,18 @@ def test_a_captured_subscribe_replayed_after_the_unsubscribe_is_refused(sock_dir
     sub = sock_path(sock_dir, "sub.sock")
     router = start_router(master + ["--fastrouter", "127.0.0.1:0",
                                     "--fastrouter-subscription-server", sub,
-                                    "--subscriptions-sign-check", "SHA1:%s" % public_dir])
+                                    "--subscriptions-sign-check", "SHA1:%s" % public_dir,
+                                    "--fastrouter-stats", "127.0.0.1:0"])
     router.wait_for_log(r"subscription server bound on")
     with RecordingBackend("a") as a:
         address = a.address.encode()
         now = int(time.time())
         captured = signed_packet(private, b"example.com", address, now)
         send_datagram(sub, captured)
-        wait_until(lambda: router.count(r"new node: %s" % a.address) == copies(master),
-                   what="the signed node in every process")
+        applied(router, r"new node: %s" % a.address)
         assert served_by(router.addresses[0]) == "a"
         send_datagram(sub, signed_packet(private, b"example.com", address, now, unsubscribe=True))
-        wait_until(lambda: router.count(r"marking %s as failed" % a.address) == copies(master),
-                   what="the signed unsubscribe in every process")
+        applied(router, r"marking %s as failed" % a.address)
         send_datagram(sub, captured)                   # the replay
         router.wait_for_log(r"replayed subscription packet for slot: example.com node: %s "
                             r"\(unix %d; the node was removed after accepting unix %d\)"
@@ -331,20 +334,19 @@ def test_a_captured_subscribe_replayed_after_the_unsubscribe_is_refused(sock_dir
         assert request(router.addresses[0], HOST) == b""
         # the instance itself signs newer packets and comes back
         send_datagram(sub, signed_packet(private, b"example.com", address, now + 2))
-        wait_until(lambda: router.count(r"new node: %s" % a.address) == 2 * copies(master),
-                   what="the newer announce in every process")
+        applied(router, r"new node: %s" % a.address, 2)
         assert served_by(router.addresses[0]) == "a"
-    assert router.count(r"new node: %s" % a.address) == 2 * copies(master)
+    assert router.count(r"new node: %s" % a.address) == 2
 
 
 @MASTER
 def test_a_flood_of_new_keys_does_not_lock_out_subscribed_nodes(tmp_path, master):
-    router, sub = sub_router(tmp_path, *master, "--subscription-max-keys", "20")
+    router, sub = sub_router(tmp_path, *master, "--subscription-max-keys", "20",
+                             "--fastrouter-stats", "127.0.0.1:0")
     with RecordingBackend("a") as a, RecordingBackend("b") as b:
         for _ in range(2):                             # a periodic subscriber
             announce(sub, b"example.com", a.address.encode())
-        wait_until(lambda: router.count(r"example.com => new node") == copies(master),
-                   what="the subscriber in every process")
+        applied(router, r"example.com => new node")
         for flood in range(5):
             for i in range(100):
                 announce(sub, b"flood%d-%d.example" % (flood, i), b"127.0.0.1:9")
@@ -353,13 +355,11 @@ def test_a_flood_of_new_keys_does_not_lock_out_subscribed_nodes(tmp_path, master
         router.wait_for_log(r"too many keys \(20\): flood\d-\d+.example refused")
         # it restarts on another port while the flood goes on: its slot was kept
         announce(sub, b"example.com", a.address.encode(), unsubscribe=True)
-        wait_until(lambda: router.count(r"marking %s as failed" % a.address) == copies(master),
-                   what="the unsubscribe in every process")
+        applied(router, r"marking %s as failed" % a.address)
         for i in range(100):
             announce(sub, b"flood-late-%d.example" % i, b"127.0.0.1:9")
         announce(sub, b"example.com", b.address.encode())
-        wait_until(lambda: router.count(r"example.com => new node: %s" % b.address) == copies(master),
-                   what="the restarted subscriber back in every process")
+        applied(router, r"example.com => new node: %s" % b.address)
         assert served_by(router.addresses[0]) == "b"
         log = router.log()
         assert "example.com refused" not in log and "key: example.com" not in log

@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from . import balancing, zerg
 from .addresses import shared_socket_index as _shared_index  # "=N": atoi, as uWSGI
+from .accesslog import AccessLog, compile_format
 from .log import log
 from . import metrics
+from .options import access_log_target
 from .reactor import Reactor
 from .router import Router, SubscriptionMapper
 from .server import DEFAULT_CHUNK, Server
@@ -48,6 +50,45 @@ def _check(cfg) -> None:
                            "(example: --fastrouter 127.0.0.1:3017)")
     if cfg.fastrouter_max_retries < 0:
         raise StartupError('invalid value for option "fastrouter-max-retries": must be >= 0')
+    _check_access_log(cfg)
+
+
+def _check_access_log(cfg) -> None:
+    """A bad --fastrouter-access-log-format or an unwritable access log file stops the
+    start, in the process that reads the configuration (the master too)."""
+    if cfg.fastrouter_access_log_format is not None:
+        try:
+            compile_format(cfg.fastrouter_access_log_format)
+        except ValueError as exc:
+            raise StartupError(str(exc))
+    path = access_log_target(cfg.fastrouter_access_log)
+    if path:
+        try:
+            AccessLog(cfg.fastrouter_access_log_format, path).close()
+        except OSError as exc:
+            raise StartupError('option "--fastrouter-access-log": unable to open %s: %s'
+                               % (path, exc.strerror or exc))
+
+
+def _make_access_log(cfg, reactor: Optional[Reactor] = None
+                     ) -> Tuple[Optional[AccessLog], Optional[Callable[[float], None]]]:
+    """The access log of this router process (None when it is off) and, for a file with
+    --touch-logreopen, the once-a-second task that reopens it when a trigger file is
+    touched (the file is opened in each router process, in append mode)."""
+    path = access_log_target(cfg.fastrouter_access_log)
+    if path is None:
+        return None, None
+    access_log = AccessLog(cfg.fastrouter_access_log_format, path or None, reactor)
+    reopen_if_touched = None
+    if path and cfg.touch_logreopen:
+        from .proccontrol import TouchWatcher
+        watcher = TouchWatcher(cfg.touch_logreopen)
+
+        def reopen_if_touched(_now: float) -> None:
+            if watcher.touched() is not None:
+                access_log.reopen()
+
+    return access_log, reopen_if_touched
 
 
 class Assembly:
@@ -55,6 +96,7 @@ class Assembly:
 
     def __init__(self) -> None:
         self.server: Optional[Server] = None
+        self.access_log: Optional[AccessLog] = None
         self.stats: Optional[StatsServer] = None
         self.metrics_listener = None         # --fastrouter-metrics
         self.metrics: Optional[metrics.MetricsServer] = None
@@ -99,6 +141,8 @@ class Assembly:
             self.zerg.stop()
         if self.server is not None:
             self.server.stop()
+        if self.access_log is not None:
+            self.access_log.close()      # the lines of the sessions just dropped too
         if self.subscriptions is not None and self.external_subscriptions:
             self.subscriptions.stop()
         if self.stats is not None:
@@ -123,7 +167,8 @@ class Assembly:
             return
         for node in pool.nodes:
             if node.name == address:
-                table.connect_failed(key, node, time.time())
+                # Logged by the router process that saw it fail.
+                table.quietly(table.connect_failed, key, node, time.time())
                 if table.empty and not node.ref:
                     self.server.go_cheap()
                 return
@@ -402,6 +447,7 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener, external: bo
         subscriptions=subscriptions,
         forced_key=force_key is not None,
     )
+    access_log, reopen_access_log = _make_access_log(cfg, reactor)
     server = Server(reactor, router, listeners,
                     timeout=cfg.fastrouter_timeout or 60,
                     chunk=cfg.fastrouter_buffer_size or DEFAULT_CHUNK,
@@ -413,9 +459,14 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener, external: bo
                     post_buffering=cfg.fastrouter_post_buffering,
                     post_buffering_dir=cfg.fastrouter_post_buffering_dir or None,
                     post_buffering_max=cfg.fastrouter_post_buffering_max,
-                    post_buffering_min_rate=cfg.fastrouter_post_buffering_min_rate)
+                    post_buffering_min_rate=cfg.fastrouter_post_buffering_min_rate,
+                    access_log=access_log)
     server.counters = metrics.Counters(detailed=bool(cfg.fastrouter_metrics),
                                        max_keys=cfg.fastrouter_metrics_max_keys)
+    if reopen_access_log is not None:
+        server.periodic.append(reopen_access_log)
+    if access_log is not None:
+        parts.access_log = access_log
     server_ref.append(server)
     parts.server = server
     if datagram:
@@ -437,7 +488,10 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener, external: bo
             credentials_check=cfg.subscriptions_credentials_check, skip_uids=skip)
 
         def expire(_now: float) -> None:
-            table.expire(time.time())
+            if external:
+                table.expire(time.time())
+            else:   # a copy of the master's table: the master logs the expiries
+                table.quietly(table.expire, time.time())
             if table.empty:
                 on_empty()
 
@@ -711,7 +765,8 @@ class MasterSockets:
         if pool is not None:
             for node in pool.nodes:
                 if node.name == address:
-                    table.connect_failed(key, node, time.time())
+                    # Logged by the router process that saw it fail.
+                    table.quietly(table.connect_failed, key, node, time.time())
                     break
 
     def tick(self) -> None:

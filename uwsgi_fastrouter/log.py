@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Optional, TextIO, Union
+from typing import List, Optional, TextIO, Union
 
 _stream: Optional[TextIO] = None   # None: whatever sys.stderr is at the time
 
@@ -117,3 +117,20 @@ class RateLimitedLog:
             log(line)
         else:
             self.suppressed += 1
+
+
+def log_lines(lines: List[str]) -> None:
+    """Write several lines with one write and one flush, each with the date prefix
+    if ``--log-date`` is on (the access log's batches)."""
+    try:
+        stream = _stream if _stream is not None else sys.stderr
+        if _date_format is not None:
+            second = int(time.time())
+            prefix = _date_prefix if second == _date_second else _date_for(second)
+            text = "".join([prefix + line + "\n" for line in lines])
+        else:
+            text = "\n".join(lines) + "\n"
+        stream.write(text)
+        stream.flush()
+    except (OSError, ValueError):
+        pass

@@ -144,6 +144,40 @@ class Option:
         return " ".join([self.help] + self.notes())
 
 
+# --fastrouter-access-log-format: the variables (in uWSGI's %(name) style) and the
+# default format.  The getters live in accesslog.py; a test checks both name lists agree.
+ACCESS_LOG_VARIABLES: Tuple[Tuple[str, str], ...] = (
+    ("addr", "client address (REMOTE_ADDR from the request, else the socket peer)"),
+    ("port", "client port (REMOTE_PORT, else the socket peer's)"),
+    ("key", "the routing key"),
+    ("node", "node address (the last one tried when all failed; - if none)"),
+    ("modifier1", "modifier1 sent to the node"),
+    ("status", "HTTP status from the response's first line (- if not HTTP, or a handoff)"),
+    ("rx", "bytes received from the client (request head and body)"),
+    ("tx", "bytes sent to the client (- for a handoff)"),
+    ("ttfb", "milliseconds from accept to the first response byte (- if none)"),
+    ("msecs", "milliseconds from accept to the end of the request"),
+    ("retries", "connect attempts after the first"),
+    ("outcome", "ok, handoff (the client was passed to the node), noroute, failed (every node "
+                "tried failed) or error (closed early)"),
+    ("pid", "pid of the router process"),
+    ("time", "unix time at the end of the request"),
+)
+ACCESS_LOG_FORMAT = ('%(addr) "%(key)" => %(node) modifier1=%(modifier1) status=%(status) '
+                     'rx=%(rx) tx=%(tx) ttfb=%(ttfb)ms time=%(msecs)ms retries=%(retries) '
+                     '%(outcome)')
+
+
+def access_log_target(value: Optional[str]) -> Optional[str]:
+    """``--fastrouter-access-log``'s value: None (off) when not given or false, "" (the
+    main log) when bare or true, else the path of the file."""
+    if value is None or value.lower() in _FALSE_WORDS or value == "0":
+        return None
+    if value == "" or value.lower() in ("true", "on", "yes", "1"):
+        return ""
+    return value
+
+
 def _o(name: str, kind: str, help: str, group: str, **kw: Any) -> Option:
     if "metavar" not in kw:
         kw["metavar"] = {INT: "N", UINT64: "N", BOOL: "BOOL", MODE: "MODE"}.get(kind, "VALUE")
@@ -227,6 +261,16 @@ OPTIONS: Tuple[Option, ...] = (
        "seconds; 0 is off", G_ROUTER, default=0, metavar="SECS", status=SUPPORTED),
     _o("fastrouter-quiet", BOOL, "do not log failed backend connections; takes a value, "
        "e.g. --fastrouter-quiet 1", G_ROUTER, arg=REQUIRED),
+    _o("fastrouter-access-log", STRING, "write one line per request (off by default) to the main "
+       "log, or, as --fastrouter-access-log=PATH, to that file (append mode, shared by the "
+       "router processes, reopened with --touch-logreopen); lines are written in batches, "
+       "within 0.2 s; the line's layout is "
+       "--fastrouter-access-log-format", G_ROUTER, arg=OPTIONAL, bare="", metavar="PATH"),
+    _o("fastrouter-access-log-format", STRING, "layout of the access log lines: text with "
+       "uWSGI-style variables: " + "; ".join("%%(%s) %s" % v for v in ACCESS_LOG_VARIABLES)
+       + "; an unknown variable is a start-up error; in INI files %%(name) is always taken "
+       "literally (%(name) too, unless a placeholder of that name is set). "
+       "The default: " + ACCESS_LOG_FORMAT, G_ROUTER, metavar="FORMAT"),
     _o("fastrouter-resubscribe", LIST, "forward every received subscription and unsubscription "
        "to the subscription server ADDR; repeatable", G_ROUTER, default=[], metavar="ADDR",
        status=SUPPORTED),

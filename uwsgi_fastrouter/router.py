@@ -351,15 +351,32 @@ class Router:
         if owner is not None:
             owner.release(route)
 
-    def connect_failed(self, route: Route, key: bytes, retries: int, reason: str) -> None:
-        """Log a failed connect, mark the node it went to and release it."""
-        if not self.quiet:
+    def connect_failed(self, route: Route, key: bytes, retries: int, reason: str,
+                       log_it: bool = True) -> None:
+        """Log a failed connect (unless *log_it* is False), mark the node it went to
+        and release it."""
+        if log_it and not self.quiet:
             log('[uwsgi-fastrouter] unable to connect() to node "%s" (%d retries): %s'
                 % (printable(route.address), retries, reason))
         owner = route.owner
         if owner is not None:
             owner.failed(route, key)
             owner.release(route)
+
+    def no_route_reason(self, key: bytes, cheap: bool = False) -> Optional[str]:
+        """Why the mapper found no node for *key*, for the "no route" line (D19); None
+        when the mapper already logged the refusal (a key that is no file name)."""
+        mapper = self.mapper
+        if isinstance(mapper, (PatternMapper, BaseMapper)):
+            if mapper.check_keys and not key_is_file_name(key):
+                return None
+        elif isinstance(mapper, NoMapper):
+            return "no node configured"
+        elif mapper is self.subscriptions and mapper.table.empty:
+            return "no node subscribed" + (" (cheap mode)" if cheap else "")
+        elif mapper is self.static:
+            return "all nodes are marked as failed"
+        return "unknown key"
 
     def retry_route(self, key: bytes, previous: Optional[Route], fallback_index: int,
                     request=None):

@@ -23,6 +23,7 @@ import os
 from typing import Any, Callable, List, Optional, Set
 
 from .acceptor import Acceptor
+from .accesslog import CountingSocket
 from .handoff import HandoffTrust
 from .log import RateLimitedLog, log, printable
 from .metrics import Counters
@@ -43,7 +44,7 @@ class Server:
                  force_key: Optional[bytes] = None, cheap: bool = False,
                  fd_passing: bool = True, trust_fd_passing: bool = False, post_buffering: int = 0,
                  post_buffering_dir: Optional[str] = None, post_buffering_max: int = 0,
-                 post_buffering_min_rate: int = 0) -> None:
+                 post_buffering_min_rate: int = 0, access_log=None) -> None:
         self.reactor = reactor
         self.router = router
         self.listeners = list(listeners)
@@ -68,6 +69,8 @@ class Server:
         self.post_buffering_dir = post_buffering_dir  # larger ones in a temp file here
         self.post_buffering_max = post_buffering_max  # refuse bodies over this size (0: no cap)
         self.post_buffering_min_rate = post_buffering_min_rate  # bytes/s a body must keep up
+        # --fastrouter-access-log: called by every session as it closes (None: off).
+        self.access_log = access_log
         self.accepting = False
         self.stopping = False
         self.cheap_enabled = cheap
@@ -139,7 +142,8 @@ class Server:
     def _session_starter(self, lsock) -> Callable[[int, Any], None]:
         """The acceptor's callback for *lsock*: one session per accepted descriptor."""
         family, type_, proto = lsock.family, lsock.type, lsock.proto
-        new_socket = _socket.socket
+        # With the access log on, client sockets count their bytes (accesslog.py).
+        new_socket = _socket.socket if self.access_log is None else CountingSocket
         sessions = self.sessions
 
         def start_session(fd: int, addr: Any) -> None:

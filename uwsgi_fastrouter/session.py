@@ -36,7 +36,10 @@ A session carries exactly one uwsgi request.  Its states, named after what it wa
     client took (``MSG_TRUNC``: no copy on TCP); what the client did not take stays in
     the kernel, and is peeked again once the client is writable.
 ``CLOSED``
-    Both sockets closed and unregistered; :meth:`close` is idempotent.
+    Both sockets closed and unregistered; :meth:`close` is idempotent.  A request
+    for which no node could be found ends in :meth:`_no_route`: closed as uWSGI
+    closes it, with a rate-limited "no route" line saying why (decisions.md D19).
+    With the access log on (accesslog.py), :meth:`close` hands the session to it.
 
 Selector interest is derived from the state and the pending buffers in
 ``_update_interest`` and the reactor is only called when it changes.  Time-outs are
@@ -61,6 +64,7 @@ from typing import TYPE_CHECKING, Optional
 from .protocol import HEADER, ProtocolError
 from .reactor import READ, WRITE
 from .fdpass import send_fds
+from .accesslog import ERROR, FAILED, HANDOFF, NO_ROUTE, OK
 from .log import printable
 from .sockets import AddressError, node_sockaddr
 
@@ -128,7 +132,7 @@ class Session:
         "head", "head_len", "key", "route", "retries", "fallback_index",
         "up_buf", "down_buf", "client_eof", "backend_eof", "c_events", "b_events",
         "info", "watch_client", "timer", "fd_passed", "body_left", "up_file", "up_file_size",
-        "up_file_sent", "up_tail", "down_peek", "__weakref__",
+        "up_file_sent", "up_tail", "down_peek", "failed_address", "unrouted", "__weakref__",
         "started", "first_byte",
     )
 
@@ -165,6 +169,8 @@ class Session:
         self.down_peek = False    # the first response bytes were read: peek from now on
         self.started = self.last  # loop times: accept, first response byte (0: none yet)
         self.first_byte = 0.0
+        self.failed_address = None  # the node address of the last failed connect
+        self.unrouted = None      # NO_ROUTE or FAILED once no node could be found
 
     # ------------------------------------------------------------------ head
 
@@ -243,21 +249,22 @@ class Session:
             self.c_events = 0
         key = info.key
         if not key:
-            # No usable key: uWSGI closes without a word; a debug-level fact only.
-            self.close()
+            # No usable key: closed as uWSGI does, with a line (D19).
+            self._no_route(NO_ROUTE, "the request carries no key (UWSGI_FASTROUTER_KEY, "
+                                     "HTTP_HOST or SERVER_NAME)")
             return
         self.key = key
         router = server.router
         route = router.route(key, self)
         if route is None:
             if not router.fallback_on_no_key:
-                self.close()
+                self._no_route(NO_ROUTE, router.no_route_reason(key, server.cheap_enabled))
                 return
             # Treated like a failed first attempt (nothing logged, nothing marked).
             self.retries = 1
             route, self.fallback_index = router.retry_route(key, None, 0)
             if route is None:
-                self.close()
+                self._no_route(NO_ROUTE, router.no_route_reason(key, server.cheap_enabled))
                 return
         # A request without a body (uWSGI's rule, decisions.md D2: CONTENT_LENGTH
         # absent, empty or 0, no Transfer-Encoding; and nothing past the vars) has
@@ -554,15 +561,19 @@ class Session:
         route = self.route
         self.route = None            # released by connect_failed
         server.handoff_trust.forget(route.address)
-        router.connect_failed(route, self.key, self.retries, reason)
+        # Retries that go to the same address (a use-base or use-pattern node whose
+        # socket is missing) log the failure once per request.
+        repeated = route.address == self.failed_address
+        self.failed_address = route.address
+        router.connect_failed(route, self.key, self.retries, reason, log_it=not repeated)
         server.counters.node_failed(route.address)
         if self.retries >= router.max_retries:
-            self.close()
+            self._all_failed()
             return
         self.retries += 1
         route, self.fallback_index = router.retry_route(self.key, route, self.fallback_index, self)
         if route is None:
-            self.close()
+            self._all_failed()
             return
         head = self.up_buf
         if head[0] != route.modifier1 or head[3] != route.modifier2:
@@ -572,6 +583,18 @@ class Session:
             self.up_buf = bytes(head)
         self.last = server.reactor.now
         self._connect(route)
+
+    def _all_failed(self) -> None:
+        self._no_route(FAILED, "all nodes failed (%d %s)"
+                       % (self.retries, "retry" if self.retries == 1 else "retries"))
+
+    def _no_route(self, outcome: str, reason: Optional[str]) -> None:
+        """No node for this request: close it as uWSGI does, with a rate-limited line
+        (D19) unless *reason* is None (the mapper wrote its own line)."""
+        self.unrouted = outcome
+        if reason:
+            self.server.log_session(self, 'no route for key "%s": %s' % (printable(self.key), reason))
+        self.close()
 
     def _drop_backend(self) -> None:
         sock = self.bsock
@@ -865,3 +888,15 @@ class Session:
         server.session_closed(self)
         if reason:
             server.log_session(self, reason)
+        if server.access_log is not None:
+            server.access_log(self, self._outcome(state, reason))
+
+    def _outcome(self, state: int, reason: Optional[str]) -> str:
+        """What happened to the request, for the access log (see accesslog.py)."""
+        if self.unrouted is not None:
+            return self.unrouted
+        if reason is None and self.fd_passed and not self.watch_client and self.backend_eof:
+            return HANDOFF
+        if reason is None and state == RELAY:
+            return OK
+        return ERROR

@@ -934,6 +934,17 @@ class SubscriptionTable:
         if node.death_mark and node.ref == 0 and node.pool is not None:
             self._remove(node)
 
+    def quietly(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``method(*args, **kwargs)`` with this table's lines left out: under a master, the
+        subscription events, expiries and relayed failures that the master's table
+        logs once are applied silently by the router processes' copies (and the
+        failures a router process logged by the master's)."""
+        saved, self.log = self.log, _no_log
+        try:
+            return method(*args, **kwargs)
+        finally:
+            self.log = saved
+
     def connected(self, node: Node) -> None:
         node.requests += 1
         node.last_requests += 1

@@ -219,8 +219,9 @@ class SubscriptionServer:
             announcement = parse_announcement(data)
         except SubscriptionError:
             return
-        self._apply(announcement, None, pid, uid, gid, True, notify=False, verified=False,
-                    mirrored=True)
+        # The master logged the event: the copies in the router processes stay silent.
+        self.table.quietly(self._apply, announcement, None, pid, uid, gid, True, notify=False,
+                           verified=False, mirrored=True)
 
     def _apply(self, announcement: Announcement, sender, pid, uid, gid, trusted: bool,
                notify: bool, verified: bool, mirrored: bool = False) -> bool:

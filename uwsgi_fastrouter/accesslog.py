@@ -1,0 +1,292 @@
+"""The access log (``--fastrouter-access-log``): one line per request, off by default.
+
+Theory of operation
+-------------------
+Cost is paid only when the log is on.  The server then accepts clients into a
+:class:`CountingSocket` instead of the plain C socket type: the same object, whose
+``send``/``recv``/``recv_into`` also count the bytes, keep the first bytes of the
+response (for the HTTP status) and the time of the first one.  With the log off,
+nothing of this exists and a session pays one attribute check when it closes.
+
+The format (``--fastrouter-access-log-format``) uses uWSGI's ``%(name)`` variables.
+It is compiled once, at start-up, into a ``%``-string and one small function that
+builds the tuple of values from fixed expressions (see :func:`compile_format`); a
+line is then one call and one ``%``.  An unknown variable is a start-up error.
+
+Every field a peer can influence (the key, the client address the front end passed,
+the node address, which may come from a subscription datagram) goes through
+:func:`~uwsgi_fastrouter.log.printable`, so a line can never be split or forged.
+
+Where lines go: the main log when the option is given bare, else a file opened in
+append mode (so the router processes under a master can share it) and reopened on
+``--touch-logreopen``.  Either way the lines are written in batches, at most 0.2 s
+after they were made (see :class:`AccessLog`); a router process that is killed
+loses at most that much.
+"""
+
+from __future__ import annotations
+
+import _socket
+import os
+import re
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+from .log import log, log_lines, printable
+from .options import ACCESS_LOG_FORMAT
+
+_monotonic = time.monotonic
+
+# What happened to a request (the %(outcome) variable).
+OK = "ok"                # relayed: the node answered through the router
+HANDOFF = "handoff"      # the client was passed to the node (fd passing)
+NO_ROUTE = "noroute"     # no node for its key
+FAILED = "failed"        # every node tried failed to connect
+ERROR = "error"          # closed early: a bad or vanished client, a time-out, an I/O error
+
+DEFAULT_FORMAT = ACCESS_LOG_FORMAT
+
+
+_recv_into = _socket.socket.recv_into
+_recv = _socket.socket.recv
+_send = _socket.socket.send
+
+
+class CountingSocket(_socket.socket):
+    """A client socket that counts what it moves (only used when the access log is on)."""
+
+    __slots__ = ("rx", "tx", "t0", "t_first", "first")
+
+    def __init__(self, family: int, type_: int, proto: int, fileno: int) -> None:
+        super().__init__(family, type_, proto, fileno)
+        self.rx = 0             # bytes read from the client
+        self.tx = 0             # bytes sent to the client
+        self.t0 = _monotonic()  # accepted
+        self.t_first = 0.0      # first response byte sent
+        self.first = b""        # the first response bytes (for the status)
+
+    def recv_into(self, buffer, nbytes: int = 0, flags: int = 0) -> int:
+        n = _recv_into(self, buffer, nbytes, flags)
+        self.rx += n
+        return n
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data = _recv(self, bufsize, flags)
+        self.rx += len(data)
+        return data
+
+    def send(self, data, flags: int = 0) -> int:
+        n = _send(self, data, flags)
+        if n and not self.tx:
+            self.t_first = _monotonic()
+            self.first = bytes(data[:16])
+        self.tx += n
+        return n
+
+
+_texts: Dict[bytes, str] = {}
+_TEXTS_MAX = 4096
+_TEXT_MAX_LEN = 255
+
+
+def _text(value: bytes) -> str:
+    """printable(value), remembered: keys and node addresses repeat from request to
+    request.  The memory is bounded: only short values are kept, and it is emptied
+    when full."""
+    if len(value) > _TEXT_MAX_LEN:
+        return printable(value)
+    text = _texts.get(value)
+    if text is None:
+        if len(_texts) >= _TEXTS_MAX:
+            _texts.clear()
+        text = _texts[value] = printable(value)
+    return text
+
+
+def http_status(first: bytes) -> str:
+    """The status code of a response that starts with ``HTTP/x.y NNN``, else ``-``."""
+    if first.startswith(b"HTTP/"):
+        parts = first.split(b" ", 2)
+        if len(parts) >= 2 and len(parts[1]) == 3 and parts[1].isdigit():
+            return parts[1].decode("ascii")
+    return "-"
+
+
+def _client_addr(session) -> str:
+    info = session.info
+    if info is not None and info.remote_addr:
+        return _text(info.remote_addr)
+    addr = session.caddr
+    if isinstance(addr, tuple) and addr:
+        return str(addr[0])
+    return printable(addr) if addr else "-"
+
+
+def _client_port(session) -> str:
+    info = session.info
+    if info is not None and info.remote_port:
+        return _text(info.remote_port)
+    addr = session.caddr
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return str(addr[1])
+    return "-"
+
+
+def _node(session) -> str:
+    route = session.route
+    if route is not None:
+        return _text(route.address)
+    if session.failed_address is not None:
+        return _text(session.failed_address)
+    return "-"
+
+
+#: variable name -> the Python expression that gives its text, over ``s`` (the
+#: session), ``k`` (its CountingSocket), ``o`` (the outcome), ``now`` (monotonic
+#: time at the end) and ``pid``.  The names and their descriptions are
+#: options.ACCESS_LOG_VARIABLES (they feed --help, the man page and README).
+VARIABLES: Dict[str, str] = {
+    "addr": "_client_addr(s)",
+    "port": "_client_port(s)",
+    "key": '(_text(s.key) if s.key else "-")',
+    "node": "_node(s)",
+    "modifier1": '(str(s.route.modifier1) if s.route is not None else "-")',
+    "status": '("-" if o == HANDOFF else http_status(k.first))',
+    "rx": "str(k.rx)",
+    "tx": '("-" if o == HANDOFF else str(k.tx))',
+    "ttfb": '("%.1f" % ((k.t_first - k.t0) * 1000.0) if k.tx else "-")',
+    "msecs": '"%.1f" % ((now - k.t0) * 1000.0)',
+    "retries": "str(s.retries)",
+    "outcome": "o",
+    "pid": "pid",
+    "time": "str(int(_time()))",
+}
+
+_VARIABLE = re.compile(r"%\(([^)]*)\)")
+
+
+def parse_format(fmt: str, option: str = "--fastrouter-access-log-format") -> Tuple[str, List[str]]:
+    """*fmt* as a ``%``-string with one ``%s`` per variable, and the variables' names.
+
+    Raises ``ValueError`` naming *option* for an unknown variable."""
+    pieces: List[str] = []
+    names: List[str] = []
+    unknown: List[str] = []
+    pos = 0
+    for match in _VARIABLE.finditer(fmt):
+        pieces.append(fmt[pos:match.start()].replace("%", "%%"))
+        name = match.group(1)
+        if name in VARIABLES:
+            pieces.append("%s")
+            names.append(name)
+        else:
+            unknown.append(name)
+        pos = match.end()
+    pieces.append(fmt[pos:].replace("%", "%%"))
+    if unknown:
+        raise ValueError('option "%s": unknown variable%s %s (known: %s)'
+                         % (option, "s" if len(unknown) > 1 else "",
+                            ", ".join("%%(%s)" % n for n in unknown), ", ".join(VARIABLES)))
+    return "".join(pieces), names
+
+
+def compile_format(fmt: str, option: str = "--fastrouter-access-log-format"
+                   ) -> Callable[[object, str, float, str], str]:
+    """*fmt* compiled, once, into one function ``line(session, outcome, now, pid)``.
+
+    The function's source is made of the fixed expressions of :data:`VARIABLES`
+    only; the format's own text is the ``%``-string, a constant, never code.  A line
+    then costs one call and one ``%``.  ``ValueError`` for an unknown variable."""
+    template, names = parse_format(fmt, option)
+    values = "".join(VARIABLES[name] + ", " for name in names)
+    source = ("def line(s, o, now, pid):\n"
+              "    k = s.csock\n"
+              "    return TEMPLATE %% (%s)\n" % values)
+    namespace = {"TEMPLATE": template, "HANDOFF": HANDOFF, "_text": _text,
+                 "_client_addr": _client_addr, "_client_port": _client_port, "_node": _node,
+                 "http_status": http_status, "_time": time.time}
+    exec(compile(source, "<access log format>", "exec"), namespace)
+    return namespace["line"]
+
+
+# Lines waiting for the file are written this long after the first of them at most,
+# or as soon as this many wait.
+FLUSH_DELAY = 0.2
+FLUSH_LINES = 256
+
+
+class AccessLog:
+    """Writes one line per finished session; *path* None means the main log.
+
+    With a *reactor*, lines are collected and written together with one ``write``,
+    at most FLUSH_DELAY seconds after the first of them or as soon as FLUSH_LINES
+    are waiting, and when the router stops (whole lines only, so the router
+    processes sharing a file in append mode never split one).  A write per request
+    would cost more than the line itself."""
+
+    def __init__(self, fmt: Optional[str] = None, path: Optional[str] = None,
+                 reactor=None) -> None:
+        self.line = compile_format(fmt or DEFAULT_FORMAT)
+        self.path = path or None
+        self.pid = str(os.getpid())   # made in the router process that writes the lines
+        self.fd = -1
+        self.reactor = reactor
+        self.pending: List[str] = []
+        self.timer = None
+        if self.path is not None:
+            self.fd = self._open(self.path)
+
+    @staticmethod
+    def _open(path: str) -> int:
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def __call__(self, session, outcome: str) -> None:
+        line = self.line(session, outcome, _monotonic(), self.pid)
+        pending = self.pending
+        pending.append(line)
+        if len(pending) == 1:
+            if self.reactor is not None:
+                self.timer = self.reactor.call_later(FLUSH_DELAY, self.flush)
+            else:
+                self.flush()
+        elif len(pending) >= FLUSH_LINES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the pending lines (one ``write``)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if not self.pending:
+            return
+        lines = self.pending
+        self.pending = []
+        if self.fd < 0:
+            log_lines(lines)
+            return
+        lines.append("")
+        data = "\n".join(lines).encode("utf-8", "backslashreplace")
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError:
+            pass   # a full disk must not take the router down
+
+    def reopen(self) -> None:
+        """Reopen the file (logrotate renamed it); keep the old one if that fails."""
+        if self.path is None:
+            return
+        self.flush()
+        try:
+            fd = self._open(self.path)
+        except OSError as exc:
+            log("*** unable to reopen the access log %s: %s ***" % (self.path, exc.strerror or exc))
+            return
+        old, self.fd = self.fd, fd
+        os.close(old)
+
+    def close(self) -> None:
+        self.flush()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
