@@ -8,17 +8,25 @@ import pytest
 
 from backends import RecordingBackend, request
 from support import (
-    BIND_RE, Proc, json_answer, node_app_source, request_vars, sock_path, start_router,
+    BIND_RE, Proc, fetch_stats, json_answer, node_app_source, request_vars, sock_path, start_router,
     start_uwsgi_app, uwsgi_bin, uwsgi_request, wait_until,
 )
-from test_subscriptions import announce, served_by, sub_router
+from test_subscriptions import announce, served_by, sub_router as _sub_router
 
 MASTER = pytest.mark.parametrize("master", [[], ["--master"]], ids=["single", "master"])
 
 
-def copies(master) -> int:
-    """How many processes log each subscription line (the master's table and its router's)."""
-    return 2 if master else 1
+def sub_router(tmp_path, *extra):
+    """A subscription router with a stats server: under a master, a stats document asked
+    for after an event the master logged comes back only once every router process has
+    applied it (support.wait_applied_everywhere)."""
+    return _sub_router(tmp_path, "--fastrouter-stats", "127.0.0.1:0", *extra)
+
+
+def seen(router, regex: str, count: int = 1) -> None:
+    """The subscription event *regex* logged *count* times, and applied by every process."""
+    router.wait_for_log(regex, count=count)
+    fetch_stats(router.stats_address)
 
 
 def node_of(router, host: str = "example.com", path: str = "/", extra=()) -> str:
@@ -48,17 +56,16 @@ def test_a_backup_node_takes_over_while_the_primary_is_down(sock_dir, master):
                                extra=["--subscribe-to", "%s:example.com" % sub])
 
     primary = start_primary()
-    router.wait_for_log(r"example.com => new node: %s" % primary_socket, count=copies(master))
+    seen(router, r"example.com => new node: %s" % primary_socket)
     backup = start_uwsgi_app(sock_dir, node_app_source("backup"))
     announcer = subscriber(sub, "example.com", backup.address, "backup=1")
-    router.wait_for_log(r"example.com => new node: %s" % backup.address, count=copies(master))
+    seen(router, r"example.com => new node: %s" % backup.address)
     assert {node_of(router) for _ in range(6)} == {"primary"}
     primary.stop()                  # a uWSGI node unsubscribes when it stops
-    router.wait_for_log(r"example.com => marking %s as failed" % primary_socket,
-                        count=copies(master))
+    seen(router, r"example.com => marking %s as failed" % primary_socket)
     assert {node_of(router) for _ in range(6)} == {"backup"}
     start_primary()
-    router.wait_for_log(r"example.com => new node: %s" % primary_socket, count=2 * copies(master))
+    seen(router, r"example.com => new node: %s" % primary_socket, count=2)
     wait_until(lambda: node_of(router) == "primary", what="traffic back on the primary")
     assert {node_of(router) for _ in range(6)} == {"primary"}
     assert announcer.stop() == 0
@@ -74,7 +81,7 @@ def test_a_killed_primary_is_replaced_by_the_backup_at_once(sock_dir, master):
     with backup, primary:
         announce(sub, b"example.com", primary.address.encode())
         announce(sub, b"example.com", backup.address.encode(), extra=[(b"backup", b"1")])
-        router.wait_for_log(r"new node: %s" % backup.address, count=copies(master))
+        seen(router, r"new node: %s" % backup.address)
         assert {served_by(router.addresses[0]) for _ in range(6)} == {"primary"}
         primary.stop()
         assert {served_by(router.addresses[0]) for _ in range(6)} == {"backup"}
@@ -89,7 +96,7 @@ def three_nodes_router(sock_dir, master, *extra):
     nodes = [RecordingBackend(name) for name in ("a", "b", "c")]
     for node in nodes:
         announce(sub, b"example.com", node.address.encode())
-        router.wait_for_log(r"new node: %s" % node.address, count=copies(master))
+        seen(router, r"new node: %s" % node.address)
     return router, sub, nodes
 
 
@@ -117,7 +124,7 @@ def test_the_key_chooses_iphash_in_its_first_announce(sock_dir):
     with RecordingBackend("a") as a, RecordingBackend("b") as b:
         announce(sub, b"example.com", a.address.encode(), extra=[(b"algo", b"iphash")])
         announce(sub, b"example.com", b.address.encode(), extra=[(b"algo", b"iphash")])
-        router.wait_for_log(r"new node: %s" % b.address)
+        seen(router, r"new node: %s" % b.address)
         for client in (b"192.0.2.1", b"192.0.2.2", b"192.0.2.3", b"192.0.2.4"):
             assert len({served_for(router, [(b"REMOTE_ADDR", client)]) for _ in range(4)}) == 1
 
@@ -147,7 +154,7 @@ def test_a_bad_algo_in_a_packet_is_dropped_and_others_still_served(sock_dir):
         announce(sub, b"example.com", a.address.encode(), extra=[(b"backup", b"-1")])
         router.wait_for_log(r"invalid backup value")
         announce(sub, b"example.com", a.address.encode())
-        router.wait_for_log(r"new node: %s" % a.address)
+        seen(router, r"new node: %s" % a.address)
         assert served_by(router.addresses[0]) == "a"
         assert request(router.addresses[0], [(b"HTTP_HOST", b"bad.example")]) == b""
 
@@ -164,7 +171,7 @@ def test_mountpoints_route_by_host_and_first_path_segment(sock_dir, master):
         for key, node in ((b"example.com/app1", app1), (b"example.com/app2", app2),
                           (b"example.com", root)):
             announce(sub, key, node.address.encode())
-            router.wait_for_log(r"new node: %s" % node.address, count=copies(master))
+            seen(router, r"new node: %s" % node.address)
 
         def served(path: bytes) -> str:
             return served_for(router, [(b"PATH_INFO", path)])
@@ -182,9 +189,9 @@ def test_one_port_many_apps_by_path_with_real_uwsgi_apps(sock_dir):
     for name in ("app1", "app2"):
         start_uwsgi_app(sock_dir, node_app_source(name),
                         extra=["--subscribe-to", "%s:example.com/%s" % (sub, name)])
-        router.wait_for_log(r"example.com/%s => new node" % name)
+        seen(router, r"example.com/%s => new node" % name)
     start_uwsgi_app(sock_dir, node_app_source("root"), extra=["--subscribe-to", "%s:example.com" % sub])
-    router.wait_for_log(r"\] example.com => new node")
+    seen(router, r"\] example.com => new node")
     assert node_of(router, path="/app1/x") == "app1"
     assert node_of(router, path="/app2/y") == "app2"
     assert node_of(router, path="/other") == "root"
@@ -223,7 +230,7 @@ def test_stats_show_the_21_fields_in_21s_names(sock_dir, master):
     announce(sub, b"new.example", b"127.0.0.1:1", extra=[
         (b"algo", b"wlrc"), (b"backup", b"2"), (b"proto", b"h"), (b"vassal", b"app.ini")])
     announce(sub, b"old.example", b"127.0.0.1:2")
-    router.wait_for_log(r"old.example => new node", count=copies(master))
+    seen(router, r"old.example => new node")
     pools = {pool["key"]: pool for pool in stats_of(router)["subscriptions"]}
     assert pools["new.example"]["algo"] == "wlrc"
     (node,) = pools["new.example"]["nodes"]
@@ -239,10 +246,14 @@ def test_a_dead_mounted_node_is_marked_under_its_own_key_in_the_master(sock_dir)
     with RecordingBackend("app1") as app1, RecordingBackend("root") as root:
         announce(sub, b"example.com/app1", app1.address.encode())
         announce(sub, b"example.com", root.address.encode())
-        router.wait_for_log(r"new node: %s" % root.address, count=2)
+        seen(router, r"new node: %s" % root.address)
         assert served_for(router, [(b"PATH_INFO", b"/app1/x")]) == "app1"
         app1.stop()
         # the retry finds the mountpoint empty and falls back to the host key
         assert served_for(router, [(b"PATH_INFO", b"/app1/x")]) == "root"
-        # the master's table (the router process's line names the request's key)
+        # the line names the key the node is subscribed under, not the request's host
         router.wait_for_log(r"example.com/app1 => marking %s as failed" % app1.address)
+        # and the master's table (the stats document) dropped it from that key
+        wait_until(lambda: "example.com/app1" not in
+                   {pool["key"] for pool in fetch_stats(router.stats_address)["subscriptions"]},
+                   what="the mounted node gone from the master's table")

@@ -264,7 +264,7 @@ class SubscriptionMapper:
         # key differs from the request's
         pool = node.pool
         pool_key = pool.key if pool is not None else key
-        self.table.connect_failed(key, node, self.clock())
+        self.table.connect_failed(pool_key, node, self.clock())
         if self.on_failed is not None:
             self.on_failed(pool_key, node.name)
 
