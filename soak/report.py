@@ -123,6 +123,19 @@ def draining_lines(samples) -> List[str]:
                 longest[0][0], longest[0][1])]
 
 
+def generation_lines(samples) -> List[str]:
+    """Each router role's RSS (KiB) at the last sample of each of its processes, in
+    order: growth that each generation starts from anew is not a trend here."""
+    last: Dict[Tuple[str, str], Dict[int, int]] = defaultdict(dict)
+    for t, router, role, pid, rss, fds in samples:
+        if role.startswith("router"):
+            last[(router, role)][pid] = rss
+    if not any(len(v) > 1 for v in last.values()):
+        return []
+    return ["last RSS of each generation, %s %s: %s" % (router, role, " ".join(str(v) for v in by_pid.values()))
+            for (router, role), by_pid in sorted(last.items())]
+
+
 def judge(result, events) -> str:
     if result.kind.startswith("stalled reader") and result.node == "own1":
         # This package's workers take the client's descriptor (fd passing) and write to
@@ -160,6 +173,7 @@ def print_report(soak, interrupted: bool) -> None:
       "indistinguishable from zero):")
     out.extend("  " + line for line in slope_table(soak.samples))
     out.extend("  " + line for line in draining_lines(soak.samples))
+    out.extend("  " + line for line in generation_lines(soak.samples))
     if soak.idle:
         w("")
         w("Idle descriptors and RSS (no load, no old generation), before -> after:")

@@ -248,10 +248,13 @@ class Soak:
                         self.stats_errors.append("%.1f s %s: %s" % (now() - self.t0, name, error))
 
     def reload_loop(self) -> None:
+        every = self.args.reload_every
+        if every <= 0:
+            return
         order = []
         k = 1
-        while k * RELOAD_EVERY / 2 < self.args.minutes * 60:
-            order.append((k * RELOAD_EVERY / 2, "B" if k % 2 else "A"))
+        while k * every / 2 < self.args.minutes * 60:
+            order.append((k * every / 2, "B" if k % 2 else "A"))
             k += 1
         for at, name in order:
             if not self.pause(max(0.0, self.t0 + at - now())):
@@ -409,6 +412,10 @@ class Soak:
             code = proc.stop(signal.SIGINT, timeout=20)
             print("router %s stopped (exit code %s); log: %s" % (
                 name, code, self.directory / ("router-%s.log" % name)), flush=True)
+        with open(self.directory / "samples.csv", "w") as f:
+            f.write("seconds,router,role,pid,rss_kib,fds\n")
+            for row in self.samples:
+                f.write("%.1f,%s,%s,%d,%d,%d\n" % row)
         for node in self.nodes:
             if isinstance(node, nodes.ProcNode):
                 (self.directory / ("node-%s.log" % node.name)).write_text("\n".join(node.logs))
@@ -419,6 +426,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=10.0, help="minutes of load (10)")
     p.add_argument("--small-threads", type=int, default=6, help="threads of small requests (6)")
+    p.add_argument("--reload-every", type=float, default=RELOAD_EVERY,
+                   help="seconds between two graceful reloads of one router (60; 0: none)")
     args = p.parse_args(argv)
     if not os.environ.get("UWSGI_BIN"):
         print("soak: set UWSGI_BIN to the uWSGI 2.0 binary (a real uWSGI node is part of the mix)",
