@@ -7,7 +7,8 @@ Slopes are least-squares fits of the samples of one role (``A master``,
 95 % interval (slope +- 2 standard errors): a slope whose interval holds 0 is
 indistinguishable from zero.  Two fits per role:
 
-* ``across``: every sample of the role, whichever pid held it.  The master keeps its pid
+* ``across``: every sample of the role, whichever pid held it (for router processes
+  without the first :data:`WARM_UP_SAMPLES` of each pid).  The master keeps its pid
   and re-executes itself on a reload, so for it this is the whole run.  Router
   processes are replaced at every reload: what grows across generations shows here.
 * ``within``: the pooled slope inside each pid's life (each pid its own intercept),
@@ -16,8 +17,9 @@ indistinguishable from zero.  Two fits per role:
   accumulates during its own life shows here, even if a reload resets it every minute.
 
 A failed request is avoidable unless a node it could have been on (the one named in
-the partial answer, else any) died or left between its start and its end (with one
-second of slack on each side).  Avoidable failures are labelled "during a reload" when
+the partial answer, else any) was dying or leaving (from the signal until it was gone)
+at some time between the request's start and its end (with one second of slack on
+each side).  Avoidable failures are labelled "during a reload" when
 a reload of their router fell in the same window (two seconds of slack).
 """
 
@@ -27,6 +29,10 @@ import math
 from collections import Counter, defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
+
+#: KiB: a fitted change below this over the whole run is no trend (one page that
+#: becomes resident half-way shows as a fitted change of about 1.5 pages)
+RSS_RESOLUTION = 8
 
 #: samples of each router process left out of the "within" fit (its warm-up)
 WARM_UP_SAMPLES = 2
@@ -68,11 +74,14 @@ def pooled_fit(groups: Dict[int, List[Tuple[float, float]]]) -> Optional[Tuple[f
     return slope, math.sqrt(resid / dof / sxx)
 
 
-def _cell(f: Optional[Tuple[float, float]], scale: float) -> str:
+def _cell(f: Optional[Tuple[float, float]], unit: float, minutes: float) -> str:
+    """``slope ±2SE`` and a verdict: ``~0`` when the interval holds zero or the fitted
+    change over the whole run is under one *unit* (:data:`RSS_RESOLUTION` KiB, one
+    descriptor: the resolution of the measurement), else ``NONZERO``."""
     if f is None:
         return "n/a"
-    slope, se = f[0] * scale, f[1] * scale
-    zero = "~0" if abs(slope) <= 2 * se else "NONZERO"
+    slope, se = f
+    zero = "~0" if abs(slope) <= 2 * se or abs(slope) * minutes < unit else "NONZERO"
     return "%+8.2f ±%6.2f %s" % (slope, 2 * se, zero)
 
 
@@ -86,6 +95,7 @@ def slope_table(samples) -> List[str]:
         "fds/min within", "RSS KiB first/last/max, fds first/last/max")]
     for (router, role), rows in sorted(by_role.items()):
         pids = {pid for _, pid, _, _ in rows}
+        minutes = (rows[-1][0] - rows[0][0]) / 60 if len(rows) > 1 else 0.0
         rss_groups: Dict[int, list] = defaultdict(list)
         fd_groups: Dict[int, list] = defaultdict(list)
         seen: Counter = Counter()
@@ -95,12 +105,14 @@ def slope_table(samples) -> List[str]:
                 continue    # a fresh process touching its pages for the first time
             rss_groups[pid].append((t / 60, rss))
             fd_groups[pid].append((t / 60, fds))
+        warm = [(t, rss, fds) for pid, points in rss_groups.items()
+                for (t, rss), (_, fds) in zip(points, fd_groups[pid])]
         lines.append("%-14s %5d %5d  %-28s %-28s %-26s %-26s %d/%d/%d, %d/%d/%d" % (
             "%s %s" % (router, role), len(rows), len(pids),
-            _cell(fit([(t / 60, r) for t, _, r, _ in rows]), 1),
-            _cell(pooled_fit(rss_groups), 1),
-            _cell(fit([(t / 60, f) for t, _, _, f in rows]), 1),
-            _cell(pooled_fit(fd_groups), 1),
+            _cell(fit([(t, r) for t, r, _ in warm]), RSS_RESOLUTION, minutes),
+            _cell(pooled_fit(rss_groups), RSS_RESOLUTION, minutes),
+            _cell(fit([(t, f) for t, _, f in warm]), 1, minutes),
+            _cell(pooled_fit(fd_groups), 1, minutes),
             rows[0][2], rows[-1][2], max(r for _, _, r, _ in rows),
             rows[0][3], rows[-1][3], max(f for _, _, _, f in rows)))
     return lines
@@ -144,12 +156,12 @@ def judge(result, events) -> str:
         # workers).  A node's policy, not the router's.
         return "unavoidable: node own1 timed out writing to a stalled client it took over"
     lo, hi = result.start - 1.0, result.end + 1.0
-    for t, what, who in events:
-        if what in ("node killed", "node left (graceful)") and lo <= t <= hi:
+    for began, what, who, ended in events:
+        if what in ("node killed", "node left (graceful)") and began <= hi and ended >= lo:
             if result.node is None or result.node == who:
                 return "unavoidable: node %s %s during the request" % (
                     who, "killed" if what == "node killed" else "left")
-    for t, what, who in events:
+    for t, what, who, _ in events:
         if what.startswith("reload") and who == result.router and result.start - 2 <= t <= result.end + 2:
             return "AVOIDABLE: during a reload of %s" % who
     return "AVOIDABLE: no node death or reload explains it"

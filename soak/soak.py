@@ -78,7 +78,7 @@ class Soak:
         self.t0 = now()
         self.lock = threading.Lock()
         self.results: List[clients.Result] = []
-        self.events: List[Tuple[float, str, str]] = []   # (time, what, node or router)
+        self.events: List[Tuple[float, str, str, float]] = []   # (began, what, who, ended)
         self.samples: List[Tuple[float, str, str, int, int, int]] = []   # t, router, role, pid, rss, fds
         self.bad: Counter = Counter()
         self.datagrams: Counter = Counter()
@@ -99,10 +99,15 @@ class Soak:
 
     # ------------------------------------------------------------ set-up
 
-    def event(self, what: str, who: str) -> None:
+    def event(self, what: str, who: str, began: Optional[float] = None) -> None:
+        """Record *what* happened to *who*, from *began* (default: now) until now."""
+        ended = now()
+        began = ended if began is None else began
         with self.lock:
-            self.events.append((now(), what, who))
-        print("[%6.1f s] %s %s" % (now() - self.t0, what, who), flush=True)
+            self.events.append((began, what, who, ended))
+        print("[%6.1f s] %s %s%s" % (began - self.t0, what, who,
+                                      " (took %.1f s)" % (ended - began) if ended - began > 0.1 else ""),
+              flush=True)
 
     def record(self, result: clients.Result) -> None:
         with self.lock:
@@ -269,12 +274,13 @@ class Soak:
             node = self.nodes[i % len(self.nodes)]
             graceful = (i // len(self.nodes)) % 2 == 1
             i += 1
+            began = now()    # a node's death starts with the signal, not when it is over
             if graceful:
                 node.stop()
-                self.event("node left (graceful)", node.name)
+                self.event("node left (graceful)", node.name, began)
             else:
                 node.kill()
-                self.event("node killed", node.name)
+                self.event("node killed", node.name, began)
             self.stop.wait(CHAOS_DOWN)
             try:
                 node.start()
