@@ -31,7 +31,7 @@ import re
 import socket
 import struct
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import nodes
 import support
@@ -105,8 +105,8 @@ class Conn:
             self.received += data
             return data
 
-    def read_all(self, chunk: int = 262144, hasher=None, keep: int = 1 << 20) -> int:
-        """Read to EOF; bytes past the first *keep* go only to *hasher*. Returns total."""
+    def read_all(self, chunk: int = 262144, keep: int = 1 << 20) -> int:
+        """Read to EOF, keeping the first *keep* bytes; returns how many arrived."""
         total = len(self.received)
         while True:
             data = self.recv(chunk)
@@ -363,6 +363,3 @@ def stats_ok(address: str) -> Tuple[bool, int, str]:
             count = len(pool.get("nodes", []) or [])
     return True, count, ""
 
-
-def listify(x) -> List:
-    return list(x)
