@@ -443,7 +443,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
+    # Set explicitly: a shell starts background jobs with SIGINT ignored.
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
     interrupted = False
     try:
         soak.run()
@@ -458,7 +460,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             support.stop_all()
     import report
     report.print_report(soak, interrupted)
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":
