@@ -382,6 +382,7 @@ class Master:
         parts = self.sockets.parts
         worker = Worker([l.sock for l in parts.app_listeners], parts.app, worker_id=index,
                         harakiri=cfg.harakiri or 0, buffer_size=cfg.buffer_size or 4096,
+                        socket_timeout=cfg.socket_timeout,
                         parent_pid=os.getppid(), periodic=periodic,
                         on_start=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, _MASTER_SIGNALS))
         return worker.serve_forever()

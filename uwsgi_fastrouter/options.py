@@ -289,8 +289,9 @@ OPTIONS: Tuple[Option, ...] = (
        "graceful reloads", G_PROCESS, short="M"),
     _o("listen", INT, "listen() backlog of every listening socket", G_PROCESS, short="l",
        default=100),
-    _o("socket-timeout", INT, "TCP_DEFER_ACCEPT seconds on TCP listeners, and the stats server's "
-       "I/O timeout", G_PROCESS, short="z", default=4, metavar="SECS"),
+    _o("socket-timeout", INT, "TCP_DEFER_ACCEPT seconds on TCP listeners, the stats server's "
+       "I/O timeout, and how long the local app workers (--socket) wait on a client's read or "
+       "write", G_PROCESS, short="z", default=4, metavar="SECS"),
     _o("abstract-socket", BOOL, "bind every unix socket path in the Linux abstract namespace",
        G_PROCESS, short="a"),
     _o("chmod-socket", STRING, "chmod unix listening sockets to the octal MODE; a bare option "
