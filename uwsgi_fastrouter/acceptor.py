@@ -185,3 +185,35 @@ class Acceptor:
         self._timer = None
         if self._started:
             self._watch(True)
+
+
+class ConnectionServer:
+    """A listener whose every connection is one short-lived client object (the stats
+    and metrics endpoints): accepts through an :class:`Acceptor`, keeps the live
+    clients by descriptor, closes them all on :meth:`stop`.
+
+    A subclass sets :meth:`new_client` (given the non-blocking socket, returns an
+    object with ``fd`` and ``close()``, which removes itself from ``clients``).
+    """
+
+    def __init__(self, reactor: Reactor, listener, what: str) -> None:
+        self.reactor = reactor
+        self.listener = listener
+        self.clients: dict = {}
+        self.acceptor = Acceptor(reactor, listener.sock, self._accept,
+                                 name="%s %s" % (what, listener.name))
+
+    def start(self) -> None:
+        self.acceptor.start()
+
+    def stop(self) -> None:
+        self.acceptor.stop()
+        for client in list(self.clients.values()):
+            client.close()
+
+    def _accept(self, fd: int, _addr) -> None:
+        client = self.new_client(adopt(self.listener.sock, fd))
+        self.clients[client.fd] = client
+
+    def new_client(self, sock: socket.socket) -> Any:
+        raise NotImplementedError

@@ -43,7 +43,7 @@ from bisect import bisect_left
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from . import __version__
-from .acceptor import Acceptor, adopt
+from .acceptor import ConnectionServer
 from .log import RateLimitedLog, log
 from .reactor import Reactor
 
@@ -392,33 +392,21 @@ def http_response(status: str, body: bytes, content_type: bytes = b"text/plain; 
     return head if head_only else head + body
 
 
-class MetricsServer:
+class MetricsServer(ConnectionServer):
     """Serves ``GET /metrics`` on *listener*.  *gather* is called with a ``deliver``
     function to call once with the exposition text, now or later."""
 
     def __init__(self, reactor: Reactor, listener, gather: Callable[[Callable[[bytes], None]], None],
                  *, timeout: float = 4.0) -> None:
-        self.reactor = reactor
-        self.listener = listener
+        super().__init__(reactor, listener, "metrics server")
         self.gather = gather
         self.timeout = timeout if timeout > 0 else 4.0
-        self.clients: Dict[int, "_MetricsClient"] = {}
-        self.acceptor = Acceptor(reactor, listener.sock, self._accept,
-                                 name="metrics server %s" % listener.name)
         self.log = RateLimitedLog(lambda: reactor.now, burst=5, what="metrics log lines")
 
-    def start(self) -> None:
-        self.acceptor.start()
-
-    def stop(self) -> None:
-        self.acceptor.stop()
-        for client in list(self.clients.values()):
-            client.close()
-
-    def _accept(self, fd: int, _addr) -> None:
-        client = _MetricsClient(self, adopt(self.listener.sock, fd))
-        self.clients[client.fd] = client
+    def new_client(self, sock: socket.socket) -> "_MetricsClient":
+        client = _MetricsClient(self, sock)
         self.reactor.add_reader(client.fd, client.read)
+        return client
 
 
 class _MetricsClient:

@@ -48,7 +48,7 @@ import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 from . import UWSGI_COMPAT_VERSION, __version__
-from .acceptor import Acceptor, adopt
+from .acceptor import ConnectionServer
 from .log import log
 from .metrics import outcome_counts
 from .reactor import Reactor
@@ -385,7 +385,7 @@ def _cwd() -> str:
         return ""
 
 
-class StatsServer:
+class StatsServer(ConnectionServer):
     """Serves the stats document to every client of *listener*.
 
     *document* returns the document; or *gather*, for a document that takes a while to
@@ -398,31 +398,19 @@ class StatsServer:
                  minified: bool = False, http: bool = False, timeout: float = 4.0) -> None:
         if (document is None) == (gather is None):
             raise TypeError("StatsServer needs document or gather")
-        self.reactor = reactor
-        self.listener = listener
+        super().__init__(reactor, listener, "stats server")
         self.document = document
         self.gather = gather if gather is not None else self._gather_now
         self.minified = minified
         self.http = http
         self.timeout = timeout if timeout > 0 else 4.0
-        self.clients: Dict[int, "_StatsClient"] = {}
-        self.acceptor = Acceptor(reactor, listener.sock, self._accept,
-                                 name="stats server %s" % listener.name)
         self._pass = None           # the loop pass (its loop time) the budget below is for
         self._pass_deadline = 0.0
 
-    def start(self) -> None:
-        self.acceptor.start()
-
-    def stop(self) -> None:
-        self.acceptor.stop()
-        for client in list(self.clients.values()):
-            client.close()
-
-    def _accept(self, fd: int, _addr) -> None:
-        client = _StatsClient(self, adopt(self.listener.sock, fd))
-        self.clients[client.fd] = client
+    def new_client(self, sock: socket.socket) -> "_StatsClient":
+        client = _StatsClient(self, sock)
         client.start()
+        return client
 
     def _gather_now(self, deliver: Callable[[Dict[str, Any]], None]) -> None:
         deliver(self.document())
