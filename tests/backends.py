@@ -207,16 +207,21 @@ def request(address: str, pairs, body: bytes = b"", modifier1: int = 0, modifier
         sock.sendall(uwsgi_packet(pairs, modifier1, modifier2) + body)
         if half_close:
             sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return read_answer(sock)
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    """Everything *sock* receives until EOF (a reset ends it too)."""
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def fd_count(pid: int) -> int:

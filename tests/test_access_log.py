@@ -12,7 +12,7 @@ import types
 import pytest
 
 from support import connect, start_router, sock_path, uwsgi_packet, wait_until
-from backends import FdTakingBackend, RecordingBackend
+from backends import FdTakingBackend, RecordingBackend, read_answer
 
 from uwsgi_fastrouter import accesslog, options
 
@@ -35,16 +35,7 @@ def exchange(address: str, pairs, body: bytes = b""):
     with connect(address) as sock:
         me = sock.getsockname()
         sock.sendall(uwsgi_packet(pairs) + body)
-        chunks = []
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    return me, b"".join(chunks)
+        return me, read_answer(sock)
 
 
 def access_lines(path: str):

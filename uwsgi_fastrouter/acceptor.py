@@ -193,7 +193,7 @@ class ConnectionServer:
     clients by descriptor, closes them all on :meth:`stop`.
 
     A subclass sets :meth:`new_client` (given the non-blocking socket, returns an
-    object with ``fd`` and ``close()``, which removes itself from ``clients``).
+    object with ``fd``, ``sock`` and ``close()``, which ends with :meth:`drop`).
     """
 
     def __init__(self, reactor: Reactor, listener, what: str) -> None:
@@ -217,3 +217,11 @@ class ConnectionServer:
 
     def new_client(self, sock: socket.socket) -> Any:
         raise NotImplementedError
+
+    def drop(self, client: Any) -> None:
+        """Unregister *client*'s socket, forget the client and close the socket."""
+        reactor = self.reactor
+        reactor.remove_reader(client.fd)
+        reactor.remove_writer(client.fd)
+        self.clients.pop(client.fd, None)
+        client.sock.close()

@@ -494,9 +494,5 @@ class _MetricsClient:
         if self.sock is None:
             return
         self.timer.cancel()
-        reactor = self.server.reactor
-        reactor.remove_reader(self.fd)
-        reactor.remove_writer(self.fd)
-        self.server.clients.pop(self.fd, None)
-        self.sock.close()
+        self.server.drop(self)
         self.sock = None
