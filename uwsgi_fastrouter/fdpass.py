@@ -1,9 +1,10 @@
 """Passing file descriptors over UNIX sockets (SCM_RIGHTS).
 
 Two users: the router hands a client's connection to a UNIX-socket node together
-with the request head (decisions.md D2), and the zerg exchange hands listening
+with the request head (docs/decisions.md D2), and the zerg exchange hands listening
 sockets from one process tree to another.  Both go through :func:`send_fds` and
-:func:`recv_fds`.
+:func:`recv_fds`.  The messages of both are laid out in docs/wire.md ("Descriptor
+passing", "The zerg exchange").
 
 Receiving is where descriptors leak: a control message can carry more descriptors
 than asked for (the kernel truncates it and sets ``MSG_CTRUNC``; the ones that did

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-By default (decisions.md D2) every client handed to a UNIX-socket node stays open in
+By default (docs/decisions.md D2) every client handed to a UNIX-socket node stays open in
 the router until the node gives its verdict on the connection that carried the
 descriptor: it closes without a byte (it took the client) or it answers (it ignored
 the descriptor, as every uWSGI 2.0 does, and the answer is relayed).  Waiting costs
@@ -25,7 +25,8 @@ descriptors.  The router still verifies that, per node address:
 What is lost when the trust is wrong: an unchecked client handed to a node that
 ignores descriptors is closed when that node reads the request (the kernel closes
 a descriptor nobody receives), so at most :data:`CHECK_EVERY` - 1 requests between
-two checks.  That is why the mode is opt-in.
+two checks.  That is why the mode is opt-in.  (The handoff itself and the two verdicts:
+docs/wire.md, "Descriptor passing"; the rules in short: docs/behaviour.md.)
 
 The bookkeeping is pure (no sockets, no clock): the session asks :meth:`unchecked`
 before it hands a client over and reports verdicts with :meth:`taken` and

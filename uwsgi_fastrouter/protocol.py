@@ -19,7 +19,8 @@ The vars walk is strict, and it is the same walk everywhere in this module
 
 An empty block is valid and has no vars.  These are the rules uWSGI applies
 before it routes a request; a router that is laxer would forward requests that
-uWSGI closes.
+uWSGI closes.  The layout, these rules and the vars the router reads are
+written out in docs/wire.md ("The uwsgi packet").
 
 Everything here works on ``bytes``-like objects and returns ``None`` for "need
 more data" (:class:`PacketReader`), so the socket code decides how to read and
@@ -363,7 +364,8 @@ def scan_request(block: BytesLike, force_key: Optional[bytes] = None) -> Request
 
     ``key``
         ``UWSGI_FASTROUTER_KEY`` > ``HTTP_HOST`` > ``SERVER_NAME``, whatever the var
-        order.  For each name the candidate is its *last* occurrence whose value
+        order (docs/decisions.md D3; docs/behaviour.md, "The key").  For each name
+        the candidate is its *last* occurrence whose value
         is 1..255 bytes (an empty or longer value counts as absent); the key is
         the candidate of the first name that has one, else ``None``.  A
         *force_key* that is not ``None`` is the key (the block is still

@@ -28,6 +28,9 @@ blinding, and checks its result before returning it.
 Digest names are OpenSSL's (``SHA1``, ``SHA256``, ``sha512``, ``SHA3-256``, ...),
 case-insensitive.
 
+What a signature covers and how a key's file is named: docs/wire.md ("Signature");
+when the router requires one: docs/behaviour.md ("Signed subscriptions").
+
 The :class:`SignatureChecker` is handed a ``read_file`` function, so this module
 stays free of file-system calls; it re-reads a key file per check (as uWSGI does,
 so a replaced or removed key file takes effect at once) and keeps the parsed key

@@ -80,6 +80,11 @@ every other slot taken.
 
 Every time-dependent method takes ``now`` (seconds since the epoch, ``time.time()``);
 ``last_check`` and the tolerance comparisons use whole seconds, like uWSGI.
+
+The datagram's layout, var by var, and the dump format are in docs/wire.md
+("Subscription datagrams", "Reload hand-over"); the table's rules in short, with the
+places where they differ from uWSGI, in docs/behaviour.md ("Subscriptions", "Signed
+subscriptions").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Zerg mode: lending listening sockets to another process tree over a UNIX socket.
 
-The exchange is uWSGI's (fdpassing-cheap-shared.md §3): the zerg server accepts a
+The exchange is uWSGI's (docs/wire.md, "The zerg exchange"): the zerg server accepts a
 connection and sends one message, the 10 bytes ``uwsgi-zerg`` and a native 32-bit
 count, with that many listening descriptors attached (SCM_RIGHTS), then closes.  A
 router started with ``--fastrouter-zerg PATH`` connects at start-up and accepts on
