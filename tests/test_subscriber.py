@@ -681,3 +681,22 @@ def test_signed_announces_are_accepted_by_uwsgi_and_by_our_router(sock_dir, keyp
         for router in (ours, reference):
             router.wait_for_log(r"example.com => marking %s as failed" % signed_backend.address)
     assert other.count == 0
+
+
+@pytest.mark.interop
+def test_a_real_uwsgi_router_ignores_the_hmac_var_and_verifies_the_signature_over_it(
+        sock_dir, keypair):
+    """The shared-key proof is invisible to a uWSGI 2.0 router: an announce carrying
+    hmac and an RSA signature is accepted by one that checks signatures."""
+    private, public_dir = keypair
+    reference = start_uwsgi_router(sock_dir, "--subscriptions-sign-check", "SHA1:%s" % public_dir)
+    with RecordingBackend("both") as backend:
+        running = RunningSubscriber(
+            parse_subscribe_to("%s:example.com,0,SHA1:%s" % (reference.sub, private)),
+            default_address=backend.address.encode(), hmac_key=SECRET)
+        try:
+            reference.wait_for_log(r"\] example.com => new node: %s" % backend.address)
+            assert b"node=both" in request(reference.listen, HOST)
+        finally:
+            running.stop()
+        reference.wait_for_log(r"example.com => marking %s as failed" % backend.address)
