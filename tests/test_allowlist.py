@@ -60,3 +60,12 @@ def test_abstract_names_and_unbound_senders():
 def test_bad_rules(spec):
     with pytest.raises(AllowListError, match="neither a network"):
         SourceAllowList([spec])
+
+
+def test_the_verdict_memory_is_bounded():
+    from uwsgi_fastrouter import allowlist
+    a = SourceAllowList(["10.0.0.0/8"])
+    for i in range(allowlist._HOST_CACHE + 10):
+        assert a.allows(("10.0.%d.%d" % (i // 256, i % 256), 1))
+    assert len(a._hosts) <= allowlist._HOST_CACHE
+    assert not a.allows(("11.0.0.1", 1)) and not a.allows(("11.0.0.1", 1))

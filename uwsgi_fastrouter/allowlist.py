@@ -1,4 +1,4 @@
-"""Which senders may announce: ``--subscription-allow``.  Pure, no I/O.
+"""Which senders may announce: ``--subscription-allow`` (docs/decisions.md D21).  Pure, no I/O.
 
 Theory of operation
 -------------------
@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import ipaddress
 import posixpath
-from typing import Iterable, List, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 __all__ = ["AllowListError", "SourceAllowList", "UNBOUND", "allow_list"]
 
 UNBOUND = "unbound"
+#: sender hosts whose verdict is remembered
+_HOST_CACHE = 4096
 
 _Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -52,7 +54,7 @@ class SourceAllowList:
     ``recvfrom`` family of calls returns it."""
 
     __slots__ = ("networks4", "networks6", "paths", "path_prefixes", "abstract",
-                 "abstract_prefixes", "unbound", "specs")
+                 "abstract_prefixes", "unbound", "specs", "_hosts")
 
     def __init__(self, specs: Iterable[str]) -> None:
         self.specs: Tuple[str, ...] = tuple(specs)
@@ -63,6 +65,9 @@ class SourceAllowList:
         self.abstract: set = set()
         self.abstract_prefixes: List[bytes] = []
         self.unbound = False
+        # host text -> verdict: parsing an address costs more than the rest of the
+        # check; bounded (cleared when full), as senders choose their addresses
+        self._hosts: Dict[str, bool] = {}
         for spec in self.specs:
             self._add(spec)
 
@@ -108,6 +113,15 @@ class SourceAllowList:
         return False
 
     def _allows_ip(self, host: object) -> bool:
+        hosts = self._hosts
+        verdict = hosts.get(host)  # type: ignore[arg-type]
+        if verdict is None:
+            if len(hosts) >= _HOST_CACHE:
+                hosts.clear()
+            verdict = hosts[str(host)] = self._judge_ip(host)
+        return verdict
+
+    def _judge_ip(self, host: object) -> bool:
         try:
             address = ipaddress.ip_address(str(host).partition("%")[0])
         except ValueError:
