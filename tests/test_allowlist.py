@@ -69,3 +69,6 @@ def test_the_verdict_memory_is_bounded():
         assert a.allows(("10.0.%d.%d" % (i // 256, i % 256), 1))
     assert len(a._hosts) <= allowlist._HOST_CACHE
     assert not a.allows(("11.0.0.1", 1)) and not a.allows(("11.0.0.1", 1))
+    for i in range(allowlist._HOST_CACHE + 10):
+        assert not a.allows("/run/s%d.sock" % i)
+    assert len(a._paths) <= allowlist._HOST_CACHE

@@ -39,7 +39,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 __all__ = ["AllowListError", "SourceAllowList", "UNBOUND", "allow_list"]
 
 UNBOUND = "unbound"
-#: sender hosts whose verdict is remembered
+#: sender hosts (and, apart, sender paths) whose verdict is remembered
 _HOST_CACHE = 4096
 
 _Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -54,7 +54,7 @@ class SourceAllowList:
     ``recvfrom`` family of calls returns it."""
 
     __slots__ = ("networks4", "networks6", "paths", "path_prefixes", "abstract",
-                 "abstract_prefixes", "unbound", "specs", "_hosts")
+                 "abstract_prefixes", "unbound", "specs", "_hosts", "_paths")
 
     def __init__(self, specs: Iterable[str]) -> None:
         self.specs: Tuple[str, ...] = tuple(specs)
@@ -68,6 +68,7 @@ class SourceAllowList:
         # host text -> verdict: parsing an address costs more than the rest of the
         # check; bounded (cleared when full), as senders choose their addresses
         self._hosts: Dict[str, bool] = {}
+        self._paths: Dict[str, bool] = {}
         for spec in self.specs:
             self._add(spec)
 
@@ -113,17 +114,11 @@ class SourceAllowList:
         return False
 
     def _allows_ip(self, host: object) -> bool:
-        hosts = self._hosts
-        verdict = hosts.get(host)  # type: ignore[arg-type]
-        if verdict is None:
-            if len(hosts) >= _HOST_CACHE:
-                hosts.clear()
-            verdict = hosts[str(host)] = self._judge_ip(host)
-        return verdict
+        return _remembered(self._hosts, str(host), self._judge_ip)
 
-    def _judge_ip(self, host: object) -> bool:
+    def _judge_ip(self, host: str) -> bool:
         try:
-            address = ipaddress.ip_address(str(host).partition("%")[0])
+            address = ipaddress.ip_address(host.partition("%")[0])
         except ValueError:
             return False
         if address.version == 6 and address.ipv4_mapped is not None:
@@ -132,6 +127,9 @@ class SourceAllowList:
         return any(address in network for network in networks)
 
     def _allows_path(self, path: str) -> bool:
+        return _remembered(self._paths, path, self._judge_path)
+
+    def _judge_path(self, path: str) -> bool:
         if path in self.paths:
             return True
         if not self.path_prefixes or posixpath.normpath(path) != path:
@@ -140,6 +138,16 @@ class SourceAllowList:
 
     def _allows_abstract(self, name: bytes) -> bool:
         return name in self.abstract or any(name.startswith(p) for p in self.abstract_prefixes)
+
+
+def _remembered(verdicts: Dict[str, bool], sender: str, judge) -> bool:
+    """*judge(sender)*, remembered in *verdicts* (cleared when it is full)."""
+    verdict = verdicts.get(sender)
+    if verdict is None:
+        if len(verdicts) >= _HOST_CACHE:
+            verdicts.clear()
+        verdict = verdicts[sender] = judge(sender)
+    return verdict
 
 
 def _network(spec: str, text: str) -> _Network:
