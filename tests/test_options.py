@@ -49,6 +49,7 @@ SUPPORTED = {
     "fastrouter-resubscribe", "fastrouter-resubscribe-bind", "subscription-tolerance",
     "subscription-algo", "subscription-mountpoints", "subscription-dotsplit", "subscriptions-sign-check",
     "subscriptions-sign-check-tolerance", "subscriptions-sign-skip-uid",
+    "subscriptions-hmac-key", "subscription-allow", "subscribe-hmac-key",
     "subscriptions-use-credentials", "subscriptions-credentials-check",
     "fastrouter-post-buffering", "fastrouter-post-buffering-dir", "fastrouter-post-buffering-max",
     "fastrouter-post-buffering-min-rate", "fastrouter-zerg", "zerg-server",

@@ -432,3 +432,72 @@ def test_table_signed_unsubscribe(signed_table):
     table.announce(_packet(private, NOW), NOW)
     table.announce(_packet(private, NOW, unsubscribe=True), NOW)  # sent as NOW + 1
     assert table.empty
+
+
+# ---------------------------------------------------------------------------
+# the shared-secret proof (--subscriptions-hmac-key)
+
+SECRET = b"a-shared-secret-of-32-bytes-long"
+
+
+def _hmaced(secret=SECRET, key=b"k", address=b"a:1", unix=NOW, rsa=None):
+    return parse_announcement(build_announcement(
+        key, address, unix=unix, hmac_signer=lambda block: signing.hmac_tag(secret, block),
+        signer=None if rsa is None else (lambda block: sign(rsa, "SHA1", block))))
+
+
+def test_hmac_tag_is_hex_hmac_sha256():
+    # RFC 4231, test case 2
+    assert signing.hmac_tag(b"Jefe", b"what do ya want for nothing?") == (
+        b"5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843")
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"", "empty"), (b" \n\t", "empty"), (b"short-key\n", "at least 16"),
+])
+def test_unusable_shared_keys(content, why):
+    with pytest.raises(SigningError, match=why):
+        signing.load_hmac_key(content)
+
+
+def test_shared_key_ignores_surrounding_white_space():
+    assert signing.load_hmac_key(b"  " + SECRET + b"\r\n") == SECRET
+    assert signing.HmacChecker(SECRET + b"\n").check(_hmaced())
+    assert "HmacChecker" in repr(signing.HmacChecker(SECRET)) and "secret" not in repr(
+        signing.HmacChecker(SECRET))
+
+
+def test_hmac_checker():
+    c = signing.HmacChecker(SECRET)
+    assert c.check_reason(_hmaced()) is None
+    assert "invalid hmac in subscription packet for k node: a:1" == c.check_reason(
+        _hmaced(secret=b"the-wrong-key-of-some-length"))
+    assert "without an hmac" in c.check_reason(_signed(KNOWN))
+    upper = _hmaced()._replace(hmac=_hmaced().hmac.upper())
+    assert not c.check(upper)  # lowercase hex only: one spelling per packet
+
+
+def test_proof_checker_either_proof_will_do_and_none_may_be_wrong():
+    files = {"/keys/k.pem": _pem_public(KNOWN)}
+    rsa = SignatureChecker("SHA1:/keys", reader(files))
+    shared = signing.HmacChecker(SECRET)
+    both = signing.proof_checker(rsa, shared)
+    assert signing.proof_checker(rsa, None) is rsa
+    assert signing.proof_checker(None, shared) is shared
+    assert signing.proof_checker(None, None) is None
+    assert both.check(_signed(KNOWN))                    # RSA alone
+    assert both.check(_hmaced())                         # HMAC alone
+    assert both.check(_hmaced(rsa=KNOWN))                # both, both right
+    unsigned = parse_announcement(build_announcement(b"k", b"a:1", unix=NOW))
+    assert "unsigned" in both.check_reason(unsigned)
+    wrong_hmac = _hmaced(secret=b"the-wrong-key-of-some-length", rsa=KNOWN)
+    assert "invalid hmac" in both.check_reason(wrong_hmac)   # a right RSA does not outvote it
+    del files["/keys/k.pem"]
+    assert "no public key file" in both.check_reason(_hmaced(rsa=KNOWN))
+
+
+def test_an_hmac_and_rsa_packet_verifies_for_an_rsa_only_router():
+    # what a uWSGI 2.0 router with --subscriptions-sign-check does: the hmac var is an
+    # unknown var inside the signed part
+    rsa = SignatureChecker("SHA1:/keys", reader({"/keys/k.pem": _pem_public(KNOWN)}))
+    assert rsa.check(_hmaced(rsa=KNOWN))

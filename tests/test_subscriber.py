@@ -18,7 +18,7 @@ import support
 from backends import RecordingBackend, request
 from uwsgi_fastrouter.protocol import parse_vars
 from uwsgi_fastrouter.reactor import Reactor
-from uwsgi_fastrouter.signing import SignatureChecker
+from uwsgi_fastrouter.signing import HmacChecker, SignatureChecker
 from uwsgi_fastrouter.subscriber import (MapFileSpec, SubscribeError, Subscriber, SubscribeSpec,
                                          parse_map_file, parse_subscribe2, parse_subscribe_to)
 from uwsgi_fastrouter.subscription import parse_announcement
@@ -494,6 +494,40 @@ def test_signed_announces_verify_with_the_public_key_and_openssl(sock_dir, keypa
     assert ok.returncode == 0 and b"Verified OK" in ok.stdout
 
 
+SECRET = b"a-shared-secret-of-32-bytes-long"
+
+
+def test_hmac_announces_verify_with_the_shared_key(sock_dir):
+    receiver = Receiver(sock_dir)
+    reactor = FakeReactor()
+    sub = subscriber(reactor, ["%s:example.com" % receiver.server], hmac_key=SECRET,
+                     wall_clock=lambda: 1700000000.7)
+    sub.start()
+    sub.stop()
+    announce, unsubscribe = receiver.drain()
+    checker = HmacChecker(SECRET)
+    a, u = parse_announcement(announce), parse_announcement(unsubscribe)
+    assert (a.unix, a.unsubscribe, u.unix, u.unsubscribe) == (1700000000, False, 1700000001, True)
+    assert checker.check_reason(a) is None and checker.check_reason(u) is None
+    assert [name for name, _ in parse_vars(announce[4:])][-2:] == [b"unix", b"hmac"]
+    assert not HmacChecker(b"another-secret-of-some-length").check(a)
+
+
+def test_hmac_and_rsa_together_each_verify(sock_dir, keypair):
+    private, public_dir = keypair
+    receiver = Receiver(sock_dir)
+    reactor = FakeReactor()
+    sub = subscriber(reactor, ["%s:example.com,0,SHA1:%s" % (receiver.server, private)],
+                     hmac_key=SECRET, wall_clock=lambda: 1700000000.7)
+    sub.start()
+    sub.stop(unsubscribe=False)
+    (announce,) = receiver.drain()
+    a = parse_announcement(announce)
+    assert [name for name, _ in parse_vars(announce[4:])][-3:] == [b"unix", b"hmac", b"sign"]
+    rsa = SignatureChecker("SHA1:%s" % public_dir, lambda path: Path(path).read_bytes())
+    assert rsa.check(a) and HmacChecker(SECRET).check(a)
+
+
 def test_an_announce_that_cannot_be_signed_is_not_sent(sock_dir):
     receiver = Receiver(sock_dir)
     reactor = FakeReactor()
@@ -647,3 +681,22 @@ def test_signed_announces_are_accepted_by_uwsgi_and_by_our_router(sock_dir, keyp
         for router in (ours, reference):
             router.wait_for_log(r"example.com => marking %s as failed" % signed_backend.address)
     assert other.count == 0
+
+
+@pytest.mark.interop
+def test_a_real_uwsgi_router_ignores_the_hmac_var_and_verifies_the_signature_over_it(
+        sock_dir, keypair):
+    """The shared-key proof is invisible to a uWSGI 2.0 router: an announce carrying
+    hmac and an RSA signature is accepted by one that checks signatures."""
+    private, public_dir = keypair
+    reference = start_uwsgi_router(sock_dir, "--subscriptions-sign-check", "SHA1:%s" % public_dir)
+    with RecordingBackend("both") as backend:
+        running = RunningSubscriber(
+            parse_subscribe_to("%s:example.com,0,SHA1:%s" % (reference.sub, private)),
+            default_address=backend.address.encode(), hmac_key=SECRET)
+        try:
+            reference.wait_for_log(r"\] example.com => new node: %s" % backend.address)
+            assert b"node=both" in request(reference.listen, HOST)
+        finally:
+            running.stop()
+        reference.wait_for_log(r"example.com => marking %s as failed" % backend.address)

@@ -10,6 +10,7 @@ from typing import List, Optional
 import pytest
 
 from uwsgi_fastrouter.protocol import encode_vars, parse_vars
+from uwsgi_fastrouter.signing import HmacChecker, hmac_tag
 from uwsgi_fastrouter.subscription import (
     FORWARDED_VAR, MAX_ADDRESS, MAX_KEY, Announcement, Node, SubscriptionError,
     SubscriptionTable, TableFull, build_announcement, djb33x, forward_announcement,
@@ -1035,3 +1036,82 @@ def test_the_proof_is_checked_before_the_room():
     with pytest.raises(TableFull):                    # a proven new key meets the limit
         t.announce(signed(b"k2"), T0)
     assert t.refused_keys == 1 and len(t) == 1
+
+
+# ---------------------------------------------------------------------------
+# the shared-secret proof (an hmac var): same freshness and replay rules as sign
+
+HKEY = b"0123456789abcdef-shared"
+
+
+def hmaced(key=b"k", address=b"a:1", unix: Optional[int] = int(T0), secret=HKEY, **kw):
+    return ann(key, address, unix=unix, hmac_signer=lambda block: hmac_tag(secret, block), **kw)
+
+
+def test_hmac_var_parses_with_what_it_covers():
+    a = parse_announcement(datagram(KA + [(b"unix", b"5"), (b"hmac", b"ab")]))
+    assert a.hmac == b"ab" and a.hmac_part == encode_vars(KA + [(b"unix", b"5")])
+    assert a.sign is None and a.unix == 5
+    assert parse_announcement(datagram(KA)).hmac is None
+    assert parse_announcement(datagram(KA + [(b"hmac", b"")])).hmac == b""  # present, empty
+
+
+def test_only_sign_may_follow_hmac():
+    _rejected(datagram(KA + [(b"hmac", b"x"), (b"unix", b"1")]), "only the sign var may follow")
+    _rejected(datagram(KA + [(b"hmac", b"x"), (b"hmac", b"y")]), "only the sign var may follow")
+    _rejected(datagram(KA + [(b"sign", b"x"), (b"hmac", b"y")]), "sign var must be the last")
+    a = parse_announcement(datagram(KA + [(b"hmac", b"h"), (b"sign", b"s")]))
+    assert a.hmac_part == encode_vars(KA)
+    assert a.signed_part == encode_vars(KA + [(b"hmac", b"h")])  # RSA covers the hmac
+
+
+def test_build_writes_hmac_after_unix_and_before_sign():
+    seen = []
+    pkt = build_announcement(b"k", b"a:1", unix=7, hmac_signer=lambda b: seen.append(b) or b"H",
+                             signer=lambda b: seen.append(b) or b"S")
+    names = [n for n, _ in parse_vars(pkt[4:])]
+    assert names[-3:] == [b"unix", b"hmac", b"sign"]
+    assert seen[1] == seen[0] + encode_vars([(b"hmac", b"H")])
+    with pytest.raises(SubscriptionError, match="needs a unix"):
+        build_announcement(b"k", b"a:1", hmac_signer=lambda b: b"H")
+
+
+def test_hmac_new_node_needs_a_fresh_valid_hmac():
+    t = SubscriptionTable(verifier=HmacChecker(HKEY), sign_tolerance=100)
+    with pytest.raises(SubscriptionError, match="unsigned"):
+        t.announce(ann(), T0)
+    with pytest.raises(SubscriptionError, match="without a unix"):
+        t.announce(parse_announcement(datagram(KA + [(b"hmac", b"00")])), T0)
+    with pytest.raises(SubscriptionError, match="expired"):
+        t.announce(hmaced(unix=int(T0) - 101), T0)
+    with pytest.raises(SubscriptionError, match="invalid hmac"):
+        t.announce(hmaced(secret=b"another-key-of-16-bytes"), T0)
+    with pytest.raises(SubscriptionError, match="without an hmac"):
+        t.announce(signed(), T0)  # an RSA signature is no proof here
+    assert t.empty
+    node = t.announce(hmaced(unix=int(T0) - 100), T0)
+    assert node.last_unix == int(T0) - 100
+
+
+def test_hmac_refresh_and_replay_after_removal_follow_the_signature_rules():
+    t = SubscriptionTable(verifier=HmacChecker(HKEY))
+    captured = hmaced(unix=int(T0))
+    t.announce(captured, T0)
+    with pytest.raises(SubscriptionError, match="sniffed"):
+        t.announce(captured, T0 + 1)
+    t.announce(hmaced(unix=int(T0), unsubscribe=True), T0 + 1)  # carries T0 + 1
+    assert t.empty
+    with pytest.raises(SubscriptionError, match="replayed"):
+        t.announce(captured, T0 + 2)
+    assert t.refused_replays == 1
+    assert t.announce(hmaced(unix=int(T0) + 2), T0 + 2) is not None
+
+
+def test_an_altered_hmac_packet_is_refused():
+    t = SubscriptionTable(verifier=HmacChecker(HKEY))
+    good = build_announcement(b"k", b"a:1", unix=int(T0),
+                              hmac_signer=lambda block: hmac_tag(HKEY, block))
+    forged = good.replace(b"a:1", b"b:1")
+    with pytest.raises(SubscriptionError, match="invalid hmac"):
+        t.announce(parse_announcement(forged), T0)
+    assert t.announce(parse_announcement(good), T0) is not None

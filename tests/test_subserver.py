@@ -150,3 +150,37 @@ def test_refusals_for_room_are_logged_once_a_second_with_a_count():
         "[uwsgi-subscription for pid %d] subscription table full: too many keys (1): flood5 "
         "refused (and 4 more since the last such line)" % pid]
     assert table.refused_keys == 6 and srv.dropped == 6
+
+
+def test_a_sender_outside_the_allow_list_is_refused_counted_and_logged_escaped():
+    from uwsgi_fastrouter.allowlist import SourceAllowList
+    from uwsgi_fastrouter.metrics import subscription_counters
+    lines = io.StringIO()
+    log.set_stream(lines)
+    try:
+        table = SubscriptionTable()
+        srv = server(table, allow=SourceAllowList(["10.0.0.0/8", "/run/subs/"]))
+        assert srv.handle(packet(b"bad"), ("192.0.2.1", 4000)) is None
+        assert srv.handle(packet(b"bad"), "/tmp/evil\x1b[2J.sock") is None
+        assert srv.handle(packet(b"bad"), None) is None
+        assert srv.handle(b"garbage, not even parsed", ("192.0.2.1", 4000)) is None
+        assert srv.handle(packet(b"good"), ("10.1.2.3", 4000)) is not None
+        assert srv.handle(packet(b"good", b"b:1"), "/run/subs/b.sock") is not None
+    finally:
+        log.set_stream(None)
+    assert table.pool(b"bad") is None and len(table.pool(b"good").nodes) == 2
+    assert srv.refused_sources == 4 and srv.dropped == 4
+    counters = subscription_counters(srv, table)
+    assert counters["source"] == 4 and counters["other"] == 0
+    text = lines.getvalue()
+    assert "dropped subscription datagram from 192.0.2.1:4000: the sender is not in " \
+           "--subscription-allow" in text
+    assert "from /tmp/evil\\x1b[2J.sock: the sender" in text and "\x1b" not in text
+    assert "the sender (an unbound unix socket) is not in --subscription-allow" in text
+    assert "garbage" not in text
+
+
+def test_without_an_allow_list_every_sender_is_looked_at():
+    srv = server(SubscriptionTable())
+    assert srv.handle(packet(), ("192.0.2.1", 4000)) is not None
+    assert srv.handle(packet(b"k2"), None) is not None and srv.refused_sources == 0

@@ -22,7 +22,9 @@ from .options import access_log_target
 from .reactor import Reactor
 from .router import Router, SubscriptionMapper
 from .server import DEFAULT_CHUNK, Server
-from .signing import SignatureChecker, SigningError
+from .allowlist import AllowListError, allow_list
+from .keyfile import read_hmac_key_file
+from .signing import HmacChecker, SignatureChecker, SigningError, proof_checker
 from .sockets import AddressError, bind_listener, bind_stream_server
 from .stats import StatsServer, Streamed, build_document, live_pools, pool_stats, subscription_stream
 from .subscription import ALGORITHMS, SubscriptionTable
@@ -381,6 +383,25 @@ def _bind_all(cfg, parts: Assembly) -> tuple:
 
 
 def _signature_checker(cfg):
+    """The table's verifier: RSA (``--subscriptions-sign-check``), the shared key
+    (``--subscriptions-hmac-key``), both, or ``None``."""
+    shared = None
+    if cfg.subscriptions_hmac_key:
+        try:
+            shared = HmacChecker(read_hmac_key_file(cfg.subscriptions_hmac_key))
+        except SigningError as exc:
+            raise StartupError('option "--subscriptions-hmac-key": %s' % exc)
+    return proof_checker(_rsa_checker(cfg), shared)
+
+
+def _source_allow_list(cfg):
+    try:
+        return allow_list(cfg.subscription_allow)
+    except AllowListError as exc:
+        raise StartupError('option "--subscription-allow": %s' % exc)
+
+
+def _rsa_checker(cfg):
     if not cfg.subscriptions_sign_check:
         return None
 
@@ -485,7 +506,8 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener, external: bo
             resubscribe=cfg.fastrouter_resubscribe if external else (),
             resubscribe_bind=cfg.fastrouter_resubscribe_bind if external else None,
             own_address=own, use_credentials=cfg.subscriptions_use_credentials,
-            credentials_check=cfg.subscriptions_credentials_check, skip_uids=skip)
+            credentials_check=cfg.subscriptions_credentials_check, skip_uids=skip,
+            allow=_source_allow_list(cfg))
 
         def expire(_now: float) -> None:
             if external:
@@ -631,7 +653,8 @@ class MasterSockets:
                 reactor, self.table, self.datagram, wall_clock=time.time,
                 resubscribe=cfg.fastrouter_resubscribe, resubscribe_bind=cfg.fastrouter_resubscribe_bind,
                 own_address=own, use_credentials=cfg.subscriptions_use_credentials,
-                credentials_check=cfg.subscriptions_credentials_check, skip_uids=_skip_uids(cfg))
+                credentials_check=cfg.subscriptions_credentials_check, skip_uids=_skip_uids(cfg),
+                allow=_source_allow_list(cfg))
             self.subscriptions.on_accepted = lambda data, pid, uid, gid: master.broadcast(
                 SUBSCRIPTION, pack_credentials(pid, uid, gid) + data)
         if self.parts.zerg_listener is not None:
@@ -897,11 +920,17 @@ def make_subscriber(cfg, reactor: Reactor, parts: Assembly):
 
     weight = processes if cfg.auto_weight else (cfg.weight or 0)
     notify = cfg.subscription_notify_socket.encode() if cfg.subscription_notify_socket else None
+    hmac_key = None
+    if cfg.subscribe_hmac_key:
+        try:
+            hmac_key = read_hmac_key_file(cfg.subscribe_hmac_key)
+        except SigningError as exc:
+            raise StartupError('option "--subscribe-hmac-key": %s' % exc)
     return Subscriber(reactor, specs, default_address=default, freq=cfg.subscribe_freq or 10,
                       cores=processes, load=backlog, weight=weight,
                       resolve_shared=by_index(parts.shared), resolve_socket=by_index(apps),
                       modifier1=modifier1, notify=notify,
-                      credentials=cfg.subscriptions_use_credentials)
+                      credentials=cfg.subscriptions_use_credentials, hmac_key=hmac_key)
 
 
 def prepare_mappers(cfg, parts: Assembly) -> None:

@@ -354,7 +354,7 @@ def render(snapshot: Dict[str, Any], subscriptions: Optional[Dict[str, int]] = N
                 subscriptions["received"])
         out.family("subscription_drops", "counter", "subscription datagrams dropped, by reason",
                    [("_total", 'reason="%s"' % reason, subscriptions[reason])
-                    for reason in ("table_full", "key_full", "replay", "other")])
+                    for reason in ("table_full", "key_full", "replay", "source", "other")])
         out.one("subscription_notify_ignored", "counter",
                 "notify paths not written to (announce not verified)", subscriptions["notify_ignored"])
         out.one("subscription_keys", "gauge", "keys in the subscription table", subscriptions["keys"])
@@ -373,7 +373,8 @@ def subscription_counters(server, table) -> Optional[Dict[str, int]]:
         "table_full": table.refused_keys,
         "key_full": table.refused_nodes,
         "replay": table.refused_replays,
-        "other": max(0, server.dropped - refused),
+        "source": server.refused_sources,
+        "other": max(0, server.dropped - refused - server.refused_sources),
         "notify_ignored": server.notify_ignored,
         "keys": len(table),
         "nodes": table.node_count,

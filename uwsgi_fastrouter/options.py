@@ -399,6 +399,10 @@ OPTIONS: Tuple[Option, ...] = (
     _o("subscribe2", LIST, "announce this instance using key=value pairs (server, key, socket, "
        "addr, weight, modifier1, modifier2, sign...); repeatable", G_SUBS, default=[],
        metavar="SPEC", status=SUPPORTED),
+    _o("subscribe-hmac-key", STRING, "prove every announce with an hmac var (HMAC-SHA256 under "
+       "the shared key in FILE, mode 0600 or 0640, at least 16 bytes) and a unix timestamp, for "
+       "a router started with --subscriptions-hmac-key; a uWSGI 2.0 router ignores both",
+       G_SUBS, metavar="FILE"),
     _o("subscribe-freq", INT, "seconds between two announces", G_SUBS, default=10, metavar="SECS",
        status=SUPPORTED),
     _o("subscribe-with-modifier1", STRING, "announce every subscription with modifier1 N", G_SUBS,
@@ -431,6 +435,15 @@ OPTIONS: Tuple[Option, ...] = (
        "lag behind; as long, the last timestamp of a removed node (at most 10000 of them) is "
        "kept, so that its captured packets cannot bring it back", G_SUBS, default=86400,
        metavar="SECS", status=SUPPORTED),
+    _o("subscriptions-hmac-key", STRING, "accept only subscriptions proven with the shared key in "
+       "FILE (an hmac var, HMAC-SHA256; the same unix freshness and replay rules as signatures); "
+       "with --subscriptions-sign-check too, either proof will do, and any proof carried must "
+       "verify; FILE must not be open to others and holds at least 16 bytes", G_SUBS,
+       metavar="FILE"),
+    _o("subscription-allow", LIST, "accept subscription datagrams only from the senders listed: "
+       "ADDRESS[/PREFIX] for UDP, /PATH (a trailing / or * makes it a prefix) or @NAME for bound "
+       "unix sockets, 'unbound' for unix sockets without an address; repeatable; others are "
+       "dropped, counted and logged", G_SUBS, default=[], metavar="CIDR|PATH"),
     _o("subscriptions-sign-skip-uid", LIST, "do not require signatures from unix peers running as "
        "UID; repeatable", G_SUBS, default=[], metavar="UID", status=SUPPORTED),
     _o("subscriptions-use-credentials", BOOL, "send and check unix credentials with subscriptions "

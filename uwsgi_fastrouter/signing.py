@@ -1,4 +1,4 @@
-"""RSA signatures for subscription packets, in pure Python.  No I/O.
+"""RSA signatures and shared-secret HMACs for subscription packets, in pure Python.  No I/O.
 
 Theory of operation
 -------------------
@@ -31,6 +31,12 @@ case-insensitive.
 What a signature covers and how a key's file is named: docs/wire.md ("Signature");
 when the router requires one: docs/behaviour.md ("Signed subscriptions").
 
+Shared-secret mode (``--subscriptions-hmac-key``, docs/decisions.md D24):
+:class:`HmacChecker` compares the packet's ``hmac`` var with the HMAC-SHA256 of the
+bytes before it in one constant-time comparison; :class:`ProofChecker` combines it
+with RSA (either proof will do, none carried may be wrong).  Reading the key file,
+with its permission rules, is uwsgi_fastrouter/keyfile.py's job.
+
 The :class:`SignatureChecker` is handed a ``read_file`` function, so this module
 stays free of file-system calls; it re-reads a key file per check (as uWSGI does,
 so a replaced or removed key file takes effect at once) and keeps the parsed key
@@ -58,6 +64,12 @@ __all__ = [
     "verify",
     "sign",
     "SignatureChecker",
+    "HMAC_KEY_MIN",
+    "load_hmac_key",
+    "hmac_tag",
+    "HmacChecker",
+    "ProofChecker",
+    "proof_checker",
 ]
 
 
@@ -445,3 +457,104 @@ class SignatureChecker:
         False when it is unsigned, the key file is missing or unusable, or the
         signature is wrong."""
         return self.check_reason(a) is None
+
+
+# ---------------------------------------------------------------------------
+# Shared-secret subscriptions (--subscriptions-hmac-key)
+#
+# A packet proves itself with an ``hmac`` var: the lowercase hex HMAC-SHA256, under
+# the shared key, of the vars block before the ``hmac`` record (the bytes an RSA
+# ``sign`` would cover).  Only a ``sign`` var may follow it, so a packet can carry
+# both proofs (RSA then covers the ``hmac`` var too).  A uWSGI 2.0 router ignores
+# the unknown var.  Freshness (``unix``) and replays are the table's business, the
+# same for both proofs (uwsgi_fastrouter/subscription.py).
+
+#: fewest bytes a shared key may have (after surrounding white space is removed)
+HMAC_KEY_MIN = 16
+HMAC_VAR = b"hmac"
+
+
+def load_hmac_key(content: bytes) -> bytes:
+    """The shared key in a key file's *content*: the bytes without surrounding white
+    space (so an editor's newline does not matter).  :class:`SigningError` when fewer
+    than :data:`HMAC_KEY_MIN` bytes remain."""
+    key = bytes(content).strip()
+    if not key:
+        raise SigningError("the key file is empty")
+    if len(key) < HMAC_KEY_MIN:
+        raise SigningError("the key is %d bytes long; at least %d are required"
+                           % (len(key), HMAC_KEY_MIN))
+    return key
+
+
+def hmac_tag(key: bytes, message: bytes) -> bytes:
+    """The ``hmac`` var's value for the vars block *message*: hex HMAC-SHA256, ASCII."""
+    # hmac.digest is the one-shot form: about a third cheaper than hmac.new(...)
+    return hmac.digest(key, message, "sha256").hex().encode("ascii")
+
+
+class HmacChecker:
+    """Verifies the ``hmac`` var of subscription packets against one shared key."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, key: bytes) -> None:
+        self._key = load_hmac_key(key)
+
+    def __repr__(self) -> str:  # never print the secret
+        return "<HmacChecker>"
+
+    def check_reason(self, a) -> Optional[str]:
+        """``None`` if announcement *a* carries a valid ``hmac``, else why not."""
+        if a.hmac is None:
+            return "subscription packet for %s without an hmac" % printable(a.key)
+        if not hmac.compare_digest(hmac_tag(self._key, a.hmac_part), a.hmac):
+            return "invalid hmac in subscription packet for %s node: %s" % (
+                printable(a.key), printable(a.address))
+        return None
+
+    def check(self, a) -> bool:
+        return self.check_reason(a) is None
+
+
+class ProofChecker:
+    """RSA and shared-secret checks together (docs/decisions.md D24).
+
+    A packet must carry at least one of the configured proofs, and every configured
+    proof it carries must verify: either proof alone is enough, a wrong one is never
+    outvoted by a right one.
+    """
+
+    __slots__ = ("rsa", "shared")
+
+    def __init__(self, rsa: Optional[SignatureChecker], shared: Optional[HmacChecker]) -> None:
+        if rsa is None and shared is None:
+            raise SigningError("no proof configured")
+        self.rsa = rsa
+        self.shared = shared
+
+    def check_reason(self, a) -> Optional[str]:
+        carried = [(checker, present) for checker, present in
+                   ((self.rsa, a.sign is not None), (self.shared, a.hmac is not None))
+                   if checker is not None]
+        if not any(present for _, present in carried):
+            # nothing to check: the first configured checker says what is missing
+            return carried[0][0].check_reason(a)
+        for checker, present in carried:
+            if present:
+                why = checker.check_reason(a)
+                if why is not None:
+                    return why
+        return None
+
+    def check(self, a) -> bool:
+        return self.check_reason(a) is None
+
+
+def proof_checker(rsa: Optional[SignatureChecker],
+                  shared: Optional[HmacChecker]) -> Union[None, SignatureChecker, HmacChecker,
+                                                          ProofChecker]:
+    """The table's verifier for the configured proofs (``None`` when there is none)."""
+    if rsa is None or shared is None:
+        return rsa if rsa is not None else shared
+    return ProofChecker(rsa, shared)

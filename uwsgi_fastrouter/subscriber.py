@@ -54,6 +54,11 @@ the RSASSA-PKCS1-v1_5 signature of the vars before it, made with
 packet that cannot be signed (missing or bad key) is not sent at all: uWSGI
 would send it without its signature.
 
+Shared key (``--subscribe-hmac-key``, read once at start-up).  Every packet gets
+``unix`` as above and an ``hmac`` var: the hex HMAC-SHA256 of the vars before it
+(see :mod:`~uwsgi_fastrouter.signing`).  With an RSA signature too, ``hmac`` comes
+first and the signature covers it.
+
 subscribe2's ``check=FILE`` skips that announce (and its unsubscribe) while FILE
 exists.  Its ``weight=`` applies to that subscription only.  In 2.0.31 it also
 overwrites the instance's ``--weight`` from the next round on, so every other
@@ -70,7 +75,8 @@ from typing import TYPE_CHECKING, Callable, Dict, List, NamedTuple, Optional, Se
 
 from . import log as _log
 from .addresses import AddressError, is_unix, parse_connect
-from .signing import RSAPrivateKey, SignatureChecker, SigningError, load_private_key, sign
+from .signing import (RSAPrivateKey, SignatureChecker, SigningError, hmac_tag, load_private_key,
+                      sign)
 from .sockets import connect_sockaddr
 from .subscription import ALGORITHMS, MAX_BACKUP, MAX_KEY, SubscriptionError, build_announcement
 
@@ -394,8 +400,9 @@ class Subscriber:
     the name of shared socket N / of socket N (``None`` when there is none).
     *modifier1*: ``--subscribe-with-modifier1`` (overrides every spec's).  *notify*:
     ``--subscription-notify-socket``.  *credentials*: attach ``SCM_CREDENTIALS`` to
-    UNIX datagrams (``--subscriptions-use-credentials``).  *wall_clock* gives the
-    ``unix`` timestamps of signed packets; *log* writes one line.
+    UNIX datagrams (``--subscriptions-use-credentials``).  *hmac_key*: prove every
+    packet with an ``hmac`` var under this shared key (``--subscribe-hmac-key``).
+    *wall_clock* gives the ``unix`` timestamps of signed packets; *log* writes one line.
 
     Counters: :attr:`sent` packets sent, :attr:`errors` packets that could not be
     built, signed or sent, :attr:`rounds` rounds run.
@@ -413,6 +420,7 @@ class Subscriber:
                  resolve_socket: Optional[Callable[[int], Optional[bytes]]] = None,
                  modifier1: Optional[int] = None, notify: Optional[bytes] = None,
                  credentials: bool = False,
+                 hmac_key: Optional[bytes] = None,
                  wall_clock: Callable[[], float] = time.time,
                  log: Callable[[str], None] = _log.log) -> None:
         self.reactor = reactor
@@ -427,6 +435,7 @@ class Subscriber:
         self.modifier1 = modifier1
         self.notify = notify
         self.credentials = credentials
+        self.hmac_key = hmac_key
         self.wall_clock = wall_clock
         self.log = log
         self.sent = 0
@@ -547,6 +556,11 @@ class Subscriber:
                 self.errors += 1
                 return
             unix = int(self.wall_clock())
+        hmac_signer = None
+        if self.hmac_key is not None:
+            key = self.hmac_key
+            hmac_signer = lambda block: hmac_tag(key, block)  # noqa: E731
+            unix = int(self.wall_clock())
         try:
             packet = build_announcement(
                 spec.key, address,
@@ -555,6 +569,7 @@ class Subscriber:
                 weight=self.weight if spec.weight is None else spec.weight,
                 unsubscribe=unsubscribe, sni_key=spec.sni_key, sni_crt=spec.sni_crt,
                 sni_ca=spec.sni_ca, notify=self.notify, unix=unix, signer=signer,
+                hmac_signer=hmac_signer,
                 backup=spec.backup, algo=spec.algo, proto=spec.proto, vassal=spec.vassal)
         except SubscriptionError as exc:
             self.errors += 1

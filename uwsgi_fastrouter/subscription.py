@@ -44,7 +44,9 @@ Signed subscriptions (a ``verifier`` is set): a packet creating a pool or a node
 must be signed, carry a ``unix`` timestamp not older than ``sign_tolerance``, and
 verify against the key's public key; a packet for an existing node must verify and
 carry a timestamp strictly newer than the last one accepted for that node, so a
-captured packet cannot be replayed.
+captured packet cannot be replayed.  "Signed" means an RSA ``sign`` or a
+shared-secret ``hmac`` var, whichever the verifier checks (uwsgi_fastrouter/signing.py):
+the ``unix`` and replay rules are the same for both.
 
 Replays after a removal (docs/decisions.md D9).  Once a node is gone (unsubscribed,
 expired, failed), a captured packet of it would be a valid "new node" for as long as
@@ -208,6 +210,11 @@ class Announcement(NamedTuple):
     #: the vars bytes the signature covers: everything before the ``sign`` record
     #: (the whole vars block when the packet is not signed)
     signed_part: bytes = b""
+    #: the shared-secret proof (hex HMAC-SHA256, see uwsgi_fastrouter/signing.py);
+    #: only ``sign`` may follow it
+    hmac: Optional[bytes] = None
+    #: the vars bytes the ``hmac`` covers: everything before the ``hmac`` record
+    hmac_part: bytes = b""
     #: a router forwarded this packet (see :data:`FORWARDED_VAR`)
     forwarded: bool = False
     #: uWSGI 2.1 fields (a 2.0 router ignores them): the node's backup level, the
@@ -239,12 +246,13 @@ _STRINGS = {
     b"sni_ca": "sni_ca",
     b"notify": "notify",
     b"sign": "sign",
+    b"hmac": "hmac",
     b"algo": "algo",
     b"proto": "proto",
     b"vassal": "vassal",
 }
 _V21_FIELDS = ("backup", "algo", "proto", "vassal")
-_KEEP_EMPTY = ("key", "address", "sign")
+_KEEP_EMPTY = ("key", "address", "sign", "hmac")
 
 
 def _number(name: bytes, value: bytes, limit: int) -> int:
@@ -263,7 +271,7 @@ def parse_announcement(datagram: bytes) -> Announcement:
     The header's datasize must equal the vars that follow; the vars must be valid
     uwsgi records; ``key`` and ``address`` must be 1..255 bytes; numbers must be plain
     decimals (modifiers 0..255, the others 0..2**63); ``sign``, if present, must be
-    the last var.  Header byte 3 == 0 is a subscribe, any other value an unsubscribe;
+    the last var, and only ``sign`` may follow ``hmac``.  Header byte 3 == 0 is a subscribe, any other value an unsubscribe;
     byte 0 is not looked at.  Unknown vars are ignored, for a repeated var the last
     one counts.  Raises :class:`SubscriptionError` naming the first fault.
     """
@@ -279,11 +287,15 @@ def parse_announcement(datagram: bytes) -> Announcement:
     fields: Dict[str, Any] = {}
     forwarded = False
     sign_start = -1  # where the sign record starts, once seen
+    hmac_start = -1  # where the hmac record starts, once seen
     pos = 0
     try:
         for name, value in iter_vars(block):
             if sign_start >= 0:
                 raise SubscriptionError("the sign var must be the last one",
+                                        fields.get("key"), fields.get("address"))
+            if hmac_start >= 0 and name != b"sign":
+                raise SubscriptionError("only the sign var may follow the hmac var",
                                         fields.get("key"), fields.get("address"))
             start = pos
             pos += 4 + len(name) + len(value)
@@ -293,6 +305,8 @@ def parse_announcement(datagram: bytes) -> Announcement:
                 fields[field] = value if value or field in _KEEP_EMPTY else None
                 if field == "sign":
                     sign_start = start
+                elif field == "hmac":
+                    hmac_start = start
                 continue
             number = _NUMBERS.get(name)
             if number is not None:
@@ -311,6 +325,8 @@ def parse_announcement(datagram: bytes) -> Announcement:
         raise SubscriptionError("subscription packet for %s without an address of 1..%d bytes"
                                 % (_text(key), MAX_ADDRESS), key, address)
     fields["signed_part"] = block[:sign_start] if sign_start >= 0 else block
+    if hmac_start >= 0:
+        fields["hmac_part"] = block[:hmac_start]
     for name in _V21_FIELDS:
         if name in fields:
             _check_v21(fields, key, address)
@@ -344,19 +360,22 @@ def build_announcement(key: bytes, address: bytes, *, modifier1: int = 0, modifi
                        notify: Optional[bytes] = None, forwarded: bool = False,
                        unix: Optional[int] = None,
                        signer: Optional[Callable[[bytes], bytes]] = None,
+                       hmac_signer: Optional[Callable[[bytes], bytes]] = None,
                        backup: Optional[int] = None, algo: Optional[bytes] = None,
                        proto: Optional[bytes] = None, vassal: Optional[bytes] = None) -> bytes:
     """Write a subscription datagram as a uWSGI 2.0.31 instance does.
 
     Var order: key, address, modifier1, modifier2, cores, load, weight, [sni_key],
     [sni_crt], [sni_ca], [notify], [backup], [algo], [proto], [vassal],
-    [fastrouter_forwarded], [unix, sign].  The 2.1 fields (*backup* ... *vassal*) are
+    [fastrouter_forwarded], [unix, [hmac], [sign]].  The 2.1 fields (*backup* ... *vassal*) are
     written only when given; a uWSGI 2.0 router ignores them.  The header
     is modifier1 224, the datasize, and byte 3 = 1 for an unsubscribe.
 
     *unix* is the current time (whole seconds); it is written whenever given, and,
     as uWSGI does, an unsubscribe carries ``unix + 1``.  With *signer* (required to
-    sign; it needs *unix*) a ``sign`` var follows, holding ``signer(vars so far)``.
+    sign; it needs *unix*) a ``sign`` var follows, holding ``signer(vars so far)``;
+    with *hmac_signer* (it needs *unix* too) an ``hmac`` var holding
+    ``hmac_signer(vars so far)`` comes before it.
 
     What :func:`parse_announcement` would refuse is refused here with
     :class:`SubscriptionError`: a field out of range, or vars over 65535 bytes
@@ -401,10 +420,12 @@ def build_announcement(key: bytes, address: bytes, *, modifier1: int = 0, modifi
         pairs.append((FORWARDED_VAR, b"1"))
     if stamp is not None:
         pairs.append((b"unix", b"%d" % stamp))
-    elif signer is not None:
+    elif signer is not None or hmac_signer is not None:
         raise SubscriptionError("a signed subscription needs a unix timestamp", key, address)
     try:
         block = encode_vars(pairs)
+        if hmac_signer is not None:
+            block += encode_vars([(b"hmac", hmac_signer(block))])
         if signer is not None:
             block += encode_vars([(b"sign", signer(block))])
     except ProtocolError as exc:  # a value of more than 65535 bytes
@@ -828,8 +849,8 @@ class SubscriptionTable:
         return node
 
     def _signature_fault(self, a: Announcement) -> Optional[str]:
-        """Why *a*'s signature is not acceptable, or ``None``."""
-        if a.sign is None:
+        """Why *a*'s proof (signature or hmac) is not acceptable, or ``None``."""
+        if a.sign is None and a.hmac is None:
             return "unsigned subscription packet for %s" % _text(a.key)
         verifier = self.verifier
         reason = getattr(verifier, "check_reason", None)
@@ -841,7 +862,7 @@ class SubscriptionTable:
         return None
 
     def _check_new(self, a: Announcement, now: int) -> None:
-        if a.sign is not None and a.unix is None:
+        if (a.sign is not None or a.hmac is not None) and a.unix is None:
             raise SubscriptionError("signed subscription packet for %s without a unix timestamp"
                                     % _text(a.key), a.key, a.address)
         if a.unix is not None and a.unix < now - self.sign_tolerance:

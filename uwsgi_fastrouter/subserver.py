@@ -17,7 +17,9 @@ others), so a flood of fresh keys neither floods the log nor hides other faults 
 costs more than counting (the policy for a full table is described in
 :mod:`uwsgi_fastrouter.subscription`).
 
-Order of the checks: parse, then the proof (the credential check here, the signature
+Order of the checks: the sender against ``--subscription-allow``
+(uwsgi_fastrouter/allowlist.py; a refused sender is counted in ``refused_sources``
+and logged, rate limited, and its datagram is not even parsed), parse, then the proof (the credential check here, the signature
 check in the table), then the table's state and room.  What fails a check costs no
 table entry.
 
@@ -46,6 +48,7 @@ import struct
 from typing import Callable, List, Optional, Sequence
 
 from . import sockets
+from .allowlist import SourceAllowList
 from .log import RateLimitedLog, log, printable
 from .reactor import Reactor
 from .sockets import AddressError, connect_sockaddr
@@ -96,7 +99,8 @@ class SubscriptionServer:
                  own_address: bytes = b"",
                  use_credentials: bool = False,
                  credentials_check: Sequence[str] = (),
-                 skip_uids: Sequence[int] = ()) -> None:
+                 skip_uids: Sequence[int] = (),
+                 allow: Optional[SourceAllowList] = None) -> None:
         self.reactor = reactor
         self.table = table
         self.listeners = list(listeners)
@@ -108,6 +112,8 @@ class SubscriptionServer:
         self.use_credentials = use_credentials
         self.credentials_check = list(credentials_check)
         self.skip_uids = {u for u in skip_uids if u > 0}
+        #: who may announce (``None``: everyone)
+        self.allow = allow
         self.drop_log = RateLimitedLog(lambda: reactor.now, what="subscription log lines")
         self._full_logged = float("-inf")
         self._full_unlogged = 0
@@ -117,6 +123,8 @@ class SubscriptionServer:
         self.dropped = 0
         #: notify paths not written to because the announce was not verified
         self.notify_ignored = 0
+        #: datagrams from senders ``--subscription-allow`` does not list
+        self.refused_sources = 0
         # Called with (datagram, pid, uid, gid) for every accepted datagram: the
         # master copies it to the sibling router processes.
         self.on_accepted: Optional[Callable[[bytes, Optional[int], Optional[int], Optional[int]], None]] = None
@@ -187,6 +195,10 @@ class SubscriptionServer:
     def handle(self, data: bytes, sender=None, *, pid: Optional[int] = None, uid: Optional[int] = None,
                gid: Optional[int] = None, require_credentials: bool = False) -> Optional[Announcement]:
         """Apply one datagram; returns the parsed announcement when it was accepted."""
+        if self.allow is not None and not self.allow.allows(sender):
+            self.refused_sources += 1
+            return self._drop(sender, "the sender%s is not in --subscription-allow"
+                              % (" (an unbound unix socket)" if not sender else ""))
         if len(data) > _MAX_DATAGRAM:
             return self._drop(sender, "datagram larger than %d bytes" % _MAX_DATAGRAM)
         try:
