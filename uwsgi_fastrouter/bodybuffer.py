@@ -125,7 +125,11 @@ class BodyBuffering:
         body_file = tempfile.TemporaryFile(dir=self.directory)
         tail = None
         if early:
-            body_file.write(buf[total:total + min(early, length)])
+            try:
+                body_file.write(buf[total:total + min(early, length)])
+            except OSError:
+                body_file.close()
+                raise
             if early > length:
                 tail = bytes(buf[total + length:have])
         return BufferedBody(bytearray(buf[:total]), left, body_file, length, tail)
