@@ -405,7 +405,7 @@ class Router:
         if a first attempt had failed (nothing logged or marked); else None."""
         if not self.fallback_on_no_key:
             return None, 0, 0
-        route, fallback_index = self.retry_route(key, None, 0)
+        route, fallback_index = self._retry_route(key, None, 0)
         return route, 1, fallback_index
 
     def next_route(self, key: bytes, failed: Route, retries: int, fallback_index: int,
@@ -415,7 +415,7 @@ class Router:
         attempt; None once ``--fastrouter-max-retries`` is spent or nothing is left."""
         if retries >= self.max_retries:
             return None, retries, fallback_index
-        route, fallback_index = self.retry_route(key, failed, fallback_index, request)
+        route, fallback_index = self._retry_route(key, failed, fallback_index, request)
         return route, retries + 1, fallback_index
 
     @staticmethod
@@ -436,7 +436,7 @@ class Router:
         wait = min(delay * (1.0 - BUSY_JITTER * _random()), left)
         return (int((now + wait) / BUSY_TICK) + 1) * BUSY_TICK, (deadline, delay)
 
-    def retry_route(self, key: bytes, previous: Optional[Route], fallback_index: int,
+    def _retry_route(self, key: bytes, previous: Optional[Route], fallback_index: int,
                     request=None):
         """The route for the next attempt after a failure, as ``(route, fallback_index)``.
 
