@@ -327,6 +327,26 @@ def test_the_body_min_rate_deadline_is_a_timer_on_the_loop_clock(engines, log_li
         in log_lines.getvalue()
 
 
+@pytest.mark.parametrize("limit", [64, 4], ids=["in-memory", "temp-file"])
+def test_a_buffered_body_goes_to_the_node_once_complete(engines, tmp_path, limit):
+    node, address = tcp_listener()
+    with node:
+        engine = engines(Router(to=[address]), post_buffering=limit,
+                         post_buffering_dir=str(tmp_path))
+        head = uwsgi_packet([(b"HTTP_HOST", b"h"), (b"CONTENT_LENGTH", b"10")])
+        client, session = engine.client(head + b"abc")
+        assert session.state == RECV_BODY
+        for piece in (b"de", b"fgh", b"ij"):
+            client.send(piece)
+            engine.one_pass()
+        engine.until(lambda: session.state == RELAY and session.body is None, "the body sent")
+        conn, _ = node.accept()
+        with conn:
+            assert read_packet(conn) == head
+            assert recv_exact(conn, 10) == b"abcdefghij"
+        assert (RECV_BODY, CONNECTING) in RecordingSession.changes
+
+
 # --------------------------------------------------------------------------- retry and fallback
 
 
