@@ -26,7 +26,7 @@ from .acceptor import Acceptor
 from .accesslog import CountingSocket
 from .bodybuffer import BodyBuffering
 from .context import SessionContext
-from .handoff import HandoffTrust, Handoffs
+from .handoff import Handoffs
 from .log import RateLimitedLog, log, printable
 from .metrics import Counters
 from .protocol import scan_request
@@ -108,10 +108,6 @@ class Server:
     def fd_handoffs(self) -> int:
         """Clients a node took over."""
         return self.context.handoffs.count
-
-    @property
-    def handoff_trust(self) -> HandoffTrust:
-        return self.context.handoffs.trust
 
     # ------------------------------------------------------------ lifecycle
 
