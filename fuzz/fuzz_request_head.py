@@ -27,7 +27,7 @@ if __name__ == "__main__":
     sys.exit(harness.main("fuzz_request_head"))
 
 from uwsgi_fastrouter.protocol import (
-    HEADER_SIZE, MAX_DATASIZE, MalformedVars, PacketReader, ProtocolError, encode_vars, iter_vars,
+    HEADER_SIZE, MAX_DATASIZE, MalformedVars, HeadReader, ProtocolError, encode_vars, iter_vars,
     scan_request,
 )
 
@@ -48,25 +48,27 @@ def split_input(data: bytes):
 
 def feed(stream: bytes, sizes, limit: int):
     """Feed *stream* in pieces; the outcome in a comparable form."""
-    reader = PacketReader(limit)
+    reader = HeadReader(limit)
     pieces = []
     pos = 0
     for size in sizes:
         pieces.append(stream[pos:pos + size])
         pos += size
     pieces.append(stream[pos:])
-    done = None
+    trailing = b""
     try:
         for piece in pieces:
-            got = reader.feed(piece)
-            if got is not None:
-                assert done is None, "a packet was returned twice"
-                done = got
+            if reader.complete:
+                trailing += piece
+                continue
+            taken = reader.feed(piece)
+            trailing += piece[taken:]
+        if not reader.complete:
+            return ("incomplete", reader.needed)
+        pairs = list(iter_vars(reader.vars))
     except ProtocolError as exc:
         return ("error", type(exc).__name__, str(exc))
-    if done is None:
-        return ("incomplete", reader.bytes_needed)
-    return ("packet", done, reader.trailing)
+    return ("packet", reader.modifier1, reader.datasize, pairs, trailing)
 
 
 def expected_key(pairs):
@@ -101,10 +103,10 @@ def test_one_input(data: bytes) -> None:
     whole = feed(stream, [], limit)
     assert feed(stream, sizes, limit) == whole, (whole, sizes)
     if whole[0] == "packet":
-        packet = whole[1]
-        total = HEADER_SIZE + packet.header.datasize
-        assert whole[2] == stream[total:]
-        assert packet.vars == list(iter_vars(stream[HEADER_SIZE:total]))
+        _, _modifier1, datasize, pairs, trailing = whole
+        total = HEADER_SIZE + datasize
+        assert trailing == stream[total:]
+        assert pairs == list(iter_vars(stream[HEADER_SIZE:total]))
     if len(stream) >= HEADER_SIZE:
         check_block(stream[HEADER_SIZE:HEADER_SIZE + (stream[1] | stream[2] << 8)])
     check_block(stream)

@@ -20,7 +20,7 @@ from uwsgi_fastrouter.protocol import (
     MalformedVars,
     Packet,
     PacketHeader,
-    PacketReader,
+    HeadReader,
     ProtocolError,
     RequestInfo,
     encode_packet,
@@ -121,30 +121,35 @@ def _pieces(data: bytes, cuts: List[int]) -> List[bytes]:
 def _read(data: bytes, cuts: List[int], limit: int):
     """Feed *data* in the pieces *cuts* makes; check the reader's bookkeeping on the
     way and return what it ended with: (packet, trailing) or the error."""
-    reader = PacketReader(limit)
+    reader = HeadReader(limit)
     fed = 0
-    done: Optional[Packet] = None
+    trailing = b""
     for piece in _pieces(data, cuts):
-        if done is None:
-            datasize = data[1] | data[2] << 8 if fed >= 4 else None
-            expected_need = 4 - fed if datasize is None else 4 + datasize - fed
-            assert reader.bytes_needed == expected_need
+        if reader.complete:
+            trailing += piece
+            continue
+        datasize = data[1] | data[2] << 8 if fed >= 4 else None
+        expected_need = 4 - fed if datasize is None else 4 + datasize - fed
+        assert reader.needed == expected_need
         try:
-            got = reader.feed(piece)
+            taken = reader.feed(piece)
         except ProtocolError as exc:
             return ("error", type(exc), str(exc))
-        fed += len(piece)
-        if got is not None:
-            assert done is None, "the packet was returned twice"
-            done = got
+        fed += taken
+        trailing += piece[taken:]
+        if reader.complete:
             # it completes exactly when its last byte arrives, not later
-            assert fed - len(piece) < 4 + got.header.datasize <= fed
-        elif done is None:
-            assert fed < 4 or fed < 4 + (data[1] | data[2] << 8)
-    if done is None:
-        return ("incomplete", reader.bytes_needed)
-    assert reader.packet is done and reader.bytes_needed == 0
-    return ("packet", done, reader.trailing)
+            assert fed == 4 + reader.datasize
+        else:
+            assert taken == len(piece)
+    if not reader.complete:
+        return ("incomplete", reader.needed)
+    try:
+        pairs_ = parse_vars(reader.vars)
+    except ProtocolError as exc:
+        return ("error", type(exc), str(exc))
+    header = PacketHeader._make(HEADER.unpack_from(reader.head))
+    return ("packet", Packet(header, pairs_), trailing)
 
 
 @st.composite

@@ -15,7 +15,7 @@ from uwsgi_fastrouter.protocol import (
     Modifier1,
     Packet,
     PacketHeader,
-    PacketReader,
+    HeadReader,
     PacketTooLarge,
     ProtocolError,
     RequestInfo,
@@ -222,76 +222,85 @@ def test_any_truncation_is_malformed(pairs, data):
             scan_request(truncated)
 
 
-# --------------------------------------------------------------------------- PacketReader
+# --------------------------------------------------------------------------- HeadReader
+
+
+def read_head(pieces, limit=MAX_DATASIZE):
+    """Feed *pieces* to a HeadReader: (reader, the bytes it did not take)."""
+    reader = HeadReader(limit)
+    rest = b""
+    for piece in pieces:
+        taken = reader.feed(piece)
+        rest += piece[taken:]
+    return reader, rest
 
 
 def test_reader_all_at_once():
-    reader = PacketReader()
-    packet = reader.feed(EXAMPLE)
-    assert packet == Packet(PacketHeader(0, 38, 0), EXAMPLE_VARS)
-    assert reader.trailing == b""
-    assert reader.bytes_needed == 0
+    reader, rest = read_head([EXAMPLE])
+    assert reader.complete and rest == b""
+    assert bytes(reader.head) == EXAMPLE
+    assert parse_vars(reader.vars) == EXAMPLE_VARS
+    assert (reader.modifier1, reader.datasize, reader.needed) == (0, 38, 0)
 
 
 def test_reader_one_byte_at_a_time():
-    reader = PacketReader()
-    results = []
+    reader = HeadReader()
     for i in range(len(EXAMPLE)):
-        assert reader.bytes_needed == (4 - i if i < 4 else len(EXAMPLE) - i)
-        results.append(reader.feed(EXAMPLE[i : i + 1]))
-    assert results[:-1] == [None] * (len(EXAMPLE) - 1)
-    assert results[-1] == Packet(PacketHeader(0, 38, 0), EXAMPLE_VARS)
-    assert reader.header == PacketHeader(0, 38, 0)
+        assert reader.needed == (4 - i if i < 4 else len(EXAMPLE) - i)
+        assert not reader.complete
+        assert reader.feed(EXAMPLE[i : i + 1]) == 1
+    assert reader.complete and bytes(reader.head) == EXAMPLE
 
 
-def test_reader_trailing_data():
-    reader = PacketReader()
-    assert reader.feed(EXAMPLE[:10]) is None
-    packet = reader.feed(EXAMPLE[10:] + b"body-1")
-    assert packet is not None and packet.vars == EXAMPLE_VARS
-    assert reader.trailing == b"body-1"
-    assert reader.feed(b"+2") is None
-    assert reader.feed(b"") is None
-    assert reader.trailing == b"body-1+2"
-    assert reader.packet == packet
+def test_reader_receives_in_place_and_asks_for_nothing_past_the_vars():
+    reader = HeadReader()
+    asked = []
+    pos = 0
+    while not reader.complete:
+        asked.append(reader.needed)
+        n = min(reader.needed, 3)
+        reader.space()[:n] = EXAMPLE[pos:pos + n]
+        pos += n
+        reader.advance(n)
+    assert pos == len(EXAMPLE) and max(asked) <= len(EXAMPLE)
+    assert bytes(reader.head) == EXAMPLE
+
+
+def test_reader_leaves_the_body():
+    reader, rest = read_head([EXAMPLE[:10], EXAMPLE[10:] + b"body-1", b"+2", b""])
+    assert reader.complete and parse_vars(reader.vars) == EXAMPLE_VARS
+    assert rest == b"body-1+2"
 
 
 def test_reader_trailing_one_byte_at_a_time():
     data = EXAMPLE + b"xyz"
-    reader = PacketReader()
-    got = [reader.feed(data[i : i + 1]) for i in range(len(data))]
-    assert [p is not None for p in got].count(True) == 1
-    assert got[len(EXAMPLE) - 1] is not None
-    assert reader.trailing == b"xyz"
+    reader, rest = read_head([data[i : i + 1] for i in range(len(data))])
+    assert reader.complete and rest == b"xyz"
 
 
 def test_reader_empty_vars_and_empty_feeds():
-    reader = PacketReader()
-    assert reader.feed(b"") is None
-    assert reader.feed(b"\x64\x00") is None
-    assert reader.feed(memoryview(b"\x00\x01rest")) == Packet(PacketHeader(100, 0, 1), [])
-    assert reader.trailing == b"rest"
+    reader, rest = read_head([b"", b"\x64\x00", memoryview(b"\x00\x01rest")])
+    assert reader.complete and (reader.modifier1, reader.datasize) == (100, 0)
+    assert rest == b"rest"
 
 
 def test_reader_max_datasize():
     packet = encode_packet([(b"K", b"v" * (MAX_DATASIZE - 5))])
-    reader = PacketReader()
-    fed = None
-    for i in range(0, len(packet), 4096):
-        fed = reader.feed(packet[i : i + 4096])
-    assert fed is not None and fed.header.datasize == 65535
+    reader, rest = read_head([packet[i : i + 4096] for i in range(0, len(packet), 4096)])
+    assert reader.complete and reader.datasize == 65535 and rest == b""
 
-    small = PacketReader(max_datasize=100)
+    small = HeadReader(max_datasize=100)
     with pytest.raises(PacketTooLarge) as info:
         small.feed(encode_packet([(b"K", b"v" * 200)])[:4])
     assert (info.value.datasize, info.value.limit) == (205, 100)
 
 
-def test_reader_malformed():
-    reader = PacketReader()
+def test_reader_does_not_parse_the_vars():
     block = MALFORMED["truncated value"]
+    reader, _ = read_head([struct.pack("<BHB", 0, len(block), 0) + block])
+    assert reader.complete
     with pytest.raises(MalformedVars):
-        reader.feed(struct.pack("<BHB", 0, len(block), 0) + block)
+        parse_vars(reader.vars)
 
 
 # --------------------------------------------------------------------------- scan_request

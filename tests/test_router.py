@@ -74,19 +74,19 @@ def test_fallbacks_are_walked_in_order_and_keep_the_failed_modifiers():
     router = Router(to=["A"], fallback=["F1", "F2"], wall_clock=Clock())
     first = router.route(b"k")
     first.modifier1, first.modifier2 = 5, 6  # as a subscription node would carry them
-    nxt, index = router.retry_route(b"k", first, 0)
-    assert (nxt.address, nxt.modifier1, nxt.modifier2, index) == (b"F1", 5, 6, 1)
-    nxt, index = router.retry_route(b"k", nxt, index)
-    assert (nxt.address, index) == (b"F2", 2)
-    assert router.retry_route(b"k", nxt, index) == (None, 2)
+    nxt, retries, index = router.next_route(b"k", first, 0, 0)
+    assert (nxt.address, nxt.modifier1, nxt.modifier2, retries, index) == (b"F1", 5, 6, 1, 1)
+    nxt, retries, index = router.next_route(b"k", nxt, retries, index)
+    assert (nxt.address, retries, index) == (b"F2", 2, 2)
+    assert router.next_route(b"k", nxt, retries, index) == (None, 3, 2)
 
 
 def test_without_fallbacks_a_retry_asks_the_mapper_again():
     router = Router(to=["A", "B"], wall_clock=Clock())
     first = router.route(b"k")
     router.connect_failed(first, b"k", 0, "refused")
-    nxt, _ = router.retry_route(b"k", first, 0)
-    assert nxt.address == b"B"
+    nxt, retries, _ = router.next_route(b"k", first, 0, 0)
+    assert nxt.address == b"B" and retries == 1
 
 
 def test_fallback_on_no_key_needs_a_fallback_list():
@@ -165,7 +165,7 @@ def test_a_forced_key_is_the_operators_and_is_used_as_given():
 def test_a_refused_key_goes_to_the_fallbacks_only_with_fallback_on_no_key():
     router = Router(use_base="/srv/", fallback=["F1"], fallback_on_no_key=True, wall_clock=Clock())
     assert router.route(b"..") is None and router.fallback_on_no_key
-    assert router.retry_route(b"..", None, 0)[0].address == b"F1"
+    assert router.route_unknown_key(b"..")[0].address == b"F1"
     router = Router(use_base="/srv/", fallback=["F1"], wall_clock=Clock())
     assert router.route(b"..") is None and not router.fallback_on_no_key
 

@@ -99,3 +99,48 @@ class HandoffTrust:
         """The node could not be reached: verify it from scratch when it is back."""
         if self.enabled:
             self.counts.pop(address, None)
+
+
+class Handoffs:
+    """What a session asks about descriptor passing (decisions.md D2): whether to hand
+    its client to a UNIX node with the head, whether that handoff may skip the node's
+    verdict, and what the verdict means.
+
+    A node that takes the descriptor answers the client itself and closes the router's
+    connection without a byte; one that ignores it (every uWSGI 2.0) answers on that
+    connection, and the answer is relayed as usual.  Only requests without a body are
+    handed over: the client is not read meanwhile, and there is nothing to relay
+    upstream.  ``count`` is the number of clients a node took over."""
+
+    __slots__ = ("enabled", "trust", "count")
+
+    def __init__(self, enabled: bool, trust: bool = False) -> None:
+        self.enabled = enabled
+        self.trust = HandoffTrust(enabled and trust)
+        self.count = 0
+
+    def may_pass(self, bodyless: bool) -> bool:
+        """Whether the client of a request goes to a UNIX node with its head."""
+        return self.enabled and bodyless
+
+    def unchecked(self, address: bytes) -> bool:
+        """True when the handoff just made to *address* needs no verdict: the node is
+        trusted, the session closes its side at once (and the handoff is counted)."""
+        if self.trust.unchecked(address):
+            self.count += 1
+            return True
+        return False
+
+    def taken(self, address: bytes) -> None:
+        """The node at *address* closed without a byte: it took the client."""
+        self.count += 1
+        self.trust.taken(address)
+
+    def ignored(self, address: bytes) -> bool:
+        """The node at *address* answered on its connection; True when it had been
+        trusted (worth a log line)."""
+        return self.trust.ignored(address)
+
+    def unreachable(self, address: bytes) -> None:
+        """A connect to *address* failed: its trust starts from scratch."""
+        self.trust.forget(address)

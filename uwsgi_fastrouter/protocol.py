@@ -23,8 +23,9 @@ uWSGI closes.  The layout, these rules and the vars the router reads are
 written out in docs/wire.md ("The uwsgi packet").
 
 Everything here works on ``bytes``-like objects and returns ``None`` for "need
-more data" (:class:`PacketReader`), so the socket code decides how to read and
-the codec can be tested one byte at a time.
+more data" (:class:`HeadReader`, the one incremental head reader: the router's
+sessions and the app worker both use it), so the socket code decides how to read
+and the codec can be tested one byte at a time.
 
 :func:`scan_request` is the per-request hot path of the router: one pass over the
 vars, no list built, only the few names the router cares about are compared.
@@ -52,7 +53,7 @@ __all__ = [
     "parse_vars",
     "encode_vars",
     "encode_packet",
-    "PacketReader",
+    "HeadReader",
     "RequestInfo",
     "scan_request",
 ]
@@ -257,66 +258,89 @@ def encode_packet(
 # Incremental reading
 
 
-class PacketReader:
-    """Assemble one packet from bytes that arrive in pieces.
+class HeadReader:
+    """Collect one packet's head (header and vars) from pieces, never past it.
 
-    ``feed(data)`` returns ``None`` while the packet is incomplete and the
-    :class:`Packet` once header and vars are complete.  Bytes beyond the packet
-    (the start of the body) are kept in :attr:`trailing`; after completion every
-    further ``feed`` only appends to :attr:`trailing` and returns ``None`` (the
-    packet stays available as :attr:`packet`).  An empty ``feed`` is a no-op;
-    end of input is the caller's business.
+    The socket code asks :attr:`needed` how many bytes to read at most (the rest of
+    the header, then the rest of the vars), and either receives straight into
+    :meth:`space` and reports the count with :meth:`advance` (True once the head is
+    complete), or hands bytes it got elsewhere to :meth:`feed` (which takes what the
+    head needs and says how much).  Once :attr:`complete`, :attr:`head` is the
+    header followed by the vars, and nothing of what follows the vars (the body) was
+    asked for.
 
-    A header announcing more than *max_datasize* raises :class:`PacketTooLarge`,
-    malformed vars raise :class:`MalformedVars`; the reader is unusable after an
-    error.
+    A header announcing more than *max_datasize* raises :class:`PacketTooLarge` (the
+    reader is unusable after it).  The vars are not parsed here: see
+    :func:`parse_vars` and :func:`scan_request`.
     """
 
-    __slots__ = ("max_datasize", "header", "packet", "trailing", "_buf")
+    __slots__ = ("max_datasize", "datasize", "modifier1", "_buf", "_have")
 
     def __init__(self, max_datasize: int = MAX_DATASIZE) -> None:
         self.max_datasize = max_datasize
-        self.header: Optional[PacketHeader] = None
-        self.packet: Optional[Packet] = None
-        self.trailing = b""
-        self._buf = bytearray()
+        self.datasize = -1            # known once the header is complete
+        self.modifier1 = 0
+        self._buf = bytearray(HEADER_SIZE)
+        self._have = 0
 
     @property
-    def bytes_needed(self) -> int:
-        """How many more bytes complete the packet (0 once it is complete).
+    def needed(self) -> int:
+        """Bytes still missing (before the header is complete: of the header only)."""
+        return len(self._buf) - self._have
 
-        Before the header is complete this only counts the rest of the header.
-        A reader that must not consume body bytes reads at most this many.
-        """
-        if self.packet is not None:
-            return 0
-        if self.header is None:
-            return HEADER_SIZE - len(self._buf)
-        return HEADER_SIZE + self.header.datasize - len(self._buf)
+    @property
+    def received(self) -> int:
+        return self._have
 
-    def feed(self, data: BytesLike) -> Optional[Packet]:
-        """Add *data*; return the packet when this call completes it, else ``None``."""
-        if self.packet is not None:
-            if data:
-                self.trailing += data
-            return None
-        buf = self._buf
-        buf += data
-        if self.header is None:
-            if len(buf) < HEADER_SIZE:
-                return None
-            header = PacketHeader._make(HEADER.unpack_from(buf))
-            if header.datasize > self.max_datasize:
-                raise PacketTooLarge(header.datasize, self.max_datasize)
-            self.header = header
-        total = HEADER_SIZE + self.header.datasize
-        if len(buf) < total:
-            return None
-        pairs = parse_vars(bytes(buf[HEADER_SIZE:total]))
-        self.trailing = bytes(buf[total:])
-        self._buf = bytearray()
-        self.packet = Packet(self.header, pairs)
-        return self.packet
+    @property
+    def expected(self) -> int:
+        """The size of the whole head once the header is known, else of the header."""
+        return len(self._buf)
+
+    @property
+    def header_complete(self) -> bool:
+        return self.datasize >= 0
+
+    @property
+    def complete(self) -> bool:
+        return self.datasize >= 0 and self._have == len(self._buf)
+
+    @property
+    def head(self) -> bytearray:
+        """Header and vars (the whole head once :attr:`complete`)."""
+        return self._buf
+
+    @property
+    def vars(self) -> bytes:
+        return bytes(self._buf[HEADER_SIZE:self._have])
+
+    def space(self) -> memoryview:
+        """Where the next :attr:`needed` bytes go (for ``recv_into``)."""
+        return memoryview(self._buf)[self._have:]
+
+    def advance(self, count: int) -> bool:
+        """*count* bytes were written into :meth:`space`; True once complete."""
+        self._have += count
+        if self.datasize < 0 and self._have == HEADER_SIZE:
+            modifier1, datasize, _modifier2 = HEADER.unpack_from(self._buf)
+            if datasize > self.max_datasize:
+                raise PacketTooLarge(datasize, self.max_datasize)
+            self.modifier1 = modifier1
+            self.datasize = datasize
+            self._buf.extend(bytes(datasize))
+        return self.complete
+
+    def feed(self, data: BytesLike) -> int:
+        """Take from *data* what the head still needs; returns how many bytes were
+        taken (the rest, if any, is body).  See :attr:`complete`."""
+        view = memoryview(data)
+        taken = 0
+        while taken < len(view) and not self.complete:
+            take = min(len(view) - taken, self.needed)
+            self._buf[self._have:self._have + take] = view[taken:taken + take]
+            taken += take
+            self.advance(take)
+        return taken
 
 
 # ---------------------------------------------------------------------------

@@ -15,10 +15,14 @@ that survives between requests.  A node whose connect failed is skipped for
 ``--fastrouter-gracetime`` seconds; it is only revived when the cursor lands on it after
 the grace time (uWSGI's rule), so a dead node costs one failed connect per grace period.
 
-Retries are decided here too (:meth:`Router.retry_route`): after a failed connect the
-session asks for the next route, which is the next ``--fastrouter-fallback`` entry if a
-fallback list exists, else the mapper again.  At most ``--fastrouter-max-retries``
-(default 3, uWSGI 2.0's fixed value) retries follow the first attempt.
+Retries are decided here too: the session asks the mapper (:meth:`Router.route`) for the
+first attempt, :meth:`Router.route_unknown_key` when it has none
+(``--fastrouter-fallback-on-no-key`` turns "no route" into the first fallback entry) and, after a failed connect, :meth:`Router.next_route` for the next
+one, which is the next ``--fastrouter-fallback`` entry if a fallback list exists, else
+the mapper again.  At most ``--fastrouter-max-retries`` (default 3, uWSGI 2.0's fixed
+value) retries follow the first attempt.  A UNIX node whose listen queue is full is
+busy, not dead: :meth:`Router.busy_backoff` says when to try it again, or that it now
+counts as a failed connect.
 
 Time is a parameter: every call that marks or revives takes ``now`` (wall-clock
 seconds, because the stats show the grace mark as a unix timestamp).
@@ -39,12 +43,28 @@ operator's, not a client's, and is used as given.
 
 from __future__ import annotations
 
+import random
 import re
 import time
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from .balancing import mount_key
 from .log import RateLimitedLog, log, printable
+
+# A UNIX node whose listen queue is full (connect gives EAGAIN) is busy, not dead: it is
+# tried again after a delay that starts here and doubles up to BUSY_MAX_DELAY, for at
+# most --fastrouter-timeout from the first attempt.  A fixed short delay made hundreds
+# of clients waiting for one busy node cost a whole CPU and slowed every other key.
+# Each wait is the delay less a random part of up to BUSY_JITTER of it, so clients that
+# started waiting together spread out instead of trying again all at once (a stall for
+# every other client); and it ends on the next multiple of BUSY_TICK, so the loop wakes
+# up at most 1/BUSY_TICK times a second for them however many wait (wake-ups cost more
+# than the attempts).
+BUSY_FIRST_DELAY = 0.01
+BUSY_MAX_DELAY = 1.0
+BUSY_JITTER = 0.5
+BUSY_TICK = 0.01
+_random = random.random
 
 # One search finds any byte a file name built from a key must not contain (D14).
 _UNSAFE_KEY_BYTE = re.compile(rb"[\x00-\x1f/\x7f]").search
@@ -378,7 +398,45 @@ class Router:
             return "all nodes are marked as failed"
         return "unknown key"
 
-    def retry_route(self, key: bytes, previous: Optional[Route], fallback_index: int,
+    def route_unknown_key(self, key: bytes) -> Tuple[Optional[Route], int, int]:
+        """The mapper had no route for *key*: ``(route or None, retries, fallback_index)``.
+
+        With ``--fastrouter-fallback-on-no-key`` the key goes to the fallback list, as
+        if a first attempt had failed (nothing logged or marked); else None."""
+        if not self.fallback_on_no_key:
+            return None, 0, 0
+        route, fallback_index = self._retry_route(key, None, 0)
+        return route, 1, fallback_index
+
+    def next_route(self, key: bytes, failed: Route, retries: int, fallback_index: int,
+                   request=None) -> Tuple[Optional[Route], int, int]:
+        """After a failed connect to *failed* (already reported with
+        :meth:`connect_failed`): ``(route or None, retries, fallback_index)`` for the next
+        attempt; None once ``--fastrouter-max-retries`` is spent or nothing is left."""
+        if retries >= self.max_retries:
+            return None, retries, fallback_index
+        route, fallback_index = self._retry_route(key, failed, fallback_index, request)
+        return route, retries + 1, fallback_index
+
+    @staticmethod
+    def busy_backoff(now: float, busy: Optional[Tuple[float, float]], timeout: float
+                     ) -> Optional[Tuple[float, Tuple[float, float]]]:
+        """A UNIX node's listen queue is full: ``(when to connect again, back-off state)``,
+        or None once *timeout* has passed since the first attempt (a failed connect).
+
+        *busy* is the state returned by the previous call, None at the first."""
+        if busy is None:
+            deadline, delay = now + timeout, BUSY_FIRST_DELAY
+        else:
+            deadline, delay = busy
+            delay = min(delay * 2, BUSY_MAX_DELAY)
+        left = deadline - now
+        if left <= 0:
+            return None
+        wait = min(delay * (1.0 - BUSY_JITTER * _random()), left)
+        return (int((now + wait) / BUSY_TICK) + 1) * BUSY_TICK, (deadline, delay)
+
+    def _retry_route(self, key: bytes, previous: Optional[Route], fallback_index: int,
                     request=None):
         """The route for the next attempt after a failure, as ``(route, fallback_index)``.
 

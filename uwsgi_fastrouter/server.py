@@ -24,13 +24,15 @@ from typing import Any, Callable, List, Optional, Set
 
 from .acceptor import Acceptor
 from .accesslog import CountingSocket
-from .handoff import HandoffTrust
+from .bodybuffer import BodyBuffering
+from .context import SessionContext
+from .handoff import Handoffs
 from .log import RateLimitedLog, log, printable
 from .metrics import Counters
 from .protocol import scan_request
-from .reactor import READ, Reactor
+from .reactor import Reactor
 from .router import Router
-from .session import RECV_HEAD, Session
+from .session import Session
 
 # Relay read size when --fastrouter-buffer-size is not given.  uWSGI reads one page
 # at a time; one process-wide buffer costs nothing per connection, and 256 KiB
@@ -50,27 +52,22 @@ class Server:
         self.listeners = list(listeners)
         self.timeout = timeout if timeout > 0 else 60
         self.chunk = max(int(chunk), 512)
-        # One process-wide buffer for every read: data lives in it only during one callback.
-        self.scratch = bytearray(max(self.chunk, 65536 + 4))
-        self.scratch_view = memoryview(self.scratch)
         self.events = max(int(events), 1)
-        self.force_key = force_key
-        # The request scan: protocol.scan_request, or balancing.make_scanner's when
-        # mountpoints or a hash var need more of the vars.
-        self.scan_request = scan_request
         self.sessions: Set[Session] = set()
-        self.requests = 0
-        self.counters = Counters()    # how requests ended (metrics.py); detailed with --fastrouter-metrics
-        self.fd_passing = fd_passing  # hand bodyless requests' clients to UNIX nodes (D2)
-        self.fd_handoffs = 0          # clients a node took over
-        # Which handoffs may skip the node's verdict (--fastrouter-trust-fd-passing).
-        self.handoff_trust = HandoffTrust(fd_passing and trust_fd_passing)
-        self.post_buffering = post_buffering          # bodies up to this size in memory
-        self.post_buffering_dir = post_buffering_dir  # larger ones in a temp file here
-        self.post_buffering_max = post_buffering_max  # refuse bodies over this size (0: no cap)
-        self.post_buffering_min_rate = post_buffering_min_rate  # bytes/s a body must keep up
-        # --fastrouter-access-log: called by every session as it closes (None: off).
-        self.access_log = access_log
+        body = None
+        if post_buffering:
+            body = BodyBuffering(post_buffering, post_buffering_dir, post_buffering_max,
+                                 post_buffering_min_rate, self.timeout)
+        # What every session gets of this process (context.py).  The request scan is
+        # protocol.scan_request, or balancing.make_scanner's when mountpoints or a hash
+        # var need more of the vars; the counters are metrics.py's (detailed with
+        # --fastrouter-metrics); with --fastrouter-access-log every session is handed
+        # to access_log as it closes.
+        self.context = SessionContext(
+            reactor, router, chunk=self.chunk, timeout=self.timeout, scan_request=scan_request,
+            counters=Counters(), handoffs=Handoffs(fd_passing, trust_fd_passing), body=body,
+            force_key=force_key, access_log=access_log, cheap_enabled=cheap,
+            closed=self.session_closed, log=self.log_session)
         self.accepting = False
         self.stopping = False
         self.cheap_enabled = cheap
@@ -84,6 +81,33 @@ class Server:
         # Per-session problems (bad requests, time-outs, vanished peers) are logged,
         # but at most 50 lines a second.
         self.session_log = RateLimitedLog(lambda: reactor.now, burst=50, what="session log lines")
+
+    # ------------------------------------------------- what sessions share
+
+    @property
+    def counters(self) -> Counters:
+        return self.context.counters
+
+    @counters.setter
+    def counters(self, counters: Counters) -> None:
+        self.context.counters = counters
+
+    @property
+    def scan_request(self) -> Callable:
+        return self.context.scan_request
+
+    @scan_request.setter
+    def scan_request(self, scan: Callable) -> None:
+        self.context.scan_request = scan
+
+    @property
+    def access_log(self) -> Optional[Callable]:
+        return self.context.access_log
+
+    @property
+    def fd_handoffs(self) -> int:
+        """Clients a node took over."""
+        return self.context.handoffs.count
 
     # ------------------------------------------------------------ lifecycle
 
@@ -145,9 +169,10 @@ class Server:
         # With the access log on, client sockets count their bytes (accesslog.py).
         new_socket = _socket.socket if self.access_log is None else CountingSocket
         sessions = self.sessions
+        context = self.context
 
         def start_session(fd: int, addr: Any) -> None:
-            session = Session(self, new_socket(family, type_, proto, fd), addr)
+            session = Session(context, new_socket(family, type_, proto, fd), addr)
             sessions.add(session)
             session.start()
 
@@ -195,4 +220,4 @@ class Server:
         return len(self.sessions)
 
 
-__all__ = ["Server", "RECV_HEAD"]
+__all__ = ["Server"]

@@ -9,19 +9,24 @@ A session carries exactly one uwsgi request.  Its states, named after what it wa
     takes up to one relay chunk into the process-wide scratch buffer, so a request
     that arrived whole (the usual case: nginx writes header, vars and a small body in
     one go) costs one ``recv``.  Bytes past the vars are body and are forwarded with
-    the head.  A head that arrives in pieces is collected in a buffer of exactly
-    ``4 + datasize`` bytes, so nothing past the vars is read in that case.
+    the head.  A head that arrives in pieces is collected by the protocol's
+    :class:`~uwsgi_fastrouter.protocol.HeadReader`, which reads exactly what completes
+    it, so nothing past the vars is read in that case.
+``RECV_BODY``
+    Only with ``--fastrouter-post-buffering``: the body is read whole before any node
+    is contacted (bodybuffer.py).
 ``CONNECTING``
     The mapper gave a node; a non-blocking connect is in progress and the head
     (modifier bytes already rewritten) waits in ``up_buf``.  Right after ``connect()``
     the head is sent optimistically: on loopback and UNIX sockets the connection is
     usually established by then, which saves a poll round trip.  A failed connect,
-    immediate or not, goes through :meth:`Router.connect_failed` and
-    :meth:`Router.retry_route` (mark, retry, fallback).  A UNIX node whose listen
-    queue is full is busy, not dead: it is tried again after 10 ms, 20 ms, ... up to
-    1 s between attempts (each less a random part of up to a half, so waiting clients
-    spread out), and counts as a failed connect once ``--fastrouter-timeout`` has passed
-    since the first attempt.
+    immediate or not, is reported with :meth:`Router.connect_failed` and the router
+    says what comes next (:meth:`Router.next_route`: retry, fallback or give up).  A
+    UNIX node whose listen queue is full is busy, not dead: it is tried again when
+    :meth:`Router.busy_backoff` says, and counts as a failed connect once
+    ``--fastrouter-timeout`` has passed since the first attempt.  Whether the client's
+    descriptor goes with the head is the business of
+    :class:`~uwsgi_fastrouter.handoff.Handoffs` (decisions.md D2).
 ``RELAY``
     Bytes flow both ways.  Each direction has at most one pending buffer; while a
     buffer for peer X is pending the peer that produced it is not read
@@ -49,6 +54,11 @@ event), so per-event work stays at one attribute store.
 The client socket stays in blocking mode and every call on it passes
 ``MSG_DONTWAIT``: that saves the ``fcntl`` that making an accepted socket non-blocking
 would cost on every request.
+
+A session sees its router process only through the
+:class:`~uwsgi_fastrouter.context.SessionContext` the server made (the loop, the
+router, the scratch buffer, the counters, the policies and the hooks); it never
+imports the server.
 """
 
 from __future__ import annotations
@@ -56,12 +66,10 @@ from __future__ import annotations
 import _socket
 import errno
 import os
-import random
 import socket
-import tempfile
 from typing import TYPE_CHECKING, Optional
 
-from .protocol import HEADER, ProtocolError
+from .protocol import HeadReader, ProtocolError
 from .reactor import READ, WRITE
 from .fdpass import send_fds
 from .accesslog import ERROR, FAILED, HANDOFF, NO_ROUTE, OK
@@ -69,8 +77,8 @@ from .log import printable
 from .sockets import AddressError, node_sockaddr
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .context import SessionContext
     from .router import Route
-    from .server import Server
 
 MSG_DONTWAIT = socket.MSG_DONTWAIT
 # The C socket type: per-request sockets skip the Python-level wrapper of
@@ -89,7 +97,9 @@ RECV_BODY = 4
 STATE_NAMES = {RECV_HEAD: "RECV_HEAD", CONNECTING: "CONNECTING", RELAY: "RELAY", CLOSED: "CLOSED",
                RECV_BODY: "RECV_BODY"}
 
-# Legal transitions; _set_state is not on the hot path, the table documents and tests them.
+# Every state change a session may make.  The state is a plain slot (no setter on the
+# hot path); tests/test_engine.py walks real sessions through every state with a
+# recording subclass and checks each change it sees against this table.
 TRANSITIONS = {
     RECV_HEAD: (RECV_BODY, CONNECTING, CLOSED),
     RECV_BODY: (CONNECTING, CLOSED),
@@ -97,21 +107,6 @@ TRANSITIONS = {
     RELAY: (CLOSED,),
     CLOSED: (),
 }
-
-# A UNIX node whose listen queue is full (connect gives EAGAIN) is busy, not dead: it is
-# tried again after a delay that starts here and doubles up to BUSY_MAX_DELAY, for at
-# most --fastrouter-timeout from the first attempt.  A fixed short delay made hundreds
-# of clients waiting for one busy node cost a whole CPU and slowed every other key.
-# Each wait is the delay less a random part of up to BUSY_JITTER of it, so clients that
-# started waiting together spread out instead of trying again all at once (a stall for
-# every other client); and it ends on the next multiple of BUSY_TICK, so the loop wakes
-# up at most 1/BUSY_TICK times a second for them however many wait (wake-ups cost more
-# than the attempts).
-BUSY_FIRST_DELAY = 0.01
-BUSY_MAX_DELAY = 1.0
-BUSY_JITTER = 0.5
-BUSY_TICK = 0.01
-_random = random.random
 
 # How many reads one readiness event may do on a streaming side before yielding.
 _READS_PER_EVENT = 8
@@ -128,25 +123,23 @@ _IN_NODE_SOCKET = memoryview(b"")
 
 class Session:
     __slots__ = (
-        "server", "csock", "cfd", "caddr", "bsock", "bfd", "state", "last",
-        "head", "head_len", "key", "route", "retries", "fallback_index",
+        "ctx", "csock", "cfd", "caddr", "bsock", "bfd", "state", "last",
+        "reader", "key", "route", "retries", "fallback_index",
         "up_buf", "down_buf", "client_eof", "backend_eof", "c_events", "b_events",
-        "info", "watch_client", "timer", "fd_passed", "body_left", "up_file", "up_file_size",
-        "up_file_sent", "up_tail", "down_peek", "failed_address", "unrouted", "__weakref__",
-        "started", "first_byte",
+        "info", "watch_client", "timer", "fd_passed", "body", "down_peek", "failed_address",
+        "unrouted", "__weakref__", "started", "first_byte",
     )
 
-    def __init__(self, server: "Server", csock: socket.socket, caddr) -> None:
-        self.server = server
+    def __init__(self, ctx: "SessionContext", csock: socket.socket, caddr) -> None:
+        self.ctx = ctx
         self.csock = csock
         self.cfd = csock.fileno()
         self.caddr = caddr
         self.bsock: Optional[socket.socket] = None
         self.bfd = -1
         self.state = RECV_HEAD
-        self.last = server.reactor.now
-        self.head: Optional[bytearray] = None   # partial head, sized 4 + datasize once known
-        self.head_len = 0
+        self.last = ctx.reactor.now
+        self.reader: Optional[HeadReader] = None   # a head that arrives in pieces
         self.key = b""
         self.route: Optional[Route] = None
         self.retries = 0
@@ -161,11 +154,7 @@ class Session:
         self.watch_client = True  # read the client during RELAY (see _head_complete)
         self.timer = None         # pending connect re-try (UNIX listen queue full)
         self.fd_passed = False    # the client's descriptor went to the node with the head
-        self.body_left = 0        # post-buffering: body bytes still to read
-        self.up_file = None       # post-buffering: the body in a temporary file
-        self.up_file_size = 0
-        self.up_file_sent = 0
-        self.up_tail = None       # post-buffering: bytes past the body read with the head
+        self.body = None          # post-buffering: a BufferedBody (bodybuffer.py)
         self.down_peek = False    # the first response bytes were read: peek from now on
         self.started = self.last  # loop times: accept, first response byte (0: none yet)
         self.first_byte = 0.0
@@ -176,76 +165,83 @@ class Session:
 
     def start(self) -> None:
         """Called right after accept: try to read the head at once."""
-        self._read_head()
+        self._read_first()
         if self.state == RECV_HEAD:
             self.c_events = READ
-            self.server.reactor.register(self.cfd, READ, self._on_client)
+            self.ctx.reactor.register(self.cfd, READ, self._on_client)
 
-    def _read_head(self) -> None:
-        server = self.server
-        head = self.head
+    def _read_first(self) -> None:
+        """The first read: up to one chunk, straight into the shared scratch buffer."""
+        ctx = self.ctx
+        scratch = ctx.scratch
         try:
-            if head is None:
-                # First read: up to one chunk, straight into the shared scratch buffer.
-                scratch = server.scratch
-                n = self.csock.recv_into(scratch, server.chunk, MSG_DONTWAIT)
-                if n == 0:
-                    self.close()
-                    return
-                if n >= 4:
-                    total = 4 + (scratch[1] | (scratch[2] << 8))
-                    if n >= total:
-                        self._head_complete(server.scratch_view, total, n)
-                        return
-                    self.head = head = bytearray(total)
-                    head[:n] = server.scratch_view[:n]
-                else:
-                    self.head = bytearray(server.scratch_view[:n])
-                self.head_len = n
-                return
-            if self.head_len < 4:
-                # Still inside the 4-byte header: read only what completes it.
-                n = self.csock.recv(4 - self.head_len, MSG_DONTWAIT)
-                if not n:
-                    self.close("connection closed in the middle of the request header")
-                    return
-                head += n
-                self.head_len += len(n)
-                if self.head_len < 4:
-                    return
-                total = 4 + (head[1] | (head[2] << 8))
-                if total == 4:
-                    self.head = None
-                    self._head_complete(memoryview(head), 4, 4)
-                    return
-                head.extend(bytes(total - 4))
-            # Read exactly the rest of the vars: body bytes stay in the kernel.
-            view = memoryview(head)
-            n = self.csock.recv_into(view[self.head_len:], len(head) - self.head_len, MSG_DONTWAIT)
-            if n == 0:
-                self.close("connection closed in the middle of the request vars")
-                return
-            self.head_len += n
-            if self.head_len == len(head):
-                self.head = None
-                self._head_complete(view, len(head), len(head))
+            n = self.csock.recv_into(scratch, ctx.chunk, MSG_DONTWAIT)
         except BlockingIOError:
             return
         except OSError as exc:
             self.close("error reading the request: %s" % (exc.strerror or exc))
+            return
+        if n == 0:
+            self.close()
+            return
+        if n >= 4:
+            total = 4 + (scratch[1] | (scratch[2] << 8))
+            if n >= total:
+                self._head_complete(ctx.scratch_view, total, n)
+                self._release_scratch()
+                return
+        # Only part of the head: n < 4 + datasize, so all of it is head.
+        self.reader = reader = HeadReader()
+        reader.feed(ctx.scratch_view[:n])
+
+    def _read_more(self) -> None:
+        """The rest of a head that arrived in pieces: exactly what completes it (first
+        of the header, then of the vars), so body bytes stay in the kernel."""
+        reader = self.reader
+        if reader is None:
+            self._read_first()
+            return
+        csock = self.csock
+        try:
+            while True:
+                n = csock.recv_into(reader.space(), reader.needed, MSG_DONTWAIT)
+                if n == 0:
+                    self.close("connection closed in the middle of the request %s"
+                               % ("vars" if reader.header_complete else "header"))
+                    return
+                if reader.advance(n):
+                    break
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.close("error reading the request: %s" % (exc.strerror or exc))
+            return
+        self.reader = None
+        head = reader.head
+        self._head_complete(memoryview(head), len(head), len(head))
+
+    def _release_scratch(self) -> None:
+        """The scratch-buffer rule (context.py): the callback that read into the shared
+        scratch buffer is about to return, and the next read of any session overwrites
+        it.  A head that could not be sent at once (connect in progress, a busy node's
+        back-off, a partial send) still points into it: it is copied out here, once,
+        whichever path left it pending."""
+        buf = self.up_buf
+        if buf is not None and type(buf) is memoryview and buf.obj is self.ctx.scratch:
+            self.up_buf = bytes(buf)
 
     def _head_complete(self, buf: memoryview, total: int, have: int) -> None:
         """*buf[:total]* is header + vars; *buf[total:have]* is early body."""
-        server = self.server
+        ctx = self.ctx
         try:
-            info = server.scan_request(bytes(buf[4:total]), server.force_key)
+            info = ctx.scan_request(bytes(buf[4:total]), ctx.force_key)
         except ProtocolError as exc:
             self.close("malformed request vars: %s" % exc)
             return
         self.info = info
         if self.c_events:
             # The client is watched again once the backend is connected.
-            server.reactor.unregister(self.cfd)
+            ctx.reactor.unregister(self.cfd)
             self.c_events = 0
         key = info.key
         if not key:
@@ -254,17 +250,12 @@ class Session:
                                      "HTTP_HOST or SERVER_NAME)")
             return
         self.key = key
-        router = server.router
+        router = ctx.router
         route = router.route(key, self)
         if route is None:
-            if not router.fallback_on_no_key:
-                self._no_route(NO_ROUTE, router.no_route_reason(key, server.cheap_enabled))
-                return
-            # Treated like a failed first attempt (nothing logged, nothing marked).
-            self.retries = 1
-            route, self.fallback_index = router.retry_route(key, None, 0)
+            route, self.retries, self.fallback_index = router.route_unknown_key(key)
             if route is None:
-                self._no_route(NO_ROUTE, router.no_route_reason(key, server.cheap_enabled))
+                self._no_route(NO_ROUTE, router.no_route_reason(key, ctx.cheap_enabled))
                 return
         # A request without a body (uWSGI's rule, decisions.md D2: CONTENT_LENGTH
         # absent, empty or 0, no Transfer-Encoding; and nothing past the vars) has
@@ -273,66 +264,43 @@ class Session:
         # spares two epoll_ctl calls per plain request.
         if not info.content_length and not info.chunked and have == total:
             self.watch_client = False
-        # Patch the modifiers into the head before it leaves; copy it out of the shared
-        # scratch buffer only if it cannot be sent right now (see _connect).
+        # Patch the modifiers into the head before it leaves (from the shared scratch
+        # buffer: see _release_scratch).
         buf[0] = route.modifier1
         buf[3] = route.modifier2
         self.up_buf = buf[:have]
-        limit = server.post_buffering
-        if limit and info.content_length:
-            self._start_body(route, info.content_length, limit, total, have)
+        if ctx.body is not None and info.content_length:
+            self._start_body(route, info.content_length, total, have)
             return
         self._connect(route)
 
     # -------------------------------------------------------- post-buffering
 
-    def _start_body(self, route: "Route", length: int, limit: int, total: int, have: int) -> None:
-        """--fastrouter-post-buffering: read the whole body before any node is contacted.
-
-        Up to *limit* bytes are kept in memory with the head; a larger body goes to an
-        unlinked temporary file that is sent with ``os.sendfile`` once the node is
-        connected.  Reading stops at CONTENT_LENGTH; once the body has reached the node
-        the session relays both ways as usual (a later client half-close is relayed).
-
-        What one request may cost is bounded: a CONTENT_LENGTH over
-        --fastrouter-post-buffering-max is refused at once, and the whole body must arrive
-        within --fastrouter-timeout + CONTENT_LENGTH / --fastrouter-post-buffering-min-rate
-        seconds (the idle time-out alone restarts with every byte)."""
+    def _start_body(self, route: "Route", length: int, total: int, have: int) -> None:
+        """--fastrouter-post-buffering: read the whole body before any node is contacted
+        (the policy and its bounds: bodybuffer.py)."""
         self.route = route
-        server = self.server
-        cap = server.post_buffering_max
-        if cap and length > cap:
-            self.close("request body of %d bytes refused: over --fastrouter-post-buffering-max %d"
-                       % (length, cap))
+        policy = self.ctx.body
+        refusal = policy.refusal(length)
+        if refusal is not None:
+            self.close(refusal)
             return
+        try:
+            body = policy.start(self.up_buf, total, have, length)
+        except OSError as exc:
+            self.close("unable to create a temporary file for the request body: %s"
+                       % (exc.strerror or exc))
+            return
+        self.body = body
+        self.up_buf = None
         self.state = RECV_BODY
-        early = have - total
-        self.body_left = length - min(early, length)
-        if length <= limit:
-            # Bytes past CONTENT_LENGTH that came in the same read go out after the body,
-            # as the relaying that follows would send them.
-            self.up_buf = bytearray(self.up_buf[:have])
-        else:
-            try:
-                self.up_file = tempfile.TemporaryFile(dir=self.server.post_buffering_dir)
-            except OSError as exc:
-                self.close("unable to create a temporary file for the request body: %s"
-                           % (exc.strerror or exc))
-                return
-            self.up_file_size = length
-            if early:
-                self.up_file.write(self.up_buf[total:total + min(early, length)])
-                if early > length:   # read with the head: they follow the body
-                    self.up_tail = bytes(self.up_buf[total + length:have])
-            self.up_buf = bytes(self.up_buf[:total])
-        reactor = server.reactor
+        reactor = self.ctx.reactor
         self.last = reactor.now
-        if self.body_left:
+        if body.left:
             self.c_events = READ
             reactor.register(self.cfd, READ, self._on_client)
-            rate = server.post_buffering_min_rate
-            if rate:
-                allowed = server.timeout + length / rate
+            allowed = policy.allowed_seconds(length)
+            if allowed:
                 self.timer = reactor.call_later(allowed, self._body_too_slow, length, allowed)
         else:
             self._body_complete()
@@ -340,35 +308,29 @@ class Session:
     def _body_too_slow(self, length: int, allowed: float) -> None:
         self.timer = None
         if self.state == RECV_BODY:
-            self.close("request body not complete after %.1f seconds (%d of %d bytes missing; "
-                       "--fastrouter-post-buffering-min-rate %d)"
-                       % (allowed, self.body_left, length, self.server.post_buffering_min_rate))
+            self.close(self.ctx.body.too_slow(self.body, length, allowed))
 
     def _read_body(self) -> None:
-        server = self.server
+        ctx = self.ctx
+        body = self.body
         try:
-            n = self.csock.recv_into(server.scratch, min(server.chunk, self.body_left), MSG_DONTWAIT)
+            n = self.csock.recv_into(ctx.scratch, min(ctx.chunk, body.left), MSG_DONTWAIT)
         except BlockingIOError:
             return
         except OSError as exc:
             self.close("error reading the request body: %s" % (exc.strerror or exc))
             return
         if n == 0:
-            self.close("client closed the connection with %d bytes of its body missing" % self.body_left)
+            self.close("client closed the connection with %d bytes of its body missing" % body.left)
             return
-        self.last = server.reactor.now
-        data = server.scratch_view[:n]
-        if self.up_file is not None:
-            try:
-                self.up_file.write(data)
-            except OSError as exc:
-                self.close("unable to write the request body to a temporary file: %s"
-                           % (exc.strerror or exc))
-                return
-        else:
-            self.up_buf += data
-        self.body_left -= n
-        if not self.body_left:
+        self.last = ctx.reactor.now
+        try:
+            body.add(ctx.scratch_view[:n])
+        except OSError as exc:
+            self.close("unable to write the request body to a temporary file: %s"
+                       % (exc.strerror or exc))
+            return
+        if not body.left:
             self._body_complete()
 
     def _body_complete(self) -> None:
@@ -376,18 +338,19 @@ class Session:
             self.timer.cancel()
             self.timer = None
         if self.c_events:
-            self.server.reactor.unregister(self.cfd)
+            self.ctx.reactor.unregister(self.cfd)
             self.c_events = 0
-        if self.up_file is not None:
-            self.up_file.flush()
-        self.up_buf = bytes(self.up_buf)
+        body = self.body
+        self.up_buf = body.finish()
+        if not body.in_file:
+            self.body = None
         self._connect(self.route)
 
     def _send_file(self) -> bool:
         """Copy the buffered body file to the node; False once the session is closed."""
-        left = self.up_file_size - self.up_file_sent
+        body = self.body
         try:
-            sent = os.sendfile(self.bfd, self.up_file.fileno(), self.up_file_sent, min(left, 1 << 22))
+            sent = body.send_to(self.bfd)
         except BlockingIOError:
             return True
         except OSError as exc:
@@ -396,31 +359,30 @@ class Session:
         if sent == 0:
             self.close("the buffered body file is shorter than expected")
             return False
-        self.up_file_sent += sent
         node = self.route.node
         if node is not None:
             node.rx += sent
-        self.server.counters.bytes_in += sent
-        if self.up_file_sent >= self.up_file_size:
-            if self.up_tail is not None:
-                self.up_buf, self.up_tail = self.up_tail, None
-            self.up_file.close()
-            self.up_file = None
+        self.ctx.counters.bytes_in += sent
+        if body.all_sent:
+            if body.tail is not None:
+                self.up_buf = body.tail
+            body.close()
+            self.body = None
         return True
 
     # ------------------------------------------------------------- connecting
 
     def _connect(self, route: "Route", busy: Optional[tuple] = None) -> None:
-        """Connect to *route* and send the head; *busy* is the back-off state
-        ``(deadline, last delay)`` while the node's listen queue stays full."""
+        """Connect to *route* and send the head; *busy* is the back-off state while the
+        node's listen queue stays full (Router.busy_backoff)."""
         self.route = route
         self.state = CONNECTING
-        self.up_file_sent = 0
+        if self.body is not None:
+            self.body.sent = 0        # a retry sends the whole body file again
         head = self.up_buf
         try:
             family, addr = node_sockaddr(route.address)
         except AddressError as exc:
-            self._own_up_buf()
             self._connect_failed(str(exc))
             return
         try:
@@ -430,69 +392,53 @@ class Session:
                        % (printable(route.address), exc.strerror or exc))
             return
         err = sock.connect_ex(addr)
-        if err == errno.EAGAIN and family == socket.AF_UNIX:
+        if err == errno.EAGAIN and family == _AF_UNIX:
             sock.close()
-            self._own_up_buf()
             self._wait_for_busy_node(route, busy)
             return
         if err and err not in _IN_PROGRESS:
             sock.close()
-            self._own_up_buf()
             self._connect_failed(os.strerror(err))
             return
         self.bsock = sock
         self.bfd = sock.fileno()
         # Optimistic first send: usually the connection is already up.
         try:
-            if family == _AF_UNIX and self._may_pass_fd():
+            if family == _AF_UNIX and self.ctx.handoffs.may_pass(not self.watch_client):
                 sent = send_fds(sock, head, (self.cfd,))
                 self.fd_passed = True
-                if sent == len(head) and self.server.handoff_trust.unchecked(route.address):
+                if sent == len(head) and self.ctx.handoffs.unchecked(route.address):
                     self._handed_over(sent)
                     return
             else:
                 sent = sock.send(head)
         except BlockingIOError:
-            self._own_up_buf()
             self.b_events = WRITE
-            self.server.reactor.register(self.bfd, WRITE, self._on_backend)
+            self.ctx.reactor.register(self.bfd, WRITE, self._on_backend)
             return
         except OSError as exc:
-            self._own_up_buf()
             self._drop_backend()
             self._connect_failed(exc.strerror or str(exc))
             return
         self._connected(head, sent)
 
     def _wait_for_busy_node(self, route: "Route", busy: Optional[tuple]) -> None:
-        """The node's listen queue is full: connect again after the next back-off delay,
-        or count it as a failed connect (mark, retry, fallback) once --fastrouter-timeout
-        has passed since the first attempt."""
-        reactor = self.server.reactor
-        now = reactor.now
-        if busy is None:
-            deadline, delay = now + self.server.timeout, BUSY_FIRST_DELAY
-        else:
-            deadline, delay = busy
-            delay = min(delay * 2, BUSY_MAX_DELAY)
-        left = deadline - now
-        if left <= 0:
-            self._connect_failed("listen queue full for %d seconds" % self.server.timeout)
+        """The node's listen queue is full: connect again when the router's back-off
+        says, or count it as a failed connect (mark, retry, fallback) once
+        --fastrouter-timeout has passed since the first attempt."""
+        ctx = self.ctx
+        reactor = ctx.reactor
+        step = ctx.router.busy_backoff(reactor.now, busy, ctx.timeout)
+        if step is None:
+            self._connect_failed("listen queue full for %d seconds" % ctx.timeout)
             return
-        wait = min(delay * (1.0 - BUSY_JITTER * _random()), left)
-        when = (int((now + wait) / BUSY_TICK) + 1) * BUSY_TICK
-        self.timer = reactor.call_at(when, self._connect_again, route, (deadline, delay))
+        when, busy = step
+        self.timer = reactor.call_at(when, self._connect_again, route, busy)
 
     def _connect_again(self, route: "Route", busy: tuple) -> None:
         self.timer = None
         if self.state == CONNECTING:
             self._connect(route, busy)
-
-    def _own_up_buf(self) -> None:
-        """Copy a head that still points into the shared scratch buffer."""
-        buf = self.up_buf
-        if isinstance(buf, memoryview):
-            self.up_buf = bytes(buf)
 
     def _finish_connect(self) -> None:
         """The backend socket became writable while CONNECTING."""
@@ -502,7 +448,7 @@ class Session:
             self._connect_failed(os.strerror(err))
             return
         try:
-            if self.bsock.family == _AF_UNIX and self._may_pass_fd():
+            if self.bsock.family == _AF_UNIX and self.ctx.handoffs.may_pass(not self.watch_client):
                 sent = send_fds(self.bsock, self.up_buf, (self.cfd,))
                 self.fd_passed = True
             else:
@@ -515,39 +461,27 @@ class Session:
             return
         self._connected(self.up_buf, sent)
 
-    def _may_pass_fd(self) -> bool:
-        """Hand the client over with the head (D2): UNIX nodes, requests without a body.
-
-        A node that takes the descriptor answers the client itself and closes our
-        connection without a byte; one that ignores it (every uWSGI 2.0) answers on
-        our connection and is relayed as usual.  Either way the client is not read
-        meanwhile: a bodyless request has nothing to relay upstream."""
-        return self.server.fd_passing and not self.watch_client
-
     def _handed_over(self, sent: int) -> None:
         """An unchecked handoff (--fastrouter-trust-fd-passing): the node is trusted to
         take the client, so both our copies are closed at once, with no verdict."""
         route = self.route
-        server = self.server
-        server.router.connected(route)
+        ctx = self.ctx
+        ctx.router.connected(route)
         node = route.node
         if node is not None:
             node.rx += sent
-        server.counters.bytes_in += sent
-        server.requests += 1
-        server.fd_handoffs += 1
+        ctx.counters.bytes_in += sent
         self.backend_eof = True
         self.close()
 
     def _connected(self, data, sent: int) -> None:
         route = self.route
-        server = self.server
-        server.router.connected(route)
+        ctx = self.ctx
+        ctx.router.connected(route)
         node = route.node
         if node is not None:
             node.rx += sent
-        server.counters.bytes_in += sent
-        server.requests += 1
+        ctx.counters.bytes_in += sent
         self.state = RELAY
         if sent < len(data):
             self.up_buf = bytes(memoryview(data)[sent:])
@@ -556,22 +490,21 @@ class Session:
         self._update_interest()
 
     def _connect_failed(self, reason: str) -> None:
-        server = self.server
-        router = server.router
+        """Report the failed attempt and go on as the router says (retry, fallback, or
+        give up)."""
+        ctx = self.ctx
+        router = ctx.router
         route = self.route
         self.route = None            # released by connect_failed
-        server.handoff_trust.forget(route.address)
+        ctx.handoffs.unreachable(route.address)
         # Retries that go to the same address (a use-base or use-pattern node whose
         # socket is missing) log the failure once per request.
         repeated = route.address == self.failed_address
         self.failed_address = route.address
         router.connect_failed(route, self.key, self.retries, reason, log_it=not repeated)
-        server.counters.node_failed(route.address)
-        if self.retries >= router.max_retries:
-            self._all_failed()
-            return
-        self.retries += 1
-        route, self.fallback_index = router.retry_route(self.key, route, self.fallback_index, self)
+        ctx.counters.node_failed(route.address)
+        route, self.retries, self.fallback_index = router.next_route(
+            self.key, route, self.retries, self.fallback_index, self)
         if route is None:
             self._all_failed()
             return
@@ -581,7 +514,7 @@ class Session:
             head[0] = route.modifier1
             head[3] = route.modifier2
             self.up_buf = bytes(head)
-        self.last = server.reactor.now
+        self.last = ctx.reactor.now
         self._connect(route)
 
     def _all_failed(self) -> None:
@@ -593,7 +526,7 @@ class Session:
         (D19) unless *reason* is None (the mapper wrote its own line)."""
         self.unrouted = outcome
         if reason:
-            self.server.log_session(self, 'no route for key "%s": %s' % (printable(self.key), reason))
+            self.ctx.log(self, 'no route for key "%s": %s' % (printable(self.key), reason))
         self.close()
 
     def _drop_backend(self) -> None:
@@ -601,7 +534,7 @@ class Session:
         if sock is None:
             return
         if self.b_events:
-            self.server.reactor.forget(self.bfd)
+            self.ctx.reactor.forget(self.bfd)
             self.b_events = 0
         sock.close()
         self.bsock = None
@@ -614,12 +547,12 @@ class Session:
         if state == RECV_HEAD:
             # Not re-armed here: the whole head must arrive within one time-out
             # from accept, so a client that trickles bytes cannot hold a slot forever.
-            self._read_head()
+            self._read_more()
             return
         if state == RECV_BODY:
             self._read_body()
             return
-        self.last = self.server.reactor.now
+        self.last = self.ctx.reactor.now
         if mask & WRITE and self.down_buf is not None:
             if not self._flush_down():
                 return
@@ -629,7 +562,7 @@ class Session:
             self._update_interest()
 
     def _on_backend(self, mask: int) -> None:
-        self.last = self.server.reactor.now
+        self.last = self.ctx.reactor.now
         if self.state == CONNECTING:
             self._finish_connect()
             return
@@ -637,7 +570,7 @@ class Session:
             if self.up_buf is not None:
                 if not self._flush_up():
                     return
-            elif self.up_file is not None:
+            elif self.body is not None:
                 if not self._send_file():
                     return
         if mask & READ and not self.backend_eof and self.down_buf is None:
@@ -650,10 +583,10 @@ class Session:
 
         The first read takes up to FIRST_READ bytes; later ones peek a whole chunk and
         consume only what the client took (see the module docstring)."""
-        server = self.server
-        scratch = server.scratch
-        view = server.scratch_view
-        chunk = server.chunk
+        ctx = self.ctx
+        scratch = ctx.scratch
+        view = ctx.scratch_view
+        chunk = ctx.chunk
         bsock = self.bsock
         csock = self.csock
         node = self.route.node
@@ -674,19 +607,18 @@ class Session:
                 if self.fd_passed and not self.watch_client:
                     # Closed without a byte: the node took the client over.  Our copy
                     # is only closed (never shut down: that would cut the node's).
-                    server.fd_handoffs += 1
-                    server.handoff_trust.taken(self.route.address)
+                    ctx.handoffs.taken(self.route.address)
                 self.close()
                 return
             if not peek:
                 self.down_peek = True
-                self.first_byte = server.reactor.now
+                self.first_byte = ctx.reactor.now
                 if not self.watch_client:
                     # After a handoff the first response bytes mean the node ignored
                     # the descriptor: its answer is relayed as usual.
                     self.watch_client = True
-                    if self.fd_passed and server.handoff_trust.ignored(self.route.address):
-                        server.log_session(self, "node ignored a passed descriptor: handing clients "
+                    if self.fd_passed and ctx.handoffs.ignored(self.route.address):
+                        ctx.log(self, "node ignored a passed descriptor: handing clients "
                                            "over to it is verified again (--fastrouter-trust-fd-passing)")
             try:
                 sent = csock.send(view[:n], MSG_DONTWAIT)
@@ -698,7 +630,7 @@ class Session:
             if not peek:
                 if node is not None:
                     node.tx += n
-                server.counters.bytes_out += n
+                ctx.counters.bytes_out += n
                 if sent < n:
                     self.down_buf = bytes(view[sent:n])
                     return
@@ -708,7 +640,7 @@ class Session:
                 return
             if node is not None:
                 node.tx += sent
-            server.counters.bytes_out += sent
+            ctx.counters.bytes_out += sent
             if sent < n:
                 self.down_buf = _IN_NODE_SOCKET
                 return
@@ -716,7 +648,7 @@ class Session:
     def _consume(self, count: int) -> bool:
         """Take *count* peeked bytes, which reached the client, out of the node's socket."""
         bsock = self.bsock
-        scratch = self.server.scratch
+        scratch = self.ctx.scratch
         try:
             while count:
                 n = bsock.recv_into(scratch, count, _MSG_TRUNC)
@@ -730,10 +662,10 @@ class Session:
 
     def _pump_up(self) -> None:
         """Client -> backend (request body, websocket frames...)."""
-        server = self.server
-        scratch = server.scratch
-        view = server.scratch_view
-        chunk = server.chunk
+        ctx = self.ctx
+        scratch = ctx.scratch
+        view = ctx.scratch_view
+        chunk = ctx.chunk
         bsock = self.bsock
         csock = self.csock
         node = self.route.node
@@ -758,7 +690,7 @@ class Session:
                 return
             if node is not None:
                 node.rx += sent
-            server.counters.bytes_in += sent
+            ctx.counters.bytes_in += sent
             if sent < n:
                 self.up_buf = bytes(view[sent:n])
                 return
@@ -792,7 +724,7 @@ class Session:
         node = self.route.node
         if node is not None:
             node.rx += sent
-        self.server.counters.bytes_in += sent
+        self.ctx.counters.bytes_in += sent
         if sent < len(data):
             self.up_buf = memoryview(data)[sent:]     # no copy of the unsent tail
         else:
@@ -812,7 +744,7 @@ class Session:
         c = 0
         if self.down_buf is not None:
             c = WRITE
-        pending_up = self.up_buf is not None or self.up_file is not None
+        pending_up = self.up_buf is not None or self.body is not None
         if not self.client_eof and not pending_up and self.watch_client:
             c |= READ
         b = 0
@@ -820,7 +752,7 @@ class Session:
             b = WRITE
         if not self.backend_eof and self.down_buf is None:
             b |= READ
-        reactor = self.server.reactor
+        reactor = self.ctx.reactor
         if c != self.c_events:
             if not c:
                 reactor.unregister(self.cfd)
@@ -857,8 +789,8 @@ class Session:
         if state == CLOSED:
             return
         self.state = CLOSED
-        server = self.server
-        reactor = server.reactor
+        ctx = self.ctx
+        reactor = ctx.reactor
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -878,18 +810,18 @@ class Session:
             self.bsock.close()
             self.bsock = None
         self.csock.close()
-        self.up_buf = self.down_buf = self.head = None
-        if self.up_file is not None:
-            self.up_file.close()          # unlinked: closing it frees the disk space
-            self.up_file = None
+        self.up_buf = self.down_buf = self.reader = None
+        if self.body is not None:
+            self.body.close()
+            self.body = None
         if self.route is not None:
-            server.router.release(self.route)
-        server.counters.ended(self, state, reason, reactor.now)
-        server.session_closed(self)
+            ctx.router.release(self.route)
+        ctx.counters.ended(self, state, reason, reactor.now)
+        ctx.closed(self)
         if reason:
-            server.log_session(self, reason)
-        if server.access_log is not None:
-            server.access_log(self, self._outcome(state, reason))
+            ctx.log(self, reason)
+        if ctx.access_log is not None:
+            ctx.access_log(self, self._outcome(state, reason))
 
     def _outcome(self, state: int, reason: Optional[str]) -> str:
         """What happened to the request, for the access log (see accesslog.py)."""

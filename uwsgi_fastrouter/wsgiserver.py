@@ -17,6 +17,7 @@ process holding them, all of which want it).
 
 *One request.*  A connection carries exactly one request: the 4-byte header and
 ``datasize`` bytes of vars, then the body.  The head is read with ``recvmsg``
+(by the protocol's ``HeadReader``, which asks for nothing past the vars)
 and room for one descriptor: a router that hands the client over (decisions.md
 D2) sends the client's socket with the head in one message.  Then the body is
 read from, and the response written to, the *client's* socket, and the connection
@@ -67,7 +68,7 @@ from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 from . import log as _logmod
 from .acceptor import BACKOFF, EXHAUSTED, shed_waiting_client
 from .fdpass import FdPassError, recv_fds
-from .protocol import HEADER, HEADER_SIZE, MalformedVars, parse_vars
+from .protocol import HeadReader, MalformedVars, PacketTooLarge, parse_vars
 
 __all__ = [
     "AppLoadError",
@@ -559,28 +560,22 @@ def _read_head(conn: socket.socket, buffer_size: int, log: Log
     connection is to be dropped (any descriptor received is closed then).
     """
     fds: List[int] = []
-    buf = b""
-    need = HEADER_SIZE
-    datasize = -1
+    reader = HeadReader(buffer_size)
     try:
-        while True:
-            while len(buf) < need:
-                data, got, _flags = recv_fds(conn, need - len(buf), 1)
-                fds.extend(got)
-                if not data:
-                    if buf:
-                        log("incomplete uwsgi request (%d of %d bytes)...skip" % (len(buf), need))
-                    return _drop(fds)
-                buf += data
-            if datasize >= 0:
-                break
-            modifier1, datasize, _modifier2 = HEADER.unpack_from(buf)
-            if datasize > buffer_size:
-                log("invalid request block size: %d (max %d)...skip" % (datasize, buffer_size))
+        while not reader.complete:
+            data, got, _flags = recv_fds(conn, reader.needed, 1)
+            fds.extend(got)
+            if not data:
+                if reader.received:
+                    log("incomplete uwsgi request (%d of %d bytes)...skip"
+                        % (reader.received, reader.expected))
                 return _drop(fds)
-            need = HEADER_SIZE + datasize
+            reader.feed(data)
+    except PacketTooLarge as exc:
+        log("invalid request block size: %d (max %d)...skip" % (exc.datasize, exc.limit))
+        return _drop(fds)
     except socket.timeout:
-        log("timeout reading the uwsgi request (%d bytes received)...skip" % len(buf))
+        log("timeout reading the uwsgi request (%d bytes received)...skip" % reader.received)
         return _drop(fds)
     except FdPassError as exc:
         log("invalid uwsgi request (%s)...skip" % exc)
@@ -590,7 +585,7 @@ def _read_head(conn: socket.socket, buffer_size: int, log: Log
         return _drop(fds)
     for extra in fds[1:]:
         _close_fd(extra)
-    return modifier1, buf[HEADER_SIZE:], (fds[0] if fds else None)
+    return reader.modifier1, reader.vars, (fds[0] if fds else None)
 
 
 def _drop(fds: List[int]) -> None:

@@ -1,0 +1,56 @@
+"""What a session may use of its router process: one :class:`SessionContext` per server.
+
+Theory of operation
+-------------------
+A :class:`~uwsgi_fastrouter.session.Session` never sees the server that accepted it.
+The server builds one context when it is made and hands it to every session: the loop,
+the routing policy, the process-wide scratch buffer, the relay chunk size, the
+counters, the descriptor-passing and post-buffering policies, and the hooks through
+which a session reports (closed, a log line, the access log).
+
+The context is a slotted record, so a session reads what it needs as cheaply as an
+attribute of its own; fields that the process wiring replaces after the server is
+built (the counters, the request scan) are forwarded by the server's properties.
+
+The scratch buffer rule: every read of a session goes into ``scratch`` and lives
+there only until the callback that made it returns, as the next callback of any
+session overwrites it.  Whatever must outlive the callback is copied out first
+(see ``Session._release_scratch`` and the pumps' pending buffers).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from .bodybuffer import BodyBuffering
+from .handoff import Handoffs
+
+
+class SessionContext:
+    __slots__ = ("reactor", "router", "scratch", "scratch_view", "chunk", "timeout", "force_key",
+                 "scan_request", "counters", "handoffs", "body", "access_log", "cheap_enabled",
+                 "closed", "log")
+
+    def __init__(self, reactor, router, *, chunk: int, timeout: float, scan_request: Callable,
+                 counters: Any, handoffs: Handoffs, body: Optional[BodyBuffering] = None,
+                 force_key: Optional[bytes] = None, access_log: Optional[Callable] = None,
+                 cheap_enabled: bool = False,
+                 closed: Callable[[Any], None] = lambda session: None,
+                 log: Callable[[Any, str], None] = lambda session, line: None) -> None:
+        self.reactor = reactor
+        self.router = router
+        self.chunk = chunk
+        # One buffer for every read of the process: room for a whole chunk, and for the
+        # largest head (header + 65535 bytes of vars).
+        self.scratch = bytearray(max(chunk, 65536 + 4))
+        self.scratch_view = memoryview(self.scratch)
+        self.timeout = timeout
+        self.force_key = force_key
+        self.scan_request = scan_request
+        self.counters = counters
+        self.handoffs = handoffs
+        self.body = body                  # post-buffering policy; None when off
+        self.access_log = access_log      # called with each closing session; None when off
+        self.cheap_enabled = cheap_enabled
+        self.closed = closed              # a session is over (after its sockets closed)
+        self.log = log                    # a rate-limited line about one session
