@@ -172,3 +172,42 @@ def test_the_checker_sees_every_import_form(tmp_path):
         (1, "abs", "os"), (2, "abs", "os"), (3, "abs", "socket"), (4, "own", "log"),
         (5, "own", "cli"), (6, "own", "reactor"), (7, "own", ""), (9, "abs", "select"),
     ])
+
+
+# Every module's rank.  An import may only go to a strictly lower rank, so the arrows
+# of the whole package point down and there is no cycle.  The integer part is the layer
+# (0 log, 1 pure, 2 I/O, 3 engine, 4 process, 5 entry points); the tenths order modules
+# inside a layer where one builds on another (a mapper plug-in on the router, the
+# runtime builder on the master).  A new module must be placed here: an unranked
+# module fails the test.
+RANKS = {
+    "": 0, "log": 0,
+    # 1: pure codecs, tables and configuration
+    "protocol": 1.0, "addresses": 1.0, "allowlist": 1.0, "handoff": 1.0, "ini": 1.0, "signing": 1.0,
+    "options": 1.1, "subscription": 1.1, "balancing": 1.1, "stats": 1.1,
+    # 2: I/O
+    "reactor": 2.0, "fdpass": 2.0, "sdnotify": 2.0, "keyfile": 2.0,
+    "sockets": 2.1, "acceptor": 2.1,
+    # 3: the engine
+    "router": 3.0, "accesslog": 3.0, "metrics": 3.0, "bodybuffer": 3.0, "subserver": 3.0,
+    "subscriber": 3.0, "zerg": 3.0, "wsgiserver": 3.0,
+    "context": 3.1, "cache": 3.1, "uwsgi_shim": 3.1,
+    "session": 3.2, "scripts": 3.2,
+    "server": 3.3, "codestring": 3.3,
+    # 4: processes
+    "proccontrol": 4.0, "master": 4.1, "assembly": 4.2,
+    # 5: entry points
+    "cli": 5.0, "__main__": 5.1, "manpage": 5.0,
+}
+
+
+@pytest.mark.parametrize("path", modules(), ids=module_ids())
+def test_imports_go_only_to_lower_ranks(path: Path):
+    stem = "" if path.stem == "__init__" else path.stem
+    assert stem in RANKS, "%s has no rank in tests/test_layering.py RANKS" % path.name
+    rank = RANKS[stem]
+    bad = ["%s:%d imports %s (rank %s >= %s)" % (path.name, line, name or "the package",
+                                                 RANKS.get(name), rank)
+           for line, kind, name in imports(path)
+           if kind == "own" and RANKS.get(name, 99) >= rank and not (stem == "" == name)]
+    assert not bad, "imports that do not go down: %s" % bad
