@@ -18,10 +18,10 @@ from .addresses import shared_socket_index as _shared_index  # "=N": atoi, as uW
 from .accesslog import AccessLog, compile_format
 from .log import log
 from . import metrics
-from .options import access_log_target
+from .options import access_log_target, option_default
 from .reactor import Reactor
 from .router import Router, SubscriptionMapper
-from .server import DEFAULT_CHUNK, Server
+from .server import Server
 from .signing import SignatureChecker, SigningError
 from .sockets import AddressError, bind_listener, bind_stream_server
 from .stats import StatsServer, Streamed, build_document, live_pools, pool_stats, subscription_stream
@@ -441,7 +441,7 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener, external: bo
         use_base=cfg.fastrouter_use_base,
         fallback=cfg.fastrouter_fallback,
         fallback_on_no_key=cfg.fastrouter_fallback_on_no_key,
-        gracetime=cfg.fastrouter_gracetime or 30,
+        gracetime=cfg.fastrouter_gracetime,
         max_retries=cfg.fastrouter_max_retries,
         quiet=cfg.fastrouter_quiet,
         subscriptions=subscriptions,
@@ -449,9 +449,9 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener, external: bo
     )
     access_log, reopen_access_log = _make_access_log(cfg, reactor)
     server = Server(reactor, router, listeners,
-                    timeout=cfg.fastrouter_timeout or 60,
-                    chunk=cfg.fastrouter_buffer_size or DEFAULT_CHUNK,
-                    events=cfg.fastrouter_events or 64,
+                    timeout=cfg.fastrouter_timeout,
+                    chunk=cfg.fastrouter_buffer_size,
+                    events=cfg.fastrouter_events,
                     force_key=force_key,
                     cheap=cfg.fastrouter_cheap and bool(datagram),
                     fd_passing=not cfg.no_fd_passing,
@@ -508,7 +508,7 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener, external: bo
             reactor, stats_listener,
             lambda: build_document(server, names, static_nodes=static, extra=extra,
                                    cheap=server.cheap, counters=server.counters.snapshot(server)),
-            minified=cfg.stats_minified, http=cfg.stats_http, timeout=cfg.socket_timeout or 4)
+            minified=cfg.stats_minified, http=cfg.stats_http, timeout=_endpoint_timeout(cfg))
     if parts.metrics_listener is not None and external:
         subscriptions = parts.subscriptions
 
@@ -517,7 +517,7 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener, external: bo
                                    metrics.subscription_counters(subscriptions, parts.table)))
 
         parts.metrics = metrics.MetricsServer(reactor, parts.metrics_listener, scrape,
-                                              timeout=cfg.socket_timeout or 4)
+                                              timeout=_endpoint_timeout(cfg))
     return parts
 
 
@@ -640,10 +640,10 @@ class MasterSockets:
         if self.stats_listener is not None:
             self.stats = StatsServer(reactor, self.stats_listener, gather=self._gather_stats,
                                      minified=cfg.stats_minified, http=cfg.stats_http,
-                                     timeout=cfg.socket_timeout or 4)
+                                     timeout=_endpoint_timeout(cfg))
         if self.parts.metrics_listener is not None:
             self.metrics = metrics.MetricsServer(reactor, self.parts.metrics_listener, self._gather_metrics,
-                                                 timeout=cfg.socket_timeout or 4)
+                                                 timeout=_endpoint_timeout(cfg))
 
     def _gather_metrics(self, deliver) -> None:
         """A scrape: the router processes' totals (a totals-only round, see master.py),
@@ -836,7 +836,7 @@ def _make_table(cfg) -> SubscriptionTable:
     if cfg.subscription_algo not in ALGORITHMS:
         log('[uwsgi-subscription] unknown --subscription-algo "%s": using wrr' % cfg.subscription_algo)
     return SubscriptionTable(
-        tolerance=cfg.subscription_tolerance or 17, algo=cfg.subscription_algo or "wrr",
+        tolerance=cfg.subscription_tolerance, algo=cfg.subscription_algo,
         max_keys=cfg.subscription_max_keys, max_nodes=cfg.subscription_max_nodes,
         log=log, pid=os.getpid(), verifier=_signature_checker(cfg),
         sign_tolerance=cfg.subscriptions_sign_check_tolerance)
@@ -886,7 +886,7 @@ def make_subscriber(cfg, reactor: Reactor, parts: Assembly):
         except ValueError:
             raise StartupError('option "--subscribe-with-modifier1": not a number')
     apps = parts.app_listeners
-    processes = (cfg.processes or 1) if apps else 0
+    processes = cfg.processes if apps else 0
     default = apps[0].name.encode("utf-8", "surrogateescape") if apps else None
 
     def by_index(items):
@@ -895,9 +895,9 @@ def make_subscriber(cfg, reactor: Reactor, parts: Assembly):
     def backlog() -> int:
         return 0
 
-    weight = processes if cfg.auto_weight else (cfg.weight or 0)
+    weight = processes if cfg.auto_weight else cfg.weight
     notify = cfg.subscription_notify_socket.encode() if cfg.subscription_notify_socket else None
-    return Subscriber(reactor, specs, default_address=default, freq=cfg.subscribe_freq or 10,
+    return Subscriber(reactor, specs, default_address=default, freq=cfg.subscribe_freq,
                       cores=processes, load=backlog, weight=weight,
                       resolve_shared=by_index(parts.shared), resolve_socket=by_index(apps),
                       modifier1=modifier1, notify=notify,
@@ -926,7 +926,7 @@ def prepare_mappers(cfg, parts: Assembly) -> None:
     except ValueError as exc:
         raise StartupError('option "--%s": %s' % (option, exc))
     if cfg.fastrouter_use_socket is not None:
-        index = _shared_index("=" + str(cfg.fastrouter_use_socket or "0"))
+        index = _shared_index("=" + str(cfg.fastrouter_use_socket))
         if index < len(parts.app_listeners):
             parts.use_socket = parts.app_listeners[index].name
         else:
@@ -966,3 +966,9 @@ def prepare_scripts(cfg, parts: Assembly) -> None:
                             options=options_from_config(cfg))
     except ScriptError as exc:
         raise StartupError(str(exc))
+
+
+def _endpoint_timeout(cfg) -> int:
+    """The stats and metrics endpoints' I/O time-out: --socket-timeout, whose 0 (no
+    TCP_DEFER_ACCEPT on the listeners) means its default here."""
+    return cfg.socket_timeout or option_default("socket-timeout")

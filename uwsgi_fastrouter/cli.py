@@ -34,7 +34,7 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
 
 def needs_master(cfg) -> bool:
     """D1: one process unless a master is asked for or implied by several processes."""
-    return bool(cfg.master or (cfg.fastrouter_processes or 1) > 1 or cfg.socket or cfg.shared_socket
+    return bool(cfg.master or cfg.fastrouter_processes > 1 or cfg.socket or cfg.shared_socket
                 or cfg.undeferred_shared_socket or cfg.zerg or cfg.fastrouter_harakiri or cfg.master_fifo
                 or cfg.touch_reload)
 
@@ -58,7 +58,7 @@ def run(cfg) -> int:
     notifier = sdnotify.from_environ()
     if notifier is not None:
         notifier.status("uwsgi-fastrouter starting")
-    reactor = Reactor(max_events=cfg.fastrouter_events or 64)
+    reactor = Reactor(max_events=cfg.fastrouter_events)
     try:
         parts = build(cfg, reactor)
     except (StartupError, AddressError) as exc:

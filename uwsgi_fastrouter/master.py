@@ -214,7 +214,7 @@ class Master:
             self.sockets.close_all()
             reactor.close()
             raise
-        routers = max(1, self.cfg.fastrouter_processes or 1) if self.sockets.listeners else 0
+        routers = self.cfg.fastrouter_processes if self.sockets.listeners else 0
         if self.cfg.fastrouter_harakiri and routers:
             from .proccontrol import Heartbeat
             self.heartbeat = Heartbeat(routers)
@@ -225,7 +225,7 @@ class Master:
             self._spawn(child)
         if self.sockets.parts.app is not None and self.sockets.parts.app_listeners:
             self._make_worker = self._run_worker
-            for index in range(1, max(1, self.cfg.processes or 1) + 1):
+            for index in range(1, self.cfg.processes + 1):
                 child = Child("worker", index)
                 self.workers.append(child)
                 self._spawn(child)
@@ -351,7 +351,7 @@ class Master:
                 reactor.stop()
                 return
             parts.server.on_idle = reactor.stop
-            reactor.call_later(max(self.cfg.fastrouter_timeout or 60, 1), reactor.stop)
+            reactor.call_later(self.cfg.fastrouter_timeout, reactor.stop)
 
         reactor.add_signal_handler(signal.SIGTERM, graceful)
         reactor.add_signal_handler(signal.SIGINT, lambda s: reactor.stop())
@@ -381,7 +381,7 @@ class Master:
             periodic = LogReopener(cfg.touch_logreopen, log_file(cfg), announce=False).check
         parts = self.sockets.parts
         worker = Worker([l.sock for l in parts.app_listeners], parts.app, worker_id=index,
-                        harakiri=cfg.harakiri or 0, buffer_size=cfg.buffer_size or 4096,
+                        harakiri=cfg.harakiri, buffer_size=cfg.buffer_size,
                         socket_timeout=cfg.socket_timeout,
                         parent_pid=os.getppid(), periodic=periodic,
                         on_start=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, _MASTER_SIGNALS))
