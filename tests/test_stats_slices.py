@@ -26,7 +26,8 @@ from uwsgi_fastrouter.metrics import Counters
 from uwsgi_fastrouter.assembly import Assembly, MasterSockets, RouterReport
 from uwsgi_fastrouter.reactor import Reactor
 from uwsgi_fastrouter.sockets import bind_stream_server
-from uwsgi_fastrouter.stats import (HTTP_HEADER, StatsServer, Streamed, Unindented, build_document, render,
+from uwsgi_fastrouter.endpoints import StatsServer
+from uwsgi_fastrouter.stats import (HTTP_HEADER, Streamed, Unindented, build_document, render,
                                     render_pieces, subscription_stream)
 from uwsgi_fastrouter.subscription import SubscriptionTable, build_announcement, parse_announcement
 

@@ -24,7 +24,8 @@ from .router import Router, SubscriptionMapper
 from .server import Server
 from .signing import SignatureChecker, SigningError
 from .sockets import AddressError, bind_listener, bind_stream_server
-from .stats import StatsServer, Streamed, build_document, live_pools, pool_stats, subscription_stream
+from .endpoints import MetricsServer, StatsServer
+from .stats import Streamed, build_document, live_pools, pool_stats, subscription_stream
 from .subscription import ALGORITHMS, SubscriptionTable
 from .subserver import SubscriptionServer, bind_datagram
 
@@ -99,7 +100,7 @@ class Assembly:
         self.access_log: Optional[AccessLog] = None
         self.stats: Optional[StatsServer] = None
         self.metrics_listener = None         # --fastrouter-metrics
-        self.metrics: Optional[metrics.MetricsServer] = None
+        self.metrics: Optional[MetricsServer] = None
         self.subscriptions: Optional[SubscriptionServer] = None
         self.table = None
         self.zerg_listener = None
@@ -516,7 +517,7 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener, external: bo
             deliver(metrics.render(server.counters.snapshot(server),
                                    metrics.subscription_counters(subscriptions, parts.table)))
 
-        parts.metrics = metrics.MetricsServer(reactor, parts.metrics_listener, scrape,
+        parts.metrics = MetricsServer(reactor, parts.metrics_listener, scrape,
                                               timeout=_endpoint_timeout(cfg))
     return parts
 
@@ -543,7 +544,7 @@ class MasterSockets:
         self.table = None
         self.subscriptions: Optional[SubscriptionServer] = None
         self.stats: Optional[StatsServer] = None
-        self.metrics: Optional[metrics.MetricsServer] = None
+        self.metrics: Optional[MetricsServer] = None
         self.zerg: Optional[zerg.ZergServer] = None
         self.subscriber = None
         self.subscriptions_blocked = False
@@ -642,7 +643,7 @@ class MasterSockets:
                                      minified=cfg.stats_minified, http=cfg.stats_http,
                                      timeout=_endpoint_timeout(cfg))
         if self.parts.metrics_listener is not None:
-            self.metrics = metrics.MetricsServer(reactor, self.parts.metrics_listener, self._gather_metrics,
+            self.metrics = MetricsServer(reactor, self.parts.metrics_listener, self._gather_metrics,
                                                  timeout=_endpoint_timeout(cfg))
 
     def _gather_metrics(self, deliver) -> None:

@@ -1,4 +1,7 @@
-"""The stats server: uWSGI's JSON document, one per connection.
+"""The stats document: uWSGI's JSON layout, rendered whole or in slices.
+
+The endpoint that serves it (``--fastrouter-stats``) lives in
+:mod:`uwsgi_fastrouter.endpoints`; this module does no I/O.
 
 uWSGI prints its stats with its own layout (TAB indentation, no spaces, no trailing
 newline, router socket names unindented) and does not escape strings.  We keep the
@@ -43,15 +46,11 @@ from __future__ import annotations
 import json
 import operator
 import os
-import socket
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 from . import UWSGI_COMPAT_VERSION, __version__
-from .acceptor import ConnectionServer
-from .log import log
 from .metrics import outcome_counts
-from .reactor import Reactor
 
 HTTP_HEADER = (b"HTTP/1.0 200 OK\r\nConnection: close\r\nAccess-Control-Allow-Origin: *\r\n"
                b"Content-Type: application/json\r\n\r\n")
@@ -63,11 +62,11 @@ CHUNK = 65536
 SLICE_BUDGET = 0.00025
 
 
-def slice_deadline(reactor: Reactor, own_events: int) -> float:
+def slice_deadline(reactor, own_events: int) -> float:
     """When a slice of low-priority work that starts now must stop: after
     :data:`SLICE_BUDGET` in a pass of the loop whose ready fds were at most
     *own_events* (the worker's own), at once (after one step) in a pass that had other
-    work: then routing goes first."""
+    work: then routing goes first.  *reactor* is the loop (its ``ready_count``)."""
     idle = reactor.ready_count <= own_events
     return time.monotonic() + (SLICE_BUDGET if idle else 0.0)
 
@@ -383,184 +382,3 @@ def _cwd() -> str:
         return os.getcwd()
     except OSError:
         return ""
-
-
-class StatsServer(ConnectionServer):
-    """Serves the stats document to every client of *listener*.
-
-    *document* returns the document; or *gather*, for a document that takes a while to
-    collect (the master's, from its router processes), is called with a ``deliver``
-    function to call once with the document, now or later.
-    """
-
-    def __init__(self, reactor: Reactor, listener, document: Optional[Callable[[], Dict[str, Any]]] = None,
-                 *, gather: Optional[Callable[[Callable[[Dict[str, Any]], None]], None]] = None,
-                 minified: bool = False, http: bool = False, timeout: float = 4.0) -> None:
-        if (document is None) == (gather is None):
-            raise TypeError("StatsServer needs document or gather")
-        super().__init__(reactor, listener, "stats server")
-        self.document = document
-        self.gather = gather if gather is not None else self._gather_now
-        self.minified = minified
-        self.http = http
-        self.timeout = timeout if timeout > 0 else 4.0
-        self._pass = None           # the loop pass (its loop time) the budget below is for
-        self._pass_deadline = 0.0
-
-    def new_client(self, sock: socket.socket) -> "_StatsClient":
-        client = _StatsClient(self, sock)
-        client.start()
-        return client
-
-    def _gather_now(self, deliver: Callable[[Dict[str, Any]], None]) -> None:
-        deliver(self.document())
-
-    def pieces(self, document: Dict[str, Any]) -> Iterator[bytes]:
-        """What one client is sent, in pieces: the HTTP header if asked for, the document."""
-        if self.http:
-            yield HTTP_HEADER
-        for piece in render_pieces(document, self.minified):
-            yield piece.encode("utf-8")
-
-    def error_payload(self, exc: BaseException) -> bytes:
-        log("[uwsgi-fastrouter] unable to build the stats document: %r" % (exc,))
-        body = render({"version": UWSGI_COMPAT_VERSION, "error": str(exc)}, self.minified)
-        return (HTTP_HEADER + body) if self.http else body
-
-    def slice_deadline(self) -> float:
-        """When this pass's stats work must stop: one budget per pass for every client,
-        none in a pass that also has other work (then each client renders one piece)."""
-        reactor = self.reactor
-        if self._pass != reactor.now:
-            self._pass = reactor.now
-            self._pass_deadline = slice_deadline(reactor, len(self.clients))
-        return self._pass_deadline
-
-
-class _StatsClient:
-    """One stats connection: (the HTTP request,) the document, in slices, then close.
-
-    *timeout* bounds every wait: for the request, for the document, for the socket to
-    take more; each write that makes progress starts it again.
-    """
-
-    __slots__ = ("server", "sock", "fd", "pieces", "pending", "offset", "sent_any", "timer", "deadline")
-
-    def __init__(self, server: StatsServer, sock: socket.socket) -> None:
-        self.server = server
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.pieces: Optional[Iterator[bytes]] = None
-        self.pending = b""          # rendered, not yet sent from *offset* on
-        self.offset = 0
-        self.sent_any = False
-        self.deadline = server.reactor.now + server.timeout
-        self.timer = server.reactor.call_at(self.deadline, self._expire)
-
-    def start(self) -> None:
-        if self.server.http:
-            self.server.reactor.add_reader(self.fd, self._read_request)
-        else:
-            self._request_document()
-
-    def _read_request(self) -> None:
-        try:
-            chunk = self.sock.recv(4096)
-        except BlockingIOError:
-            return
-        except OSError:
-            self.close()
-            return
-        self.server.reactor.remove_reader(self.fd)
-        if not chunk:
-            self.close()
-            return
-        self._request_document()
-
-    def _request_document(self) -> None:
-        try:
-            self.server.gather(self._deliver)
-        except Exception as exc:  # never let a stats bug hurt routing
-            self._deliver_error(exc)
-
-    def _deliver(self, document: Dict[str, Any]) -> None:
-        if self.sock is None:       # timed out meanwhile
-            return
-        self.pieces = self.server.pieces(document)
-        self._write()
-
-    def _deliver_error(self, exc: BaseException) -> None:
-        if self.sock is None:
-            return
-        self.pieces = None
-        self.pending, self.offset = self.server.error_payload(exc), 0
-        self._write()
-
-    def _fill(self) -> None:
-        """Render the next slice: up to CHUNK bytes, within this pass's budget."""
-        deadline = self.server.slice_deadline()
-        clock = time.monotonic
-        pieces = self.pieces
-        taken: List[bytes] = []
-        size = 0
-        while True:
-            try:
-                piece = next(pieces)
-            except StopIteration:
-                self.pieces = None
-                break
-            taken.append(piece)
-            size += len(piece)
-            if size >= CHUNK or clock() >= deadline:
-                break
-        self.pending, self.offset = b"".join(taken), 0
-
-    def _write(self) -> None:
-        if self.offset >= len(self.pending):
-            if self.pieces is None:
-                self.close()
-                return
-            try:
-                self._fill()
-            except Exception as exc:  # a stats bug: an error document if nothing went out yet
-                if self.sent_any:
-                    log("[uwsgi-fastrouter] stats document cut short: %r" % (exc,))
-                    self.close()
-                    return
-                self._deliver_error(exc)
-                return
-        if self.pending:
-            try:
-                sent = self.sock.send(memoryview(self.pending)[self.offset:])
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self.close()
-                return
-            if sent:
-                self.offset += sent
-                self.sent_any = True
-                self.deadline = self.server.reactor.now + self.server.timeout
-        if self.offset >= len(self.pending) and self.pieces is None:
-            self.close()
-            return
-        # More to send or to render: on the next writability event, which is the next
-        # pass of the loop unless the client is slow (re-adding a writer just keeps it).
-        self.server.reactor.add_writer(self.fd, self._write)
-
-    def _expire(self) -> None:
-        if self.sock is None:
-            return
-        if self.server.reactor.now >= self.deadline:
-            self.close()
-        else:
-            self.timer = self.server.reactor.call_at(self.deadline, self._expire)
-
-    def close(self) -> None:
-        if self.sock is None:
-            return
-        self.timer.cancel()
-        self.server.drop(self)
-        self.sock = None
-        self.pieces = None
-        self.pending = b""
