@@ -20,7 +20,7 @@ import sys
 from typing import List, Optional
 
 from . import __version__, sdnotify
-from .assembly import StartupError, build, make_subscriber
+from .runtime import StartupError, build, make_subscriber
 from .log import log, set_date_format
 from .options import ConfigError, EarlyExit, load_config, log_date_format
 from .reactor import Reactor
@@ -40,10 +40,10 @@ def needs_master(cfg) -> bool:
 
 
 def run_master(cfg, argv: List[str]) -> int:
-    from .assembly import MasterSockets, wire_child
+    from .runtime import MasterRuntime, wire_child
     from .master import Master
     from .proccontrol import PrivilegeError, SetupError
-    master = Master(cfg, argv, bind=MasterSockets.bind, wire=wire_child,
+    master = Master(cfg, argv, bind=MasterRuntime.bind, wire=wire_child,
                     startup_errors=(StartupError, AddressError))
     try:
         return master.run()
@@ -119,7 +119,7 @@ def _serve(cfg, reactor: Reactor, parts, notifier) -> int:
             reactor.close()
             return EXIT_CONFIG
     try:
-        subscriber = make_subscriber(cfg, reactor, parts)
+        subscriber = make_subscriber(cfg, reactor, parts.prepared)
     except StartupError as exc:
         log(str(exc))
         parts.stop()

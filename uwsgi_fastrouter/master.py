@@ -153,8 +153,8 @@ class Master:
         from .proccontrol import PrivilegeError, ProcessOps, SetupError
         self.cfg = cfg
         self.argv = argv
-        self._bind = bind            # (cfg, inherited) -> Sockets
-        self._wire = wire            # (cfg, reactor, sockets, channel) -> router Assembly (in a child)
+        self._bind = bind            # (cfg, inherited) -> the master's runtime (runtime.MasterRuntime)
+        self._wire = wire            # (cfg, reactor, master's runtime, channel) -> a router's (in a child)
         self._make_worker = make_worker
         self.ops = ops if ops is not None else ProcessOps()   # fork, waitpid, kill, execv
         # What a router process that cannot start raises: its message is logged and it
@@ -223,7 +223,8 @@ class Master:
             child = Child("router", index)
             self.routers.append(child)
             self._spawn(child)
-        if self.sockets.parts.app is not None and self.sockets.parts.app_listeners:
+        prepared = self.sockets.prepared
+        if prepared.app is not None and prepared.bindings.app:
             self._make_worker = self._run_worker
             for index in range(1, self.cfg.processes + 1):
                 child = Child("worker", index)
@@ -379,8 +380,8 @@ class Master:
         periodic = None
         if cfg.touch_logreopen:
             periodic = LogReopener(cfg.touch_logreopen, log_file(cfg), announce=False).check
-        parts = self.sockets.parts
-        worker = Worker([l.sock for l in parts.app_listeners], parts.app, worker_id=index,
+        prepared = self.sockets.prepared
+        worker = Worker([l.sock for l in prepared.bindings.app], prepared.app, worker_id=index,
                         harakiri=cfg.harakiri, buffer_size=cfg.buffer_size,
                         socket_timeout=cfg.socket_timeout,
                         parent_pid=os.getppid(), periodic=periodic,

@@ -529,6 +529,11 @@ class ConfigError(Exception):
     """The configuration is unusable; ``str(e)`` is the message to print, exit 1."""
 
 
+class StartupError(Exception):
+    """A configuration that loaded but cannot run (a cross-option check, a socket that
+    cannot be bound, ...); the message names the option.  Exit status 1."""
+
+
 class EarlyExit(Exception):
     """``--help`` / ``--version``: print :attr:`text` to stdout, exit :attr:`code`."""
 

@@ -47,10 +47,11 @@ import json
 import operator
 import os
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from . import UWSGI_COMPAT_VERSION, __version__
-from .metrics import outcome_counts
+from .metrics import merge, outcome_counts
+from .metrics import validate as validate_counters
 
 HTTP_HEADER = (b"HTTP/1.0 200 OK\r\nConnection: close\r\nAccess-Control-Allow-Origin: *\r\n"
                b"Content-Type: application/json\r\n\r\n")
@@ -382,3 +383,168 @@ def _cwd() -> str:
         return os.getcwd()
     except OSError:
         return ""
+
+
+# --------------------------------------------------------------------------
+# Under a master: each router process reports its counters, the master sums them
+
+
+def report_parts(server, table, pools_per_part: int = 32, totals_only: bool = False) -> Iterator[dict]:
+    """A router process's counters for the master's stats, in parts (see
+    :class:`RouterReport`): the totals of *server* first, then (unless *totals_only*: a
+    metrics scrape) the pools of *table* a few at a time, each taken from the table when
+    its part is built (one removed meanwhile is left out)."""
+    yield {"sessions": len(server.sessions),
+           "static": [[n.hits, int(n.dead_since)] for n in server.router.static_nodes],
+           "cheap": 1 if server.cheap else 0,
+           "metrics": server.counters.snapshot(server)}
+    if table is None or totals_only:
+        return
+    flat: list = []
+    count = 0
+    for counters in live_pools(table, _pool_counters):
+        flat += counters
+        count += 1
+        if count >= pools_per_part:
+            yield {"pools": flat}
+            flat, count = [], 0
+    if flat:
+        yield {"pools": flat}
+
+
+def _pool_counters(pool) -> list:
+    """One pool in a router process's report, flat (see :class:`RouterReport`)."""
+    flat = [pool.key.decode("latin-1"), pool.hits, len(pool.nodes)]
+    for n in pool.nodes:
+        flat += (n.name.decode("latin-1"), n.requests, n.last_requests, n.tx, n.rx, n.ref, n.failcnt)
+    return flat
+
+
+class RouterReport:
+    """One router process's counters, as the master receives them in parts.
+
+    Each part is a JSON object: the first has ``sessions``, ``static`` (``[hits,
+    grace]`` per static node), ``cheap`` and ``metrics`` (the request counters, see
+    :meth:`~uwsgi_fastrouter.metrics.Counters.snapshot`); the others ``pools``, a flat list with,
+    per pool, its key (latin-1), hits and node count, then per node its name
+    (latin-1), requests, last_requests, tx, rx, ref and failcnt.
+
+    The counters stay in one flat list with an index of positions by key: tens of
+    thousands of small lists and dicts kept across passes would make every full run
+    of the cyclic garbage collector (which walks them all, in one pass of the loop)
+    that much longer.
+    """
+
+    __slots__ = ("sessions", "static", "cheap", "metrics", "counters", "index")
+
+    def __init__(self) -> None:
+        self.sessions = 0
+        self.static: list = []
+        self.cheap = 0
+        self.metrics: Optional[dict] = None   # the process's request counters (metrics.py)
+        self.counters: list = []
+        self.index: Dict[str, int] = {}   # key -> position of its hits in counters
+
+    def add(self, data: bytes) -> None:
+        """Merge one part; ValueError for one that is not a part."""
+        part = json.loads(data)
+        if not isinstance(part, dict):
+            raise ValueError("a report part is not an object")
+        try:
+            if "sessions" in part:
+                self.sessions = int(part["sessions"])
+                self.static = [(int(hits), int(grace)) for hits, grace in part["static"]]
+                self.cheap = int(part["cheap"])
+                if "metrics" in part:
+                    self.metrics = validate_counters(part["metrics"])
+            flat = part.get("pools")
+            if flat is not None:
+                self._index(flat)
+        except (IndexError, KeyError, TypeError) as exc:
+            raise ValueError("a malformed report part: %r" % (exc,)) from None
+
+    def _index(self, flat: list) -> None:
+        base = len(self.counters)
+        index = {}
+        at = 0
+        while at < len(flat):
+            key, hits, nodes = flat[at], flat[at + 1], flat[at + 2]
+            if type(key) is not str or type(hits) is not int or type(nodes) is not int or nodes < 0 \
+                    or at + 3 + 7 * nodes > len(flat):
+                raise ValueError("a malformed pool in a report part")
+            index[key] = base + at + 1
+            at += 3 + 7 * nodes
+        self.counters += flat
+        self.index.update(index)
+
+    def pool(self, key: str) -> Optional[Tuple[int, Dict[str, list]]]:
+        """(hits, {node name: [requests, last_requests, tx, rx, ref, failcnt]}) of *key*."""
+        at = self.index.get(key)
+        if at is None:
+            return None
+        counters = self.counters
+        nodes = {}
+        node = at + 2
+        for _ in range(counters[at + 1]):
+            nodes[counters[node]] = counters[node + 1:node + 7]
+            node += 7
+        return counters[at], nodes
+
+
+def master_document(reports: List["RouterReport"], table, socket_names: List[str],
+                    static_names: List[str]) -> Dict[str, Any]:
+    """The master's stats document: its own sockets and subscription table, with the
+    router processes' *reports* summed in (the static nodes of *static_names*: hits
+    summed, the longest grace)."""
+    static = None
+    if static_names:
+        static = []
+        for i, name in enumerate(static_names):
+            hits = sum(r.static[i][0] for r in reports if i < len(r.static))
+            grace = max([r.static[i][1] for r in reports if i < len(r.static)] or [0])
+            static.append(_StaticView(name, hits, grace))
+    extra = None
+    if table is not None:
+        extra = lambda d: d.__setitem__("subscriptions", _aggregate(table, reports))
+    return build_document(_SessionsView(sum(r.sessions for r in reports)), socket_names,
+                          static_nodes=static, extra=extra,
+                          cheap=bool(reports) and all(r.cheap for r in reports),
+                          counters=merge([r.metrics for r in reports if r.metrics is not None]))
+
+
+class _StaticView:
+    __slots__ = ("name", "hits", "dead_since")
+
+    def __init__(self, name, hits, dead_since) -> None:
+        self.name, self.hits, self.dead_since = name, hits, dead_since
+
+
+class _SessionsView:
+    __slots__ = ("active_sessions",)
+
+    def __init__(self, n: int) -> None:
+        self.active_sessions = n
+
+
+def _aggregate(table, reports: List[RouterReport]) -> Streamed:
+    """The master's table with every router process's counters summed, as a
+    :class:`~uwsgi_fastrouter.stats.Streamed` member: a pool at a time."""
+    return Streamed(lambda: live_pools(table, lambda pool: _with_totals(pool_stats(pool), reports)))
+
+
+def _with_totals(record: dict, reports: List[RouterReport]) -> dict:
+    """A pool's record with the router processes' counters summed into it."""
+    key = record["key"].decode("latin-1")
+    entries = [entry for entry in (report.pool(key) for report in reports) if entry]
+    record["hits"] = sum(entry[0] for entry in entries)
+    for node in record["nodes"]:
+        name = node["name"].decode("latin-1")
+        totals = [0, 0, 0, 0, 0, 0]
+        for entry in entries:
+            counters = entry[1].get(name)
+            if counters:
+                totals = [a + b for a, b in zip(totals, counters)]
+        (node["requests"], node["last_requests"], node["tx"], node["rx"], node["ref"],
+         failcnt) = totals
+        node["failcnt"] = max(node["failcnt"], failcnt)
+    return record
