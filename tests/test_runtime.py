@@ -126,3 +126,15 @@ def test_no_use_site_restates_a_default():
             found += ["%s:%d: %s" % (path.name, number, line.strip()) for _ in pattern.finditer(line)]
     assert found == []
     assert [o.name for o in options.OPTIONS if o.zero_means is not None]
+
+
+def test_the_frame_codec_takes_a_stream_in_any_pieces():
+    from uwsgi_fastrouter.frames import FAILED, READY, FrameReader, encode_frame
+    stream = encode_frame(READY, b"") + encode_frame(FAILED, b"key\0127.0.0.1:1")
+    reader = FrameReader()
+    frames = []
+    for at in range(len(stream)):
+        frames += reader.feed(stream[at:at + 1])
+    assert frames == [(READY, b""), (FAILED, b"key\0127.0.0.1:1")]
+    assert "frames" in {n for n in _own_imports("master")}
+    assert not _own_imports("frames") - {"__future__", "struct", "typing"}

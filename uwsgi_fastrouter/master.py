@@ -73,11 +73,11 @@ from typing import Callable, Dict, List, Optional
 from . import sdnotify
 from .log import RateLimitedLog, log
 from .reactor import Reactor
+from .frames import FAILED, QUERY, READY, REPORT, SUBSCRIPTION, FrameReader, encode_frame
 from .stats import slice_deadline
 
 ENV_INHERIT = "UWSGI_FASTROUTER_INHERIT"
 _PROGRAM = "uwsgi-fastrouter"
-_FRAME = struct.Struct("!IB")
 _REPORT_HEAD = struct.Struct("!IB")     # round number, 1 on the last frame of a report
 _RESPAWN_BACKOFF = 1.0
 _STATS_WAIT = 0.5          # a router process silent this long is left out of a stats round
@@ -92,39 +92,6 @@ _ORPHAN_GRACE = 10.0
 # re-exec until the new image has its own: one arriving in between is held, not lost
 # and never given its default action (which for SIGHUP is death).
 _MASTER_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD}
-
-# Frame types on a master <-> router channel.
-SUBSCRIPTION = ord("S")   # master -> router: an accepted subscription datagram (+ credentials)
-FAILED = ord("F")         # both ways: a node failed a connect: key \0 address
-QUERY = ord("Q")          # master -> router: send your counters (round number; a 1 byte after it:
-                          # the totals only, for a metrics scrape)
-REPORT = ord("R")         # router -> master: round number, last flag, a part of the counters (JSON)
-READY = ord("Y")          # router -> master: my loop runs (I have started; no payload)
-
-
-def encode_frame(kind: int, payload: bytes) -> bytes:
-    return _FRAME.pack(len(payload), kind) + payload
-
-
-class FrameReader:
-    """Splits a byte stream into ``(kind, payload)`` frames."""
-
-    __slots__ = ("buf",)
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-
-    def feed(self, data: bytes) -> List[tuple]:
-        self.buf += data
-        frames = []
-        while len(self.buf) >= _FRAME.size:
-            length, kind = _FRAME.unpack_from(self.buf)
-            if len(self.buf) < _FRAME.size + length:
-                break
-            frames.append((kind, bytes(self.buf[_FRAME.size:_FRAME.size + length])))
-            del self.buf[:_FRAME.size + length]
-        return frames
-
 
 class Child:
     """One forked process the master supervises."""

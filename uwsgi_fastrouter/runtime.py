@@ -36,7 +36,9 @@ from .accesslog import AccessLog
 from .addresses import shared_socket_index
 from .binding import Bindings
 from .endpoints import MetricsServer, StatsServer
+from .frames import SUBSCRIPTION
 from .log import log
+from .master import pack_credentials
 from .options import StartupError, access_log_target
 from .reactor import Reactor
 from .router import Router, SubscriptionMapper
@@ -515,7 +517,6 @@ class MasterRuntime:
     # ---- in the master
 
     def setup_master(self, master, reactor, inherited: Optional[dict]) -> None:
-        from .master import SUBSCRIPTION, pack_credentials
         cfg = self.cfg
         bindings = self.prepared.bindings
         self.master = master
