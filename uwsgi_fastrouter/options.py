@@ -26,6 +26,10 @@ and the man page are generated from it.
    defaults: scalars keep the last value, lists accumulate.  Keys that are not
    options are placeholders (an error for plain keys under ``--strict``).
    "pending" options are rejected, the "deprecated" one only warns.
+4. **Freeze**: an option whose ``zero_means`` is set gets it in place of 0 (uWSGI's
+   "0 means the default"), every value is checked against its kind's type, and the
+   :class:`Config` becomes read-only.  The checks that involve several options (or
+   the file system) run later, in validation.py, before anything is bound.
 
 Values keep uWSGI's typing: ints are C ``atoi`` (junk gives 0, negative is an
 error), 64-bit values ``strtoul``, booleans are false only for
