@@ -138,3 +138,16 @@ def test_the_frame_codec_takes_a_stream_in_any_pieces():
     assert frames == [(READY, b""), (FAILED, b"key\0127.0.0.1:1")]
     assert "frames" in {n for n in _own_imports("master")}
     assert not _own_imports("frames") - {"__future__", "struct", "typing"}
+
+
+@pytest.mark.parametrize("mode", [[], ["--master"]], ids=["single", "master"])
+def test_a_bad_combination_stops_the_start_before_anything_is_bound(sock_dir, mode):
+    from support import Proc, router_argv, wait_until
+    proc = Proc(router_argv(mode + ["--fastrouter", os.path.join(sock_dir, "r.sock"),
+                                    "--subscribe-to", "127.0.0.1:9:example.com",
+                                    "--subscribe-with-modifier1", "five"]))
+    wait_until(lambda: not proc.alive(), timeout=20, what="the router to give up")
+    assert proc.returncode == 1
+    log = proc.log()
+    assert 'option "--subscribe-with-modifier1": not a number' in log
+    assert "bound on" not in log and "Traceback" not in log
