@@ -184,18 +184,19 @@ RANKS = {
     "": 0, "log": 0,
     # 1: pure codecs, tables and configuration
     "protocol": 1.0, "addresses": 1.0, "allowlist": 1.0, "handoff": 1.0, "ini": 1.0, "signing": 1.0,
+    "frames": 1.0, "metrics": 1.0,
     "options": 1.1, "subscription": 1.1, "balancing": 1.1, "stats": 1.1,
     # 2: I/O
     "reactor": 2.0, "fdpass": 2.0, "sdnotify": 2.0, "keyfile": 2.0,
     "sockets": 2.1, "acceptor": 2.1,
     # 3: the engine
-    "router": 3.0, "accesslog": 3.0, "metrics": 3.0, "bodybuffer": 3.0, "subserver": 3.0,
-    "subscriber": 3.0, "zerg": 3.0, "wsgiserver": 3.0,
+    "router": 3.0, "accesslog": 3.0, "bodybuffer": 3.0, "subserver": 3.0,
+    "subscriber": 3.0, "zerg": 3.0, "wsgiserver": 3.0, "endpoints": 3.0,
     "context": 3.1, "cache": 3.1, "uwsgi_shim": 3.1,
     "session": 3.2, "scripts": 3.2,
     "server": 3.3, "codestring": 3.3,
     # 4: processes
-    "proccontrol": 4.0, "master": 4.1, "assembly": 4.2,
+    "proccontrol": 4.0, "binding": 4.0, "validation": 4.0, "master": 4.1, "runtime": 4.2,
     # 5: entry points
     "cli": 5.0, "__main__": 5.1, "manpage": 5.0,
 }

@@ -8,7 +8,8 @@ import pytest
 prometheus_parser = pytest.importorskip("prometheus_client.parser")
 
 from uwsgi_fastrouter import __version__
-from uwsgi_fastrouter.metrics import BUCKETS, MAX_REQUEST, Counters, label_value, merge, render
+from uwsgi_fastrouter.endpoints import MAX_REQUEST
+from uwsgi_fastrouter.metrics import BUCKETS, Counters, label_value, merge, render
 from uwsgi_fastrouter.subscription import build_announcement
 
 from backends import RecordingBackend, request

@@ -123,7 +123,7 @@ def test_defaults():
     assert cfg.fastrouter_timeout == 60
     assert cfg.fastrouter_gracetime == 30
     assert cfg.fastrouter_events == 64
-    assert cfg.fastrouter_buffer_size == 0
+    assert cfg.fastrouter_buffer_size == 256 << 10   # 0 means 256 KiB: applied on load
     assert cfg.fastrouter_max_retries == 3
     assert cfg.listen == 100
     assert cfg.socket_timeout == 4
@@ -268,7 +268,9 @@ def test_c_strtoul(text, expected):
 
 def test_int_option_junk_and_negative():
     assert load(["--fastrouter-timeout", "12s"]).fastrouter_timeout == 12
-    assert load(["--fastrouter-timeout", "soon"]).fastrouter_timeout == 0
+    # atoi("soon") is 0, and 0 means the default (60) for this option
+    assert load(["--fastrouter-timeout", "soon"]).fastrouter_timeout == 60
+    assert load(["--listen", "soon"]).listen == 0
     assert error_of(["--fastrouter-timeout", "-5"]) == 'invalid value for option "fastrouter-timeout": must be > 0'
     assert error_of(["-l", "-1"]) == 'invalid value for option "listen": must be > 0'
 
@@ -796,3 +798,29 @@ def test_help_is_80_columns_when_not_a_terminal_and_follows_columns():
     wide = _help_of({"COLUMNS": "140"})
     assert wide == o.help_text(140)
     assert max(len(line) for line in wide.splitlines()) > 100
+
+
+def test_a_loaded_configuration_is_frozen():
+    cfg = load(["--fastrouter", ":3017"])
+    with pytest.raises(AttributeError):
+        cfg.fastrouter_timeout = 5
+    with pytest.raises(AttributeError):
+        cfg.brand_new = 1
+    with pytest.raises(AttributeError):
+        del cfg.fastrouter
+    assert cfg.fastrouter_timeout == 60
+
+
+@pytest.mark.parametrize("name", [opt.name for opt in o.OPTIONS if opt.zero_means is not None])
+def test_zero_means_the_default_where_uwsgi_says_so(name):
+    option = o.find_option(name)
+    assert option.zero_means == option.default   # the one default, shown in --help
+    assert getattr(load(["--" + name, "0"]), option.attr) == option.default
+
+
+def test_every_value_has_its_kind_type():
+    cfg = load(["--fastrouter", ":1", "--master", "--listen", "7", "--umask", "022"])
+    for option in o.OPTIONS:
+        value = getattr(cfg, option.attr)
+        if option.kind != o.ACTION and value is not None:
+            assert isinstance(value, option.value_type), option.name

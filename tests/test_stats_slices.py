@@ -23,11 +23,12 @@ from backends import RecordingBackend, request
 from support import fetch_stats, start_router, wait_until
 from test_master import children
 from uwsgi_fastrouter.metrics import Counters
-from uwsgi_fastrouter.assembly import Assembly, MasterSockets, RouterReport
+from uwsgi_fastrouter.runtime import RouterRuntime
 from uwsgi_fastrouter.reactor import Reactor
 from uwsgi_fastrouter.sockets import bind_stream_server
-from uwsgi_fastrouter.stats import (HTTP_HEADER, StatsServer, Streamed, Unindented, build_document, render,
-                                    render_pieces, subscription_stream)
+from uwsgi_fastrouter.endpoints import StatsServer
+from uwsgi_fastrouter.stats import (HTTP_HEADER, RouterReport, Streamed, Unindented, build_document,
+                                    master_document, render, render_pieces, subscription_stream)
 from uwsgi_fastrouter.subscription import SubscriptionTable, build_announcement, parse_announcement
 
 NOW = 1_700_000_000.0
@@ -420,8 +421,8 @@ def test_a_document_that_fails_to_build_is_an_error_document():
 # The master's document from its router processes' reports
 
 
-def _router_parts(table, sessions: int, static: list, cheap: bool) -> Assembly:
-    parts = Assembly()
+def _router_parts(table, sessions: int, static: list, cheap: bool) -> RouterRuntime:
+    parts = RouterRuntime()
     parts.table = table
     parts.server = types.SimpleNamespace(
         sessions=[None] * sessions, cheap=cheap, counters=Counters(), fd_handoffs=0,
@@ -429,7 +430,7 @@ def _router_parts(table, sessions: int, static: list, cheap: bool) -> Assembly:
     return parts
 
 
-def _received(parts: Assembly) -> RouterReport:
+def _received(parts: RouterRuntime) -> RouterReport:
     """The report as the master gets it: every part through JSON, as on the channel."""
     report = RouterReport()
     for part in parts.report_parts():
@@ -445,14 +446,10 @@ def test_the_masters_document_is_byte_for_byte_the_full_render(minified):
     one, two = make_table(1500, seed=1), make_table(1500, seed=2)
     unsubscribe(two, b"key-00100.example.com", b"127.0.0.1:3000")   # one process lost a node
     subscribe(two, b"key-00200.example.com", b"127.0.0.1:7777")     # and has one the master has not
-    cfg = types.SimpleNamespace(fastrouter_to=["127.0.0.1:3131", "127.0.0.1:3132"])
-    sockets = MasterSockets(cfg)
-    sockets.table = master_table
-    sockets.listeners = [types.SimpleNamespace(name="127.0.0.1:3017")]
-    sockets.datagram = [types.SimpleNamespace(name="/tmp/sub.sock")]
     reports = [_received(_router_parts(one, 2, [[5, 0], [1, 17]], True)),
                _received(_router_parts(two, 1, [[7, 3], [0, 0]], False))]
-    doc = sockets._stats_document(reports)
+    doc = master_document(reports, master_table, ["127.0.0.1:3017", "/tmp/sub.sock"],
+                          ["127.0.0.1:3131", "127.0.0.1:3132"])
     streamed = "".join(render_pieces(doc, minified)).encode()
 
     old_reports = [reference_report(one, 2, [[5, 0], [1, 17]], True),

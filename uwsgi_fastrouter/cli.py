@@ -20,7 +20,7 @@ import sys
 from typing import List, Optional
 
 from . import __version__, sdnotify
-from .assembly import StartupError, build, make_subscriber
+from .runtime import StartupError, build, make_subscriber
 from .log import log, set_date_format
 from .options import ConfigError, EarlyExit, load_config, log_date_format
 from .reactor import Reactor
@@ -34,16 +34,16 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
 
 def needs_master(cfg) -> bool:
     """D1: one process unless a master is asked for or implied by several processes."""
-    return bool(cfg.master or (cfg.fastrouter_processes or 1) > 1 or cfg.socket or cfg.shared_socket
+    return bool(cfg.master or cfg.fastrouter_processes > 1 or cfg.socket or cfg.shared_socket
                 or cfg.undeferred_shared_socket or cfg.zerg or cfg.fastrouter_harakiri or cfg.master_fifo
                 or cfg.touch_reload)
 
 
 def run_master(cfg, argv: List[str]) -> int:
-    from .assembly import MasterSockets, wire_child
+    from .runtime import MasterRuntime, wire_child
     from .master import Master
     from .proccontrol import PrivilegeError, SetupError
-    master = Master(cfg, argv, bind=MasterSockets.bind, wire=wire_child,
+    master = Master(cfg, argv, bind=MasterRuntime.bind, wire=wire_child,
                     startup_errors=(StartupError, AddressError))
     try:
         return master.run()
@@ -58,7 +58,7 @@ def run(cfg) -> int:
     notifier = sdnotify.from_environ()
     if notifier is not None:
         notifier.status("uwsgi-fastrouter starting")
-    reactor = Reactor(max_events=cfg.fastrouter_events or 64)
+    reactor = Reactor(max_events=cfg.fastrouter_events)
     try:
         parts = build(cfg, reactor)
     except (StartupError, AddressError) as exc:
@@ -119,7 +119,7 @@ def _serve(cfg, reactor: Reactor, parts, notifier) -> int:
             reactor.close()
             return EXIT_CONFIG
     try:
-        subscriber = make_subscriber(cfg, reactor, parts)
+        subscriber = make_subscriber(cfg, reactor, parts.prepared)
     except StartupError as exc:
         log(str(exc))
         parts.stop()

@@ -73,11 +73,11 @@ from typing import Callable, Dict, List, Optional
 from . import sdnotify
 from .log import RateLimitedLog, log
 from .reactor import Reactor
+from .frames import FAILED, QUERY, READY, REPORT, SUBSCRIPTION, FrameReader, encode_frame
 from .stats import slice_deadline
 
 ENV_INHERIT = "UWSGI_FASTROUTER_INHERIT"
 _PROGRAM = "uwsgi-fastrouter"
-_FRAME = struct.Struct("!IB")
 _REPORT_HEAD = struct.Struct("!IB")     # round number, 1 on the last frame of a report
 _RESPAWN_BACKOFF = 1.0
 _STATS_WAIT = 0.5          # a router process silent this long is left out of a stats round
@@ -92,39 +92,6 @@ _ORPHAN_GRACE = 10.0
 # re-exec until the new image has its own: one arriving in between is held, not lost
 # and never given its default action (which for SIGHUP is death).
 _MASTER_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD}
-
-# Frame types on a master <-> router channel.
-SUBSCRIPTION = ord("S")   # master -> router: an accepted subscription datagram (+ credentials)
-FAILED = ord("F")         # both ways: a node failed a connect: key \0 address
-QUERY = ord("Q")          # master -> router: send your counters (round number; a 1 byte after it:
-                          # the totals only, for a metrics scrape)
-REPORT = ord("R")         # router -> master: round number, last flag, a part of the counters (JSON)
-READY = ord("Y")          # router -> master: my loop runs (I have started; no payload)
-
-
-def encode_frame(kind: int, payload: bytes) -> bytes:
-    return _FRAME.pack(len(payload), kind) + payload
-
-
-class FrameReader:
-    """Splits a byte stream into ``(kind, payload)`` frames."""
-
-    __slots__ = ("buf",)
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-
-    def feed(self, data: bytes) -> List[tuple]:
-        self.buf += data
-        frames = []
-        while len(self.buf) >= _FRAME.size:
-            length, kind = _FRAME.unpack_from(self.buf)
-            if len(self.buf) < _FRAME.size + length:
-                break
-            frames.append((kind, bytes(self.buf[_FRAME.size:_FRAME.size + length])))
-            del self.buf[:_FRAME.size + length]
-        return frames
-
 
 class Child:
     """One forked process the master supervises."""
@@ -153,8 +120,8 @@ class Master:
         from .proccontrol import PrivilegeError, ProcessOps, SetupError
         self.cfg = cfg
         self.argv = argv
-        self._bind = bind            # (cfg, inherited) -> Sockets
-        self._wire = wire            # (cfg, reactor, sockets, channel) -> router Assembly (in a child)
+        self._bind = bind            # (cfg, inherited) -> the master's runtime (runtime.MasterRuntime)
+        self._wire = wire            # (cfg, reactor, master's runtime, channel) -> a router's (in a child)
         self._make_worker = make_worker
         self.ops = ops if ops is not None else ProcessOps()   # fork, waitpid, kill, execv
         # What a router process that cannot start raises: its message is logged and it
@@ -214,7 +181,7 @@ class Master:
             self.sockets.close_all()
             reactor.close()
             raise
-        routers = max(1, self.cfg.fastrouter_processes or 1) if self.sockets.listeners else 0
+        routers = self.cfg.fastrouter_processes if self.sockets.listeners else 0
         if self.cfg.fastrouter_harakiri and routers:
             from .proccontrol import Heartbeat
             self.heartbeat = Heartbeat(routers)
@@ -223,9 +190,10 @@ class Master:
             child = Child("router", index)
             self.routers.append(child)
             self._spawn(child)
-        if self.sockets.parts.app is not None and self.sockets.parts.app_listeners:
+        prepared = self.sockets.prepared
+        if prepared.app is not None and prepared.bindings.app:
             self._make_worker = self._run_worker
-            for index in range(1, max(1, self.cfg.processes or 1) + 1):
+            for index in range(1, self.cfg.processes + 1):
                 child = Child("worker", index)
                 self.workers.append(child)
                 self._spawn(child)
@@ -351,7 +319,7 @@ class Master:
                 reactor.stop()
                 return
             parts.server.on_idle = reactor.stop
-            reactor.call_later(max(self.cfg.fastrouter_timeout or 60, 1), reactor.stop)
+            reactor.call_later(self.cfg.fastrouter_timeout, reactor.stop)
 
         reactor.add_signal_handler(signal.SIGTERM, graceful)
         reactor.add_signal_handler(signal.SIGINT, lambda s: reactor.stop())
@@ -379,9 +347,9 @@ class Master:
         periodic = None
         if cfg.touch_logreopen:
             periodic = LogReopener(cfg.touch_logreopen, log_file(cfg), announce=False).check
-        parts = self.sockets.parts
-        worker = Worker([l.sock for l in parts.app_listeners], parts.app, worker_id=index,
-                        harakiri=cfg.harakiri or 0, buffer_size=cfg.buffer_size or 4096,
+        prepared = self.sockets.prepared
+        worker = Worker([l.sock for l in prepared.bindings.app], prepared.app, worker_id=index,
+                        harakiri=cfg.harakiri, buffer_size=cfg.buffer_size,
                         socket_timeout=cfg.socket_timeout,
                         parent_pid=os.getppid(), periodic=periodic,
                         on_start=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, _MASTER_SIGNALS))

@@ -1,4 +1,7 @@
-"""Request counters and the Prometheus text metrics server (``--fastrouter-metrics``).
+"""Request counters and the Prometheus text exposition (``--fastrouter-metrics``).
+
+The endpoint that serves the text lives in :mod:`uwsgi_fastrouter.endpoints`; this
+module does no I/O.
 
 Theory of operation
 -------------------
@@ -22,13 +25,6 @@ master.py): each process answers with its first report part, which carries
 sum, with its own subscription counters (the master reads the subscription sockets).
 A process that does not answer in time is left out of that scrape, as for the stats.
 
-Serving.  :class:`MetricsServer` accepts on the shared accept path
-(:mod:`uwsgi_fastrouter.acceptor`), reads one HTTP/1.x request head (at most
-:data:`MAX_REQUEST` bytes, within the socket time-out), answers ``GET /metrics``
-with the text exposition format (version 0.0.4) and anything else with 404 (405 for
-a method other than GET/HEAD, 400 for a request that is not HTTP), then closes.
-Writes are non-blocking and resumed on writability.
-
 Label values are client bytes (a key is whatever the client sent): they are decoded
 as UTF-8 (undecodable bytes shown as ``\\xNN``) and escaped as the format requires
 (backslash, double quote, newline).
@@ -36,16 +32,11 @@ as UTF-8 (undecodable bytes shown as ``\\xNN``) and escaped as the format requir
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from bisect import bisect_left
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 from . import __version__
-from .acceptor import ConnectionServer
-from .log import RateLimitedLog, log
-from .reactor import Reactor
 
 #: how a request ended, in the order of the counters
 OUTCOMES = ("ok", "no_route", "connect_failed", "timeout", "client_error", "node_error")
@@ -54,8 +45,6 @@ OK, NO_ROUTE, CONNECT_FAILED, TIMEOUT, CLIENT_ERROR, NODE_ERROR = range(len(OUTC
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 #: default bound of the per-key and per-node tables
 DEFAULT_MAX_KEYS = 100
-#: the largest request head a metrics client may send
-MAX_REQUEST = 8192
 #: when this process started (unix time)
 START_TIME = time.time()
 
@@ -379,121 +368,3 @@ def subscription_counters(server, table) -> Optional[Dict[str, int]]:
         "keys": len(table),
         "nodes": table.node_count,
     }
-
-
-# ----------------------------------------------------------------- serving
-
-_TEXT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
-
-
-def http_response(status: str, body: bytes, content_type: bytes = b"text/plain; charset=utf-8",
-                  head_only: bool = False) -> bytes:
-    head = (b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
-            % (status.encode("ascii"), content_type, len(body)))
-    return head if head_only else head + body
-
-
-class MetricsServer(ConnectionServer):
-    """Serves ``GET /metrics`` on *listener*.  *gather* is called with a ``deliver``
-    function to call once with the exposition text, now or later."""
-
-    def __init__(self, reactor: Reactor, listener, gather: Callable[[Callable[[bytes], None]], None],
-                 *, timeout: float = 4.0) -> None:
-        super().__init__(reactor, listener, "metrics server")
-        self.gather = gather
-        self.timeout = timeout if timeout > 0 else 4.0
-        self.log = RateLimitedLog(lambda: reactor.now, burst=5, what="metrics log lines")
-
-    def new_client(self, sock: socket.socket) -> "_MetricsClient":
-        client = _MetricsClient(self, sock)
-        self.reactor.add_reader(client.fd, client.read)
-        return client
-
-
-class _MetricsClient:
-    """One connection: the request head, the answer, close."""
-
-    __slots__ = ("server", "sock", "fd", "request", "out", "timer", "head_only")
-
-    def __init__(self, server: MetricsServer, sock: socket.socket) -> None:
-        self.server = server
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.request = bytearray()
-        self.out = memoryview(b"")
-        self.head_only = False
-        self.timer = server.reactor.call_later(server.timeout, self.close)
-
-    def read(self) -> None:
-        try:
-            chunk = self.sock.recv(MAX_REQUEST + 1 - len(self.request))
-        except BlockingIOError:
-            return
-        except OSError:
-            self.close()
-            return
-        if not chunk:
-            self.close()
-            return
-        self.request += chunk
-        end = self.request.find(b"\r\n\r\n")
-        if end < 0:
-            end = self.request.find(b"\n\n")
-        if end < 0:
-            if len(self.request) > MAX_REQUEST:
-                self.server.reactor.remove_reader(self.fd)
-                self.answer(http_response("431 Request Header Fields Too Large", b"request too large\n"))
-            return
-        self.server.reactor.remove_reader(self.fd)
-        self.route(bytes(self.request[:end]))
-
-    def route(self, head: bytes) -> None:
-        parts = head.split(b"\n", 1)[0].strip().split(b" ")
-        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-            self.answer(http_response("400 Bad Request", b"bad request\n"))
-            return
-        method, target = parts[0], parts[1]
-        if target.split(b"?", 1)[0] != b"/metrics":
-            self.answer(http_response("404 Not Found", b"not found: try /metrics\n"))
-            return
-        if method not in (b"GET", b"HEAD"):
-            self.answer(http_response("405 Method Not Allowed", b"GET /metrics\n"))
-            return
-        self.head_only = method == b"HEAD"
-        try:
-            self.server.gather(self.deliver)
-        except Exception as exc:  # never let a metrics bug hurt routing
-            self.server.log("[uwsgi-fastrouter] unable to collect the metrics: %r" % (exc,))
-            self.answer(http_response("500 Internal Server Error", b"metrics unavailable\n"))
-
-    def deliver(self, text: bytes) -> None:
-        self.answer(http_response("200 OK", text, _TEXT_TYPE, self.head_only))
-
-    def answer(self, data: bytes) -> None:
-        if self.sock is None:
-            return
-        self.out = memoryview(data)
-        self.write()
-
-    def write(self) -> None:
-        if self.sock is None:
-            return
-        try:
-            sent = self.sock.send(self.out)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self.close()
-            return
-        self.out = self.out[sent:]
-        if not self.out:
-            self.close()
-            return
-        self.server.reactor.add_writer(self.fd, self.write)
-
-    def close(self) -> None:
-        if self.sock is None:
-            return
-        self.timer.cancel()
-        self.server.drop(self)
-        self.sock = None

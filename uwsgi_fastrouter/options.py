@@ -26,6 +26,10 @@ and the man page are generated from it.
    defaults: scalars keep the last value, lists accumulate.  Keys that are not
    options are placeholders (an error for plain keys under ``--strict``).
    "pending" options are rejected, the "deprecated" one only warns.
+4. **Freeze**: an option whose ``zero_means`` is set gets it in place of 0 (uWSGI's
+   "0 means the default"), every value is checked against its kind's type, and the
+   :class:`Config` becomes read-only.  The checks that involve several options (or
+   the file system) run later, in validation.py, before anything is bound.
 
 Values keep uWSGI's typing: ints are C ``atoi`` (junk gives 0, negative is an
 error), 64-bit values ``strtoul``, booleans are false only for
@@ -59,6 +63,11 @@ STRING = "string"
 LIST = "list"
 MODE = "mode"      # an octal file mode, 000-777 (e.g. --umask 022)
 ACTION = "action"  # handled while collecting: ini, set, set-ph, help, version
+
+# The type of a loaded value, per kind (ACTION: the list of what --ini/--set/--set-ph
+# were given, or False for --help/--version).
+KIND_TYPES: Dict[str, type] = {INT: int, UINT64: int, BOOL: bool, STRING: str, LIST: list,
+                               MODE: int, ACTION: object}
 
 # Argument styles (getopt's has_arg)
 REQUIRED = "required"
@@ -97,11 +106,20 @@ class Option:
     metavar: str = ""
     bare: Optional[str] = None  # value of an optional-argument option given bare
     default_doc: Optional[str] = None  # overrides the default shown in help
+    # uWSGI's "0 means the default": a value of 0 (or an empty string) given for this
+    # option is replaced by this one when the configuration is loaded.
+    zero_means: Any = None
 
     @property
     def attr(self) -> str:
         """The :class:`Config` attribute name."""
         return self.name.replace("-", "_")
+
+    @property
+    def value_type(self) -> type:
+        """The Python type of the :class:`Config` attribute (None is allowed when the
+        default is None: the option was not given)."""
+        return KIND_TYPES[self.kind]
 
     @property
     def names(self) -> Tuple[str, ...]:
@@ -220,9 +238,9 @@ OPTIONS: Tuple[Option, ...] = (
     _o("fastrouter-fallback-on-no-key", BOOL, "also go to the fallback nodes when the mapper finds "
        "no node for the key", G_ROUTER),
     _o("fastrouter-gracetime", INT, "seconds a static node that failed is skipped", G_ROUTER,
-       default=30, metavar="SECS"),
+       default=30, zero_means=30, metavar="SECS"),
     _o("fastrouter-timeout", INT, "seconds of inactivity after which a connection is closed",
-       G_ROUTER, default=60, metavar="SECS"),
+       G_ROUTER, default=60, zero_means=60, metavar="SECS"),
     _o("fastrouter-max-retries", INT, "connect retries after a failed first attempt, fallback nodes "
        "included (uWSGI 2.0 has 3, fixed)", G_ROUTER, default=3),
     _o("fastrouter-force-key", STRING, "route every request with KEY, ignoring the request vars",
@@ -230,7 +248,7 @@ OPTIONS: Tuple[Option, ...] = (
     _o("fastrouter-cheap", BOOL, "accept connections only while at least one node is subscribed",
        G_ROUTER, status=SUPPORTED),
     _o("fastrouter-processes", INT, "number of router processes sharing the listening sockets",
-       G_ROUTER, default=1, aliases=("fastrouter-workers",), status=SUPPORTED),
+       G_ROUTER, default=1, zero_means=1, aliases=("fastrouter-workers",), status=SUPPORTED),
     _o("fastrouter-stats", STRING, "serve the router statistics as JSON on ADDR (ip:port or unix "
        "path)", G_ROUTER, aliases=("fastrouter-stats-server", "fastrouter-ss"), metavar="ADDR"),
     _o("fastrouter-metrics", STRING, "serve Prometheus text metrics on ADDR (ip:port or unix path): "
@@ -254,9 +272,11 @@ OPTIONS: Tuple[Option, ...] = (
        "closed with a log line (a body trickled byte by byte cannot hold a session); RATE in "
        "bytes per second, 0 leaves only the idle time-out", G_ROUTER, default=1024, metavar="RATE"),
     _o("fastrouter-buffer-size", UINT64, "size in bytes of each relay read (one buffer per process, "
-       "not per connection); 0 means 256 KiB (uWSGI reads one page at a time)", G_ROUTER, default=0,
-       default_doc="256 KiB"),
-    _o("fastrouter-events", INT, "maximum number of events handled per poll", G_ROUTER, default=64),
+       "not per connection); 0 means 256 KiB (uWSGI reads one page at a time)", G_ROUTER,
+       default=256 << 10, zero_means=256 << 10, default_doc="256 KiB"),
+    _o("fastrouter-events", INT, "most connections accepted from one listening socket each time it "
+       "is ready, before the other ready sockets get their turn (uWSGI bounds the events of one "
+       "poll; the selectors used here cannot)", G_ROUTER, default=64, zero_means=64),
     _o("fastrouter-harakiri", INT, "restart a router process whose event loop is stuck for SECS "
        "seconds; 0 is off", G_ROUTER, default=0, metavar="SECS", status=SUPPORTED),
     _o("fastrouter-quiet", BOOL, "do not log failed backend connections; takes a value, "
@@ -314,7 +334,7 @@ OPTIONS: Tuple[Option, ...] = (
        "verified from scratch (the unverified requests sent to it meanwhile are lost)",
        G_ROUTER),
     _o("buffer-size", UINT64, "largest request vars block the local app workers (--socket) accept; "
-       "the router forwards any size", G_PROCESS, short="b", default=4096),
+       "the router forwards any size", G_PROCESS, short="b", default=4096, zero_means=4096),
     _o("socket", LIST, "bind a uwsgi socket for this instance's application workers; repeatable",
        G_PROCESS, short="s", aliases=("uwsgi-socket",), default=[], metavar="ADDR",
        status=SUPPORTED),
@@ -323,7 +343,7 @@ OPTIONS: Tuple[Option, ...] = (
     _o("undeferred-shared-socket", LIST, "like --shared-socket, without TCP_DEFER_ACCEPT; numbered "
        "after the --shared-socket ones; repeatable", G_PROCESS, default=[], metavar="ADDR"),
     _o("processes", INT, "number of application worker processes", G_PROCESS, short="p",
-       aliases=("workers",), default=1, status=SUPPORTED),
+       aliases=("workers",), default=1, zero_means=1, status=SUPPORTED),
     _o("harakiri", INT, "kill and respawn an application worker whose request has taken more than "
        "SECS seconds; 0 is off (for the router processes see --fastrouter-harakiri)", G_PROCESS,
        short="t", default=0, metavar="SECS"),
@@ -403,7 +423,8 @@ OPTIONS: Tuple[Option, ...] = (
        "the shared key in FILE, mode 0600 or 0640, at least 16 bytes) and a unix timestamp, for "
        "a router started with --subscriptions-hmac-key; a uWSGI 2.0 router ignores both",
        G_SUBS, metavar="FILE"),
-    _o("subscribe-freq", INT, "seconds between two announces", G_SUBS, default=10, metavar="SECS",
+    _o("subscribe-freq", INT, "seconds between two announces", G_SUBS, default=10, zero_means=10,
+       metavar="SECS",
        status=SUPPORTED),
     _o("subscribe-with-modifier1", STRING, "announce every subscription with modifier1 N", G_SUBS,
        metavar="N", status=SUPPORTED),
@@ -419,7 +440,7 @@ OPTIONS: Tuple[Option, ...] = (
        "report back (our router does so only for signed or credentials-checked announces)",
        G_SUBS, metavar="PATH", status=SUPPORTED),
     _o("subscription-tolerance", INT, "seconds a subscribed node is kept without a new announce",
-       G_SUBS, default=17, metavar="SECS", status=SUPPORTED),
+       G_SUBS, default=17, zero_means=17, metavar="SECS", status=SUPPORTED),
     _o("subscription-algo", STRING, "balancing among subscribed nodes: wrr, lrc, wlrc or iphash "
        "(rendezvous hashing of the client's REMOTE_ADDR, sticky); other names mean wrr; a key's "
        "first announce may name its own with algo=", G_SUBS, default="wrr", metavar="NAME",
@@ -525,6 +546,11 @@ class ConfigError(Exception):
     """The configuration is unusable; ``str(e)`` is the message to print, exit 1."""
 
 
+class StartupError(Exception):
+    """A configuration that loaded but cannot run (a cross-option check, a socket that
+    cannot be bound, ...); the message names the option.  Exit status 1."""
+
+
 class EarlyExit(Exception):
     """``--help`` / ``--version``: print :attr:`text` to stdout, exit :attr:`code`."""
 
@@ -539,7 +565,14 @@ class Config:
 
     Every attribute starts at the option's default; :meth:`given` says whether
     a source set it.  ``placeholders`` maps each non-option key to its first value.
+    Once :func:`load_config` returns it the object is frozen: setting or deleting an
+    attribute raises :class:`AttributeError`.  Each value has its option's type
+    (:data:`KIND_TYPES`; None for an option with no default that was not given), and
+    an option with ``zero_means`` never holds 0: uWSGI's "0 means the default" is
+    applied on load, so the users of a value never restate its default.
     """
+
+    _frozen = False
 
     def __init__(self) -> None:
         for option in OPTIONS:
@@ -556,11 +589,47 @@ class Config:
         """Was the option *name* (canonical, with dashes) set by any source?"""
         return name in self._given
 
+    def freeze(self) -> "Config":
+        """Apply the ``zero_means`` rules, check every value's type, and forbid changes."""
+        for option in OPTIONS:
+            value = getattr(self, option.attr)
+            if option.zero_means is not None and not value:
+                setattr(self, option.attr, option.zero_means)
+            _check_type(option, getattr(self, option.attr))
+        object.__setattr__(self, "_frozen", True)
+        return self
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self._frozen:
+            raise AttributeError("the configuration is frozen: %s cannot be set" % name)
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if self._frozen:
+            raise AttributeError("the configuration is frozen: %s cannot be deleted" % name)
+        object.__delattr__(self, name)
+
     def __repr__(self) -> str:
         shown = ", ".join(
             "%s=%r" % (o.attr, getattr(self, o.attr)) for o in OPTIONS if o.name in self._given
         )
         return "Config(%s)" % shown
+
+
+def _check_type(option: Option, value: Any) -> None:
+    """A loaded value has its kind's type; None only for an option left at a None default."""
+    if value is None and option.default is None:
+        return
+    wanted = option.value_type
+    if option.kind in (INT, UINT64, MODE) and isinstance(value, bool):
+        wanted = None   # bool is an int subclass: never a number here
+    if wanted is None or not isinstance(value, wanted):
+        raise TypeError("option %s holds %r, not a %s value" % (option.name, value, option.kind))
+
+
+def option_default(name: str) -> Any:
+    """The default of the option *name*, as the table has it."""
+    return _BY_NAME[name].default
 
 
 # ---------------------------------------------------------------------------
@@ -1099,7 +1168,7 @@ def load_config(
         setattr(config, attr, list(values))
         if values:
             config._given.add(name)
-    return config
+    return config.freeze()
 
 
 def ignored_ini_keys(unknown: List[Tuple[str, str]], used: Set[str]) -> Optional[str]:

@@ -1,4 +1,7 @@
-"""The stats server: uWSGI's JSON document, one per connection.
+"""The stats document: uWSGI's JSON layout, rendered whole or in slices.
+
+The endpoint that serves it (``--fastrouter-stats``) lives in
+:mod:`uwsgi_fastrouter.endpoints`; this module does no I/O.
 
 uWSGI prints its stats with its own layout (TAB indentation, no spaces, no trailing
 newline, router socket names unindented) and does not escape strings.  We keep the
@@ -43,15 +46,12 @@ from __future__ import annotations
 import json
 import operator
 import os
-import socket
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from . import UWSGI_COMPAT_VERSION, __version__
-from .acceptor import ConnectionServer
-from .log import log
-from .metrics import outcome_counts
-from .reactor import Reactor
+from .metrics import merge, outcome_counts
+from .metrics import validate as validate_counters
 
 HTTP_HEADER = (b"HTTP/1.0 200 OK\r\nConnection: close\r\nAccess-Control-Allow-Origin: *\r\n"
                b"Content-Type: application/json\r\n\r\n")
@@ -63,11 +63,11 @@ CHUNK = 65536
 SLICE_BUDGET = 0.00025
 
 
-def slice_deadline(reactor: Reactor, own_events: int) -> float:
+def slice_deadline(reactor, own_events: int) -> float:
     """When a slice of low-priority work that starts now must stop: after
     :data:`SLICE_BUDGET` in a pass of the loop whose ready fds were at most
     *own_events* (the worker's own), at once (after one step) in a pass that had other
-    work: then routing goes first."""
+    work: then routing goes first.  *reactor* is the loop (its ``ready_count``)."""
     idle = reactor.ready_count <= own_events
     return time.monotonic() + (SLICE_BUDGET if idle else 0.0)
 
@@ -385,182 +385,166 @@ def _cwd() -> str:
         return ""
 
 
-class StatsServer(ConnectionServer):
-    """Serves the stats document to every client of *listener*.
+# --------------------------------------------------------------------------
+# Under a master: each router process reports its counters, the master sums them
 
-    *document* returns the document; or *gather*, for a document that takes a while to
-    collect (the master's, from its router processes), is called with a ``deliver``
-    function to call once with the document, now or later.
+
+def report_parts(server, table, pools_per_part: int = 32, totals_only: bool = False) -> Iterator[dict]:
+    """A router process's counters for the master's stats, in parts (see
+    :class:`RouterReport`): the totals of *server* first, then (unless *totals_only*: a
+    metrics scrape) the pools of *table* a few at a time, each taken from the table when
+    its part is built (one removed meanwhile is left out)."""
+    yield {"sessions": len(server.sessions),
+           "static": [[n.hits, int(n.dead_since)] for n in server.router.static_nodes],
+           "cheap": 1 if server.cheap else 0,
+           "metrics": server.counters.snapshot(server)}
+    if table is None or totals_only:
+        return
+    flat: list = []
+    count = 0
+    for counters in live_pools(table, _pool_counters):
+        flat += counters
+        count += 1
+        if count >= pools_per_part:
+            yield {"pools": flat}
+            flat, count = [], 0
+    if flat:
+        yield {"pools": flat}
+
+
+def _pool_counters(pool) -> list:
+    """One pool in a router process's report, flat (see :class:`RouterReport`)."""
+    flat = [pool.key.decode("latin-1"), pool.hits, len(pool.nodes)]
+    for n in pool.nodes:
+        flat += (n.name.decode("latin-1"), n.requests, n.last_requests, n.tx, n.rx, n.ref, n.failcnt)
+    return flat
+
+
+class RouterReport:
+    """One router process's counters, as the master receives them in parts.
+
+    Each part is a JSON object: the first has ``sessions``, ``static`` (``[hits,
+    grace]`` per static node), ``cheap`` and ``metrics`` (the request counters, see
+    :meth:`~uwsgi_fastrouter.metrics.Counters.snapshot`); the others ``pools``, a flat list with,
+    per pool, its key (latin-1), hits and node count, then per node its name
+    (latin-1), requests, last_requests, tx, rx, ref and failcnt.
+
+    The counters stay in one flat list with an index of positions by key: tens of
+    thousands of small lists and dicts kept across passes would make every full run
+    of the cyclic garbage collector (which walks them all, in one pass of the loop)
+    that much longer.
     """
 
-    def __init__(self, reactor: Reactor, listener, document: Optional[Callable[[], Dict[str, Any]]] = None,
-                 *, gather: Optional[Callable[[Callable[[Dict[str, Any]], None]], None]] = None,
-                 minified: bool = False, http: bool = False, timeout: float = 4.0) -> None:
-        if (document is None) == (gather is None):
-            raise TypeError("StatsServer needs document or gather")
-        super().__init__(reactor, listener, "stats server")
-        self.document = document
-        self.gather = gather if gather is not None else self._gather_now
-        self.minified = minified
-        self.http = http
-        self.timeout = timeout if timeout > 0 else 4.0
-        self._pass = None           # the loop pass (its loop time) the budget below is for
-        self._pass_deadline = 0.0
+    __slots__ = ("sessions", "static", "cheap", "metrics", "counters", "index")
 
-    def new_client(self, sock: socket.socket) -> "_StatsClient":
-        client = _StatsClient(self, sock)
-        client.start()
-        return client
+    def __init__(self) -> None:
+        self.sessions = 0
+        self.static: list = []
+        self.cheap = 0
+        self.metrics: Optional[dict] = None   # the process's request counters (metrics.py)
+        self.counters: list = []
+        self.index: Dict[str, int] = {}   # key -> position of its hits in counters
 
-    def _gather_now(self, deliver: Callable[[Dict[str, Any]], None]) -> None:
-        deliver(self.document())
-
-    def pieces(self, document: Dict[str, Any]) -> Iterator[bytes]:
-        """What one client is sent, in pieces: the HTTP header if asked for, the document."""
-        if self.http:
-            yield HTTP_HEADER
-        for piece in render_pieces(document, self.minified):
-            yield piece.encode("utf-8")
-
-    def error_payload(self, exc: BaseException) -> bytes:
-        log("[uwsgi-fastrouter] unable to build the stats document: %r" % (exc,))
-        body = render({"version": UWSGI_COMPAT_VERSION, "error": str(exc)}, self.minified)
-        return (HTTP_HEADER + body) if self.http else body
-
-    def slice_deadline(self) -> float:
-        """When this pass's stats work must stop: one budget per pass for every client,
-        none in a pass that also has other work (then each client renders one piece)."""
-        reactor = self.reactor
-        if self._pass != reactor.now:
-            self._pass = reactor.now
-            self._pass_deadline = slice_deadline(reactor, len(self.clients))
-        return self._pass_deadline
-
-
-class _StatsClient:
-    """One stats connection: (the HTTP request,) the document, in slices, then close.
-
-    *timeout* bounds every wait: for the request, for the document, for the socket to
-    take more; each write that makes progress starts it again.
-    """
-
-    __slots__ = ("server", "sock", "fd", "pieces", "pending", "offset", "sent_any", "timer", "deadline")
-
-    def __init__(self, server: StatsServer, sock: socket.socket) -> None:
-        self.server = server
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.pieces: Optional[Iterator[bytes]] = None
-        self.pending = b""          # rendered, not yet sent from *offset* on
-        self.offset = 0
-        self.sent_any = False
-        self.deadline = server.reactor.now + server.timeout
-        self.timer = server.reactor.call_at(self.deadline, self._expire)
-
-    def start(self) -> None:
-        if self.server.http:
-            self.server.reactor.add_reader(self.fd, self._read_request)
-        else:
-            self._request_document()
-
-    def _read_request(self) -> None:
+    def add(self, data: bytes) -> None:
+        """Merge one part; ValueError for one that is not a part."""
+        part = json.loads(data)
+        if not isinstance(part, dict):
+            raise ValueError("a report part is not an object")
         try:
-            chunk = self.sock.recv(4096)
-        except BlockingIOError:
-            return
-        except OSError:
-            self.close()
-            return
-        self.server.reactor.remove_reader(self.fd)
-        if not chunk:
-            self.close()
-            return
-        self._request_document()
+            if "sessions" in part:
+                self.sessions = int(part["sessions"])
+                self.static = [(int(hits), int(grace)) for hits, grace in part["static"]]
+                self.cheap = int(part["cheap"])
+                if "metrics" in part:
+                    self.metrics = validate_counters(part["metrics"])
+            flat = part.get("pools")
+            if flat is not None:
+                self._index(flat)
+        except (IndexError, KeyError, TypeError) as exc:
+            raise ValueError("a malformed report part: %r" % (exc,)) from None
 
-    def _request_document(self) -> None:
-        try:
-            self.server.gather(self._deliver)
-        except Exception as exc:  # never let a stats bug hurt routing
-            self._deliver_error(exc)
+    def _index(self, flat: list) -> None:
+        base = len(self.counters)
+        index = {}
+        at = 0
+        while at < len(flat):
+            key, hits, nodes = flat[at], flat[at + 1], flat[at + 2]
+            if type(key) is not str or type(hits) is not int or type(nodes) is not int or nodes < 0 \
+                    or at + 3 + 7 * nodes > len(flat):
+                raise ValueError("a malformed pool in a report part")
+            index[key] = base + at + 1
+            at += 3 + 7 * nodes
+        self.counters += flat
+        self.index.update(index)
 
-    def _deliver(self, document: Dict[str, Any]) -> None:
-        if self.sock is None:       # timed out meanwhile
-            return
-        self.pieces = self.server.pieces(document)
-        self._write()
+    def pool(self, key: str) -> Optional[Tuple[int, Dict[str, list]]]:
+        """(hits, {node name: [requests, last_requests, tx, rx, ref, failcnt]}) of *key*."""
+        at = self.index.get(key)
+        if at is None:
+            return None
+        counters = self.counters
+        nodes = {}
+        node = at + 2
+        for _ in range(counters[at + 1]):
+            nodes[counters[node]] = counters[node + 1:node + 7]
+            node += 7
+        return counters[at], nodes
 
-    def _deliver_error(self, exc: BaseException) -> None:
-        if self.sock is None:
-            return
-        self.pieces = None
-        self.pending, self.offset = self.server.error_payload(exc), 0
-        self._write()
 
-    def _fill(self) -> None:
-        """Render the next slice: up to CHUNK bytes, within this pass's budget."""
-        deadline = self.server.slice_deadline()
-        clock = time.monotonic
-        pieces = self.pieces
-        taken: List[bytes] = []
-        size = 0
-        while True:
-            try:
-                piece = next(pieces)
-            except StopIteration:
-                self.pieces = None
-                break
-            taken.append(piece)
-            size += len(piece)
-            if size >= CHUNK or clock() >= deadline:
-                break
-        self.pending, self.offset = b"".join(taken), 0
+def master_document(reports: List["RouterReport"], table, socket_names: List[str],
+                    static_names: List[str]) -> Dict[str, Any]:
+    """The master's stats document: its own sockets and subscription table, with the
+    router processes' *reports* summed in (the static nodes of *static_names*: hits
+    summed, the longest grace)."""
+    static = None
+    if static_names:
+        static = []
+        for i, name in enumerate(static_names):
+            hits = sum(r.static[i][0] for r in reports if i < len(r.static))
+            grace = max([r.static[i][1] for r in reports if i < len(r.static)] or [0])
+            static.append(_StaticView(name, hits, grace))
+    extra = None
+    if table is not None:
+        extra = lambda d: d.__setitem__("subscriptions", _aggregate(table, reports))
+    return build_document(_SessionsView(sum(r.sessions for r in reports)), socket_names,
+                          static_nodes=static, extra=extra,
+                          cheap=bool(reports) and all(r.cheap for r in reports),
+                          counters=merge([r.metrics for r in reports if r.metrics is not None]))
 
-    def _write(self) -> None:
-        if self.offset >= len(self.pending):
-            if self.pieces is None:
-                self.close()
-                return
-            try:
-                self._fill()
-            except Exception as exc:  # a stats bug: an error document if nothing went out yet
-                if self.sent_any:
-                    log("[uwsgi-fastrouter] stats document cut short: %r" % (exc,))
-                    self.close()
-                    return
-                self._deliver_error(exc)
-                return
-        if self.pending:
-            try:
-                sent = self.sock.send(memoryview(self.pending)[self.offset:])
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self.close()
-                return
-            if sent:
-                self.offset += sent
-                self.sent_any = True
-                self.deadline = self.server.reactor.now + self.server.timeout
-        if self.offset >= len(self.pending) and self.pieces is None:
-            self.close()
-            return
-        # More to send or to render: on the next writability event, which is the next
-        # pass of the loop unless the client is slow (re-adding a writer just keeps it).
-        self.server.reactor.add_writer(self.fd, self._write)
 
-    def _expire(self) -> None:
-        if self.sock is None:
-            return
-        if self.server.reactor.now >= self.deadline:
-            self.close()
-        else:
-            self.timer = self.server.reactor.call_at(self.deadline, self._expire)
+class _StaticView:
+    __slots__ = ("name", "hits", "dead_since")
 
-    def close(self) -> None:
-        if self.sock is None:
-            return
-        self.timer.cancel()
-        self.server.drop(self)
-        self.sock = None
-        self.pieces = None
-        self.pending = b""
+    def __init__(self, name, hits, dead_since) -> None:
+        self.name, self.hits, self.dead_since = name, hits, dead_since
+
+
+class _SessionsView:
+    __slots__ = ("active_sessions",)
+
+    def __init__(self, n: int) -> None:
+        self.active_sessions = n
+
+
+def _aggregate(table, reports: List[RouterReport]) -> Streamed:
+    """The master's table with every router process's counters summed, as a
+    :class:`~uwsgi_fastrouter.stats.Streamed` member: a pool at a time."""
+    return Streamed(lambda: live_pools(table, lambda pool: _with_totals(pool_stats(pool), reports)))
+
+
+def _with_totals(record: dict, reports: List[RouterReport]) -> dict:
+    """A pool's record with the router processes' counters summed into it."""
+    key = record["key"].decode("latin-1")
+    entries = [entry for entry in (report.pool(key) for report in reports) if entry]
+    record["hits"] = sum(entry[0] for entry in entries)
+    for node in record["nodes"]:
+        name = node["name"].decode("latin-1")
+        totals = [0, 0, 0, 0, 0, 0]
+        for entry in entries:
+            counters = entry[1].get(name)
+            if counters:
+                totals = [a + b for a, b in zip(totals, counters)]
+        (node["requests"], node["last_requests"], node["tx"], node["rx"], node["ref"],
+         failcnt) = totals
+        node["failcnt"] = max(node["failcnt"], failcnt)
+    return record

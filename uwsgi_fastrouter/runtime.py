@@ -1,0 +1,675 @@
+"""The one wiring: from a configuration to a running router, alone or under a master.
+
+Theory of operation
+-------------------
+Three shapes run the same parts, and this module builds all three:
+
+* the single-process router (:func:`build`, used by :mod:`uwsgi_fastrouter.cli`):
+  it binds, then runs the router, the subscription server, the stats and metrics
+  endpoints and the zerg server on one loop;
+* the pre-fork master (:class:`MasterRuntime`, used by
+  :mod:`uwsgi_fastrouter.master`): it binds (or adopts after a reload), and runs the
+  subscription server with the master's copy of the table, the stats and metrics
+  endpoints (which gather the router processes' counters) and the zerg server;
+* a router process under the master (:func:`wire_child`): the inherited listeners,
+  and a table fed by the master over the channel (no subscription socket, no
+  endpoint of its own).
+
+Every shape starts with :func:`prepare`: the checks of
+:mod:`uwsgi_fastrouter.validation`, the caches and start-up scripts, the sockets
+(:class:`~uwsgi_fastrouter.binding.Bindings`) and the mapper plug-ins, all before
+any fork, so that a configuration that cannot run fails once, in the process that
+was started.  The subscription table, the subscription server, the stats server,
+the metrics server and the zerg server are each made by one function here
+(:func:`make_table`, :func:`subscription_server`, :func:`stats_server`,
+:func:`metrics_server`, :func:`zerg_server`), whichever shape asks for them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, Iterator, List, Optional, Tuple
+
+from . import balancing, metrics
+from .accesslog import AccessLog
+from .addresses import shared_socket_index
+from .binding import Bindings
+from .endpoints import MetricsServer, StatsServer
+from .frames import SUBSCRIPTION
+from .log import log
+from .master import pack_credentials
+from .options import StartupError, access_log_target
+from .reactor import Reactor
+from .router import Router, SubscriptionMapper
+from .server import Server
+from .keyfile import read_hmac_key_file
+from .signing import HmacChecker, SignatureChecker, SigningError, proof_checker
+from .stats import RouterReport, build_document, master_document, report_parts, subscription_stream
+from .subscription import ALGORITHMS, SubscriptionTable
+from .subserver import SubscriptionServer
+from .validation import (chmod_mode, skip_uids, source_allow_list, subscribe_modifier1, subscribe_specs,
+                         validate)
+from .zerg import ZergServer
+
+__all__ = ["StartupError", "Prepared", "RouterRuntime", "MasterRuntime", "prepare", "build",
+           "wire_child", "make_subscriber"]
+
+
+# --------------------------------------------------------------------------
+# Before any fork
+
+
+class Prepared:
+    """What is made once, before any process forks: the sockets, the caches, the
+    mapper plug-ins and the local app.  A router process under a master uses the
+    master's (the cache memory is shared across the fork)."""
+
+    def __init__(self, bindings: Optional[Bindings] = None) -> None:
+        self.bindings = bindings if bindings is not None else Bindings()
+        self.registry = None                 # the caches (--cache, --cache2)
+        self.use_cache = None                # --fastrouter-use-cache
+        self.code_string = None              # --fastrouter-use-code-string
+        self.use_socket: Optional[str] = None    # --fastrouter-use-socket: the app socket's name
+        self.app = None                      # the local WSGI app (--socket + --wsgi-file/--module)
+
+
+def prepare(cfg, inherited: Optional[dict] = None) -> Prepared:
+    """Check *cfg*, run the start-up scripts, bind (or adopt the sockets of
+    *inherited*, after a reload's re-exec) and build the mapper plug-ins."""
+    validate(cfg)
+    prepared = Prepared()
+    prepare_scripts(cfg, prepared)
+    prepared.bindings = Bindings.adopt(inherited) if inherited else Bindings.bind(cfg, chmod_mode(cfg))
+    try:
+        prepare_mappers(cfg, prepared)
+    except BaseException:
+        prepared.bindings.close_all()
+        raise
+    return prepared
+
+
+def prepare_scripts(cfg, prepared: Prepared) -> None:
+    """Caches first, then the start-up scripts (once, before any process forks): a
+    ``--file`` fills the caches through the ``uwsgi`` module; with ``--socket`` the
+    ``--wsgi-file``/``--module`` is the local app and is loaded here, in the master."""
+    from .cache import CacheRegistry
+    from .scripts import ScriptError, run_startup_scripts
+    from .uwsgi_shim import install, options_from_config
+    try:
+        prepared.registry = CacheRegistry.from_options(cfg.cache, cfg.cache_blocksize, cfg.cache2)
+    except ValueError as exc:
+        raise StartupError(str(exc))
+    if cfg.socket or cfg.zerg:
+        from .wsgiserver import AppLoadError, load_application
+        install(prepared.registry, options_from_config(cfg))
+        if cfg.file:
+            try:
+                run_startup_scripts([cfg.file], [], [], registry=prepared.registry,
+                                    options=options_from_config(cfg))
+            except ScriptError as exc:
+                raise StartupError(str(exc))
+        if cfg.wsgi_file or cfg.module:
+            try:
+                prepared.app = load_application(wsgi_file=cfg.wsgi_file, module=cfg.module)
+            except AppLoadError as exc:
+                raise StartupError(str(exc))
+        return
+    try:
+        run_startup_scripts([cfg.file] if cfg.file else [], [cfg.wsgi_file] if cfg.wsgi_file else [],
+                            [cfg.module] if cfg.module else [], registry=prepared.registry,
+                            options=options_from_config(cfg))
+    except ScriptError as exc:
+        raise StartupError(str(exc))
+
+
+def prepare_mappers(cfg, prepared: Prepared) -> None:
+    """Build the mapper plug-ins once, on the bound sockets, before any process forks.
+
+    A plug-in that cannot be built (no cache, a code-string file that does not load)
+    is a :class:`StartupError` naming its option, raised here in the process that
+    was started -- never in a forked router process, where it could only die and be
+    respawned again and again.  The cache mapper reads shared memory, so the router
+    processes forked later see every change; a code-string module is loaded once and
+    each router process gets its own copy of its globals.
+    """
+    option = "fastrouter-use-cache"
+    try:
+        if cfg.fastrouter_use_cache is not None:
+            from .cache import CacheMapper
+            prepared.use_cache = CacheMapper(prepared.registry, cfg.fastrouter_use_cache or None)
+        option = "fastrouter-use-code-string"
+        if cfg.fastrouter_use_code_string:
+            from .codestring import CodeStringMapper
+            prepared.code_string = CodeStringMapper(cfg.fastrouter_use_code_string)
+    except ValueError as exc:
+        raise StartupError('option "--%s": %s' % (option, exc))
+    if cfg.fastrouter_use_socket is not None:
+        index = shared_socket_index("=%d" % cfg.fastrouter_use_socket)
+        app = prepared.bindings.app
+        if index < len(app):
+            prepared.use_socket = app[index].name
+        else:
+            log("[uwsgi-fastrouter] --fastrouter-use-socket: there is no socket %d: mapper not installed"
+                % index)
+
+
+# --------------------------------------------------------------------------
+# The parts, each made in one place
+
+
+def make_table(cfg) -> SubscriptionTable:
+    if cfg.subscription_algo not in ALGORITHMS:
+        log('[uwsgi-subscription] unknown --subscription-algo "%s": using wrr' % cfg.subscription_algo)
+    return SubscriptionTable(
+        tolerance=cfg.subscription_tolerance, algo=cfg.subscription_algo,
+        max_keys=cfg.subscription_max_keys, max_nodes=cfg.subscription_max_nodes,
+        log=log, pid=os.getpid(), verifier=_signature_checker(cfg),
+        sign_tolerance=cfg.subscriptions_sign_check_tolerance)
+
+
+def _signature_checker(cfg):
+    """The table's verifier: RSA (``--subscriptions-sign-check``), the shared key
+    (``--subscriptions-hmac-key``), both, or ``None``."""
+    shared = None
+    if cfg.subscriptions_hmac_key:
+        shared = HmacChecker(_hmac_key(cfg, "subscriptions-hmac-key"))
+    return proof_checker(_rsa_checker(cfg), shared)
+
+
+def _hmac_key(cfg, option: str) -> bytes:
+    try:
+        return read_hmac_key_file(getattr(cfg, option.replace("-", "_")))
+    except SigningError as exc:
+        raise StartupError('option "--%s": %s' % (option, exc))
+
+
+def _rsa_checker(cfg):
+    if not cfg.subscriptions_sign_check:
+        return None
+
+    def read_file(path: str) -> Optional[bytes]:
+        try:
+            with open(path, "rb") as handle:
+                return handle.read()
+        except OSError:
+            return None
+
+    try:
+        return SignatureChecker(cfg.subscriptions_sign_check, read_file)
+    except SigningError as exc:
+        raise StartupError('option "--subscriptions-sign-check": %s' % exc)
+
+
+def subscription_server(cfg, reactor: Reactor, table: SubscriptionTable, bindings: Bindings, *,
+                        forwards: bool, on_node: Callable[[], None] = lambda: None,
+                        on_empty: Callable[[], None] = lambda: None) -> SubscriptionServer:
+    """The subscription server on *bindings*' datagram sockets.  *forwards*: packets are
+    forwarded to ``--fastrouter-resubscribe`` (not by a router process under a master,
+    whose packets come from the master, which forwards them)."""
+    listeners = bindings.listeners
+    own = listeners[0].name.encode("utf-8", "surrogateescape") if listeners else b""
+    return SubscriptionServer(
+        reactor, table, bindings.datagram, wall_clock=time.time, on_node=on_node, on_empty=on_empty,
+        resubscribe=cfg.fastrouter_resubscribe if forwards else (),
+        resubscribe_bind=cfg.fastrouter_resubscribe_bind if forwards else None,
+        own_address=own, use_credentials=cfg.subscriptions_use_credentials,
+        credentials_check=cfg.subscriptions_credentials_check, skip_uids=skip_uids(cfg),
+        allow=source_allow_list(cfg))
+
+
+def stats_server(cfg, reactor: Reactor, bindings: Bindings, *, document=None, gather=None
+                 ) -> Optional[StatsServer]:
+    """``--fastrouter-stats``: None when not asked for."""
+    if bindings.stats is None:
+        return None
+    return StatsServer(reactor, bindings.stats, document, gather=gather, minified=cfg.stats_minified,
+                       http=cfg.stats_http, timeout=cfg.socket_timeout)
+
+
+def metrics_server(cfg, reactor: Reactor, bindings: Bindings, gather) -> Optional[MetricsServer]:
+    """``--fastrouter-metrics``: None when not asked for."""
+    if bindings.metrics is None:
+        return None
+    return MetricsServer(reactor, bindings.metrics, gather, timeout=cfg.socket_timeout)
+
+
+def zerg_server(reactor: Reactor, bindings: Bindings) -> Optional[ZergServer]:
+    """``--zerg-server``: None when not asked for."""
+    if bindings.zerg_server is None:
+        return None
+    return ZergServer(reactor, bindings.zerg_server, bindings.listeners)
+
+
+def socket_names(bindings: Bindings) -> List[str]:
+    """The ``fastrouter`` member of the stats: the router's listeners, then the
+    subscription sockets."""
+    return [l.name for l in bindings.listeners] + [d.name for d in bindings.datagram]
+
+
+def _hash_var(cfg) -> Optional[bytes]:
+    """--fastrouter-hash-var as bytes, or None."""
+    name = cfg.fastrouter_hash_var
+    return name.encode("utf-8", "surrogateescape") if name else None
+
+
+def _make_access_log(cfg, reactor: Optional[Reactor] = None
+                     ) -> Tuple[Optional[AccessLog], Optional[Callable[[float], None]]]:
+    """The access log of this router process (None when it is off) and, for a file with
+    --touch-logreopen, the once-a-second task that reopens it when a trigger file is
+    touched (the file is opened in each router process, in append mode)."""
+    path = access_log_target(cfg.fastrouter_access_log)
+    if path is None:
+        return None, None
+    access_log = AccessLog(cfg.fastrouter_access_log_format, path or None, reactor)
+    reopen_if_touched = None
+    if path and cfg.touch_logreopen:
+        from .proccontrol import TouchWatcher
+        watcher = TouchWatcher(cfg.touch_logreopen)
+
+        def reopen_if_touched(_now: float) -> None:
+            if watcher.touched() is not None:
+                access_log.reopen()
+
+    return access_log, reopen_if_touched
+
+
+# --------------------------------------------------------------------------
+# One router process
+
+
+class RouterRuntime:
+    """Everything one router process runs, and what must be closed at the end."""
+
+    def __init__(self, prepared: Optional[Prepared] = None, under_master: bool = False) -> None:
+        self.prepared = prepared if prepared is not None else Prepared()
+        self.under_master = under_master     # the table is fed by the master
+        self.server: Optional[Server] = None
+        self.access_log: Optional[AccessLog] = None
+        self.table: Optional[SubscriptionTable] = None
+        self.subscriptions: Optional[SubscriptionServer] = None
+        self.stats: Optional[StatsServer] = None
+        self.metrics: Optional[MetricsServer] = None
+        self.zerg: Optional[ZergServer] = None
+        self.report_failure = None           # (key, address) -> None, set under a master
+
+    def start(self) -> None:
+        self.server.start()
+        for part in self._services():
+            part.start()
+
+    def stop(self, unlink: bool = True) -> None:
+        if self.zerg is not None:
+            self.zerg.stop()
+        if self.server is not None:
+            self.server.stop()
+        if self.access_log is not None:
+            self.access_log.close()      # the lines of the sessions just dropped too
+        for part in (self.subscriptions if not self.under_master else None, self.stats, self.metrics):
+            if part is not None:
+                part.stop()
+        if not self.under_master:        # a router process leaves the sockets to the master
+            self.prepared.bindings.close_all(unlink=unlink)
+
+    def _services(self) -> Iterator:
+        """What runs beside the router on this loop (a process under a master has
+        no endpoint and reads no subscription socket)."""
+        for part in (self.subscriptions if not self.under_master else None, self.stats, self.metrics,
+                     self.zerg):
+            if part is not None:
+                yield part
+
+    # ---- under a master: the subscription table is fed by the master
+
+    def apply_subscription(self, data: bytes, pid, uid, gid) -> None:
+        if self.subscriptions is not None:
+            self.subscriptions.apply_trusted(data, pid, uid, gid)
+
+    def apply_failure(self, key: bytes, address: bytes) -> None:
+        table = self.table
+        if table is None:
+            return
+        pool = table.pool(key)
+        if pool is None:
+            return
+        for node in pool.nodes:
+            if node.name == address:
+                # Logged by the router process that saw it fail.
+                table.quietly(table.connect_failed, key, node, time.time())
+                if table.empty and not node.ref:
+                    self.server.go_cheap()
+                return
+
+    def report_parts(self, pools_per_part: int = 32, totals_only: bool = False) -> Iterator[dict]:
+        """This process's counters for the master's stats (see
+        :func:`~uwsgi_fastrouter.stats.report_parts`)."""
+        return report_parts(self.server, self.table, pools_per_part, totals_only)
+
+
+def build(cfg, reactor: Reactor) -> RouterRuntime:
+    """The single-process router: bind everything *cfg* asks for and wire it together."""
+    prepared = prepare(cfg)
+    runtime = RouterRuntime(prepared)
+    try:
+        _wire_router(cfg, reactor, runtime)
+    except BaseException:
+        runtime.stop()
+        raise
+    return runtime
+
+
+def wire_child(cfg, reactor: Reactor, master: "MasterRuntime", channel) -> RouterRuntime:
+    """A router process under a master: the inherited listeners, a table fed by the master."""
+    runtime = RouterRuntime(master.prepared, under_master=True)
+    _wire_router(cfg, reactor, runtime)
+    if runtime.table is not None and master.table is not None:
+        runtime.table.load(master.table.dump(), time.time())
+    mapper = runtime.server.router.subscriptions
+    if mapper is not None:
+        mapper.on_failed = lambda key, address: runtime.report_failure and runtime.report_failure(key, address)
+    return runtime
+
+
+def _wire_router(cfg, reactor: Reactor, runtime: RouterRuntime) -> None:
+    """Build the router and what runs beside it on the bound sockets."""
+    prepared = runtime.prepared
+    bindings = prepared.bindings
+    external = not runtime.under_master
+    has_table = bool(bindings.datagram)
+    force_key = None
+    if cfg.fastrouter_force_key:
+        force_key = cfg.fastrouter_force_key.encode("utf-8", "surrogateescape")
+    server_ref: list = []
+
+    def on_empty() -> None:
+        if server_ref:
+            server_ref[0].go_cheap()
+
+    mapper = None
+    if has_table:
+        runtime.table = make_table(cfg)
+        fallback_key = None
+        if cfg.fastrouter_subscription_fallback_key:
+            fallback_key = cfg.fastrouter_subscription_fallback_key.encode("utf-8", "surrogateescape")
+        mapper = SubscriptionMapper(
+            runtime.table, fallback_key=fallback_key, dotsplit=cfg.subscription_dotsplit,
+            on_empty=on_empty, has_fallbacks=bool(cfg.fastrouter_fallback),
+            mountpoints=cfg.subscription_mountpoints,
+            client_of=balancing.make_client_of(_hash_var(cfg)))
+    router = Router(
+        use_cache=prepared.use_cache, code_string=prepared.code_string, use_socket=prepared.use_socket,
+        to=cfg.fastrouter_to,
+        use_pattern=cfg.fastrouter_use_pattern,
+        use_base=cfg.fastrouter_use_base,
+        fallback=cfg.fastrouter_fallback,
+        fallback_on_no_key=cfg.fastrouter_fallback_on_no_key,
+        gracetime=cfg.fastrouter_gracetime,
+        max_retries=cfg.fastrouter_max_retries,
+        quiet=cfg.fastrouter_quiet,
+        subscriptions=mapper,
+        forced_key=force_key is not None,
+    )
+    access_log, reopen_access_log = _make_access_log(cfg, reactor)
+    listeners = bindings.listeners
+    server = Server(reactor, router, listeners,
+                    timeout=cfg.fastrouter_timeout,
+                    chunk=cfg.fastrouter_buffer_size,
+                    events=cfg.fastrouter_events,
+                    force_key=force_key,
+                    cheap=cfg.fastrouter_cheap and has_table,
+                    fd_passing=not cfg.no_fd_passing,
+                    trust_fd_passing=cfg.fastrouter_trust_fd_passing,
+                    post_buffering=cfg.fastrouter_post_buffering,
+                    post_buffering_dir=cfg.fastrouter_post_buffering_dir or None,
+                    post_buffering_max=cfg.fastrouter_post_buffering_max,
+                    post_buffering_min_rate=cfg.fastrouter_post_buffering_min_rate,
+                    access_log=access_log)
+    server.counters = metrics.Counters(detailed=bool(cfg.fastrouter_metrics),
+                                       max_keys=cfg.fastrouter_metrics_max_keys)
+    if reopen_access_log is not None:
+        server.periodic.append(reopen_access_log)
+    runtime.access_log = access_log
+    server_ref.append(server)
+    runtime.server = server
+    if has_table:
+        scanner = balancing.make_scanner(cfg.subscription_mountpoints, _hash_var(cfg))
+        if scanner is not None:
+            server.scan_request = scanner
+        table = runtime.table
+        runtime.subscriptions = subscription_server(cfg, reactor, table, bindings, forwards=external,
+                                                    on_node=server.leave_cheap, on_empty=on_empty)
+
+        def expire(_now: float) -> None:
+            if external:
+                table.expire(time.time())
+            else:   # a copy of the master's table: the master logs the expiries
+                table.quietly(table.expire, time.time())
+            if table.empty:
+                on_empty()
+
+        server.periodic.append(expire)
+    if cfg.fastrouter_cheap and not has_table:
+        log("[uwsgi-fastrouter] --fastrouter-cheap has no effect without a subscription server")
+    if not external:
+        return    # the endpoints and the zerg server run in the master
+    runtime.zerg = zerg_server(reactor, bindings)
+    names = socket_names(bindings)
+    static = router.static_nodes if cfg.fastrouter_to else None
+    table = runtime.table
+    extra = (lambda doc: doc.__setitem__("subscriptions", subscription_stream(table))) \
+        if table is not None else None
+    runtime.stats = stats_server(
+        cfg, reactor, bindings,
+        document=lambda: build_document(server, names, static_nodes=static, extra=extra,
+                                        cheap=server.cheap, counters=server.counters.snapshot(server)))
+    subscriptions = runtime.subscriptions
+
+    def scrape(deliver) -> None:
+        deliver(metrics.render(server.counters.snapshot(server),
+                               metrics.subscription_counters(subscriptions, table)))
+
+    runtime.metrics = metrics_server(cfg, reactor, bindings, scrape)
+
+
+def make_subscriber(cfg, reactor: Reactor, prepared: Prepared):
+    """``--subscribe-to`` / ``--subscribe2``: announce this instance (None when not asked)."""
+    if not cfg.subscribe_to and not cfg.subscribe2:
+        return None
+    specs = subscribe_specs(cfg)
+    from .subscriber import Subscriber
+    bindings = prepared.bindings
+    apps = bindings.app
+    processes = cfg.processes if apps else 0
+    default = apps[0].name.encode("utf-8", "surrogateescape") if apps else None
+
+    def by_index(items):
+        return lambda n: items[n].name.encode("utf-8", "surrogateescape") if 0 <= n < len(items) else None
+
+    def backlog() -> int:
+        return 0
+
+    weight = processes if cfg.auto_weight else cfg.weight
+    notify = cfg.subscription_notify_socket.encode() if cfg.subscription_notify_socket else None
+    hmac_key = _hmac_key(cfg, "subscribe-hmac-key") if cfg.subscribe_hmac_key else None
+    return Subscriber(reactor, specs, default_address=default, freq=cfg.subscribe_freq,
+                      cores=processes, load=backlog, weight=weight,
+                      resolve_shared=by_index(bindings.shared), resolve_socket=by_index(apps),
+                      modifier1=subscribe_modifier1(cfg), notify=notify,
+                      credentials=cfg.subscriptions_use_credentials, hmac_key=hmac_key)
+
+
+# --------------------------------------------------------------------------
+# The master
+
+
+class MasterRuntime:
+    """What the master runs itself on the sockets it binds (or adopts on a reload): the
+    subscription server with the master's copy of the table, the stats and metrics
+    endpoints, the zerg server and the subscriber.  Router processes inherit the
+    listeners and get their table from :func:`wire_child`."""
+
+    def __init__(self, cfg, prepared: Optional[Prepared] = None) -> None:
+        self.cfg = cfg
+        self.prepared = prepared if prepared is not None else Prepared()
+        self.master = None
+        self.reactor = None
+        self.table: Optional[SubscriptionTable] = None
+        self.subscriptions: Optional[SubscriptionServer] = None
+        self.stats: Optional[StatsServer] = None
+        self.metrics: Optional[MetricsServer] = None
+        self.zerg: Optional[ZergServer] = None
+        self.subscriber = None
+        self.subscriptions_blocked = False
+        self._stats_waiting: list = []   # stats requests waiting for the collection under way
+        self._metrics_waiting: list = []  # scrapes waiting for the collection under way
+
+    @classmethod
+    def bind(cls, cfg, inherited: Optional[dict]) -> "MasterRuntime":
+        return cls(cfg, prepare(cfg, inherited))
+
+    @property
+    def listeners(self) -> list:
+        return self.prepared.bindings.listeners
+
+    def inheritable_state(self) -> dict:
+        return self.prepared.bindings.inheritable_state()
+
+    # ---- in the master
+
+    def setup_master(self, master, reactor, inherited: Optional[dict]) -> None:
+        cfg = self.cfg
+        bindings = self.prepared.bindings
+        self.master = master
+        self.reactor = reactor
+        if bindings.datagram:
+            self.table = master.table = make_table(cfg)
+            if inherited and inherited.get("table_fd") is not None:
+                self._load_table(inherited["table_fd"])
+            self.subscriptions = subscription_server(cfg, reactor, self.table, bindings, forwards=True)
+            self.subscriptions.on_accepted = lambda data, pid, uid, gid: master.broadcast(
+                SUBSCRIPTION, pack_credentials(pid, uid, gid) + data)
+        self.zerg = zerg_server(reactor, bindings)
+        self.subscriber = make_subscriber(cfg, reactor, self.prepared)
+        self.stats = stats_server(cfg, reactor, bindings, gather=self._gather_stats)
+        self.metrics = metrics_server(cfg, reactor, bindings, self._gather_metrics)
+
+    def _load_table(self, fd: int) -> None:
+        """The table the previous image wrote before its re-exec."""
+        try:
+            with os.fdopen(fd, "rb") as handle:
+                handle.seek(0)
+                added = self.table.load(handle.read(), time.time())
+            log("graceful reload: %d subscribed node(s) carried over" % added)
+        except (OSError, ValueError) as exc:
+            log("graceful reload: the subscription table could not be carried over: %s" % exc)
+
+    def _gather_metrics(self, deliver) -> None:
+        """A scrape: the router processes' totals (a totals-only round, see master.py),
+        summed, with the master's subscription counters.  Scrapes arriving while a
+        collection is under way share it."""
+        self._metrics_waiting.append(deliver)
+        if len(self._metrics_waiting) == 1:
+            try:
+                self.master.collect_reports(RouterReport, self._metrics_collected, totals_only=True)
+            except BaseException:
+                self._metrics_waiting = []
+                raise
+
+    def _metrics_collected(self, reports: List[RouterReport]) -> None:
+        waiting, self._metrics_waiting = self._metrics_waiting, []
+        merged = metrics.merge([r.metrics for r in reports if r.metrics is not None],
+                               self.cfg.fastrouter_metrics_max_keys)
+        text = metrics.render(merged, metrics.subscription_counters(self.subscriptions, self.table))
+        for deliver in waiting:
+            try:
+                deliver(text)
+            except Exception as exc:  # one broken client must not cost the others theirs
+                log("[uwsgi-fastrouter] unable to send the metrics: %r" % (exc,))
+
+    def _gather_stats(self, deliver) -> None:
+        """A stats request: collect the router processes' counters (without waiting on
+        this loop), then *deliver* the document.  Requests arriving while a collection
+        is under way share it."""
+        self._stats_waiting.append(deliver)
+        if len(self._stats_waiting) == 1:
+            try:
+                self.master.collect_reports(RouterReport, self._reports_collected)
+            except BaseException:
+                self._stats_waiting = []    # the next request starts afresh
+                raise
+
+    def _reports_collected(self, reports: List[RouterReport]) -> None:
+        waiting, self._stats_waiting = self._stats_waiting, []
+        document = master_document(reports, self.table, socket_names(self.prepared.bindings),
+                                   self.cfg.fastrouter_to)
+        for deliver in waiting:
+            try:
+                deliver(document)
+            except Exception as exc:  # one broken client must not cost the others theirs
+                log("[uwsgi-fastrouter] unable to send the stats document: %r" % (exc,))
+
+    def _services(self) -> Iterator:
+        for part in (self.subscriptions, self.stats, self.metrics, self.zerg):
+            if part is not None:
+                yield part
+
+    def start_master(self) -> None:
+        self.subscriptions_blocked = bool(self.cfg.start_unsubscribed)
+        if self.subscriber is not None and not self.subscriptions_blocked:
+            self.reactor.call_soon(self.subscriber.start)
+        for part in self._services():
+            part.start()
+
+    def toggle_subscriptions(self) -> None:
+        """Master FIFO ``S``: stop announcing (and unsubscribe), or start again."""
+        if self.subscriber is None:
+            if not (self.cfg.subscribe_to or self.cfg.subscribe2):
+                return
+            self.subscriber = make_subscriber(self.cfg, self.reactor, self.prepared)
+            self.subscriptions_blocked = True
+        if self.subscriptions_blocked:
+            self.subscriptions_blocked = False
+            if self.subscriber._stopped:
+                self.subscriber = make_subscriber(self.cfg, self.reactor, self.prepared)
+            self.subscriber.start()
+            log("subscriptions unblocked")
+        else:
+            self.subscriptions_blocked = True
+            self.subscriber.stop(unsubscribe=True)
+            log("subscriptions blocked")
+
+    def before_reload(self, graceful: bool) -> None:
+        """uWSGI: a brutal reload unsubscribes; a graceful one only when asked to."""
+        if self.subscriber is not None and not self.subscriptions_blocked:
+            self.subscriber.stop(unsubscribe=not graceful or self.cfg.unsubscribe_on_graceful_reload)
+
+    def stop_master(self) -> None:
+        if self.subscriber is not None:
+            self.subscriber.stop(unsubscribe=True)
+            self.subscriber = None
+        for part in self._services():
+            part.stop()
+
+    def node_failed(self, payload: bytes) -> None:
+        key, _, address = payload.partition(b"\0")
+        table = self.table
+        if table is None:
+            return
+        pool = table.pool(key)
+        if pool is not None:
+            for node in pool.nodes:
+                if node.name == address:
+                    # Logged by the router process that saw it fail.
+                    table.quietly(table.connect_failed, key, node, time.time())
+                    break
+
+    def tick(self) -> None:
+        if self.table is not None:
+            self.table.expire(time.time())
+
+    def close_master_only(self) -> None:
+        """In a child: the master's own sockets are not the child's business."""
+        self.prepared.bindings.close_master_only()
+
+    def close_all(self) -> None:
+        self.prepared.bindings.close_all(unlink=True)

@@ -1,0 +1,115 @@
+"""The cross-option checks a loaded configuration must pass before anything is bound.
+
+:func:`validate` runs every check, in the process that read the configuration (the
+master too, and again after a reload's re-exec); the first failure is a
+:class:`~uwsgi_fastrouter.options.StartupError` naming the option, and the process
+exits with status 1.  The helpers that turn a checked value into what the runtime
+uses (:func:`chmod_mode`, :func:`skip_uids`, ...) are the same functions, so a value
+is read one way only.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+from .accesslog import AccessLog, compile_format
+from .allowlist import AllowListError, allow_list
+from .options import StartupError, access_log_target, find_option
+
+
+def validate(cfg) -> None:
+    """Every check, in order; a :class:`StartupError` for the first that fails."""
+    _check_something_to_do(cfg)
+    _check_retries(cfg)
+    _check_access_log(cfg)
+    chmod_mode(cfg)
+    skip_uids(cfg)
+    subscribe_specs(cfg)
+    subscribe_modifier1(cfg)
+    source_allow_list(cfg)
+
+
+def _check_something_to_do(cfg) -> None:
+    if not (cfg.fastrouter or cfg.fastrouter_zerg or cfg.subscribe_to or cfg.subscribe2 or cfg.socket
+            or cfg.zerg):
+        raise StartupError("no --fastrouter address given: nothing to route "
+                           "(example: --fastrouter 127.0.0.1:3017)")
+
+
+def _check_retries(cfg) -> None:
+    if cfg.fastrouter_max_retries < 0:
+        raise StartupError('invalid value for option "fastrouter-max-retries": must be >= 0')
+
+
+def _check_access_log(cfg) -> None:
+    """A bad --fastrouter-access-log-format or an unwritable access log file stops the
+    start, in the process that reads the configuration (the master too)."""
+    if cfg.fastrouter_access_log_format is not None:
+        try:
+            compile_format(cfg.fastrouter_access_log_format)
+        except ValueError as exc:
+            raise StartupError(str(exc))
+    path = access_log_target(cfg.fastrouter_access_log)
+    if path:
+        try:
+            AccessLog(cfg.fastrouter_access_log_format, path).close()
+        except OSError as exc:
+            raise StartupError('option "--fastrouter-access-log": unable to open %s: %s'
+                               % (path, exc.strerror or exc))
+
+
+def source_allow_list(cfg):
+    """``--subscription-allow`` as a matcher (None: every sender may announce)."""
+    try:
+        return allow_list(cfg.subscription_allow)
+    except AllowListError as exc:
+        raise StartupError('option "--subscription-allow": %s' % exc)
+
+
+def chmod_mode(cfg) -> Optional[int]:
+    """``--chmod-socket`` as a mode (None: leave the sockets as created)."""
+    value = cfg.chmod_socket
+    if value is None or value is False:
+        return None
+    text = str(value).strip() or find_option("chmod-socket").bare   # blank: as given bare
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise StartupError('invalid value for option "chmod-socket": %r is not an octal mode' % text)
+
+
+def skip_uids(cfg) -> List[int]:
+    """``--subscriptions-sign-skip-uid`` as numbers."""
+    try:
+        return [int(u) for u in cfg.subscriptions_sign_skip_uid]
+    except ValueError:
+        raise StartupError('option "--subscriptions-sign-skip-uid": not a number')
+
+
+def subscribe_specs(cfg) -> list:
+    """The ``--subscribe-to`` then ``--subscribe2`` announces, parsed."""
+    if not cfg.subscribe_to and not cfg.subscribe2:
+        return []
+    from .subscriber import SubscribeError, parse_subscribe2, parse_subscribe_to
+    specs: list = []
+    option = "subscribe-to"
+    try:
+        for value in cfg.subscribe_to:
+            parsed = parse_subscribe_to(value)
+            specs.extend(parsed if isinstance(parsed, list) else [parsed])
+        option = "subscribe2"
+        for value in cfg.subscribe2:
+            specs.append(parse_subscribe2(value))
+    except SubscribeError as exc:
+        raise StartupError('option "--%s": %s' % (option, exc))
+    return specs
+
+
+def subscribe_modifier1(cfg) -> Optional[int]:
+    """``--subscribe-with-modifier1`` as a byte (None when not given)."""
+    if not cfg.subscribe_with_modifier1:
+        return None
+    try:
+        return int(cfg.subscribe_with_modifier1) % 256
+    except ValueError:
+        raise StartupError('option "--subscribe-with-modifier1": not a number')
