@@ -56,7 +56,7 @@ and the free list.
 Expiry is lazy: ``expires`` is an absolute unix time in whole seconds (0 =
 never); any operation that finds an expired item deletes it and then behaves
 as if it had not been there.  ``hits`` counts ``get`` and routing lookups;
-routing rotates ``a|b|c`` values with it (routing.md section 4.4), and since
+routing rotates ``a|b|c`` values with it (docs/behaviour.md, "Mappers"), and since
 the counter is in the mapping the rotation is shared by every process.
 """
 
@@ -368,28 +368,29 @@ class Cache:
 
     def get(self, key) -> Optional[bytes]:
         """The value of *key* or None; counts a hit on the item."""
+        found = self._get_counting(key)
+        return None if found is None else found[1]
+
+    def _get_counting(self, key) -> Optional[Tuple[int, bytes]]:
+        """(hits before this lookup, value) of *key*, counting a hit; None if absent."""
         key = _as_bytes(key)
         with self._lock:
             _pos, slot = self._lookup(key, int(self.clock()))
             if slot < 0:
                 return None
-            self._count_hit(slot)
-            return self._value(slot)
+            return self._count_hit(slot), self._value(slot)
 
     def lookup_for_route(self, key: bytes) -> Optional[bytes]:
-        """The routing text for *key* (routing.md section 4.4), or None.
+        """The routing text for *key* (docs/behaviour.md, "Mappers"), or None.
 
         A value ``a|b|c`` gives part number ``hits % 3``, where *hits* is the item's
         hit counter before this lookup; the lookup counts a hit.  The part returned
         may still carry a ``,MODIFIER1`` suffix.
         """
-        key = _as_bytes(key)
-        with self._lock:
-            _pos, slot = self._lookup(key, int(self.clock()))
-            if slot < 0:
-                return None
-            hits = self._count_hit(slot)
-            value = self._value(slot)
+        found = self._get_counting(key)
+        if found is None:
+            return None
+        hits, value = found
         if b"|" in value:
             parts = value.split(b"|")
             value = parts[hits % len(parts)]

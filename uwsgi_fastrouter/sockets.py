@@ -201,12 +201,7 @@ def _bind(address: Address, kind: int, *, backlog: int = 0, chmod: Optional[int]
             sock.bind(sockaddr)
         except OSError as exc:
             raise _os_error(spec, "bind", exc) from exc
-        if kind == socket.SOCK_STREAM:
-            try:
-                sock.listen(backlog)
-            except OSError as exc:
-                raise _os_error(spec, "listen", exc) from exc
-        sock.setblocking(False)
+        _start_listening(sock, spec, kind, backlog)
     except BaseException:
         sock.close()
         raise
@@ -246,6 +241,16 @@ def _inet6_sockaddr(address: Address, kind: int) -> object:
     return infos[0][4]
 
 
+def _start_listening(sock: socket.socket, spec: str, kind: int, backlog: int) -> None:
+    """The last step of every bind: listen (a stream), then non-blocking."""
+    if kind == socket.SOCK_STREAM:
+        try:
+            sock.listen(backlog)
+        except OSError as exc:
+            raise _os_error(spec, "listen", exc) from exc
+    sock.setblocking(False)
+
+
 def _bind_unix(address: Address, kind: int, backlog: int, chmod: Optional[int]) -> Listener:
     spec = address.text
     if not hasattr(socket, "AF_UNIX"):  # pragma: no cover - not Linux/BSD
@@ -270,12 +275,7 @@ def _bind_unix(address: Address, kind: int, backlog: int, chmod: Optional[int]) 
                     os.chmod(path, chmod)
                 except OSError as exc:
                     raise _os_error(spec, "chmod", exc) from exc
-        if kind == socket.SOCK_STREAM:
-            try:
-                sock.listen(backlog)
-            except OSError as exc:
-                raise _os_error(spec, "listen", exc) from exc
-        sock.setblocking(False)
+        _start_listening(sock, spec, kind, backlog)
     except BaseException:
         sock.close()
         if file_id is not None:
