@@ -18,9 +18,8 @@ import time
 import pytest
 
 from backends import RecordingBackend, request
-from support import fetch_stats, start_router, wait_until
+from support import fetch_stats, start_router, uwsgi_packet, wait_until
 from test_master_decisions import die, exited, kept_ends, make_master  # noqa: F401 (fixtures)
-from test_subscriptions import announce
 from uwsgi_fastrouter.master import _OUTBOX_LIMIT, REPORT, SUBSCRIPTION, FrameReader, encode_frame
 
 SPAWNED = r"spawned uWSGI fastrouter (\d+) \(pid: (\d+)\)"
@@ -117,3 +116,194 @@ def test_a_young_lagging_process_is_replaced_after_the_back_off(make_master, kep
     kept_ends[1].setblocking(False)
     _flood_until_replaced(master, lagging, reading, kept_ends[1])
     assert master.reactor.delays("_respawn") == [1.0]
+
+
+# ------------------------------------------------------------- real processes
+
+UPDATES = 1500
+
+
+def key(i: int) -> bytes:
+    return b"k%04d.example" % i
+
+
+LAST = key(UPDATES - 1)
+SAMPLE = [key(i) for i in range(0, UPDATES, 50)] + [LAST]
+
+
+def router_pids(router, count: int) -> dict:
+    """Router process index -> pid, from the master's latest "spawned" lines."""
+    router.wait_for_log(SPAWNED, count=count)
+    return {int(index): int(pid) for index, pid in re.findall(SPAWNED, router.log())}
+
+
+def _state(pid: int) -> str:
+    with open("/proc/%d/stat" % pid) as handle:
+        return handle.read().rsplit(")", 1)[1].split()[0]
+
+
+def stop(*pids: int) -> None:
+    """SIGSTOP *pids* and wait until each is stopped (the signal is asynchronous)."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    for pid in pids:
+        wait_until(lambda: _state(pid) == "T", what="process %d stopped" % pid)
+
+
+def resume(*pids: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+def announce_all(sub: str, address: bytes, count: int = UPDATES, pad: bytes = b"") -> None:
+    """One subscription datagram per key, *pad* in an extra var.  A UNIX datagram
+    socket: a full queue makes the sender wait (nothing is lost), a bounded while."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(20)
+        for i in range(count):
+            pairs = [(b"key", key(i)), (b"address", address), (b"modifier1", b"0"),
+                     (b"modifier2", b"0")] + ([(b"pad", pad)] if pad else [])
+            try:
+                sock.sendto(uwsgi_packet(pairs, 224, 0), sub)
+            except socket.timeout:
+                raise AssertionError("the master stopped reading its subscription socket "
+                                     "(datagram %d)" % i) from None
+
+
+def served(router, host: bytes) -> bool:
+    return b"node=" in request(router.addresses[0], [(b"HTTP_HOST", host)], timeout=5)
+
+
+def only_process_serves(router, pid: int, running: list, timeout: float) -> None:
+    """With the other processes of *running* stopped (so *pid* takes every
+    connection), wait until it routes the last key, then check a sample of the keys.
+    Frames arrive in order, so having the last update means having every one."""
+    others = [p for p in running if p != pid]
+    stop(*others)
+    try:
+        wait_until(lambda: served(router, LAST), timeout=timeout,
+                   what="process %d to route the last key" % pid)
+        missing = [host for host in SAMPLE if not served(router, host)]
+        assert missing == []
+    finally:
+        resume(*others)
+
+
+def test_a_stopped_process_delays_no_update_and_no_stats_answer(tmp_path):
+    sub = str(tmp_path / "sub.sock")
+    with RecordingBackend("s") as node:
+        router = start_router(["--master", "--fastrouter", "127.0.0.1:0", "--fastrouter-processes", "3",
+                               "--fastrouter-subscription-server", sub,
+                               "--fastrouter-stats", "127.0.0.1:0"])
+        pids = router_pids(router, 3)
+        stopped, running = pids[1], [pids[2], pids[3]]
+        try:
+            stop(stopped)
+            announce_all(sub, node.address.encode())
+            router.wait_for_log(r"%s => new node" % LAST.decode(), timeout=30)
+            # the master accepted (and sent) the last update: the others have them all within 1 s
+            deadline = time.monotonic() + 1.0
+            for pid in running:
+                only_process_serves(router, pid, running, timeout=max(deadline - time.monotonic(), 0.01))
+            # stats: the round leaves the stopped process out and answers
+            doc = fetch_stats(router.stats_address)
+            assert len(doc["subscriptions"]) == UPDATES
+            left_out = r"stats: fastrouter (\d) \(pid: (\d+)\) did not send its counters in time"
+            assert re.findall(left_out, router.log()) == [("1", str(stopped))]
+            # resumed, the stopped process reads what waited for it and is consistent again
+            resume(stopped)
+            only_process_serves(router, stopped, list(pids.values()), timeout=20)
+            fetch_stats(router.stats_address)
+            assert re.findall(left_out, router.log()) == [("1", str(stopped))]
+            assert "unread: replacing it" not in router.log()
+        finally:
+            resume(*pids.values())
+        assert router.stop() == 0
+
+
+STALL_SCRIPT = """\
+import signal
+import time
+
+# A router process that gets SIGUSR2 is stuck in a long call from then on, as one
+# running a blocking mapper would be (the handler is inherited across the fork).
+signal.signal(signal.SIGUSR2, lambda signum, frame: time.sleep(60))
+"""
+
+
+def test_harakiri_fires_on_time_while_a_process_is_stopped(tmp_path):
+    sub = str(tmp_path / "sub.sock")
+    script = tmp_path / "stall.py"
+    script.write_text(STALL_SCRIPT)
+    harakiri = 2
+    with RecordingBackend("h") as node:
+        router = start_router(["--master", "--fastrouter", "127.0.0.1:0", "--fastrouter-processes", "3",
+                               "--fastrouter-subscription-server", sub,
+                               "--fastrouter-harakiri", harakiri, "--file", script])
+        pids = router_pids(router, 3)
+        try:
+            stop(pids[1])
+            announce_all(sub, node.address.encode())
+            router.wait_for_log(r"%s => new node" % LAST.decode(), timeout=30)
+            os.kill(pids[2], signal.SIGUSR2)
+            # the limit, a beat period and the master's one-second check
+            router.wait_for_log(r"\*\*\* HARAKIRI ON GATEWAY uWSGI fastrouter 2 \(pid: %d\) \*\*\*"
+                                % pids[2], timeout=harakiri + 1 + 1 + 1)
+            # a stopped process does not beat either: it is killed the same way
+            router.wait_for_log(r"HARAKIRI ON GATEWAY uWSGI fastrouter 1 \(pid: %d\)" % pids[1])
+            router.wait_for_log(SPAWNED, count=5)
+            respawned = router_pids(router, 5)
+            assert respawned[3] == pids[3] and {respawned[1], respawned[2]}.isdisjoint(pids.values())
+            # the respawned processes start from the master's table
+            only_process_serves(router, respawned[2], list(respawned.values()), timeout=10)
+        finally:
+            resume(*pids.values())
+        assert router.stop() == 0
+
+
+def test_a_process_stopped_past_its_outbox_is_replaced_and_ends_when_resumed(tmp_path):
+    """Item by item: the master stops holding frames for it (one line), a new process
+    with the master's table takes its slot, and the old one, resumed, finishes and
+    exits without being respawned."""
+    sub = str(tmp_path / "sub.sock")
+    pad = b"p" * 60000              # big datagrams fill the outbox in a few hundred
+    count = 2 * _OUTBOX_LIMIT // len(pad)
+    with RecordingBackend("r") as node:
+        router = start_router(["--master", "--fastrouter", "127.0.0.1:0", "--fastrouter-processes", "2",
+                               "--fastrouter-subscription-server", sub,
+                               "--fastrouter-stats", "127.0.0.1:0"])
+        pids = router_pids(router, 2)
+        lagging = pids[1]
+        try:
+            stop(lagging)
+            announce_all(sub, node.address.encode(), count=count, pad=pad)
+            last = key(count - 1)
+            router.wait_for_log(r"%s => new node" % last.decode(), timeout=60)
+            assert len(re.findall(r"fastrouter 1 \(pid: %d\) left \d+ bytes of its channel unread: "
+                                  r"replacing it" % lagging, router.log())) == 1
+            replacement = router_pids(router, 3)[1]
+            assert replacement != lagging
+            # both running processes have every update (the lagging one is stopped)
+            running = [replacement, pids[2]]
+            for pid in running:
+                stop(*[p for p in running if p != pid])
+                try:
+                    wait_until(lambda: served(router, last), timeout=10,
+                               what="process %d to route the last key" % pid)
+                    assert all(served(router, key(i)) for i in range(0, count, 25))
+                finally:
+                    resume(*running)
+            # the stats no longer ask the replaced process
+            doc = fetch_stats(router.stats_address)
+            assert len(doc["subscriptions"]) == count
+            assert "did not send its counters" not in router.log()
+            # resumed, the old process finishes (it has nothing to finish) and is not respawned
+            resume(lagging)
+            router.wait_for_log(r"fastrouter 1 \(pid: %d\) exited with status 0" % lagging)
+            assert "died" not in router.log() and router.count(SPAWNED) == 3
+        finally:
+            resume(*pids.values())
+        assert router.stop() == 0
