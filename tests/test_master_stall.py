@@ -158,12 +158,18 @@ def resume(*pids: int) -> None:
             pass
 
 
-def announce_all(sub: str, address: bytes, count: int = UPDATES, pad: bytes = b"") -> None:
-    """One subscription datagram per key, *pad* in an extra var.  A UNIX datagram
-    socket: a full queue makes the sender wait (nothing is lost), a bounded while."""
+def announce_all(sub: str, address: bytes, indexes=range(UPDATES), pad: bytes = b"",
+                 until=None) -> int:
+    """One subscription datagram per key of *indexes*, *pad* in an extra var, until
+    ``until()`` is true (asked every 8 datagrams); returns how many were sent.  A UNIX
+    datagram socket: a full queue makes the sender wait (nothing is lost), a bounded
+    while."""
+    sent = 0
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.settimeout(20)
-        for i in range(count):
+        for i in indexes:
+            if until is not None and sent % 8 == 0 and until():
+                break
             pairs = [(b"key", key(i)), (b"address", address), (b"modifier1", b"0"),
                      (b"modifier2", b"0")] + ([(b"pad", pad)] if pad else [])
             try:
@@ -171,6 +177,8 @@ def announce_all(sub: str, address: bytes, count: int = UPDATES, pad: bytes = b"
             except socket.timeout:
                 raise AssertionError("the master stopped reading its subscription socket "
                                      "(datagram %d)" % i) from None
+            sent += 1
+    return sent
 
 
 def served(router, host: bytes) -> bool:
@@ -265,12 +273,12 @@ def test_harakiri_fires_on_time_while_a_process_is_stopped(tmp_path):
 
 
 def test_a_process_stopped_past_its_outbox_is_replaced_and_ends_when_resumed(tmp_path):
-    """Item by item: the master stops holding frames for it (one line), a new process
-    with the master's table takes its slot, and the old one, resumed, finishes and
-    exits without being respawned."""
+    """The master stops holding frames for it (one line), a new process with the
+    master's table takes its slot, and the old one, resumed, finishes and exits
+    without being respawned."""
     sub = str(tmp_path / "sub.sock")
     pad = b"p" * 60000              # big datagrams fill the outbox in a few hundred
-    count = 2 * _OUTBOX_LIMIT // len(pad)
+    replaced = r"fastrouter 1 \(pid: %d\) left \d+ bytes of its channel unread: replacing it"
     with RecordingBackend("r") as node:
         router = start_router(["--master", "--fastrouter", "127.0.0.1:0", "--fastrouter-processes", "2",
                                "--fastrouter-subscription-server", sub,
@@ -279,13 +287,16 @@ def test_a_process_stopped_past_its_outbox_is_replaced_and_ends_when_resumed(tmp
         lagging = pids[1]
         try:
             stop(lagging)
-            announce_all(sub, node.address.encode(), count=count, pad=pad)
-            last = key(count - 1)
-            router.wait_for_log(r"%s => new node" % last.decode(), timeout=60)
-            assert len(re.findall(r"fastrouter 1 \(pid: %d\) left \d+ bytes of its channel unread: "
-                                  r"replacing it" % lagging, router.log())) == 1
+            address = node.address.encode()
+            count = announce_all(sub, address, range(2 * _OUTBOX_LIMIT // len(pad)), pad=pad,
+                                 until=lambda: router.count(replaced % lagging))
+            router.wait_for_log(replaced % lagging)
+            # and one update more, once the replacement is there
             replacement = router_pids(router, 3)[1]
             assert replacement != lagging
+            count += announce_all(sub, address, [count])
+            last = key(count - 1)
+            router.wait_for_log(r"%s => new node" % last.decode(), timeout=60)
             # both running processes have every update (the lagging one is stopped)
             running = [replacement, pids[2]]
             for pid in running:
@@ -304,6 +315,7 @@ def test_a_process_stopped_past_its_outbox_is_replaced_and_ends_when_resumed(tmp
             resume(lagging)
             router.wait_for_log(r"fastrouter 1 \(pid: %d\) exited with status 0" % lagging)
             assert "died" not in router.log() and router.count(SPAWNED) == 3
+            assert router.count(r"unread: replacing it") == 1
         finally:
             resume(*pids.values())
         assert router.stop() == 0
