@@ -14,13 +14,13 @@ import re
 import signal
 import socket
 import time
-
-import pytest
+import types
 
 from backends import RecordingBackend, request
 from support import fetch_stats, start_router, uwsgi_packet, wait_until
 from test_master_decisions import die, exited, kept_ends, make_master  # noqa: F401 (fixtures)
-from uwsgi_fastrouter.master import _OUTBOX_LIMIT, REPORT, SUBSCRIPTION, FrameReader, encode_frame
+from uwsgi_fastrouter.master import (_OUTBOX_LIMIT, REPORT, SUBSCRIPTION, FrameReader, RouterLink,
+                                     encode_frame)
 
 SPAWNED = r"spawned uWSGI fastrouter (\d+) \(pid: (\d+)\)"
 
@@ -116,6 +116,37 @@ def test_a_young_lagging_process_is_replaced_after_the_back_off(make_master, kep
     kept_ends[1].setblocking(False)
     _flood_until_replaced(master, lagging, reading, kept_ends[1])
     assert master.reactor.delays("_respawn") == [1.0]
+
+
+class _LinkLoop:
+    """What a RouterLink asks of its loop, recorded (timers never run)."""
+
+    def __init__(self) -> None:
+        self.later: list = []
+
+    def add_reader(self, fd, callback) -> None:
+        pass
+
+    def unregister(self, fd) -> None:
+        pass
+
+    def call_later(self, delay, callback, *args):
+        self.later.append((delay, callback, args))
+
+
+def test_a_process_the_master_lets_go_stops_beating():
+    """At its channel's end a router process stops stamping its harakiri slot (the
+    hook _run_router gives the heartbeat's cancel): the slot is its replacement's."""
+    master_end, child_end = socket.socketpair()
+    loop = _LinkLoop()
+    link = RouterLink(loop, child_end, types.SimpleNamespace())
+    gone = []
+    link.on_master_gone = lambda: gone.append(True)
+    master_end.close()
+    link._readable()
+    assert gone == [True] and link.on_master_gone is None
+    assert [(delay, callback) for delay, callback, _args in loop.later] == [(10.0, os.kill)]
+    child_end.close()
 
 
 # ------------------------------------------------------------- real processes
