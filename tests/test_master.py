@@ -288,7 +288,20 @@ def test_master_fifo_and_start_unsubscribed(tmp_path):
                                  "--subscribe-to", "%s=%s:example.com" % (node.address, sub),
                                  "--subscribe-freq", "1"], listeners=0)
         wait_until(lambda: os.path.exists(fifo), what="the master FIFO")
-        # nothing is announced while the subscriptions are blocked: a request finds no node
+        # Nothing is announced while the subscriptions are blocked.  That absence means
+        # something only past a point where an announce would have been seen: two
+        # commands the master's loop answers (the second in a later pass than the one
+        # that would have started the subscriber: it announces at once), then a
+        # datagram of our own, which the subscription server reads after anything
+        # queued before it.
+        for sent in (1, 2):
+            with open(fifo, "w") as handle:
+                handle.write("?")
+            instance.wait_for_log(r"\[master-fifo\] unknown command '\?'", count=sent)
+        announce(sub, b"barrier.example", node.address.encode())
+        router.wait_for_log(r"barrier.example => new node")
+        assert router.count(r"example.com => new node") == 0
+        assert instance.count(r"subscribing to") == 0
         assert request(router.addresses[0], HOST) == b""
         with open(fifo, "w") as handle:
             handle.write("S")

@@ -22,8 +22,20 @@ copies every accepted datagram to each router process over that process's channe
 UNIX stream socketpair; frames of a 4-byte length, a type byte and a payload).  A
 router that marks a node failed tells the master, which tells the others: every
 process has the same view.  Frames are written without blocking: what a channel does
-not take at once waits in that channel's outbox (bounded) and goes on writability, so
-a stopped or slow process never holds up the master or a router.
+not take at once waits in that channel's outbox and goes on writability, so a stopped
+or slow process never holds up the master or a router.
+
+The outbox is bounded (``_OUTBOX_LIMIT``).  A process that leaves that much unread
+(stopped, or stuck in a long call) is replaced rather than resynchronised: its
+channel is closed, its outbox freed at once, it is asked to finish its requests and
+exit (SIGTERM, acted on whenever it runs again), and a new process takes its place.
+The new one is forked from the master, so its table is the master's table at that
+instant by construction, and every later frame goes down its fresh channel in
+order.  A resync frame would have to carry the whole table (up to
+``--subscription-max-keys`` pools of ``--subscription-max-nodes`` nodes), be merged
+into a live copy whose nodes sessions still hold, and could itself overflow a
+channel that is still not read; a replacement has none of these cases, and the
+master holds nothing for a process that may never run again.
 
 Stats (D8): the stats server (and the metrics server) runs in the master.  A request starts a collection round:
 a QUERY frame with the round's number to every router process, which answers with
@@ -83,7 +95,7 @@ _RESPAWN_BACKOFF = 1.0
 _STATS_WAIT = 0.5          # a router process silent this long is left out of a stats round
 _STATS_CAP = 3.0           # and one not done after this long
 _CHANNEL_READ = 65536      # bytes read from a channel per event (a few report frames)
-_OUTBOX_LIMIT = 16 << 20   # bytes queued for one channel before frames are dropped
+_OUTBOX_LIMIT = 16 << 20   # bytes queued for one channel before its process is replaced
 _REPORT_HIGH_WATER = 256 << 10   # a router builds no more report frames while this much waits
 _KILL_AFTER = 10.0
 _EXIT_CRASH = 70           # a child's status after an unexpected exception (EX_SOFTWARE)
@@ -303,10 +315,12 @@ class Master:
             drop_privileges(uid, gid, who="uWSGI fastrouter %d" % child.index)
         reactor = Reactor()
         parts = self._wire(self.cfg, reactor, self.sockets, channel)
+        link = RouterLink(reactor, channel, parts)
         if self.heartbeat is not None:
             from .proccontrol import start_beating
-            start_beating(reactor, self.heartbeat, child.index - 1)
-        link = RouterLink(reactor, channel, parts)
+            # A process the master has let go (replaced, or left behind by a reload)
+            # stops beating: its slot is its replacement's.
+            link.on_master_gone = start_beating(reactor, self.heartbeat, child.index - 1).cancel
         stop_requested = []
 
         def graceful(_signum: int) -> None:
@@ -576,20 +590,50 @@ class Master:
 
     def _send(self, child: Child, kind: int, payload: bytes) -> bool:
         """Queue one frame for *child* and write what its channel takes now; False if
-        the channel is gone or its outbox is full (the frame is dropped whole)."""
+        the channel is gone, or its outbox is full: then *child* is replaced (see
+        :meth:`_replace_lagging`) and the frame is not needed (the replacement starts
+        from the master's table, which already has what the frame carries)."""
         sock = child.channel
         if sock is None:
             return False
         frame = encode_frame(kind, payload)
         if len(child.outbox) + len(frame) > _OUTBOX_LIMIT:
-            self._outbox_log("*** the channel to fastrouter %d (pid: %d) is full: frame dropped ***"
-                             % (child.index, child.pid))
+            self._replace_lagging(child)
             return False
         was_empty = not child.outbox
         child.outbox += frame
         if was_empty:
             self._flush(child)
         return child.channel is not None
+
+    def _replace_lagging(self, child: Child) -> None:
+        """*child* has left a full outbox unread: close its channel (the outbox goes
+        with it), ask it to finish its requests and exit, and start a new process in
+        its slot (after the respawn back-off when the lagging one is young, so a
+        flood that no process could keep up with cannot make the master fork in a
+        loop).  The old one stays in ``children``, marked draining: its exit is
+        logged, not respawned, and a reload or shutdown signals it like any other."""
+        self._outbox_log("*** fastrouter %d (pid: %d) left %d bytes of its channel unread: "
+                         "replacing it (it finishes its requests and exits) ***"
+                         % (child.index, child.pid, len(child.outbox)))
+        self._close_channel(child)
+        self._report_lost(child)
+        child.draining = True
+        self._signal(child.pid, signal.SIGTERM)
+        replacement = Child(child.kind, child.index)
+        self.routers[self.routers.index(child)] = replacement
+        young = time.monotonic() - child.started < _RESPAWN_BACKOFF
+        self.reactor.call_later(_RESPAWN_BACKOFF if young else 0, self._respawn, replacement)
+
+    def _close_channel(self, child: Child) -> None:
+        """Close the master's end of *child*'s channel and forget what waited in it."""
+        sock = child.channel
+        if sock is None:
+            return
+        self.reactor.unregister(sock.fileno())
+        sock.close()
+        child.channel = None
+        child.outbox = bytearray()
 
     def _flush(self, child: Child) -> None:
         sock = child.channel
@@ -792,6 +836,7 @@ class RouterLink:
         self.reader = FrameReader()
         self.outbox = bytearray()
         self.report = None          # (round number, iterator of parts) while answering
+        self.on_master_gone: Optional[Callable[[], None]] = None   # called once, at the EOF
         channel.setblocking(False)
         parts.report_failure = self.node_failed
 
@@ -825,11 +870,15 @@ class RouterLink:
             data = b""
         if not data:
             # The master closed our channel: it is re-executing itself (a reload: the
-            # new image tells us to stop once its own router processes accept) or it
+            # new image tells us to stop once its own router processes accept), it
+            # replaced us (we left our channel unread: a SIGTERM is on its way) or it
             # died.  Keep serving meanwhile, but never outlive it by long.
             self.reactor.unregister(self.channel.fileno())
             self.outbox = bytearray()
             self.report = None
+            if self.on_master_gone is not None:
+                self.on_master_gone()
+                self.on_master_gone = None
             self.reactor.call_later(_ORPHAN_GRACE, os.kill, os.getpid(), signal.SIGTERM)
             return
         for kind, payload in self.reader.feed(data):
