@@ -461,10 +461,7 @@ class Master:
             return
         if child.channel is not None:
             self._drain(child)     # what it said before dying (READY, say) counts
-            self.reactor.unregister(child.channel.fileno())
-            child.channel.close()
-            child.channel = None
-            child.outbox = bytearray()
+            self._close_channel(child)
         self._report_lost(child)
         what = "fastrouter %d" % child.index if child.kind == "router" else "worker %d" % child.index
         if self.stopping or child.draining:
