@@ -31,6 +31,10 @@ from .stats import CHUNK, HTTP_HEADER, render, render_pieces, slice_deadline
 MAX_REQUEST = 8192
 
 
+# ``--socket-timeout 0`` turns TCP_DEFER_ACCEPT off on the listeners; it must not let one
+# stats or metrics client hold an endpoint for ever, so these servers keep a bound then.
+ZERO_TIMEOUT_BOUND = 4.0
+
 class StatsServer(ConnectionServer):
     """Serves the stats document to every client of *listener*.
 
@@ -41,7 +45,8 @@ class StatsServer(ConnectionServer):
 
     def __init__(self, reactor: Reactor, listener, document: Optional[Callable[[], Dict[str, Any]]] = None,
                  *, gather: Optional[Callable[[Callable[[Dict[str, Any]], None]], None]] = None,
-                 minified: bool = False, http: bool = False, timeout: float = 4.0) -> None:
+                 minified: bool = False, http: bool = False,
+                 timeout: float = ZERO_TIMEOUT_BOUND) -> None:
         if (document is None) == (gather is None):
             raise TypeError("StatsServer needs document or gather")
         super().__init__(reactor, listener, "stats server")
@@ -49,7 +54,7 @@ class StatsServer(ConnectionServer):
         self.gather = gather if gather is not None else self._gather_now
         self.minified = minified
         self.http = http
-        self.timeout = timeout if timeout > 0 else 4.0
+        self.timeout = timeout if timeout > 0 else ZERO_TIMEOUT_BOUND
         self._pass = None           # the loop pass (its loop time) the budget below is for
         self._pass_deadline = 0.0
 
@@ -227,10 +232,10 @@ class MetricsServer(ConnectionServer):
     function to call once with the exposition text, now or later."""
 
     def __init__(self, reactor: Reactor, listener, gather: Callable[[Callable[[bytes], None]], None],
-                 *, timeout: float = 4.0) -> None:
+                 *, timeout: float = ZERO_TIMEOUT_BOUND) -> None:
         super().__init__(reactor, listener, "metrics server")
         self.gather = gather
-        self.timeout = timeout if timeout > 0 else 4.0
+        self.timeout = timeout if timeout > 0 else ZERO_TIMEOUT_BOUND
         self.log = RateLimitedLog(lambda: reactor.now, burst=5, what="metrics log lines")
 
     def new_client(self, sock: socket.socket) -> "_MetricsClient":
