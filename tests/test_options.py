@@ -89,7 +89,7 @@ def test_statuses_match_the_plan():
     assert by_status.get(o.NOOP, set()) == {"enable-threads", "thunder-lock"}
     assert by_status[o.REPLACED] == {"stats"}
     assert by_status[o.DEPRECATED] == {"fastrouter-subscription-slot"}
-    assert o.PENDING not in by_status      # every option of options.md is implemented
+    assert o.PENDING not in by_status      # every option in the table is implemented
 
 
 @pytest.fixture

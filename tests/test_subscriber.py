@@ -23,7 +23,7 @@ from uwsgi_fastrouter.subscriber import (MapFileSpec, SubscribeError, Subscriber
                                          parse_map_file, parse_subscribe2, parse_subscribe_to)
 from uwsgi_fastrouter.subscription import parse_announcement
 
-# wire.md §2.3: --socket 127.0.0.1:3031 --subscribe-to X:example.com, as a 2.0.31 instance sends it
+# docs/wire.md ("Subscription datagrams"): --socket 127.0.0.1:3031 --subscribe-to X:example.com, as a 2.0.31 instance sends it
 WIRE_EXAMPLE = bytes.fromhex(
     "e0650000 03006b65 790b0065 78616d70 6c652e63 6f6d0700 61646472 6573730e"
     "00313237 2e302e30 2e313a33 30333109 006d6f64 69666965 72310100 3009006d"
@@ -147,7 +147,7 @@ def test_malformed_subscribe2_is_an_error_naming_the_value(value, why):
 
 
 # ---------------------------------------------------------------------------
-# map files (options.md §4.3)
+# map files (docs/behaviour.md, "The subscriber side")
 
 def test_map_file_rules():
     m = MapFileSpec("127.0.0.1:1", "keys.map", b"127.0.0.1:4000", "src")
@@ -257,7 +257,7 @@ def test_a_reactor_run_sends_the_wire_spec_example_and_unsubscribes_on_stop():
     receiver = Receiver()
     reactor = Reactor()
     lines: List[str] = []
-    # the spec's example, X being our receiver (the server's name is not in the packet)
+    # the example of docs/wire.md, X being our receiver (the server's name is not in the packet)
     sub = subscriber(reactor, ["%s:example.com" % receiver.server], lines)
     reactor.call_soon(sub.start)
     thread = threading.Thread(target=reactor.run, name="subscriber-reactor", daemon=True)

@@ -19,7 +19,7 @@ from uwsgi_fastrouter.subscription import (
 
 T0 = 1_700_000_000.25  # an arbitrary "now"
 
-# wire.md §2.3: --socket 127.0.0.1:3031 --subscribe-to X:example.com
+# docs/wire.md ("Subscription datagrams"): --socket 127.0.0.1:3031 --subscribe-to X:example.com
 EXAMPLE = bytes.fromhex(
     "e0650000 03006b65 790b0065 78616d70 6c652e63 6f6d0700 61646472 6573730e"
     "00313237 2e302e30 2e313a33 30333109 006d6f64 69666965 72310100 3009006d"

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-Exactly one mapper is active per router (uWSGI's fixed priority, options.md §2.1):
+Exactly one mapper is active per router (uWSGI's fixed priority, docs/behaviour.md, "Mappers"):
 ``--fastrouter-use-cache`` > ``--fastrouter-use-pattern`` > subscriptions >
 ``--fastrouter-use-base`` > ``--fastrouter-use-code-string`` > ``--fastrouter-use-socket``
 > ``--fastrouter-to``; with
@@ -124,7 +124,7 @@ class StaticNode:
 
 
 class StaticMapper:
-    """uWSGI's static round robin with dead-node grace (routing.md §4.1)."""
+    """uWSGI's static round robin with dead-node grace (docs/behaviour.md, "Mappers")."""
 
     def __init__(self, addresses: Sequence[str], gracetime: int, clock) -> None:
         self.nodes: List[StaticNode] = [StaticNode(a, self) for a in addresses]
@@ -229,7 +229,7 @@ class BaseMapper:
 
 
 class SubscriptionMapper:
-    """Subscribed nodes (``--fastrouter-subscription-server``), routing.md §4.7/4.8.
+    """Subscribed nodes (``--fastrouter-subscription-server``), docs/behaviour.md "Subscriptions".
 
     A lookup takes a reference on the node it returns; it is given back through
     :meth:`release` when the session is over or its attempt failed.  When a lookup

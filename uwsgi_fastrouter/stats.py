@@ -274,7 +274,7 @@ _OUTCOME_MEMBERS = (("ok", "requests_ok"), ("no_route", "no_route"), ("connect_f
 def build_document(server, socket_names: List[str], *, static_nodes: Optional[list],
                    extra: Optional[Callable[[Dict[str, Any]], None]] = None,
                    cheap: bool = False, counters: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """The stats members in uWSGI's order (wire.md §3.3), then this package's own:
+    """The stats members in uWSGI's order (docs/wire.md, "Members, in order"), then this package's own:
     its version and the request outcome counters of *counters* (a
     :meth:`~uwsgi_fastrouter.metrics.Counters.snapshot`, or None: all zero)."""
     doc: Dict[str, Any] = {

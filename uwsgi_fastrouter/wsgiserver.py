@@ -9,7 +9,7 @@ master binds the listening sockets, forks N children, and each child builds a
 time, start to finish.
 
 *Shared listeners.*  The listening sockets are shared with sibling workers and,
-in cheap mode, with a router process (fdpassing-cheap-shared.md §2, §4).  Every
+in cheap mode, with a router process (docs/behaviour.md, "Shared sockets" and "Cheap mode").  Every
 process is woken for every connection and the kernel gives it to exactly one of
 them, so ``accept`` failing with ``EAGAIN`` is normal: the worker just waits
 again.  Listeners are switched to non-blocking mode (a flag shared by every
