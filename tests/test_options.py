@@ -63,6 +63,8 @@ SUPPORTED = {
     "auto-procname", "procname-prefix", "procname-prefix-spaced", "procname-append", "procname",
     "procname-master", "need-app", "plugins", "umask",
 }
+# the life of a node: slow start, health checks, drain
+SUPPORTED |= {"subscription-slow-start"}
 
 
 def test_table_is_consistent():

@@ -839,7 +839,8 @@ def _make_table(cfg) -> SubscriptionTable:
         tolerance=cfg.subscription_tolerance or 17, algo=cfg.subscription_algo or "wrr",
         max_keys=cfg.subscription_max_keys, max_nodes=cfg.subscription_max_nodes,
         log=log, pid=os.getpid(), verifier=_signature_checker(cfg),
-        sign_tolerance=cfg.subscriptions_sign_check_tolerance)
+        sign_tolerance=cfg.subscriptions_sign_check_tolerance,
+        slow_start=cfg.subscription_slow_start)
 
 
 def _skip_uids(cfg) -> list:

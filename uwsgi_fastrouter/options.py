@@ -420,6 +420,9 @@ OPTIONS: Tuple[Option, ...] = (
        "(rendezvous hashing of the client's REMOTE_ADDR, sticky); other names mean wrr; a key's "
        "first announce may name its own with algo=", G_SUBS, default="wrr", metavar="NAME",
        status=SUPPORTED),
+    _o("subscription-slow-start", INT, "seconds over which a node that joins a key (or comes back "
+       "to it) ramps from a tenth of its weight to all of it, for wrr, lrc and wlrc keys; 0 (the "
+       "default) is off", G_SUBS, default=0, metavar="SECS"),
     _o("subscription-mountpoints", INT, "route by host plus the first N segments of PATH_INFO "
        "(example.com/app) when such a key is subscribed, else by the host; PATH_INFO is passed "
        "unchanged", G_SUBS, aliases=("subscription-mountpoint",), default=0),

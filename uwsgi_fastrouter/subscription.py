@@ -90,6 +90,7 @@ from hashlib import blake2b
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
+from . import slowstart
 from .log import printable
 from .protocol import (HEADER, HEADER_SIZE, MAX_DATASIZE, MalformedVars, Modifier1, ProtocolError,
                        encode_vars, iter_vars)
@@ -459,7 +460,7 @@ class Node:
     __slots__ = ("name", "modifier1", "modifier2", "last_check", "pid", "uid", "gid",
                  "requests", "last_requests", "tx", "rx", "cores", "load", "weight",
                  "current", "ref", "failcnt", "death_mark", "notify", "created_unix",
-                 "last_unix", "pool", "backup", "proto", "vassal", "v21", "hrw")
+                 "last_unix", "pool", "backup", "proto", "vassal", "v21", "hrw", "ramp_from")
 
     def __init__(self, name: bytes, modifier1: int = 0, modifier2: int = 0, last_check: int = 0,
                  *, cores: int = 0, load: int = 0, weight: int = 1, pid: int = 0, uid: int = 0,
@@ -496,10 +497,13 @@ class Node:
         self.v21 = False
         #: the node's rendezvous-hashing seed (see :func:`_pick_hash`)
         self.hrw = _seed(name)
+        #: slow start: when the node's weight ramp began, 0 when it has none
+        #: (uwsgi_fastrouter/slowstart.py)
+        self.ramp_from = 0.0
 
     @property
     def wrr(self) -> int:
-        return self.current if self.current > 0 else 0
+        return int(self.current) if self.current > 0 else 0
 
     def __repr__(self) -> str:
         return "<Node %s ref=%d weight=%d%s>" % (_text(self.name), self.ref, self.weight,
@@ -510,7 +514,7 @@ class Pool:
     """The nodes subscribed under one key, in subscription order."""
 
     __slots__ = ("key", "hash", "hits", "nodes", "by_address", "sni_enabled", "refreshed",
-                 "last_announce", "algo", "pick", "hashed", "levels", "v21")
+                 "last_announce", "algo", "pick", "hashed", "levels", "v21", "ramping")
 
     def __init__(self, key: bytes, algo: str = "wrr") -> None:
         self.key = key
@@ -535,6 +539,8 @@ class Pool:
         self.levels = False
         #: an announce of the key carried a uWSGI 2.1 field (the stats show them)
         self.v21 = False
+        #: slow start: some node of the key may be inside its weight ramp
+        self.ramping = False
 
     def __repr__(self) -> str:
         return "<Pool %s nodes=%d>" % (_text(self.key), len(self.nodes))
@@ -680,8 +686,11 @@ class SubscriptionTable:
     def __init__(self, *, tolerance: int = 17, algo: str = "wrr", max_keys: int = 10000,
                  max_nodes: int = 64, log: Callable[[str], None] = _no_log, pid: int = 0,
                  verifier: Optional["SignatureChecker"] = None,
-                 sign_tolerance: int = 86400, replay_memory: int = REPLAY_MEMORY) -> None:
+                 sign_tolerance: int = 86400, replay_memory: int = REPLAY_MEMORY,
+                 slow_start: float = 0) -> None:
         self.tolerance = tolerance
+        #: seconds over which a (re)joining node's weight ramps up; 0: off
+        self.slow_start = slow_start
         #: the algorithm of keys whose creating announce names none: ``algo`` if it
         #: is one of :data:`ALGORITHMS`, else ``wrr``
         self.algo_name = algo if algo in ALGORITHMS else "wrr"
@@ -778,6 +787,8 @@ class SubscriptionTable:
         if node is not None:
             if check:
                 self._check_known(a, node)
+            if node.death_mark:
+                self.start_ramp(node, now)
             node.death_mark = 0
             node.last_check = now_s
             node.cores = a.cores
@@ -818,6 +829,7 @@ class SubscriptionTable:
         if self._removed_unix:
             self._removed_unix.pop((a.key, a.address), None)
         self._add(pool, node)
+        self.start_ramp(node, now)
         self.log("[uwsgi-subscription for pid %d] %s => new node: %s"
                  % (self.pid, _text(a.key), _text(a.address)))
         return node
@@ -912,6 +924,25 @@ class SubscriptionTable:
             nodes = _lowest_level(nodes)
         if pool.hashed:
             return _pick_hash(nodes, self.client_of(request))
+        if pool.ramping:
+            return self._pick_ramping(pool, nodes, now)
+        return pool.pick(nodes)
+
+    def start_ramp(self, node: Node, now: float) -> None:
+        """Slow start: *node* (re)joins its key now; with ``slow_start`` set its
+        weight ramps up from now on (iphash keys are never ramped)."""
+        pool = node.pool
+        if self.slow_start and pool is not None and not pool.hashed:
+            node.ramp_from = now
+            pool.ramping = True
+
+    def _pick_ramping(self, pool: Pool, nodes: List[Node], now: float) -> Optional[Node]:
+        """:meth:`lookup`'s pick for a key with a node that may be ramping."""
+        if slowstart.still_ramping(pool.nodes, now, self.slow_start):
+            return slowstart.pick_ramped(nodes, pool.algo, now, self.slow_start)
+        pool.ramping = False
+        for node in pool.nodes:   # the ramp left fractional credits behind
+            node.current = int(round(node.current))
         return pool.pick(nodes)
 
     def lookup_dotsplit(self, key: bytes, now: float, request: Any = None) -> Optional[Node]:
