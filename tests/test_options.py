@@ -64,7 +64,9 @@ SUPPORTED = {
     "procname-master", "need-app", "plugins", "umask",
 }
 # the life of a node: slow start, health checks, drain
-SUPPORTED |= {"subscription-slow-start"}
+SUPPORTED |= {"subscription-slow-start", "fastrouter-health-check-interval",
+              "fastrouter-health-check-deadline", "fastrouter-health-check-fails",
+              "fastrouter-health-check-passes", "fastrouter-health-check-max-probes"}
 
 
 def test_table_is_consistent():

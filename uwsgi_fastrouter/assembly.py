@@ -13,7 +13,7 @@ import os
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
-from . import balancing, zerg
+from . import balancing, health, zerg
 from .addresses import shared_socket_index as _shared_index  # "=N": atoi, as uWSGI
 from .accesslog import AccessLog, compile_format
 from .log import log
@@ -116,6 +116,7 @@ class Assembly:
         self.app_listeners: list = []        # --socket listeners (the local app's)
         self.external_subscriptions = True   # False in a router process under a master
         self.report_failure = None           # (key, address) -> None, set under a master
+        self.health = None                   # --fastrouter-health-check-interval
 
     def share_mappers(self, other: "Assembly") -> None:
         """Use the caches and mapper plug-ins *other* prepared (a router process under a
@@ -127,6 +128,8 @@ class Assembly:
 
     def start(self) -> None:
         self.server.start()
+        if self.health is not None:
+            self.health.start()
         if self.subscriptions is not None and self.external_subscriptions:
             self.subscriptions.start()
         if self.stats is not None:
@@ -137,6 +140,8 @@ class Assembly:
             self.zerg.start()
 
     def stop(self, unlink: bool = True) -> None:
+        if self.health is not None:
+            self.health.stop()
         if self.zerg is not None:
             self.zerg.stop()
         if self.server is not None:
@@ -496,6 +501,7 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener, external: bo
                 on_empty()
 
         server.periodic.append(expire)
+    parts.health = _make_health_checker(cfg, reactor, router, parts.table)
     if cfg.fastrouter_cheap and not datagram:
         log("[uwsgi-fastrouter] --fastrouter-cheap has no effect without a subscription server")
     if stats_listener is not None:
@@ -507,7 +513,8 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener, external: bo
         parts.stats = StatsServer(
             reactor, stats_listener,
             lambda: build_document(server, names, static_nodes=static, extra=extra,
-                                   cheap=server.cheap, counters=server.counters.snapshot(server)),
+                                   cheap=server.cheap, counters=server.counters.snapshot(server),
+                                   health=parts.health is not None),
             minified=cfg.stats_minified, http=cfg.stats_http, timeout=cfg.socket_timeout or 4)
     if parts.metrics_listener is not None and external:
         subscriptions = parts.subscriptions
@@ -824,6 +831,20 @@ def _with_totals(record: dict, reports: List[RouterReport]) -> dict:
          failcnt) = totals
         node["failcnt"] = max(node["failcnt"], failcnt)
     return record
+
+
+def _make_health_checker(cfg, reactor, router, table):
+    """--fastrouter-health-check-*: the PING checker of this router process, or None."""
+    if cfg.fastrouter_health_check_interval <= 0:
+        return None
+    if table is not None:
+        table.health_checked = True
+    return health.HealthChecker(
+        reactor, router.health_targets, router.node_health_changed,
+        interval=cfg.fastrouter_health_check_interval,
+        timeout=cfg.fastrouter_health_check_deadline or 2,
+        fails=cfg.fastrouter_health_check_fails, passes=cfg.fastrouter_health_check_passes,
+        max_probes=cfg.fastrouter_health_check_max_probes)
 
 
 def _hash_var(cfg) -> Optional[bytes]:

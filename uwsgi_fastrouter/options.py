@@ -221,6 +221,18 @@ OPTIONS: Tuple[Option, ...] = (
        "no node for the key", G_ROUTER),
     _o("fastrouter-gracetime", INT, "seconds a static node that failed is skipped", G_ROUTER,
        default=30, metavar="SECS"),
+    _o("fastrouter-health-check-interval", INT, "send the uwsgi PING packet to every static, "
+       "fallback and subscribed node every SECS seconds; a node that fails the checks gets no "
+       "request until it passes them again; 0 (the default) is off", G_ROUTER, default=0,
+       metavar="SECS"),
+    _o("fastrouter-health-check-deadline", INT, "seconds a node has to answer a PING (connect "
+       "included)", G_ROUTER, default=2, metavar="SECS"),
+    _o("fastrouter-health-check-fails", INT, "failed checks in a row that mark a node down",
+       G_ROUTER, default=3),
+    _o("fastrouter-health-check-passes", INT, "passed checks in a row that mark a down node up "
+       "again", G_ROUTER, default=2),
+    _o("fastrouter-health-check-max-probes", INT, "most PING probes in flight at a time (per "
+       "router process); the others wait their turn", G_ROUTER, default=32),
     _o("fastrouter-timeout", INT, "seconds of inactivity after which a connection is closed",
        G_ROUTER, default=60, metavar="SECS"),
     _o("fastrouter-max-retries", INT, "connect retries after a failed first attempt, fallback nodes "

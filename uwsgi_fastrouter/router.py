@@ -91,7 +91,7 @@ class Route:
 class StaticNode:
     """One ``--fastrouter-to`` entry."""
 
-    __slots__ = ("address", "name", "hits", "dead_since", "route", "tx", "rx")
+    __slots__ = ("address", "name", "hits", "dead_since", "route", "tx", "rx", "down")
 
     def __init__(self, address: str, owner=None) -> None:
         self.name = address
@@ -100,6 +100,7 @@ class StaticNode:
         self.dead_since = 0.0    # unix time of the failure mark, 0 = alive
         self.tx = 0              # bytes read from the node
         self.rx = 0              # bytes written to the node
+        self.down = False        # failed its health checks (uwsgi_fastrouter/health.py)
         self.route = Route(self.address, 0, 0, self, owner)
 
 
@@ -111,6 +112,7 @@ class StaticMapper:
         self.gracetime = gracetime
         self.clock = clock           # wall clock, for the grace marks
         self.cursor = 0
+        self.down_count = 0          # nodes marked down by the health checks
 
     def connected(self, route: Route) -> None:
         route.node.hits += 1
@@ -125,7 +127,38 @@ class StaticMapper:
     def release(self, route: Route) -> None:
         pass
 
+    def set_down(self, address: bytes, down: bool) -> None:
+        """The health checks marked the nodes at *address* down (or up again)."""
+        for node in self.nodes:
+            if node.address == address and node.down != down:
+                node.down = down
+                self.down_count += 1 if down else -1
+
+    def _route_skipping_down(self) -> Optional[Route]:
+        """:meth:`__call__` while some node is down: the first node from the cursor on
+        that is neither down nor inside its grace time (a failed node whose grace
+        time is over is revived, as in the plain walk)."""
+        nodes = self.nodes
+        count = len(nodes)
+        now = None
+        for step in range(count):
+            index = (self.cursor + step) % count
+            node = nodes[index]
+            if node.down:
+                continue
+            if node.dead_since:
+                now = self.clock() if now is None else now
+                if node.dead_since + self.gracetime > now:
+                    continue
+                node.dead_since = 0.0
+            self.cursor = (index + 1) % count
+            return node.route
+        self.cursor = (self.cursor + 1) % count
+        return None
+
     def __call__(self, key: bytes) -> Optional[Route]:
+        if self.down_count:
+            return self._route_skipping_down()
         nodes = self.nodes
         count = len(nodes)
         index = self.cursor
@@ -326,6 +359,8 @@ class Router:
             # the subscription mapper takes the request along: called directly
             self.route = subscriptions
         self.fallbacks = [Route(a.encode("utf-8", "surrogateescape")) for a in fallback]
+        #: fallback addresses marked down by the health checks
+        self.fallbacks_down: set = set()
         self.fallback_on_no_key = fallback_on_no_key and bool(self.fallbacks)
         self.max_retries = max_retries
         self.quiet = quiet
@@ -387,6 +422,10 @@ class Router:
         keeps them).  Returns ``(None, index)`` when there is nothing left to try.
         """
         if self.fallbacks:
+            if self.fallbacks_down:
+                while (fallback_index < len(self.fallbacks)
+                       and self.fallbacks[fallback_index].address in self.fallbacks_down):
+                    fallback_index += 1
             if fallback_index >= len(self.fallbacks):
                 return None, fallback_index
             entry = self.fallbacks[fallback_index]
@@ -394,3 +433,26 @@ class Router:
                 entry = Route(entry.address, previous.modifier1, previous.modifier2)
             return entry, fallback_index + 1
         return self.route(key, request), fallback_index
+
+    # -- health checks (uwsgi_fastrouter/health.py) ---------------------------
+
+    def health_targets(self) -> List[bytes]:
+        """Every node address the health checks probe: static, fallback and
+        subscribed nodes, each once."""
+        seen = dict.fromkeys(node.address for node in self.static_nodes)
+        seen.update(dict.fromkeys(route.address for route in self.fallbacks))
+        if self.subscriptions is not None:
+            seen.update(dict.fromkeys(self.subscriptions.table.addresses()))
+        return list(seen)
+
+    def node_health_changed(self, address: bytes, up: bool) -> None:
+        """The health checks marked *address* down (skipped by every mapper and the
+        fallback list from now on) or up again."""
+        if self.static is not None:
+            self.static.set_down(address, not up)
+        if up:
+            self.fallbacks_down.discard(address)
+        elif any(route.address == address for route in self.fallbacks):
+            self.fallbacks_down.add(address)
+        if self.subscriptions is not None:
+            self.subscriptions.table.set_down(address, not up, self.wall_clock())

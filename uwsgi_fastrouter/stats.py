@@ -273,10 +273,12 @@ _OUTCOME_MEMBERS = (("ok", "requests_ok"), ("no_route", "no_route"), ("connect_f
 
 def build_document(server, socket_names: List[str], *, static_nodes: Optional[list],
                    extra: Optional[Callable[[Dict[str, Any]], None]] = None,
-                   cheap: bool = False, counters: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                   cheap: bool = False, counters: Optional[Dict[str, Any]] = None,
+                   health: bool = False) -> Dict[str, Any]:
     """The stats members in uWSGI's order (wire.md §3.3), then this package's own:
     its version and the request outcome counters of *counters* (a
-    :meth:`~uwsgi_fastrouter.metrics.Counters.snapshot`, or None: all zero)."""
+    :meth:`~uwsgi_fastrouter.metrics.Counters.snapshot`, or None: all zero).  With
+    *health* (health checks run) each static node also shows ``health``."""
     doc: Dict[str, Any] = {
         "version": UWSGI_COMPAT_VERSION,
         "pid": os.getpid(),
@@ -291,6 +293,9 @@ def build_document(server, socket_names: List[str], *, static_nodes: Optional[li
             {"name": node.name, "hits": node.hits, "grace": int(node.dead_since)}
             for node in static_nodes
         ]
+        if health:
+            for record, node in zip(doc["static_nodes"], static_nodes):
+                record["health"] = "down" if node.down else "up"
     if extra is not None:
         extra(doc)
     doc["cheap"] = 1 if cheap else 0
@@ -359,6 +364,9 @@ def node_stats(node) -> Dict[str, Any]:
     for field, value in record.items():
         if type(value) is not int and field != "name":
             record[field] = _number(value)
+    health = getattr(node, "health", None)
+    if health is not None:
+        record["health"] = health      # only while health checks run
     return record
 
 

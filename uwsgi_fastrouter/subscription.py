@@ -460,7 +460,8 @@ class Node:
     __slots__ = ("name", "modifier1", "modifier2", "last_check", "pid", "uid", "gid",
                  "requests", "last_requests", "tx", "rx", "cores", "load", "weight",
                  "current", "ref", "failcnt", "death_mark", "notify", "created_unix",
-                 "last_unix", "pool", "backup", "proto", "vassal", "v21", "hrw", "ramp_from")
+                 "last_unix", "pool", "backup", "proto", "vassal", "v21", "hrw", "ramp_from",
+                 "health")
 
     def __init__(self, name: bytes, modifier1: int = 0, modifier2: int = 0, last_check: int = 0,
                  *, cores: int = 0, load: int = 0, weight: int = 1, pid: int = 0, uid: int = 0,
@@ -500,6 +501,8 @@ class Node:
         #: slow start: when the node's weight ramp began, 0 when it has none
         #: (uwsgi_fastrouter/slowstart.py)
         self.ramp_from = 0.0
+        #: health checks: "up" or "down" while they run, else None (not in the stats)
+        self.health: Optional[str] = None
 
     @property
     def wrr(self) -> int:
@@ -691,6 +694,9 @@ class SubscriptionTable:
         self.tolerance = tolerance
         #: seconds over which a (re)joining node's weight ramps up; 0: off
         self.slow_start = slow_start
+        #: health checks run (nodes get a ``health``), and the addresses they marked down
+        self.health_checked = False
+        self.down: set = set()
         #: the algorithm of keys whose creating announce names none: ``algo`` if it
         #: is one of :data:`ALGORITHMS`, else ``wrr``
         self.algo_name = algo if algo in ALGORITHMS else "wrr"
@@ -920,6 +926,10 @@ class SubscriptionTable:
             self._sweep(pool)
             if not pool.nodes:
                 return None
+        if self.down:
+            nodes = [node for node in nodes if node.name not in self.down]
+            if not nodes:
+                return None
         if pool.levels:
             nodes = _lowest_level(nodes)
         if pool.hashed:
@@ -927,6 +937,28 @@ class SubscriptionTable:
         if pool.ramping:
             return self._pick_ramping(pool, nodes, now)
         return pool.pick(nodes)
+
+    def addresses(self) -> List[bytes]:
+        """Every address subscribed under some key (each once)."""
+        seen: Dict[bytes, None] = {}
+        for pool in self._pools.values():
+            seen.update(dict.fromkeys(pool.by_address))
+        return list(seen)
+
+    def set_down(self, address: bytes, down: bool, now: float) -> None:
+        """The health checks marked *address* down: no key picks it until it is up
+        again (and then its weight ramps up again, with slow start)."""
+        if down:
+            self.down.add(address)
+        else:
+            self.down.discard(address)
+        for pool in self._pools.values():
+            node = pool.by_address.get(address)
+            if node is None:
+                continue
+            node.health = "down" if down else "up"
+            if not down:
+                self.start_ramp(node, now)
 
     def start_ramp(self, node: Node, now: float) -> None:
         """Slow start: *node* (re)joins its key now; with ``slow_start`` set its
@@ -1019,6 +1051,8 @@ class SubscriptionTable:
             node.failcnt += 1
 
     def _add(self, pool: Pool, node: Node) -> None:
+        if self.health_checked:
+            node.health = "down" if node.name in self.down else "up"
         pool.nodes.append(node)
         pool.by_address[node.name] = node
         node.pool = pool
