@@ -146,7 +146,7 @@ def test_a_stopped_static_node_goes_down_before_a_request_hits_it_and_comes_back
     router.wait_for_log(r"health check: node %s is up again \(2 passed checks"
                         % re.escape(sockets[1]))
     wait_until(lambda: node_of(router) == "b", what="requests reaching b again")
-    assert node_a.alive
+    assert node_a.alive()
 
 
 @pytest.mark.interop

@@ -16,7 +16,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 from . import balancing, health, zerg
 from .addresses import shared_socket_index as _shared_index  # "=N": atoi, as uWSGI
 from .accesslog import AccessLog, compile_format
-from .log import log
+from .log import log, printable
 from . import metrics
 from .options import access_log_target
 from .reactor import Reactor
@@ -162,6 +162,10 @@ class Assembly:
     def apply_subscription(self, data: bytes, pid, uid, gid) -> None:
         if self.subscriptions is not None:
             self.subscriptions.apply_trusted(data, pid, uid, gid)
+
+    def apply_drain(self, address: bytes, drained: bool) -> None:
+        """The master drained *address* (the master FIFO's ``D``/``U`` commands)."""
+        self.server.router.node_drained(address, drained)
 
     def apply_failure(self, key: bytes, address: bytes) -> None:
         table = self.table
@@ -554,6 +558,7 @@ class MasterSockets:
         self.zerg: Optional[zerg.ZergServer] = None
         self.subscriber = None
         self.subscriptions_blocked = False
+        self.drained: set = set()        # addresses drained through the master FIFO
         self._stats_waiting: list = []   # stats requests waiting for the collection under way
         self._metrics_waiting: list = []  # scrapes waiting for the collection under way
 
@@ -748,7 +753,8 @@ class MasterSockets:
     def before_reload(self, graceful: bool) -> None:
         """uWSGI: a brutal reload unsubscribes; a graceful one only when asked to."""
         if self.subscriber is not None and not self.subscriptions_blocked:
-            self.subscriber.stop(unsubscribe=not graceful or self.cfg.unsubscribe_on_graceful_reload)
+            self.subscriber.stop(unsubscribe=not graceful or self.cfg.unsubscribe_on_graceful_reload,
+                                 drain=graceful and self.cfg.drain_on_graceful_reload)
 
     def stop_master(self) -> None:
         if self.subscriber is not None:
@@ -775,6 +781,18 @@ class MasterSockets:
                     # Logged by the router process that saw it fail.
                     table.quietly(table.connect_failed, key, node, time.time())
                     break
+
+    def node_drained(self, address: bytes, drained: bool) -> None:
+        """The master FIFO drained *address* (or took the drain back); the router
+        processes hear it from the master, and the ones spawned later at birth."""
+        if drained:
+            self.drained.add(address)
+        else:
+            self.drained.discard(address)
+        log("[master-fifo] %s node %s" % ("draining" if drained else "no longer draining",
+                                          printable(address)))
+        if self.table is not None:
+            self.table.set_drained(address, drained, time.time())
 
     def tick(self) -> None:
         if self.table is not None:
@@ -861,7 +879,7 @@ def _make_table(cfg) -> SubscriptionTable:
         max_keys=cfg.subscription_max_keys, max_nodes=cfg.subscription_max_nodes,
         log=log, pid=os.getpid(), verifier=_signature_checker(cfg),
         sign_tolerance=cfg.subscriptions_sign_check_tolerance,
-        slow_start=cfg.subscription_slow_start)
+        slow_start=cfg.subscription_slow_start, drain_timeout=cfg.subscription_drain_timeout)
 
 
 def _skip_uids(cfg) -> list:
@@ -879,6 +897,8 @@ def wire_child(cfg, reactor: Reactor, sockets: MasterSockets, channel) -> Assemb
     parts.external_subscriptions = False
     if parts.table is not None and sockets.table is not None:
         parts.table.load(sockets.table.dump(), time.time())
+    for address in sockets.drained:
+        parts.apply_drain(address, True)
     mapper = parts.server.router.subscriptions
     if mapper is not None:
         mapper.on_failed = lambda key, address: parts.report_failure and parts.report_failure(key, address)

@@ -100,6 +100,25 @@ QUERY = ord("Q")          # master -> router: send your counters (round number; 
                           # the totals only, for a metrics scrape)
 REPORT = ord("R")         # router -> master: round number, last flag, a part of the counters (JSON)
 READY = ord("Y")          # router -> master: my loop runs (I have started; no payload)
+DRAIN = ord("D")          # master -> router: b"1" + address drains a node, b"0" + address undrains
+
+
+def _fifo_commands(text: str) -> List[str]:
+    """The commands in what was read from a master FIFO: one letter each, except
+    ``D`` and ``U``, which take the rest of their line (an address)."""
+    commands = []
+    at = 0
+    while at < len(text):
+        letter = text[at]
+        if letter in "DU":
+            end = text.find("\n", at)
+            end = len(text) if end < 0 else end
+            commands.append(text[at:end])
+            at = end + 1
+        else:
+            commands.append(letter)
+            at += 1
+    return commands
 
 
 def encode_frame(kind: int, payload: bytes) -> bytes:
@@ -434,8 +453,10 @@ class Master:
             return
         except OSError:
             return
-        for command in data.decode("latin-1"):
-            if command == "r":
+        for command in _fifo_commands(data.decode("latin-1")):
+            if command[0] in "DU" and len(command) > 1:
+                self._drain_command(command)
+            elif command == "r":
                 self._on_hup(signal.SIGHUP)
             elif command == "R":
                 log("...brutally reloading (pid: %d)..." % os.getpid())
@@ -446,6 +467,17 @@ class Master:
                 self.sockets.toggle_subscriptions()
             elif command.strip():
                 log("[master-fifo] unknown command %r" % command)
+
+    def _drain_command(self, command: str) -> None:
+        """``D ADDRESS`` drains a node in every router process, ``U ADDRESS`` takes
+        the drain back (docs/decisions.md, "The life of a node")."""
+        address = command[1:].strip().encode("latin-1")
+        if not 0 < len(address) <= 255:
+            log("[master-fifo] %s command without an address of 1..255 bytes" % command[0])
+            return
+        drained = command[0] == "D"
+        self.sockets.node_drained(address, drained)
+        self.broadcast(DRAIN, (b"1" if drained else b"0") + address)
 
     # -------------------------------------------------------------- signals
 
@@ -872,6 +904,8 @@ class RouterLink:
             elif kind == FAILED:
                 key, _, address = payload.partition(b"\0")
                 self.parts.apply_failure(key, address)
+            elif kind == DRAIN and payload:
+                self.parts.apply_drain(payload[1:], payload[:1] == b"1")
             elif kind == QUERY and len(payload) >= 4:
                 # A newer round replaces one still being answered (the master has
                 # given up on that one).

@@ -91,7 +91,8 @@ class Route:
 class StaticNode:
     """One ``--fastrouter-to`` entry."""
 
-    __slots__ = ("address", "name", "hits", "dead_since", "route", "tx", "rx", "down")
+    __slots__ = ("address", "name", "hits", "dead_since", "route", "tx", "rx", "down",
+                 "drained")
 
     def __init__(self, address: str, owner=None) -> None:
         self.name = address
@@ -101,6 +102,7 @@ class StaticNode:
         self.tx = 0              # bytes read from the node
         self.rx = 0              # bytes written to the node
         self.down = False        # failed its health checks (uwsgi_fastrouter/health.py)
+        self.drained = False     # drained by the operator (the master FIFO)
         self.route = Route(self.address, 0, 0, self, owner)
 
 
@@ -112,7 +114,7 @@ class StaticMapper:
         self.gracetime = gracetime
         self.clock = clock           # wall clock, for the grace marks
         self.cursor = 0
-        self.down_count = 0          # nodes marked down by the health checks
+        self.down_count = 0          # nodes down (health checks) or drained
 
     def connected(self, route: Route) -> None:
         route.node.hits += 1
@@ -129,10 +131,17 @@ class StaticMapper:
 
     def set_down(self, address: bytes, down: bool) -> None:
         """The health checks marked the nodes at *address* down (or up again)."""
+        self._set_flag(address, "down", down)
+
+    def set_drained(self, address: bytes, drained: bool) -> None:
+        """The operator drained the nodes at *address* (or took the drain back)."""
+        self._set_flag(address, "drained", drained)
+
+    def _set_flag(self, address: bytes, flag: str, value: bool) -> None:
         for node in self.nodes:
-            if node.address == address and node.down != down:
-                node.down = down
-                self.down_count += 1 if down else -1
+            if node.address == address:
+                setattr(node, flag, value)
+        self.down_count = sum(1 for node in self.nodes if node.down or node.drained)
 
     def _route_skipping_down(self) -> Optional[Route]:
         """:meth:`__call__` while some node is down: the first node from the cursor on
@@ -144,7 +153,7 @@ class StaticMapper:
         for step in range(count):
             index = (self.cursor + step) % count
             node = nodes[index]
-            if node.down:
+            if node.down or node.drained:
                 continue
             if node.dead_since:
                 now = self.clock() if now is None else now
@@ -359,8 +368,11 @@ class Router:
             # the subscription mapper takes the request along: called directly
             self.route = subscriptions
         self.fallbacks = [Route(a.encode("utf-8", "surrogateescape")) for a in fallback]
-        #: fallback addresses marked down by the health checks
+        #: fallback addresses marked down by the health checks, drained by the
+        #: operator, and both: the ones skipped
         self.fallbacks_down: set = set()
+        self.fallbacks_drained: set = set()
+        self.fallbacks_skipped: set = set()
         self.fallback_on_no_key = fallback_on_no_key and bool(self.fallbacks)
         self.max_retries = max_retries
         self.quiet = quiet
@@ -422,9 +434,9 @@ class Router:
         keeps them).  Returns ``(None, index)`` when there is nothing left to try.
         """
         if self.fallbacks:
-            if self.fallbacks_down:
+            if self.fallbacks_skipped:
                 while (fallback_index < len(self.fallbacks)
-                       and self.fallbacks[fallback_index].address in self.fallbacks_down):
+                       and self.fallbacks[fallback_index].address in self.fallbacks_skipped):
                     fallback_index += 1
             if fallback_index >= len(self.fallbacks):
                 return None, fallback_index
@@ -450,9 +462,23 @@ class Router:
         fallback list from now on) or up again."""
         if self.static is not None:
             self.static.set_down(address, not up)
-        if up:
-            self.fallbacks_down.discard(address)
-        elif any(route.address == address for route in self.fallbacks):
-            self.fallbacks_down.add(address)
+        self._set_fallback(self.fallbacks_down, address, not up)
         if self.subscriptions is not None:
             self.subscriptions.table.set_down(address, not up, self.wall_clock())
+
+    def node_drained(self, address: bytes, drained: bool) -> None:
+        """The operator drained *address*: no new request goes to it, by any mapper
+        or the fallback list, until the drain is taken back; requests in flight
+        finish."""
+        if self.static is not None:
+            self.static.set_drained(address, drained)
+        self._set_fallback(self.fallbacks_drained, address, drained)
+        if self.subscriptions is not None:
+            self.subscriptions.table.set_drained(address, drained, self.wall_clock())
+
+    def _set_fallback(self, addresses: set, address: bytes, skip: bool) -> None:
+        if not skip:
+            addresses.discard(address)
+        elif any(route.address == address for route in self.fallbacks):
+            addresses.add(address)
+        self.fallbacks_skipped = self.fallbacks_down | self.fallbacks_drained

@@ -215,6 +215,9 @@ class Announcement(NamedTuple):
     vassal: Optional[bytes] = None
     #: the packet carried at least one of the 2.1 fields above
     v21: bool = False
+    #: ``drain=1``: the node is going away (a graceful reload, a shutdown): no new
+    #: requests, the ones in flight finish (a uWSGI router ignores the field)
+    drain: int = 0
 
 
 # var name -> (field, largest value); numbers must be plain ASCII decimals
@@ -226,6 +229,7 @@ _NUMBERS = {
     b"weight": ("weight", _NUMBER_MAX),
     b"unix": ("unix", _NUMBER_MAX),
     b"backup": ("backup", MAX_BACKUP),
+    b"drain": ("drain", 1),
 }
 _STRINGS = {
     b"key": "key",
@@ -341,11 +345,12 @@ def build_announcement(key: bytes, address: bytes, *, modifier1: int = 0, modifi
                        unix: Optional[int] = None,
                        signer: Optional[Callable[[bytes], bytes]] = None,
                        backup: Optional[int] = None, algo: Optional[bytes] = None,
-                       proto: Optional[bytes] = None, vassal: Optional[bytes] = None) -> bytes:
+                       proto: Optional[bytes] = None, vassal: Optional[bytes] = None,
+                       drain: bool = False) -> bytes:
     """Write a subscription datagram as a uWSGI 2.0.31 instance does.
 
     Var order: key, address, modifier1, modifier2, cores, load, weight, [sni_key],
-    [sni_crt], [sni_ca], [notify], [backup], [algo], [proto], [vassal],
+    [sni_crt], [sni_ca], [notify], [backup], [algo], [proto], [vassal], [drain],
     [fastrouter_forwarded], [unix, sign].  The 2.1 fields (*backup* ... *vassal*) are
     written only when given; a uWSGI 2.0 router ignores them.  The header
     is modifier1 224, the datasize, and byte 3 = 1 for an unsubscribe.
@@ -393,6 +398,8 @@ def build_announcement(key: bytes, address: bytes, *, modifier1: int = 0, modifi
     for name, value in ((b"algo", algo), (b"proto", proto), (b"vassal", vassal)):
         if value is not None:
             pairs.append((name, value))
+    if drain:
+        pairs.append((b"drain", b"1"))
     if forwarded:
         pairs.append((FORWARDED_VAR, b"1"))
     if stamp is not None:
@@ -461,7 +468,7 @@ class Node:
                  "requests", "last_requests", "tx", "rx", "cores", "load", "weight",
                  "current", "ref", "failcnt", "death_mark", "notify", "created_unix",
                  "last_unix", "pool", "backup", "proto", "vassal", "v21", "hrw", "ramp_from",
-                 "health")
+                 "health", "draining")
 
     def __init__(self, name: bytes, modifier1: int = 0, modifier2: int = 0, last_check: int = 0,
                  *, cores: int = 0, load: int = 0, weight: int = 1, pid: int = 0, uid: int = 0,
@@ -503,6 +510,8 @@ class Node:
         self.ramp_from = 0.0
         #: health checks: "up" or "down" while they run, else None (not in the stats)
         self.health: Optional[str] = None
+        #: when the node announced ``drain=1`` (0: not draining)
+        self.draining = 0.0
 
     @property
     def wrr(self) -> int:
@@ -517,7 +526,8 @@ class Pool:
     """The nodes subscribed under one key, in subscription order."""
 
     __slots__ = ("key", "hash", "hits", "nodes", "by_address", "sni_enabled", "refreshed",
-                 "last_announce", "algo", "pick", "hashed", "levels", "v21", "ramping")
+                 "last_announce", "algo", "pick", "hashed", "levels", "v21", "ramping",
+                 "draining")
 
     def __init__(self, key: bytes, algo: str = "wrr") -> None:
         self.key = key
@@ -544,6 +554,8 @@ class Pool:
         self.v21 = False
         #: slow start: some node of the key may be inside its weight ramp
         self.ramping = False
+        #: some node of the key announced ``drain=1``
+        self.draining = False
 
     def __repr__(self) -> str:
         return "<Pool %s nodes=%d>" % (_text(self.key), len(self.nodes))
@@ -690,13 +702,20 @@ class SubscriptionTable:
                  max_nodes: int = 64, log: Callable[[str], None] = _no_log, pid: int = 0,
                  verifier: Optional["SignatureChecker"] = None,
                  sign_tolerance: int = 86400, replay_memory: int = REPLAY_MEMORY,
-                 slow_start: float = 0) -> None:
+                 slow_start: float = 0, drain_timeout: float = 0) -> None:
         self.tolerance = tolerance
         #: seconds over which a (re)joining node's weight ramps up; 0: off
         self.slow_start = slow_start
         #: health checks run (nodes get a ``health``), and the addresses they marked down
         self.health_checked = False
         self.down: set = set()
+        #: addresses the operator drained (the master FIFO's ``D`` command)
+        self.drained: set = set()
+        #: the addresses no key picks: ``down | drained``
+        self.skipped: set = set()
+        #: seconds a node that announced ``drain=1`` is kept for its requests in
+        #: flight; 0: until the last one ends
+        self.drain_timeout = drain_timeout
         #: the algorithm of keys whose creating announce names none: ``algo`` if it
         #: is one of :data:`ALGORITHMS`, else ``wrr``
         self.algo_name = algo if algo in ALGORITHMS else "wrr"
@@ -790,12 +809,19 @@ class SubscriptionTable:
                 self._remove(node)
             return None
         now_s = int(now)
+        if a.drain:
+            if node is not None:
+                if check:
+                    self._check_known(a, node)
+                self._drain(node, now)
+            return None     # nothing to drain: the packet creates nothing
         if node is not None:
             if check:
                 self._check_known(a, node)
-            if node.death_mark:
+            if node.death_mark or node.draining:
                 self.start_ramp(node, now)
             node.death_mark = 0
+            node.draining = 0.0
             node.last_check = now_s
             node.cores = a.cores
             node.load = a.load
@@ -926,8 +952,9 @@ class SubscriptionTable:
             self._sweep(pool)
             if not pool.nodes:
                 return None
-        if self.down:
-            nodes = [node for node in nodes if node.name not in self.down]
+        if self.skipped or pool.draining:
+            skipped = self.skipped
+            nodes = [node for node in nodes if not node.draining and node.name not in skipped]
             if not nodes:
                 return None
         if pool.levels:
@@ -952,6 +979,7 @@ class SubscriptionTable:
             self.down.add(address)
         else:
             self.down.discard(address)
+        self.skipped = self.down | self.drained
         for pool in self._pools.values():
             node = pool.by_address.get(address)
             if node is None:
@@ -959,6 +987,38 @@ class SubscriptionTable:
             node.health = "down" if down else "up"
             if not down:
                 self.start_ramp(node, now)
+
+    def set_drained(self, address: bytes, drained: bool, now: float) -> None:
+        """The operator drained *address* (no key picks it; its requests in flight
+        finish) or took the drain back (with slow start, its weight ramps up again)."""
+        if drained:
+            self.drained.add(address)
+        else:
+            self.drained.discard(address)
+        self.skipped = self.down | self.drained
+        if not drained and address not in self.down:
+            for pool in self._pools.values():
+                node = pool.by_address.get(address)
+                if node is not None:
+                    self.start_ramp(node, now)
+
+    def _drain(self, node: Node, now: float) -> None:
+        """*node* announced ``drain=1``: no new requests; it goes when its last
+        request in flight ends (at once without any) or after ``drain_timeout``."""
+        pool = node.pool
+        if not node.draining:
+            node.draining = now
+            self.log("[uwsgi-subscription for pid %d] %s => draining node: %s (%d requests in "
+                     "flight)" % (self.pid, _text(pool.key), _text(node.name), node.ref))
+        pool.draining = True
+        node.last_check = int(now)
+        if node.ref == 0:
+            self._drained(node)
+
+    def _drained(self, node: Node) -> None:
+        self.log("[uwsgi-subscription for pid %d] %s => drained node removed: %s"
+                 % (self.pid, _text(node.pool.key), _text(node.name)))
+        self._remove(node)
 
     def start_ramp(self, node: Node, now: float) -> None:
         """Slow start: *node* (re)joins its key now; with ``slow_start`` set its
@@ -994,8 +1054,11 @@ class SubscriptionTable:
         """A session stopped using *node*; a dead node nobody uses is removed."""
         if node.ref > 0:
             node.ref -= 1
-        if node.death_mark and node.ref == 0 and node.pool is not None:
-            self._remove(node)
+        if node.ref == 0 and node.pool is not None:
+            if node.death_mark:
+                self._remove(node)
+            elif node.draining:
+                self._drained(node)
 
     def quietly(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``method(*args, **kwargs)`` with this table's lines left out: under a master, the
@@ -1031,6 +1094,8 @@ class SubscriptionTable:
         before = self.node_count
         for pool in list(self._pools.values()):
             doomed = False
+            if pool.draining:
+                self._end_drains(pool, now)
             for node in pool.nodes:
                 if node.last_check < limit:
                     self._expired(pool.key, node)
@@ -1041,6 +1106,23 @@ class SubscriptionTable:
         return before - self.node_count
 
     # -- bookkeeping --------------------------------------------------------
+
+    def _end_drains(self, pool: Pool, now: float) -> None:
+        """Past ``drain_timeout`` a draining node counts as failed: it goes when its
+        last request in flight ends, whatever the state of the others."""
+        draining = False
+        for node in pool.nodes:
+            if node.draining and not node.death_mark:
+                if self.drain_timeout and now - node.draining >= self.drain_timeout:
+                    self.log("[uwsgi-subscription for pid %d] %s => %s still has %d requests in "
+                             "flight after draining for %d seconds: marking it as failed"
+                             % (self.pid, _text(pool.key), _text(node.name), node.ref,
+                                self.drain_timeout))
+                    node.death_mark = 1
+                    node.failcnt += 1
+                else:
+                    draining = True
+        pool.draining = draining
 
     def _expired(self, key: bytes, node: Node) -> None:
         if not node.death_mark:
