@@ -188,10 +188,13 @@ class Assembly:
         scrape) the pools a few at a time, each taken from the table when its part is
         built (one removed meanwhile is left out)."""
         server = self.server
-        yield {"sessions": len(server.sessions),
-               "static": [[n.hits, int(n.dead_since)] for n in server.router.static_nodes],
-               "cheap": 1 if server.cheap else 0,
-               "metrics": server.counters.snapshot(server)}
+        first = {"sessions": len(server.sessions),
+                 "static": [[n.hits, int(n.dead_since)] for n in server.router.static_nodes],
+                 "cheap": 1 if server.cheap else 0,
+                 "metrics": server.counters.snapshot(server)}
+        if self.health is not None:
+            first["down"] = [a.decode("latin-1") for a, up in self.health.health().items() if not up]
+        yield first
         if self.table is None or totals_only:
             return
         flat: list = []
@@ -229,7 +232,7 @@ class RouterReport:
     that much longer.
     """
 
-    __slots__ = ("sessions", "static", "cheap", "metrics", "counters", "index")
+    __slots__ = ("sessions", "static", "cheap", "metrics", "counters", "index", "down")
 
     def __init__(self) -> None:
         self.sessions = 0
@@ -238,6 +241,7 @@ class RouterReport:
         self.metrics: Optional[dict] = None   # the process's request counters (metrics.py)
         self.counters: list = []
         self.index: Dict[str, int] = {}   # key -> position of its hits in counters
+        self.down: set = set()            # addresses its health checks hold down (latin-1)
 
     def add(self, data: bytes) -> None:
         """Merge one part; ValueError for one that is not a part."""
@@ -251,6 +255,8 @@ class RouterReport:
                 self.cheap = int(part["cheap"])
                 if "metrics" in part:
                     self.metrics = metrics.validate(part["metrics"])
+                if "down" in part:
+                    self.down = {a for a in part["down"] if type(a) is str}
             flat = part.get("pools")
             if flat is not None:
                 self._index(flat)
@@ -704,18 +710,21 @@ class MasterSockets:
     def _stats_document(self, reports: List[RouterReport]) -> dict:
         names = [l.name for l in self.listeners] + [d.name for d in self.datagram]
         static = None
+        # health checks: a node is shown down while some router process holds it down
+        health = getattr(self.cfg, "fastrouter_health_check_interval", 0) > 0
+        down = set().union(*(r.down for r in reports)) if health else None
         if self.cfg.fastrouter_to:
             static = []
             for i, name in enumerate(self.cfg.fastrouter_to):
                 hits = sum(r.static[i][0] for r in reports if i < len(r.static))
                 grace = max([r.static[i][1] for r in reports if i < len(r.static)] or [0])
-                static.append(_StaticView(name, hits, grace))
+                static.append(_StaticView(name, hits, grace, bool(down) and name in down))
         table = self.table
         extra = None
         if table is not None:
-            extra = lambda d: d.__setitem__("subscriptions", _aggregate(table, reports))
+            extra = lambda d: d.__setitem__("subscriptions", _aggregate(table, reports, down))
         return build_document(_SessionsView(sum(r.sessions for r in reports)), names,
-                              static_nodes=static, extra=extra,
+                              static_nodes=static, extra=extra, health=health,
                               cheap=bool(reports) and all(r.cheap for r in reports),
                               counters=metrics.merge([r.metrics for r in reports if r.metrics is not None]))
 
@@ -814,10 +823,10 @@ class MasterSockets:
 
 
 class _StaticView:
-    __slots__ = ("name", "hits", "dead_since")
+    __slots__ = ("name", "hits", "dead_since", "down")
 
-    def __init__(self, name, hits, dead_since) -> None:
-        self.name, self.hits, self.dead_since = name, hits, dead_since
+    def __init__(self, name, hits, dead_since, down=False) -> None:
+        self.name, self.hits, self.dead_since, self.down = name, hits, dead_since, down
 
 
 class _SessionsView:
@@ -827,14 +836,17 @@ class _SessionsView:
         self.active_sessions = n
 
 
-def _aggregate(table, reports: List[RouterReport]) -> Streamed:
+def _aggregate(table, reports: List[RouterReport], down: Optional[set] = None) -> Streamed:
     """The master's table with every router process's counters summed, as a
-    :class:`~uwsgi_fastrouter.stats.Streamed` member: a pool at a time."""
-    return Streamed(lambda: live_pools(table, lambda pool: _with_totals(pool_stats(pool), reports)))
+    :class:`~uwsgi_fastrouter.stats.Streamed` member: a pool at a time.  *down*: the
+    addresses some router process's health checks hold down (None: no checks)."""
+    return Streamed(lambda: live_pools(
+        table, lambda pool: _with_totals(pool_stats(pool), reports, down)))
 
 
-def _with_totals(record: dict, reports: List[RouterReport]) -> dict:
-    """A pool's record with the router processes' counters summed into it."""
+def _with_totals(record: dict, reports: List[RouterReport], down: Optional[set] = None) -> dict:
+    """A pool's record with the router processes' counters summed into it (and, with
+    health checks, each node's ``health``)."""
     key = record["key"].decode("latin-1")
     entries = [entry for entry in (report.pool(key) for report in reports) if entry]
     record["hits"] = sum(entry[0] for entry in entries)
@@ -848,6 +860,8 @@ def _with_totals(record: dict, reports: List[RouterReport]) -> dict:
         (node["requests"], node["last_requests"], node["tx"], node["rx"], node["ref"],
          failcnt) = totals
         node["failcnt"] = max(node["failcnt"], failcnt)
+        if down is not None:
+            node["health"] = "down" if name in down else "up"
     return record
 
 
