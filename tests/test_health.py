@@ -114,6 +114,53 @@ def test_without_health_checks_the_stats_show_no_health():
     assert node.health is None
 
 
+def test_probes_are_bounded_one_per_address_and_a_silent_node_times_out():
+    """Five nodes whose listen queue takes the connection but nobody answers, at most
+    two probes at a time, rounds faster than the deadline."""
+    import socket
+    from uwsgi_fastrouter.reactor import Reactor
+    listeners = []
+    for _ in range(5):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)                    # never accepted
+        listeners.append(sock)
+    addresses = [b"127.0.0.1:%d" % s.getsockname()[1] for s in listeners]
+    reactor = Reactor()
+    changes = Changes()
+    in_flight = []
+
+    def on_change(address, up):
+        changes(address, up)
+        if len(changes) == len(addresses):
+            reactor.stop()
+
+    health = HealthChecker(reactor, lambda: addresses, on_change, interval=0.05, timeout=0.3,
+                           fails=1, passes=1, max_probes=2, log=lambda line: None)
+    fill = health._fill
+
+    def watched_fill():
+        fill()
+        states = [probe.state for probe in health.probes.values()]
+        in_flight.append((len(states), len(set(map(id, states)))))
+
+    health._fill = watched_fill
+    health.start()
+    safety = reactor.call_later(30, reactor.stop)
+    try:
+        reactor.run()
+    finally:
+        safety.cancel()
+        health.stop()
+        reactor.close()
+        for sock in listeners:
+            sock.close()
+    assert sorted(changes) == sorted((a, False) for a in addresses)
+    assert max(n for n, _ in in_flight) == 2
+    assert all(n == unique for n, unique in in_flight)        # one probe per address
+    assert all(s.last_error == "timed out" for s in health.states.values())
+
+
 # ---------------------------------------------------------------------------
 # Real uWSGI 2.0.31 nodes
 

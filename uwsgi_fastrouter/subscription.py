@@ -78,6 +78,18 @@ count as used, so the table never holds more than ``max_keys`` pools plus
 reservations, and the returning subscriber gets its key back even while a flood keeps
 every other slot taken.
 
+The life of a node, beyond uWSGI 2.0 (all inert unless used).  *Slow start*
+(``slow_start`` seconds): a node that joins a key or comes back to it ramps its weight
+up (uwsgi_fastrouter/slowstart.py).  *Health checks*: :meth:`SubscriptionTable.set_down`
+takes an address out of every key until it is up again, whatever it announces.
+*Drain*: a node that announces ``drain=1`` gets no new request and is removed when its
+last request in flight ends (past ``drain_timeout`` it is marked dead, and still goes
+only then), so its key, and the router, stay out of "no node" while a request is in
+flight; a plain announce takes it back.  The operator's drain
+(:meth:`SubscriptionTable.set_drained`) takes an address out like a failed health
+check.  Keys skip such nodes at lookup, before the backup levels are looked at, and a
+lookup pays for it only while some address is skipped or a node of its key drains.
+
 Every time-dependent method takes ``now`` (seconds since the epoch, ``time.time()``);
 ``last_check`` and the tolerance comparisons use whole seconds, like uWSGI.
 """
