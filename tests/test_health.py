@@ -11,6 +11,7 @@ import pytest
 
 from support import (fetch_stats, json_answer, node_app_source, request_vars, sock_path,
                      start_router, start_uwsgi_app, uwsgi_request, wait_until)
+from test_metrics import METRICS_RE, _free_port, scrape, value
 from uwsgi_fastrouter.health import PING, HealthChecker, HealthState, is_pong
 from uwsgi_fastrouter.router import Router
 from uwsgi_fastrouter.subscription import SubscriptionTable, build_announcement, parse_announcement
@@ -68,6 +69,8 @@ def test_fails_in_a_row_mark_down_and_passes_in_a_row_mark_up():
     health.record(state, None)
     assert state.up and changes[-1] == (b"/run/\x1bnode.sock", True)
     assert (state.went_down, state.went_up, state.checks, state.failures) == (1, 1, 9, 5)
+    health.states[state.address] = state
+    assert health.totals() == [9, 5, 1, 1, 0]
     assert len(lines) == 2                           # one line per transition
 
 
@@ -176,9 +179,11 @@ def test_a_stopped_static_node_goes_down_before_a_request_hits_it_and_comes_back
     sockets = [sock_path(sock_dir, "a.sock"), sock_path(sock_dir, "b.sock")]
     node_a = start_uwsgi_app(sock_dir, node_app_source("a"), socket=sockets[0])
     node_b = start_uwsgi_app(sock_dir, node_app_source("b"), socket=sockets[1])
+    metrics = "127.0.0.1:%d" % _free_port()
     router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-to", sockets[0],
                            "--fastrouter-to", sockets[1], "--fastrouter-stats", "127.0.0.1:0",
-                           *CHECKS, *master])
+                           "--fastrouter-metrics", metrics, *CHECKS, *master])
+    router.wait_for_log(METRICS_RE)
     assert {node_of(router) for _ in range(4)} == {"a", "b"}
     node_b.stop()
     router.wait_for_log(r"health check: node %s is down \(2 failed checks"
@@ -188,6 +193,10 @@ def test_a_stopped_static_node_goes_down_before_a_request_hits_it_and_comes_back
     assert router.count("unable to connect") == before     # no request went to b
     stats = fetch_stats(router.stats_address)
     assert [n["health"] for n in stats["static_nodes"]] == ["up", "down"]
+    samples = scrape(metrics)
+    assert value(samples, "uwsgi_fastrouter_health_transitions_total", to="down") == 1
+    assert value(samples, "uwsgi_fastrouter_health_nodes_down") == 1
+    assert value(samples, "uwsgi_fastrouter_health_check_failures_total") >= 2
     start_uwsgi_app(sock_dir, node_app_source("b"), socket=sockets[1])
     router.wait_for_log(r"health check: node %s is up again \(2 passed checks"
                         % re.escape(sockets[1]))

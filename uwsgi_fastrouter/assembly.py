@@ -512,6 +512,7 @@ def _wire(cfg, reactor, parts, listeners, datagram, stats_listener, external: bo
 
         server.periodic.append(expire)
     parts.health = _make_health_checker(cfg, reactor, router, parts.table)
+    server.counters.health = parts.health
     if cfg.fastrouter_cheap and not datagram:
         log("[uwsgi-fastrouter] --fastrouter-cheap has no effect without a subscription server")
     if stats_listener is not None:

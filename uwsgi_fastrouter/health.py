@@ -36,7 +36,7 @@ import errno
 import os
 import socket
 from collections import deque
-from typing import Callable, Deque, Dict, Iterable, Optional
+from typing import Callable, Deque, Dict, Iterable, List, Optional
 
 from .log import log as _default_log, printable
 from .reactor import Reactor
@@ -173,12 +173,22 @@ class HealthChecker:
         self.probes: Dict[int, _Probe] = {}   # id -> probe in flight
         self._timer = None
         self.stopped = True
+        #: totals over the checker's life: probes, failed probes, transitions
+        self.checks = 0
+        self.failures = 0
+        self.went_down = 0
+        self.went_up = 0
 
     # -- queries ------------------------------------------------------------
 
     def is_up(self, address: bytes) -> bool:
         state = self.states.get(address)
         return state is None or state.up
+
+    def totals(self) -> List[int]:
+        """``[checks, failures, went down, went up, down now]`` for the metrics."""
+        down = sum(1 for state in self.states.values() if not state.up)
+        return [self.checks, self.failures, self.went_down, self.went_up, down]
 
     def health(self) -> Dict[bytes, bool]:
         """Every checked address with its state (True: up)."""
@@ -236,24 +246,28 @@ class HealthChecker:
     def record(self, state: HealthState, error: Optional[str]) -> None:
         """Count one check's result for *state* and act on a transition."""
         state.checks += 1
+        self.checks += 1
         if error is None:
             state.fails = 0
             state.passes += 1
             if not state.up and state.passes >= self.passes:
                 state.up = True
                 state.went_up += 1
+                self.went_up += 1
                 self.log("[uwsgi-fastrouter pid %d] health check: node %s is up again "
                          "(%d passed checks)" % (os.getpid(), printable(state.address),
                                                  state.passes))
                 self.on_change(state.address, True)
             return
         state.failures += 1
+        self.failures += 1
         state.last_error = error
         state.passes = 0
         state.fails += 1
         if state.up and state.fails >= self.fails:
             state.up = False
             state.went_down += 1
+            self.went_down += 1
             self.log("[uwsgi-fastrouter pid %d] health check: node %s is down "
                      "(%d failed checks, last: %s)" % (os.getpid(), printable(state.address),
                                                        state.fails, error))
