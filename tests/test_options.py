@@ -64,6 +64,12 @@ SUPPORTED = {
     "auto-procname", "procname-prefix", "procname-prefix-spaced", "procname-append", "procname",
     "procname-master", "need-app", "plugins", "umask",
 }
+# the life of a node: slow start, health checks, drain
+SUPPORTED |= {"subscription-slow-start", "fastrouter-health-check-interval",
+              "fastrouter-health-check-deadline", "fastrouter-health-check-fails",
+              "fastrouter-health-check-passes", "fastrouter-health-check-max-probes",
+              "subscription-drain-timeout", "drain-on-graceful-reload", "fastrouter-drain",
+              "fastrouter-undrain"}
 
 
 def test_table_is_consistent():

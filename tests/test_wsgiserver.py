@@ -1154,3 +1154,8 @@ location / {
         status, _, body = http_request(nginx.address, "PUT", "/put", "example.com", body=data)
         assert status == 200 and json.loads(body)["body_len"] == len(data)
         assert all(forked.alive(pid) for pid in forked.pids)
+
+
+def test_a_ping_is_answered_with_uwsgis_pong():
+    raw, lines = serve(hello_app, bytes([100, 0, 0, 0]))
+    assert raw == bytes.fromhex("64000001") and lines.text() == ""

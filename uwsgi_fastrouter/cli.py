@@ -13,9 +13,11 @@ master does (see master.py).
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import signal
+import stat
 import sys
 from typing import List, Optional
 
@@ -167,6 +169,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 (cfg.stop, signal.SIGINT, "stop")):
         if value:
             return signal_pidfile(value, signum, what)
+    if cfg.fastrouter_drain or cfg.fastrouter_undrain:
+        return send_drain_commands(cfg)
     try:
         _logging(cfg)
     except (OSError, ValueError) as exc:
@@ -194,6 +198,37 @@ def signal_pidfile(path: str, signum: int, option: str) -> int:
         log('option "--%s": unable to signal pid %d: %s' % (option, pid, exc.strerror or exc))
         return EXIT_CONFIG
     log("signal %d sent to pid %d" % (signum, pid))
+    return EXIT_OK
+
+
+def send_drain_commands(cfg) -> int:
+    """--fastrouter-drain/--fastrouter-undrain ADDR: write ``D ADDR`` / ``U ADDR`` lines
+    to the running master's FIFO (the first --master-fifo) and exit."""
+    if not cfg.master_fifo:
+        log('option "--fastrouter-drain": --master-fifo PATH names the master to tell')
+        return EXIT_CONFIG
+    path = cfg.master_fifo[0]
+    lines = ["D%s\n" % a for a in cfg.fastrouter_drain] + ["U%s\n" % a for a in cfg.fastrouter_undrain]
+    if any("\n" in line[1:-1] or not line[1:-1] for line in lines):
+        log('option "--fastrouter-drain": an address must be one non-empty line')
+        return EXIT_CONFIG
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        reason = "no master reads it" if exc.errno == errno.ENXIO else exc.strerror or exc
+        log('option "--fastrouter-drain": unable to open the master FIFO %s: %s' % (path, reason))
+        return EXIT_CONFIG
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            log('option "--fastrouter-drain": %s is not a FIFO' % path)
+            return EXIT_CONFIG
+        os.write(fd, "".join(lines).encode("utf-8", "surrogateescape"))
+    except OSError as exc:
+        log('option "--fastrouter-drain": unable to write to %s: %s' % (path, exc.strerror or exc))
+        return EXIT_CONFIG
+    finally:
+        os.close(fd)
+    log("%d drain command(s) sent to %s" % (len(lines), path))
     return EXIT_OK
 
 

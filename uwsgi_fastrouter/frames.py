@@ -19,6 +19,7 @@ QUERY = ord("Q")          # master -> router: send your counters (round number; 
                           # the totals only, for a metrics scrape)
 REPORT = ord("R")         # router -> master: round number, last flag, a part of the counters (JSON)
 READY = ord("Y")          # router -> master: my loop runs (I have started; no payload)
+DRAIN = ord("D")          # master -> router: b"1" + address drains a node, b"0" + address undrains
 
 
 def encode_frame(kind: int, payload: bytes) -> bytes:

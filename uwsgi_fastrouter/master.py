@@ -85,7 +85,7 @@ from typing import Callable, Dict, List, Optional
 from . import sdnotify
 from .log import RateLimitedLog, log
 from .reactor import Reactor
-from .frames import FAILED, QUERY, READY, REPORT, SUBSCRIPTION, FrameReader, encode_frame
+from .frames import DRAIN, FAILED, QUERY, READY, REPORT, SUBSCRIPTION, FrameReader, encode_frame
 from .stats import slice_deadline
 
 ENV_INHERIT = "UWSGI_FASTROUTER_INHERIT"
@@ -104,6 +104,24 @@ _ORPHAN_GRACE = 10.0
 # re-exec until the new image has its own: one arriving in between is held, not lost
 # and never given its default action (which for SIGHUP is death).
 _MASTER_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD}
+
+def _fifo_commands(text: str) -> List[str]:
+    """The commands in what was read from a master FIFO: one letter each, except
+    ``D`` and ``U``, which take the rest of their line (an address)."""
+    commands = []
+    at = 0
+    while at < len(text):
+        letter = text[at]
+        if letter in "DU":
+            end = text.find("\n", at)
+            end = len(text) if end < 0 else end
+            commands.append(text[at:end])
+            at = end + 1
+        else:
+            commands.append(letter)
+            at += 1
+    return commands
+
 
 class Child:
     """One forked process the master supervises."""
@@ -416,8 +434,10 @@ class Master:
             return
         except OSError:
             return
-        for command in data.decode("latin-1"):
-            if command == "r":
+        for command in _fifo_commands(data.decode("latin-1")):
+            if command[0] in "DU" and len(command) > 1:
+                self._drain_command(command)
+            elif command == "r":
                 self._on_hup(signal.SIGHUP)
             elif command == "R":
                 log("...brutally reloading (pid: %d)..." % os.getpid())
@@ -428,6 +448,17 @@ class Master:
                 self.sockets.toggle_subscriptions()
             elif command.strip():
                 log("[master-fifo] unknown command %r" % command)
+
+    def _drain_command(self, command: str) -> None:
+        """``D ADDRESS`` drains a node in every router process, ``U ADDRESS`` takes
+        the drain back (docs/decisions.md, "The life of a node")."""
+        address = command[1:].strip().encode("latin-1")
+        if not 0 < len(address) <= 255:
+            log("[master-fifo] %s command without an address of 1..255 bytes" % command[0])
+            return
+        drained = command[0] == "D"
+        self.sockets.node_drained(address, drained)
+        self.broadcast(DRAIN, (b"1" if drained else b"0") + address)
 
     # -------------------------------------------------------------- signals
 
@@ -886,6 +917,8 @@ class RouterLink:
             elif kind == FAILED:
                 key, _, address = payload.partition(b"\0")
                 self.parts.apply_failure(key, address)
+            elif kind == DRAIN and payload:
+                self.parts.apply_drain(payload[1:], payload[:1] == b"1")
             elif kind == QUERY and len(payload) >= 4:
                 # A newer round replaces one still being answered (the master has
                 # given up on that one).

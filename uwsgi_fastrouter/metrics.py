@@ -57,7 +57,7 @@ class Counters:
 
     __slots__ = ("outcomes", "retries", "fallbacks", "bytes_in", "bytes_out", "detailed", "max_keys",
                  "first_byte", "first_byte_sum", "total", "total_sum", "keys", "nodes", "other_key",
-                 "other_node")
+                 "other_node", "health")
 
     def __init__(self, detailed: bool = False, max_keys: int = DEFAULT_MAX_KEYS) -> None:
         self.outcomes = [0] * len(OUTCOMES)
@@ -75,6 +75,8 @@ class Counters:
         self.nodes: Dict[bytes, List[int]] = {}   # node address -> [requests, failures]
         self.other_key = [0, 0]
         self.other_node = [0, 0]
+        #: the health checker (uwsgi_fastrouter/health.py), when checks run
+        self.health = None
 
     def ended(self, session, state: int, reason: Optional[str], now: float) -> None:
         """*session* was closed in *state* (with *reason*, if any) at loop time *now*."""
@@ -120,7 +122,7 @@ class Counters:
 
     def snapshot(self, server) -> Dict[str, Any]:
         """The counters as plain JSON values (keys and addresses as latin-1 text)."""
-        return {
+        snapshot = {
             "outcomes": list(self.outcomes),
             "retries": self.retries,
             "fallbacks": self.fallbacks,
@@ -136,6 +138,9 @@ class Counters:
             "keys": _table(self.keys, self.other_key),
             "nodes": _table(self.nodes, self.other_node),
         }
+        if self.health is not None:
+            snapshot["health"] = self.health.totals()
+        return snapshot
 
 
 def _table(entries: Dict[bytes, List[int]], other: List[int]) -> List[list]:
@@ -197,6 +202,8 @@ def merge(snapshots: Iterable[Dict[str, Any]], max_keys: int = DEFAULT_MAX_KEYS)
         cheap = snap["cheap"] if cheap is None else (cheap and snap["cheap"])
         _add_rows(keys, snap["keys"])
         _add_rows(nodes, snap["nodes"])
+        if "health" in snap:
+            result["health"] = [a + b for a, b in zip(result.get("health", [0] * 5), snap["health"])]
     result["cheap"] = 1 if cheap else 0
     result["keys"] = _bounded(keys, max_keys)
     result["nodes"] = _bounded(nodes, max_keys)
@@ -239,6 +246,9 @@ def validate(snapshot: Any) -> Dict[str, Any]:
                 if len(row) != 3 or not (row[0] is None or isinstance(row[0], str)) \
                         or type(row[1]) is not int or type(row[2]) is not int:
                     raise TypeError(name)
+        if "health" in snapshot and (len(snapshot["health"]) != 5
+                                     or not all(type(v) is int for v in snapshot["health"])):
+            raise TypeError("health")
         snapshot["cheap"] = int(snapshot["cheap"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError("malformed metrics: %s" % exc) from None
@@ -338,6 +348,14 @@ def render(snapshot: Dict[str, Any], subscriptions: Optional[Dict[str, int]] = N
                     for name, _requests, failures in rows])
     out.one("cheap", "gauge", "1 while in cheap mode (no node subscribed, listeners not polled)",
             snapshot["cheap"])
+    health = snapshot.get("health")
+    if health is not None:   # [checks, failed, went down, went up, down now]
+        out.one("health_checks", "counter", "PING probes sent to nodes", health[0])
+        out.one("health_check_failures", "counter", "PING probes that failed", health[1])
+        out.family("health_transitions", "counter", "nodes marked down or up by the checks",
+                   [("_total", 'to="down"', health[2]), ("_total", 'to="up"', health[3])])
+        out.one("health_nodes_down", "gauge", "nodes held down by the checks now (summed over "
+                "the router processes)", health[4])
     if subscriptions is not None:
         out.one("subscription_datagrams", "counter", "subscription datagrams received",
                 subscriptions["received"])

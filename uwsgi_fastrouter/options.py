@@ -239,6 +239,18 @@ OPTIONS: Tuple[Option, ...] = (
        "no node for the key", G_ROUTER),
     _o("fastrouter-gracetime", INT, "seconds a static node that failed is skipped", G_ROUTER,
        default=30, zero_means=30, metavar="SECS"),
+    _o("fastrouter-health-check-interval", INT, "send the uwsgi PING packet to every static, "
+       "fallback and subscribed node every SECS seconds; a node that fails the checks gets no "
+       "request until it passes them again; 0 (the default) is off", G_ROUTER, default=0,
+       metavar="SECS"),
+    _o("fastrouter-health-check-deadline", INT, "seconds a node has to answer a PING (connect "
+       "included)", G_ROUTER, default=2, zero_means=2, metavar="SECS"),
+    _o("fastrouter-health-check-fails", INT, "failed checks in a row that mark a node down",
+       G_ROUTER, default=3),
+    _o("fastrouter-health-check-passes", INT, "passed checks in a row that mark a down node up "
+       "again", G_ROUTER, default=2),
+    _o("fastrouter-health-check-max-probes", INT, "most PING probes in flight at a time (per "
+       "router process); the others wait their turn", G_ROUTER, default=32),
     _o("fastrouter-timeout", INT, "seconds of inactivity after which a connection is closed",
        G_ROUTER, default=60, zero_means=60, metavar="SECS"),
     _o("fastrouter-max-retries", INT, "connect retries after a failed first attempt, fallback nodes "
@@ -434,6 +446,9 @@ OPTIONS: Tuple[Option, ...] = (
        arg=REQUIRED, status=SUPPORTED),
     _o("unsubscribe-on-graceful-reload", BOOL, "unsubscribe before a graceful reload", G_SUBS,
        status=SUPPORTED),
+    _o("drain-on-graceful-reload", BOOL, "before a graceful reload, announce drain=1 instead: "
+       "our routers send this instance nothing new and let the requests in flight finish (a "
+       "uWSGI router ignores the field)", G_SUBS),
     _o("start-unsubscribed", BOOL, "prepare the subscriptions but send none until enabled", G_SUBS,
        status=SUPPORTED),
     _o("subscription-notify-socket", STRING, "unix datagram socket on which subscription servers "
@@ -445,6 +460,12 @@ OPTIONS: Tuple[Option, ...] = (
        "(rendezvous hashing of the client's REMOTE_ADDR, sticky); other names mean wrr; a key's "
        "first announce may name its own with algo=", G_SUBS, default="wrr", metavar="NAME",
        status=SUPPORTED),
+    _o("subscription-slow-start", INT, "seconds over which a node that joins a key (or comes back "
+       "to it) ramps from a tenth of its weight to all of it, for wrr, lrc and wlrc keys; 0 (the "
+       "default) is off", G_SUBS, default=0, metavar="SECS"),
+    _o("subscription-drain-timeout", INT, "seconds a node that announced drain=1 keeps its "
+       "requests in flight before it is marked as failed (it goes when the last one ends); 0 "
+       "waits for them however long", G_SUBS, default=60, metavar="SECS"),
     _o("subscription-mountpoints", INT, "route by host plus the first N segments of PATH_INFO "
        "(example.com/app) when such a key is subscribed, else by the host; PATH_INFO is passed "
        "unchanged", G_SUBS, aliases=("subscription-mountpoint",), default=0),
@@ -491,7 +512,8 @@ OPTIONS: Tuple[Option, ...] = (
        "built in (one log line, nothing to load); any other name is a start-up error; comma or "
        "space separated, repeatable", G_CONFIG, aliases=("plugin",), default=[], metavar="NAMES"),
     _o("master-fifo", LIST, "commands for the master on the named pipe PATH: r graceful reload, "
-       "R brutal reload, q or Q shutdown, S block/unblock the subscriptions; repeatable", G_PROCESS,
+       "R brutal reload, q or Q shutdown, S block/unblock the subscriptions, D ADDR (to the end "
+       "of the line) drain a node, U ADDR undrain it; repeatable", G_PROCESS,
        default=[], metavar="PATH"),
     _o("reload", STRING, "gracefully reload the master whose pid is in PIDFILE (SIGHUP) and exit",
        G_PROCESS, metavar="PIDFILE"),
@@ -499,6 +521,11 @@ OPTIONS: Tuple[Option, ...] = (
        "exit", G_PROCESS, metavar="PIDFILE"),
     _o("stop", STRING, "shut down the master whose pid is in PIDFILE (SIGINT) and exit", G_PROCESS,
        metavar="PIDFILE"),
+    _o("fastrouter-drain", LIST, "tell the master reading --master-fifo to drain the node ADDR "
+       "(no new requests to it, those in flight finish) and exit; repeatable", G_PROCESS,
+       default=[], metavar="ADDR"),
+    _o("fastrouter-undrain", LIST, "tell the master reading --master-fifo to take back the drain "
+       "of the node ADDR and exit; repeatable", G_PROCESS, default=[], metavar="ADDR"),
     _o("help", ACTION, "print this help and exit", G_CONFIG, short="h", arg=NONE),
     _o("version", ACTION, "print the version and exit", G_CONFIG, arg=NONE),
 )

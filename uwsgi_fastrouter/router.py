@@ -111,7 +111,8 @@ class Route:
 class StaticNode:
     """One ``--fastrouter-to`` entry."""
 
-    __slots__ = ("address", "name", "hits", "dead_since", "route", "tx", "rx")
+    __slots__ = ("address", "name", "hits", "dead_since", "route", "tx", "rx", "down",
+                 "drained")
 
     def __init__(self, address: str, owner=None) -> None:
         self.name = address
@@ -120,6 +121,8 @@ class StaticNode:
         self.dead_since = 0.0    # unix time of the failure mark, 0 = alive
         self.tx = 0              # bytes read from the node
         self.rx = 0              # bytes written to the node
+        self.down = False        # failed its health checks (uwsgi_fastrouter/health.py)
+        self.drained = False     # drained by the operator (the master FIFO)
         self.route = Route(self.address, 0, 0, self, owner)
 
 
@@ -131,6 +134,7 @@ class StaticMapper:
         self.gracetime = gracetime
         self.clock = clock           # wall clock, for the grace marks
         self.cursor = 0
+        self.down_count = 0          # nodes down (health checks) or drained
 
     def connected(self, route: Route) -> None:
         route.node.hits += 1
@@ -145,7 +149,45 @@ class StaticMapper:
     def release(self, route: Route) -> None:
         pass
 
+    def set_down(self, address: bytes, down: bool) -> None:
+        """The health checks marked the nodes at *address* down (or up again)."""
+        self._set_flag(address, "down", down)
+
+    def set_drained(self, address: bytes, drained: bool) -> None:
+        """The operator drained the nodes at *address* (or took the drain back)."""
+        self._set_flag(address, "drained", drained)
+
+    def _set_flag(self, address: bytes, flag: str, value: bool) -> None:
+        for node in self.nodes:
+            if node.address == address:
+                setattr(node, flag, value)
+        self.down_count = sum(1 for node in self.nodes if node.down or node.drained)
+
+    def _route_skipping_down(self) -> Optional[Route]:
+        """:meth:`__call__` while some node is down: the first node from the cursor on
+        that is neither down nor inside its grace time (a failed node whose grace
+        time is over is revived, as in the plain walk)."""
+        nodes = self.nodes
+        count = len(nodes)
+        now = None
+        for step in range(count):
+            index = (self.cursor + step) % count
+            node = nodes[index]
+            if node.down or node.drained:
+                continue
+            if node.dead_since:
+                now = self.clock() if now is None else now
+                if node.dead_since + self.gracetime > now:
+                    continue
+                node.dead_since = 0.0
+            self.cursor = (index + 1) % count
+            return node.route
+        self.cursor = (self.cursor + 1) % count
+        return None
+
     def __call__(self, key: bytes) -> Optional[Route]:
+        if self.down_count:
+            return self._route_skipping_down()
         nodes = self.nodes
         count = len(nodes)
         index = self.cursor
@@ -346,6 +388,11 @@ class Router:
             # the subscription mapper takes the request along: called directly
             self.route = subscriptions
         self.fallbacks = [Route(a.encode("utf-8", "surrogateescape")) for a in fallback]
+        #: fallback addresses marked down by the health checks, drained by the
+        #: operator, and both: the ones skipped
+        self.fallbacks_down: set = set()
+        self.fallbacks_drained: set = set()
+        self.fallbacks_skipped: set = set()
         self.fallback_on_no_key = fallback_on_no_key and bool(self.fallbacks)
         self.max_retries = max_retries
         self.quiet = quiet
@@ -445,6 +492,10 @@ class Router:
         keeps them).  Returns ``(None, index)`` when there is nothing left to try.
         """
         if self.fallbacks:
+            if self.fallbacks_skipped:
+                while (fallback_index < len(self.fallbacks)
+                       and self.fallbacks[fallback_index].address in self.fallbacks_skipped):
+                    fallback_index += 1
             if fallback_index >= len(self.fallbacks):
                 return None, fallback_index
             entry = self.fallbacks[fallback_index]
@@ -452,3 +503,40 @@ class Router:
                 entry = Route(entry.address, previous.modifier1, previous.modifier2)
             return entry, fallback_index + 1
         return self.route(key, request), fallback_index
+
+    # -- health checks (uwsgi_fastrouter/health.py) ---------------------------
+
+    def health_targets(self) -> List[bytes]:
+        """Every node address the health checks probe: static, fallback and
+        subscribed nodes, each once."""
+        seen = dict.fromkeys(node.address for node in self.static_nodes)
+        seen.update(dict.fromkeys(route.address for route in self.fallbacks))
+        if self.subscriptions is not None:
+            seen.update(dict.fromkeys(self.subscriptions.table.addresses()))
+        return list(seen)
+
+    def node_health_changed(self, address: bytes, up: bool) -> None:
+        """The health checks marked *address* down (skipped by every mapper and the
+        fallback list from now on) or up again."""
+        if self.static is not None:
+            self.static.set_down(address, not up)
+        self._set_fallback(self.fallbacks_down, address, not up)
+        if self.subscriptions is not None:
+            self.subscriptions.table.set_down(address, not up, self.wall_clock())
+
+    def node_drained(self, address: bytes, drained: bool) -> None:
+        """The operator drained *address*: no new request goes to it, by any mapper
+        or the fallback list, until the drain is taken back; requests in flight
+        finish."""
+        if self.static is not None:
+            self.static.set_drained(address, drained)
+        self._set_fallback(self.fallbacks_drained, address, drained)
+        if self.subscriptions is not None:
+            self.subscriptions.table.set_drained(address, drained, self.wall_clock())
+
+    def _set_fallback(self, addresses: set, address: bytes, skip: bool) -> None:
+        if not skip:
+            addresses.discard(address)
+        elif any(route.address == address for route in self.fallbacks):
+            addresses.add(address)
+        self.fallbacks_skipped = self.fallbacks_down | self.fallbacks_drained

@@ -31,13 +31,13 @@ import os
 import time
 from typing import Callable, Iterator, List, Optional, Tuple
 
-from . import balancing, metrics
+from . import balancing, health, metrics
 from .accesslog import AccessLog
 from .addresses import shared_socket_index
 from .binding import Bindings
 from .endpoints import MetricsServer, StatsServer
 from .frames import SUBSCRIPTION
-from .log import log
+from .log import log, printable
 from .master import pack_credentials
 from .options import StartupError, access_log_target
 from .reactor import Reactor
@@ -165,7 +165,23 @@ def make_table(cfg) -> SubscriptionTable:
         tolerance=cfg.subscription_tolerance, algo=cfg.subscription_algo,
         max_keys=cfg.subscription_max_keys, max_nodes=cfg.subscription_max_nodes,
         log=log, pid=os.getpid(), verifier=_signature_checker(cfg),
-        sign_tolerance=cfg.subscriptions_sign_check_tolerance)
+        sign_tolerance=cfg.subscriptions_sign_check_tolerance,
+        slow_start=cfg.subscription_slow_start, drain_timeout=cfg.subscription_drain_timeout)
+
+
+def health_checker(cfg, reactor: Reactor, router: Router, table: Optional[SubscriptionTable]
+                   ) -> Optional[health.HealthChecker]:
+    """``--fastrouter-health-check-*``: the PING checker of this router process, or None."""
+    if cfg.fastrouter_health_check_interval <= 0:
+        return None
+    if table is not None:
+        table.health_checked = True
+    return health.HealthChecker(
+        reactor, router.health_targets, router.node_health_changed,
+        interval=cfg.fastrouter_health_check_interval,
+        timeout=cfg.fastrouter_health_check_deadline,
+        fails=cfg.fastrouter_health_check_fails, passes=cfg.fastrouter_health_check_passes,
+        max_probes=cfg.fastrouter_health_check_max_probes)
 
 
 def _signature_checker(cfg):
@@ -291,14 +307,19 @@ class RouterRuntime:
         self.stats: Optional[StatsServer] = None
         self.metrics: Optional[MetricsServer] = None
         self.zerg: Optional[ZergServer] = None
+        self.health: Optional[health.HealthChecker] = None  # --fastrouter-health-check-interval
         self.report_failure = None           # (key, address) -> None, set under a master
 
     def start(self) -> None:
         self.server.start()
+        if self.health is not None:
+            self.health.start()
         for part in self._services():
             part.start()
 
     def stop(self, unlink: bool = True) -> None:
+        if self.health is not None:
+            self.health.stop()
         if self.zerg is not None:
             self.zerg.stop()
         if self.server is not None:
@@ -325,6 +346,10 @@ class RouterRuntime:
         if self.subscriptions is not None:
             self.subscriptions.apply_trusted(data, pid, uid, gid)
 
+    def apply_drain(self, address: bytes, drained: bool) -> None:
+        """The master drained *address* (the master FIFO's ``D``/``U`` commands)."""
+        self.server.router.node_drained(address, drained)
+
     def apply_failure(self, key: bytes, address: bytes) -> None:
         table = self.table
         if table is None:
@@ -343,7 +368,7 @@ class RouterRuntime:
     def report_parts(self, pools_per_part: int = 32, totals_only: bool = False) -> Iterator[dict]:
         """This process's counters for the master's stats (see
         :func:`~uwsgi_fastrouter.stats.report_parts`)."""
-        return report_parts(self.server, self.table, pools_per_part, totals_only)
+        return report_parts(self.server, self.table, pools_per_part, totals_only, self.health)
 
 
 def build(cfg, reactor: Reactor) -> RouterRuntime:
@@ -364,6 +389,8 @@ def wire_child(cfg, reactor: Reactor, master: "MasterRuntime", channel) -> Route
     _wire_router(cfg, reactor, runtime)
     if runtime.table is not None and master.table is not None:
         runtime.table.load(master.table.dump(), time.time())
+    for address in master.drained:
+        runtime.apply_drain(address, True)
     mapper = runtime.server.router.subscriptions
     if mapper is not None:
         mapper.on_failed = lambda key, address: runtime.report_failure and runtime.report_failure(key, address)
@@ -448,6 +475,8 @@ def _wire_router(cfg, reactor: Reactor, runtime: RouterRuntime) -> None:
                 on_empty()
 
         server.periodic.append(expire)
+    runtime.health = health_checker(cfg, reactor, router, runtime.table)
+    server.counters.health = runtime.health
     if cfg.fastrouter_cheap and not has_table:
         log("[uwsgi-fastrouter] --fastrouter-cheap has no effect without a subscription server")
     if not external:
@@ -461,7 +490,8 @@ def _wire_router(cfg, reactor: Reactor, runtime: RouterRuntime) -> None:
     runtime.stats = stats_server(
         cfg, reactor, bindings,
         document=lambda: build_document(server, names, static_nodes=static, extra=extra,
-                                        cheap=server.cheap, counters=server.counters.snapshot(server)))
+                                        cheap=server.cheap, counters=server.counters.snapshot(server),
+                                        health=runtime.health is not None))
     subscriptions = runtime.subscriptions
 
     def scrape(deliver) -> None:
@@ -520,6 +550,7 @@ class MasterRuntime:
         self.zerg: Optional[ZergServer] = None
         self.subscriber = None
         self.subscriptions_blocked = False
+        self.drained: set = set()        # addresses drained through the master FIFO
         self._stats_waiting: list = []   # stats requests waiting for the collection under way
         self._metrics_waiting: list = []  # scrapes waiting for the collection under way
 
@@ -601,7 +632,8 @@ class MasterRuntime:
     def _reports_collected(self, reports: List[RouterReport]) -> None:
         waiting, self._stats_waiting = self._stats_waiting, []
         document = master_document(reports, self.table, socket_names(self.prepared.bindings),
-                                   self.cfg.fastrouter_to)
+                                   self.cfg.fastrouter_to,
+                                   health=self.cfg.fastrouter_health_check_interval > 0)
         for deliver in waiting:
             try:
                 deliver(document)
@@ -641,7 +673,8 @@ class MasterRuntime:
     def before_reload(self, graceful: bool) -> None:
         """uWSGI: a brutal reload unsubscribes; a graceful one only when asked to."""
         if self.subscriber is not None and not self.subscriptions_blocked:
-            self.subscriber.stop(unsubscribe=not graceful or self.cfg.unsubscribe_on_graceful_reload)
+            self.subscriber.stop(unsubscribe=not graceful or self.cfg.unsubscribe_on_graceful_reload,
+                                 drain=graceful and self.cfg.drain_on_graceful_reload)
 
     def stop_master(self) -> None:
         if self.subscriber is not None:
@@ -662,6 +695,18 @@ class MasterRuntime:
                     # Logged by the router process that saw it fail.
                     table.quietly(table.connect_failed, key, node, time.time())
                     break
+
+    def node_drained(self, address: bytes, drained: bool) -> None:
+        """The master FIFO drained *address* (or took the drain back); the router
+        processes hear it from the master, and the ones spawned later at birth."""
+        if drained:
+            self.drained.add(address)
+        else:
+            self.drained.discard(address)
+        log("[master-fifo] %s node %s" % ("draining" if drained else "no longer draining",
+                                          printable(address)))
+        if self.table is not None:
+            self.table.set_drained(address, drained, time.time())
 
     def tick(self) -> None:
         if self.table is not None:

@@ -273,10 +273,12 @@ _OUTCOME_MEMBERS = (("ok", "requests_ok"), ("no_route", "no_route"), ("connect_f
 
 def build_document(server, socket_names: List[str], *, static_nodes: Optional[list],
                    extra: Optional[Callable[[Dict[str, Any]], None]] = None,
-                   cheap: bool = False, counters: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                   cheap: bool = False, counters: Optional[Dict[str, Any]] = None,
+                   health: bool = False) -> Dict[str, Any]:
     """The stats members in uWSGI's order (docs/wire.md, "Members, in order"), then this package's own:
     its version and the request outcome counters of *counters* (a
-    :meth:`~uwsgi_fastrouter.metrics.Counters.snapshot`, or None: all zero)."""
+    :meth:`~uwsgi_fastrouter.metrics.Counters.snapshot`, or None: all zero).  With
+    *health* (health checks run) each static node also shows ``health``."""
     doc: Dict[str, Any] = {
         "version": UWSGI_COMPAT_VERSION,
         "pid": os.getpid(),
@@ -291,6 +293,9 @@ def build_document(server, socket_names: List[str], *, static_nodes: Optional[li
             {"name": node.name, "hits": node.hits, "grace": int(node.dead_since)}
             for node in static_nodes
         ]
+        if health:
+            for record, node in zip(doc["static_nodes"], static_nodes):
+                record["health"] = "down" if node.down else "up"
     if extra is not None:
         extra(doc)
     doc["cheap"] = 1 if cheap else 0
@@ -359,6 +364,9 @@ def node_stats(node) -> Dict[str, Any]:
     for field, value in record.items():
         if type(value) is not int and field != "name":
             record[field] = _number(value)
+    health = getattr(node, "health", None)
+    if health is not None:
+        record["health"] = health      # only while health checks run
     return record
 
 
@@ -389,15 +397,19 @@ def _cwd() -> str:
 # Under a master: each router process reports its counters, the master sums them
 
 
-def report_parts(server, table, pools_per_part: int = 32, totals_only: bool = False) -> Iterator[dict]:
+def report_parts(server, table, pools_per_part: int = 32, totals_only: bool = False,
+                 health=None) -> Iterator[dict]:
     """A router process's counters for the master's stats, in parts (see
     :class:`RouterReport`): the totals of *server* first, then (unless *totals_only*: a
     metrics scrape) the pools of *table* a few at a time, each taken from the table when
     its part is built (one removed meanwhile is left out)."""
-    yield {"sessions": len(server.sessions),
-           "static": [[n.hits, int(n.dead_since)] for n in server.router.static_nodes],
-           "cheap": 1 if server.cheap else 0,
-           "metrics": server.counters.snapshot(server)}
+    first = {"sessions": len(server.sessions),
+             "static": [[n.hits, int(n.dead_since)] for n in server.router.static_nodes],
+             "cheap": 1 if server.cheap else 0,
+             "metrics": server.counters.snapshot(server)}
+    if health is not None:
+        first["down"] = [a.decode("latin-1") for a, up in health.health().items() if not up]
+    yield first
     if table is None or totals_only:
         return
     flat: list = []
@@ -435,7 +447,7 @@ class RouterReport:
     that much longer.
     """
 
-    __slots__ = ("sessions", "static", "cheap", "metrics", "counters", "index")
+    __slots__ = ("sessions", "static", "cheap", "metrics", "counters", "index", "down")
 
     def __init__(self) -> None:
         self.sessions = 0
@@ -444,6 +456,7 @@ class RouterReport:
         self.metrics: Optional[dict] = None   # the process's request counters (metrics.py)
         self.counters: list = []
         self.index: Dict[str, int] = {}   # key -> position of its hits in counters
+        self.down: set = set()            # addresses its health checks hold down (latin-1)
 
     def add(self, data: bytes) -> None:
         """Merge one part; ValueError for one that is not a part."""
@@ -457,6 +470,8 @@ class RouterReport:
                 self.cheap = int(part["cheap"])
                 if "metrics" in part:
                     self.metrics = validate_counters(part["metrics"])
+                if "down" in part:
+                    self.down = {a for a in part["down"] if type(a) is str}
             flat = part.get("pools")
             if flat is not None:
                 self._index(flat)
@@ -492,31 +507,33 @@ class RouterReport:
 
 
 def master_document(reports: List["RouterReport"], table, socket_names: List[str],
-                    static_names: List[str]) -> Dict[str, Any]:
+                    static_names: List[str], health: bool = False) -> Dict[str, Any]:
     """The master's stats document: its own sockets and subscription table, with the
     router processes' *reports* summed in (the static nodes of *static_names*: hits
-    summed, the longest grace)."""
+    summed, the longest grace).  With *health* (health checks run) a node is shown
+    down while some router process holds it down."""
+    down = set().union(*(r.down for r in reports)) if health else None
     static = None
     if static_names:
         static = []
         for i, name in enumerate(static_names):
             hits = sum(r.static[i][0] for r in reports if i < len(r.static))
             grace = max([r.static[i][1] for r in reports if i < len(r.static)] or [0])
-            static.append(_StaticView(name, hits, grace))
+            static.append(_StaticView(name, hits, grace, bool(down) and name in down))
     extra = None
     if table is not None:
-        extra = lambda d: d.__setitem__("subscriptions", _aggregate(table, reports))
+        extra = lambda d: d.__setitem__("subscriptions", _aggregate(table, reports, down))
     return build_document(_SessionsView(sum(r.sessions for r in reports)), socket_names,
-                          static_nodes=static, extra=extra,
+                          static_nodes=static, extra=extra, health=health,
                           cheap=bool(reports) and all(r.cheap for r in reports),
                           counters=merge([r.metrics for r in reports if r.metrics is not None]))
 
 
 class _StaticView:
-    __slots__ = ("name", "hits", "dead_since")
+    __slots__ = ("name", "hits", "dead_since", "down")
 
-    def __init__(self, name, hits, dead_since) -> None:
-        self.name, self.hits, self.dead_since = name, hits, dead_since
+    def __init__(self, name, hits, dead_since, down=False) -> None:
+        self.name, self.hits, self.dead_since, self.down = name, hits, dead_since, down
 
 
 class _SessionsView:
@@ -526,14 +543,17 @@ class _SessionsView:
         self.active_sessions = n
 
 
-def _aggregate(table, reports: List[RouterReport]) -> Streamed:
+def _aggregate(table, reports: List[RouterReport], down: Optional[set] = None) -> Streamed:
     """The master's table with every router process's counters summed, as a
-    :class:`~uwsgi_fastrouter.stats.Streamed` member: a pool at a time."""
-    return Streamed(lambda: live_pools(table, lambda pool: _with_totals(pool_stats(pool), reports)))
+    :class:`~uwsgi_fastrouter.stats.Streamed` member: a pool at a time.  *down*: the
+    addresses some router process's health checks hold down (None: no checks)."""
+    return Streamed(lambda: live_pools(
+        table, lambda pool: _with_totals(pool_stats(pool), reports, down)))
 
 
-def _with_totals(record: dict, reports: List[RouterReport]) -> dict:
-    """A pool's record with the router processes' counters summed into it."""
+def _with_totals(record: dict, reports: List[RouterReport], down: Optional[set] = None) -> dict:
+    """A pool's record with the router processes' counters summed into it (and, with
+    health checks, each node's ``health``)."""
     key = record["key"].decode("latin-1")
     entries = [entry for entry in (report.pool(key) for report in reports) if entry]
     record["hits"] = sum(entry[0] for entry in entries)
@@ -547,4 +567,6 @@ def _with_totals(record: dict, reports: List[RouterReport]) -> dict:
         (node["requests"], node["last_requests"], node["tx"], node["rx"], node["ref"],
          failcnt) = totals
         node["failcnt"] = max(node["failcnt"], failcnt)
+        if down is not None:
+            node["health"] = "down" if name in down else "up"
     return record

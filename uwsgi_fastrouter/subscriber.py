@@ -465,8 +465,10 @@ class Subscriber:
         self._round(unsubscribe=False, verbose=True)
         self._timer = self.reactor.call_at(self._started_at + 1, self._tick)
 
-    def stop(self, unsubscribe: bool = True) -> None:
-        """Stop announcing; with *unsubscribe* send the unsubscribe round now.  Idempotent."""
+    def stop(self, unsubscribe: bool = True, drain: bool = False) -> None:
+        """Stop announcing; with *unsubscribe* send the unsubscribe round now, with
+        *drain* (it wins over *unsubscribe*) a ``drain=1`` round: the routers send
+        nothing new and let the requests in flight finish.  Idempotent."""
         if self._stopped:
             return
         self._stopped = True
@@ -474,7 +476,9 @@ class Subscriber:
             self._timer.cancel()
             self._timer = None
         try:
-            if unsubscribe and self._started_at is not None:
+            if drain and self._started_at is not None:
+                self._round(unsubscribe=False, verbose=True, drain=True)
+            elif unsubscribe and self._started_at is not None:
                 self._round(unsubscribe=True, verbose=True)
         finally:
             for sock in self._sockets.values():
@@ -497,7 +501,7 @@ class Subscriber:
         """Run one round now (outside the schedule)."""
         self._round(unsubscribe=unsubscribe, verbose=False)
 
-    def _round(self, unsubscribe: bool, verbose: bool) -> None:
+    def _round(self, unsubscribe: bool, verbose: bool, drain: bool = False) -> None:
         self.rounds += 1
         try:
             load = int(self.load())
@@ -506,13 +510,14 @@ class Subscriber:
             load = 0
         for spec in self.specs:
             if verbose:
-                self.log("%s %s" % ("unsubscribing from" if unsubscribe else "subscribing to",
+                self.log("%s %s" % ("draining from" if drain else "unsubscribing from"
+                                    if unsubscribe else "subscribing to",
                                     spec.source or spec.server))
             if isinstance(spec, MapFileSpec):
                 for line_spec in self._read_map(spec):
-                    self._announce(line_spec, unsubscribe, load)
+                    self._announce(line_spec, unsubscribe, load, drain)
             else:
-                self._announce(spec, unsubscribe, load)
+                self._announce(spec, unsubscribe, load, drain)
 
     def _read_map(self, spec: MapFileSpec) -> List[SubscribeSpec]:
         try:
@@ -542,7 +547,8 @@ class Subscriber:
             return name or None
         return address
 
-    def _announce(self, spec: SubscribeSpec, unsubscribe: bool, load: int) -> None:
+    def _announce(self, spec: SubscribeSpec, unsubscribe: bool, load: int,
+                  drain: bool = False) -> None:
         if spec.check is not None and os.path.exists(spec.check):
             return
         address = self._address(spec)
@@ -570,7 +576,8 @@ class Subscriber:
                 unsubscribe=unsubscribe, sni_key=spec.sni_key, sni_crt=spec.sni_crt,
                 sni_ca=spec.sni_ca, notify=self.notify, unix=unix, signer=signer,
                 hmac_signer=hmac_signer,
-                backup=spec.backup, algo=spec.algo, proto=spec.proto, vassal=spec.vassal)
+                backup=spec.backup, algo=spec.algo, proto=spec.proto, vassal=spec.vassal,
+                drain=drain)
         except SubscriptionError as exc:
             self.errors += 1
             self._log_limited("build:%s" % exc, "[uwsgi-subscriber] cannot announce %s: %s"

@@ -80,6 +80,18 @@ count as used, so the table never holds more than ``max_keys`` pools plus
 reservations, and the returning subscriber gets its key back even while a flood keeps
 every other slot taken.
 
+The life of a node, beyond uWSGI 2.0 (all inert unless used).  *Slow start*
+(``slow_start`` seconds): a node that joins a key or comes back to it ramps its weight
+up (uwsgi_fastrouter/slowstart.py).  *Health checks*: :meth:`SubscriptionTable.set_down`
+takes an address out of every key until it is up again, whatever it announces.
+*Drain*: a node that announces ``drain=1`` gets no new request and is removed when its
+last request in flight ends (past ``drain_timeout`` it is marked dead, and still goes
+only then), so its key, and the router, stay out of "no node" while a request is in
+flight; a plain announce takes it back.  The operator's drain
+(:meth:`SubscriptionTable.set_drained`) takes an address out like a failed health
+check.  Keys skip such nodes at lookup, before the backup levels are looked at, and a
+lookup pays for it only while some address is skipped or a node of its key drains.
+
 Every time-dependent method takes ``now`` (seconds since the epoch, ``time.time()``);
 ``last_check`` and the tolerance comparisons use whole seconds, like uWSGI.
 
@@ -97,6 +109,7 @@ from hashlib import blake2b
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
+from . import slowstart
 from .log import printable
 from .protocol import (HEADER, HEADER_SIZE, MAX_DATASIZE, MalformedVars, Modifier1, ProtocolError,
                        encode_vars, iter_vars)
@@ -226,6 +239,9 @@ class Announcement(NamedTuple):
     vassal: Optional[bytes] = None
     #: the packet carried at least one of the 2.1 fields above
     v21: bool = False
+    #: ``drain=1``: the node is going away (a graceful reload, a shutdown): no new
+    #: requests, the ones in flight finish (a uWSGI router ignores the field)
+    drain: int = 0
 
 
 # var name -> (field, largest value); numbers must be plain ASCII decimals
@@ -237,6 +253,7 @@ _NUMBERS = {
     b"weight": ("weight", _NUMBER_MAX),
     b"unix": ("unix", _NUMBER_MAX),
     b"backup": ("backup", MAX_BACKUP),
+    b"drain": ("drain", 1),
 }
 _STRINGS = {
     b"key": "key",
@@ -362,11 +379,12 @@ def build_announcement(key: bytes, address: bytes, *, modifier1: int = 0, modifi
                        signer: Optional[Callable[[bytes], bytes]] = None,
                        hmac_signer: Optional[Callable[[bytes], bytes]] = None,
                        backup: Optional[int] = None, algo: Optional[bytes] = None,
-                       proto: Optional[bytes] = None, vassal: Optional[bytes] = None) -> bytes:
+                       proto: Optional[bytes] = None, vassal: Optional[bytes] = None,
+                       drain: bool = False) -> bytes:
     """Write a subscription datagram as a uWSGI 2.0.31 instance does.
 
     Var order: key, address, modifier1, modifier2, cores, load, weight, [sni_key],
-    [sni_crt], [sni_ca], [notify], [backup], [algo], [proto], [vassal],
+    [sni_crt], [sni_ca], [notify], [backup], [algo], [proto], [vassal], [drain],
     [fastrouter_forwarded], [unix, [hmac], [sign]].  The 2.1 fields (*backup* ... *vassal*) are
     written only when given; a uWSGI 2.0 router ignores them.  The header
     is modifier1 224, the datasize, and byte 3 = 1 for an unsubscribe.
@@ -416,6 +434,8 @@ def build_announcement(key: bytes, address: bytes, *, modifier1: int = 0, modifi
     for name, value in ((b"algo", algo), (b"proto", proto), (b"vassal", vassal)):
         if value is not None:
             pairs.append((name, value))
+    if drain:
+        pairs.append((b"drain", b"1"))
     if forwarded:
         pairs.append((FORWARDED_VAR, b"1"))
     if stamp is not None:
@@ -485,7 +505,8 @@ class Node:
     __slots__ = ("name", "modifier1", "modifier2", "last_check", "pid", "uid", "gid",
                  "requests", "last_requests", "tx", "rx", "cores", "load", "weight",
                  "current", "ref", "failcnt", "death_mark", "notify", "created_unix",
-                 "last_unix", "pool", "backup", "proto", "vassal", "v21", "hrw")
+                 "last_unix", "pool", "backup", "proto", "vassal", "v21", "hrw", "ramp_from",
+                 "health", "draining")
 
     def __init__(self, name: bytes, modifier1: int = 0, modifier2: int = 0, last_check: int = 0,
                  *, cores: int = 0, load: int = 0, weight: int = 1, pid: int = 0, uid: int = 0,
@@ -522,10 +543,17 @@ class Node:
         self.v21 = False
         #: the node's rendezvous-hashing seed (see :func:`_pick_hash`)
         self.hrw = _seed(name)
+        #: slow start: when the node's weight ramp began, 0 when it has none
+        #: (uwsgi_fastrouter/slowstart.py)
+        self.ramp_from = 0.0
+        #: health checks: "up" or "down" while they run, else None (not in the stats)
+        self.health: Optional[str] = None
+        #: when the node announced ``drain=1`` (0: not draining)
+        self.draining = 0.0
 
     @property
     def wrr(self) -> int:
-        return self.current if self.current > 0 else 0
+        return int(self.current) if self.current > 0 else 0
 
     def __repr__(self) -> str:
         return "<Node %s ref=%d weight=%d%s>" % (_text(self.name), self.ref, self.weight,
@@ -536,7 +564,8 @@ class Pool:
     """The nodes subscribed under one key, in subscription order."""
 
     __slots__ = ("key", "hash", "hits", "nodes", "by_address", "sni_enabled", "refreshed",
-                 "last_announce", "algo", "pick", "hashed", "levels", "v21")
+                 "last_announce", "algo", "pick", "hashed", "levels", "v21", "ramping",
+                 "draining")
 
     def __init__(self, key: bytes, algo: str = "wrr") -> None:
         self.key = key
@@ -561,6 +590,10 @@ class Pool:
         self.levels = False
         #: an announce of the key carried a uWSGI 2.1 field (the stats show them)
         self.v21 = False
+        #: slow start: some node of the key may be inside its weight ramp
+        self.ramping = False
+        #: some node of the key announced ``drain=1``
+        self.draining = False
 
     def __repr__(self) -> str:
         return "<Pool %s nodes=%d>" % (_text(self.key), len(self.nodes))
@@ -706,8 +739,21 @@ class SubscriptionTable:
     def __init__(self, *, tolerance: int = 17, algo: str = "wrr", max_keys: int = 10000,
                  max_nodes: int = 64, log: Callable[[str], None] = _no_log, pid: int = 0,
                  verifier: Optional["SignatureChecker"] = None,
-                 sign_tolerance: int = 86400, replay_memory: int = REPLAY_MEMORY) -> None:
+                 sign_tolerance: int = 86400, replay_memory: int = REPLAY_MEMORY,
+                 slow_start: float = 0, drain_timeout: float = 0) -> None:
         self.tolerance = tolerance
+        #: seconds over which a (re)joining node's weight ramps up; 0: off
+        self.slow_start = slow_start
+        #: health checks run (nodes get a ``health``), and the addresses they marked down
+        self.health_checked = False
+        self.down: set = set()
+        #: addresses the operator drained (the master FIFO's ``D`` command)
+        self.drained: set = set()
+        #: the addresses no key picks: ``down | drained``
+        self.skipped: set = set()
+        #: seconds a node that announced ``drain=1`` is kept for its requests in
+        #: flight; 0: until the last one ends
+        self.drain_timeout = drain_timeout
         #: the algorithm of keys whose creating announce names none: ``algo`` if it
         #: is one of :data:`ALGORITHMS`, else ``wrr``
         self.algo_name = algo if algo in ALGORITHMS else "wrr"
@@ -801,10 +847,19 @@ class SubscriptionTable:
                 self._remove(node)
             return None
         now_s = int(now)
+        if a.drain:
+            if node is not None:
+                if check:
+                    self._check_known(a, node)
+                self._drain(node, now)
+            return None     # nothing to drain: the packet creates nothing
         if node is not None:
             if check:
                 self._check_known(a, node)
+            if node.death_mark or node.draining:
+                self.start_ramp(node, now)
             node.death_mark = 0
+            node.draining = 0.0
             node.last_check = now_s
             node.cores = a.cores
             node.load = a.load
@@ -844,6 +899,7 @@ class SubscriptionTable:
         if self._removed_unix:
             self._removed_unix.pop((a.key, a.address), None)
         self._add(pool, node)
+        self.start_ramp(node, now)
         self.log("[uwsgi-subscription for pid %d] %s => new node: %s"
                  % (self.pid, _text(a.key), _text(a.address)))
         return node
@@ -934,10 +990,89 @@ class SubscriptionTable:
             self._sweep(pool)
             if not pool.nodes:
                 return None
+        if self.skipped or pool.draining:
+            skipped = self.skipped
+            nodes = [node for node in nodes if not node.draining and node.name not in skipped]
+            if not nodes:
+                return None
         if pool.levels:
             nodes = _lowest_level(nodes)
         if pool.hashed:
             return _pick_hash(nodes, self.client_of(request))
+        if pool.ramping:
+            return self._pick_ramping(pool, nodes, now)
+        return pool.pick(nodes)
+
+    def addresses(self) -> List[bytes]:
+        """Every address subscribed under some key (each once)."""
+        seen: Dict[bytes, None] = {}
+        for pool in self._pools.values():
+            seen.update(dict.fromkeys(pool.by_address))
+        return list(seen)
+
+    def set_down(self, address: bytes, down: bool, now: float) -> None:
+        """The health checks marked *address* down: no key picks it until it is up
+        again (and then its weight ramps up again, with slow start)."""
+        if down:
+            self.down.add(address)
+        else:
+            self.down.discard(address)
+        self.skipped = self.down | self.drained
+        for pool in self._pools.values():
+            node = pool.by_address.get(address)
+            if node is None:
+                continue
+            node.health = "down" if down else "up"
+            if not down:
+                self.start_ramp(node, now)
+
+    def set_drained(self, address: bytes, drained: bool, now: float) -> None:
+        """The operator drained *address* (no key picks it; its requests in flight
+        finish) or took the drain back (with slow start, its weight ramps up again)."""
+        if drained:
+            self.drained.add(address)
+        else:
+            self.drained.discard(address)
+        self.skipped = self.down | self.drained
+        if not drained and address not in self.down:
+            for pool in self._pools.values():
+                node = pool.by_address.get(address)
+                if node is not None:
+                    self.start_ramp(node, now)
+
+    def _drain(self, node: Node, now: float) -> None:
+        """*node* announced ``drain=1``: no new requests; it goes when its last
+        request in flight ends (at once without any) or after ``drain_timeout``."""
+        pool = node.pool
+        if not node.draining:
+            node.draining = now
+            self.log("[uwsgi-subscription for pid %d] %s => draining node: %s (%d requests in "
+                     "flight)" % (self.pid, _text(pool.key), _text(node.name), node.ref))
+        pool.draining = True
+        node.last_check = int(now)
+        if node.ref == 0:
+            self._drained(node)
+
+    def _drained(self, node: Node) -> None:
+        self.log("[uwsgi-subscription for pid %d] %s => drained node removed: %s"
+                 % (self.pid, _text(node.pool.key), _text(node.name)))
+        self._remove(node)
+
+    def start_ramp(self, node: Node, now: float) -> None:
+        """Slow start: *node* (re)joins its key now; with ``slow_start`` set its
+        weight ramps up from now on (iphash keys are never ramped)."""
+        pool = node.pool
+        if self.slow_start and pool is not None and not pool.hashed:
+            node.ramp_from = now
+            pool.ramping = True
+
+    def _pick_ramping(self, pool: Pool, nodes: List[Node], now: float) -> Optional[Node]:
+        """:meth:`lookup`'s pick for a key with a node that may be ramping."""
+        if slowstart.still_ramping(pool.nodes, now, self.slow_start):
+            return slowstart.pick_ramped(nodes, pool.algo, now, self.slow_start)
+        pool.ramping = False
+        for node in pool.nodes:   # the ramp left fractional credits behind
+            node.current = int(round(node.current))
         return pool.pick(nodes)
 
     def lookup_dotsplit(self, key: bytes, now: float, request: Any = None) -> Optional[Node]:
@@ -957,8 +1092,11 @@ class SubscriptionTable:
         """A session stopped using *node*; a dead node nobody uses is removed."""
         if node.ref > 0:
             node.ref -= 1
-        if node.death_mark and node.ref == 0 and node.pool is not None:
-            self._remove(node)
+        if node.ref == 0 and node.pool is not None:
+            if node.death_mark:
+                self._remove(node)
+            elif node.draining:
+                self._drained(node)
 
     def quietly(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``method(*args, **kwargs)`` with this table's lines left out: under a master, the
@@ -994,6 +1132,8 @@ class SubscriptionTable:
         before = self.node_count
         for pool in list(self._pools.values()):
             doomed = False
+            if pool.draining:
+                self._end_drains(pool, now)
             for node in pool.nodes:
                 if node.last_check < limit:
                     self._expired(pool.key, node)
@@ -1005,6 +1145,23 @@ class SubscriptionTable:
 
     # -- bookkeeping --------------------------------------------------------
 
+    def _end_drains(self, pool: Pool, now: float) -> None:
+        """Past ``drain_timeout`` a draining node counts as failed: it goes when its
+        last request in flight ends, whatever the state of the others."""
+        draining = False
+        for node in pool.nodes:
+            if node.draining and not node.death_mark:
+                if self.drain_timeout and now - node.draining >= self.drain_timeout:
+                    self.log("[uwsgi-subscription for pid %d] %s => %s still has %d requests in "
+                             "flight after draining for %d seconds: marking it as failed"
+                             % (self.pid, _text(pool.key), _text(node.name), node.ref,
+                                self.drain_timeout))
+                    node.death_mark = 1
+                    node.failcnt += 1
+                else:
+                    draining = True
+        pool.draining = draining
+
     def _expired(self, key: bytes, node: Node) -> None:
         if not node.death_mark:
             self.log("[uwsgi-subscription for pid %d] %s => marking %s as failed "
@@ -1014,6 +1171,8 @@ class SubscriptionTable:
             node.failcnt += 1
 
     def _add(self, pool: Pool, node: Node) -> None:
+        if self.health_checked:
+            node.health = "down" if node.name in self.down else "up"
         pool.nodes.append(node)
         pool.by_address[node.name] = node
         node.pool = pool

@@ -95,6 +95,10 @@ HARAKIRI_EXIT_CODE = 9
 # modifier1 values served here: 0 (WSGI) and 30 (WSGI, SCRIPT_NAME stripped from PATH_INFO).
 _WSGI = 0
 _WSGI_STRIP_SCRIPT_NAME = 30
+# The uwsgi PING (modifier1 100): answered with uWSGI's PONG, a header with modifier1
+# 100 and modifier2 1, then the connection is closed (a router's health check).
+_PING = 100
+_PONG = b"\x64\x00\x00\x01"
 
 _READ_CHUNK = 65536
 # After the response, at most this much unread request body is read and dropped
@@ -519,6 +523,9 @@ def _serve_connection(conn: socket.socket, app: Callable, worker_id: int, buffer
         if head is None:
             return
         modifier1, block, fd = head
+        if modifier1 == _PING and fd is None:
+            conn.sendall(_PONG)
+            return
         sock = conn
         if fd is not None:
             try:
