@@ -78,8 +78,9 @@ def test_touch_logreopen_before_the_file_exists(tmp_path):
     router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-to", "127.0.0.1:9",
                            "--logto", str(logfile), "--touch-logreopen", str(trigger)], listeners=0)
     listener_in(logfile)
-    assert "unable to stat() %s, events will be triggered as soon as the file is created" % trigger \
-        in read(logfile)
+    # said once the watcher is made, which is after the listeners are bound and logged
+    line = "unable to stat() %s, events will be triggered as soon as the file is created" % trigger
+    wait_until(lambda: line in read(logfile), what="the touch watcher's line")
     logfile.rename(tmp_path / "old.log")
     trigger.write_text("")                     # created: that is a touch
     wait_until(lambda: "reopened." in read(logfile), what="the reopened log")
