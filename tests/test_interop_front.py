@@ -8,6 +8,7 @@ import socket
 
 import pytest
 
+from backends import RecordingBackend
 from support import (
     free_dead_tcp_address,
     http_request,
@@ -124,10 +125,14 @@ def ask(router, key) -> bytes:
 def test_plain_clients_get_502_503_504(tmp_path, dead_and_silent_nodes, master):
     dead, silent = dead_and_silent_nodes
     router = pattern_router(tmp_path, master, "fr.sock", "--fastrouter-http-errors")
-    assert ask(router, dead) == RESPONSES[502]
-    assert ask(router, None) == RESPONSES[503]        # no key at all
-    assert ask(router, "a/b") == RESPONSES[503]       # a key the pattern refuses (D14)
-    assert ask(router, silent) == RESPONSES[504]
+    with RecordingBackend("live") as live:
+        live_key = live.address.rsplit(":", 1)[1]
+        assert ask(router, dead) == RESPONSES[502]
+        assert ask(router, None) == RESPONSES[503]        # no key at all
+        assert ask(router, "a/b") == RESPONSES[503]       # a key the pattern refuses (D14)
+        assert ask(router, silent) == RESPONSES[504]
+        # the refusals touched nobody else
+        assert b"node=live" in http_status_and_body(ask(router, live_key))[1]
     router.wait_for_log(r"all nodes failed")
     router.wait_for_log(r"timeout in state RELAY")
 
