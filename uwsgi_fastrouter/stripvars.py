@@ -110,7 +110,7 @@ def _needles(names: FrozenSet[bytes], prefixes: Tuple[bytes, ...]) -> Tuple[byte
 class VarStripper:
     """Removes the vars matching a set of rules from request heads."""
 
-    __slots__ = ("names", "prefixes", "needles")
+    __slots__ = ("names", "prefixes", "needles", "_lengths", "_shortest")
 
     def __init__(self, names: FrozenSet[bytes], prefixes: Tuple[bytes, ...]) -> None:
         if not names and not prefixes:
@@ -118,6 +118,9 @@ class VarStripper:
         self.names = names
         self.prefixes = prefixes
         self.needles = _needles(names, prefixes)
+        # The walk compares a name only when its length could match a rule.
+        self._lengths = frozenset(len(name) for name in names)
+        self._shortest = min((len(p) for p in prefixes), default=1 << 17)
 
     def matches(self, name: bytes) -> bool:
         return name in self.names or (bool(self.prefixes) and name.startswith(self.prefixes))
@@ -137,6 +140,8 @@ class VarStripper:
     def _rebuild(self, data: bytes) -> Optional[bytearray]:
         names = self.names
         prefixes = self.prefixes
+        lengths = self._lengths
+        shortest = self._shortest
         out = bytearray(data[:4])
         end = len(data)
         pos = 4
@@ -144,10 +149,11 @@ class VarStripper:
         removed = False
         while pos < end:
             klen = data[pos] | data[pos + 1] << 8
-            kend = pos + 2 + klen
+            kpos = pos + 2
+            kend = kpos + klen
             vend = kend + 2 + (data[kend] | data[kend + 1] << 8)
-            name = data[pos + 2:kend]
-            if name in names or (prefixes and name.startswith(prefixes)):
+            if ((klen in lengths and data[kpos:kend] in names)
+                    or (klen >= shortest and data.startswith(prefixes, kpos, kend))):
                 out += data[kept_from:pos]
                 kept_from = vend
                 removed = True
