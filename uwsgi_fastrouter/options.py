@@ -255,8 +255,22 @@ OPTIONS: Tuple[Option, ...] = (
        G_ROUTER, default=60, zero_means=60, metavar="SECS"),
     _o("fastrouter-max-retries", INT, "connect retries after a failed first attempt, fallback nodes "
        "included (uWSGI 2.0 has 3, fixed)", G_ROUTER, default=3),
+    _o("fastrouter-http-errors", BOOL, "answer a client that got no response byte yet with a "
+       "short HTTP/1.0 response instead of closing it bare: 502 when no node could be reached "
+       "(or the node closed or failed before answering), 503 when no node serves the key, 504 "
+       "when the node sent nothing within --fastrouter-timeout; never after a handoff",
+       G_ROUTER),
     _o("fastrouter-force-key", STRING, "route every request with KEY, ignoring the request vars",
        G_ROUTER, metavar="KEY"),
+    _o("fastrouter-strip-vars", LIST, "remove this request var (every occurrence) before the "
+       "request goes to a node; NAME* removes every var whose name starts with NAME; names are "
+       "case-sensitive; the key is taken before stripping; repeatable", G_ROUTER, default=[],
+       metavar="NAME|PREFIX*"),
+    _o("fastrouter-strip-magic-vars", BOOL, "remove the vars a uWSGI node acts on (UWSGI_SCRIPT, "
+       "UWSGI_MODULE, UWSGI_CALLABLE, UWSGI_FILE, UWSGI_APPID, UWSGI_PYHOME, UWSGI_HOME, "
+       "UWSGI_CHDIR, UWSGI_SETENV, UWSGI_TOUCH_RELOAD, UWSGI_POSTFILE, UWSGI_CACHE_GET, "
+       "UWSGI_SCHEME) before the request goes to a node, so that a client cannot make a node "
+       "load code; UWSGI_FASTROUTER_KEY is kept", G_ROUTER),
     _o("fastrouter-cheap", BOOL, "accept connections only while at least one node is subscribed",
        G_ROUTER, status=SUPPORTED),
     _o("fastrouter-processes", INT, "number of router processes sharing the listening sockets",

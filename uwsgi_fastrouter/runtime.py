@@ -49,7 +49,7 @@ from .stats import RouterReport, build_document, master_document, report_parts, 
 from .subscription import ALGORITHMS, SubscriptionTable
 from .subserver import SubscriptionServer
 from .validation import (chmod_mode, skip_uids, source_allow_list, subscribe_modifier1, subscribe_specs,
-                         validate)
+                         validate, var_stripper)
 from .zerg import ZergServer
 
 __all__ = ["StartupError", "Prepared", "RouterRuntime", "MasterRuntime", "prepare", "build",
@@ -450,7 +450,9 @@ def _wire_router(cfg, reactor: Reactor, runtime: RouterRuntime) -> None:
                     post_buffering_dir=cfg.fastrouter_post_buffering_dir or None,
                     post_buffering_max=cfg.fastrouter_post_buffering_max,
                     post_buffering_min_rate=cfg.fastrouter_post_buffering_min_rate,
-                    access_log=access_log)
+                    access_log=access_log,
+                    strip_vars=var_stripper(cfg),
+                    http_errors=cfg.fastrouter_http_errors)
     server.counters = metrics.Counters(detailed=bool(cfg.fastrouter_metrics),
                                        max_keys=cfg.fastrouter_metrics_max_keys)
     if reopen_access_log is not None:

@@ -33,6 +33,7 @@ from .protocol import scan_request
 from .reactor import Reactor
 from .router import Router
 from .session import Session
+from .stripvars import VarStripper
 
 # Relay read size when --fastrouter-buffer-size is not given.  uWSGI reads one page
 # at a time; one process-wide buffer costs nothing per connection, and 256 KiB
@@ -46,7 +47,8 @@ class Server:
                  force_key: Optional[bytes] = None, cheap: bool = False,
                  fd_passing: bool = True, trust_fd_passing: bool = False, post_buffering: int = 0,
                  post_buffering_dir: Optional[str] = None, post_buffering_max: int = 0,
-                 post_buffering_min_rate: int = 0, access_log=None) -> None:
+                 post_buffering_min_rate: int = 0, access_log=None,
+                 strip_vars: Optional[VarStripper] = None, http_errors: bool = False) -> None:
         self.reactor = reactor
         self.router = router
         self.listeners = list(listeners)
@@ -67,7 +69,8 @@ class Server:
             reactor, router, chunk=self.chunk, timeout=self.timeout, scan_request=scan_request,
             counters=Counters(), handoffs=Handoffs(fd_passing, trust_fd_passing), body=body,
             force_key=force_key, access_log=access_log, cheap_enabled=cheap,
-            closed=self.session_closed, log=self.log_session)
+            closed=self.session_closed, log=self.log_session, strip_vars=strip_vars,
+            http_errors=http_errors)
         self.accepting = False
         self.stopping = False
         self.cheap_enabled = cheap

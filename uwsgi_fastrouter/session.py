@@ -45,6 +45,13 @@ A session carries exactly one uwsgi request.  Its states, named after what it wa
     for which no node could be found ends in :meth:`_no_route`: closed as uWSGI
     closes it, with a rate-limited "no route" line saying why (decisions.md D19).
     With the access log on (accesslog.py), :meth:`close` hands the session to it.
+    With ``--fastrouter-http-errors`` a client that got no response byte yet is sent
+    a short 502, 503 or 504 first (:meth:`_answer_error`, httperrors.py); a policy that
+    turns a request away calls :meth:`refuse`.
+
+With ``--fastrouter-strip-vars`` or ``--fastrouter-strip-magic-vars`` the head is
+rewritten without the named vars once the node is chosen (:meth:`_strip_vars`,
+stripvars.py); with neither, the head is not looked at again.
 
 Selector interest is derived from the state and the pending buffers in
 ``_update_interest`` and the reactor is only called when it changes.  Time-outs are
@@ -73,6 +80,7 @@ from .protocol import HeadReader, ProtocolError
 from .reactor import READ, WRITE
 from .fdpass import send_fds
 from .accesslog import ERROR, FAILED, HANDOFF, NO_ROUTE, OK
+from .httperrors import BAD_GATEWAY, GATEWAY_TIMEOUT, SERVICE_UNAVAILABLE, response
 from .log import printable
 from .sockets import AddressError, node_sockaddr
 
@@ -264,6 +272,8 @@ class Session:
         # spares two epoll_ctl calls per plain request.
         if not info.content_length and not info.chunked and have == total:
             self.watch_client = False
+        if ctx.strip_vars is not None:
+            buf, total, have = self._strip_vars(buf, total, have)
         # Patch the modifiers into the head before it leaves (from the shared scratch
         # buffer: see _release_scratch).
         buf[0] = route.modifier1
@@ -273,6 +283,17 @@ class Session:
             self._start_body(route, info.content_length, total, have)
             return
         self._connect(route)
+
+    def _strip_vars(self, buf: memoryview, total: int, have: int):
+        """--fastrouter-strip-vars: the head without the vars the rules name
+        (stripvars.py), followed by the early body; unchanged when none matched."""
+        head = self.ctx.strip_vars.strip(buf[:total])
+        if head is None:
+            return buf, total, have
+        stripped_total = len(head)
+        if have > total:
+            head += buf[total:have]
+        return memoryview(head), stripped_total, stripped_total + have - total
 
     # -------------------------------------------------------- post-buffering
 
@@ -524,10 +545,37 @@ class Session:
     def _no_route(self, outcome: str, reason: Optional[str]) -> None:
         """No node for this request: close it as uWSGI does, with a rate-limited line
         (D19) unless *reason* is None (the mapper wrote its own line)."""
+        self.refuse(outcome, reason, BAD_GATEWAY if outcome == FAILED else SERVICE_UNAVAILABLE)
+
+    def refuse(self, outcome: str, reason: Optional[str], status: int = SERVICE_UNAVAILABLE) -> None:
+        """Turn the request away before any node answered it: *outcome* for the
+        access log, a rate-limited "no route" line when *reason* is given, and with
+        --fastrouter-http-errors the HTTP answer *status* (503 "not now" for policies
+        that refuse a request, e.g. when every node is over its cap) before the close."""
         self.unrouted = outcome
         if reason:
             self.ctx.log(self, 'no route for key "%s": %s' % (printable(self.key), reason))
+        self._answer_error(status)
         self.close()
+
+    def _answer_error(self, status: int) -> None:
+        """--fastrouter-http-errors: send the short HTTP answer for *status*
+        (httperrors.py), unless the client already has response bytes or may be in a
+        node's hands (its descriptor was passed).  Best effort: one non-blocking send;
+        then the request bytes still unread are drained (boundedly), so that the close
+        is a FIN rather than a reset that could destroy the answer."""
+        if not self.ctx.http_errors or self.down_peek or self.fd_passed or self.state == CLOSED:
+            return
+        csock = self.csock
+        try:
+            csock.send(response(status), MSG_DONTWAIT)
+            csock.shutdown(socket.SHUT_WR)
+            scratch = self.ctx.scratch
+            for _ in range(_READS_PER_EVENT):
+                if csock.recv_into(scratch, self.ctx.chunk, MSG_DONTWAIT) <= 0:
+                    break
+        except OSError:
+            pass
 
     def _drop_backend(self) -> None:
         sock = self.bsock
@@ -600,10 +648,15 @@ class Session:
             except BlockingIOError:
                 return
             except OSError as exc:
+                if not peek:
+                    self._answer_error(BAD_GATEWAY)
                 self.close("error reading from node: %s" % (exc.strerror or exc))
                 return
             if n == 0:
                 self.backend_eof = True
+                if not peek:
+                    # Closed without a byte: taken over (below), or no answer at all.
+                    self._answer_error(BAD_GATEWAY)
                 if self.fd_passed and not self.watch_client:
                     # Closed without a byte: the node took the client over.  Our copy
                     # is only closed (never shut down: that would cut the node's).
@@ -781,6 +834,8 @@ class Session:
             self._drop_backend()
             self._connect_failed("timeout")
         else:
+            if self.state == RELAY:
+                self._answer_error(GATEWAY_TIMEOUT)   # only before the first response byte
             self.close("timeout in state %s" % STATE_NAMES[self.state])
 
     def close(self, reason: Optional[str] = None) -> None:

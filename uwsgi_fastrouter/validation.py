@@ -15,6 +15,7 @@ from typing import List, Optional
 from .accesslog import AccessLog, compile_format
 from .allowlist import AllowListError, allow_list
 from .options import StartupError, access_log_target, find_option
+from .stripvars import StripRuleError, VarStripper, make_stripper
 
 
 def validate(cfg) -> None:
@@ -27,6 +28,7 @@ def validate(cfg) -> None:
     subscribe_specs(cfg)
     subscribe_modifier1(cfg)
     source_allow_list(cfg)
+    var_stripper(cfg)
 
 
 def _check_something_to_do(cfg) -> None:
@@ -64,6 +66,15 @@ def source_allow_list(cfg):
         return allow_list(cfg.subscription_allow)
     except AllowListError as exc:
         raise StartupError('option "--subscription-allow": %s' % exc)
+
+
+def var_stripper(cfg) -> Optional[VarStripper]:
+    """``--fastrouter-strip-vars`` and ``--fastrouter-strip-magic-vars`` as one stripper
+    (None: the heads go out as they came)."""
+    try:
+        return make_stripper(cfg.fastrouter_strip_vars, cfg.fastrouter_strip_magic_vars)
+    except StripRuleError as exc:
+        raise StartupError('invalid value for option "fastrouter-strip-vars": %s' % exc)
 
 
 def chmod_mode(cfg) -> Optional[int]:
