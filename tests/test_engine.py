@@ -22,7 +22,7 @@ from backends import recv_exact, uwsgi_packet
 from support import busy_unix_node, free_dead_tcp_address, sock_path, wait_until
 
 from uwsgi_fastrouter import log, router as router_module, session as session_module, wsgiserver
-from uwsgi_fastrouter.accesslog import FAILED
+from uwsgi_fastrouter.record import FAILED
 from uwsgi_fastrouter.reactor import Reactor
 from uwsgi_fastrouter.router import BUSY_FIRST_DELAY, BUSY_MAX_DELAY, BUSY_TICK, Router
 from uwsgi_fastrouter.server import Server
@@ -288,7 +288,7 @@ def test_a_connect_that_never_completes_is_a_failed_connect_on_the_sweep(engines
         client, session = engine.client(uwsgi_packet(GET))
         assert session.state == CONNECTING and session.bsock is not None
         engine.advance(TIMEOUT + 1)
-        assert session.state == CLOSED and session.unrouted == FAILED
+        assert session.state == CLOSED and session.outcome == FAILED
         text = log_lines.getvalue()
         assert 'unable to connect() to node "%s" (0 retries): timeout' % address in text
         assert "all nodes failed" in text
@@ -387,7 +387,7 @@ def test_when_nothing_is_left_the_client_is_closed_as_failed(engines, log_lines)
         engine = engines(Router(to=[dead1, dead2]))
         client, session = engine.client(uwsgi_packet(GET))
         engine.until(lambda: session.state == CLOSED, "the session closed")
-        assert session.unrouted == FAILED
+        assert session.outcome == FAILED
         assert "all nodes failed (2 retries)" in log_lines.getvalue()
         assert client.recv(10) == b""
 

@@ -44,7 +44,8 @@ A session carries exactly one uwsgi request.  Its states, named after what it wa
     Both sockets closed and unregistered; :meth:`close` is idempotent.  A request
     for which no node could be found ends in :meth:`_no_route`: closed as uWSGI
     closes it, with a rate-limited "no route" line saying why (decisions.md D19).
-    With the access log on (accesslog.py), :meth:`close` hands the session to it.
+    :meth:`close` sets the request's outcome and end time: the session is its own
+    request record (record.py), read by the metrics and, when it is on, the access log.
 
 Selector interest is derived from the state and the pending buffers in
 ``_update_interest`` and the reactor is only called when it changes.  Time-outs are
@@ -72,7 +73,8 @@ from typing import TYPE_CHECKING, Optional
 from .protocol import HeadReader, ProtocolError
 from .reactor import READ, WRITE
 from .fdpass import send_fds
-from .accesslog import ERROR, FAILED, HANDOFF, NO_ROUTE, OK
+from .record import (ABORTED, CLIENT_ERROR, FAILED, HANDOFF, NODE_ERROR, NO_ROUTE, OK,
+                     TIMEOUT)
 from .log import printable
 from .sockets import AddressError, node_sockaddr
 
@@ -127,7 +129,9 @@ class Session:
         "reader", "key", "route", "retries", "fallback_index",
         "up_buf", "down_buf", "client_eof", "backend_eof", "c_events", "b_events",
         "info", "watch_client", "timer", "fd_passed", "body", "down_peek", "failed_address",
-        "unrouted", "__weakref__", "started", "first_byte",
+        "__weakref__",
+        # the request record (record.py)
+        "started", "first_byte", "ended", "rx", "tx", "outcome", "first",
     )
 
     def __init__(self, ctx: "SessionContext", csock: socket.socket, caddr) -> None:
@@ -156,10 +160,13 @@ class Session:
         self.fd_passed = False    # the client's descriptor went to the node with the head
         self.body = None          # post-buffering: a BufferedBody (bodybuffer.py)
         self.down_peek = False    # the first response bytes were read: peek from now on
+        self.failed_address = None  # the node address of the last failed connect
+        # The request record (record.py); "ended" and "first" are set when known.
         self.started = self.last  # loop times: accept, first response byte (0: none yet)
         self.first_byte = 0.0
-        self.failed_address = None  # the node address of the last failed connect
-        self.unrouted = None      # NO_ROUTE or FAILED once no node could be found
+        self.rx = 0               # bytes read from the client
+        self.tx = 0               # bytes sent to the client
+        self.outcome = None       # a record code; set early when no node could be found
 
     # ------------------------------------------------------------------ head
 
@@ -184,6 +191,7 @@ class Session:
         if n == 0:
             self.close()
             return
+        self.rx = n
         if n >= 4:
             total = 4 + (scratch[1] | (scratch[2] << 8))
             if n >= total:
@@ -209,6 +217,7 @@ class Session:
                     self.close("connection closed in the middle of the request %s"
                                % ("vars" if reader.header_complete else "header"))
                     return
+                self.rx += n
                 if reader.advance(n):
                     break
         except BlockingIOError:
@@ -323,6 +332,7 @@ class Session:
         if n == 0:
             self.close("client closed the connection with %d bytes of its body missing" % body.left)
             return
+        self.rx += n
         self.last = ctx.reactor.now
         try:
             body.add(ctx.scratch_view[:n])
@@ -362,7 +372,6 @@ class Session:
         node = self.route.node
         if node is not None:
             node.rx += sent
-        self.ctx.counters.bytes_in += sent
         if body.all_sent:
             if body.tail is not None:
                 self.up_buf = body.tail
@@ -470,7 +479,6 @@ class Session:
         node = route.node
         if node is not None:
             node.rx += sent
-        ctx.counters.bytes_in += sent
         self.backend_eof = True
         self.close()
 
@@ -481,7 +489,6 @@ class Session:
         node = route.node
         if node is not None:
             node.rx += sent
-        ctx.counters.bytes_in += sent
         self.state = RELAY
         if sent < len(data):
             self.up_buf = bytes(memoryview(data)[sent:])
@@ -524,7 +531,7 @@ class Session:
     def _no_route(self, outcome: str, reason: Optional[str]) -> None:
         """No node for this request: close it as uWSGI does, with a rate-limited line
         (D19) unless *reason* is None (the mapper wrote its own line)."""
-        self.unrouted = outcome
+        self.outcome = outcome
         if reason:
             self.ctx.log(self, 'no route for key "%s": %s' % (printable(self.key), reason))
         self.close()
@@ -613,6 +620,8 @@ class Session:
             if not peek:
                 self.down_peek = True
                 self.first_byte = ctx.reactor.now
+                if ctx.access_log is not None:
+                    self.first = bytes(view[:16])     # for the HTTP status
                 if not self.watch_client:
                     # After a handoff the first response bytes mean the node ignored
                     # the descriptor: its answer is relayed as usual.
@@ -627,10 +636,10 @@ class Session:
             except OSError as exc:
                 self.close("error writing to client: %s" % (exc.strerror or exc))
                 return
+            self.tx += sent
             if not peek:
                 if node is not None:
                     node.tx += n
-                ctx.counters.bytes_out += n
                 if sent < n:
                     self.down_buf = bytes(view[sent:n])
                     return
@@ -640,7 +649,6 @@ class Session:
                 return
             if node is not None:
                 node.tx += sent
-            ctx.counters.bytes_out += sent
             if sent < n:
                 self.down_buf = _IN_NODE_SOCKET
                 return
@@ -681,6 +689,7 @@ class Session:
                 self.client_eof = True
                 self._half_close_backend()
                 return
+            self.rx += n
             try:
                 sent = bsock.send(view[:n])
             except BlockingIOError:
@@ -690,7 +699,6 @@ class Session:
                 return
             if node is not None:
                 node.rx += sent
-            ctx.counters.bytes_in += sent
             if sent < n:
                 self.up_buf = bytes(view[sent:n])
                 return
@@ -709,6 +717,7 @@ class Session:
         except OSError as exc:
             self.close("error writing to client: %s" % (exc.strerror or exc))
             return False
+        self.tx += sent
         self.down_buf = memoryview(data)[sent:] if sent < len(data) else None
         return True
 
@@ -724,7 +733,6 @@ class Session:
         node = self.route.node
         if node is not None:
             node.rx += sent
-        self.ctx.counters.bytes_in += sent
         if sent < len(data):
             self.up_buf = memoryview(data)[sent:]     # no copy of the unsent tail
         else:
@@ -816,19 +824,29 @@ class Session:
             self.body = None
         if self.route is not None:
             ctx.router.release(self.route)
-        ctx.counters.ended(self, state, reason, reactor.now)
+        # The record is complete: both readers see the same facts (record.py).
+        self.ended = reactor.now
+        if self.outcome is None:
+            self.outcome = self._outcome(state, reason)
+        ctx.counters.ended(self)
         ctx.closed(self)
         if reason:
             ctx.log(self, reason)
         if ctx.access_log is not None:
-            ctx.access_log(self, self._outcome(state, reason))
+            ctx.access_log(self)
 
-    def _outcome(self, state: int, reason: Optional[str]) -> str:
-        """What happened to the request, for the access log (see accesslog.py)."""
-        if self.unrouted is not None:
-            return self.unrouted
-        if reason is None and self.fd_passed and not self.watch_client and self.backend_eof:
-            return HANDOFF
-        if reason is None and state == RELAY:
-            return OK
-        return ERROR
+    def _outcome(self, state: int, reason: Optional[str]) -> int:
+        """How a request that found a node ended, from the *state* it was closed in
+        and the close *reason* (a record code, record.py)."""
+        if reason is None:
+            if self.fd_passed and self.backend_eof and not self.watch_client:
+                return HANDOFF        # the node took the client (checked or trusted)
+            if state == RELAY:
+                return OK
+        elif reason.startswith("timeout"):
+            return TIMEOUT
+        if state == RELAY:
+            return CLIENT_ERROR if reason is None or "client" in reason else NODE_ERROR
+        if state == CONNECTING:
+            return ABORTED
+        return CLIENT_ERROR           # nothing usable read, bad vars, a refused body
