@@ -64,6 +64,10 @@ def _text(value: bytes) -> str:
     return text
 
 
+# The hot lookups inline this before calling _text: a known value costs one dict get.
+_known = _texts.get
+
+
 def http_status(first: bytes) -> str:
     """The status code of a response that starts with ``HTTP/x.y NNN``, else ``-``."""
     if first.startswith(b"HTTP/"):
@@ -73,10 +77,24 @@ def http_status(first: bytes) -> str:
     return "-"
 
 
+# The first response bytes repeat from response to response ("HTTP/1.1 200 OK\r"):
+# their status is remembered, in a table as bounded as _texts.
+_statuses: Dict[bytes, str] = {}
+_known_status = _statuses.get
+
+
+def _status(first: bytes) -> str:
+    """http_status(first), remembered."""
+    if len(_statuses) >= _TEXTS_MAX:
+        _statuses.clear()
+    status = _statuses[first] = http_status(first)
+    return status
+
+
 def _client_addr(session) -> str:
     info = session.info
     if info is not None and info.remote_addr:
-        return _text(info.remote_addr)
+        return _known(info.remote_addr) or _text(info.remote_addr)
     addr = session.caddr
     if isinstance(addr, tuple) and addr:
         return str(addr[0])
@@ -86,7 +104,7 @@ def _client_addr(session) -> str:
 def _client_port(session) -> str:
     info = session.info
     if info is not None and info.remote_port:
-        return _text(info.remote_port)
+        return _known(info.remote_port) or _text(info.remote_port)
     addr = session.caddr
     if isinstance(addr, tuple) and len(addr) >= 2:
         return str(addr[1])
@@ -96,7 +114,7 @@ def _client_port(session) -> str:
 def _node(session) -> str:
     route = session.route
     if route is not None:
-        return _text(route.address)
+        return _known(route.address) or _text(route.address)
     if session.failed_address is not None:
         return _text(session.failed_address)
     return "-"
@@ -110,10 +128,11 @@ def _node(session) -> str:
 VARIABLES: Dict[str, str] = {
     "addr": "_client_addr(s)",
     "port": "_client_port(s)",
-    "key": '(_text(s.key) if s.key else "-")',
+    "key": '(_known(s.key) or _text(s.key) if s.key else "-")',
     "node": "_node(s)",
     "modifier1": '(str(s.route.modifier1) if s.route is not None else "-")',
-    "status": '("-" if o == HANDOFF or not s.first_byte else http_status(s.first))',
+    "status": '("-" if o == HANDOFF or not s.first_byte '
+              'else _known_status(s.first) or _status(s.first))',
     "rx": "str(s.rx)",
     "tx": '("-" if o == HANDOFF else str(s.tx))',
     "ttfb": '("%.1f" % ((s.first_byte - s.started) * 1000.0) if s.first_byte else "-")',
@@ -166,8 +185,9 @@ def compile_format(fmt: str, option: str = "--fastrouter-access-log-format"
               "    o = NAMES[s.outcome]\n"
               "    return TEMPLATE %% (%s)\n" % values)
     namespace = {"TEMPLATE": template, "HANDOFF": _HANDOFF_NAME, "NAMES": ACCESS_LOG_NAMES,
-                 "_text": _text, "_client_addr": _client_addr, "_client_port": _client_port,
-                 "_node": _node, "http_status": http_status}
+                 "_text": _text, "_known": _known, "_known_status": _known_status,
+                 "_status": _status, "_client_addr": _client_addr, "_client_port": _client_port,
+                 "_node": _node}
     exec(compile(source, "<access log format>", "exec"), namespace)
     return namespace["line"]
 
