@@ -53,12 +53,12 @@ START_TIME = time.time()
 class Counters:
     """One router process's request counters (see the module docstring)."""
 
-    __slots__ = ("outcomes", "retries", "fallbacks", "bytes_in", "bytes_out", "detailed", "max_keys",
+    __slots__ = ("by_code", "retries", "fallbacks", "bytes_in", "bytes_out", "detailed", "max_keys",
                  "first_byte", "first_byte_sum", "total", "total_sum", "keys", "nodes", "other_key",
                  "other_node")
 
     def __init__(self, detailed: bool = False, max_keys: int = DEFAULT_MAX_KEYS) -> None:
-        self.outcomes = [0] * len(OUTCOMES)
+        self.by_code = [0] * len(METRICS_INDEX)   # requests by record code (record.py)
         self.retries = 0
         self.fallbacks = 0
         self.bytes_in = 0             # bytes read from the clients (requests)
@@ -76,8 +76,8 @@ class Counters:
 
     def ended(self, record) -> None:
         """Count a finished request from its *record* (a closed session, record.py)."""
-        outcome = METRICS_INDEX[record.outcome]
-        self.outcomes[outcome] += 1
+        code = record.outcome
+        self.by_code[code] += 1
         self.bytes_in += record.rx
         self.bytes_out += record.tx
         retries = record.retries
@@ -86,6 +86,7 @@ class Counters:
             self.fallbacks += record.fallback_index
         if not self.detailed:
             return
+        outcome = METRICS_INDEX[code]
         started = record.started
         if record.first_byte:
             elapsed = record.first_byte - started
@@ -107,6 +108,14 @@ class Counters:
             entry = self._node(route.address)
             entry[0] += 1
 
+    @property
+    def outcomes(self) -> List[int]:
+        """Requests by how they ended, in the order of OUTCOMES."""
+        counts = [0] * len(OUTCOMES)
+        for code, count in enumerate(self.by_code):
+            counts[METRICS_INDEX[code]] += count
+        return counts
+
     def node_failed(self, address: bytes) -> None:
         """A connect to *address* failed (each attempt counts)."""
         if self.detailed:
@@ -121,7 +130,7 @@ class Counters:
     def snapshot(self, server) -> Dict[str, Any]:
         """The counters as plain JSON values (keys and addresses as latin-1 text)."""
         return {
-            "outcomes": list(self.outcomes),
+            "outcomes": self.outcomes,
             "retries": self.retries,
             "fallbacks": self.fallbacks,
             "handoffs": server.fd_handoffs,
