@@ -528,7 +528,7 @@ class Session:
         self._no_route(FAILED, "all nodes failed (%d %s)"
                        % (self.retries, "retry" if self.retries == 1 else "retries"))
 
-    def _no_route(self, outcome: str, reason: Optional[str]) -> None:
+    def _no_route(self, outcome: int, reason: Optional[str]) -> None:
         """No node for this request: close it as uWSGI does, with a rate-limited line
         (D19) unless *reason* is None (the mapper wrote its own line)."""
         self.outcome = outcome
