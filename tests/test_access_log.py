@@ -14,7 +14,7 @@ import pytest
 from support import connect, start_router, sock_path, uwsgi_packet, wait_until
 from backends import FdTakingBackend, RecordingBackend, read_answer
 
-from uwsgi_fastrouter import accesslog, options
+from uwsgi_fastrouter import accesslog, options, record
 
 MASTER = pytest.mark.parametrize("master", [[], ["--master", "--fastrouter-processes", "2"]],
                                  ids=["single", "master"])
@@ -68,9 +68,9 @@ def test_the_format_compiles_to_one_percent_string():
     with pytest.raises(ValueError, match=r"--fastrouter-access-log-format.*%\(nope\)"):
         accesslog.compile_format("%(key) %(nope)")
     # the format's own text is data, never code
-    session = types.SimpleNamespace(csock=None, retries=2)
+    session = types.SimpleNamespace(outcome=record.OK, retries=2)
     line = accesslog.compile_format("%(outcome) \") + str(1/0) + (\" %(pid) %(retries)")
-    assert line(session, "ok", 0.0, "7") == "ok \") + str(1/0) + (\" 7 2"
+    assert line(session, "7", 0.0) == "ok \") + str(1/0) + (\" 7 2"
 
 
 def test_http_status_from_the_first_bytes():

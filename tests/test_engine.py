@@ -22,7 +22,9 @@ from backends import recv_exact, uwsgi_packet
 from support import busy_unix_node, free_dead_tcp_address, sock_path, wait_until
 
 from uwsgi_fastrouter import log, router as router_module, session as session_module, wsgiserver
-from uwsgi_fastrouter.accesslog import FAILED
+from uwsgi_fastrouter.accesslog import AccessLog
+from uwsgi_fastrouter.metrics import OUTCOMES, Counters
+from uwsgi_fastrouter.record import FAILED
 from uwsgi_fastrouter.reactor import Reactor
 from uwsgi_fastrouter.router import BUSY_FIRST_DELAY, BUSY_MAX_DELAY, BUSY_TICK, Router
 from uwsgi_fastrouter.server import Server
@@ -288,7 +290,7 @@ def test_a_connect_that_never_completes_is_a_failed_connect_on_the_sweep(engines
         client, session = engine.client(uwsgi_packet(GET))
         assert session.state == CONNECTING and session.bsock is not None
         engine.advance(TIMEOUT + 1)
-        assert session.state == CLOSED and session.unrouted == FAILED
+        assert session.state == CLOSED and session.outcome == FAILED
         text = log_lines.getvalue()
         assert 'unable to connect() to node "%s" (0 retries): timeout' % address in text
         assert "all nodes failed" in text
@@ -387,7 +389,7 @@ def test_when_nothing_is_left_the_client_is_closed_as_failed(engines, log_lines)
         engine = engines(Router(to=[dead1, dead2]))
         client, session = engine.client(uwsgi_packet(GET))
         engine.until(lambda: session.state == CLOSED, "the session closed")
-        assert session.unrouted == FAILED
+        assert session.outcome == FAILED
         assert "all nodes failed (2 retries)" in log_lines.getvalue()
         assert client.recv(10) == b""
 
@@ -454,6 +456,75 @@ def test_a_client_that_does_not_read_leaves_the_rest_in_the_nodes_socket(engines
             assert len(session.down_buf) <= FIRST_READ
             assert unix_pending(session.bsock) > 0, "the rest waits in the node's socket"
             assert session.route.node.tx < sent
+
+
+# --------------------------------------------------------------------------- the request record
+
+RECORD_FORMAT = "%(key)|%(status)|%(rx)|%(tx)|%(ttfb)|%(msecs)|%(outcome)"
+
+
+def recording_engine(engines, tmp_path, router: Router, **options):
+    """An engine with the detailed metrics and an access log (file, batched on its loop):
+    both read the sessions' request records."""
+    engine = engines(router, **options)
+    engine.server.counters = Counters(detailed=True)
+    path = str(tmp_path / "access.log")
+    access_log = AccessLog(RECORD_FORMAT, path, engine.reactor)
+    engine.server.context.access_log = access_log
+
+    def lines() -> List[List[str]]:
+        access_log.flush()
+        with open(path) as handle:
+            return [line.split("|") for line in handle.read().splitlines()]
+    return engine, lines
+
+
+def test_the_access_log_and_the_metrics_read_one_record(engines, tmp_path):
+    """Bytes, times (the loop clock) and outcomes are the same facts for both readers."""
+    node, address = tcp_listener()
+    answer = b"HTTP/1.0 200 OK\r\n\r\nhello"
+    with node:
+        engine, lines = recording_engine(engines, tmp_path, Router(to=[address]))
+        packet = uwsgi_packet(GET)
+        client, session = engine.client(packet)
+        conn, _ = node.accept()
+        with conn:
+            read_packet(conn)
+            engine.advance(0.25)          # the node answers a quarter of a second later
+            conn.sendall(answer)
+        engine.until(lambda: session.state == CLOSED, "the session closed")
+        assert recv_exact(client, len(answer)) == answer
+        keyless = uwsgi_packet([(b"PATH_INFO", b"/")])
+        engine.client(keyless)            # no key: closed at once
+        counters = engine.server.counters
+        assert lines() == [
+            ["example.com", "200", str(len(packet)), str(len(answer)), "250.0", "250.0", "ok"],
+            ["-", "-", str(len(keyless)), "0", "-", "0.0", "noroute"]]
+        assert (counters.bytes_in, counters.bytes_out) == (len(packet) + len(keyless), len(answer))
+        assert (counters.first_byte_sum, counters.total_sum) == (0.25, 0.25)
+        outcomes = dict(zip(OUTCOMES, counters.outcomes))
+        assert (outcomes["ok"], outcomes["no_route"]) == (1, 1)
+
+
+def test_a_refused_body_is_a_client_error_for_both_readers(engines, tmp_path, log_lines):
+    node, address = tcp_listener()
+    with node:
+        engine, lines = recording_engine(engines, tmp_path, Router(to=[address]),
+                                          post_buffering=8, post_buffering_max=16)
+        head = uwsgi_packet([(b"HTTP_HOST", b"h"), (b"CONTENT_LENGTH", b"20")])
+        client, session = engine.client(head)
+        assert session.state == CLOSED
+        assert "over --fastrouter-post-buffering-max 16" in log_lines.getvalue()
+        served, served_session = engine.client(uwsgi_packet(GET))
+        conn, _ = node.accept()
+        with conn:
+            read_packet(conn)
+            conn.sendall(b"ok")
+        engine.until(lambda: served_session.state == CLOSED, "the other client served")
+        assert recv_exact(served, 2) == b"ok"
+        assert [line[-1] for line in lines()] == ["error", "ok"]
+        outcomes = dict(zip(OUTCOMES, engine.server.counters.outcomes))
+        assert (outcomes["client_error"], outcomes["no_route"], outcomes["ok"]) == (1, 0, 1)
 
 
 # --------------------------------------------------------------------------- the scratch buffer

@@ -10,6 +10,7 @@ prometheus_parser = pytest.importorskip("prometheus_client.parser")
 from uwsgi_fastrouter import __version__
 from uwsgi_fastrouter.endpoints import MAX_REQUEST
 from uwsgi_fastrouter.metrics import BUCKETS, Counters, label_value, merge, render
+from uwsgi_fastrouter.record import NO_ROUTE
 from uwsgi_fastrouter.subscription import build_announcement
 
 from backends import RecordingBackend, request
@@ -173,20 +174,20 @@ def test_label_values_are_escaped():
 
 
 def test_render_parses_and_merge_bounds_the_tables():
-    class Session:
-        def __init__(self, key):
+    class Record:   # a closed session's request record (record.py)
+        def __init__(self, key, ended):
             self.key, self.route, self.retries, self.fallback_index = key, None, 0, 0
-            self.started, self.first_byte, self.info = 1.0, 0.0, object()
-            self.fd_passed = self.backend_eof = False
+            self.started, self.first_byte, self.ended = 1.0, 0.0, ended
+            self.rx, self.tx, self.outcome = 10, 20, NO_ROUTE
 
     class Server:
         fd_handoffs, sessions, cheap = 0, (), False
 
     one, two = Counters(detailed=True, max_keys=2), Counters(detailed=True, max_keys=2)
     for key in (b"a", b"b", b"c", HOSTILE):
-        one.ended(Session(key), 0, None, 1.2)
+        one.ended(Record(key, 1.2))
     for key in (b"d", b"a"):
-        two.ended(Session(key), 0, None, 100.0)
+        two.ended(Record(key, 100.0))
     merged = merge([one.snapshot(Server()), two.snapshot(Server())], max_keys=2)
     text = render(merged).decode()
     families = {f.name: f for f in prometheus_parser.text_string_to_metric_families(text)}

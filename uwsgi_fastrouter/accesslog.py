@@ -2,16 +2,20 @@
 
 Theory of operation
 -------------------
-Cost is paid only when the log is on.  The server then accepts clients into a
-:class:`CountingSocket` instead of the plain C socket type: the same object, whose
-``send``/``recv``/``recv_into`` also count the bytes, keep the first bytes of the
-response (for the HTTP status) and the time of the first one.  With the log off,
-nothing of this exists and a session pays one attribute check when it closes.
+A line is made from the request record (record.py): the closed session itself,
+whose slots the session filled on its way (times, bytes each way, key, node,
+retries, outcome).  The log only keeps the first response bytes for the HTTP status,
+which the session copies when the log is on; with the log off a session pays one
+attribute check at its first response byte and one when it closes.
 
+Lines are made lazily: a closing session is only appended to a list, and the lines
+of all waiting sessions are formatted and written together (see :class:`AccessLog`).
 The format (``--fastrouter-access-log-format``) uses uWSGI's ``%(name)`` variables.
 It is compiled once, at start-up, into a ``%``-string and one small function that
 builds the tuple of values from fixed expressions (see :func:`compile_format`); a
 line is then one call and one ``%``.  An unknown variable is a start-up error.
+Times are loop times (record.py); ``%(time)`` turns the end of the request into
+unix time with one offset read per batch.
 
 Every field a peer can influence (the key, the client address the front end passed,
 the node address, which may come from a subscription datagram) goes through
@@ -26,7 +30,6 @@ loses at most that much.
 
 from __future__ import annotations
 
-import _socket
 import os
 import re
 import time
@@ -34,54 +37,12 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from .log import log, log_lines, printable
 from .options import ACCESS_LOG_FORMAT
+from .record import ACCESS_LOG_NAMES, HANDOFF
 
 _monotonic = time.monotonic
 
-# What happened to a request (the %(outcome) variable).
-OK = "ok"                # relayed: the node answered through the router
-HANDOFF = "handoff"      # the client was passed to the node (fd passing)
-NO_ROUTE = "noroute"     # no node for its key
-FAILED = "failed"        # every node tried failed to connect
-ERROR = "error"          # closed early: a bad or vanished client, a time-out, an I/O error
-
 DEFAULT_FORMAT = ACCESS_LOG_FORMAT
-
-
-_recv_into = _socket.socket.recv_into
-_recv = _socket.socket.recv
-_send = _socket.socket.send
-
-
-class CountingSocket(_socket.socket):
-    """A client socket that counts what it moves (only used when the access log is on)."""
-
-    __slots__ = ("rx", "tx", "t0", "t_first", "first")
-
-    def __init__(self, family: int, type_: int, proto: int, fileno: int) -> None:
-        super().__init__(family, type_, proto, fileno)
-        self.rx = 0             # bytes read from the client
-        self.tx = 0             # bytes sent to the client
-        self.t0 = _monotonic()  # accepted
-        self.t_first = 0.0      # first response byte sent
-        self.first = b""        # the first response bytes (for the status)
-
-    def recv_into(self, buffer, nbytes: int = 0, flags: int = 0) -> int:
-        n = _recv_into(self, buffer, nbytes, flags)
-        self.rx += n
-        return n
-
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        data = _recv(self, bufsize, flags)
-        self.rx += len(data)
-        return data
-
-    def send(self, data, flags: int = 0) -> int:
-        n = _send(self, data, flags)
-        if n and not self.tx:
-            self.t_first = _monotonic()
-            self.first = bytes(data[:16])
-        self.tx += n
-        return n
+_HANDOFF_NAME = ACCESS_LOG_NAMES[HANDOFF]
 
 
 _texts: Dict[bytes, str] = {}
@@ -103,6 +64,10 @@ def _text(value: bytes) -> str:
     return text
 
 
+# The hot lookups inline this before calling _text: a known value costs one dict get.
+_known = _texts.get
+
+
 def http_status(first: bytes) -> str:
     """The status code of a response that starts with ``HTTP/x.y NNN``, else ``-``."""
     if first.startswith(b"HTTP/"):
@@ -112,10 +77,24 @@ def http_status(first: bytes) -> str:
     return "-"
 
 
+# The first response bytes repeat from response to response ("HTTP/1.1 200 OK\r"):
+# their status is remembered, in a table as bounded as _texts.
+_statuses: Dict[bytes, str] = {}
+_known_status = _statuses.get
+
+
+def _status(first: bytes) -> str:
+    """http_status(first), remembered."""
+    if len(_statuses) >= _TEXTS_MAX:
+        _statuses.clear()
+    status = _statuses[first] = http_status(first)
+    return status
+
+
 def _client_addr(session) -> str:
     info = session.info
     if info is not None and info.remote_addr:
-        return _text(info.remote_addr)
+        return _known(info.remote_addr) or _text(info.remote_addr)
     addr = session.caddr
     if isinstance(addr, tuple) and addr:
         return str(addr[0])
@@ -125,7 +104,7 @@ def _client_addr(session) -> str:
 def _client_port(session) -> str:
     info = session.info
     if info is not None and info.remote_port:
-        return _text(info.remote_port)
+        return _known(info.remote_port) or _text(info.remote_port)
     addr = session.caddr
     if isinstance(addr, tuple) and len(addr) >= 2:
         return str(addr[1])
@@ -135,31 +114,33 @@ def _client_port(session) -> str:
 def _node(session) -> str:
     route = session.route
     if route is not None:
-        return _text(route.address)
+        return _known(route.address) or _text(route.address)
     if session.failed_address is not None:
         return _text(session.failed_address)
     return "-"
 
 
 #: variable name -> the Python expression that gives its text, over ``s`` (the
-#: session), ``k`` (its CountingSocket), ``o`` (the outcome), ``now`` (monotonic
-#: time at the end) and ``pid``.  The names and their descriptions are
-#: options.ACCESS_LOG_VARIABLES (they feed --help, the man page and README).
+#: request record: a closed session, record.py), ``o`` (its outcome's name),
+#: ``pid`` and ``unix`` (unix time minus loop time).  The names and their
+#: descriptions are options.ACCESS_LOG_VARIABLES (they feed --help, the man page
+#: and README).
 VARIABLES: Dict[str, str] = {
     "addr": "_client_addr(s)",
     "port": "_client_port(s)",
-    "key": '(_text(s.key) if s.key else "-")',
+    "key": '(_known(s.key) or _text(s.key) if s.key else "-")',
     "node": "_node(s)",
     "modifier1": '(str(s.route.modifier1) if s.route is not None else "-")',
-    "status": '("-" if o == HANDOFF else http_status(k.first))',
-    "rx": "str(k.rx)",
-    "tx": '("-" if o == HANDOFF else str(k.tx))',
-    "ttfb": '("%.1f" % ((k.t_first - k.t0) * 1000.0) if k.tx else "-")',
-    "msecs": '"%.1f" % ((now - k.t0) * 1000.0)',
+    "status": '("-" if o == HANDOFF or not s.first_byte '
+              'else _known_status(s.first) or _status(s.first))',
+    "rx": "str(s.rx)",
+    "tx": '("-" if o == HANDOFF else str(s.tx))',
+    "ttfb": '("%.1f" % ((s.first_byte - s.started) * 1000.0) if s.first_byte else "-")',
+    "msecs": '"%.1f" % ((s.ended - s.started) * 1000.0)',
     "retries": "str(s.retries)",
     "outcome": "o",
     "pid": "pid",
-    "time": "str(int(_time()))",
+    "time": "str(int(unix + s.ended))",
 }
 
 _VARIABLE = re.compile(r"%\(([^)]*)\)")
@@ -191,20 +172,22 @@ def parse_format(fmt: str, option: str = "--fastrouter-access-log-format") -> Tu
 
 
 def compile_format(fmt: str, option: str = "--fastrouter-access-log-format"
-                   ) -> Callable[[object, str, float, str], str]:
-    """*fmt* compiled, once, into one function ``line(session, outcome, now, pid)``.
+                   ) -> Callable[[object, str, float], str]:
+    """*fmt* compiled, once, into one function ``line(record, pid, unix)`` (*unix*: what
+    to add to a loop time to get unix time).
 
     The function's source is made of the fixed expressions of :data:`VARIABLES`
     only; the format's own text is the ``%``-string, a constant, never code.  A line
     then costs one call and one ``%``.  ``ValueError`` for an unknown variable."""
     template, names = parse_format(fmt, option)
     values = "".join(VARIABLES[name] + ", " for name in names)
-    source = ("def line(s, o, now, pid):\n"
-              "    k = s.csock\n"
+    source = ("def line(s, pid, unix):\n"
+              "    o = NAMES[s.outcome]\n"
               "    return TEMPLATE %% (%s)\n" % values)
-    namespace = {"TEMPLATE": template, "HANDOFF": HANDOFF, "_text": _text,
-                 "_client_addr": _client_addr, "_client_port": _client_port, "_node": _node,
-                 "http_status": http_status, "_time": time.time}
+    namespace = {"TEMPLATE": template, "HANDOFF": _HANDOFF_NAME, "NAMES": ACCESS_LOG_NAMES,
+                 "_text": _text, "_known": _known, "_known_status": _known_status,
+                 "_status": _status, "_client_addr": _client_addr, "_client_port": _client_port,
+                 "_node": _node}
     exec(compile(source, "<access log format>", "exec"), namespace)
     return namespace["line"]
 
@@ -218,11 +201,12 @@ FLUSH_LINES = 256
 class AccessLog:
     """Writes one line per finished session; *path* None means the main log.
 
-    With a *reactor*, lines are collected and written together with one ``write``,
-    at most FLUSH_DELAY seconds after the first of them or as soon as FLUSH_LINES
-    are waiting, and when the router stops (whole lines only, so the router
-    processes sharing a file in append mode never split one).  A write per request
-    would cost more than the line itself."""
+    With a *reactor*, finished sessions are collected and their lines made and
+    written together with one ``write``, at most FLUSH_DELAY seconds after the first
+    of them or as soon as FLUSH_LINES are waiting, and when the router stops (whole
+    lines only, so the router processes sharing a file in append mode never split
+    one).  A write per request would cost more than the line itself.  A waiting
+    session is closed: it holds no descriptor, only its record."""
 
     def __init__(self, fmt: Optional[str] = None, path: Optional[str] = None,
                  reactor=None) -> None:
@@ -231,7 +215,7 @@ class AccessLog:
         self.pid = str(os.getpid())   # made in the router process that writes the lines
         self.fd = -1
         self.reactor = reactor
-        self.pending: List[str] = []
+        self.pending: list = []     # closed sessions whose lines are not made yet
         self.timer = None
         if self.path is not None:
             self.fd = self._open(self.path)
@@ -240,10 +224,9 @@ class AccessLog:
     def _open(path: str) -> int:
         return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
-    def __call__(self, session, outcome: str) -> None:
-        line = self.line(session, outcome, _monotonic(), self.pid)
+    def __call__(self, session) -> None:
         pending = self.pending
-        pending.append(line)
+        pending.append(session)
         if len(pending) == 1:
             if self.reactor is not None:
                 self.timer = self.reactor.call_later(FLUSH_DELAY, self.flush)
@@ -259,8 +242,13 @@ class AccessLog:
             self.timer = None
         if not self.pending:
             return
-        lines = self.pending
+        records = self.pending
         self.pending = []
+        now = self.reactor.now if self.reactor is not None else _monotonic()
+        unix = time.time() - now
+        line = self.line
+        pid = self.pid
+        lines = [line(record, pid, unix) for record in records]
         if self.fd < 0:
             log_lines(lines)
             return

@@ -6,17 +6,17 @@ module does no I/O.
 Theory of operation
 -------------------
 Counting.  Every router process has one :class:`Counters` on its server.  A session
-calls :meth:`Counters.ended` once, from ``close()``, with the state it was in: that
-state (and the close reason) says how the request ended -- ``ok``, ``no_route``,
-``connect_failed``, ``timeout``, ``client_error`` or ``node_error`` -- and the
-session's own fields give its retries, fallbacks, key, last node and times.  So the
-request path gains a handful of integer increments at its end and nothing per event.
-The latency histograms (time to the first response byte, total time; fixed buckets,
-the loop time as clock), and the per-key and per-node tables are only kept when the
-metrics server is on.  Those tables are bounded: past ``--fastrouter-metrics-max-keys``
-entries a new key (or node) is counted in one ``other`` entry, so a client that sends
-a million distinct keys costs a fixed amount of memory.  Bytes each way are counted
-by the relay itself, next to each node's own tx/rx counters.
+calls :meth:`Counters.ended` once, from ``close()``, when its request record is
+complete (record.py): its outcome code says how the request ended -- ``ok``,
+``no_route``, ``connect_failed``, ``timeout``, ``client_error`` or ``node_error`` --
+and the record's other fields give its retries, fallbacks, key, last node, bytes
+each way and times.  So the request path gains a handful of integer increments at its
+end and nothing per event; a request's bytes are added when it ends.  The latency
+histograms (time to the first response byte, total time; fixed buckets, the loop time
+as clock), and the per-key and per-node tables are only kept when the metrics server
+is on.  Those tables are bounded: past ``--fastrouter-metrics-max-keys`` entries a new
+key (or node) is counted in one ``other`` entry, so a client that sends a million
+distinct keys costs a fixed amount of memory.
 
 Under a master, the counters live in the router processes.  A scrape starts a
 collection round with a totals-only query (the master's QUERY/REPORT mechanism, see
@@ -37,6 +37,7 @@ from bisect import bisect_left
 from typing import Any, Dict, Iterable, List, Optional
 
 from . import __version__
+from .record import METRICS_INDEX
 
 #: how a request ended, in the order of the counters
 OUTCOMES = ("ok", "no_route", "connect_failed", "timeout", "client_error", "node_error")
@@ -48,23 +49,20 @@ DEFAULT_MAX_KEYS = 100
 #: when this process started (unix time)
 START_TIME = time.time()
 
-# Session states, as in session.py (not imported: session.py must not depend on us).
-_RECV_HEAD, _CONNECTING, _RELAY, _RECV_BODY = 0, 1, 2, 4
-
 
 class Counters:
     """One router process's request counters (see the module docstring)."""
 
-    __slots__ = ("outcomes", "retries", "fallbacks", "bytes_in", "bytes_out", "detailed", "max_keys",
+    __slots__ = ("by_code", "retries", "fallbacks", "bytes_in", "bytes_out", "detailed", "max_keys",
                  "first_byte", "first_byte_sum", "total", "total_sum", "keys", "nodes", "other_key",
                  "other_node", "health")
 
     def __init__(self, detailed: bool = False, max_keys: int = DEFAULT_MAX_KEYS) -> None:
-        self.outcomes = [0] * len(OUTCOMES)
+        self.by_code = [0] * len(METRICS_INDEX)   # requests by record code (record.py)
         self.retries = 0
         self.fallbacks = 0
-        self.bytes_in = 0             # bytes relayed to the nodes (requests)
-        self.bytes_out = 0            # bytes relayed to the clients (responses)
+        self.bytes_in = 0             # bytes read from the clients (requests)
+        self.bytes_out = 0            # bytes sent to the clients (responses)
         self.detailed = detailed
         self.max_keys = max(1, int(max_keys))
         self.first_byte = [0] * (len(BUCKETS) + 1)
@@ -78,36 +76,47 @@ class Counters:
         #: the health checker (uwsgi_fastrouter/health.py), when checks run
         self.health = None
 
-    def ended(self, session, state: int, reason: Optional[str], now: float) -> None:
-        """*session* was closed in *state* (with *reason*, if any) at loop time *now*."""
-        outcome = _outcome(session, state, reason)
-        self.outcomes[outcome] += 1
-        retries = session.retries
+    def ended(self, record) -> None:
+        """Count a finished request from its *record* (a closed session, record.py)."""
+        code = record.outcome
+        self.by_code[code] += 1
+        self.bytes_in += record.rx
+        self.bytes_out += record.tx
+        retries = record.retries
         if retries:
             self.retries += retries
-            self.fallbacks += session.fallback_index
+            self.fallbacks += record.fallback_index
         if not self.detailed:
             return
-        started = session.started
-        if session.first_byte:
-            elapsed = session.first_byte - started
+        outcome = METRICS_INDEX[code]
+        started = record.started
+        if record.first_byte:
+            elapsed = record.first_byte - started
             self.first_byte[bisect_left(BUCKETS, elapsed)] += 1
             self.first_byte_sum += elapsed
-        elapsed = now - started
+        elapsed = record.ended - started
         self.total[bisect_left(BUCKETS, elapsed)] += 1
         self.total_sum += elapsed
         failed = 0 if outcome == OK else 1
-        key = session.key
+        key = record.key
         if key:
             entry = self.keys.get(key)
             if entry is None:
                 entry = self.other_key if len(self.keys) >= self.max_keys else self.keys.setdefault(key, [0, 0])
             entry[0] += 1
             entry[1] += failed
-        route = session.route
+        route = record.route
         if route is not None and outcome != CONNECT_FAILED:
             entry = self._node(route.address)
             entry[0] += 1
+
+    @property
+    def outcomes(self) -> List[int]:
+        """Requests by how they ended, in the order of OUTCOMES."""
+        counts = [0] * len(OUTCOMES)
+        for code, count in enumerate(self.by_code):
+            counts[METRICS_INDEX[code]] += count
+        return counts
 
     def node_failed(self, address: bytes) -> None:
         """A connect to *address* failed (each attempt counts)."""
@@ -123,7 +132,7 @@ class Counters:
     def snapshot(self, server) -> Dict[str, Any]:
         """The counters as plain JSON values (keys and addresses as latin-1 text)."""
         snapshot = {
-            "outcomes": list(self.outcomes),
+            "outcomes": self.outcomes,
             "retries": self.retries,
             "fallbacks": self.fallbacks,
             "handoffs": server.fd_handoffs,
@@ -148,26 +157,6 @@ def _table(entries: Dict[bytes, List[int]], other: List[int]) -> List[list]:
     if other[0] or other[1]:
         rows.append([None, other[0], other[1]])
     return rows
-
-
-def _outcome(session, state: int, reason: Optional[str]) -> int:
-    """How a session closed in *state* ended."""
-    timed_out = reason is not None and reason.startswith("timeout")
-    if state == _RELAY:
-        if reason is None:
-            return OK
-        if timed_out:
-            return TIMEOUT
-        return CLIENT_ERROR if "client" in reason else NODE_ERROR
-    if state == _CONNECTING:
-        if session.fd_passed and session.backend_eof:
-            return OK                # handed over to the node (trusted handoff)
-        return CONNECT_FAILED
-    if timed_out:
-        return TIMEOUT
-    if state == _RECV_HEAD and session.info is not None:
-        return NO_ROUTE              # vars read, no key or no route for it
-    return CLIENT_ERROR              # nothing usable read, bad vars, bad or refused body
 
 
 def outcome_counts(snapshot: Optional[Dict[str, Any]]) -> Dict[str, int]:
@@ -329,7 +318,7 @@ def render(snapshot: Dict[str, Any], subscriptions: Optional[Dict[str, int]] = N
     out.one("fallbacks", "counter", "attempts sent to a --fastrouter-fallback node", snapshot["fallbacks"])
     out.one("handoffs", "counter", "clients handed over to a unix-socket node", snapshot["handoffs"])
     out.one("active_sessions", "gauge", "client connections open now", snapshot["sessions"])
-    out.family("bytes", "counter", "bytes relayed (in: client to node, out: node to client)",
+    out.family("bytes", "counter", "bytes relayed (in: read from the clients, out: sent to the clients)",
                [("_total", 'direction="in"', snapshot["bytes_in"]),
                 ("_total", 'direction="out"', snapshot["bytes_out"])])
     out.family("first_byte_seconds", "histogram", "time from accept to the first response byte",

@@ -23,7 +23,6 @@ import os
 from typing import Any, Callable, List, Optional, Set
 
 from .acceptor import Acceptor
-from .accesslog import CountingSocket
 from .bodybuffer import BodyBuffering
 from .context import SessionContext
 from .handoff import Handoffs
@@ -64,7 +63,8 @@ class Server:
         # protocol.scan_request, or balancing.make_scanner's when mountpoints or a hash
         # var need more of the vars; the counters are metrics.py's (detailed with
         # --fastrouter-metrics); with --fastrouter-access-log every session is handed
-        # to access_log as it closes.
+        # to access_log as it closes.  Both read the session's request record
+        # (record.py).
         self.context = SessionContext(
             reactor, router, chunk=self.chunk, timeout=self.timeout, scan_request=scan_request,
             counters=Counters(), handoffs=Handoffs(fd_passing, trust_fd_passing), body=body,
@@ -169,8 +169,7 @@ class Server:
     def _session_starter(self, lsock) -> Callable[[int, Any], None]:
         """The acceptor's callback for *lsock*: one session per accepted descriptor."""
         family, type_, proto = lsock.family, lsock.type, lsock.proto
-        # With the access log on, client sockets count their bytes (accesslog.py).
-        new_socket = _socket.socket if self.access_log is None else CountingSocket
+        new_socket = _socket.socket
         sessions = self.sessions
         context = self.context
 

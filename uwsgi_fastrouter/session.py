@@ -44,7 +44,8 @@ A session carries exactly one uwsgi request.  Its states, named after what it wa
     Both sockets closed and unregistered; :meth:`close` is idempotent.  A request
     for which no node could be found ends in :meth:`_no_route`: closed as uWSGI
     closes it, with a rate-limited "no route" line saying why (decisions.md D19).
-    With the access log on (accesslog.py), :meth:`close` hands the session to it.
+    :meth:`close` sets the request's outcome and end time: the session is its own
+    request record (record.py), read by the metrics and, when it is on, the access log.
     With ``--fastrouter-http-errors`` a client that got no response byte yet is sent
     a short 502, 503 or 504 first (:meth:`_answer_error`, httperrors.py); a policy that
     turns a request away calls :meth:`refuse`.
@@ -79,8 +80,9 @@ from typing import TYPE_CHECKING, Optional
 from .protocol import HeadReader, ProtocolError
 from .reactor import READ, WRITE
 from .fdpass import send_fds
-from .accesslog import ERROR, FAILED, HANDOFF, NO_ROUTE, OK
 from .httperrors import BAD_GATEWAY, GATEWAY_TIMEOUT, SERVICE_UNAVAILABLE, response
+from .record import (ABORTED, CLIENT_ERROR, FAILED, HANDOFF, NODE_ERROR, NO_ROUTE, OK,
+                     TIMEOUT)
 from .log import printable
 from .sockets import AddressError, node_sockaddr
 
@@ -135,7 +137,9 @@ class Session:
         "reader", "key", "route", "retries", "fallback_index",
         "up_buf", "down_buf", "client_eof", "backend_eof", "c_events", "b_events",
         "info", "watch_client", "timer", "fd_passed", "body", "down_peek", "failed_address",
-        "unrouted", "__weakref__", "started", "first_byte",
+        "__weakref__",
+        # the request record (record.py)
+        "started", "first_byte", "ended", "rx", "tx", "outcome", "first",
     )
 
     def __init__(self, ctx: "SessionContext", csock: socket.socket, caddr) -> None:
@@ -164,10 +168,13 @@ class Session:
         self.fd_passed = False    # the client's descriptor went to the node with the head
         self.body = None          # post-buffering: a BufferedBody (bodybuffer.py)
         self.down_peek = False    # the first response bytes were read: peek from now on
+        self.failed_address = None  # the node address of the last failed connect
+        # The request record (record.py); "ended" and "first" are set when known.
         self.started = self.last  # loop times: accept, first response byte (0: none yet)
         self.first_byte = 0.0
-        self.failed_address = None  # the node address of the last failed connect
-        self.unrouted = None      # NO_ROUTE or FAILED once no node could be found
+        self.rx = 0               # bytes read from the client
+        self.tx = 0               # bytes sent to the client
+        self.outcome = None       # a record code; set early when no node could be found
 
     # ------------------------------------------------------------------ head
 
@@ -192,6 +199,7 @@ class Session:
         if n == 0:
             self.close()
             return
+        self.rx = n
         if n >= 4:
             total = 4 + (scratch[1] | (scratch[2] << 8))
             if n >= total:
@@ -217,6 +225,7 @@ class Session:
                     self.close("connection closed in the middle of the request %s"
                                % ("vars" if reader.header_complete else "header"))
                     return
+                self.rx += n
                 if reader.advance(n):
                     break
         except BlockingIOError:
@@ -344,6 +353,7 @@ class Session:
         if n == 0:
             self.close("client closed the connection with %d bytes of its body missing" % body.left)
             return
+        self.rx += n
         self.last = ctx.reactor.now
         try:
             body.add(ctx.scratch_view[:n])
@@ -383,7 +393,6 @@ class Session:
         node = self.route.node
         if node is not None:
             node.rx += sent
-        self.ctx.counters.bytes_in += sent
         if body.all_sent:
             if body.tail is not None:
                 self.up_buf = body.tail
@@ -491,7 +500,6 @@ class Session:
         node = route.node
         if node is not None:
             node.rx += sent
-        ctx.counters.bytes_in += sent
         self.backend_eof = True
         self.close()
 
@@ -502,7 +510,6 @@ class Session:
         node = route.node
         if node is not None:
             node.rx += sent
-        ctx.counters.bytes_in += sent
         self.state = RELAY
         if sent < len(data):
             self.up_buf = bytes(memoryview(data)[sent:])
@@ -542,17 +549,17 @@ class Session:
         self._no_route(FAILED, "all nodes failed (%d %s)"
                        % (self.retries, "retry" if self.retries == 1 else "retries"))
 
-    def _no_route(self, outcome: str, reason: Optional[str]) -> None:
+    def _no_route(self, outcome: int, reason: Optional[str]) -> None:
         """No node for this request: close it as uWSGI does, with a rate-limited line
         (D19) unless *reason* is None (the mapper wrote its own line)."""
         self.refuse(outcome, reason, BAD_GATEWAY if outcome == FAILED else SERVICE_UNAVAILABLE)
 
-    def refuse(self, outcome: str, reason: Optional[str], status: int = SERVICE_UNAVAILABLE) -> None:
-        """Turn the request away before any node answered it: *outcome* for the
-        access log, a rate-limited "no route" line when *reason* is given, and with
+    def refuse(self, outcome: int, reason: Optional[str], status: int = SERVICE_UNAVAILABLE) -> None:
+        """Turn the request away before any node answered it: *outcome* (a record code,
+        record.py), a rate-limited "no route" line when *reason* is given, and with
         --fastrouter-http-errors the HTTP answer *status* (503 "not now" for policies
         that refuse a request, e.g. when every node is over its cap) before the close."""
-        self.unrouted = outcome
+        self.outcome = outcome
         if reason:
             self.ctx.log(self, 'no route for key "%s": %s' % (printable(self.key), reason))
         self._answer_error(status)
@@ -666,6 +673,8 @@ class Session:
             if not peek:
                 self.down_peek = True
                 self.first_byte = ctx.reactor.now
+                if ctx.access_log is not None:
+                    self.first = bytes(view[:16])     # for the HTTP status
                 if not self.watch_client:
                     # After a handoff the first response bytes mean the node ignored
                     # the descriptor: its answer is relayed as usual.
@@ -680,10 +689,10 @@ class Session:
             except OSError as exc:
                 self.close("error writing to client: %s" % (exc.strerror or exc))
                 return
+            self.tx += sent
             if not peek:
                 if node is not None:
                     node.tx += n
-                ctx.counters.bytes_out += n
                 if sent < n:
                     self.down_buf = bytes(view[sent:n])
                     return
@@ -693,7 +702,6 @@ class Session:
                 return
             if node is not None:
                 node.tx += sent
-            ctx.counters.bytes_out += sent
             if sent < n:
                 self.down_buf = _IN_NODE_SOCKET
                 return
@@ -734,6 +742,7 @@ class Session:
                 self.client_eof = True
                 self._half_close_backend()
                 return
+            self.rx += n
             try:
                 sent = bsock.send(view[:n])
             except BlockingIOError:
@@ -743,7 +752,6 @@ class Session:
                 return
             if node is not None:
                 node.rx += sent
-            ctx.counters.bytes_in += sent
             if sent < n:
                 self.up_buf = bytes(view[sent:n])
                 return
@@ -762,6 +770,7 @@ class Session:
         except OSError as exc:
             self.close("error writing to client: %s" % (exc.strerror or exc))
             return False
+        self.tx += sent
         self.down_buf = memoryview(data)[sent:] if sent < len(data) else None
         return True
 
@@ -777,7 +786,6 @@ class Session:
         node = self.route.node
         if node is not None:
             node.rx += sent
-        self.ctx.counters.bytes_in += sent
         if sent < len(data):
             self.up_buf = memoryview(data)[sent:]     # no copy of the unsent tail
         else:
@@ -871,19 +879,29 @@ class Session:
             self.body = None
         if self.route is not None:
             ctx.router.release(self.route)
-        ctx.counters.ended(self, state, reason, reactor.now)
+        # The record is complete: both readers see the same facts (record.py).
+        self.ended = reactor.now
+        if self.outcome is None:
+            self.outcome = self._outcome(state, reason)
+        ctx.counters.ended(self)
         ctx.closed(self)
         if reason:
             ctx.log(self, reason)
         if ctx.access_log is not None:
-            ctx.access_log(self, self._outcome(state, reason))
+            ctx.access_log(self)
 
-    def _outcome(self, state: int, reason: Optional[str]) -> str:
-        """What happened to the request, for the access log (see accesslog.py)."""
-        if self.unrouted is not None:
-            return self.unrouted
-        if reason is None and self.fd_passed and not self.watch_client and self.backend_eof:
-            return HANDOFF
-        if reason is None and state == RELAY:
-            return OK
-        return ERROR
+    def _outcome(self, state: int, reason: Optional[str]) -> int:
+        """How a request that found a node ended, from the *state* it was closed in
+        and the close *reason* (a record code, record.py)."""
+        if reason is None:
+            if self.fd_passed and self.backend_eof and not self.watch_client:
+                return HANDOFF        # the node took the client (checked or trusted)
+            if state == RELAY:
+                return OK
+        elif reason.startswith("timeout"):
+            return TIMEOUT
+        if state == RELAY:
+            return CLIENT_ERROR if reason is None or "client" in reason else NODE_ERROR
+        if state == CONNECTING:
+            return ABORTED
+        return CLIENT_ERROR           # nothing usable read, bad vars, a refused body
