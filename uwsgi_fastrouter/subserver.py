@@ -48,6 +48,7 @@ import struct
 from typing import Callable, List, Optional, Sequence
 
 from . import sockets
+from .addresses import address_text, host_name
 from .allowlist import SourceAllowList
 from .log import RateLimitedLog, log, printable
 from .reactor import Reactor
@@ -100,8 +101,11 @@ class SubscriptionServer:
                  use_credentials: bool = False,
                  credentials_check: Sequence[str] = (),
                  skip_uids: Sequence[int] = (),
-                 allow: Optional[SourceAllowList] = None) -> None:
+                 allow: Optional[SourceAllowList] = None,
+                 names=None) -> None:
         self.reactor = reactor
+        #: --subscription-resolve-names: a Resolver for announced host names (None: off)
+        self.names = names
         self.table = table
         self.listeners = list(listeners)
         self.wall_clock = wall_clock
@@ -237,6 +241,34 @@ class SubscriptionServer:
 
     def _apply(self, announcement: Announcement, sender, pid, uid, gid, trusted: bool,
                notify: bool, verified: bool, mirrored: bool = False) -> bool:
+        named = host_name(announcement.address) if self.names is not None else None
+        args = (pid, uid, gid, trusted, notify, verified, mirrored)
+        if named is None:
+            return self._apply_node(announcement, sender, *args)
+        return self._apply_named(named, announcement, sender, args)
+
+    def _apply_named(self, named, announcement: Announcement, sender, args: tuple) -> bool:
+        """An announce whose address is ``HOST:PORT``: one node per address of HOST
+        (the proof covers the packet as sent, so it holds for each).  Until HOST
+        first resolves the announce is dropped; a later one finds the addresses."""
+        name, port = named
+        if not self.names.watch(name, pinned=False):
+            self._drop(sender, "too many host names to resolve", announcement)
+            return False
+        addresses = self.names.addresses(name)
+        if addresses is None:
+            self._drop(sender, "host name not resolved yet (a later announce adds the node)",
+                       announcement)
+            return False
+        applied = False
+        for ip in addresses:
+            address = address_text(ip, port).encode("ascii")
+            if self._apply_node(announcement._replace(address=address), sender, *args):
+                applied = True
+        return applied
+
+    def _apply_node(self, announcement: Announcement, sender, pid, uid, gid, trusted: bool,
+                    notify: bool, verified: bool, mirrored: bool = False) -> bool:
         table = self.table
         existed = self._node_exists(announcement)
         try:

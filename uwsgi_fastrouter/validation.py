@@ -21,6 +21,7 @@ def validate(cfg) -> None:
     """Every check, in order; a :class:`StartupError` for the first that fails."""
     _check_something_to_do(cfg)
     _check_retries(cfg)
+    _check_resolve_interval(cfg)
     _check_access_log(cfg)
     chmod_mode(cfg)
     skip_uids(cfg)
@@ -39,6 +40,12 @@ def _check_something_to_do(cfg) -> None:
 def _check_retries(cfg) -> None:
     if cfg.fastrouter_max_retries < 0:
         raise StartupError('invalid value for option "fastrouter-max-retries": must be >= 0')
+
+
+def _check_resolve_interval(cfg) -> None:
+    if cfg.fastrouter_resolve_interval < 0:
+        raise StartupError('invalid value for option "fastrouter-resolve-interval": must be >= 0 '
+                           '(0 looks each host name up once)')
 
 
 def _check_access_log(cfg) -> None:
