@@ -14,7 +14,8 @@ A :class:`NameTable` holds one :class:`NameEntry` per host name:
 * ``addresses``: the IP literals of its last successful lookup, in the order the
   resolver gave them (``None`` until the first success).  A name with three
   addresses is three nodes.  A lookup that fails or finds nothing keeps the last
-  addresses (one log line when a name starts failing, one when it recovers).
+  addresses.  One log line each time a name's addresses change (the first
+  answer included), one when it starts failing, one when it recovers.
 * ``due``: when to look it up next.  Every ``interval`` seconds after a success;
   ``interval`` 0 means "once": a name that resolved is never looked up again.
   After a failure the next try comes after ``min(interval, RETRY_DELAY)`` seconds
@@ -160,9 +161,9 @@ class NameTable:
         new = tuple(dict.fromkeys(addresses))
         if new == entry.addresses:
             return False
-        if entry.addresses is not None:
-            self.log("[uwsgi-fastrouter] host name %s now resolves to %s"
-                     % (printable(entry.name), printable(" ".join(new))))
+        self.log("[uwsgi-fastrouter] host name %s %s to %s"
+                 % (printable(entry.name), "resolves" if entry.addresses is None
+                    else "now resolves", printable(" ".join(new))))
         entry.addresses = new
         self.version += 1
         return True

@@ -492,7 +492,9 @@ def _resolve_router_names(cfg, reactor: Reactor, runtime: RouterRuntime, router:
     (and of announces, with ``--subscription-resolve-names``); none without names, so
     literal-only configurations run exactly as before."""
     names = router.host_names
-    if not names and not (has_table and cfg.subscription_resolve_names):
+    # under a master the announces arrive with the master's answers (subserver.py)
+    announced = has_table and cfg.subscription_resolve_names and not runtime.under_master
+    if not names and not announced:
         return
     resolver = runtime.resolver = make_resolver(cfg, reactor)
     for name in names:

@@ -54,7 +54,7 @@ from .log import RateLimitedLog, log, printable
 from .reactor import Reactor
 from .sockets import AddressError, connect_sockaddr
 from .subscription import (Announcement, SubscriptionError, SubscriptionTable, TableFull,
-                           build_announcement, parse_announcement)
+                           build_announcement, parse_announcement, with_address)
 
 _MAX_DATAGRAM = 65535 + 4
 _DATAGRAMS_PER_EVENT = 64
@@ -133,6 +133,8 @@ class SubscriptionServer:
         # master copies it to the sibling router processes.
         self.on_accepted: Optional[Callable[[bytes, Optional[int], Optional[int], Optional[int]], None]] = None
         self._buf = bytearray(_MAX_DATAGRAM + 1)
+        # the addresses the last named announce was applied as (see _as_applied)
+        self._named_applied: Optional[List[bytes]] = None
         self._resub_sock_inet: Optional[socket.socket] = None
         self._resub_sock_unix: Optional[socket.socket] = None
         # Targets are parsed now: a bad one is a start-up error, not a log line per packet.
@@ -222,7 +224,8 @@ class SubscriptionServer:
                            verified=verified):
             return None
         if self.on_accepted is not None:
-            self.on_accepted(data, pid, uid, gid)
+            for accepted in self._as_applied(data):
+                self.on_accepted(accepted, pid, uid, gid)
         self._forward(announcement)
         return announcement
 
@@ -241,6 +244,7 @@ class SubscriptionServer:
 
     def _apply(self, announcement: Announcement, sender, pid, uid, gid, trusted: bool,
                notify: bool, verified: bool, mirrored: bool = False) -> bool:
+        self._named_applied = None
         named = host_name(announcement.address) if self.names is not None else None
         args = (pid, uid, gid, trusted, notify, verified, mirrored)
         if named is None:
@@ -260,12 +264,20 @@ class SubscriptionServer:
             self._drop(sender, "host name not resolved yet (a later announce adds the node)",
                        announcement)
             return False
-        applied = False
+        applied = self._named_applied = []
         for ip in addresses:
             address = address_text(ip, port).encode("ascii")
             if self._apply_node(announcement._replace(address=address), sender, *args):
-                applied = True
-        return applied
+                applied.append(address)
+        return bool(applied)
+
+    def _as_applied(self, data: bytes) -> List[bytes]:
+        """The datagram(s) the master copies to its router processes: for a name, one
+        per address it was applied as (they need no lookup of their own)."""
+        named, self._named_applied = self._named_applied, None
+        if named is None:
+            return [data]
+        return [with_address(data, address) for address in named]
 
     def _apply_node(self, announcement: Announcement, sender, pid, uid, gid, trusted: bool,
                     notify: bool, verified: bool, mirrored: bool = False) -> bool:
