@@ -41,6 +41,11 @@ every proxied request and must never block: split at the *first* ``:``, the host
 is an IPv4 literal read like ``inet_aton`` (``127.1`` works, an empty host is
 ``0.0.0.0``, names are refused), the port is ``atoi`` of what follows (leading
 digits, the rest ignored) and must be 1..65535.
+
+Host names of nodes and servers (docs/addresses.md, "Host names") are told from
+literals by :func:`host_name` and looked up elsewhere, off the event loop
+(:mod:`uwsgi_fastrouter.resolver`); what reaches :func:`parse_connect` is then one
+literal per address (:func:`address_text`).  A literal never goes near a resolver.
 """
 
 from __future__ import annotations
