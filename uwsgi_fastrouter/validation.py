@@ -14,6 +14,7 @@ from typing import List, Optional
 
 from .accesslog import AccessLog, compile_format
 from .allowlist import AllowListError, allow_list
+from .names import DEFAULT_MAX_NAMES, names_in
 from .options import StartupError, access_log_target, find_option
 
 
@@ -46,6 +47,10 @@ def _check_resolve_interval(cfg) -> None:
     if cfg.fastrouter_resolve_interval < 0:
         raise StartupError('invalid value for option "fastrouter-resolve-interval": must be >= 0 '
                            '(0 looks each host name up once)')
+    count = len(names_in(list(cfg.fastrouter_to) + list(cfg.fastrouter_fallback)))
+    if count > DEFAULT_MAX_NAMES:
+        raise StartupError("--fastrouter-to and --fastrouter-fallback name %d host names; at most "
+                           "%d can be looked up" % (count, DEFAULT_MAX_NAMES))
 
 
 def _check_access_log(cfg) -> None:
