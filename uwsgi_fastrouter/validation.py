@@ -22,7 +22,7 @@ def validate(cfg) -> None:
     """Every check, in order; a :class:`StartupError` for the first that fails."""
     _check_something_to_do(cfg)
     _check_retries(cfg)
-    _check_resolve_interval(cfg)
+    _check_host_names(cfg)
     _check_access_log(cfg)
     chmod_mode(cfg)
     skip_uids(cfg)
@@ -43,10 +43,7 @@ def _check_retries(cfg) -> None:
         raise StartupError('invalid value for option "fastrouter-max-retries": must be >= 0')
 
 
-def _check_resolve_interval(cfg) -> None:
-    if cfg.fastrouter_resolve_interval < 0:
-        raise StartupError('invalid value for option "fastrouter-resolve-interval": must be >= 0 '
-                           '(0 looks each host name up once)')
+def _check_host_names(cfg) -> None:
     count = len(names_in(list(cfg.fastrouter_to) + list(cfg.fastrouter_fallback)))
     if count > DEFAULT_MAX_NAMES:
         raise StartupError("--fastrouter-to and --fastrouter-fallback name %d host names; at most "
