@@ -15,6 +15,13 @@ that survives between requests.  A node whose connect failed is skipped for
 ``--fastrouter-gracetime`` seconds; it is only revived when the cursor lands on it after
 the grace time (uWSGI's rule), so a dead node costs one failed connect per grace period.
 
+A ``--fastrouter-to`` or ``--fastrouter-fallback`` entry that is ``HOST:PORT`` with a
+host name stands for one node per address of the name (:meth:`Router.resolve_names`,
+called with the resolver's answers; docs/decisions.md D26); until the name resolves it
+is a node whose connects fail at once (no lookup), so the usual dead-node rules apply.
+The lists are rebuilt in place when an answer changes; the request path itself is
+unchanged and never waits for a lookup.
+
 Retries are decided here too: the session asks the mapper (:meth:`Router.route`) for the
 first attempt, :meth:`Router.route_unknown_key` when it has none
 (``--fastrouter-fallback-on-no-key`` turns "no route" into the first fallback entry) and, after a failed connect, :meth:`Router.next_route` for the next

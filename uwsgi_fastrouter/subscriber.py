@@ -10,7 +10,8 @@ sends the same datagram with header byte 3 = 1 ("unsubscribe").
 
 Parsing.  :func:`parse_subscribe_to` understands every ``--subscribe-to`` form::
 
-    HOST:PORT:KEY[,MOD1[,DIGEST:PRIVKEY]]    UDP server (IPv4 literal), KEY may contain ':'
+    HOST:PORT:KEY[,MOD1[,DIGEST:PRIVKEY]]    UDP server (IPv4 literal or host name), KEY may
+                                              contain ':'
     /unix/path:KEY[,...]                      UNIX datagram server (split at the first ':';
                                               a relative path needs a '/' before that ':')
     @name:KEY[,...]                           the UNIX datagram server "@name" (a file, as
@@ -46,6 +47,12 @@ address (``ADDR=`` / ``addr=``; ``=N`` means shared socket N, via
 ``resolve_shared``), else the instance's first socket (``default_address``).
 With no default address the specs that need one are skipped -- uWSGI sends
 nothing for them either -- and one warning says so at start.
+
+A server given by host name (docs/addresses.md, "Host names") gets every packet at
+each address of the name.  The names are looked up off the loop by the subscriber's
+own :class:`~uwsgi_fastrouter.resolver.Resolver` (started and stopped with it); until
+a name first resolves, its packets are not sent (counted in :attr:`errors`, logged at
+most once a minute), and its first answer triggers a round at once.
 
 Signing (``,DIGEST:/path/private.pem`` or ``sign=``).  The packet gets
 ``unix`` = now (now + 1 for an unsubscribe, as uWSGI does) and a ``sign`` var:

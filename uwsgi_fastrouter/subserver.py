@@ -30,6 +30,14 @@ for an announce that proved who sent it: a signature the table verified, or a
 configured, or a ``--subscriptions-sign-skip-uid`` sender, which skips the signature
 check) the path is ignored, counted in ``notify_ignored`` and logged, rate limited.
 
+Announced host names (docs/decisions.md D27).  With ``--subscription-resolve-names``
+an announce whose address is ``HOST:PORT`` with a DNS name is applied once per address
+of the name, as the resolver last saw it (the proof covers the packet as sent, so it
+holds for each); the first announce of a name only asks for the lookup and is
+dropped.  A master copies such an announce to its router processes once per address
+(:func:`~uwsgi_fastrouter.subscription.with_address`), so they need no lookup.  Off,
+the address is stored as given, as uWSGI does.
+
 With ``--subscriptions-use-credentials`` UNIX datagrams are read with
 ``SCM_CREDENTIALS``; the sender's pid/uid/gid feed the credential checks and the stats.
 
