@@ -125,9 +125,9 @@ def test_parse_connect(text, options, kind, sockaddr):
 
 @pytest.mark.parametrize("text, reason", [
     (b"", "empty address"),
-    (b"localhost:3031", "not an IPv4 address (host names are not resolved)"),
-    (b"256.1.1.1:80", "not an IPv4 address"),
-    (b"1.2.3.4 x:80", "not an IPv4 address"),
+    (b"localhost:3031", "the host name 'localhost' has no known address"),
+    (b"256.1.1.1:80", "neither an IPv4 address nor a host name"),
+    (b"1.2.3.4 x:80", "neither an IPv4 address nor a host name"),
     (b"1.2.3.4:", "missing port"),
     (b"1.2.3.4:abc", "missing port"),
     (b"1.2.3.4:65536", "port out of range"),

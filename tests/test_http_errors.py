@@ -15,7 +15,7 @@ from support import free_dead_tcp_address, parse_http_response, sock_path
 from test_engine import (GET, TIMEOUT, RecordingSession, engines, log_lines,  # noqa: F401
                          read_packet, tcp_listener)
 
-from uwsgi_fastrouter.accesslog import FAILED, NO_ROUTE
+from uwsgi_fastrouter.record import FAILED, NO_ROUTE
 from uwsgi_fastrouter.httperrors import RESPONSES
 from uwsgi_fastrouter.router import Router
 from uwsgi_fastrouter.session import CLOSED, RELAY
@@ -47,7 +47,7 @@ def test_the_answers_are_complete_http_1_0_responses():
 def test_no_key_is_a_503_logged_as_before(engines, log_lines):
     engine = engines(Router(to=["127.0.0.1:1"]), http_errors=True)
     client, session = engine.client(uwsgi_packet(NO_KEY))
-    assert session.state == CLOSED and session.unrouted == NO_ROUTE
+    assert session.state == CLOSED and session.outcome == NO_ROUTE
     assert read_all(client) == RESPONSES[503]
     assert "the request carries no key" in log_lines.getvalue()
 
@@ -55,7 +55,7 @@ def test_no_key_is_a_503_logged_as_before(engines, log_lines):
 def test_an_unknown_key_is_a_503(engines, sock_dir):
     engine = engines(Router(use_base=sock_path(sock_dir, "")), http_errors=True)
     client, session = engine.client(uwsgi_packet([(b"HTTP_HOST", b"../x")]))
-    assert session.state == CLOSED and session.unrouted == NO_ROUTE
+    assert session.state == CLOSED and session.outcome == NO_ROUTE
     assert read_all(client) == RESPONSES[503]
 
 
@@ -66,7 +66,7 @@ def test_every_connect_failing_is_a_502(engines, log_lines):
         engine = engines(Router(to=[dead1, dead2]), http_errors=True)
         client, session = engine.client(uwsgi_packet(GET))
         engine.until(lambda: session.state == CLOSED, "the session closed")
-        assert session.unrouted == FAILED
+        assert session.outcome == FAILED
         assert read_all(client) == RESPONSES[502]
         assert "all nodes failed (2 retries)" in log_lines.getvalue()
 

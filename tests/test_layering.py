@@ -185,11 +185,11 @@ RANKS = {
     # 1: pure codecs, tables and configuration
     "protocol": 1.0, "addresses": 1.0, "allowlist": 1.0, "slowstart": 1.0, "handoff": 1.0,
     "ini": 1.0, "signing": 1.0, "frames": 1.0, "record": 1.0, "stripvars": 1.0, "httperrors": 1.0,
-    "options": 1.1, "subscription": 1.1, "balancing": 1.1, "metrics": 1.1,
+    "names": 1.1, "options": 1.1, "subscription": 1.1, "balancing": 1.1, "metrics": 1.1,
     "stats": 1.2,
     # 2: I/O
     "reactor": 2.0, "fdpass": 2.0, "sdnotify": 2.0, "keyfile": 2.0,
-    "sockets": 2.1, "acceptor": 2.1,
+    "sockets": 2.1, "acceptor": 2.1, "resolver": 2.1,
     # 3: the engine
     "router": 3.0, "accesslog": 3.0, "bodybuffer": 3.0, "health": 3.0, "subserver": 3.0,
     "subscriber": 3.0, "zerg": 3.0, "wsgiserver": 3.0, "endpoints": 3.0,

@@ -49,6 +49,7 @@ SUPPORTED = {
     "fastrouter-cheap",
     "fastrouter-resubscribe", "fastrouter-resubscribe-bind", "subscription-tolerance",
     "subscription-algo", "subscription-mountpoints", "subscription-dotsplit", "subscriptions-sign-check",
+    "fastrouter-resolve-interval", "subscription-resolve-names",
     "subscriptions-sign-check-tolerance", "subscriptions-sign-skip-uid",
     "subscriptions-hmac-key", "subscription-allow", "subscribe-hmac-key",
     "subscriptions-use-credentials", "subscriptions-credentials-check",

@@ -34,6 +34,8 @@ def load(argv):
     (["--fastrouter", ":0", "--subscribe-to", "127.0.0.1:1:k", "--subscribe-with-modifier1", "x"],
      'option "--subscribe-with-modifier1": not a number'),
     (["--fastrouter", ":0", "--fastrouter-access-log-format", "%(nope)"], None),
+    (["--fastrouter", ":0"] + [arg for i in range(257) for arg in ("--fastrouter-to", "n%d:1" % i)],
+     "--fastrouter-to and --fastrouter-fallback name 257 host names; at most 256 can be looked up"),
 ])
 def test_each_cross_option_check_names_its_option(argv, message):
     with pytest.raises(StartupError) as caught:

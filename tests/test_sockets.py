@@ -469,7 +469,7 @@ def test_node_sockaddr_ipv6():
     "address, reason",
     [
         (b"", "empty"),
-        (b"localhost:3031", "IPv4"),
+        (b"localhost:3031", "has no known address"),
         (b"256.1.1.1:80", "IPv4"),
         (b"1.2.3.4 x:80", "IPv4"),
         (b"1.2.3.4:", "port"),

@@ -85,7 +85,8 @@ def test_subscribe_to_map_file_forms():
     ("127.0.0.1:3031:", "empty subscription key"),
     ("127.0.0.1:3031:,5", "empty subscription key"),
     ("127.0.0.1:3031:" + "k" * 256, "256 bytes"),
-    ("localhost:3031:k", "not an IPv4 address"),
+    ("256.1.1.1:3031:k", "neither an IPv4 address nor a host name"),
+    ("bad_host!:3031:k", "neither an IPv4 address nor a host name"),
     ("127.0.0.1:0:k", "port 0 cannot be reached"),
     ("127.0.0.1:70000:k", "port out of range"),
     ("127.0.0.1:http:k", "missing port"),
@@ -137,7 +138,7 @@ def test_subscribe2_defaults_escapes_and_servers():
     ("server=127.0.0.1:1,key=k,modifier2=300", "modifier2 must be a decimal"),
     ("server=127.0.0.1:1,key=k,weight=-1", "weight must be a decimal"),
     ("server=127.0.0.1:1,key=k,socket=a", "socket must be a decimal"),
-    ("server=host:1,key=k", "not an IPv4 address"),
+    ("server=host!:1,key=k", "neither an IPv4 address nor a host name"),
     ("server=127.0.0.1:1,key=k,sign=/k.pem", "DIGEST:/path"),
 ])
 def test_malformed_subscribe2_is_an_error_naming_the_value(value, why):

@@ -41,6 +41,11 @@ every proxied request and must never block: split at the *first* ``:``, the host
 is an IPv4 literal read like ``inet_aton`` (``127.1`` works, an empty host is
 ``0.0.0.0``, names are refused), the port is ``atoi`` of what follows (leading
 digits, the rest ignored) and must be 1..65535.
+
+Host names of nodes and servers (docs/addresses.md, "Host names") are told from
+literals by :func:`host_name` and looked up elsewhere, off the event loop
+(:mod:`uwsgi_fastrouter.resolver`); what reaches :func:`parse_connect` is then one
+literal per address (:func:`address_text`).  A literal never goes near a resolver.
 """
 
 from __future__ import annotations
@@ -62,6 +67,9 @@ __all__ = [
     "parse_connect",
     "is_unix",
     "shared_socket_index",
+    "host_name",
+    "address_text",
+    "MAX_HOST_NAME",
 ]
 
 # Kinds of Address.
@@ -71,6 +79,10 @@ UNIX = "unix"      # sockaddr bytes: a path, or "\0name\0" for an abstract name
 NAME = "name"      # bind only: (host name, port), resolved by the binder
 FD = "fd"          # bind only: sockaddr = the inherited descriptor number
 SHARED = "shared"  # bind only: sockaddr = the shared socket number
+
+# The longest DNS name in text form, and the bytes a label may hold.
+MAX_HOST_NAME = 253
+_LABEL_BYTES = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_"
 
 # sizeof(struct sockaddr_un.sun_path) on Linux.
 SUN_PATH_MAX = 108
@@ -168,7 +180,9 @@ def parse_connect(text: Text, *, datagram: bool = False) -> Address:
     host, port_text = raw[:colon], raw[colon + 1:]
     quad = _inet_aton(host) if host else "0.0.0.0"
     if quad is None:
-        raise AddressError(text, "%r is not an IPv4 address (host names are not resolved)"
+        if _is_host_name(host):
+            raise AddressError(text, "the host name %r has no known address" % _shown(host))
+        raise AddressError(text, "%r is neither an IPv4 address nor a host name"
                            % _shown(host))
     return Address(INET, (quad, _loose_port(text, port_text)), _text(text))
 
@@ -180,6 +194,30 @@ def is_unix(text: Text) -> bool:
         return True
     colon = raw.find(b":")
     return colon < 0 or b"/" in raw[:colon]
+
+
+def host_name(text: Text) -> Optional[Tuple[str, int]]:
+    """``(host, port)`` when *text* is ``HOST:PORT`` with a DNS host name, else None.
+
+    A name is what :func:`parse_connect` refuses and a resolver can look up: not a
+    UNIX path, not ``[ipv6]``, not an IPv4 literal (``inet_aton``'s forms stay
+    literals), at most :data:`MAX_HOST_NAME` bytes of dot-separated labels of 1..63
+    letters, digits, ``-`` or ``_`` (one trailing dot allowed), the last label not
+    all digits (so ``300.1.1.1`` is still a bad address and not a name); the port
+    plain decimal 1..65535.  Anything else (``None``) keeps the literal rules.
+    """
+    raw = _raw(text)
+    if not raw or raw[:1] == b"[" or is_unix(raw):
+        return None
+    host, _, port = raw.partition(b":")
+    if not _is_host_name(host) or not _digits(port) or not 0 < int(port) <= 65535:
+        return None
+    return host.decode("ascii"), int(port)
+
+
+def address_text(ip: str, port: int) -> str:
+    """The node address of *ip* (an IPv4 or IPv6 literal) and *port*."""
+    return ("[%s]:%d" if ":" in ip else "%s:%d") % (ip, port)
 
 
 def shared_socket_index(text: str) -> Optional[int]:
@@ -262,6 +300,17 @@ def _inet_aton(host: bytes) -> Optional[str]:
     for shift, value in enumerate(values):
         number |= value << (24 - 8 * shift)
     return "%d.%d.%d.%d" % (number >> 24, (number >> 16) & 0xFF, (number >> 8) & 0xFF, number & 0xFF)
+
+
+def _is_host_name(host: bytes) -> bool:
+    """True for a DNS name that is not an IPv4 literal (see :func:`host_name`)."""
+    if not host or len(host) > MAX_HOST_NAME or not host.isascii():
+        return False
+    labels = host[:-1].split(b".") if host.endswith(b".") else host.split(b".")
+    for label in labels:
+        if not 0 < len(label) <= 63 or label.strip(_LABEL_BYTES):
+            return False
+    return not labels[-1].isdigit() and _inet_aton(host) is None
 
 
 def _c_number(part: bytes) -> Optional[int]:

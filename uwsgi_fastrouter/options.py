@@ -251,6 +251,11 @@ OPTIONS: Tuple[Option, ...] = (
        "again", G_ROUTER, default=2),
     _o("fastrouter-health-check-max-probes", INT, "most PING probes in flight at a time (per "
        "router process); the others wait their turn", G_ROUTER, default=32),
+    _o("fastrouter-resolve-interval", INT, "seconds between two lookups of a host name given "
+       "as HOST:PORT in --fastrouter-to, --fastrouter-fallback, a --subscribe-to/--subscribe2 "
+       "server or (with --subscription-resolve-names) an announced address; every address of a "
+       "name is a node; lookups run off the event loop; 0 looks each name up once",
+       G_ROUTER, default=60, metavar="SECS"),
     _o("fastrouter-timeout", INT, "seconds of inactivity after which a connection is closed",
        G_ROUTER, default=60, zero_means=60, metavar="SECS"),
     _o("fastrouter-max-retries", INT, "connect retries after a failed first attempt, fallback nodes "
@@ -483,6 +488,9 @@ OPTIONS: Tuple[Option, ...] = (
     _o("subscription-mountpoints", INT, "route by host plus the first N segments of PATH_INFO "
        "(example.com/app) when such a key is subscribed, else by the host; PATH_INFO is passed "
        "unchanged", G_SUBS, aliases=("subscription-mountpoint",), default=0),
+    _o("subscription-resolve-names", BOOL, "resolve announced node addresses that are "
+       "HOST:PORT with a host name (one node per address of the name); off, such a node cannot "
+       "be reached, as in uWSGI", G_SUBS),
     _o("subscription-dotsplit", BOOL, "when a key is unknown, retry with its leftmost label "
        "removed (www.example.com -> .example.com)", G_SUBS, status=SUPPORTED),
     _o("subscriptions-sign-check", STRING, "accept only subscriptions signed with the public keys "

@@ -15,6 +15,13 @@ that survives between requests.  A node whose connect failed is skipped for
 ``--fastrouter-gracetime`` seconds; it is only revived when the cursor lands on it after
 the grace time (uWSGI's rule), so a dead node costs one failed connect per grace period.
 
+A ``--fastrouter-to`` or ``--fastrouter-fallback`` entry that is ``HOST:PORT`` with a
+host name stands for one node per address of the name (:meth:`Router.resolve_names`,
+called with the resolver's answers; docs/decisions.md D28); until the name resolves it
+is a node whose connects fail at once (no lookup), so the usual dead-node rules apply.
+The lists are rebuilt in place when an answer changes; the request path itself is
+unchanged and never waits for a lookup.
+
 Retries are decided here too: the session asks the mapper (:meth:`Router.route`) for the
 first attempt, :meth:`Router.route_unknown_key` when it has none
 (``--fastrouter-fallback-on-no-key`` turns "no route" into the first fallback entry) and, after a failed connect, :meth:`Router.next_route` for the next
@@ -50,6 +57,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 from .balancing import mount_key
 from .log import RateLimitedLog, log, printable
+from .names import expand, names_in
 
 # A UNIX node whose listen queue is full (connect gives EAGAIN) is busy, not dead: it is
 # tried again after a delay that starts here and doubles up to BUSY_MAX_DELAY, for at
@@ -184,6 +192,19 @@ class StaticMapper:
             return node.route
         self.cursor = (self.cursor + 1) % count
         return None
+    def rebuild(self, addresses: Sequence[str]) -> None:
+        """Make the node list *addresses*; a node that stays keeps its counters and
+        its failure mark.  The list object is kept (the stats hold it)."""
+        old: dict = {}
+        for node in self.nodes:
+            old.setdefault(node.name, []).append(node)
+        nodes = []
+        for address in addresses:
+            kept = old.get(address)
+            nodes.append(kept.pop(0) if kept else StaticNode(address, self))
+        self.nodes[:] = nodes
+        self.cursor %= len(nodes)
+        self.down_count = sum(1 for node in nodes if node.down or node.drained)
 
     def __call__(self, key: bytes) -> Optional[Route]:
         if self.down_count:
@@ -393,9 +414,31 @@ class Router:
         self.fallbacks_down: set = set()
         self.fallbacks_drained: set = set()
         self.fallbacks_skipped: set = set()
+        # the configured lists, kept while they hold host names (see resolve_names)
+        self.configured_to = list(to) if names_in(to) else None
+        self.configured_fallback = list(fallback) if names_in(fallback) else None
         self.fallback_on_no_key = fallback_on_no_key and bool(self.fallbacks)
         self.max_retries = max_retries
         self.quiet = quiet
+
+    @property
+    def host_names(self) -> List[str]:
+        """The host names in ``--fastrouter-to`` and ``--fastrouter-fallback``."""
+        return names_in((self.configured_to or []) + (self.configured_fallback or []))
+
+    def resolve_names(self, lookup: Callable[[str], Optional[Tuple[str, ...]]]) -> None:
+        """Rebuild the static nodes and the fallback list: every address *lookup*
+        knows for a host name is one node; a name it does not know yet stays a node
+        that cannot be reached (it counts as failed, like a dead node)."""
+        if self.configured_to is not None and self.static is not None:
+            self.static.rebuild(expand(self.configured_to, lookup))
+        if self.configured_fallback is not None:
+            old = {route.address: route for route in self.fallbacks}
+            routes = []
+            for address in expand(self.configured_fallback, lookup):
+                raw = address.encode("utf-8", "surrogateescape")
+                routes.append(old.get(raw) or Route(raw))
+            self.fallbacks[:] = routes
 
     @property
     def static_nodes(self) -> List[StaticNode]:

@@ -39,8 +39,10 @@ from .endpoints import MetricsServer, StatsServer
 from .frames import SUBSCRIPTION
 from .log import log, printable
 from .master import pack_credentials
+from .names import NameTable, names_in
 from .options import StartupError, access_log_target
 from .reactor import Reactor
+from .resolver import Resolver
 from .router import Router, SubscriptionMapper
 from .server import Server
 from .keyfile import read_hmac_key_file
@@ -217,9 +219,15 @@ def _rsa_checker(cfg):
         raise StartupError('option "--subscriptions-sign-check": %s' % exc)
 
 
+def make_resolver(cfg, reactor: Reactor) -> Resolver:
+    """Host name lookups off the loop, every ``--fastrouter-resolve-interval`` seconds."""
+    return Resolver(reactor, NameTable(interval=cfg.fastrouter_resolve_interval, log=log))
+
+
 def subscription_server(cfg, reactor: Reactor, table: SubscriptionTable, bindings: Bindings, *,
                         forwards: bool, on_node: Callable[[], None] = lambda: None,
-                        on_empty: Callable[[], None] = lambda: None) -> SubscriptionServer:
+                        on_empty: Callable[[], None] = lambda: None,
+                        names: Optional[Resolver] = None) -> SubscriptionServer:
     """The subscription server on *bindings*' datagram sockets.  *forwards*: packets are
     forwarded to ``--fastrouter-resubscribe`` (not by a router process under a master,
     whose packets come from the master, which forwards them)."""
@@ -231,7 +239,7 @@ def subscription_server(cfg, reactor: Reactor, table: SubscriptionTable, binding
         resubscribe_bind=cfg.fastrouter_resubscribe_bind if forwards else None,
         own_address=own, use_credentials=cfg.subscriptions_use_credentials,
         credentials_check=cfg.subscriptions_credentials_check, skip_uids=skip_uids(cfg),
-        allow=source_allow_list(cfg))
+        allow=source_allow_list(cfg), names=names if cfg.subscription_resolve_names else None)
 
 
 def stats_server(cfg, reactor: Reactor, bindings: Bindings, *, document=None, gather=None
@@ -308,9 +316,12 @@ class RouterRuntime:
         self.metrics: Optional[MetricsServer] = None
         self.zerg: Optional[ZergServer] = None
         self.health: Optional[health.HealthChecker] = None  # --fastrouter-health-check-interval
+        self.resolver: Optional[Resolver] = None   # host names of nodes, when there are some
         self.report_failure = None           # (key, address) -> None, set under a master
 
     def start(self) -> None:
+        if self.resolver is not None:
+            self.resolver.start()
         self.server.start()
         if self.health is not None:
             self.health.start()
@@ -320,6 +331,8 @@ class RouterRuntime:
     def stop(self, unlink: bool = True) -> None:
         if self.health is not None:
             self.health.stop()
+        if self.resolver is not None:
+            self.resolver.stop()
         if self.zerg is not None:
             self.zerg.stop()
         if self.server is not None:
@@ -436,6 +449,7 @@ def _wire_router(cfg, reactor: Reactor, runtime: RouterRuntime) -> None:
         subscriptions=mapper,
         forced_key=force_key is not None,
     )
+    _resolve_router_names(cfg, reactor, runtime, router, has_table)
     access_log, reopen_access_log = _make_access_log(cfg, reactor)
     listeners = bindings.listeners
     server = Server(reactor, router, listeners,
@@ -466,7 +480,8 @@ def _wire_router(cfg, reactor: Reactor, runtime: RouterRuntime) -> None:
             server.scan_request = scanner
         table = runtime.table
         runtime.subscriptions = subscription_server(cfg, reactor, table, bindings, forwards=external,
-                                                    on_node=server.leave_cheap, on_empty=on_empty)
+                                                    on_node=server.leave_cheap, on_empty=on_empty,
+                                                    names=runtime.resolver)
 
         def expire(_now: float) -> None:
             if external:
@@ -503,6 +518,24 @@ def _wire_router(cfg, reactor: Reactor, runtime: RouterRuntime) -> None:
     runtime.metrics = metrics_server(cfg, reactor, bindings, scrape)
 
 
+def _resolve_router_names(cfg, reactor: Reactor, runtime: RouterRuntime, router: Router,
+                          has_table: bool) -> None:
+    """A resolver for the host names of ``--fastrouter-to``/``--fastrouter-fallback``
+    (and of announces, with ``--subscription-resolve-names``); none without names, so
+    literal-only configurations run exactly as before."""
+    names = router.host_names
+    # under a master the announces arrive with the master's answers (subserver.py)
+    announced = has_table and cfg.subscription_resolve_names and not runtime.under_master
+    if not names and not announced:
+        return
+    resolver = runtime.resolver = make_resolver(cfg, reactor)
+    for name in names:
+        resolver.watch(name)
+    if names:
+        resolver.on_change.append(lambda: router.resolve_names(resolver.addresses))
+        router.resolve_names(resolver.addresses)
+
+
 def make_subscriber(cfg, reactor: Reactor, prepared: Prepared):
     """``--subscribe-to`` / ``--subscribe2``: announce this instance (None when not asked)."""
     if not cfg.subscribe_to and not cfg.subscribe2:
@@ -523,11 +556,13 @@ def make_subscriber(cfg, reactor: Reactor, prepared: Prepared):
     weight = processes if cfg.auto_weight else cfg.weight
     notify = cfg.subscription_notify_socket.encode() if cfg.subscription_notify_socket else None
     hmac_key = _hmac_key(cfg, "subscribe-hmac-key") if cfg.subscribe_hmac_key else None
+    named_servers = names_in(spec.server for spec in specs)
     return Subscriber(reactor, specs, default_address=default, freq=cfg.subscribe_freq,
                       cores=processes, load=backlog, weight=weight,
                       resolve_shared=by_index(bindings.shared), resolve_socket=by_index(apps),
                       modifier1=subscribe_modifier1(cfg), notify=notify,
-                      credentials=cfg.subscriptions_use_credentials, hmac_key=hmac_key)
+                      credentials=cfg.subscriptions_use_credentials, hmac_key=hmac_key,
+                      names=make_resolver(cfg, reactor) if named_servers else None)
 
 
 # --------------------------------------------------------------------------
@@ -551,6 +586,7 @@ class MasterRuntime:
         self.metrics: Optional[MetricsServer] = None
         self.zerg: Optional[ZergServer] = None
         self.subscriber = None
+        self.resolver: Optional[Resolver] = None   # announced host names (--subscription-resolve-names)
         self.subscriptions_blocked = False
         self.drained: set = set()        # addresses drained through the master FIFO
         self._stats_waiting: list = []   # stats requests waiting for the collection under way
@@ -578,7 +614,10 @@ class MasterRuntime:
             self.table = master.table = make_table(cfg)
             if inherited and inherited.get("table_fd") is not None:
                 self._load_table(inherited["table_fd"])
-            self.subscriptions = subscription_server(cfg, reactor, self.table, bindings, forwards=True)
+            if cfg.subscription_resolve_names:
+                self.resolver = make_resolver(cfg, reactor)
+            self.subscriptions = subscription_server(cfg, reactor, self.table, bindings, forwards=True,
+                                                     names=self.resolver)
             self.subscriptions.on_accepted = lambda data, pid, uid, gid: master.broadcast(
                 SUBSCRIPTION, pack_credentials(pid, uid, gid) + data)
         self.zerg = zerg_server(reactor, bindings)
@@ -643,7 +682,7 @@ class MasterRuntime:
                 log("[uwsgi-fastrouter] unable to send the stats document: %r" % (exc,))
 
     def _services(self) -> Iterator:
-        for part in (self.subscriptions, self.stats, self.metrics, self.zerg):
+        for part in (self.resolver, self.subscriptions, self.stats, self.metrics, self.zerg):
             if part is not None:
                 yield part
 
@@ -717,6 +756,9 @@ class MasterRuntime:
     def close_master_only(self) -> None:
         """In a child: the master's own sockets are not the child's business."""
         self.prepared.bindings.close_master_only()
+        for resolver in (self.resolver, getattr(self.subscriber, "names", None)):
+            if resolver is not None:
+                resolver.abandon()
 
     def close_all(self) -> None:
         self.prepared.bindings.close_all(unlink=True)

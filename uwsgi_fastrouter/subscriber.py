@@ -10,7 +10,8 @@ sends the same datagram with header byte 3 = 1 ("unsubscribe").
 
 Parsing.  :func:`parse_subscribe_to` understands every ``--subscribe-to`` form::
 
-    HOST:PORT:KEY[,MOD1[,DIGEST:PRIVKEY]]    UDP server (IPv4 literal), KEY may contain ':'
+    HOST:PORT:KEY[,MOD1[,DIGEST:PRIVKEY]]    UDP server (IPv4 literal or host name), KEY may
+                                              contain ':'
     /unix/path:KEY[,...]                      UNIX datagram server (split at the first ':';
                                               a relative path needs a '/' before that ':')
     @name:KEY[,...]                           the UNIX datagram server "@name" (a file, as
@@ -47,6 +48,12 @@ address (``ADDR=`` / ``addr=``; ``=N`` means shared socket N, via
 With no default address the specs that need one are skipped -- uWSGI sends
 nothing for them either -- and one warning says so at start.
 
+A server given by host name (docs/addresses.md, "Host names") gets every packet at
+each address of the name.  The names are looked up off the loop by the subscriber's
+own :class:`~uwsgi_fastrouter.resolver.Resolver` (started and stopped with it); until
+a name first resolves, its packets are not sent (counted in :attr:`errors`, logged at
+most once a minute), and its first answer triggers a round at once.
+
 Signing (``,DIGEST:/path/private.pem`` or ``sign=``).  The packet gets
 ``unix`` = now (now + 1 for an unsubscribe, as uWSGI does) and a ``sign`` var:
 the RSASSA-PKCS1-v1_5 signature of the vars before it, made with
@@ -74,7 +81,7 @@ import time
 from typing import TYPE_CHECKING, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from . import log as _log
-from .addresses import AddressError, is_unix, parse_connect
+from .addresses import AddressError, address_text, host_name, is_unix, parse_connect
 from .signing import (RSAPrivateKey, SignatureChecker, SigningError, hmac_tag, load_private_key,
                       sign)
 from .sockets import connect_sockaddr
@@ -175,7 +182,10 @@ def _check_key(value: str, key: bytes) -> bytes:
 
 
 def _check_server(value: str, server: str) -> None:
-    """A subscription server must be an address we can send a datagram to."""
+    """A subscription server must be an address we can send a datagram to, or
+    ``HOST:PORT`` with a host name (looked up off the loop, see :class:`Subscriber`)."""
+    if host_name(server) is not None:
+        return
     try:
         parse_connect(server, datagram=True)
     except AddressError as exc:
@@ -422,8 +432,12 @@ class Subscriber:
                  credentials: bool = False,
                  hmac_key: Optional[bytes] = None,
                  wall_clock: Callable[[], float] = time.time,
-                 log: Callable[[str], None] = _log.log) -> None:
+                 log: Callable[[str], None] = _log.log,
+                 names=None) -> None:
         self.reactor = reactor
+        #: a Resolver for servers given as HOST:PORT with a host name (owned: started
+        #: and stopped with the subscriber); None when no server has a name
+        self.names = names
         self.specs: List[Spec] = list(specs)
         self.default_address = default_address
         self.freq = max(1, int(freq))
@@ -455,6 +469,13 @@ class Subscriber:
         if self._started_at is not None or self._stopped:
             return
         self._started_at = self.reactor.now
+        if self.names is not None:
+            self.names.on_change.append(self._names_changed)
+            self.names.start()
+            for spec in self.specs:
+                named = host_name(spec.server)
+                if named is not None:
+                    self.names.watch(named[0])
         if self.default_address is None:
             needing = [s for s in self.specs if s.address is None
                        and getattr(s, "socket", None) is None]
@@ -484,6 +505,13 @@ class Subscriber:
             for sock in self._sockets.values():
                 sock.close()
             self._sockets.clear()
+            if self.names is not None:
+                self.names.stop()
+
+    def _names_changed(self) -> None:
+        """A server's host name got (new) addresses: announce to them now."""
+        if not self._stopped:
+            self._round(unsubscribe=False, verbose=False)
 
     def _tick(self) -> None:
         self._timer = None
@@ -606,8 +634,23 @@ class Subscriber:
         return lambda block: sign(key, digest, block)
 
     def _send(self, server: str, packet: bytes) -> None:
+        """Send *packet* to *server*; to every address of a server's host name."""
+        named = host_name(server) if self.names is not None else None
+        if named is None:
+            self._send_to(server, server, packet)
+            return
+        addresses = self.names.addresses(named[0])
+        if addresses is None:
+            self.errors += 1
+            self._log_limited("unresolved:%s" % server, "[uwsgi-subscriber] %s is not resolved "
+                              "yet: no subscription packet sent to it" % server)
+            return
+        for ip in addresses:
+            self._send_to(server, address_text(ip, named[1]), packet)
+
+    def _send_to(self, server: str, target_address: str, packet: bytes) -> None:
         try:
-            family, target = connect_sockaddr(server, datagram=True)
+            family, target = connect_sockaddr(target_address, datagram=True)
             sock = self._sockets.get(family)
             if sock is None:
                 sock = socket.socket(family, socket.SOCK_DGRAM)

@@ -30,6 +30,14 @@ for an announce that proved who sent it: a signature the table verified, or a
 configured, or a ``--subscriptions-sign-skip-uid`` sender, which skips the signature
 check) the path is ignored, counted in ``notify_ignored`` and logged, rate limited.
 
+Announced host names (docs/decisions.md D29).  With ``--subscription-resolve-names``
+an announce whose address is ``HOST:PORT`` with a DNS name is applied once per address
+of the name, as the resolver last saw it (the proof covers the packet as sent, so it
+holds for each); the first announce of a name only asks for the lookup and is
+dropped.  A master copies such an announce to its router processes once per address
+(:func:`~uwsgi_fastrouter.subscription.with_address`), so they need no lookup.  Off,
+the address is stored as given, as uWSGI does.
+
 With ``--subscriptions-use-credentials`` UNIX datagrams are read with
 ``SCM_CREDENTIALS``; the sender's pid/uid/gid feed the credential checks and the stats.
 
@@ -48,12 +56,13 @@ import struct
 from typing import Callable, List, Optional, Sequence
 
 from . import sockets
+from .addresses import address_text, host_name
 from .allowlist import SourceAllowList
 from .log import RateLimitedLog, log, printable
 from .reactor import Reactor
 from .sockets import AddressError, connect_sockaddr
 from .subscription import (Announcement, SubscriptionError, SubscriptionTable, TableFull,
-                           build_announcement, parse_announcement)
+                           build_announcement, parse_announcement, with_address)
 
 _MAX_DATAGRAM = 65535 + 4
 _DATAGRAMS_PER_EVENT = 64
@@ -100,8 +109,11 @@ class SubscriptionServer:
                  use_credentials: bool = False,
                  credentials_check: Sequence[str] = (),
                  skip_uids: Sequence[int] = (),
-                 allow: Optional[SourceAllowList] = None) -> None:
+                 allow: Optional[SourceAllowList] = None,
+                 names=None) -> None:
         self.reactor = reactor
+        #: --subscription-resolve-names: a Resolver for announced host names (None: off)
+        self.names = names
         self.table = table
         self.listeners = list(listeners)
         self.wall_clock = wall_clock
@@ -129,6 +141,8 @@ class SubscriptionServer:
         # master copies it to the sibling router processes.
         self.on_accepted: Optional[Callable[[bytes, Optional[int], Optional[int], Optional[int]], None]] = None
         self._buf = bytearray(_MAX_DATAGRAM + 1)
+        # the addresses the last named announce was applied as (see _as_applied)
+        self._named_applied: Optional[List[bytes]] = None
         self._resub_sock_inet: Optional[socket.socket] = None
         self._resub_sock_unix: Optional[socket.socket] = None
         # Targets are parsed now: a bad one is a start-up error, not a log line per packet.
@@ -218,7 +232,8 @@ class SubscriptionServer:
                            verified=verified):
             return None
         if self.on_accepted is not None:
-            self.on_accepted(data, pid, uid, gid)
+            for accepted in self._as_applied(data):
+                self.on_accepted(accepted, pid, uid, gid)
         self._forward(announcement)
         return announcement
 
@@ -237,6 +252,43 @@ class SubscriptionServer:
 
     def _apply(self, announcement: Announcement, sender, pid, uid, gid, trusted: bool,
                notify: bool, verified: bool, mirrored: bool = False) -> bool:
+        self._named_applied = None
+        named = host_name(announcement.address) if self.names is not None else None
+        args = (pid, uid, gid, trusted, notify, verified, mirrored)
+        if named is None:
+            return self._apply_node(announcement, sender, *args)
+        return self._apply_named(named, announcement, sender, args)
+
+    def _apply_named(self, named, announcement: Announcement, sender, args: tuple) -> bool:
+        """An announce whose address is ``HOST:PORT``: one node per address of HOST
+        (the proof covers the packet as sent, so it holds for each).  Until HOST
+        first resolves the announce is dropped; a later one finds the addresses."""
+        name, port = named
+        if not self.names.watch(name, pinned=False):
+            self._drop(sender, "too many host names to resolve", announcement)
+            return False
+        addresses = self.names.addresses(name)
+        if addresses is None:
+            self._drop(sender, "host name not resolved yet (a later announce adds the node)",
+                       announcement)
+            return False
+        applied = self._named_applied = []
+        for ip in addresses:
+            address = address_text(ip, port).encode("ascii")
+            if self._apply_node(announcement._replace(address=address), sender, *args):
+                applied.append(address)
+        return bool(applied)
+
+    def _as_applied(self, data: bytes) -> List[bytes]:
+        """The datagram(s) the master copies to its router processes: for a name, one
+        per address it was applied as (they need no lookup of their own)."""
+        named, self._named_applied = self._named_applied, None
+        if named is None:
+            return [data]
+        return [with_address(data, address) for address in named]
+
+    def _apply_node(self, announcement: Announcement, sender, pid, uid, gid, trusted: bool,
+                    notify: bool, verified: bool, mirrored: bool = False) -> bool:
         table = self.table
         existed = self._node_exists(announcement)
         try:

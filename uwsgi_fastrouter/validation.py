@@ -14,6 +14,7 @@ from typing import List, Optional
 
 from .accesslog import AccessLog, compile_format
 from .allowlist import AllowListError, allow_list
+from .names import DEFAULT_MAX_NAMES, names_in
 from .options import StartupError, access_log_target, find_option
 from .stripvars import StripRuleError, VarStripper, make_stripper
 
@@ -22,6 +23,7 @@ def validate(cfg) -> None:
     """Every check, in order; a :class:`StartupError` for the first that fails."""
     _check_something_to_do(cfg)
     _check_retries(cfg)
+    _check_host_names(cfg)
     _check_access_log(cfg)
     chmod_mode(cfg)
     skip_uids(cfg)
@@ -41,6 +43,13 @@ def _check_something_to_do(cfg) -> None:
 def _check_retries(cfg) -> None:
     if cfg.fastrouter_max_retries < 0:
         raise StartupError('invalid value for option "fastrouter-max-retries": must be >= 0')
+
+
+def _check_host_names(cfg) -> None:
+    count = len(names_in(list(cfg.fastrouter_to) + list(cfg.fastrouter_fallback)))
+    if count > DEFAULT_MAX_NAMES:
+        raise StartupError("--fastrouter-to and --fastrouter-fallback name %d host names; at most "
+                           "%d can be looked up" % (count, DEFAULT_MAX_NAMES))
 
 
 def _check_access_log(cfg) -> None:
