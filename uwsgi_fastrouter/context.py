@@ -5,7 +5,7 @@ Theory of operation
 A :class:`~uwsgi_fastrouter.session.Session` never sees the server that accepted it.
 The server builds one context when it is made and hands it to every session: the loop,
 the routing policy, the process-wide scratch buffer, the relay chunk size, the
-counters, the descriptor-passing and post-buffering policies, and the hooks through
+counters, the descriptor-passing, post-buffering and TLS-to-nodes policies, and the hooks through
 which a session reports (closed, a log line, the access log).
 
 The context is a slotted record, so a session reads what it needs as cheaply as an
@@ -29,12 +29,12 @@ from .handoff import Handoffs
 class SessionContext:
     __slots__ = ("reactor", "router", "scratch", "scratch_view", "chunk", "timeout", "force_key",
                  "scan_request", "counters", "handoffs", "body", "access_log", "cheap_enabled",
-                 "closed", "log")
+                 "closed", "log", "tls")
 
     def __init__(self, reactor, router, *, chunk: int, timeout: float, scan_request: Callable,
                  counters: Any, handoffs: Handoffs, body: Optional[BodyBuffering] = None,
                  force_key: Optional[bytes] = None, access_log: Optional[Callable] = None,
-                 cheap_enabled: bool = False,
+                 cheap_enabled: bool = False, tls=None,
                  closed: Callable[[Any], None] = lambda session: None,
                  log: Callable[[Any, str], None] = lambda session, line: None) -> None:
         self.reactor = reactor
@@ -54,3 +54,4 @@ class SessionContext:
         self.cheap_enabled = cheap_enabled
         self.closed = closed              # a session is over (after its sockets closed)
         self.log = log                    # a rate-limited line about one session
+        self.tls = tls                    # which nodes speak TLS (tlsnode.NodeTls); None: none

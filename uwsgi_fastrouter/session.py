@@ -75,6 +75,7 @@ from .fdpass import send_fds
 from .accesslog import ERROR, FAILED, HANDOFF, NO_ROUTE, OK
 from .log import printable
 from .sockets import AddressError, node_sockaddr
+from .tlsnode import failure_reason as tls_failure
 
 if TYPE_CHECKING:  # pragma: no cover
     from .context import SessionContext
@@ -127,7 +128,7 @@ class Session:
         "reader", "key", "route", "retries", "fallback_index",
         "up_buf", "down_buf", "client_eof", "backend_eof", "c_events", "b_events",
         "info", "watch_client", "timer", "fd_passed", "body", "down_peek", "failed_address",
-        "unrouted", "__weakref__", "started", "first_byte",
+        "unrouted", "__weakref__", "started", "first_byte", "tls",
     )
 
     def __init__(self, ctx: "SessionContext", csock: socket.socket, caddr) -> None:
@@ -160,6 +161,7 @@ class Session:
         self.first_byte = 0.0
         self.failed_address = None  # the node address of the last failed connect
         self.unrouted = None      # NO_ROUTE or FAILED once no node could be found
+        self.tls = None           # a TlsLink (tlsnode.py) while connected to a TLS node
 
     # ------------------------------------------------------------------ head
 
@@ -350,7 +352,7 @@ class Session:
         """Copy the buffered body file to the node; False once the session is closed."""
         body = self.body
         try:
-            sent = body.send_to(self.bfd)
+            sent = body.send_to(self.bfd) if self.tls is None else self.tls.send_file(body)
         except BlockingIOError:
             return True
         except OSError as exc:
@@ -385,8 +387,11 @@ class Session:
         except AddressError as exc:
             self._connect_failed(str(exc))
             return
+        tls = self.ctx.tls
+        if tls is not None and not tls.wanted(route):
+            tls = None
         try:
-            sock = _new_socket(family, _SOCK_FLAGS)
+            sock = _new_socket(family, _SOCK_FLAGS) if tls is None else socket.socket(family, _SOCK_FLAGS)
         except OSError as exc:
             self.close("unable to create a socket for node %s: %s"
                        % (printable(route.address), exc.strerror or exc))
@@ -400,8 +405,14 @@ class Session:
             sock.close()
             self._connect_failed(os.strerror(err))
             return
-        self.bsock = sock
         self.bfd = sock.fileno()
+        if tls is not None:
+            # The handshake starts once the TCP connect is complete (_finish_tls).
+            self.bsock = self.tls = tls.link(sock, self.ctx.reactor, self._tls_buffered)
+            self.b_events = WRITE
+            self.ctx.reactor.register(self.bfd, WRITE, self._on_backend)
+            return
+        self.bsock = sock
         # Optimistic first send: usually the connection is already up.
         try:
             if family == _AF_UNIX and self.ctx.handoffs.may_pass(not self.watch_client):
@@ -442,6 +453,9 @@ class Session:
 
     def _finish_connect(self) -> None:
         """The backend socket became writable while CONNECTING."""
+        if self.tls is not None:
+            self._finish_tls()
+            return
         err = self.bsock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self._drop_backend()
@@ -460,6 +474,34 @@ class Session:
             self._connect_failed(exc.strerror or str(exc))
             return
         self._connected(self.up_buf, sent)
+
+    def _finish_tls(self) -> None:
+        """A TLS node: drive the handshake (tlsnode.py), then send the head.  A failed
+        handshake or certificate check is a failed connect."""
+        link = self.tls
+        try:
+            wait = link.handshake()
+            if not wait:
+                try:
+                    sent = link.send(self.up_buf)
+                except BlockingIOError:
+                    sent = 0
+        except OSError as exc:
+            self._drop_backend()
+            self._connect_failed(tls_failure(exc))
+            return
+        if wait:
+            if wait != self.b_events:
+                self.ctx.reactor.modify(self.bfd, wait, self._on_backend)
+                self.b_events = wait
+            return
+        self._connected(self.up_buf, sent)
+
+    def _tls_buffered(self) -> None:
+        """The TLS node's decrypted bytes wait in the link, where the selector cannot
+        see them: relay them as if the node's socket were readable."""
+        if self.state == RELAY and self.down_buf is None and not self.backend_eof:
+            self._on_backend(READ)
 
     def _handed_over(self, sent: int) -> None:
         """An unchecked handoff (--fastrouter-trust-fd-passing): the node is trusted to
@@ -537,7 +579,7 @@ class Session:
             self.ctx.reactor.forget(self.bfd)
             self.b_events = 0
         sock.close()
-        self.bsock = None
+        self.bsock = self.tls = None
         self.bfd = -1
 
     # ------------------------------------------------------------------ relay
@@ -709,7 +751,14 @@ class Session:
         except OSError as exc:
             self.close("error writing to client: %s" % (exc.strerror or exc))
             return False
-        self.down_buf = memoryview(data)[sent:] if sent < len(data) else None
+        if sent < len(data):
+            self.down_buf = memoryview(data)[sent:]
+            return True
+        self.down_buf = None
+        if self.tls is not None and self.tls.buffered():
+            # More of the response waits decrypted in the link (tlsnode.py).
+            self._pump_down()
+            return self.state != CLOSED
         return True
 
     def _flush_up(self) -> bool:
