@@ -613,12 +613,15 @@ _app_counter = itertools.count(1)
 
 
 def start_uwsgi_app(tmp_path: Union[str, Path], app_source: str, socket: Optional[str] = None,
-                    extra: Sequence[Any] = (), timeout: float = 30.0) -> UwsgiProc:
+                    extra: Sequence[Any] = (), timeout: float = 30.0,
+                    socket_option: str = "--socket") -> UwsgiProc:
     """Run a real uWSGI app server for *app_source* (a WSGI module defining ``application``).
 
     The app is written to its own directory below *tmp_path*.  *socket* defaults to a UNIX
     socket in that directory; ``127.0.0.1:0`` gets a free port (``.address`` has the real
-    one).  Returns once the app is loaded and the socket accepts connections.
+    one).  *socket_option* names the listener option (``--suwsgi-socket`` takes
+    ``ADDR,CERT,KEY[,CIPHERS,CLIENT_CA]``; ``.address`` is still the bare address).
+    Returns once the app is loaded and the socket accepts connections.
     """
     n = next(_app_counter)
     directory = Path(tmp_path) / ("app%d" % n)
@@ -626,7 +629,7 @@ def start_uwsgi_app(tmp_path: Union[str, Path], app_source: str, socket: Optiona
     (directory / "app.py").write_text(app_source)
     if socket is None:
         socket = sock_path(directory, "uwsgi.sock")
-    argv = [uwsgi_bin(), "--master", "--socket", socket, "--wsgi-file", str(directory / "app.py"),
+    argv = [uwsgi_bin(), "--master", socket_option, socket, "--wsgi-file", str(directory / "app.py"),
             "--processes", "1", "--die-on-term", "--need-app"] + [str(e) for e in extra]
     proc = UwsgiProc(argv, cwd=directory, env=_child_env(None), name="uwsgi-app%d" % n)
     try:

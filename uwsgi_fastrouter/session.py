@@ -684,6 +684,8 @@ class Session:
                 node.tx += sent
             ctx.counters.bytes_out += sent
             if sent < n:
+                if not sent and self.tls is not None:
+                    self.tls.none_taken()     # a TLS "peek" was a real read (tlsnode.py)
                 self.down_buf = _IN_NODE_SOCKET
                 return
 

@@ -25,7 +25,8 @@ never blocking:
 3. :meth:`TlsLink.recv_into` has the socket's signature, including the two flags the
    session's relay uses.  TLS cannot peek into the kernel, so ``MSG_PEEK`` reads
    (decrypts) for real and keeps what the client has not taken yet: ``MSG_TRUNC``
-   then drops what it took and holds the rest (a copy) for the next peek.  Every
+   then drops what it took and holds the rest (a copy) for the next peek; when the
+   client took nothing, :meth:`TlsLink.none_taken` holds it all.  Every
    read asks for at most one TLS record (:data:`RECORD`), so a client that stops
    reading costs the router at most one record held here plus the record OpenSSL
    may hold: about 32 KiB per client (16 KiB on plain nodes, see session.py).
@@ -230,6 +231,10 @@ class TlsLink:
         # Held bytes are relayed when the client is writable again (session.py).
         self.held = rest if rest is not None and len(rest) else None
         return count
+
+    def none_taken(self) -> None:
+        """The client took none of the bytes of the last peek: hold them all."""
+        self._drop(0)
 
     def buffered(self) -> bool:
         """True when decrypted bytes wait here or in OpenSSL (the selector cannot see them)."""
