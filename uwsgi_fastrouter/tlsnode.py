@@ -26,7 +26,8 @@ never blocking:
    session's relay uses.  TLS cannot peek into the kernel, so ``MSG_PEEK`` reads
    (decrypts) for real and keeps what the client has not taken yet: ``MSG_TRUNC``
    then drops what it took and holds the rest (a copy) for the next peek; when the
-   client took nothing, :meth:`TlsLink.none_taken` holds it all.  Every
+   client took nothing, :meth:`TlsLink.none_taken` holds it all.  The relay calls
+   one of the two after every peek, before the read buffer is used again.  Every
    read asks for at most one TLS record (:data:`RECORD`), so a client that stops
    reading costs the router at most one record held here plus the record OpenSSL
    may hold: about 32 KiB per client (16 KiB on plain nodes, see session.py).
