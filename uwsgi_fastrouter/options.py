@@ -239,7 +239,7 @@ OPTIONS: Tuple[Option, ...] = (
        "no node for the key", G_ROUTER),
     _o("fastrouter-tls-node", LIST, "reach the node at ADDR over TLS (ADDR as written in "
        "--fastrouter-to, --fastrouter-fallback or made by a mapper); repeatable. Subscribed nodes "
-       "announcing proto=s are reached over TLS without it (uWSGI 2.0 sends them plain uwsgi)",
+       "announcing proto=s are reached over TLS without it (uWSGI sends them plain uwsgi)",
        G_ROUTER, default=[], metavar="ADDR"),
     _o("fastrouter-tls-ca", STRING, "verify TLS nodes' certificates against the CA certificates "
        "in FILE (PEM); default: the system's trusted CAs", G_ROUTER, metavar="FILE"),

@@ -40,6 +40,12 @@ A session carries exactly one uwsgi request.  Its states, named after what it wa
     relay chunks), sends, and then removes from the node's socket exactly what the
     client took (``MSG_TRUNC``: no copy on TCP); what the client did not take stays in
     the kernel, and is peeked again once the client is writable.
+
+    A TLS node (tlsnode.py) is reached through a :class:`~uwsgi_fastrouter.tlsnode.TlsLink`
+    in ``bsock`` (and ``tls``): ``CONNECTING`` then also covers the handshake
+    (:meth:`_finish_tls`), the head waits for it, no descriptor is ever passed, and
+    the relay is unchanged: the link emulates the peek with real reads of at most one
+    TLS record, so a client that stops reading costs about 32 KiB there.
 ``CLOSED``
     Both sockets closed and unregistered; :meth:`close` is idempotent.  A request
     for which no node could be found ends in :meth:`_no_route`: closed as uWSGI

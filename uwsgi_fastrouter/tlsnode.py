@@ -5,8 +5,8 @@ Theory of operation
 :class:`NodeTls` is the policy of one router process.  A node is reached over TLS
 when its address is listed with ``--fastrouter-tls-node`` (static, fallback or mapper
 addresses, compared as written), or when it subscribed announcing the protocol
-letter ``s`` (uWSGI's ``suwsgi``/``ssl`` sockets announce it; uWSGI 2.0 routers store
-it and still speak plain uwsgi to such nodes).  Certificates are checked against
+letter ``s`` (uWSGI 2.1's TLS sockets announce it; 2.1 routers store it and still
+speak plain uwsgi to such nodes, 2.0 routers ignore it).  Certificates are checked against
 ``--fastrouter-tls-ca`` (else the system's trusted CAs) unless
 ``--fastrouter-tls-no-verify``; the node's name is checked, and sent as SNI, only when
 ``--fastrouter-tls-server-name`` is given (nodes are usually IP addresses).
