@@ -394,10 +394,11 @@ class Session:
             self._connect_failed(str(exc))
             return
         tls = self.ctx.tls
-        if tls is not None and not tls.wanted(route):
-            tls = None
+        if tls is not None and tls.wanted(route):
+            self._connect_tls(route, tls, family, addr, busy)
+            return
         try:
-            sock = _new_socket(family, _SOCK_FLAGS) if tls is None else socket.socket(family, _SOCK_FLAGS)
+            sock = _new_socket(family, _SOCK_FLAGS)
         except OSError as exc:
             self.close("unable to create a socket for node %s: %s"
                        % (printable(route.address), exc.strerror or exc))
@@ -411,14 +412,8 @@ class Session:
             sock.close()
             self._connect_failed(os.strerror(err))
             return
-        self.bfd = sock.fileno()
-        if tls is not None:
-            # The handshake starts once the TCP connect is complete (_finish_tls).
-            self.bsock = self.tls = tls.link(sock, self.ctx.reactor, self._tls_buffered)
-            self.b_events = WRITE
-            self.ctx.reactor.register(self.bfd, WRITE, self._on_backend)
-            return
         self.bsock = sock
+        self.bfd = sock.fileno()
         # Optimistic first send: usually the connection is already up.
         try:
             if family == _AF_UNIX and self.ctx.handoffs.may_pass(not self.watch_client):
@@ -438,6 +433,29 @@ class Session:
             self._connect_failed(exc.strerror or str(exc))
             return
         self._connected(head, sent)
+
+    def _connect_tls(self, route: "Route", tls, family: int, addr, busy: Optional[tuple]) -> None:
+        """:meth:`_connect` for a TLS node (tlsnode.py): the head waits for the handshake,
+        which starts once the TCP connect is complete (:meth:`_finish_tls`)."""
+        try:
+            sock = socket.socket(family, _SOCK_FLAGS)   # ssl wraps only this class
+        except OSError as exc:
+            self.close("unable to create a socket for node %s: %s"
+                       % (printable(route.address), exc.strerror or exc))
+            return
+        err = sock.connect_ex(addr)
+        if err == errno.EAGAIN and family == _AF_UNIX:
+            sock.close()
+            self._wait_for_busy_node(route, busy)
+            return
+        if err and err not in _IN_PROGRESS:
+            sock.close()
+            self._connect_failed(os.strerror(err))
+            return
+        self.bfd = sock.fileno()
+        self.bsock = self.tls = tls.link(sock, self.ctx.reactor, self._tls_buffered)
+        self.b_events = WRITE
+        self.ctx.reactor.register(self.bfd, WRITE, self._on_backend)
 
     def _wait_for_busy_node(self, route: "Route", busy: Optional[tuple]) -> None:
         """The node's listen queue is full: connect again when the router's back-off
