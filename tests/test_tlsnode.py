@@ -17,7 +17,7 @@ from uwsgi_fastrouter.bodybuffer import BufferedBody
 from uwsgi_fastrouter.options import StartupError, load_config
 from uwsgi_fastrouter.reactor import READ, WRITE
 from uwsgi_fastrouter.router import Route
-from uwsgi_fastrouter.tlsnode import RECORD, NodeTls, TlsLink, client_context
+from uwsgi_fastrouter.tlsnode import READ_LIMIT, RECORD, NodeTls, TlsLink, client_context
 from uwsgi_fastrouter.validation import node_tls
 
 
@@ -78,7 +78,7 @@ def read_everything(link, size, take):
     got = bytearray()
     while len(got) < size:
         n = link.recv_into(buf, 65536, socket.MSG_PEEK)
-        assert 0 < n <= RECORD
+        assert 0 < n <= READ_LIMIT
         taken = min(take, n)
         got += buf[:taken]
         assert link.recv_into(buf, taken, socket.MSG_TRUNC) == taken

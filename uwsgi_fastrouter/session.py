@@ -44,8 +44,8 @@ A session carries exactly one uwsgi request.  Its states, named after what it wa
     A TLS node (tlsnode.py) is reached through a :class:`~uwsgi_fastrouter.tlsnode.TlsLink`
     in ``bsock`` (and ``tls``): ``CONNECTING`` then also covers the handshake
     (:meth:`_finish_tls`), the head waits for it, no descriptor is ever passed, and
-    the relay is unchanged: the link emulates the peek with real reads of at most one
-    TLS record, so a client that stops reading costs about 32 KiB there.
+    the relay is unchanged: the link emulates the peek with real reads of at most
+    64 KiB, so a client that stops reading costs about 80 KiB there.
 ``CLOSED``
     Both sockets closed and unregistered; :meth:`close` is idempotent.  A request
     for which no node could be found ends in :meth:`_no_route`: closed as uWSGI

@@ -27,10 +27,11 @@ never blocking:
    (decrypts) for real and keeps what the client has not taken yet: ``MSG_TRUNC``
    then drops what it took and holds the rest (a copy) for the next peek; when the
    client took nothing, :meth:`TlsLink.none_taken` holds it all.  The relay calls
-   one of the two after every peek, before the read buffer is used again.  Every
-   read asks for at most one TLS record (:data:`RECORD`), so a client that stops
-   reading costs the router at most one record held here plus the record OpenSSL
-   may hold: about 32 KiB per client (16 KiB on plain nodes, see session.py).
+   one of the two after every peek, before the read buffer is used again.  One read
+   decrypts at most :data:`READ_LIMIT` (64 KiB: the records that have arrived), so a
+   client that stops reading costs the router at most that much held here plus the
+   part of a record OpenSSL may hold: about 80 KiB per client (16 KiB on plain
+   nodes, see session.py).
 4. Decrypted bytes OpenSSL keeps after a read (``pending()``) and the held bytes
    are invisible to the selector: when a read leaves any, the link asks the loop to
    call the session's ``on_buffered`` once the current pass is over, so they are
@@ -53,8 +54,12 @@ from .reactor import READ, WRITE
 #: The announced protocol letter of a node that speaks uwsgi over TLS.
 TLS_PROTO = b"s"
 
-#: The most one read decrypts: one TLS record's plaintext.
+#: A TLS record's plaintext, at most.
 RECORD = 16 * 1024
+
+#: The most one relay read decrypts (records that have fully arrived, one after the
+#: other): what a client that stops reading can leave held in the router.
+READ_LIMIT = 64 * 1024
 
 #: The most one write of a buffered body file hands to OpenSSL.
 FILE_PIECE = 64 * 1024
@@ -208,14 +213,32 @@ class TlsLink:
             if not flags & _MSG_PEEK:
                 self._drop(count)
             return count
-        try:
-            count = self.tls.recv_into(buf, min(nbytes, RECORD) if nbytes else RECORD)
-        except _WANT:
-            raise BlockingIOError("TLS read would block")
+        count = self._read(buf, min(nbytes, READ_LIMIT) if nbytes else RECORD)
         if flags & _MSG_PEEK:
             self.peeked = (buf, count)
         if count and not self.scheduled and self.tls.pending():
             self._schedule()
+        return count
+
+    def _read(self, buf, limit: int) -> int:
+        """Decrypt up to *limit* bytes into *buf*, record after record, as long as
+        OpenSSL can go on without waiting.  A failure after some bytes is left to the
+        next read (OpenSSL reports it again)."""
+        tls = self.tls
+        try:
+            count = tls.recv_into(buf, limit)
+        except _WANT:
+            raise BlockingIOError("TLS read would block")
+        if count and count < limit:
+            view = memoryview(buf)
+            while count < limit:
+                try:
+                    n = tls.recv_into(view[count:], limit - count)
+                except OSError:
+                    break
+                if not n:
+                    break
+                count += n
         return count
 
     def _drop(self, count: int) -> int:
