@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import socket
 import subprocess
 from pathlib import Path
 
@@ -219,3 +220,21 @@ def check_small_large_and_post_on(router, name: str) -> None:
         if b"X-Node: %s" % name.encode() in raw:
             return
     raise AssertionError("node %s never served the download" % name)
+
+
+@MASTER
+def test_a_node_that_never_answers_the_handshake_times_out_into_the_fallback(tmp_path, master):
+    """A TLS node that accepts TCP but never speaks: the handshake counts against
+    --fastrouter-timeout like a connect, and the request goes to the fallback node."""
+    silent = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)                          # the kernel completes the TCP handshake
+    address = "127.0.0.1:%d" % silent.getsockname()[1]
+    plain = start_uwsgi_app(tmp_path, node_app_source("P"))
+    with silent:
+        router = start_router(["--fastrouter", sock_path(tmp_path, "fr.sock"),
+                               "--fastrouter-to", address, "--fastrouter-tls-node", address,
+                               "--fastrouter-tls-no-verify", "--fastrouter-timeout", "1",
+                               "--fastrouter-fallback", plain.address] + master)
+        assert json_answer(get(router))["node"] == "P"
+        router.wait_for_log(r'unable to connect\(\) to node "%s" \(0 retries\): timeout' % re.escape(address))
