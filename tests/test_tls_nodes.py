@@ -10,6 +10,7 @@ rule for the fifth field of ``--suwsgi-socket``).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from support import (
+    connect,
     fetch_stats,
     http_status_and_body,
     json_answer,
@@ -29,6 +31,7 @@ from support import (
     start_router,
     start_uwsgi_app,
     uwsgi_bin,
+    uwsgi_packet,
     uwsgi_request,
     wait_until,
 )
@@ -238,3 +241,45 @@ def test_a_node_that_never_answers_the_handshake_times_out_into_the_fallback(tmp
                                "--fastrouter-fallback", plain.address] + master)
         assert json_answer(get(router))["node"] == "P"
         router.wait_for_log(r'unable to connect\(\) to node "%s" \(0 retries\): timeout' % re.escape(address))
+
+
+HOLDING_APP = '''\
+import os
+
+
+def application(environ, start_response):
+    start_response("200 OK", [("Content-Type", "application/octet-stream")])
+    yield b"a" * 10000
+    # Silent until the test opens the FIFO for writing.
+    os.close(os.open({fifo!r}, os.O_RDONLY))
+    yield b"b" * 10
+'''
+
+
+def test_decrypted_bytes_are_relayed_while_the_node_is_silent(tmp_path, pki):
+    """With reads smaller than the record, most of a 10,000-byte record is decrypted
+    but not yet relayed when the node's socket runs dry; it must reach the client
+    without waiting for the node's next bytes (or its close)."""
+    fifo = tmp_path / "release"
+    os.mkfifo(fifo)
+    spec = "127.0.0.1:0,%s,%s" % (pki / "node.crt", pki / "node.key")
+    node = start_uwsgi_app(tmp_path, HOLDING_APP.format(fifo=str(fifo)), socket=spec,
+                           socket_option="--suwsgi-socket")
+    router = start_router(["--fastrouter", sock_path(tmp_path, "fr.sock"),
+                           "--fastrouter-to", node.address, "--fastrouter-tls-node", node.address,
+                           "--fastrouter-buffer-size", "512", *tls_args(pki, client_cert=False)])
+    with connect(router.addresses[0]) as client:
+        client.sendall(uwsgi_packet(request_vars("example.com")))
+        got = b""
+        while b"a" * 10000 not in got:
+            chunk = client.recv(65536)     # the socket's time-out bounds the wait
+            assert chunk, "closed early: %r" % got[-200:]
+            got += chunk
+        with open(fifo, "wb"):
+            pass
+        while True:
+            chunk = client.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    assert got.endswith(b"a" * 10000 + b"b" * 10)
