@@ -15,9 +15,9 @@ import pytest
 from support import make_pki
 from uwsgi_fastrouter.bodybuffer import BufferedBody
 from uwsgi_fastrouter.options import StartupError, load_config
-from uwsgi_fastrouter.reactor import READ, WRITE
+from uwsgi_fastrouter.reactor import READ
 from uwsgi_fastrouter.router import Route
-from uwsgi_fastrouter.tlsnode import READ_LIMIT, RECORD, NodeTls, TlsLink, client_context
+from uwsgi_fastrouter.tlsnode import READ_LIMIT, RECORD, NodeTls, client_context
 from uwsgi_fastrouter.validation import node_tls
 
 
