@@ -214,3 +214,17 @@ def test_start_up_checks(pki, tmp_path):
              "unable to load the client certificate")):
         with pytest.raises(StartupError, match=message):
             node_tls(_cfg(*argv), subscriptions=False)
+
+
+@pytest.mark.parametrize("mode", [[], ["--master"]], ids=["single", "master"])
+def test_a_bad_tls_file_stops_the_start_before_anything_is_bound(sock_dir, mode):
+    from support import Proc, router_argv, wait_until
+    (sock_dir / "junk.pem").write_text("not a certificate\n")
+    proc = Proc(router_argv(mode + ["--fastrouter", os.path.join(sock_dir, "r.sock"),
+                                    "--fastrouter-to", "127.0.0.1:9", "--fastrouter-tls-node", "127.0.0.1:9",
+                                    "--fastrouter-tls-ca", sock_dir / "junk.pem"]))
+    wait_until(lambda: not proc.alive(), timeout=20, what="the router to give up")
+    assert proc.returncode == 1
+    log = proc.log()
+    assert "TLS to nodes: unable to load the CA file %s" % (sock_dir / "junk.pem") in log
+    assert "bound on" not in log and "Traceback" not in log
