@@ -106,6 +106,33 @@ def uwsgi_bin() -> str:
     raise AssertionError("unreachable")
 
 
+def _openssl(directory: Union[str, Path], *args: str) -> None:
+    subprocess.run(["openssl", *args], cwd=str(directory), check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
+
+
+def make_pki(directory: Union[str, Path]) -> Path:
+    """Test certificates made with the ``openssl`` command in *directory* (skip, or fail
+    in CI, without it): ``ca`` and ``otherca`` (self-signed), ``node`` (for node.test and
+    127.0.0.1) and ``client`` (router.test), both signed by ``ca``; each NAME has
+    NAME.crt and NAME.key."""
+    if shutil.which("openssl") is None:
+        _missing("the openssl command is not installed (Debian package openssl): the TLS "
+                 "tests make their certificates with it")
+    directory = Path(directory)
+    for ca in ("ca", "otherca"):
+        _openssl(directory, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca + ".key",
+                 "-out", ca + ".crt", "-days", "2", "-subj", "/CN=test " + ca)
+    for name, cn, san in (("node", "node.test", "DNS:node.test,IP:127.0.0.1"),
+                          ("client", "router.test", "DNS:router.test")):
+        _openssl(directory, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", name + ".key",
+                 "-out", name + ".csr", "-subj", "/CN=" + cn)
+        (directory / (name + ".ext")).write_text("subjectAltName=%s\n" % san)
+        _openssl(directory, "x509", "-req", "-in", name + ".csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", name + ".crt", "-days", "2", "-extfile", name + ".ext")
+    return directory
+
+
 def nginx_bin() -> str:
     """Path of nginx: $NGINX_BIN, else ``nginx`` on PATH, else /usr/sbin/nginx; else skip/fail."""
     env = os.environ.get("NGINX_BIN")
@@ -613,12 +640,15 @@ _app_counter = itertools.count(1)
 
 
 def start_uwsgi_app(tmp_path: Union[str, Path], app_source: str, socket: Optional[str] = None,
-                    extra: Sequence[Any] = (), timeout: float = 30.0) -> UwsgiProc:
+                    extra: Sequence[Any] = (), timeout: float = 30.0,
+                    socket_option: str = "--socket") -> UwsgiProc:
     """Run a real uWSGI app server for *app_source* (a WSGI module defining ``application``).
 
     The app is written to its own directory below *tmp_path*.  *socket* defaults to a UNIX
     socket in that directory; ``127.0.0.1:0`` gets a free port (``.address`` has the real
-    one).  Returns once the app is loaded and the socket accepts connections.
+    one).  *socket_option* names the listener option (``--suwsgi-socket`` takes
+    ``ADDR,CERT,KEY[,CIPHERS,CLIENT_CA]``; ``.address`` is still the bare address).
+    Returns once the app is loaded and the socket accepts connections.
     """
     n = next(_app_counter)
     directory = Path(tmp_path) / ("app%d" % n)
@@ -626,7 +656,7 @@ def start_uwsgi_app(tmp_path: Union[str, Path], app_source: str, socket: Optiona
     (directory / "app.py").write_text(app_source)
     if socket is None:
         socket = sock_path(directory, "uwsgi.sock")
-    argv = [uwsgi_bin(), "--master", "--socket", socket, "--wsgi-file", str(directory / "app.py"),
+    argv = [uwsgi_bin(), "--master", socket_option, socket, "--wsgi-file", str(directory / "app.py"),
             "--processes", "1", "--die-on-term", "--need-app"] + [str(e) for e in extra]
     proc = UwsgiProc(argv, cwd=directory, env=_child_env(None), name="uwsgi-app%d" % n)
     try:

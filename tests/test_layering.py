@@ -189,7 +189,7 @@ RANKS = {
     "stats": 1.2,
     # 2: I/O
     "reactor": 2.0, "fdpass": 2.0, "sdnotify": 2.0, "keyfile": 2.0,
-    "sockets": 2.1, "acceptor": 2.1, "resolver": 2.1,
+    "sockets": 2.1, "acceptor": 2.1, "resolver": 2.1, "tlsnode": 2.1,
     # 3: the engine
     "router": 3.0, "accesslog": 3.0, "bodybuffer": 3.0, "health": 3.0, "subserver": 3.0,
     "subscriber": 3.0, "zerg": 3.0, "wsgiserver": 3.0, "endpoints": 3.0,

@@ -36,7 +36,9 @@ def write(path: Path, text: str) -> str:
 
 SUPPORTED = {
     "fastrouter", "fastrouter-to", "fastrouter-use-pattern", "fastrouter-use-base",
-    "fastrouter-fallback", "fastrouter-fallback-on-no-key", "fastrouter-gracetime",
+    "fastrouter-fallback", "fastrouter-fallback-on-no-key",
+    "fastrouter-tls-node", "fastrouter-tls-ca", "fastrouter-tls-cert", "fastrouter-tls-key",
+    "fastrouter-tls-server-name", "fastrouter-tls-no-verify", "fastrouter-gracetime",
     "fastrouter-timeout", "fastrouter-buffer-size", "fastrouter-events", "fastrouter-stats",
     "fastrouter-metrics", "fastrouter-metrics-max-keys",
     "fastrouter-quiet", "fastrouter-access-log", "fastrouter-access-log-format",

@@ -5,9 +5,9 @@ Theory of operation
 A :class:`~uwsgi_fastrouter.session.Session` never sees the server that accepted it.
 The server builds one context when it is made and hands it to every session: the loop,
 the routing policy, the process-wide scratch buffer, the relay chunk size, the
-counters, the descriptor-passing, post-buffering and var-stripping policies, whether
-failures are answered in HTTP, and the hooks through which a session reports (closed,
-a log line, the access log).
+counters, the descriptor-passing, post-buffering, var-stripping and TLS-to-nodes
+policies, whether failures are answered in HTTP, and the hooks through which a session
+reports (closed, a log line, the access log).
 
 The context is a slotted record, so a session reads what it needs as cheaply as an
 attribute of its own; fields that the process wiring replaces after the server is
@@ -31,13 +31,13 @@ from .stripvars import VarStripper
 class SessionContext:
     __slots__ = ("reactor", "router", "scratch", "scratch_view", "chunk", "timeout", "force_key",
                  "scan_request", "counters", "handoffs", "body", "access_log", "cheap_enabled",
-                 "closed", "log", "strip_vars", "http_errors")
+                 "closed", "log", "strip_vars", "http_errors", "tls")
 
     def __init__(self, reactor, router, *, chunk: int, timeout: float, scan_request: Callable,
                  counters: Any, handoffs: Handoffs, body: Optional[BodyBuffering] = None,
                  force_key: Optional[bytes] = None, access_log: Optional[Callable] = None,
                  cheap_enabled: bool = False, strip_vars: Optional[VarStripper] = None,
-                 http_errors: bool = False,
+                 http_errors: bool = False, tls=None,
                  closed: Callable[[Any], None] = lambda session: None,
                  log: Callable[[Any, str], None] = lambda session, line: None) -> None:
         self.reactor = reactor
@@ -59,3 +59,4 @@ class SessionContext:
         self.log = log                    # a rate-limited line about one session
         self.strip_vars = strip_vars      # vars removed before a head goes out; None when off
         self.http_errors = http_errors    # answer 502/503/504 instead of a bare close
+        self.tls = tls                    # which nodes speak TLS (tlsnode.NodeTls); None: none

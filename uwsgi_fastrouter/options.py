@@ -237,6 +237,22 @@ OPTIONS: Tuple[Option, ...] = (
        "be reached; repeatable", G_ROUTER, default=[], metavar="ADDR"),
     _o("fastrouter-fallback-on-no-key", BOOL, "also go to the fallback nodes when the mapper finds "
        "no node for the key", G_ROUTER),
+    _o("fastrouter-tls-node", LIST, "reach the node at ADDR over TLS (ADDR as written in "
+       "--fastrouter-to, --fastrouter-fallback or made by a mapper); repeatable. Subscribed nodes "
+       "announcing proto=s are reached over TLS without it (uWSGI sends them plain uwsgi)",
+       G_ROUTER, default=[], metavar="ADDR"),
+    _o("fastrouter-tls-ca", STRING, "verify TLS nodes' certificates against the CA certificates "
+       "in FILE (PEM); default: the system's trusted CAs", G_ROUTER, metavar="FILE"),
+    _o("fastrouter-tls-cert", STRING, "client certificate (PEM, with its key unless "
+       "--fastrouter-tls-key is given) shown to TLS nodes that ask for one", G_ROUTER,
+       metavar="FILE"),
+    _o("fastrouter-tls-key", STRING, "private key (PEM) of --fastrouter-tls-cert", G_ROUTER,
+       metavar="FILE"),
+    _o("fastrouter-tls-server-name", STRING, "host name sent to TLS nodes (SNI) and that their "
+       "certificates must carry; default: none sent and only the certificate chain is checked",
+       G_ROUTER, metavar="NAME"),
+    _o("fastrouter-tls-no-verify", BOOL, "do not check TLS nodes' certificates at all (encrypted "
+       "but unauthenticated: anyone on the path can pose as a node)", G_ROUTER),
     _o("fastrouter-gracetime", INT, "seconds a static node that failed is skipped", G_ROUTER,
        default=30, zero_means=30, metavar="SECS"),
     _o("fastrouter-health-check-interval", INT, "send the uwsgi PING packet to every static, "

@@ -50,8 +50,8 @@ from .signing import HmacChecker, SignatureChecker, SigningError, proof_checker
 from .stats import RouterReport, build_document, master_document, report_parts, subscription_stream
 from .subscription import ALGORITHMS, SubscriptionTable
 from .subserver import SubscriptionServer
-from .validation import (chmod_mode, skip_uids, source_allow_list, subscribe_modifier1, subscribe_specs,
-                         validate, var_stripper)
+from .validation import (chmod_mode, node_tls, skip_uids, source_allow_list, subscribe_modifier1,
+                         subscribe_specs, validate, var_stripper)
 from .zerg import ZergServer
 
 __all__ = ["StartupError", "Prepared", "RouterRuntime", "MasterRuntime", "prepare", "build",
@@ -466,7 +466,8 @@ def _wire_router(cfg, reactor: Reactor, runtime: RouterRuntime) -> None:
                     post_buffering_min_rate=cfg.fastrouter_post_buffering_min_rate,
                     access_log=access_log,
                     strip_vars=var_stripper(cfg),
-                    http_errors=cfg.fastrouter_http_errors)
+                    http_errors=cfg.fastrouter_http_errors,
+                    tls=node_tls(cfg, subscriptions=has_table))
     server.counters = metrics.Counters(detailed=bool(cfg.fastrouter_metrics),
                                        max_keys=cfg.fastrouter_metrics_max_keys)
     if reopen_access_log is not None:

@@ -47,7 +47,8 @@ class Server:
                  fd_passing: bool = True, trust_fd_passing: bool = False, post_buffering: int = 0,
                  post_buffering_dir: Optional[str] = None, post_buffering_max: int = 0,
                  post_buffering_min_rate: int = 0, access_log=None,
-                 strip_vars: Optional[VarStripper] = None, http_errors: bool = False) -> None:
+                 strip_vars: Optional[VarStripper] = None, http_errors: bool = False,
+                 tls=None) -> None:
         self.reactor = reactor
         self.router = router
         self.listeners = list(listeners)
@@ -68,7 +69,7 @@ class Server:
         self.context = SessionContext(
             reactor, router, chunk=self.chunk, timeout=self.timeout, scan_request=scan_request,
             counters=Counters(), handoffs=Handoffs(fd_passing, trust_fd_passing), body=body,
-            force_key=force_key, access_log=access_log, cheap_enabled=cheap,
+            force_key=force_key, access_log=access_log, cheap_enabled=cheap, tls=tls,
             closed=self.session_closed, log=self.log_session, strip_vars=strip_vars,
             http_errors=http_errors)
         self.accepting = False

@@ -40,6 +40,12 @@ A session carries exactly one uwsgi request.  Its states, named after what it wa
     relay chunks), sends, and then removes from the node's socket exactly what the
     client took (``MSG_TRUNC``: no copy on TCP); what the client did not take stays in
     the kernel, and is peeked again once the client is writable.
+
+    A TLS node (tlsnode.py) is reached through a :class:`~uwsgi_fastrouter.tlsnode.TlsLink`
+    in ``bsock`` (and ``tls``): ``CONNECTING`` then also covers the handshake
+    (:meth:`_finish_tls`), the head waits for it, no descriptor is ever passed, and
+    the relay is unchanged: the link emulates the peek with real reads of at most
+    64 KiB, so a client that stops reading costs about 80 KiB there.
 ``CLOSED``
     Both sockets closed and unregistered; :meth:`close` is idempotent.  A request
     for which no node could be found ends in :meth:`_no_route`: closed as uWSGI
@@ -85,6 +91,7 @@ from .record import (ABORTED, CLIENT_ERROR, FAILED, HANDOFF, NODE_ERROR, NO_ROUT
                      TIMEOUT)
 from .log import printable
 from .sockets import AddressError, node_sockaddr
+from .tlsnode import failure_reason as tls_failure
 
 if TYPE_CHECKING:  # pragma: no cover
     from .context import SessionContext
@@ -137,7 +144,7 @@ class Session:
         "reader", "key", "route", "retries", "fallback_index",
         "up_buf", "down_buf", "client_eof", "backend_eof", "c_events", "b_events",
         "info", "watch_client", "timer", "fd_passed", "body", "down_peek", "failed_address",
-        "__weakref__",
+        "__weakref__", "tls",
         # the request record (record.py)
         "started", "first_byte", "ended", "rx", "tx", "outcome", "first",
     )
@@ -175,6 +182,7 @@ class Session:
         self.rx = 0               # bytes read from the client
         self.tx = 0               # bytes sent to the client
         self.outcome = None       # a record code; set early when no node could be found
+        self.tls = None           # a TlsLink (tlsnode.py) while connected to a TLS node
 
     # ------------------------------------------------------------------ head
 
@@ -381,7 +389,7 @@ class Session:
         """Copy the buffered body file to the node; False once the session is closed."""
         body = self.body
         try:
-            sent = body.send_to(self.bfd)
+            sent = body.send_to(self.bfd) if self.tls is None else self.tls.send_file(body)
         except BlockingIOError:
             return True
         except OSError as exc:
@@ -414,6 +422,10 @@ class Session:
             family, addr = node_sockaddr(route.address)
         except AddressError as exc:
             self._connect_failed(str(exc))
+            return
+        tls = self.ctx.tls
+        if tls is not None and tls.wanted(route):
+            self._connect_tls(route, tls, family, addr, busy)
             return
         try:
             sock = _new_socket(family, _SOCK_FLAGS)
@@ -452,6 +464,29 @@ class Session:
             return
         self._connected(head, sent)
 
+    def _connect_tls(self, route: "Route", tls, family: int, addr, busy: Optional[tuple]) -> None:
+        """:meth:`_connect` for a TLS node (tlsnode.py): the head waits for the handshake,
+        which starts once the TCP connect is complete (:meth:`_finish_tls`)."""
+        try:
+            sock = socket.socket(family, _SOCK_FLAGS)   # ssl wraps only this class
+        except OSError as exc:
+            self.close("unable to create a socket for node %s: %s"
+                       % (printable(route.address), exc.strerror or exc))
+            return
+        err = sock.connect_ex(addr)
+        if err == errno.EAGAIN and family == _AF_UNIX:
+            sock.close()
+            self._wait_for_busy_node(route, busy)
+            return
+        if err and err not in _IN_PROGRESS:
+            sock.close()
+            self._connect_failed(os.strerror(err))
+            return
+        self.bfd = sock.fileno()
+        self.bsock = self.tls = tls.link(sock, self.ctx.reactor, self._tls_buffered)
+        self.b_events = WRITE
+        self.ctx.reactor.register(self.bfd, WRITE, self._on_backend)
+
     def _wait_for_busy_node(self, route: "Route", busy: Optional[tuple]) -> None:
         """The node's listen queue is full: connect again when the router's back-off
         says, or count it as a failed connect (mark, retry, fallback) once
@@ -472,6 +507,9 @@ class Session:
 
     def _finish_connect(self) -> None:
         """The backend socket became writable while CONNECTING."""
+        if self.tls is not None:
+            self._finish_tls()
+            return
         err = self.bsock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self._drop_backend()
@@ -490,6 +528,34 @@ class Session:
             self._connect_failed(exc.strerror or str(exc))
             return
         self._connected(self.up_buf, sent)
+
+    def _finish_tls(self) -> None:
+        """A TLS node: drive the handshake (tlsnode.py), then send the head.  A failed
+        handshake or certificate check is a failed connect."""
+        link = self.tls
+        try:
+            wait = link.handshake()
+            if not wait:
+                try:
+                    sent = link.send(self.up_buf)
+                except BlockingIOError:
+                    sent = 0
+        except OSError as exc:
+            self._drop_backend()
+            self._connect_failed(tls_failure(exc))
+            return
+        if wait:
+            if wait != self.b_events:
+                self.ctx.reactor.modify(self.bfd, wait, self._on_backend)
+                self.b_events = wait
+            return
+        self._connected(self.up_buf, sent)
+
+    def _tls_buffered(self) -> None:
+        """The TLS node's decrypted bytes wait in the link, where the selector cannot
+        see them: relay them as if the node's socket were readable."""
+        if self.state == RELAY and self.down_buf is None and not self.backend_eof:
+            self._on_backend(READ)
 
     def _handed_over(self, sent: int) -> None:
         """An unchecked handoff (--fastrouter-trust-fd-passing): the node is trusted to
@@ -592,7 +658,7 @@ class Session:
             self.ctx.reactor.forget(self.bfd)
             self.b_events = 0
         sock.close()
-        self.bsock = None
+        self.bsock = self.tls = None
         self.bfd = -1
 
     # ------------------------------------------------------------------ relay
@@ -703,6 +769,8 @@ class Session:
             if node is not None:
                 node.tx += sent
             if sent < n:
+                if not sent and self.tls is not None:
+                    self.tls.none_taken()     # a TLS "peek" was a real read (tlsnode.py)
                 self.down_buf = _IN_NODE_SOCKET
                 return
 
@@ -771,7 +839,14 @@ class Session:
             self.close("error writing to client: %s" % (exc.strerror or exc))
             return False
         self.tx += sent
-        self.down_buf = memoryview(data)[sent:] if sent < len(data) else None
+        if sent < len(data):
+            self.down_buf = memoryview(data)[sent:]
+            return True
+        self.down_buf = None
+        if self.tls is not None and self.tls.buffered():
+            # More of the response waits decrypted in the link (tlsnode.py).
+            self._pump_down()
+            return self.state != CLOSED
         return True
 
     def _flush_up(self) -> bool:

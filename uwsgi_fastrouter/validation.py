@@ -17,6 +17,7 @@ from .allowlist import AllowListError, allow_list
 from .names import DEFAULT_MAX_NAMES, names_in
 from .options import StartupError, access_log_target, find_option
 from .stripvars import StripRuleError, VarStripper, make_stripper
+from .tlsnode import NodeTls, TlsSetupError, client_context
 
 
 def validate(cfg) -> None:
@@ -31,6 +32,7 @@ def validate(cfg) -> None:
     subscribe_modifier1(cfg)
     source_allow_list(cfg)
     var_stripper(cfg)
+    node_tls(cfg, subscriptions=False)
 
 
 def _check_something_to_do(cfg) -> None:
@@ -84,6 +86,41 @@ def var_stripper(cfg) -> Optional[VarStripper]:
         return make_stripper(cfg.fastrouter_strip_vars, cfg.fastrouter_strip_magic_vars)
     except StripRuleError as exc:
         raise StartupError('invalid value for option "fastrouter-strip-vars": %s' % exc)
+def _tls_files_given(cfg) -> bool:
+    return bool(cfg.fastrouter_tls_ca or cfg.fastrouter_tls_cert or cfg.fastrouter_tls_key)
+
+
+def node_tls(cfg, subscriptions: bool) -> Optional[NodeTls]:
+    """The TLS-to-nodes policy (tlsnode.py), or None when no node can be a TLS node:
+    none is listed with --fastrouter-tls-node and no subscription server (where nodes
+    may announce proto=s) is bound.  Bad files stop the start."""
+    if cfg.fastrouter_tls_key and not cfg.fastrouter_tls_cert:
+        raise StartupError('option "--fastrouter-tls-key" needs --fastrouter-tls-cert')
+    if cfg.fastrouter_tls_no_verify and cfg.fastrouter_tls_ca:
+        raise StartupError('options "--fastrouter-tls-no-verify" and "--fastrouter-tls-ca" '
+                           'contradict each other: give one of them')
+
+    def make_context():
+        return client_context(cafile=cfg.fastrouter_tls_ca or None,
+                              certfile=cfg.fastrouter_tls_cert or None,
+                              keyfile=cfg.fastrouter_tls_key or None,
+                              verify=not cfg.fastrouter_tls_no_verify,
+                              server_name=cfg.fastrouter_tls_server_name or None)
+    policy = None
+    if cfg.fastrouter_tls_node or subscriptions:
+        policy = NodeTls(make_context,
+                         [a.encode("utf-8", "surrogateescape") for a in cfg.fastrouter_tls_node],
+                         cfg.fastrouter_tls_server_name or None)
+    if _tls_files_given(cfg):
+        # Made now, so that a bad file stops the start (and never fails a request);
+        # without files the context is made at the first TLS node.
+        try:
+            context = make_context()
+        except TlsSetupError as exc:
+            raise StartupError("TLS to nodes: %s" % exc)
+        if policy is not None:
+            policy.use_context(context)
+    return policy
 
 
 def chmod_mode(cfg) -> Optional[int]:
