@@ -184,7 +184,7 @@ RANKS = {
     "": 0, "log": 0,
     # 1: pure codecs, tables and configuration
     "protocol": 1.0, "addresses": 1.0, "allowlist": 1.0, "handoff": 1.0, "ini": 1.0, "signing": 1.0,
-    "frames": 1.0, "metrics": 1.0,
+    "frames": 1.0, "metrics": 1.0, "nodecaps": 1.0,
     "options": 1.1, "subscription": 1.1, "balancing": 1.1, "stats": 1.1,
     # 2: I/O
     "reactor": 2.0, "fdpass": 2.0, "sdnotify": 2.0, "keyfile": 2.0,

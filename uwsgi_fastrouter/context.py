@@ -29,12 +29,12 @@ from .handoff import Handoffs
 class SessionContext:
     __slots__ = ("reactor", "router", "scratch", "scratch_view", "chunk", "timeout", "force_key",
                  "scan_request", "counters", "handoffs", "body", "access_log", "cheap_enabled",
-                 "closed", "log")
+                 "closed", "log", "resend")
 
     def __init__(self, reactor, router, *, chunk: int, timeout: float, scan_request: Callable,
                  counters: Any, handoffs: Handoffs, body: Optional[BodyBuffering] = None,
                  force_key: Optional[bytes] = None, access_log: Optional[Callable] = None,
-                 cheap_enabled: bool = False,
+                 cheap_enabled: bool = False, resend: bool = False,
                  closed: Callable[[Any], None] = lambda session: None,
                  log: Callable[[Any, str], None] = lambda session, line: None) -> None:
         self.reactor = reactor
@@ -52,5 +52,6 @@ class SessionContext:
         self.body = body                  # post-buffering policy; None when off
         self.access_log = access_log      # called with each closing session; None when off
         self.cheap_enabled = cheap_enabled
+        self.resend = resend              # --fastrouter-retry-after-connect
         self.closed = closed              # a session is over (after its sockets closed)
         self.log = log                    # a rate-limited line about one session

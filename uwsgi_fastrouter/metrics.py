@@ -49,7 +49,7 @@ DEFAULT_MAX_KEYS = 100
 START_TIME = time.time()
 
 # Session states, as in session.py (not imported: session.py must not depend on us).
-_RECV_HEAD, _CONNECTING, _RELAY, _RECV_BODY = 0, 1, 2, 4
+_RECV_HEAD, _CONNECTING, _RELAY, _RECV_BODY, _WAIT_NODE = 0, 1, 2, 4, 5
 
 
 class Counters:
@@ -57,12 +57,15 @@ class Counters:
 
     __slots__ = ("outcomes", "retries", "fallbacks", "bytes_in", "bytes_out", "detailed", "max_keys",
                  "first_byte", "first_byte_sum", "total", "total_sum", "keys", "nodes", "other_key",
-                 "other_node")
+                 "other_node", "resent", "cap_waits", "cap_refusals")
 
     def __init__(self, detailed: bool = False, max_keys: int = DEFAULT_MAX_KEYS) -> None:
         self.outcomes = [0] * len(OUTCOMES)
         self.retries = 0
         self.fallbacks = 0
+        self.resent = 0               # --fastrouter-retry-after-connect: requests sent again
+        self.cap_waits = 0            # requests that waited for a node's slot (nodecaps.py)
+        self.cap_refusals = 0         # requests closed for want of one
         self.bytes_in = 0             # bytes relayed to the nodes (requests)
         self.bytes_out = 0            # bytes relayed to the clients (responses)
         self.detailed = detailed
@@ -124,6 +127,9 @@ class Counters:
             "outcomes": list(self.outcomes),
             "retries": self.retries,
             "fallbacks": self.fallbacks,
+            "resent": self.resent,
+            "cap_waits": self.cap_waits,
+            "cap_refusals": self.cap_refusals,
             "handoffs": server.fd_handoffs,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
@@ -160,7 +166,7 @@ def _outcome(session, state: int, reason: Optional[str]) -> int:
         return CONNECT_FAILED
     if timed_out:
         return TIMEOUT
-    if state == _RECV_HEAD and session.info is not None:
+    if (state == _RECV_HEAD or state == _WAIT_NODE) and session.info is not None:
         return NO_ROUTE              # vars read, no key or no route for it
     return CLIENT_ERROR              # nothing usable read, bad vars, bad or refused body
 
@@ -174,7 +180,7 @@ def outcome_counts(snapshot: Optional[Dict[str, Any]]) -> Dict[str, int]:
 # ----------------------------------------------------------------- merging
 
 
-_SUMMED = ("retries", "fallbacks", "handoffs", "bytes_in", "bytes_out", "sessions",
+_SUMMED = ("retries", "fallbacks", "resent", "cap_waits", "cap_refusals", "handoffs", "bytes_in", "bytes_out", "sessions",
            "first_byte_sum", "total_sum")
 
 
@@ -317,6 +323,13 @@ def render(snapshot: Dict[str, Any], subscriptions: Optional[Dict[str, int]] = N
                 for name, count in zip(OUTCOMES, snapshot["outcomes"])])
     out.one("retries", "counter", "connection attempts after a failed one", snapshot["retries"])
     out.one("fallbacks", "counter", "attempts sent to a --fastrouter-fallback node", snapshot["fallbacks"])
+    out.one("resent_requests", "counter", "bodyless requests sent to another node after theirs "
+            "closed, reset or went silent before answering (--fastrouter-retry-after-connect)",
+            snapshot["resent"])
+    out.one("node_cap_waits", "counter", "requests that waited for a slot: every node of their key "
+            "was at its --fastrouter-node-max-conns cap", snapshot["cap_waits"])
+    out.one("node_cap_refusals", "counter", "requests closed because no node of their key had a "
+            "free slot in time", snapshot["cap_refusals"])
     out.one("handoffs", "counter", "clients handed over to a unix-socket node", snapshot["handoffs"])
     out.one("active_sessions", "gauge", "client connections open now", snapshot["sessions"])
     out.family("bytes", "counter", "bytes relayed (in: client to node, out: node to client)",

@@ -50,6 +50,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 from .balancing import mount_key
 from .log import RateLimitedLog, log, printable
+from .nodecaps import NodeCaps, Waiting
 
 # A UNIX node whose listen queue is full (connect gives EAGAIN) is busy, not dead: it is
 # tried again after a delay that starts here and doubles up to BUSY_MAX_DELAY, for at
@@ -111,7 +112,7 @@ class Route:
 class StaticNode:
     """One ``--fastrouter-to`` entry."""
 
-    __slots__ = ("address", "name", "hits", "dead_since", "route", "tx", "rx")
+    __slots__ = ("address", "name", "hits", "dead_since", "route", "tx", "rx", "ref")
 
     def __init__(self, address: str, owner=None) -> None:
         self.name = address
@@ -120,6 +121,7 @@ class StaticNode:
         self.dead_since = 0.0    # unix time of the failure mark, 0 = alive
         self.tx = 0              # bytes read from the node
         self.rx = 0              # bytes written to the node
+        self.ref = 0             # requests holding the node now (nodecaps.py)
         self.route = Route(self.address, 0, 0, self, owner)
 
 
@@ -131,6 +133,7 @@ class StaticMapper:
         self.gracetime = gracetime
         self.clock = clock           # wall clock, for the grace marks
         self.cursor = 0
+        self.caps: Optional[NodeCaps] = None    # --fastrouter-node-max-conns
 
     def connected(self, route: Route) -> None:
         route.node.hits += 1
@@ -143,9 +146,13 @@ class StaticMapper:
                 % (printable(key), printable(node.name)))
 
     def release(self, route: Route) -> None:
-        pass
+        node = route.node
+        if node.ref > 0:
+            node.ref -= 1
 
     def __call__(self, key: bytes) -> Optional[Route]:
+        if self.caps is not None:
+            return self._capped()
         nodes = self.nodes
         count = len(nodes)
         index = self.cursor
@@ -164,7 +171,33 @@ class StaticMapper:
                     self.cursor = (self.cursor + 1) % count
                     return None
         self.cursor = (index + 1) % count
+        node.ref += 1
         return node.route
+
+    def _capped(self) -> Optional[Route]:
+        """The round robin with caps: a node at its cap is skipped like a dead one
+        (a dead node is revived by the cursor after its grace time, as above)."""
+        nodes = self.nodes
+        count = len(nodes)
+        caps = self.caps
+        now = self.clock()
+        alive = False
+        for step in range(count):
+            index = (self.cursor + step) % count
+            node = nodes[index]
+            if node.dead_since:
+                if step or node.dead_since + self.gracetime > now:
+                    continue
+                node.dead_since = 0.0
+            alive = True
+            if caps.has_room(node):
+                self.cursor = (index + 1) % count
+                node.ref += 1
+                return node.route
+        self.cursor = (self.cursor + 1) % count
+        if alive:
+            caps.full = True
+        return None
 
 
 class PatternMapper:
@@ -321,7 +354,7 @@ class Router:
                  max_retries: int = 3, quiet: bool = False, wall_clock=None,
                  subscriptions: Optional[SubscriptionMapper] = None,
                  use_cache=None, code_string=None, use_socket: Optional[str] = None,
-                 forced_key: bool = False) -> None:
+                 forced_key: bool = False, caps: Optional[NodeCaps] = None) -> None:
         # forced_key: every key is --fastrouter-force-key, the operator's (see the module doc).
         self.wall_clock = wall_clock or time.time
         self.static = StaticMapper(to, gracetime, self.wall_clock) if to else None
@@ -349,6 +382,22 @@ class Router:
         self.fallback_on_no_key = fallback_on_no_key and bool(self.fallbacks)
         self.max_retries = max_retries
         self.quiet = quiet
+        # --fastrouter-node-max-conns (nodecaps.py): None when off
+        self.caps = caps
+        self.waiting: Optional[Waiting] = None
+        if caps is not None:
+            self.waiting = Waiting()
+            if self.static is not None:
+                self.static.caps = caps
+            if subscriptions is not None:
+                subscriptions.table.caps = caps
+            self._uncapped_route = self.route
+            self.route = self._capped_route
+
+    def _capped_route(self, key: bytes, request=None) -> Optional[Route]:
+        """:meth:`route` with caps: :attr:`NodeCaps.full` tells this lookup's story."""
+        self.caps.full = False
+        return self._uncapped_route(key, request)
 
     @property
     def static_nodes(self) -> List[StaticNode]:
@@ -370,6 +419,8 @@ class Router:
         owner = route.owner
         if owner is not None:
             owner.release(route)
+            if self.waiting is not None and self.waiting.sessions:
+                self.waiting.slot_freed()
 
     def connect_failed(self, route: Route, key: bytes, retries: int, reason: str,
                        log_it: bool = True) -> None:
@@ -382,6 +433,14 @@ class Router:
         if owner is not None:
             owner.failed(route, key)
             owner.release(route)
+            if self.waiting is not None and self.waiting.sessions:
+                self.waiting.slot_freed()
+
+    def at_cap(self) -> bool:
+        """The last lookup found no node because every alive node of the key holds as
+        many requests as its cap allows (nodecaps.py)."""
+        caps = self.caps
+        return caps is not None and caps.full
 
     def no_route_reason(self, key: bytes, cheap: bool = False) -> Optional[str]:
         """Why the mapper found no node for *key*, for the "no route" line (D19); None

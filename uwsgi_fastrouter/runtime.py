@@ -39,6 +39,7 @@ from .endpoints import MetricsServer, StatsServer
 from .frames import SUBSCRIPTION
 from .log import log
 from .master import pack_credentials
+from .nodecaps import NodeCaps
 from .options import StartupError, access_log_target
 from .reactor import Reactor
 from .router import Router, SubscriptionMapper
@@ -370,6 +371,14 @@ def wire_child(cfg, reactor: Reactor, master: "MasterRuntime", channel) -> Route
     return runtime
 
 
+def node_caps(cfg) -> Optional[NodeCaps]:
+    """The per-node concurrency caps (nodecaps.py), None when no cap is set."""
+    if not cfg.fastrouter_node_max_conns and not cfg.fastrouter_node_max_conns_per_core:
+        return None
+    return NodeCaps(cfg.fastrouter_node_max_conns, cfg.fastrouter_node_max_conns_per_core,
+                    cfg.fastrouter_node_queue_wait)
+
+
 def _wire_router(cfg, reactor: Reactor, runtime: RouterRuntime) -> None:
     """Build the router and what runs beside it on the bound sockets."""
     prepared = runtime.prepared
@@ -408,6 +417,7 @@ def _wire_router(cfg, reactor: Reactor, runtime: RouterRuntime) -> None:
         quiet=cfg.fastrouter_quiet,
         subscriptions=mapper,
         forced_key=force_key is not None,
+        caps=node_caps(cfg),
     )
     access_log, reopen_access_log = _make_access_log(cfg, reactor)
     listeners = bindings.listeners
@@ -423,7 +433,8 @@ def _wire_router(cfg, reactor: Reactor, runtime: RouterRuntime) -> None:
                     post_buffering_dir=cfg.fastrouter_post_buffering_dir or None,
                     post_buffering_max=cfg.fastrouter_post_buffering_max,
                     post_buffering_min_rate=cfg.fastrouter_post_buffering_min_rate,
-                    access_log=access_log)
+                    access_log=access_log,
+                    retry_after_connect=cfg.fastrouter_retry_after_connect)
     server.counters = metrics.Counters(detailed=bool(cfg.fastrouter_metrics),
                                        max_keys=cfg.fastrouter_metrics_max_keys)
     if reopen_access_log is not None:

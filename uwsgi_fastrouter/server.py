@@ -46,7 +46,8 @@ class Server:
                  force_key: Optional[bytes] = None, cheap: bool = False,
                  fd_passing: bool = True, trust_fd_passing: bool = False, post_buffering: int = 0,
                  post_buffering_dir: Optional[str] = None, post_buffering_max: int = 0,
-                 post_buffering_min_rate: int = 0, access_log=None) -> None:
+                 post_buffering_min_rate: int = 0, access_log=None,
+                 retry_after_connect: bool = False) -> None:
         self.reactor = reactor
         self.router = router
         self.listeners = list(listeners)
@@ -67,6 +68,7 @@ class Server:
             reactor, router, chunk=self.chunk, timeout=self.timeout, scan_request=scan_request,
             counters=Counters(), handoffs=Handoffs(fd_passing, trust_fd_passing), body=body,
             force_key=force_key, access_log=access_log, cheap_enabled=cheap,
+            resend=retry_after_connect,
             closed=self.session_closed, log=self.log_session)
         self.accepting = False
         self.stopping = False
