@@ -24,6 +24,12 @@ value) retries follow the first attempt.  A UNIX node whose listen queue is full
 busy, not dead: :meth:`Router.busy_backoff` says when to try it again, or that it now
 counts as a failed connect.
 
+With ``--fastrouter-node-max-conns`` (nodecaps.py) every mapper that keeps node records
+skips the nodes that hold their cap of requests; the in-flight count is the node's
+``ref``, taken when a lookup returns the node and given back exactly once by
+:meth:`Router.release` or :meth:`Router.connect_failed`, which also offer the freed
+slot to the requests waiting for one (:attr:`Router.waiting`).
+
 Time is a parameter: every call that marks or revives takes ``now`` (wall-clock
 seconds, because the stats show the grace mark as a unix timestamp).
 
