@@ -374,6 +374,9 @@ def wire_child(cfg, reactor: Reactor, master: "MasterRuntime", channel) -> Route
 def node_caps(cfg) -> Optional[NodeCaps]:
     """The per-node concurrency caps (nodecaps.py), None when no cap is set."""
     if not cfg.fastrouter_node_max_conns and not cfg.fastrouter_node_max_conns_per_core:
+        if cfg.fastrouter_node_queue_wait:
+            log("[uwsgi-fastrouter] --fastrouter-node-queue-wait has no effect without "
+                "--fastrouter-node-max-conns or --fastrouter-node-max-conns-per-core")
         return None
     return NodeCaps(cfg.fastrouter_node_max_conns, cfg.fastrouter_node_max_conns_per_core,
                     cfg.fastrouter_node_queue_wait)
