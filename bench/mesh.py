@@ -15,6 +15,7 @@ inside the namespaces the script creates; they are deleted at the end.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -41,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nginx-max-fails", type=int, default=defaults.nginx_max_fails,
                    help="nginx max_fails per router (nginx's own default is 1)")
     p.add_argument("--router-master", action="store_true", help="run our routers under --master")
+    p.add_argument("--router-args", default="",
+                   help="more options for our routers, e.g. \"--fastrouter-retry-after-connect\"")
     p.add_argument("-v", "--verbose", action="store_true", help="print notes and the first failures")
     return p.parse_args(argv)
 
@@ -60,7 +63,8 @@ def main(argv=None) -> int:
                                         hold=args.hold, subscribe_freq=args.subscribe_freq,
                                         tolerance=args.tolerance, router_timeout=args.router_timeout,
                                         nginx_max_fails=args.nginx_max_fails,
-                                        router_master=args.router_master)
+                                        router_master=args.router_master,
+                                        router_args=tuple(shlex.split(args.router_args)))
             for name in names:
                 for n in range(args.rounds):
                     work = Path(tmp) / ("%s-%s-%d" % (kind, name, n))

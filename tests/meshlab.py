@@ -231,6 +231,9 @@ class Settings:
     request_timeout: float = 10.0
     hold: float = 2.0                  # seconds of load after the tables converged
     converge_bound: float = 30.0
+    # more options for our routers (e.g. --fastrouter-retry-after-connect); not given
+    # to uWSGI's
+    router_args: Tuple[str, ...] = ()
 
 
 def _stop_group(proc: Proc, sig: int) -> None:
@@ -270,7 +273,7 @@ class Lab:
         if self.cfg.router_kind == "uwsgi":
             return [uwsgi_bin(), "--master", "--die-on-term"] + args
         master = ["--master"] if self.cfg.router_master else []
-        return [sys.executable, "-m", "uwsgi_fastrouter"] + master + args
+        return [sys.executable, "-m", "uwsgi_fastrouter"] + master + args + list(self.cfg.router_args)
 
     def start_router(self, host: str) -> Proc:
         path = self.stats_path(host)

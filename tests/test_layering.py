@@ -185,6 +185,7 @@ RANKS = {
     # 1: pure codecs, tables and configuration
     "protocol": 1.0, "addresses": 1.0, "allowlist": 1.0, "slowstart": 1.0, "handoff": 1.0,
     "ini": 1.0, "signing": 1.0, "frames": 1.0, "record": 1.0, "stripvars": 1.0, "httperrors": 1.0,
+    "nodecaps": 1.0,
     "names": 1.1, "options": 1.1, "subscription": 1.1, "balancing": 1.1, "metrics": 1.1,
     "stats": 1.2,
     # 2: I/O

@@ -44,6 +44,8 @@ SUPPORTED = {
     "fastrouter-quiet", "fastrouter-access-log", "fastrouter-access-log-format",
     "fastrouter-force-key", "fastrouter-max-retries", "listen",
     "fastrouter-strip-vars", "fastrouter-strip-magic-vars", "fastrouter-http-errors",
+    "fastrouter-retry-after-connect", "fastrouter-node-max-conns", "fastrouter-node-max-conns-per-core",
+    "fastrouter-node-queue-wait",
     "socket-timeout", "abstract-socket", "chmod-socket", "master", "vacuum", "die-on-term",
     "stats-minified", "stats-http", "no-fd-passing", "fastrouter-trust-fd-passing", "ini", "set", "set-ph", "strict", "help",
     "version", "subscription-max-keys", "subscription-max-nodes",

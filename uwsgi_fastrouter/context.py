@@ -31,13 +31,13 @@ from .stripvars import VarStripper
 class SessionContext:
     __slots__ = ("reactor", "router", "scratch", "scratch_view", "chunk", "timeout", "force_key",
                  "scan_request", "counters", "handoffs", "body", "access_log", "cheap_enabled",
-                 "closed", "log", "strip_vars", "http_errors", "tls")
+                 "closed", "log", "strip_vars", "http_errors", "tls", "resend")
 
     def __init__(self, reactor, router, *, chunk: int, timeout: float, scan_request: Callable,
                  counters: Any, handoffs: Handoffs, body: Optional[BodyBuffering] = None,
                  force_key: Optional[bytes] = None, access_log: Optional[Callable] = None,
                  cheap_enabled: bool = False, strip_vars: Optional[VarStripper] = None,
-                 http_errors: bool = False, tls=None,
+                 http_errors: bool = False, tls=None, resend: bool = False,
                  closed: Callable[[Any], None] = lambda session: None,
                  log: Callable[[Any, str], None] = lambda session, line: None) -> None:
         self.reactor = reactor
@@ -55,6 +55,7 @@ class SessionContext:
         self.body = body                  # post-buffering policy; None when off
         self.access_log = access_log      # called with each closing session; None when off
         self.cheap_enabled = cheap_enabled
+        self.resend = resend              # --fastrouter-retry-after-connect
         self.closed = closed              # a session is over (after its sockets closed)
         self.log = log                    # a rate-limited line about one session
         self.strip_vars = strip_vars      # vars removed before a head goes out; None when off

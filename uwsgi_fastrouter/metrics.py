@@ -55,12 +55,15 @@ class Counters:
 
     __slots__ = ("by_code", "retries", "fallbacks", "bytes_in", "bytes_out", "detailed", "max_keys",
                  "first_byte", "first_byte_sum", "total", "total_sum", "keys", "nodes", "other_key",
-                 "other_node", "health")
+                 "other_node", "health", "resent", "cap_waits", "cap_refusals")
 
     def __init__(self, detailed: bool = False, max_keys: int = DEFAULT_MAX_KEYS) -> None:
         self.by_code = [0] * len(METRICS_INDEX)   # requests by record code (record.py)
         self.retries = 0
         self.fallbacks = 0
+        self.resent = 0               # --fastrouter-retry-after-connect: requests sent again
+        self.cap_waits = 0            # requests that waited for a node's slot (nodecaps.py)
+        self.cap_refusals = 0         # requests closed for want of one
         self.bytes_in = 0             # bytes read from the clients (requests)
         self.bytes_out = 0            # bytes sent to the clients (responses)
         self.detailed = detailed
@@ -135,6 +138,9 @@ class Counters:
             "outcomes": self.outcomes,
             "retries": self.retries,
             "fallbacks": self.fallbacks,
+            "resent": self.resent,
+            "cap_waits": self.cap_waits,
+            "cap_refusals": self.cap_refusals,
             "handoffs": server.fd_handoffs,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
@@ -168,7 +174,7 @@ def outcome_counts(snapshot: Optional[Dict[str, Any]]) -> Dict[str, int]:
 # ----------------------------------------------------------------- merging
 
 
-_SUMMED = ("retries", "fallbacks", "handoffs", "bytes_in", "bytes_out", "sessions",
+_SUMMED = ("retries", "fallbacks", "resent", "cap_waits", "cap_refusals", "handoffs", "bytes_in", "bytes_out", "sessions",
            "first_byte_sum", "total_sum")
 
 
@@ -316,6 +322,13 @@ def render(snapshot: Dict[str, Any], subscriptions: Optional[Dict[str, int]] = N
                 for name, count in zip(OUTCOMES, snapshot["outcomes"])])
     out.one("retries", "counter", "connection attempts after a failed one", snapshot["retries"])
     out.one("fallbacks", "counter", "attempts sent to a --fastrouter-fallback node", snapshot["fallbacks"])
+    out.one("resent_requests", "counter", "bodyless requests sent to another node after theirs "
+            "closed, reset or went silent before answering (--fastrouter-retry-after-connect)",
+            snapshot["resent"])
+    out.one("node_cap_waits", "counter", "requests that waited for a slot: every node of their key "
+            "was at its --fastrouter-node-max-conns cap", snapshot["cap_waits"])
+    out.one("node_cap_refusals", "counter", "requests closed because no node of their key had a "
+            "free slot in time", snapshot["cap_refusals"])
     out.one("handoffs", "counter", "clients handed over to a unix-socket node", snapshot["handoffs"])
     out.one("active_sessions", "gauge", "client connections open now", snapshot["sessions"])
     out.family("bytes", "counter", "bytes relayed (in: read from the clients, out: sent to the clients)",

@@ -281,6 +281,19 @@ OPTIONS: Tuple[Option, ...] = (
        "(or the node closed or failed before answering), 503 when no node serves the key, 504 "
        "when the node sent nothing within --fastrouter-timeout; never after a handoff",
        G_ROUTER),
+    _o("fastrouter-retry-after-connect", BOOL, "send a bodyless request again to another node "
+       "(within --fastrouter-max-retries) when its node closes, resets or stays silent for "
+       "--fastrouter-timeout before the first response byte; the node is marked as failed. A "
+       "request with a body, or whose client descriptor was passed to the node, is never sent "
+       "again", G_ROUTER),
+    _o("fastrouter-node-max-conns", INT, "most requests of one router process a node may hold at "
+       "once (0: no cap); past it a request goes to another node of its key, or waits up to "
+       "--fastrouter-node-queue-wait for a slot", G_ROUTER, default=0),
+    _o("fastrouter-node-max-conns-per-core", INT, "cap a subscribed node that announces its cores "
+       "at N times its cores (in place of --fastrouter-node-max-conns)", G_ROUTER, default=0),
+    _o("fastrouter-node-queue-wait", INT, "seconds a request waits for a slot when every node "
+       "of its key is at its cap (0: closed at once, as without a node)", G_ROUTER, default=0,
+       metavar="SECS"),
     _o("fastrouter-force-key", STRING, "route every request with KEY, ignoring the request vars",
        G_ROUTER, metavar="KEY"),
     _o("fastrouter-strip-vars", LIST, "remove this request var (every occurrence) before the "

@@ -31,6 +31,12 @@ value) retries follow the first attempt.  A UNIX node whose listen queue is full
 busy, not dead: :meth:`Router.busy_backoff` says when to try it again, or that it now
 counts as a failed connect.
 
+With ``--fastrouter-node-max-conns`` (nodecaps.py) every mapper that keeps node records
+skips the nodes that hold their cap of requests; the in-flight count is the node's
+``ref``, taken when a lookup returns the node and given back exactly once by
+:meth:`Router.release` or :meth:`Router.connect_failed`, which also offer the freed
+slot to the requests waiting for one (:attr:`Router.waiting`).
+
 Time is a parameter: every call that marks or revives takes ``now`` (wall-clock
 seconds, because the stats show the grace mark as a unix timestamp).
 
@@ -58,6 +64,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 from .balancing import mount_key
 from .log import RateLimitedLog, log, printable
 from .names import expand, names_in
+from .nodecaps import NodeCaps, Waiting
 
 # A UNIX node whose listen queue is full (connect gives EAGAIN) is busy, not dead: it is
 # tried again after a delay that starts here and doubles up to BUSY_MAX_DELAY, for at
@@ -120,7 +127,7 @@ class StaticNode:
     """One ``--fastrouter-to`` entry."""
 
     __slots__ = ("address", "name", "hits", "dead_since", "route", "tx", "rx", "down",
-                 "drained")
+                 "drained", "ref")
 
     def __init__(self, address: str, owner=None) -> None:
         self.name = address
@@ -131,6 +138,7 @@ class StaticNode:
         self.rx = 0              # bytes written to the node
         self.down = False        # failed its health checks (uwsgi_fastrouter/health.py)
         self.drained = False     # drained by the operator (the master FIFO)
+        self.ref = 0             # requests holding the node now (nodecaps.py)
         self.route = Route(self.address, 0, 0, self, owner)
 
 
@@ -143,6 +151,7 @@ class StaticMapper:
         self.clock = clock           # wall clock, for the grace marks
         self.cursor = 0
         self.down_count = 0          # nodes down (health checks) or drained
+        self.caps: Optional[NodeCaps] = None    # --fastrouter-node-max-conns
 
     def connected(self, route: Route) -> None:
         route.node.hits += 1
@@ -155,7 +164,9 @@ class StaticMapper:
                 % (printable(key), printable(node.name)))
 
     def release(self, route: Route) -> None:
-        pass
+        node = route.node
+        if node.ref > 0:
+            node.ref -= 1
 
     def set_down(self, address: bytes, down: bool) -> None:
         """The health checks marked the nodes at *address* down (or up again)."""
@@ -171,27 +182,35 @@ class StaticMapper:
                 setattr(node, flag, value)
         self.down_count = sum(1 for node in self.nodes if node.down or node.drained)
 
-    def _route_skipping_down(self) -> Optional[Route]:
-        """:meth:`__call__` while some node is down: the first node from the cursor on
-        that is neither down nor inside its grace time (a failed node whose grace
-        time is over is revived, as in the plain walk)."""
+    def _route_skipping(self) -> Optional[Route]:
+        """:meth:`__call__` while some node is down or drained (health checks, the
+        operator) or caps are set (nodecaps.py): the first node from the cursor on that
+        is neither down, drained, inside its grace time nor at its cap.  As in the plain
+        walk, only the node at the cursor is revived once its grace time is over."""
         nodes = self.nodes
         count = len(nodes)
-        now = None
+        caps = self.caps
+        now = self.clock()
+        alive = False
         for step in range(count):
             index = (self.cursor + step) % count
             node = nodes[index]
             if node.down or node.drained:
                 continue
             if node.dead_since:
-                now = self.clock() if now is None else now
-                if node.dead_since + self.gracetime > now:
+                if step or node.dead_since + self.gracetime > now:
                     continue
                 node.dead_since = 0.0
-            self.cursor = (index + 1) % count
-            return node.route
+            alive = True
+            if caps is None or caps.has_room(node):
+                self.cursor = (index + 1) % count
+                node.ref += 1
+                return node.route
         self.cursor = (self.cursor + 1) % count
+        if alive:
+            caps.full = True     # only a cap can have turned an alive node away
         return None
+
     def rebuild(self, addresses: Sequence[str]) -> None:
         """Make the node list *addresses*; a node that stays keeps its counters and
         its failure mark.  The list object is kept (the stats hold it)."""
@@ -207,8 +226,8 @@ class StaticMapper:
         self.down_count = sum(1 for node in nodes if node.down or node.drained)
 
     def __call__(self, key: bytes) -> Optional[Route]:
-        if self.down_count:
-            return self._route_skipping_down()
+        if self.down_count or self.caps is not None:
+            return self._route_skipping()
         nodes = self.nodes
         count = len(nodes)
         index = self.cursor
@@ -227,6 +246,7 @@ class StaticMapper:
                     self.cursor = (self.cursor + 1) % count
                     return None
         self.cursor = (index + 1) % count
+        node.ref += 1
         return node.route
 
 
@@ -384,7 +404,7 @@ class Router:
                  max_retries: int = 3, quiet: bool = False, wall_clock=None,
                  subscriptions: Optional[SubscriptionMapper] = None,
                  use_cache=None, code_string=None, use_socket: Optional[str] = None,
-                 forced_key: bool = False) -> None:
+                 forced_key: bool = False, caps: Optional[NodeCaps] = None) -> None:
         # forced_key: every key is --fastrouter-force-key, the operator's (see the module doc).
         self.wall_clock = wall_clock or time.time
         self.static = StaticMapper(to, gracetime, self.wall_clock) if to else None
@@ -420,6 +440,22 @@ class Router:
         self.fallback_on_no_key = fallback_on_no_key and bool(self.fallbacks)
         self.max_retries = max_retries
         self.quiet = quiet
+        # --fastrouter-node-max-conns (nodecaps.py): None when off
+        self.caps = caps
+        self.waiting: Optional[Waiting] = None
+        if caps is not None:
+            self.waiting = Waiting()
+            if self.static is not None:
+                self.static.caps = caps
+            if subscriptions is not None:
+                subscriptions.table.caps = caps
+            self._uncapped_route = self.route
+            self.route = self._capped_route
+
+    def _capped_route(self, key: bytes, request=None) -> Optional[Route]:
+        """:meth:`route` with caps: :attr:`NodeCaps.full` tells this lookup's story."""
+        self.caps.full = False
+        return self._uncapped_route(key, request)
 
     @property
     def host_names(self) -> List[str]:
@@ -460,6 +496,8 @@ class Router:
         owner = route.owner
         if owner is not None:
             owner.release(route)
+            if self.waiting is not None and self.waiting.sessions:
+                self.waiting.slot_freed()
 
     def connect_failed(self, route: Route, key: bytes, retries: int, reason: str,
                        log_it: bool = True) -> None:
@@ -472,6 +510,14 @@ class Router:
         if owner is not None:
             owner.failed(route, key)
             owner.release(route)
+            if self.waiting is not None and self.waiting.sessions:
+                self.waiting.slot_freed()
+
+    def at_cap(self) -> bool:
+        """The last lookup found no node because every alive node of the key holds as
+        many requests as its cap allows (nodecaps.py)."""
+        caps = self.caps
+        return caps is not None and caps.full
 
     def no_route_reason(self, key: bytes, cheap: bool = False) -> Optional[str]:
         """Why the mapper found no node for *key*, for the "no route" line (D19); None

@@ -40,6 +40,7 @@ from .frames import SUBSCRIPTION
 from .log import log, printable
 from .master import pack_credentials
 from .names import NameTable, names_in
+from .nodecaps import NodeCaps
 from .options import StartupError, access_log_target
 from .reactor import Reactor
 from .resolver import Resolver
@@ -410,6 +411,17 @@ def wire_child(cfg, reactor: Reactor, master: "MasterRuntime", channel) -> Route
     return runtime
 
 
+def node_caps(cfg) -> Optional[NodeCaps]:
+    """The per-node concurrency caps (nodecaps.py), None when no cap is set."""
+    if not cfg.fastrouter_node_max_conns and not cfg.fastrouter_node_max_conns_per_core:
+        if cfg.fastrouter_node_queue_wait:
+            log("[uwsgi-fastrouter] --fastrouter-node-queue-wait has no effect without "
+                "--fastrouter-node-max-conns or --fastrouter-node-max-conns-per-core")
+        return None
+    return NodeCaps(cfg.fastrouter_node_max_conns, cfg.fastrouter_node_max_conns_per_core,
+                    cfg.fastrouter_node_queue_wait)
+
+
 def _wire_router(cfg, reactor: Reactor, runtime: RouterRuntime) -> None:
     """Build the router and what runs beside it on the bound sockets."""
     prepared = runtime.prepared
@@ -448,6 +460,7 @@ def _wire_router(cfg, reactor: Reactor, runtime: RouterRuntime) -> None:
         quiet=cfg.fastrouter_quiet,
         subscriptions=mapper,
         forced_key=force_key is not None,
+        caps=node_caps(cfg),
     )
     _resolve_router_names(cfg, reactor, runtime, router, has_table)
     access_log, reopen_access_log = _make_access_log(cfg, reactor)
@@ -467,7 +480,8 @@ def _wire_router(cfg, reactor: Reactor, runtime: RouterRuntime) -> None:
                     access_log=access_log,
                     strip_vars=var_stripper(cfg),
                     http_errors=cfg.fastrouter_http_errors,
-                    tls=node_tls(cfg, subscriptions=has_table))
+                    tls=node_tls(cfg, subscriptions=has_table),
+                    retry_after_connect=cfg.fastrouter_retry_after_connect)
     server.counters = metrics.Counters(detailed=bool(cfg.fastrouter_metrics),
                                        max_keys=cfg.fastrouter_metrics_max_keys)
     if reopen_access_log is not None:

@@ -48,7 +48,7 @@ class Server:
                  post_buffering_dir: Optional[str] = None, post_buffering_max: int = 0,
                  post_buffering_min_rate: int = 0, access_log=None,
                  strip_vars: Optional[VarStripper] = None, http_errors: bool = False,
-                 tls=None) -> None:
+                 tls=None, retry_after_connect: bool = False) -> None:
         self.reactor = reactor
         self.router = router
         self.listeners = list(listeners)
@@ -70,6 +70,7 @@ class Server:
             reactor, router, chunk=self.chunk, timeout=self.timeout, scan_request=scan_request,
             counters=Counters(), handoffs=Handoffs(fd_passing, trust_fd_passing), body=body,
             force_key=force_key, access_log=access_log, cheap_enabled=cheap, tls=tls,
+            resend=retry_after_connect,
             closed=self.session_closed, log=self.log_session, strip_vars=strip_vars,
             http_errors=http_errors)
         self.accepting = False

@@ -111,17 +111,19 @@ CONNECTING = 1
 RELAY = 2
 CLOSED = 3
 RECV_BODY = 4
+WAIT_NODE = 5
 STATE_NAMES = {RECV_HEAD: "RECV_HEAD", CONNECTING: "CONNECTING", RELAY: "RELAY", CLOSED: "CLOSED",
-               RECV_BODY: "RECV_BODY"}
+               RECV_BODY: "RECV_BODY", WAIT_NODE: "WAIT_NODE"}
 
 # Every state change a session may make.  The state is a plain slot (no setter on the
 # hot path); tests/test_engine.py walks real sessions through every state with a
 # recording subclass and checks each change it sees against this table.
 TRANSITIONS = {
-    RECV_HEAD: (RECV_BODY, CONNECTING, CLOSED),
+    RECV_HEAD: (RECV_BODY, CONNECTING, WAIT_NODE, CLOSED),
+    WAIT_NODE: (RECV_BODY, CONNECTING, CLOSED),
     RECV_BODY: (CONNECTING, CLOSED),
     CONNECTING: (CONNECTING, RELAY, CLOSED),
-    RELAY: (CLOSED,),
+    RELAY: (CONNECTING, CLOSED),
     CLOSED: (),
 }
 
@@ -144,7 +146,7 @@ class Session:
         "reader", "key", "route", "retries", "fallback_index",
         "up_buf", "down_buf", "client_eof", "backend_eof", "c_events", "b_events",
         "info", "watch_client", "timer", "fd_passed", "body", "down_peek", "failed_address",
-        "__weakref__", "tls",
+        "__weakref__", "tls", "head",
         # the request record (record.py)
         "started", "first_byte", "ended", "rx", "tx", "outcome", "first",
     )
@@ -183,6 +185,7 @@ class Session:
         self.tx = 0               # bytes sent to the client
         self.outcome = None       # a record code; set early when no node could be found
         self.tls = None           # a TlsLink (tlsnode.py) while connected to a TLS node
+        self.head = None          # --fastrouter-retry-after-connect: a bodyless request's head
 
     # ------------------------------------------------------------------ head
 
@@ -278,10 +281,19 @@ class Session:
         router = ctx.router
         route = router.route(key, self)
         if route is None:
+            if router.at_cap():
+                self._wait_for_slot(buf, have)
+                return
             route, self.retries, self.fallback_index = router.route_unknown_key(key)
             if route is None:
                 self._no_route(NO_ROUTE, router.no_route_reason(key, ctx.cheap_enabled))
                 return
+        self._routed(route, buf, total, have)
+
+    def _routed(self, route: "Route", buf: memoryview, total: int, have: int) -> None:
+        """The head in *buf* has a node: send it (or read the body first)."""
+        ctx = self.ctx
+        info = self.info
         # A request without a body (uWSGI's rule, decisions.md D2: CONTENT_LENGTH
         # absent, empty or 0, no Transfer-Encoding; and nothing past the vars) has
         # nothing to relay upstream until the node answers: the client is watched only
@@ -296,6 +308,8 @@ class Session:
         buf[0] = route.modifier1
         buf[3] = route.modifier2
         self.up_buf = buf[:have]
+        if ctx.resend and not self.watch_client:
+            self.head = bytes(buf[:have])
         if ctx.body is not None and info.content_length:
             self._start_body(route, info.content_length, total, have)
             return
@@ -311,6 +325,56 @@ class Session:
         if have > total:
             head += buf[total:have]
         return memoryview(head), stripped_total, stripped_total + have - total
+
+    # ------------------------------------------------- waiting for a slot
+
+    def _wait_for_slot(self, buf: memoryview, have: int) -> None:
+        """Every alive node of the key is at its cap (nodecaps.py): wait for a slot up
+        to --fastrouter-node-queue-wait, or close at once without one."""
+        ctx = self.ctx
+        router = ctx.router
+        timeout = router.caps.queue_timeout
+        if not timeout:
+            ctx.counters.cap_refusals += 1
+            self._no_route(NO_ROUTE, "every node is at its connection cap "
+                                     "(--fastrouter-node-max-conns)")
+            return
+        ctx.counters.cap_waits += 1
+        self.up_buf = bytearray(buf[:have])      # out of the scratch buffer
+        self.state = WAIT_NODE
+        router.waiting.add(self)
+        reactor = ctx.reactor
+        self.last = reactor.now
+        self.timer = reactor.call_later(timeout, self._wait_expired, timeout)
+
+    def slot_freed(self) -> bool:
+        """A node gave a slot back (nodecaps.Waiting): True when this request took
+        one; a key left with no node at all closes the request as "no route"."""
+        if self.state != WAIT_NODE:
+            return False
+        router = self.ctx.router
+        route = router.route(self.key, self)
+        if route is None:
+            if not router.at_cap():
+                self._no_route(NO_ROUTE, router.no_route_reason(self.key))
+            return False
+        router.waiting.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        head = self.up_buf
+        self.up_buf = None
+        total = 4 + (head[1] | (head[2] << 8))
+        self.last = self.ctx.reactor.now
+        self._routed(route, memoryview(head), total, len(head))
+        return True
+
+    def _wait_expired(self, timeout: float) -> None:
+        self.timer = None
+        if self.state == WAIT_NODE:
+            self.ctx.counters.cap_refusals += 1
+            self._no_route(NO_ROUTE, "every node is at its connection cap: no slot within %g "
+                                     "seconds (--fastrouter-node-queue-wait)" % timeout)
 
     # -------------------------------------------------------- post-buffering
 
@@ -583,7 +647,7 @@ class Session:
             self.up_buf = None
         self._update_interest()
 
-    def _connect_failed(self, reason: str) -> None:
+    def _connect_failed(self, reason: str, log_it: bool = True) -> None:
         """Report the failed attempt and go on as the router says (retry, fallback, or
         give up)."""
         ctx = self.ctx
@@ -595,7 +659,7 @@ class Session:
         # socket is missing) log the failure once per request.
         repeated = route.address == self.failed_address
         self.failed_address = route.address
-        router.connect_failed(route, self.key, self.retries, reason, log_it=not repeated)
+        router.connect_failed(route, self.key, self.retries, reason, log_it=log_it and not repeated)
         ctx.counters.node_failed(route.address)
         route, self.retries, self.fallback_index = router.next_route(
             self.key, route, self.retries, self.fallback_index, self)
@@ -610,6 +674,25 @@ class Session:
             self.up_buf = bytes(head)
         self.last = ctx.reactor.now
         self._connect(route)
+
+    def _resend(self, what: str) -> bool:
+        """--fastrouter-retry-after-connect: the node *what* (closed, reset, went
+        silent) before its first response byte.  A bodyless request whose descriptor
+        stayed here goes on as after a failed connect: the node is marked and the
+        head goes to the next node, within --fastrouter-max-retries.  False when
+        the request is not one to send again."""
+        head = self.head
+        if head is None or self.down_peek or self.fd_passed:
+            return False
+        ctx = self.ctx
+        ctx.counters.resent += 1
+        ctx.log(self, "the node %s before its first response byte: request sent again "
+                      "(--fastrouter-retry-after-connect)" % what)
+        self._drop_backend()
+        self.up_buf = head
+        self.state = CONNECTING
+        self._connect_failed(what, log_it=False)
+        return True
 
     def _all_failed(self) -> None:
         self._no_route(FAILED, "all nodes failed (%d %s)"
@@ -721,11 +804,15 @@ class Session:
             except BlockingIOError:
                 return
             except OSError as exc:
+                if self.head is not None and self._resend("failed (%s)" % (exc.strerror or exc)):
+                    return
                 if not peek:
                     self._answer_error(BAD_GATEWAY)
                 self.close("error reading from node: %s" % (exc.strerror or exc))
                 return
             if n == 0:
+                if self.head is not None and self._resend("closed the connection"):
+                    return
                 self.backend_eof = True
                 if not peek:
                     # Closed without a byte: taken over (below), or no answer at all.
@@ -856,6 +943,8 @@ class Session:
         except BlockingIOError:
             return True
         except OSError as exc:
+            if self.head is not None and self._resend("failed (%s)" % (exc.strerror or exc)):
+                return False
             self.close("error writing to node: %s" % (exc.strerror or exc))
             return False
         node = self.route.node
@@ -916,6 +1005,9 @@ class Session:
             # A connect that never completes counts as a failed connect (retry path).
             self._drop_backend()
             self._connect_failed("timeout")
+        elif self.head is not None and self.state == RELAY and self._resend(
+                "sent nothing for %d seconds" % self.ctx.timeout):
+            return
         else:
             if self.state == RELAY:
                 self._answer_error(GATEWAY_TIMEOUT)   # only before the first response byte
@@ -929,6 +1021,8 @@ class Session:
         self.state = CLOSED
         ctx = self.ctx
         reactor = ctx.reactor
+        if state == WAIT_NODE:
+            ctx.router.waiting.discard(self)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

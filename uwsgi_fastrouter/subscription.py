@@ -796,6 +796,8 @@ class SubscriptionTable:
         self.refused_replays = 0
         #: removed nodes forgotten early because the replay memory was full
         self.replay_memory_evicted = 0
+        #: per-node concurrency caps (a nodecaps.NodeCaps), None without them
+        self.caps: Any = None
 
     # -- queries ------------------------------------------------------------
 
@@ -1010,6 +1012,8 @@ class SubscriptionTable:
                 return None
         if pool.levels:
             nodes = _lowest_level(nodes)
+        if self.caps is not None:
+            nodes = self.caps.open_nodes(nodes)
         if pool.hashed:
             return _pick_hash(nodes, self.client_of(request))
         if pool.ramping:

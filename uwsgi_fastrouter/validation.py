@@ -43,8 +43,10 @@ def _check_something_to_do(cfg) -> None:
 
 
 def _check_retries(cfg) -> None:
-    if cfg.fastrouter_max_retries < 0:
-        raise StartupError('invalid value for option "fastrouter-max-retries": must be >= 0')
+    for name in ("fastrouter-max-retries", "fastrouter-node-max-conns",
+                 "fastrouter-node-max-conns-per-core", "fastrouter-node-queue-wait"):
+        if getattr(cfg, name.replace("-", "_")) < 0:
+            raise StartupError('invalid value for option "%s": must be >= 0' % name)
 
 
 def _check_host_names(cfg) -> None:
