@@ -491,20 +491,8 @@ class Session:
         if tls is not None and tls.wanted(route):
             self._connect_tls(route, tls, family, addr, busy)
             return
-        try:
-            sock = _new_socket(family, _SOCK_FLAGS)
-        except OSError as exc:
-            self.close("unable to create a socket for node %s: %s"
-                       % (printable(route.address), exc.strerror or exc))
-            return
-        err = sock.connect_ex(addr)
-        if err == errno.EAGAIN and family == _AF_UNIX:
-            sock.close()
-            self._wait_for_busy_node(route, busy)
-            return
-        if err and err not in _IN_PROGRESS:
-            sock.close()
-            self._connect_failed(os.strerror(err))
+        sock = self._start_connect(route, _new_socket, family, addr, busy)
+        if sock is None:
             return
         self.bsock = sock
         self.bfd = sock.fileno()
@@ -528,23 +516,34 @@ class Session:
             return
         self._connected(head, sent)
 
-    def _connect_tls(self, route: "Route", tls, family: int, addr, busy: Optional[tuple]) -> None:
-        """:meth:`_connect` for a TLS node (tlsnode.py): the head waits for the handshake,
-        which starts once the TCP connect is complete (:meth:`_finish_tls`)."""
+    def _start_connect(self, route: "Route", make_socket, family: int, addr,
+                       busy: Optional[tuple]):
+        """A new non-blocking socket from *make_socket* with its connect to *addr*
+        started; None when the session already went on without it (closed for want of
+        a socket, waiting for a busy UNIX node, or a failed connect reported)."""
         try:
-            sock = socket.socket(family, _SOCK_FLAGS)   # ssl wraps only this class
+            sock = make_socket(family, _SOCK_FLAGS)
         except OSError as exc:
             self.close("unable to create a socket for node %s: %s"
                        % (printable(route.address), exc.strerror or exc))
-            return
+            return None
         err = sock.connect_ex(addr)
         if err == errno.EAGAIN and family == _AF_UNIX:
             sock.close()
             self._wait_for_busy_node(route, busy)
-            return
+            return None
         if err and err not in _IN_PROGRESS:
             sock.close()
             self._connect_failed(os.strerror(err))
+            return None
+        return sock
+
+    def _connect_tls(self, route: "Route", tls, family: int, addr, busy: Optional[tuple]) -> None:
+        """:meth:`_connect` for a TLS node (tlsnode.py): the head waits for the handshake,
+        which starts once the TCP connect is complete (:meth:`_finish_tls`)."""
+        # ssl wraps only the Python socket class, not the C type the plain path uses
+        sock = self._start_connect(route, socket.socket, family, addr, busy)
+        if sock is None:
             return
         self.bfd = sock.fileno()
         self.bsock = self.tls = tls.link(sock, self.ctx.reactor, self._tls_buffered)
@@ -624,22 +623,20 @@ class Session:
     def _handed_over(self, sent: int) -> None:
         """An unchecked handoff (--fastrouter-trust-fd-passing): the node is trusted to
         take the client, so both our copies are closed at once, with no verdict."""
-        route = self.route
-        ctx = self.ctx
-        ctx.router.connected(route)
-        node = route.node
-        if node is not None:
-            node.rx += sent
+        self._count_connected(sent)
         self.backend_eof = True
         self.close()
 
-    def _connected(self, data, sent: int) -> None:
+    def _count_connected(self, sent: int) -> None:
+        """The node took the connection and *sent* bytes of the request."""
         route = self.route
-        ctx = self.ctx
-        ctx.router.connected(route)
+        self.ctx.router.connected(route)
         node = route.node
         if node is not None:
             node.rx += sent
+
+    def _connected(self, data, sent: int) -> None:
+        self._count_connected(sent)
         self.state = RELAY
         if sent < len(data):
             self.up_buf = bytes(memoryview(data)[sent:])
@@ -966,6 +963,8 @@ class Session:
                 pass
 
     def _update_interest(self) -> None:
+        # The two sides are written out rather than shared through a helper: this runs
+        # on every event of every request, and a call per side costs more than it reads.
         c = 0
         if self.down_buf is not None:
             c = WRITE
