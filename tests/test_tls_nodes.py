@@ -154,6 +154,25 @@ def test_a_node_that_fails_verification_is_a_failed_connect(tmp_path, pki, why, 
     alone.wait_for_log(line)
 
 
+@MASTER
+def test_a_tls_node_given_by_host_name_is_reached_over_tls(tmp_path, pki, master):
+    # --fastrouter-tls-node localhost:PORT must cover the addresses the name resolves to:
+    # the routes carry those, never the name.
+    node = tls_node(tmp_path, pki, "T")
+    named = "localhost:%s" % node.address.rsplit(":", 1)[1]
+    router = start_router(["--fastrouter", sock_path(tmp_path, "fr.sock"),
+                           "--fastrouter-to", named, "--fastrouter-tls-node", named,
+                           *tls_args(pki, client_cert=False)] + master)
+    wait_until(lambda: get_node_or_none(router) == "T", timeout=20, what="an answer over TLS")
+
+
+def get_node_or_none(router):
+    try:
+        return json_answer(get(router, timeout=10))["node"]
+    except Exception:
+        return None
+
+
 def test_right_server_name_is_sent_and_checked(tmp_path, pki):
     node = tls_node(tmp_path, pki, "T")
     router = start_router(["--fastrouter", sock_path(tmp_path, "fr.sock"),

@@ -39,7 +39,7 @@ from .endpoints import MetricsServer, StatsServer
 from .frames import SUBSCRIPTION
 from .log import log, printable
 from .master import pack_credentials
-from .names import NameTable, names_in
+from .names import NameTable, expand, names_in
 from .nodecaps import NodeCaps
 from .options import StartupError, access_log_target
 from .reactor import Reactor
@@ -462,7 +462,8 @@ def _wire_router(cfg, reactor: Reactor, runtime: RouterRuntime) -> None:
         forced_key=force_key is not None,
         caps=node_caps(cfg),
     )
-    _resolve_router_names(cfg, reactor, runtime, router, has_table)
+    tls = node_tls(cfg, subscriptions=has_table)
+    _resolve_router_names(cfg, reactor, runtime, router, has_table, tls)
     access_log, reopen_access_log = _make_access_log(cfg, reactor)
     listeners = bindings.listeners
     server = Server(reactor, router, listeners,
@@ -480,7 +481,7 @@ def _wire_router(cfg, reactor: Reactor, runtime: RouterRuntime) -> None:
                     access_log=access_log,
                     strip_vars=var_stripper(cfg),
                     http_errors=cfg.fastrouter_http_errors,
-                    tls=node_tls(cfg, subscriptions=has_table),
+                    tls=tls,
                     retry_after_connect=cfg.fastrouter_retry_after_connect)
     server.counters = metrics.Counters(detailed=bool(cfg.fastrouter_metrics),
                                        max_keys=cfg.fastrouter_metrics_max_keys)
@@ -534,21 +535,31 @@ def _wire_router(cfg, reactor: Reactor, runtime: RouterRuntime) -> None:
 
 
 def _resolve_router_names(cfg, reactor: Reactor, runtime: RouterRuntime, router: Router,
-                          has_table: bool) -> None:
+                          has_table: bool, tls) -> None:
     """A resolver for the host names of ``--fastrouter-to``/``--fastrouter-fallback``
-    (and of announces, with ``--subscription-resolve-names``); none without names, so
+    (and of announces, with ``--subscription-resolve-names``; and of the
+    ``--fastrouter-tls-node`` entries of the *tls* policy); none without names, so
     literal-only configurations run exactly as before."""
     names = router.host_names
+    tls_names = names_in(cfg.fastrouter_tls_node) if tls is not None else []
     # under a master the announces arrive with the master's answers (subserver.py)
     announced = has_table and cfg.subscription_resolve_names and not runtime.under_master
-    if not names and not announced:
+    if not names and not tls_names and not announced:
         return
     resolver = runtime.resolver = make_resolver(cfg, reactor)
-    for name in names:
+    for name in names + [n for n in tls_names if n not in names]:
         resolver.watch(name)
     if names:
         resolver.on_change.append(lambda: router.resolve_names(resolver.addresses))
         router.resolve_names(resolver.addresses)
+    if tls_names:
+        def addresses_of(address: bytes) -> List[bytes]:
+            text = address.decode("utf-8", "surrogateescape")
+            return [a.encode("utf-8", "surrogateescape")
+                    for a in expand([text], resolver.addresses)]
+
+        resolver.on_change.append(lambda: tls.resolve(addresses_of))
+        tls.resolve(addresses_of)
 
 
 def make_subscriber(cfg, reactor: Reactor, prepared: Prepared):

@@ -119,14 +119,24 @@ def failure_reason(exc: BaseException) -> str:
 class NodeTls:
     """Which nodes are reached over TLS, and with what context (module docstring)."""
 
-    __slots__ = ("addresses", "server_name", "_make_context", "_context")
+    __slots__ = ("addresses", "configured", "server_name", "_make_context", "_context")
 
     def __init__(self, make_context: Callable[[], ssl.SSLContext],
                  addresses: Iterable[bytes] = (), server_name: Optional[str] = None) -> None:
         self.addresses: FrozenSet[bytes] = frozenset(addresses)
+        self.configured = self.addresses      # as written (host names included)
         self.server_name = server_name
         self._make_context = make_context
         self._context: Optional[ssl.SSLContext] = None   # made at the first TLS node
+
+    def resolve(self, addresses_of: Callable[[bytes], Iterable[bytes]]) -> None:
+        """A ``--fastrouter-tls-node HOST:PORT`` also covers every address the name has
+        now (names.py): routes carry the resolved addresses.  *addresses_of* maps one
+        configured address to what it stands for (itself for a literal)."""
+        resolved = set(self.configured)
+        for address in self.configured:
+            resolved.update(addresses_of(address))
+        self.addresses = frozenset(resolved)
 
     def wanted(self, route) -> bool:
         """True when *route* goes to a TLS node."""
