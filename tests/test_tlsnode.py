@@ -228,3 +228,14 @@ def test_a_bad_tls_file_stops_the_start_before_anything_is_bound(sock_dir, mode)
     log = proc.log()
     assert "TLS to nodes: unable to load the CA file %s" % (sock_dir / "junk.pem") in log
     assert "bound on" not in log and "Traceback" not in log
+
+
+def test_a_router_without_tls_nodes_does_not_load_ssl():
+    # OpenSSL costs every process about 1.5 MiB: it is loaded at the first TLS use only.
+    import subprocess
+    import sys
+    code = ("import sys, uwsgi_fastrouter.cli, uwsgi_fastrouter.runtime, uwsgi_fastrouter.session;"
+            "print('ssl' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, timeout=60,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent))
+    assert out.stdout.strip() == b"False"

@@ -46,8 +46,7 @@ from __future__ import annotations
 
 import os
 import socket
-import ssl
-from typing import Callable, FrozenSet, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, FrozenSet, Iterable, Optional
 
 from .reactor import READ, WRITE
 
@@ -66,7 +65,22 @@ FILE_PIECE = 64 * 1024
 
 _MSG_PEEK = socket.MSG_PEEK
 _MSG_TRUNC = getattr(socket, "MSG_TRUNC", 0)
-_WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+# The stdlib ssl module is imported at the first use (a TLS context, a TLS failure):
+# loading OpenSSL costs every process about 1.5 MiB, and most never reach a TLS node.
+if TYPE_CHECKING:  # pragma: no cover
+    import ssl
+else:
+    ssl = None
+_WANT: tuple = ()
+
+
+def _load_ssl():
+    global ssl, _WANT
+    if ssl is None:
+        import ssl as module
+        _WANT = (module.SSLWantReadError, module.SSLWantWriteError)
+        ssl = module
+    return ssl
 
 
 class TlsSetupError(ValueError):
@@ -77,6 +91,7 @@ def client_context(cafile: Optional[str] = None, certfile: Optional[str] = None,
                    keyfile: Optional[str] = None, verify: bool = True,
                    server_name: Optional[str] = None) -> ssl.SSLContext:
     """The client context for nodes; :class:`TlsSetupError` says which file is wrong."""
+    _load_ssl()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if verify:
@@ -102,6 +117,7 @@ def client_context(cafile: Optional[str] = None, certfile: Optional[str] = None,
 
 
 def _reason(exc: BaseException) -> str:
+    _load_ssl()
     if isinstance(exc, ssl.SSLError) and exc.reason:
         return str(exc.verify_message if getattr(exc, "verify_message", None) else exc.reason)
     return getattr(exc, "strerror", None) or str(exc)
@@ -109,6 +125,7 @@ def _reason(exc: BaseException) -> str:
 
 def failure_reason(exc: BaseException) -> str:
     """A short reason for a failed TLS connection, for the node failure line."""
+    _load_ssl()
     if isinstance(exc, ssl.SSLCertVerificationError):
         return "TLS certificate verification failed: %s" % (exc.verify_message or exc.reason)
     if isinstance(exc, ssl.SSLError):
@@ -167,6 +184,7 @@ class TlsLink:
 
     def __init__(self, sock: socket.socket, context: ssl.SSLContext, server_name: Optional[str],
                  reactor, on_buffered: Callable[[], None]) -> None:
+        _load_ssl()
         self.raw: Optional[socket.socket] = sock
         self.tls: Optional[ssl.SSLSocket] = None
         self.context = context
