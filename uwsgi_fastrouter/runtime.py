@@ -299,6 +299,19 @@ def _make_access_log(cfg, reactor: Optional[Reactor] = None
     return access_log, reopen_if_touched
 
 
+def mark_failed_quietly(table: Optional[SubscriptionTable], key: bytes, address: bytes):
+    """A connect to *address* for *key* failed in another process (which logged it):
+    mark the node in this process's copy of the table; the node, or None."""
+    pool = table.pool(key) if table is not None else None
+    if pool is None:
+        return None
+    for node in pool.nodes:
+        if node.name == address:
+            table.quietly(table.connect_failed, key, node, time.time())
+            return node
+    return None
+
+
 # --------------------------------------------------------------------------
 # One router process
 
@@ -365,19 +378,9 @@ class RouterRuntime:
         self.server.router.node_drained(address, drained)
 
     def apply_failure(self, key: bytes, address: bytes) -> None:
-        table = self.table
-        if table is None:
-            return
-        pool = table.pool(key)
-        if pool is None:
-            return
-        for node in pool.nodes:
-            if node.name == address:
-                # Logged by the router process that saw it fail.
-                table.quietly(table.connect_failed, key, node, time.time())
-                if table.empty and not node.ref:
-                    self.server.go_cheap()
-                return
+        node = mark_failed_quietly(self.table, key, address)
+        if node is not None and self.table.empty and not node.ref:
+            self.server.go_cheap()
 
     def report_parts(self, pools_per_part: int = 32, totals_only: bool = False) -> Iterator[dict]:
         """This process's counters for the master's stats (see
@@ -752,16 +755,7 @@ class MasterRuntime:
 
     def node_failed(self, payload: bytes) -> None:
         key, _, address = payload.partition(b"\0")
-        table = self.table
-        if table is None:
-            return
-        pool = table.pool(key)
-        if pool is not None:
-            for node in pool.nodes:
-                if node.name == address:
-                    # Logged by the router process that saw it fail.
-                    table.quietly(table.connect_failed, key, node, time.time())
-                    break
+        mark_failed_quietly(self.table, key, address)
 
     def node_drained(self, address: bytes, drained: bool) -> None:
         """The master FIFO drained *address* (or took the drain back); the router
