@@ -88,7 +88,32 @@ class StatsServer(ConnectionServer):
         return self._pass_deadline
 
 
-class _StatsClient:
+class _EndpointClient:
+    """What both endpoints' connections share: sending what the socket takes now, and
+    closing (idempotent; the server forgets the client)."""
+
+    __slots__ = ()
+
+    def send_now(self, data) -> int:
+        """Bytes of *data* the socket took (0: try again later); -1 when the client is
+        gone (then closed)."""
+        try:
+            return self.sock.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            self.close()
+            return -1
+
+    def close(self) -> None:
+        if self.sock is None:
+            return
+        self.timer.cancel()
+        self.server.drop(self)
+        self.sock = None
+
+
+class _StatsClient(_EndpointClient):
     """One stats connection: (the HTTP request,) the document, in slices, then close.
 
     *timeout* bounds every wait: for the request, for the document, for the socket to
@@ -181,12 +206,8 @@ class _StatsClient:
                 self._deliver_error(exc)
                 return
         if self.pending:
-            try:
-                sent = self.sock.send(memoryview(self.pending)[self.offset:])
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self.close()
+            sent = self.send_now(memoryview(self.pending)[self.offset:])
+            if sent < 0:
                 return
             if sent:
                 self.offset += sent
@@ -206,13 +227,6 @@ class _StatsClient:
             self.close()
         else:
             self.timer = self.server.reactor.call_at(self.deadline, self._expire)
-
-    def close(self) -> None:
-        if self.sock is None:
-            return
-        self.timer.cancel()
-        self.server.drop(self)
-        self.sock = None
         self.pieces = None
         self.pending = b""
 
@@ -244,7 +258,7 @@ class MetricsServer(ConnectionServer):
         return client
 
 
-class _MetricsClient:
+class _MetricsClient(_EndpointClient):
     """One connection: the request head, the answer, close."""
 
     __slots__ = ("server", "sock", "fd", "request", "out", "timer", "head_only")
@@ -312,22 +326,11 @@ class _MetricsClient:
     def write(self) -> None:
         if self.sock is None:
             return
-        try:
-            sent = self.sock.send(self.out)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self.close()
+        sent = self.send_now(self.out)
+        if sent < 0:
             return
         self.out = self.out[sent:]
         if not self.out:
             self.close()
             return
         self.server.reactor.add_writer(self.fd, self.write)
-
-    def close(self) -> None:
-        if self.sock is None:
-            return
-        self.timer.cancel()
-        self.server.drop(self)
-        self.sock = None
