@@ -47,7 +47,7 @@ import time
 from typing import Any, Callable, Optional
 
 from .log import RateLimitedLog
-from .reactor import Reactor, Timer
+from .reactor import READ, Reactor, Timer
 
 __all__ = ["Acceptor", "BACKOFF", "EXHAUSTED", "adopt", "shed_waiting_client"]
 
@@ -156,11 +156,12 @@ class Acceptor:
             return
         self._watching = on
         if on:
-            self.reactor.add_reader(self._fd, self._ready)
+            # register(), not add_reader(): the callback is called with no wrapper frame.
+            self.reactor.register(self._fd, READ, self._ready)
         else:
-            self.reactor.remove_reader(self._fd)
+            self.reactor.unregister(self._fd)
 
-    def _ready(self) -> None:
+    def _ready(self, mask: int = READ) -> None:
         accept = self._accept
         on_accept = self.on_accept
         if self.reactor.ready_count == 1:
