@@ -36,9 +36,7 @@ from .accesslog import AccessLog
 from .addresses import shared_socket_index
 from .binding import Bindings
 from .endpoints import MetricsServer, StatsServer
-from .frames import SUBSCRIPTION
 from .log import log, printable
-from .master import pack_credentials
 from .options import StartupError, access_log_target
 from .reactor import Reactor
 from .router import Router, SubscriptionMapper
@@ -346,6 +344,10 @@ class RouterRuntime:
         if self.subscriptions is not None:
             self.subscriptions.apply_trusted(data, pid, uid, gid)
 
+    def apply_announcements(self, batch: list) -> None:
+        if self.subscriptions is not None:
+            self.subscriptions.apply_mirrored(batch)
+
     def apply_drain(self, address: bytes, drained: bool) -> None:
         """The master drained *address* (the master FIFO's ``D``/``U`` commands)."""
         self.server.router.node_drained(address, drained)
@@ -579,8 +581,7 @@ class MasterRuntime:
             if inherited and inherited.get("table_fd") is not None:
                 self._load_table(inherited["table_fd"])
             self.subscriptions = subscription_server(cfg, reactor, self.table, bindings, forwards=True)
-            self.subscriptions.on_accepted = lambda data, pid, uid, gid: master.broadcast(
-                SUBSCRIPTION, pack_credentials(pid, uid, gid) + data)
+            self.subscriptions.on_accepted = master.queue_announcement
         self.zerg = zerg_server(reactor, bindings)
         self.subscriber = make_subscriber(cfg, reactor, self.prepared)
         self.stats = stats_server(cfg, reactor, bindings, gather=self._gather_stats)

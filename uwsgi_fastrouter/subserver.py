@@ -56,6 +56,8 @@ from .subscription import (Announcement, SubscriptionError, SubscriptionTable, T
                            build_announcement, parse_announcement)
 
 _MAX_DATAGRAM = 65535 + 4
+_ANNOUNCEMENT_SIZE = len(Announcement._fields)
+_new_announcement = tuple.__new__
 _DATAGRAMS_PER_EVENT = 64
 _UCRED = struct.Struct("3i")
 _SCM_CREDENTIALS = getattr(socket, "SCM_CREDENTIALS", 2)
@@ -125,10 +127,12 @@ class SubscriptionServer:
         self.notify_ignored = 0
         #: datagrams from senders ``--subscription-allow`` does not list
         self.refused_sources = 0
-        # Called with (datagram, pid, uid, gid) for every accepted datagram: the
-        # master copies it to the sibling router processes.
-        self.on_accepted: Optional[Callable[[bytes, Optional[int], Optional[int], Optional[int]], None]] = None
+        # Called with (announcement, pid, uid, gid) for every accepted datagram: the
+        # master copies it to the router processes (see apply_mirrored).
+        self.on_accepted: Optional[Callable[[Announcement, Optional[int], Optional[int],
+                                             Optional[int]], None]] = None
         self._buf = bytearray(_MAX_DATAGRAM + 1)
+        self._view = memoryview(self._buf)
         self._resub_sock_inet: Optional[socket.socket] = None
         self._resub_sock_unix: Optional[socket.socket] = None
         # Targets are parsed now: a bad one is a start-up error, not a log line per packet.
@@ -180,7 +184,7 @@ class SubscriptionServer:
                             pid, uid, gid = _UCRED.unpack_from(payload)
                 else:
                     n, sender = sock.recvfrom_into(self._buf)
-                    data = bytes(self._buf[:n])
+                    data = bytes(self._view[:n])     # one copy, of the datagram only
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -218,7 +222,7 @@ class SubscriptionServer:
                            verified=verified):
             return None
         if self.on_accepted is not None:
-            self.on_accepted(data, pid, uid, gid)
+            self.on_accepted(announcement, pid, uid, gid)
         self._forward(announcement)
         return announcement
 
@@ -234,6 +238,26 @@ class SubscriptionServer:
         # The master logged the event: the copies in the router processes stay silent.
         self.table.quietly(self._apply, announcement, None, pid, uid, gid, True, notify=False,
                            verified=False, mirrored=True)
+
+    def apply_mirrored(self, batch: list) -> None:
+        """Apply the announcements the master accepted in one pass of its loop (D8), a
+        list of ``(pid, uid, gid, fields)`` (frames.py): as :meth:`apply_trusted`, and
+        already parsed by the master.  An item that is not the shape of an announcement
+        is skipped."""
+        self.table.quietly(self._apply_mirrored, batch)
+
+    def _apply_mirrored(self, batch: list) -> None:
+        apply = self._apply
+        size = _ANNOUNCEMENT_SIZE
+        for item in batch:
+            try:
+                pid, uid, gid, fields = item
+            except (TypeError, ValueError):
+                continue
+            if type(fields) is not tuple or len(fields) != size:
+                continue
+            apply(_new_announcement(Announcement, fields), None, pid, uid, gid, True,
+                  notify=False, verified=False, mirrored=True)
 
     def _apply(self, announcement: Announcement, sender, pid, uid, gid, trusted: bool,
                notify: bool, verified: bool, mirrored: bool = False) -> bool:
