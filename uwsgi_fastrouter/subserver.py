@@ -194,7 +194,10 @@ class SubscriptionServer:
                     % (os.getpid(), listener.name, exc.strerror or exc))
                 return
             self.received += 1
-            self.handle(data, sender, pid=pid, uid=uid, gid=gid, require_credentials=creds_wanted)
+            if creds_wanted:
+                self.handle(data, sender, pid=pid, uid=uid, gid=gid, require_credentials=True)
+            else:
+                self.handle(data, sender)
 
     def handle(self, data: bytes, sender=None, *, pid: Optional[int] = None, uid: Optional[int] = None,
                gid: Optional[int] = None, require_credentials: bool = False) -> Optional[Announcement]:
@@ -223,7 +226,8 @@ class SubscriptionServer:
             return None
         if self.on_accepted is not None:
             self.on_accepted(announcement, pid, uid, gid)
-        self._forward(announcement)
+        if self.resubscribe:
+            self._forward(announcement)
         return announcement
 
     def apply_trusted(self, data: bytes, pid: Optional[int] = None, uid: Optional[int] = None,
@@ -262,7 +266,8 @@ class SubscriptionServer:
     def _apply(self, announcement: Announcement, sender, pid, uid, gid, trusted: bool,
                notify: bool, verified: bool, mirrored: bool = False) -> bool:
         table = self.table
-        existed = self._node_exists(announcement)
+        # Only a notify path needs to know (before the announce) whether the node is new.
+        existed = notify and announcement.notify is not None and self._node_exists(announcement)
         try:
             node = table.announce(announcement, self.wall_clock(), uid=uid, gid=gid, pid=pid,
                                   trusted=trusted, mirrored=mirrored)
