@@ -960,3 +960,24 @@ def test_fast_path_masks_follow_the_registered_interest(socketpair):
         reactor.unregister(a.fileno())
         reactor.unregister(c.fileno())
         reactor.close()
+
+
+@needs_epoll
+def test_a_patched_epoll_selector_is_driven_through_its_methods(monkeypatch):
+    """The fast path skips only the stdlib's own code: a select() replaced on the class
+    (a tracer, say) is called on every pass."""
+    calls = []
+    original = selectors.EpollSelector.select
+
+    def traced(self, timeout=None):
+        calls.append(timeout)
+        return original(self, timeout)
+
+    monkeypatch.setattr(selectors.EpollSelector, "select", traced)
+    reactor = Reactor(selector=selectors.EpollSelector())
+    try:
+        reactor.call_soon(reactor.stop)
+        run_bounded(reactor)
+        assert calls
+    finally:
+        reactor.close()

@@ -110,10 +110,15 @@ _SelectorKey = selectors.SelectorKey
 
 def _epoll_parts(selector: selectors.BaseSelector) -> Tuple[Any, Optional[Dict[int, Any]]]:
     """(the epoll object, the fd -> key map) of a stdlib ``EpollSelector``, or (None, None)
-    for any other selector, a subclass included (it may override what the fast path skips)."""
+    for any other selector, a subclass included, or when the class's methods were
+    replaced: the fast path must skip only the stdlib's own code."""
     epoll_cls = getattr(selectors, "EpollSelector", None)
     if epoll_cls is None or type(selector) is not epoll_cls:
         return None, None
+    # Methods replaced on the class itself (a tracing or test patch) are honoured.
+    for name in ("select", "register", "modify", "unregister"):
+        if getattr(getattr(epoll_cls, name, None), "__module__", None) != selectors.__name__:
+            return None, None
     epoll = getattr(selector, "_selector", None)
     fd_to_key = getattr(selector, "_fd_to_key", None)
     if type(epoll) is not getattr(_select, "epoll", None) or type(fd_to_key) is not dict:
@@ -252,7 +257,18 @@ class Reactor:
             if type(key.data) is _ReaderWriter:
                 raise ValueError("fd %d is registered with add_reader/add_writer" % fd)
             raise KeyError("fd %d is already registered" % fd)
-        self._keys[fd] = self._register(fd, events, callback)
+        epoll = self._epoll
+        if epoll is None or type(fd) is not int:
+            self._keys[fd] = self._register(fd, events, callback)
+            return
+        # _register()'s fast path, inline: the proxy registers a socket per request.
+        if not events or events & ~(READ | WRITE):
+            raise ValueError("Invalid events: %r" % (events,))
+        sel_map = self._sel_map
+        if fd in sel_map:
+            raise KeyError("fd %d is already registered" % fd)
+        epoll.register(fd, _EPOLL_INTEREST[events])
+        self._keys[fd] = sel_map[fd] = _new_key(_SelectorKey, (fd, fd, events, callback))
 
     def _register(self, fd: int, events: int, data: Any) -> selectors.SelectorKey:
         epoll = self._epoll
