@@ -396,15 +396,15 @@ def pool_stats(pool) -> Dict[str, Any]:
 
 
 _node_numbers = operator.attrgetter(*_NODE_FIELDS[1:])
+_ONLY_INT = {int}
 
 
 def node_stats(node) -> Dict[str, Any]:
     """One node's record: its name and its numbers (``None`` shown as 0)."""
-    record = {"name": node.name}
-    record.update(zip(_NODE_FIELDS[1:], _node_numbers(node)))
-    for field, value in record.items():
-        if type(value) is not int and field != "name":
-            record[field] = _number(value)
+    numbers = _node_numbers(node)
+    if set(map(type, numbers)) != _ONLY_INT:       # None, a float: converted one by one
+        numbers = tuple(value if type(value) is int else _number(value) for value in numbers)
+    record = dict(zip(_NODE_FIELDS, (node.name,) + numbers))
     health = getattr(node, "health", None)
     if health is not None:
         record["health"] = health      # only while health checks run
