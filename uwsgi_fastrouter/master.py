@@ -339,7 +339,7 @@ class Master:
             from .proccontrol import drop_privileges, resolve_ids
             uid, gid = resolve_ids(cfg.fastrouter_uid, cfg.fastrouter_gid)
             drop_privileges(uid, gid, who="uWSGI fastrouter %d" % child.index)
-        reactor = Reactor()
+        reactor = Reactor(max_events=cfg.fastrouter_events)
         parts = self._wire(self.cfg, reactor, self.sockets, channel)
         link = RouterLink(reactor, channel, parts)
         if self.heartbeat is not None:
