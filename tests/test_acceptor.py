@@ -273,3 +273,29 @@ def test_a_stats_server_out_of_descriptors_sheds_its_clients_and_does_not_spin(b
                what="the stats server answering again")
     assert request(router.addresses[0], HOST).startswith(b"HTTP/1.0 200")
     assert router.alive()
+
+
+def test_the_only_ready_listener_takes_one_connection_without_a_failing_accept(reactor, listener):
+    """When the listener is the only ready descriptor of the pass, one accept() and no
+    second one that fails with EAGAIN; the clients still waiting are taken in the next
+    passes, as the listener stays ready."""
+    got = []
+
+    def on_accept(fd, addr):
+        got.append(fd)
+        if len(got) == 3:
+            reactor.stop()
+    acceptor = Acceptor(reactor, listener, on_accept, name="t", batch=8)
+    waiting = clients(listener, 3)
+    reactor.ready_count = 1
+    acceptor._ready()
+    assert len(got) == 1 and listener.attempts == 1
+    acceptor.start()
+    reactor.call_later(5.0, reactor.stop)      # a bound, not a timing
+    reactor.run()
+    assert len(got) == 3
+    assert listener.attempts == 3              # three connections, three accept() calls
+    for fd in got:
+        os.close(fd)
+    for c in waiting:
+        c.close()

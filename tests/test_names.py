@@ -447,17 +447,15 @@ def test_a_master_copies_a_resolved_announce_to_its_routers_once_per_address(eng
     resolver = Resolver(engine.reactor, NameTable(interval=60), lookup=lookup)
     resolver.start()
     table, server = subscription_server(engine, resolver)
-    copies: List[bytes] = []
-    server.on_accepted = lambda data, pid, uid, gid: copies.append(data)
+    copies: list = []
+    server.on_accepted = lambda announcement, pid, uid, gid: copies.append(announcement)
     packet = announce_packet(b"example.com", b"web.test:3031")
     server.handle(packet)
     engine.until(lambda: resolver.addresses("web.test") is not None, "the answer")
     server.handle(packet)
     server.handle(announce_packet(b"example.com", b"127.0.0.9:1"))
-    assert [announcement_vars(c)[b"address"] for c in copies] == [
-        b"127.0.0.2:3031", b"127.0.0.3:3031", b"127.0.0.9:1"]
+    assert [c.address for c in copies] == [b"127.0.0.2:3031", b"127.0.0.3:3031", b"127.0.0.9:1"]
     child_table, child = subscription_server(engine)          # a router process: no resolver
-    for data in copies:
-        child.apply_trusted(data)
+    child.apply_mirrored([(None, None, None, tuple(c)) for c in copies])   # as the master sends them
     assert node_names(child_table, b"example.com") == node_names(table, b"example.com")
     resolver.stop()

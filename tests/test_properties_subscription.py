@@ -248,3 +248,36 @@ def test_any_accepted_announcement_can_be_forwarded_or_is_refused(datagram, addr
     f = parse_announcement(packet)
     _check_accepted(packet, f)
     assert (f.key, f.address, f.forwarded, f.unsubscribe) == (a.key, address, True, a.unsubscribe)
+
+
+def _strict_outcome(datagram: bytes):
+    from uwsgi_fastrouter.subscription import _parse_strict
+    try:
+        return _parse_strict(datagram)
+    except SubscriptionError as exc:
+        return ("error", str(exc))
+
+
+with_rare_vars = st.builds(
+    lambda base, backup, algo, vassal: build_announcement(
+        key=b"k", address=b"a", weight=base, backup=backup, algo=algo, vassal=vassal),
+    st.integers(0, 5), st.one_of(st.none(), st.integers(0, 3)),
+    st.one_of(st.none(), st.sampled_from([b"wrr", b"lrc", b"nope"])),
+    st.one_of(st.none(), st.binary(max_size=4)))
+
+
+@PROPERTY
+@given(st.one_of(datagrams, mutated(with_rare_vars), with_rare_vars))
+def test_quick_parse_agrees_with_the_strict_one(datagram):
+    """parse_announcement walks ordinary packets quickly and hands the rest to the strict
+    parser: for any bytes, the same announcement or the same error as the strict one."""
+    from uwsgi_fastrouter.subscription import _parse_common
+    strict = _strict_outcome(datagram)
+    quick = _parse_common(datagram)
+    if quick is not None:
+        assert quick == strict and type(quick) is Announcement
+    try:
+        got = parse_announcement(datagram)
+    except SubscriptionError as exc:
+        got = ("error", str(exc))
+    assert got == strict

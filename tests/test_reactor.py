@@ -854,3 +854,130 @@ def test_forget_then_close_leaves_no_stale_registration(reactor):
         b.close()
         c.close()
         d.close()
+
+
+# ------------------------------------------------------ the epoll fast path
+
+needs_epoll = pytest.mark.skipif(not hasattr(selectors, "EpollSelector"),
+                                 reason="no epoll here")
+
+
+@needs_epoll
+def test_max_events_bounds_each_epoll_pass():
+    """On the stdlib epoll selector max_events is epoll_wait's maxevents; the fds left
+    over are reported in the next passes (level-triggered), none is lost."""
+    reactor = Reactor(selector=selectors.EpollSelector(), max_events=2)
+    pairs = [socket.socketpair() for _ in range(5)]
+    seen = []
+    counts = []
+    try:
+        for a, b in pairs:
+            a.setblocking(False)
+            b.send(b"x")
+
+            def on_ready(mask, sock=a):
+                seen.append(sock.recv(10))
+                counts.append(reactor.ready_count)
+            reactor.register(a.fileno(), READ, on_ready)
+        reactor.call_soon(reactor.stop)
+        run_bounded(reactor)
+        assert len(seen) == 2 and counts == [2, 2]
+        for _ in range(2):
+            reactor.call_soon(reactor.stop)
+            run_bounded(reactor)
+        assert seen == [b"x"] * 5
+        assert counts == [2, 2, 2, 2, 1]
+    finally:
+        for a, b in pairs:
+            reactor.unregister(a.fileno())
+            a.close()
+            b.close()
+        reactor.close()
+
+
+@needs_epoll
+def test_fast_path_keeps_the_selectors_map_in_step(socketpair):
+    """The fast path drives the selector's epoll object itself: the selector's own map
+    must hold the very keys the reactor holds, after every kind of change."""
+    reactor = Reactor(selector=selectors.EpollSelector())
+    a, b = socketpair()
+    c, d = socketpair()
+
+    def same_maps():
+        theirs = dict(reactor._selector.get_map())
+        assert set(theirs) == set(reactor._keys)
+        for fd, key in reactor._keys.items():
+            assert theirs[fd] is key
+            assert key.fd == fd and key.fileobj == fd
+
+    try:
+        def cb(mask):
+            return None
+        reactor.register(a.fileno(), READ, cb)
+        same_maps()
+        reactor.modify(a.fileno(), READ | WRITE, cb)
+        assert reactor._selector.get_key(a.fileno()).events == READ | WRITE
+        same_maps()
+        key = reactor._keys[a.fileno()]
+        reactor.modify(a.fileno(), READ | WRITE, cb)   # nothing changed: the same key
+        assert reactor._keys[a.fileno()] is key
+        reactor.add_reader(c.fileno(), lambda: None)
+        reactor.add_writer(c.fileno(), lambda: None)
+        same_maps()
+        with pytest.raises(KeyError):
+            reactor.register(a.fileno(), READ, cb)
+        with pytest.raises(ValueError):
+            reactor.register(b.fileno(), 4, cb)
+        assert not reactor.is_registered(b.fileno())
+        same_maps()
+        reactor.remove_writer(c.fileno())
+        same_maps()
+        reactor.unregister(c.fileno())
+        reactor.forget(a.fileno())
+        same_maps()
+        assert reactor._keys == {reactor._wakeup_recv.fileno(): reactor._keys[reactor._wakeup_recv.fileno()]}
+    finally:
+        reactor.close()
+
+
+@needs_epoll
+def test_fast_path_masks_follow_the_registered_interest(socketpair):
+    """A peer that went away makes epoll report HUP: a READ-only registration sees READ
+    (never a WRITE it did not ask for), a READ|WRITE one sees both, as with selectors."""
+    reactor = Reactor(selector=selectors.EpollSelector())
+    a, b = socketpair()
+    c, d = socketpair()
+    masks = {}
+    try:
+        reactor.register(a.fileno(), READ, lambda m: masks.setdefault("read", m))
+        reactor.register(c.fileno(), READ | WRITE, lambda m: masks.setdefault("both", m))
+        b.close()
+        d.close()
+        reactor.call_soon(reactor.stop)
+        run_bounded(reactor)
+        assert masks == {"read": READ, "both": READ | WRITE}
+    finally:
+        reactor.unregister(a.fileno())
+        reactor.unregister(c.fileno())
+        reactor.close()
+
+
+@needs_epoll
+def test_a_patched_epoll_selector_is_driven_through_its_methods(monkeypatch):
+    """The fast path skips only the stdlib's own code: a select() replaced on the class
+    (a tracer, say) is called on every pass."""
+    calls = []
+    original = selectors.EpollSelector.select
+
+    def traced(self, timeout=None):
+        calls.append(timeout)
+        return original(self, timeout)
+
+    monkeypatch.setattr(selectors.EpollSelector, "select", traced)
+    reactor = Reactor(selector=selectors.EpollSelector())
+    try:
+        reactor.call_soon(reactor.stop)
+        run_bounded(reactor)
+        assert calls
+    finally:
+        reactor.close()

@@ -139,7 +139,7 @@ def test_the_frame_codec_takes_a_stream_in_any_pieces():
         frames += reader.feed(stream[at:at + 1])
     assert frames == [(READY, b""), (FAILED, b"key\0127.0.0.1:1")]
     assert "frames" in {n for n in _own_imports("master")}
-    assert not _own_imports("frames") - {"__future__", "struct", "typing"}
+    assert not _own_imports("frames") - {"__future__", "marshal", "struct", "typing"}
 
 
 @pytest.mark.parametrize("mode", [[], ["--master"]], ids=["single", "master"])

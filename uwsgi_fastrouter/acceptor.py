@@ -5,7 +5,11 @@ Theory of operation
 An :class:`Acceptor` watches one listening socket on the reactor.  On readiness it
 accepts in a loop -- at most *batch* connections, so one busy listener cannot starve
 the others -- and hands each new descriptor and peer address to its owner's
-``on_accept(fd, addr)``.  The descriptor is the bare number ``accept(2)`` returned:
+``on_accept(fd, addr)``.  When the listener is the only descriptor ready in the
+reactor's pass (a lightly loaded process), it accepts just one: the loop would end
+with an ``accept()`` failing with EAGAIN, a system call plus an exception object on
+every connection, while a client still waiting makes the (level-triggered) listener
+ready again in the next pass at the price of one poll.  The descriptor is the bare number ``accept(2)`` returned:
 no socket object is built here and the new socket is in blocking mode (the router
 keeps it so and uses ``MSG_DONTWAIT``, saving one ``fcntl`` per connection; other
 owners wrap it with :func:`adopt`).  That is the whole cost per connection: one
@@ -43,7 +47,7 @@ import time
 from typing import Any, Callable, Optional
 
 from .log import RateLimitedLog
-from .reactor import Reactor, Timer
+from .reactor import READ, Reactor, Timer
 
 __all__ = ["Acceptor", "BACKOFF", "EXHAUSTED", "adopt", "shed_waiting_client"]
 
@@ -113,7 +117,7 @@ class Acceptor:
     """
 
     __slots__ = ("reactor", "sock", "name", "on_accept", "batch", "_fd", "_started",
-                 "_watching", "_timer")
+                 "_watching", "_timer", "_accept")
 
     def __init__(self, reactor: Reactor, sock: socket.socket,
                  on_accept: Callable[[int, Any], None], *, name: str, batch: int = 16) -> None:
@@ -123,6 +127,7 @@ class Acceptor:
         self.on_accept = on_accept
         self.batch = max(int(batch), 1)
         self._fd = sock.fileno()
+        self._accept = sock._accept  # type: ignore[attr-defined]  # bound once
         self._started = False       # the owner's wish
         self._watching = False      # registered with the reactor
         self._timer: Optional[Timer] = None   # set while backing off
@@ -151,13 +156,29 @@ class Acceptor:
             return
         self._watching = on
         if on:
-            self.reactor.add_reader(self._fd, self._ready)
+            # register(), not add_reader(): the callback is called with no wrapper frame.
+            self.reactor.register(self._fd, READ, self._ready)
         else:
-            self.reactor.remove_reader(self._fd)
+            self.reactor.unregister(self._fd)
 
-    def _ready(self) -> None:
-        accept = self.sock._accept  # type: ignore[attr-defined]
+    def _ready(self, mask: int = READ) -> None:
+        accept = self._accept
         on_accept = self.on_accept
+        if self.reactor.ready_count == 1:
+            # The listener is the only ready descriptor: take one connection and let the
+            # next pass (one cheap poll, level-triggered) say whether more are waiting,
+            # rather than pay the accept() that fails with EAGAIN, and its exception, on
+            # every connection of a lightly loaded router.
+            try:
+                fd, addr = accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno not in _CLIENT_GONE:
+                    self._failed(exc)
+                return
+            on_accept(fd, addr)
+            return
         for _ in range(self.batch):
             try:
                 fd, addr = accept()

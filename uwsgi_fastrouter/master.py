@@ -18,8 +18,14 @@ replace to exercise these decisions without making processes.
 
 Subscriptions (decisions.md D8): the master alone reads the subscription sockets,
 checks each datagram (signature, credentials), keeps its own copy of the table, and
-copies every accepted datagram to each router process over that process's channel (a
-UNIX stream socketpair; frames of a 4-byte length, a type byte and a payload).  A
+copies every accepted announcement to each router process over that process's channel (a
+UNIX stream socketpair; frames of a 4-byte length, a type byte and a payload).  The
+copies are batched: the announcements accepted in one pass of the master's loop go in
+one ANNOUNCEMENTS frame per process at the end of that pass, already parsed (see
+frames.py), and a router process applies the batch in one go.  So a flood of datagrams
+costs the master one parse each and one write per process per pass, and a router
+process one read and one decode per pass; a frame of another kind sends the pending
+batch first, so every process sees the events in the master's order.  A
 router that marks a node failed tells the master, which tells the others: every
 process has the same view.  Frames are written without blocking: what a channel does
 not take at once waits in that channel's outbox and goes on writability, so a stopped
@@ -85,7 +91,8 @@ from typing import Callable, Dict, List, Optional
 from . import sdnotify
 from .log import RateLimitedLog, log
 from .reactor import Reactor
-from .frames import DRAIN, FAILED, QUERY, READY, REPORT, SUBSCRIPTION, FrameReader, encode_frame
+from .frames import (ANNOUNCEMENTS, DRAIN, FAILED, QUERY, READY, REPORT, SUBSCRIPTION, FrameReader,
+                     decode_announcements, encode_announcements, encode_frame)
 from .stats import slice_deadline
 
 ENV_INHERIT = "UWSGI_FASTROUTER_INHERIT"
@@ -176,6 +183,7 @@ class Master:
         self._round_seq = 0
         self._stats_log = RateLimitedLog(time.monotonic, burst=10, what="stats log lines")
         self._outbox_log = RateLimitedLog(time.monotonic, burst=10, what="channel log lines")
+        self._announcements: list = []   # accepted in this pass, not yet sent to the routers
 
     # ----------------------------------------------------------------- start
 
@@ -331,7 +339,7 @@ class Master:
             from .proccontrol import drop_privileges, resolve_ids
             uid, gid = resolve_ids(cfg.fastrouter_uid, cfg.fastrouter_gid)
             drop_privileges(uid, gid, who="uWSGI fastrouter %d" % child.index)
-        reactor = Reactor()
+        reactor = Reactor(max_events=cfg.fastrouter_events)
         parts = self._wire(self.cfg, reactor, self.sockets, channel)
         link = RouterLink(reactor, channel, parts)
         if self.heartbeat is not None:
@@ -610,7 +618,28 @@ class Master:
 
     # ------------------------------------------------------------- channels
 
+    def queue_announcement(self, announcement: tuple, pid: Optional[int], uid: Optional[int],
+                           gid: Optional[int]) -> None:
+        """An announcement the master accepted: it goes to every router process with the
+        others of this pass, at the end of the pass (see the module docstring)."""
+        batch = self._announcements
+        if not batch:
+            self.reactor.call_soon(self._send_announcements)
+        batch.append((pid, uid, gid, tuple(announcement)))
+
+    def _send_announcements(self) -> None:
+        batch = self._announcements
+        if not batch:
+            return
+        self._announcements = []
+        self._broadcast(ANNOUNCEMENTS, encode_announcements(batch), None)
+
     def broadcast(self, kind: int, payload: bytes, exclude: Optional[Child] = None) -> None:
+        if self._announcements:
+            self._send_announcements()     # what the master accepted before goes first
+        self._broadcast(kind, payload, exclude)
+
+    def _broadcast(self, kind: int, payload: bytes, exclude: Optional[Child]) -> None:
         for child in self.routers:
             if child is exclude or child.channel is None or child.draining:
                 continue
@@ -910,7 +939,11 @@ class RouterLink:
             self.reactor.call_later(_ORPHAN_GRACE, os.kill, os.getpid(), signal.SIGTERM)
             return
         for kind, payload in self.reader.feed(data):
-            if kind == SUBSCRIPTION:
+            if kind == ANNOUNCEMENTS:
+                batch = decode_announcements(payload)
+                if batch is not None:
+                    self.parts.apply_announcements(batch)
+            elif kind == SUBSCRIPTION:
                 creds = struct.unpack_from("!iii", payload)
                 pid, uid, gid = (None if v < 0 else v for v in creds)
                 self.parts.apply_subscription(payload[12:], pid, uid, gid)

@@ -334,9 +334,9 @@ OPTIONS: Tuple[Option, ...] = (
     _o("fastrouter-buffer-size", UINT64, "size in bytes of each relay read (one buffer per process, "
        "not per connection); 0 means 256 KiB (uWSGI reads one page at a time)", G_ROUTER,
        default=256 << 10, zero_means=256 << 10, default_doc="256 KiB"),
-    _o("fastrouter-events", INT, "most connections accepted from one listening socket each time it "
-       "is ready, before the other ready sockets get their turn (uWSGI bounds the events of one "
-       "poll; the selectors used here cannot)", G_ROUTER, default=64, zero_means=64),
+    _o("fastrouter-events", INT, "most events taken from one poll of the event loop (as uWSGI), "
+       "and most connections accepted from one listening socket each time it is ready, before "
+       "the other ready sockets get their turn", G_ROUTER, default=64, zero_means=64),
     _o("fastrouter-harakiri", INT, "restart a router process whose event loop is stuck for SECS "
        "seconds; 0 is off", G_ROUTER, default=0, metavar="SECS", status=SUPPORTED),
     _o("fastrouter-quiet", BOOL, "do not log failed backend connections; takes a value, "

@@ -54,15 +54,33 @@ the Python-level handler installed for the signal does nothing.  The reactor
 reads the pair like any other fd and calls the registered callbacks with the
 signal numbers it finds, inside the loop, never in signal context.
 
-``max_events``.  The stdlib ``EpollSelector.select()`` asks the kernel for at
-most ``len(registered fds)`` events (``KqueueSelector`` likewise) and has no
-public parameter to change that, so :attr:`Reactor.max_events` is recorded but
-bounds nothing with the stdlib selectors.
+The epoll fast path.  With the stdlib ``EpollSelector`` itself (not a
+subclass), the per-request calls -- register, modify, unregister, and the poll
+of every pass -- skip the selector's generic Python layers (file-object lookup,
+key building through a Python-level ``__new__``, the list of ``(key, mask)``
+pairs of ``select()``).  The reactor drives the selector's own ``epoll`` object
+and keeps the selector's own fd -> key map in step, with the same
+``SelectorKey`` objects, so the selector stays a complete, consistent
+``selectors`` object (``get_map()``, ``close()``, the generic path) and every
+other selector goes through the ordinary ``selectors`` API.  The stale-event
+rule is kept: a pass with one event has nothing before it that could have
+changed its registration; a pass with several takes a snapshot of the current
+key of each fd before dispatching any, and compares it as above.  The epoll
+events become selector masks as ``selectors`` does: anything besides EPOLLIN
+(EPOLLOUT, ERR, HUP) reports WRITE, anything besides EPOLLOUT reports READ,
+limited to the registered interest.
+
+``max_events``.  On the epoll fast path :attr:`Reactor.max_events` is the
+``maxevents`` of every ``epoll_wait`` (uWSGI's ``--fastrouter-events`` bounds
+its poll the same way); descriptors left over are level-triggered and come
+back in the next pass.  The generic path cannot bound it: the stdlib
+``select()`` asks for ``len(registered fds)`` events and has no parameter.
 """
 
 from __future__ import annotations
 
 import heapq
+import select as _select
 import selectors
 import signal
 import socket
@@ -79,6 +97,34 @@ __all__ = ["READ", "WRITE", "Reactor", "Timer"]
 
 READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
+
+_EPOLLIN = getattr(_select, "EPOLLIN", 1)
+_EPOLLOUT = getattr(_select, "EPOLLOUT", 4)
+#: selector interest (READ=1, WRITE=2) -> epoll interest
+_EPOLL_INTEREST = (0, _EPOLLIN, _EPOLLOUT, _EPOLLIN | _EPOLLOUT)
+_NOT_IN = ~_EPOLLIN                # any epoll event but EPOLLIN reports WRITE
+_NOT_OUT = ~_EPOLLOUT              # any epoll event but EPOLLOUT reports READ
+_new_key = tuple.__new__          # SelectorKey(fd, fd, events, data) without a Python frame
+_SelectorKey = selectors.SelectorKey
+
+
+def _epoll_parts(selector: selectors.BaseSelector) -> Tuple[Any, Optional[Dict[int, Any]]]:
+    """(the epoll object, the fd -> key map) of a stdlib ``EpollSelector``, or (None, None)
+    for any other selector, a subclass included, or when the class's methods were
+    replaced: the fast path must skip only the stdlib's own code."""
+    epoll_cls = getattr(selectors, "EpollSelector", None)
+    if epoll_cls is None or type(selector) is not epoll_cls:
+        return None, None
+    # Methods replaced on the class itself (a tracing or test patch) are honoured.
+    for name in ("select", "register", "modify", "unregister"):
+        if getattr(getattr(epoll_cls, name, None), "__module__", None) != selectors.__name__:
+            return None, None
+    epoll = getattr(selector, "_selector", None)
+    fd_to_key = getattr(selector, "_fd_to_key", None)
+    if type(epoll) is not getattr(_select, "epoll", None) or type(fd_to_key) is not dict:
+        return None, None
+    return epoll, fd_to_key
+
 
 # Longest single wait handed to select(); a longer timer just costs one more
 # (idle) pass.  It keeps huge delays away from the kernel's timeout limits.
@@ -177,10 +223,9 @@ class Reactor:
         self.ready_count = 0
         self.errors = 0
         self._keys: Dict[int, selectors.SelectorKey] = {}
-        # forget() may skip the epoll_ctl(DEL) only on the stdlib epoll selector.
-        self._epoll_forget = (type(self._selector).__name__ == "EpollSelector"
-                              and hasattr(selectors, "_BaseSelectorImpl")
-                              and isinstance(self._selector, selectors._BaseSelectorImpl))
+        # The epoll fast path (module docstring); forget() skips the epoll_ctl(DEL)
+        # only there.
+        self._epoll, self._sel_map = _epoll_parts(self._selector)
         self._timers: List[Tuple[float, int, Timer]] = []
         self._timer_seq = 0
         self._cancelled_timers = 0
@@ -212,7 +257,33 @@ class Reactor:
             if type(key.data) is _ReaderWriter:
                 raise ValueError("fd %d is registered with add_reader/add_writer" % fd)
             raise KeyError("fd %d is already registered" % fd)
-        self._keys[fd] = self._selector.register(fd, events, callback)
+        epoll = self._epoll
+        if epoll is None or type(fd) is not int:
+            self._keys[fd] = self._register(fd, events, callback)
+            return
+        # _register()'s fast path, inline: the proxy registers a socket per request.
+        if not events or events & ~(READ | WRITE):
+            raise ValueError("Invalid events: %r" % (events,))
+        sel_map = self._sel_map
+        if fd in sel_map:
+            raise KeyError("fd %d is already registered" % fd)
+        epoll.register(fd, _EPOLL_INTEREST[events])
+        self._keys[fd] = sel_map[fd] = _new_key(_SelectorKey, (fd, fd, events, callback))
+
+    def _register(self, fd: int, events: int, data: Any) -> selectors.SelectorKey:
+        epoll = self._epoll
+        if epoll is None:
+            return self._selector.register(fd, events, data)
+        if type(fd) is not int:
+            fd = selectors._fileobj_to_fd(fd)  # type: ignore[attr-defined]
+        if not events or events & ~(READ | WRITE):
+            raise ValueError("Invalid events: %r" % (events,))
+        sel_map = self._sel_map
+        if fd in sel_map:
+            raise KeyError("fd %d is already registered" % fd)
+        epoll.register(fd, _EPOLL_INTEREST[events])
+        sel_map[fd] = key = _new_key(_SelectorKey, (fd, fd, events, data))
+        return key
 
     def modify(self, fd: int, events: int, callback: Callable[[int], Any]) -> None:
         """Change the interest and/or callback of a registered *fd*.
@@ -228,6 +299,9 @@ class Reactor:
         self._modify(fd, events, callback)
 
     def _modify(self, fd: int, events: int, data: Any) -> None:
+        if self._epoll is not None:
+            self._modify_epoll(fd, events, data)
+            return
         try:
             self._keys[fd] = self._selector.modify(fd, events, data)
         except BaseException:
@@ -236,6 +310,24 @@ class Reactor:
             if self._selector.get_map().get(fd) is None:
                 self._keys.pop(fd, None)
             raise
+
+    def _modify_epoll(self, fd: int, events: int, data: Any) -> None:
+        """modify() on the fast path: like the stdlib's, a new key only when something
+        changed, and a refused change drops the registration from both maps."""
+        key = self._keys[fd]
+        if events == key.events:
+            if data == key.data:
+                return
+        else:
+            if not events or events & ~(READ | WRITE):
+                raise ValueError("Invalid events: %r" % (events,))
+            try:
+                self._epoll.modify(fd, _EPOLL_INTEREST[events])
+            except BaseException:
+                self._sel_map.pop(fd, None)
+                self._keys.pop(fd, None)
+                raise
+        self._keys[fd] = self._sel_map[fd] = _new_key(_SelectorKey, (fd, fd, events, data))
 
     def unregister(self, fd: int) -> None:
         """Stop watching *fd* (whichever way it was registered).  No error if it is not."""
@@ -247,7 +339,14 @@ class Reactor:
             # A dispatch of this object still pending in the current batch
             # must find nothing to call.
             data.reader = data.writer = None
-        self._selector.unregister(fd)
+        if self._epoll is None:
+            self._selector.unregister(fd)
+            return
+        self._sel_map.pop(fd, None)
+        try:
+            self._epoll.unregister(fd)
+        except OSError:
+            pass   # already closed: the kernel dropped it (as the stdlib selector allows)
 
     def forget(self, fd: int) -> None:
         """Unregister *fd* that the caller closes right away, holding its only reference.
@@ -263,8 +362,8 @@ class Reactor:
         key = self._keys.pop(fd, None)
         if key is None:
             return
-        if self._epoll_forget:
-            selectors._BaseSelectorImpl.unregister(self._selector, fd)  # the map only
+        if self._epoll is not None:
+            self._sel_map.pop(fd, None)   # the kernel drops its side at the close
         else:
             data = key.data
             if type(data) is _ReaderWriter:
@@ -299,7 +398,7 @@ class Reactor:
                 rw = _ReaderWriter(callback, None)
             else:
                 rw = _ReaderWriter(None, callback)
-            self._keys[fd] = self._selector.register(fd, event, rw)
+            self._keys[fd] = self._register(fd, event, rw)
             return
         rw = key.data
         if type(rw) is not _ReaderWriter:
@@ -487,6 +586,17 @@ class Reactor:
         if self._running_thread is not None:
             raise RuntimeError("reactor is already running")
         self._running_thread = threading.get_ident()
+        try:
+            if self._epoll is not None:
+                self._run_epoll()
+            else:
+                self._run_selector()
+        finally:
+            self._stopping = False
+            self._running_thread = None
+
+    def _run_selector(self) -> None:
+        """The loop over any selector, through the ``selectors`` API."""
         select = self._selector.select
         clock = self._clock
         keys_get = self._keys.get
@@ -496,34 +606,91 @@ class Reactor:
         run_timers = self._run_timers
         run_soon = self._run_soon
         report = self._report
-        try:
-            self.now = clock()
-            while True:
-                if soon:
-                    timeout: Optional[float] = 0.0
-                elif timers:
+        self.now = clock()
+        while True:
+            if soon:
+                timeout: Optional[float] = 0.0
+            elif timers:
+                timeout = next_timeout()
+            else:
+                timeout = None
+            ready = select(timeout)
+            self.now = now = clock()
+            self.ready_count = len(ready)
+            for key, mask in ready:
+                # Skip events whose registration changed earlier in this batch.
+                if keys_get(key.fd) is key:
+                    try:
+                        key.data(mask)
+                    except Exception:
+                        report(key.data)
+            if timers and timers[0][0] <= now:
+                run_timers()
+            if soon:
+                run_soon()
+            if self._stopping:
+                break
+
+    def _run_epoll(self) -> None:
+        """The same loop on the stdlib epoll selector's own epoll object (module docstring)."""
+        poll = self._epoll.poll
+        max_events = max(int(self.max_events), 1)
+        clock = self._clock
+        keys_get = self._keys.get
+        timers = self._timers
+        soon = self._soon
+        next_timeout = self._next_timeout
+        run_timers = self._run_timers
+        run_soon = self._run_soon
+        report = self._report
+        self.now = clock()
+        while True:
+            if soon:
+                timeout: Optional[float] = 0.0
+            elif timers:
+                when, _, timer = timers[0]
+                if timer._cancelled:
                     timeout = next_timeout()
                 else:
-                    timeout = None
-                ready = select(timeout)
-                self.now = now = clock()
-                self.ready_count = len(ready)
-                for key, mask in ready:
-                    # Skip events whose registration changed earlier in this batch.
-                    if keys_get(key.fd) is key:
+                    timeout = when - clock()
+                    if timeout <= 0.0:
+                        timeout = 0.0
+                    elif timeout > MAX_SELECT_TIMEOUT:
+                        timeout = MAX_SELECT_TIMEOUT
+            else:
+                timeout = None
+            ready = poll(timeout, max_events)
+            self.now = now = clock()
+            count = len(ready)
+            self.ready_count = count
+            if count == 1:
+                # Nothing earlier in the batch can have changed this registration.
+                fd, event = ready[0]
+                key = keys_get(fd)
+                if key is not None:
+                    callback = key.data
+                    try:
+                        callback(key.events & ((event & _NOT_IN and WRITE)
+                                               | (event & _NOT_OUT and READ)))
+                    except Exception:
+                        report(callback)
+            elif count:
+                # The key of each fd as it is now, before any callback runs.
+                batch = [(keys_get(fd), event) for fd, event in ready]
+                for key, event in batch:
+                    if key is not None and keys_get(key.fd) is key:
+                        callback = key.data
                         try:
-                            key.data(mask)
+                            callback(key.events & ((event & _NOT_IN and WRITE)
+                                                   | (event & _NOT_OUT and READ)))
                         except Exception:
-                            report(key.data)
-                if timers and timers[0][0] <= now:
-                    run_timers()
-                if soon:
-                    run_soon()
-                if self._stopping:
-                    break
-        finally:
-            self._stopping = False
-            self._running_thread = None
+                            report(callback)
+            if timers and timers[0][0] <= now:
+                run_timers()
+            if soon:
+                run_soon()
+            if self._stopping:
+                break
 
     def stop(self) -> None:
         """Ask :meth:`run` to return at the end of the current pass (thread-safe)."""

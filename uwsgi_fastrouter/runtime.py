@@ -36,9 +36,7 @@ from .accesslog import AccessLog
 from .addresses import shared_socket_index
 from .binding import Bindings
 from .endpoints import MetricsServer, StatsServer
-from .frames import SUBSCRIPTION
 from .log import log, printable
-from .master import pack_credentials
 from .names import NameTable, expand, names_in
 from .nodecaps import NodeCaps
 from .options import StartupError, access_log_target
@@ -373,6 +371,10 @@ class RouterRuntime:
         if self.subscriptions is not None:
             self.subscriptions.apply_trusted(data, pid, uid, gid)
 
+    def apply_announcements(self, batch: list) -> None:
+        if self.subscriptions is not None:
+            self.subscriptions.apply_mirrored(batch)
+
     def apply_drain(self, address: bytes, drained: bool) -> None:
         """The master drained *address* (the master FIFO's ``D``/``U`` commands)."""
         self.server.router.node_drained(address, drained)
@@ -647,8 +649,7 @@ class MasterRuntime:
                 self.resolver = make_resolver(cfg, reactor)
             self.subscriptions = subscription_server(cfg, reactor, self.table, bindings, forwards=True,
                                                      names=self.resolver)
-            self.subscriptions.on_accepted = lambda data, pid, uid, gid: master.broadcast(
-                SUBSCRIPTION, pack_credentials(pid, uid, gid) + data)
+            self.subscriptions.on_accepted = master.queue_announcement
         self.zerg = zerg_server(reactor, bindings)
         self.subscriber = make_subscriber(cfg, reactor, self.prepared)
         self.stats = stats_server(cfg, reactor, bindings, gather=self._gather_stats)

@@ -207,11 +207,52 @@ def _emit_object(obj: Dict[str, Any], depth: int, out: List[str], nl: str, tab: 
         if template is None and len(_TEMPLATES) < _MAX_TEMPLATES:
             template = _TEMPLATES[shape] = _template(shape[0], depth, nl, tab)
         if template is not None:
-            inner = depth + 1
-            out.append(template % tuple([value if type(value) is int else _text(value, inner, nl, tab)
-                                         for value in obj.values()]))
+            out.append(template % _texts(obj, depth + 1, nl, tab))
             return
     _emit_members(obj, depth, out, nl, tab)
+
+
+def _texts(obj: Dict[str, Any], depth: int, nl: str, tab: str) -> tuple:
+    """The values of *obj* as a template takes them: ints as they are (``%s`` prints
+    them), strings and bytes as JSON strings, the rest through :func:`_text`.  The
+    common types are handled here, without a call each: a stats document is mostly
+    names and numbers, by the ten thousand."""
+    texts = []
+    append = texts.append
+    for value in obj.values():
+        kind = type(value)
+        if kind is int:
+            append(value)
+        elif kind is bytes:
+            append(_json_string(value.decode("utf-8", "replace")))
+        elif kind is str and value is not _HOLE_TEXT:
+            append(_json_string(value))
+        elif kind is list and value and type(value[0]) is dict and not isinstance(value, Unindented):
+            append(_dicts_text(value, depth, nl, tab))
+        else:
+            append(_text(value, depth, nl, tab))
+    return tuple(texts)
+
+
+def _dicts_text(items: list, depth: int, nl: str, tab: str) -> str:
+    """:func:`_emit_list`'s text for a list whose first item is a dict (a pool's nodes)."""
+    out: List[str] = ["[", nl]
+    inner = tab * (depth + 1)
+    first = True
+    for item in items:
+        if not first:
+            out.append(",")
+            out.append(nl)
+        first = False
+        out.append(inner)
+        if type(item) is dict:
+            _emit_object(item, depth + 1, out, nl, tab)
+        else:
+            _emit_value(item, depth + 1, out, nl, tab)
+    out.append(nl)
+    out.append(tab * depth)
+    out.append("]")
+    return "".join(out)
 
 
 def _text(value: Any, depth: int, nl: str, tab: str) -> str:
@@ -355,15 +396,15 @@ def pool_stats(pool) -> Dict[str, Any]:
 
 
 _node_numbers = operator.attrgetter(*_NODE_FIELDS[1:])
+_ONLY_INT = {int}
 
 
 def node_stats(node) -> Dict[str, Any]:
     """One node's record: its name and its numbers (``None`` shown as 0)."""
-    record = {"name": node.name}
-    record.update(zip(_NODE_FIELDS[1:], _node_numbers(node)))
-    for field, value in record.items():
-        if type(value) is not int and field != "name":
-            record[field] = _number(value)
+    numbers = _node_numbers(node)
+    if set(map(type, numbers)) != _ONLY_INT:       # None, a float: converted one by one
+        numbers = tuple(value if type(value) is int else _number(value) for value in numbers)
+    record = dict(zip(_NODE_FIELDS, (node.name,) + numbers))
     health = getattr(node, "health", None)
     if health is not None:
         record["health"] = health      # only while health checks run

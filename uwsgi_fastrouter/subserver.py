@@ -65,6 +65,8 @@ from .subscription import (Announcement, SubscriptionError, SubscriptionTable, T
                            build_announcement, parse_announcement, with_address)
 
 _MAX_DATAGRAM = 65535 + 4
+_ANNOUNCEMENT_SIZE = len(Announcement._fields)
+_new_announcement = tuple.__new__
 _DATAGRAMS_PER_EVENT = 64
 _UCRED = struct.Struct("3i")
 _SCM_CREDENTIALS = getattr(socket, "SCM_CREDENTIALS", 2)
@@ -137,12 +139,14 @@ class SubscriptionServer:
         self.notify_ignored = 0
         #: datagrams from senders ``--subscription-allow`` does not list
         self.refused_sources = 0
-        # Called with (datagram, pid, uid, gid) for every accepted datagram: the
-        # master copies it to the sibling router processes.
-        self.on_accepted: Optional[Callable[[bytes, Optional[int], Optional[int], Optional[int]], None]] = None
+        # Called with (announcement, pid, uid, gid) for every accepted datagram: the
+        # master copies it to the router processes (see apply_mirrored).
+        self.on_accepted: Optional[Callable[[Announcement, Optional[int], Optional[int],
+                                             Optional[int]], None]] = None
         self._buf = bytearray(_MAX_DATAGRAM + 1)
         # the addresses the last named announce was applied as (see _as_applied)
         self._named_applied: Optional[List[bytes]] = None
+        self._view = memoryview(self._buf)
         self._resub_sock_inet: Optional[socket.socket] = None
         self._resub_sock_unix: Optional[socket.socket] = None
         # Targets are parsed now: a bad one is a start-up error, not a log line per packet.
@@ -194,7 +198,7 @@ class SubscriptionServer:
                             pid, uid, gid = _UCRED.unpack_from(payload)
                 else:
                     n, sender = sock.recvfrom_into(self._buf)
-                    data = bytes(self._buf[:n])
+                    data = bytes(self._view[:n])     # one copy, of the datagram only
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -204,7 +208,10 @@ class SubscriptionServer:
                     % (os.getpid(), listener.name, exc.strerror or exc))
                 return
             self.received += 1
-            self.handle(data, sender, pid=pid, uid=uid, gid=gid, require_credentials=creds_wanted)
+            if creds_wanted:
+                self.handle(data, sender, pid=pid, uid=uid, gid=gid, require_credentials=True)
+            else:
+                self.handle(data, sender)
 
     def handle(self, data: bytes, sender=None, *, pid: Optional[int] = None, uid: Optional[int] = None,
                gid: Optional[int] = None, require_credentials: bool = False) -> Optional[Announcement]:
@@ -232,9 +239,10 @@ class SubscriptionServer:
                            verified=verified):
             return None
         if self.on_accepted is not None:
-            for accepted in self._as_applied(data):
+            for accepted in self._as_applied(announcement):
                 self.on_accepted(accepted, pid, uid, gid)
-        self._forward(announcement)
+        if self.resubscribe:
+            self._forward(announcement)
         return announcement
 
     def apply_trusted(self, data: bytes, pid: Optional[int] = None, uid: Optional[int] = None,
@@ -249,6 +257,26 @@ class SubscriptionServer:
         # The master logged the event: the copies in the router processes stay silent.
         self.table.quietly(self._apply, announcement, None, pid, uid, gid, True, notify=False,
                            verified=False, mirrored=True)
+
+    def apply_mirrored(self, batch: list) -> None:
+        """Apply the announcements the master accepted in one pass of its loop (D8), a
+        list of ``(pid, uid, gid, fields)`` (frames.py): as :meth:`apply_trusted`, and
+        already parsed by the master.  An item that is not the shape of an announcement
+        is skipped."""
+        self.table.quietly(self._apply_mirrored, batch)
+
+    def _apply_mirrored(self, batch: list) -> None:
+        apply = self._apply
+        size = _ANNOUNCEMENT_SIZE
+        for item in batch:
+            try:
+                pid, uid, gid, fields = item
+            except (TypeError, ValueError):
+                continue
+            if type(fields) is not tuple or len(fields) != size:
+                continue
+            apply(_new_announcement(Announcement, fields), None, pid, uid, gid, True,
+                  notify=False, verified=False, mirrored=True)
 
     def _apply(self, announcement: Announcement, sender, pid, uid, gid, trusted: bool,
                notify: bool, verified: bool, mirrored: bool = False) -> bool:
@@ -279,18 +307,19 @@ class SubscriptionServer:
                 applied.append(address)
         return bool(applied)
 
-    def _as_applied(self, data: bytes) -> List[bytes]:
-        """The datagram(s) the master copies to its router processes: for a name, one
-        per address it was applied as (they need no lookup of their own)."""
+    def _as_applied(self, announcement: Announcement) -> List[Announcement]:
+        """The announcement(s) the master copies to its router processes: for a name,
+        one per address it was applied as (they need no lookup of their own)."""
         named, self._named_applied = self._named_applied, None
         if named is None:
-            return [data]
-        return [with_address(data, address) for address in named]
+            return [announcement]
+        return [announcement._replace(address=address) for address in named]
 
     def _apply_node(self, announcement: Announcement, sender, pid, uid, gid, trusted: bool,
                     notify: bool, verified: bool, mirrored: bool = False) -> bool:
         table = self.table
-        existed = self._node_exists(announcement)
+        # Only a notify path needs to know (before the announce) whether the node is new.
+        existed = notify and announcement.notify is not None and self._node_exists(announcement)
         try:
             node = table.announce(announcement, self.wall_clock(), uid=uid, gid=gid, pid=pid,
                                   trusted=trusted, mirrored=mirrored)

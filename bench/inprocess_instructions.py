@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""Instructions per subscription datagram and per stats document, in-process, under callgrind.
+
+Usage::
+
+    python3 bench/inprocess_instructions.py [--tree DIR ...] [--cases refresh,new,single,master]
+
+Theory of operation
+-------------------
+Wall-clock figures are noise on a shared machine; instruction counts are not.  Each case
+runs twice in a fresh interpreter under ``valgrind --tool=callgrind`` (no I/O, no
+sockets), once doing the set-up only and once doing the set-up and the work; the
+difference over the amount of work is the figure, so start-up and set-up cancel out.
+
+* ``refresh``: ``SubscriptionServer.handle()`` of 5,000 announces of keys already in
+  the table (a new weight each), after 5,000 that created them: per datagram.
+* ``new``: 5,000 announces of new keys (pool and node created, two log lines each, to
+  a memory stream): per datagram.
+* ``single``: the stats document of one process holding 10,000 keys, rendered whole
+  through ``render_pieces``: per document.
+* ``master``: the master's document for the same table with the reports of two router
+  processes (their parts JSON-encoded as a router sends them) merged in: per document.
+
+``--tree`` (repeatable) names source trees to compare (default: this repository); each
+run imports ``uwsgi_fastrouter`` from that tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_WORKER = r'''
+import io, json, sys, time
+sys.path.insert(0, sys.argv[1])
+from uwsgi_fastrouter import log as logmod
+from uwsgi_fastrouter.subscription import SubscriptionTable, build_announcement, parse_announcement
+logmod.set_stream(io.StringIO())
+case, n = sys.argv[2], int(sys.argv[3])
+table = SubscriptionTable(tolerance=3600, algo="wrr", max_keys=10**6, max_nodes=64, log=logmod.log,
+                          pid=1, verifier=None)
+if case in ("refresh", "new"):
+    from uwsgi_fastrouter.reactor import Reactor
+    from uwsgi_fastrouter.subserver import SubscriptionServer
+    server = SubscriptionServer(Reactor(), table, [], wall_clock=time.time)
+    keys = [b"k-%05d.bench" % i for i in range(5000)]
+    created = [build_announcement(k, b"127.0.0.1:9", cores=1, weight=1) for k in keys]
+    refreshed = [build_announcement(k, b"127.0.0.1:9", cores=1, weight=2) for k in keys]
+    if case == "refresh":
+        for packet in created:
+            server.handle(packet, None)
+        work = refreshed
+    else:
+        work = created
+    for packet in work[:n]:
+        server.handle(packet, None)
+else:
+    from uwsgi_fastrouter import stats
+    for i in range(10000):
+        table.announce(parse_announcement(build_announcement(b"k-%05d.bench" % i, b"127.0.0.1:9",
+                                                             cores=1, weight=1)), 1700000000.0)
+    parts = []
+    flat, count = [], 0
+    for counters in stats.live_pools(table, stats._pool_counters):
+        flat += counters
+        count += 1
+        if count >= 32:
+            parts.append(json.dumps({"pools": flat}, separators=(",", ":")).encode())
+            flat, count = [], 0
+    if flat:
+        parts.append(json.dumps({"pools": flat}, separators=(",", ":")).encode())
+    for _ in range(n):
+        if case == "single":
+            document = {"version": "x", "subscriptions": stats.subscription_stream(table)}
+        else:
+            reports = []
+            for _ in range(2):
+                report = stats.RouterReport()
+                for part in parts:
+                    report.add(part)
+                reports.append(report)
+            document = stats.master_document(reports, table, ["127.0.0.1:1"], [])
+        "".join(stats.render_pieces(document))
+'''
+
+CASES = {"refresh": (5000, "datagram"), "new": (5000, "datagram"), "single": (1, "document"),
+         "master": (1, "document")}
+
+
+def collected(tree: str, case: str, n: int) -> int:
+    out = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+                          os.path.realpath(sys.executable), "-c", _WORKER, tree, case, str(n)],
+                         capture_output=True, text=True, timeout=900)
+    match = re.search(r"Collected : (\d+)", out.stderr)
+    if not match:
+        raise RuntimeError("valgrind failed: %s" % out.stderr[-500:])
+    return int(match.group(1))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tree", action="append", help="source tree (repeatable; default: this one)")
+    parser.add_argument("--cases", default="refresh,new,single,master")
+    args = parser.parse_args()
+    trees = args.tree or [REPO_DIR]
+    for case in args.cases.split(","):
+        n, unit = CASES[case]
+        for tree in trees:
+            per = (collected(tree, case, n) - collected(tree, case, 0)) / n
+            print("%-8s %-40s %14s instructions/%s" % (case, tree, "{:,.0f}".format(per), unit))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
