@@ -19,7 +19,7 @@ import types
 from backends import RecordingBackend, request
 from support import fetch_stats, start_router, uwsgi_packet, wait_until
 from test_master_decisions import die, exited, kept_ends, make_master  # noqa: F401 (fixtures)
-from uwsgi_fastrouter.master import (_OUTBOX_LIMIT, REPORT, SUBSCRIPTION, FrameReader, RouterLink,
+from uwsgi_fastrouter.master import (_OUTBOX_LIMIT, FAILED, REPORT, FrameReader, RouterLink,
                                      encode_frame)
 
 SPAWNED = r"spawned uWSGI fastrouter (\d+) \(pid: (\d+)\)"
@@ -55,7 +55,7 @@ def _flood_until_replaced(master, lagging, reading, reading_end) -> tuple:
     sent = 0
     frames = []
     while master.routers[0] is lagging and sent < 2 * _OUTBOX_LIMIT // 60000:
-        master.broadcast(SUBSCRIPTION, b"x" * 60000)
+        master.broadcast(FAILED, b"x" * 60000)
         sent += 1
         frames += reader.feed(_read_available(reading_end))
         master._flush(reading)                  # its channel is writable again
@@ -63,7 +63,7 @@ def _flood_until_replaced(master, lagging, reading, reading_end) -> tuple:
         frames += reader.feed(_read_available(reading_end))
         master._flush(reading)
     frames += reader.feed(_read_available(reading_end))
-    return sent, sum(1 for kind, _payload in frames if kind == SUBSCRIPTION)
+    return sent, sum(1 for kind, _payload in frames if kind == FAILED)
 
 
 def test_a_process_that_leaves_its_channel_unread_is_replaced(make_master, kept_ends, capsys):

@@ -12,7 +12,8 @@ import pytest
 
 from support import sock_path
 from uwsgi_fastrouter import log
-from uwsgi_fastrouter.subscription import Announcement, SubscriptionTable, build_announcement
+from uwsgi_fastrouter.subscription import (Announcement, SubscriptionTable, build_announcement,
+                                           parse_announcement)
 from uwsgi_fastrouter.subserver import SubscriptionServer
 
 T0 = 1_700_000_000
@@ -120,10 +121,13 @@ def test_packets_the_master_accepted_are_mirrored_beyond_the_local_key_limit():
     # room for must not be refused here, or this process would never route it.
     table = SubscriptionTable(max_keys=2)
     srv = server(table)
+    def mirror(key: bytes) -> None:              # as the master sends them (frames.py)
+        srv.apply_mirrored([(None, None, None, tuple(parse_announcement(packet(key))))])
+
     for key in (b"k1", b"k2", b"k3", b"k4"):
-        srv.apply_trusted(packet(key))
+        mirror(key)
     assert len(table) == 4
-    srv.apply_trusted(packet(b"k5"))                                    # twice the limit at most
+    mirror(b"k5")                                                       # twice the limit at most
     assert len(table) == 4 and table.refused_keys == 1
 
 

@@ -14,7 +14,6 @@ from typing import List, Optional
 _FRAME = struct.Struct("!IB")
 
 # Frame types on a master <-> router channel.
-SUBSCRIPTION = ord("S")   # master -> router: an accepted subscription datagram (+ credentials)
 ANNOUNCEMENTS = ord("A")  # master -> router: the announcements the master accepted in one pass of
                           # its loop, parsed: see encode_announcements()
 FAILED = ord("F")         # both ways: a node failed a connect: key \0 address

@@ -91,7 +91,7 @@ from typing import Callable, Dict, List, Optional
 from . import sdnotify
 from .log import RateLimitedLog, log
 from .reactor import Reactor
-from .frames import (ANNOUNCEMENTS, DRAIN, FAILED, QUERY, READY, REPORT, SUBSCRIPTION, FrameReader,
+from .frames import (ANNOUNCEMENTS, DRAIN, FAILED, QUERY, READY, REPORT, FrameReader,
                      decode_announcements, encode_announcements, encode_frame)
 from .stats import slice_deadline
 
@@ -943,10 +943,6 @@ class RouterLink:
                 batch = decode_announcements(payload)
                 if batch is not None:
                     self.parts.apply_announcements(batch)
-            elif kind == SUBSCRIPTION:
-                creds = struct.unpack_from("!iii", payload)
-                pid, uid, gid = (None if v < 0 else v for v in creds)
-                self.parts.apply_subscription(payload[12:], pid, uid, gid)
             elif kind == FAILED:
                 key, _, address = payload.partition(b"\0")
                 self.parts.apply_failure(key, address)
@@ -1002,11 +998,6 @@ class RouterLink:
             self.reactor.add_writer(channel.fileno(), self._pump)
         else:
             self.reactor.remove_writer(channel.fileno())
-
-
-def pack_credentials(pid, uid, gid) -> bytes:
-    return struct.pack("!iii", -1 if pid is None else pid, -1 if uid is None else uid,
-                       -1 if gid is None else gid)
 
 
 def _read_inherited() -> Optional[dict]:

@@ -367,10 +367,6 @@ class RouterRuntime:
 
     # ---- under a master: the subscription table is fed by the master
 
-    def apply_subscription(self, data: bytes, pid, uid, gid) -> None:
-        if self.subscriptions is not None:
-            self.subscriptions.apply_trusted(data, pid, uid, gid)
-
     def apply_announcements(self, batch: list) -> None:
         if self.subscriptions is not None:
             self.subscriptions.apply_mirrored(batch)

@@ -130,7 +130,6 @@ __all__ = [
     "parse_announcement",
     "build_announcement",
     "forward_announcement",
-    "with_address",
     "djb33x",
     "stats_hash",
     "Node",
@@ -555,18 +554,6 @@ def forward_announcement(a: Announcement, address: bytes, *, cores: int = 0, loa
                               cores=cores, load=load, weight=weight, unsubscribe=a.unsubscribe,
                               sni_key=a.sni_key, sni_crt=a.sni_crt, sni_ca=a.sni_ca,
                               forwarded=True, algo=a.algo)
-
-
-def with_address(datagram: bytes, address: bytes) -> bytes:
-    """*datagram* (one :func:`parse_announcement` accepted) with its ``address`` var set
-    to *address*, every other var and the header bytes 0 and 3 kept.  A signature or
-    hmac no longer matches: this is what a master sends its router processes for a
-    name it resolved (they apply the master's packets without checks, D8)."""
-    head = datagram[:HEADER_SIZE]
-    pairs = [(name, address if name == b"address" else value)
-             for name, value in iter_vars(datagram[HEADER_SIZE:])]
-    block = encode_vars(pairs)
-    return HEADER.pack(head[0], len(block), head[3]) + block
 
 
 # ---------------------------------------------------------------------------

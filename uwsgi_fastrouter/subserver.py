@@ -35,7 +35,7 @@ an announce whose address is ``HOST:PORT`` with a DNS name is applied once per a
 of the name, as the resolver last saw it (the proof covers the packet as sent, so it
 holds for each); the first announce of a name only asks for the lookup and is
 dropped.  A master copies such an announce to its router processes once per address
-(:func:`~uwsgi_fastrouter.subscription.with_address`), so they need no lookup.  Off,
+(:meth:`SubscriptionServer._as_applied`), so they need no lookup.  Off,
 the address is stored as given, as uWSGI does.
 
 With ``--subscriptions-use-credentials`` UNIX datagrams are read with
@@ -62,7 +62,7 @@ from .log import RateLimitedLog, log, printable
 from .reactor import Reactor
 from .sockets import AddressError, connect_sockaddr
 from .subscription import (Announcement, SubscriptionError, SubscriptionTable, TableFull,
-                           build_announcement, parse_announcement, with_address)
+                           build_announcement, parse_announcement)
 
 _MAX_DATAGRAM = 65535 + 4
 _ANNOUNCEMENT_SIZE = len(Announcement._fields)
@@ -245,24 +245,13 @@ class SubscriptionServer:
             self._forward(announcement)
         return announcement
 
-    def apply_trusted(self, data: bytes, pid: Optional[int] = None, uid: Optional[int] = None,
-                      gid: Optional[int] = None) -> None:
-        """Apply a datagram another router process already accepted (D8): no checks,
-        no acknowledgement, no forwarding (the receiving process did those), and
-        the key limit is that process's (see ``SubscriptionTable.announce``)."""
-        try:
-            announcement = parse_announcement(data)
-        except SubscriptionError:
-            return
-        # The master logged the event: the copies in the router processes stay silent.
-        self.table.quietly(self._apply, announcement, None, pid, uid, gid, True, notify=False,
-                           verified=False, mirrored=True)
-
     def apply_mirrored(self, batch: list) -> None:
         """Apply the announcements the master accepted in one pass of its loop (D8), a
-        list of ``(pid, uid, gid, fields)`` (frames.py): as :meth:`apply_trusted`, and
-        already parsed by the master.  An item that is not the shape of an announcement
-        is skipped."""
+        list of ``(pid, uid, gid, fields)`` (frames.py), already parsed and checked by
+        the master: no checks, no acknowledgement, no forwarding, and the key limit is
+        the master's (see ``SubscriptionTable.announce``); the master logged the events,
+        so the copies stay silent.  An item that is not the shape of an announcement is
+        skipped."""
         self.table.quietly(self._apply_mirrored, batch)
 
     def _apply_mirrored(self, batch: list) -> None:
