@@ -62,7 +62,7 @@ from .log import RateLimitedLog, log, printable
 from .reactor import Reactor
 from .sockets import AddressError, connect_sockaddr
 from .subscription import (Announcement, SubscriptionError, SubscriptionTable, TableFull,
-                           build_announcement, parse_announcement)
+                           forward_announcement, parse_announcement)
 
 _MAX_DATAGRAM = 65535 + 4
 _ANNOUNCEMENT_SIZE = len(Announcement._fields)
@@ -401,10 +401,7 @@ class SubscriptionServer:
         if not self.resubscribe or a.forwarded:
             return
         try:
-            packet = build_announcement(
-                a.key, self.own_address, modifier1=a.modifier1, modifier2=a.modifier2,
-                unsubscribe=a.unsubscribe, sni_key=a.sni_key, sni_crt=a.sni_crt, sni_ca=a.sni_ca,
-                forwarded=True)
+            packet = forward_announcement(a, self.own_address)
         except SubscriptionError as exc:  # e.g. SNI paths that fill the datagram
             self.drop_log("[uwsgi-subscription for pid %d] not resubscribing %s: %s"
                           % (os.getpid(), printable(a.key), exc))
