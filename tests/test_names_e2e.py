@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from backends import RecordingBackend, request
-from support import start_router, start_uwsgi_app, wait_applied_everywhere
+from support import sock_path, start_router, start_uwsgi_app, wait_applied_everywhere
 from test_subscriptions import APP, HOST, served_by
 
 MASTER = pytest.mark.parametrize("master", [[], ["--master"]], ids=["single", "master"])
@@ -35,7 +35,7 @@ def test_fastrouter_to_localhost_reaches_the_node(master):
 
 @MASTER
 def test_a_fallback_given_as_localhost_rescues_a_dead_node(master):
-    dead = "127.0.0.1:%d" % free_port(socket.SOCK_STREAM)
+    dead = "127.0.0.1:9"                  # the discard port: nothing listens there
     with RecordingBackend("fb") as backend:
         port = backend.address.rsplit(":", 1)[1]
         router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-to", dead,
@@ -81,16 +81,25 @@ def test_a_real_uwsgi_node_and_our_named_subscriber_share_the_router(tmp_path, m
 
 
 @pytest.mark.interop
+def announce_by_name(tmp_path, sub: str) -> int:
+    """A real uWSGI node on a port of its own choosing (port 0), announced to the
+    subscription server *sub* as ``localhost:PORT`` by a second real uWSGI instance
+    (uWSGI's ``addr=``); the node's port."""
+    node = start_uwsgi_app(tmp_path, APP, socket="127.0.0.1:0")
+    node_port = int(node.address.rsplit(":", 1)[1])
+    start_uwsgi_app(tmp_path, APP, socket="127.0.0.1:0",
+                    extra=["--subscribe2", "server=%s,key=example.com,addr=localhost:%d"
+                           % (sub, node_port)])
+    return node_port
+
+
 @MASTER
 def test_a_name_a_real_uwsgi_node_announces_is_resolved_when_allowed(tmp_path, master):
-    sub_port = free_port(socket.SOCK_DGRAM)
-    node_port = free_port(socket.SOCK_STREAM)
+    sub = sock_path(tmp_path, "sub.sock")
     router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-stats", "127.0.0.1:0",
-                           "--fastrouter-subscription-server", "127.0.0.1:%d" % sub_port,
+                           "--fastrouter-subscription-server", sub,
                            "--subscription-resolve-names", *master])
-    start_uwsgi_app(tmp_path, APP, socket="127.0.0.1:%d" % node_port,
-                    extra=["--subscribe2", "server=127.0.0.1:%d,key=example.com,addr=localhost:%d"
-                           % (sub_port, node_port)])
+    node_port = announce_by_name(tmp_path, sub)
     # the first announce starts the lookup; a later one (10 s apart) adds the node
     wait_applied_everywhere(router, r"example.com => new node: 127\.0\.0\.1:%d" % node_port,
                             timeout=40)
@@ -100,13 +109,9 @@ def test_a_name_a_real_uwsgi_node_announces_is_resolved_when_allowed(tmp_path, m
 @pytest.mark.interop
 def test_without_the_option_an_announced_name_is_a_node_that_cannot_be_reached(tmp_path):
     """As in uWSGI: the name is the node's address, and its connect fails (logged)."""
-    sub_port = free_port(socket.SOCK_DGRAM)
-    node_port = free_port(socket.SOCK_STREAM)
-    router = start_router(["--fastrouter", "127.0.0.1:0",
-                           "--fastrouter-subscription-server", "127.0.0.1:%d" % sub_port])
-    start_uwsgi_app(tmp_path, APP, socket="127.0.0.1:%d" % node_port,
-                    extra=["--subscribe2", "server=127.0.0.1:%d,key=example.com,addr=localhost:%d"
-                           % (sub_port, node_port)])
+    sub = sock_path(tmp_path, "sub.sock")
+    router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-subscription-server", sub])
+    node_port = announce_by_name(tmp_path, sub)
     router.wait_for_log(r"example.com => new node: localhost:%d" % node_port)
     assert request(router.addresses[0], HOST) == b""
     router.wait_for_log(r"the host name 'localhost' has no known address")
