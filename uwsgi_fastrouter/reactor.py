@@ -596,7 +596,11 @@ class Reactor:
             self._running_thread = None
 
     def _run_selector(self) -> None:
-        """The loop over any selector, through the ``selectors`` API."""
+        """The loop over any selector, through the ``selectors`` API.
+
+        It and :meth:`_run_epoll` are written out in full on purpose: a helper shared by
+        the two would be one more call on every pass of the loop, the hottest code of
+        the router."""
         select = self._selector.select
         clock = self._clock
         keys_get = self._keys.get
