@@ -11,7 +11,7 @@ import pytest
 
 from support import (fetch_stats, json_answer, node_app_source, request_vars, sock_path,
                      start_router, start_uwsgi_app, uwsgi_request, wait_until)
-from test_metrics import METRICS_RE, _free_port, scrape, value
+from test_metrics import metrics_address, scrape, value
 from uwsgi_fastrouter.health import PING, HealthChecker, HealthState, is_pong
 from uwsgi_fastrouter.router import Router
 from uwsgi_fastrouter.subscription import SubscriptionTable, build_announcement, parse_announcement
@@ -179,11 +179,10 @@ def test_a_stopped_static_node_goes_down_before_a_request_hits_it_and_comes_back
     sockets = [sock_path(sock_dir, "a.sock"), sock_path(sock_dir, "b.sock")]
     node_a = start_uwsgi_app(sock_dir, node_app_source("a"), socket=sockets[0])
     node_b = start_uwsgi_app(sock_dir, node_app_source("b"), socket=sockets[1])
-    metrics = "127.0.0.1:%d" % _free_port()
     router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-to", sockets[0],
                            "--fastrouter-to", sockets[1], "--fastrouter-stats", "127.0.0.1:0",
-                           "--fastrouter-metrics", metrics, *CHECKS, *master])
-    router.wait_for_log(METRICS_RE)
+                           "--fastrouter-metrics", "127.0.0.1:0", *CHECKS, *master])
+    metrics = metrics_address(router)
     assert {node_of(router) for _ in range(4)} == {"a", "b"}
     node_b.stop()
     router.wait_for_log(r"health check: node %s is down \(2 failed checks"

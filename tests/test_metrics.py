@@ -29,12 +29,6 @@ def backend():
         yield server
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def http_get(address: str, path: str, method: str = "GET"):
     host, port = address.rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=10)
@@ -63,12 +57,15 @@ def value(samples: dict, name: str, **labels) -> float:
     return samples.get(name, {}).get(frozenset(labels.items()), 0.0)
 
 
+def metrics_address(router) -> str:
+    """The address the router's metrics server took (it was given port 0)."""
+    return router.wait_for_log(METRICS_RE).group(1)
+
+
 def start(args, mode):
-    port = _free_port()
-    address = "127.0.0.1:%d" % port
-    router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-metrics", address] + MODES[mode] + args)
-    router.wait_for_log(METRICS_RE)
-    return router, address
+    router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-metrics", "127.0.0.1:0"]
+                          + MODES[mode] + args)
+    return router, metrics_address(router)
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
