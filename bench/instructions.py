@@ -5,6 +5,7 @@ Usage::
 
     python3 bench/instructions.py [--requests 2000] [--warmup 300] [--strace] [--no-callgrind]
                                   [--router-arg ARG ...] [--profile FILE.prof]
+                                  [--vars nginx] [--fd-node]
 
 Theory of operation
 -------------------
@@ -21,7 +22,16 @@ the warm-up and detaches it after *requests* more: system calls per request (the
 that a change must not raise).  ``--profile`` runs the router under cProfile instead
 (written when the router exits) for a per-function view.
 
-Each request carries the vars a web server sends for a GET (as ``loadgen.c`` does).
+Each request carries the vars a web server sends for a GET (11 vars, as ``loadgen.c``
+does); ``--vars nginx`` sends the 16 vars of nginx's stock ``uwsgi_params`` instead
+(empty ``CONTENT_LENGTH`` and ``CONTENT_TYPE``, ``REMOTE_PORT``, ``DOCUMENT_URI``,
+``REQUEST_SCHEME``...), the request the shared harness's load generator sends.
+
+``--fd-node`` measures the descriptor-passing path instead: the node is
+``backend -u SOCK -F`` (a UNIX socket; it takes the client's descriptor and answers
+on it) and the router runs with ``--fastrouter-trust-fd-passing``, so after the
+warm-up every request is handed over without waiting for the node's verdict (but
+for the periodic check, one in 64).
 """
 
 from __future__ import annotations
@@ -47,11 +57,22 @@ import processes  # noqa: E402
 BACKEND_BIN = os.path.join(BENCH_DIR, "build", "backend")
 
 
-def _request(host: str = "bench.local") -> bytes:
-    pairs = [("REQUEST_METHOD", "GET"), ("REQUEST_URI", "/"), ("PATH_INFO", "/"),
-             ("QUERY_STRING", ""), ("SERVER_PROTOCOL", "HTTP/1.1"), ("SERVER_NAME", host),
-             ("SERVER_PORT", "80"), ("REMOTE_ADDR", "127.0.0.1"), ("HTTP_HOST", host),
-             ("HTTP_USER_AGENT", "bench"), ("HTTP_ACCEPT", "*/*")]
+_PLAIN_VARS = [("REQUEST_METHOD", "GET"), ("REQUEST_URI", "/"), ("PATH_INFO", "/"),
+               ("QUERY_STRING", ""), ("SERVER_PROTOCOL", "HTTP/1.1"), ("SERVER_NAME", "{host}"),
+               ("SERVER_PORT", "80"), ("REMOTE_ADDR", "127.0.0.1"), ("HTTP_HOST", "{host}"),
+               ("HTTP_USER_AGENT", "bench"), ("HTTP_ACCEPT", "*/*")]
+# nginx's stock uwsgi_params for a GET, in its order (the harness's load generator).
+_NGINX_VARS = [("QUERY_STRING", ""), ("REQUEST_METHOD", "GET"), ("CONTENT_TYPE", ""),
+               ("CONTENT_LENGTH", ""), ("REQUEST_URI", "/"), ("PATH_INFO", "/"),
+               ("DOCUMENT_URI", "/"), ("SERVER_PROTOCOL", "HTTP/1.1"), ("REQUEST_SCHEME", "http"),
+               ("REMOTE_ADDR", "127.0.0.1"), ("REMOTE_PORT", "40000"), ("SERVER_PORT", "80"),
+               ("SERVER_NAME", "{host}"), ("HTTP_HOST", "{host}"),
+               ("HTTP_USER_AGENT", "loadgen/1.0"), ("HTTP_ACCEPT", "*/*")]
+VAR_SETS = {"plain": _PLAIN_VARS, "nginx": _NGINX_VARS}
+
+
+def _request(host: str = "bench.local", var_set: str = "plain") -> bytes:
+    pairs = [(k, v.format(host=host)) for k, v in VAR_SETS[var_set]]
     body = b"".join(struct.pack("<H", len(k)) + k.encode() + struct.pack("<H", len(v)) + v.encode()
                     for k, v in pairs)
     return struct.pack("<BHB", 0, len(body), 0) + body
@@ -174,11 +195,25 @@ def main() -> int:
     parser.add_argument("--profile", help="run under cProfile, write the stats here")
     parser.add_argument("--keep-dump", help="copy the callgrind dump into this directory")
     parser.add_argument("--router-arg", action="append", default=[])
+    parser.add_argument("--vars", choices=sorted(VAR_SETS), default="plain",
+                        help="the request's vars: plain (11) or nginx (16, as the harness sends)")
+    parser.add_argument("--fd-node", action="store_true",
+                        help="a UNIX node that takes the client's descriptor, with "
+                             "--fastrouter-trust-fd-passing")
     args = parser.parse_args()
+    global REQUEST
+    REQUEST = _request(var_set=args.vars)
     subprocess.run(["make", "-s", "-C", BENCH_DIR], check=True)
     work = tempfile.mkdtemp(prefix="instr.")
+    if args.fd_node:
+        node_argv = [BACKEND_BIN, "-u", os.path.join(work, "node.sock"), "-F"]
+        args.router_arg = ["--fastrouter-trust-fd-passing"] + args.router_arg
+    else:
+        node_argv = [BACKEND_BIN, "-p", "0"]
     backend_child, backend = processes.spawn_listening(
-        "backend", [BACKEND_BIN, "-p", "0"], os.path.join(work, "backend.log"))
+        "backend", node_argv, os.path.join(work, "backend.log"))
+    if backend.startswith("unix:"):
+        backend = backend[len("unix:"):]
     try:
         if args.profile:
             measure_profile(args, work, backend)

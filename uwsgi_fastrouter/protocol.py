@@ -33,7 +33,9 @@ vars, no list built, only the few names the router cares about are compared.
 
 from __future__ import annotations
 
+import re
 import struct
+import sys
 from enum import IntEnum
 from typing import Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
 
@@ -380,6 +382,78 @@ def _raise_malformed(data: bytes) -> None:
     raise AssertionError("scan_request rejected a valid vars block")  # pragma: no cover
 
 
+def _content_length(digits: bytes) -> int:
+    """The value of a CONTENT_LENGTH var (see :func:`scan_request`)."""
+    # junk (empty, signs, spaces, non-ASCII digits) -> 0: "no body to buffer";
+    # bytes.isdigit() is true for ASCII 0-9 only, and false when empty
+    if not digits.isdigit():
+        return 0
+    if len(digits) <= 18:
+        return int(digits)
+    return _long_content_length(digits)
+
+
+# The names scan_request picks out, by length: the order of their groups in _RECORDS.
+_SCANNED = (_HTTP_HOST, _SERVER_NAME, _REMOTE_ADDR, _REMOTE_PORT, _CONTENT_LENGTH, _FR_KEY,
+            _TRANSFER_ENCODING)
+# The names whose value is a key candidate only when it is 1..255 bytes long.
+_KEY_NAMES = (_FR_KEY, _HTTP_HOST, _SERVER_NAME)
+
+
+def _records_pattern():
+    """The vars walk of :func:`scan_request` as one regular expression, or None where
+    the ``re`` module has no possessive repeat (before Python 3.11).
+
+    A walk in Python costs a few dozen bytecodes per record; the ``re`` engine walks
+    the same records in C.  It cannot compute a length, so the pattern spells out
+    every length: ``\\x05\\x00.{5}`` is a key or value of 5 bytes, for 0..255 (a
+    length of 256 or more, or any malformed record, stops the match early and the
+    request goes through the Python walk, which also names the fault).  One record is
+    a key then a value; the keys of :data:`_SCANNED` have alternatives of their own
+    that capture an empty group right after the name, i.e. where the value's length
+    starts.  A group in a repeat keeps its last match: the last occurrence, which is
+    the rule.  The empty value of a key name is matched without a capture (an empty
+    candidate counts as absent), and every other key of a scanned name's length
+    excludes the names, so each record has exactly one way to match; the repeat is
+    possessive (``*+``), so nothing is ever tried twice whatever the input."""
+    if sys.version_info < (3, 11):  # pragma: no cover - possessive repeats are 3.11+
+        return None
+    assert list(_SCANNED) == sorted(_SCANNED, key=len), "groups are numbered by key length"
+
+    def length(n: int) -> bytes:
+        return re.escape(bytes((n & 255, n >> 8)))
+
+    def any_bytes(n: int) -> bytes:
+        # Short runs as plain dots: the engine steps over them in line, where a
+        # counted repeat costs a nested match of the rest of the pattern.
+        return b"." * n if n <= _INLINE_RUN else b".{%d}" % n
+
+    scanned: dict = {}
+    for name in _SCANNED:
+        scanned.setdefault(len(name), []).append(name)
+    keys = []
+    for n in range(1, 256):
+        # The key names of this length first, each capturing; then any other key.
+        choices = []
+        for name in scanned.get(n, ()):
+            if name in _KEY_NAMES:
+                choices.append(re.escape(name) + rb"(?=\x00\x00)")
+            choices.append(re.escape(name) + b"()")
+        if choices:
+            others = b"(?!" + b"|".join(re.escape(name) for name in scanned[n]) + b")"
+            choices.append(others + any_bytes(n))
+            keys.append(length(n) + b"(?:" + b"|".join(choices) + b")")
+        else:
+            keys.append(length(n) + any_bytes(n))
+    values = [length(n) + any_bytes(n) for n in range(256)]
+    return re.compile(b"(?s)(?:(?:%s)(?:%s))*+" % (b"|".join(keys), b"|".join(values)))
+
+
+_INLINE_RUN = 32
+_RECORDS = _records_pattern()
+_match_records = _RECORDS.match if _RECORDS is not None else None
+
+
 def scan_request(block: BytesLike, force_key: Optional[bytes] = None) -> RequestInfo:
     """Validate a request's vars block and pick out what the router needs.
 
@@ -402,13 +476,48 @@ def scan_request(block: BytesLike, force_key: Optional[bytes] = None) -> Request
         last occurrence, raw bytes, or ``None``.
     ``chunked``
         an ``HTTP_TRANSFER_ENCODING`` var is present (a body of unknown length).
+
+    The walk is done by the ``re`` engine (:func:`_records_pattern`) when every key
+    and value is shorter than 256 bytes, by :func:`_scan_walk` otherwise; both give
+    the same answer.
     """
+    data = block if type(block) is bytes else bytes(block)
+    if _match_records is None:  # pragma: no cover - before Python 3.11
+        return _scan_walk(data, force_key)
+    found = _match_records(data)
+    if found.end() != len(data):
+        return _scan_walk(data, force_key)
+    # Each group is empty and sits where its value's length starts; all lengths
+    # are below 256 here, so the low byte is the length.
+    _, host, server_name, raddr, rport, clen, fr_key, chunked = found.regs
+    if force_key is None:
+        at = fr_key[0]
+        if at < 0:
+            at = host[0]
+            if at < 0:
+                at = server_name[0]
+        if at >= 0:
+            force_key = data[at + 2:at + 2 + data[at]]
+    at = clen[0]
+    if at >= 0:
+        clen = _content_length(data[at + 2:at + 2 + data[at]]) if data[at] else 0
+    else:
+        clen = None
+    at = raddr[0]
+    raddr = data[at + 2:at + 2 + data[at]] if at >= 0 else None
+    at = rport[0]
+    rport = data[at + 2:at + 2 + data[at]] if at >= 0 else None
+    return _new_tuple(RequestInfo, (force_key, clen, raddr, rport, chunked[0] >= 0))
+
+
+def _scan_walk(data: bytes, force_key: Optional[bytes]) -> RequestInfo:
+    """:func:`scan_request` as a walk in Python: the path of blocks with a key or
+    value of 256 bytes or more, and the one that names the fault of a bad block."""
     # The walk does the fewest checks that still catch every malformed block:
     # an index past the end (stray bytes, a key running into or past the value
     # length) raises IndexError; a zero key length stops the loop early; a value
     # running past the end leaves ``pos > end``.  Any of them ends with
     # ``pos != end`` and the slow path names the fault.
-    data = block if type(block) is bytes else bytes(block)
     end = len(data)
     pos = 0
     lengths = _NAME_LENGTHS
@@ -451,12 +560,5 @@ def scan_request(block: BytesLike, force_key: Optional[bytes] = None) -> Request
     if force_key is None:
         force_key = fr_key or host or server_name
     if clen is not None:
-        # junk (empty, signs, spaces, non-ASCII digits) -> 0: "no body to buffer";
-        # bytes.isdigit() is true for ASCII 0-9 only, and false when empty
-        if not clen.isdigit():
-            clen = 0
-        elif len(clen) <= 18:
-            clen = int(clen)
-        else:
-            clen = _long_content_length(clen)
+        clen = _content_length(clen)
     return _new_tuple(RequestInfo, (force_key, clen, raddr, rport, chunked))
