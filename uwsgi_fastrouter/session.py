@@ -84,7 +84,7 @@ import socket
 from typing import TYPE_CHECKING, Optional
 
 from .protocol import HeadReader, ProtocolError
-from .reactor import READ, WRITE
+from .reactor import HANGUP, READ, WRITE
 from .fdpass import send_fds
 from .httperrors import BAD_GATEWAY, GATEWAY_TIMEOUT, SERVICE_UNAVAILABLE, response
 from .record import (ABORTED, CLIENT_ERROR, FAILED, HANDOFF, NODE_ERROR, NO_ROUTE, OK,
@@ -775,15 +775,18 @@ class Session:
                 if not self._send_file():
                     return
         if mask & READ and not self.backend_eof and self.down_buf is None:
-            self._pump_down()
+            self._pump_down(mask & HANGUP)
         if self.state == RELAY:
             self._update_interest()
 
-    def _pump_down(self) -> None:
+    def _pump_down(self, hangup: int = 0) -> None:
         """Backend -> client, until the backend has nothing more or the client is full.
 
         The first read takes up to FIRST_READ bytes; later ones peek a whole chunk and
-        consume only what the client took (see the module docstring)."""
+        consume only what the client took (see the module docstring).  *hangup* (the
+        reactor's HANGUP bit) says the node had shut down its side when the event came:
+        a first read that leaves its socket empty, fully sent on, is then the whole
+        response, and the session ends without the read that would return 0."""
         ctx = self.ctx
         scratch = ctx.scratch
         view = ctx.scratch_view
@@ -792,12 +795,13 @@ class Session:
         csock = self.csock
         node = self.route.node
         peek = self.down_peek
+        first = FIRST_READ if chunk > FIRST_READ else chunk
         for _ in range(_READS_PER_EVENT):
             try:
                 if peek:
                     n = bsock.recv_into(scratch, chunk, _MSG_PEEK)
                 else:
-                    n = bsock.recv_into(scratch, FIRST_READ if chunk > FIRST_READ else chunk)
+                    n = bsock.recv_into(scratch, first)
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -845,6 +849,13 @@ class Session:
                     node.tx += n
                 if sent < n:
                     self.down_buf = bytes(view[sent:n])
+                    return
+                if hangup and n < first and self.tls is None:
+                    # The node's FIN came before this read, which left its socket
+                    # empty: the response is complete (a TLS link may still hold
+                    # decrypted bytes, so it reads on).
+                    self.backend_eof = True
+                    self.close()
                     return
                 peek = True
                 continue
