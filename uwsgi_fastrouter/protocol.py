@@ -484,12 +484,11 @@ def scan_request(block: BytesLike, force_key: Optional[bytes] = None) -> Request
     data = block if type(block) is bytes else bytes(block)
     if _match_records is None:  # pragma: no cover - before Python 3.11
         return _scan_walk(data, force_key)
-    found = _match_records(data)
-    if found.end() != len(data):
+    whole, host, server_name, raddr, rport, clen, fr_key, chunked = _match_records(data).regs
+    if whole[1] != len(data):
         return _scan_walk(data, force_key)
     # Each group is empty and sits where its value's length starts; all lengths
     # are below 256 here, so the low byte is the length.
-    _, host, server_name, raddr, rport, clen, fr_key, chunked = found.regs
     if force_key is None:
         at = fr_key[0]
         if at < 0:

@@ -151,10 +151,10 @@ class Session:
         "started", "first_byte", "ended", "rx", "tx", "outcome", "first",
     )
 
-    def __init__(self, ctx: "SessionContext", csock: socket.socket, caddr) -> None:
+    def __init__(self, ctx: "SessionContext", csock: socket.socket, caddr, cfd: int = -1) -> None:
         self.ctx = ctx
         self.csock = csock
-        self.cfd = csock.fileno()
+        self.cfd = cfd if cfd >= 0 else csock.fileno()   # the acceptor knows it
         self.caddr = caddr
         self.bsock: Optional[socket.socket] = None
         self.bfd = -1
@@ -190,19 +190,15 @@ class Session:
     # ------------------------------------------------------------------ head
 
     def start(self) -> None:
-        """Called right after accept: try to read the head at once."""
-        self._read_first()
-        if self.state == RECV_HEAD:
-            self.c_events = READ
-            self.ctx.reactor.register(self.cfd, READ, self._on_client)
-
-    def _read_first(self) -> None:
-        """The first read: up to one chunk, straight into the shared scratch buffer."""
+        """Called right after accept: the first read, up to one chunk, straight into the
+        shared scratch buffer.  A request that arrived whole goes on from here in the
+        same call; for a head not there yet, or there in part, the client is watched."""
         ctx = self.ctx
         scratch = ctx.scratch
         try:
             n = self.csock.recv_into(scratch, ctx.chunk, MSG_DONTWAIT)
         except BlockingIOError:
+            self._watch_head()
             return
         except OSError as exc:
             self.close("error reading the request: %s" % (exc.strerror or exc))
@@ -215,18 +211,26 @@ class Session:
             total = 4 + (scratch[1] | (scratch[2] << 8))
             if n >= total:
                 self._head_complete(ctx.scratch_view, total, n)
-                self._release_scratch()
+                if self.up_buf is not None:
+                    self._release_scratch()
                 return
         # Only part of the head: n < 4 + datasize, so all of it is head.
         self.reader = reader = HeadReader()
         reader.feed(ctx.scratch_view[:n])
+        self._watch_head()
+
+    def _watch_head(self) -> None:
+        """Wait for (the rest of) the head: the client is read when it is readable."""
+        if not self.c_events:
+            self.c_events = READ
+            self.ctx.reactor.register(self.cfd, READ, self._on_client)
 
     def _read_more(self) -> None:
         """The rest of a head that arrived in pieces: exactly what completes it (first
         of the header, then of the vars), so body bytes stay in the kernel."""
         reader = self.reader
         if reader is None:
-            self._read_first()
+            self.start()      # nothing had come at accept
             return
         csock = self.csock
         try:
@@ -642,6 +646,13 @@ class Session:
             self.up_buf = bytes(memoryview(data)[sent:])
         else:
             self.up_buf = None
+            if not self.watch_client and not self.b_events:
+                # A bodyless request whose head is out: only the node's answer is
+                # awaited (what _update_interest computes here, without computing it:
+                # the client is not watched, nothing is pending either way).
+                self.b_events = READ
+                self.ctx.reactor.register(self.bfd, READ, self._on_backend)
+                return
         self._update_interest()
 
     def _connect_failed(self, reason: str, log_it: bool = True) -> None:
@@ -1061,7 +1072,10 @@ class Session:
         # The record is complete: both readers see the same facts (record.py).
         self.ended = reactor.now
         if self.outcome is None:
-            self.outcome = self._outcome(state, reason)
+            if reason is None and state == RELAY and not self.fd_passed:
+                self.outcome = OK             # relayed to its end: _outcome's first case
+            else:
+                self.outcome = self._outcome(state, reason)
         ctx.counters.ended(self)
         ctx.closed(self)
         if reason:
