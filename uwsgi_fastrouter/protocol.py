@@ -393,8 +393,9 @@ def _content_length(digits: bytes) -> int:
     return _long_content_length(digits)
 
 
-# The names scan_request picks out, by length: the order of their groups in _RECORDS.
-_SCANNED = (_HTTP_HOST, _SERVER_NAME, _REMOTE_ADDR, _REMOTE_PORT, _CONTENT_LENGTH, _FR_KEY,
+# The names scan_request picks out, in the order of their groups in _RECORDS (the
+# order of their lengths in _COMMON_KEY_LENGTHS, then by length).
+_SCANNED = (_SERVER_NAME, _REMOTE_ADDR, _REMOTE_PORT, _HTTP_HOST, _CONTENT_LENGTH, _FR_KEY,
             _TRANSFER_ENCODING)
 # The names whose value is a key candidate only when it is 1..255 bytes long.
 _KEY_NAMES = (_FR_KEY, _HTTP_HOST, _SERVER_NAME)
@@ -409,16 +410,17 @@ def _records_pattern():
     every length: ``\\x05\\x00.{5}`` is a key or value of 5 bytes, for 0..255 (a
     length of 256 or more, or any malformed record, stops the match early and the
     request goes through the Python walk, which also names the fault).  One record is
-    a key then a value; the keys of :data:`_SCANNED` have alternatives of their own
-    that capture an empty group right after the name, i.e. where the value's length
-    starts.  A group in a repeat keeps its last match: the last occurrence, which is
-    the rule.  The empty value of a key name is matched without a capture (an empty
-    candidate counts as absent), and every other key of a scanned name's length
-    excludes the names, so each record has exactly one way to match; the repeat is
-    possessive (``*+``), so nothing is ever tried twice whatever the input."""
+    a key then a value.  The keys of :data:`_SCANNED` come first among the keys of
+    their length, and capture an empty group right after the name, i.e. where the
+    value's length starts; a group in a repeat keeps its last match: the last
+    occurrence, which is the rule.  A key name with an empty value (an empty
+    candidate counts as absent) is a whole record of its own, tried before the
+    others, so it captures nothing.  The repeat is possessive (``*+``): a record
+    that matched is never tried again, so a bad block costs one pass whatever it
+    holds.  The engine tries alternatives in order, so the usual lengths of var
+    names come first (:data:`_COMMON_KEY_LENGTHS`)."""
     if sys.version_info < (3, 11):  # pragma: no cover - possessive repeats are 3.11+
         return None
-    assert list(_SCANNED) == sorted(_SCANNED, key=len), "groups are numbered by key length"
 
     def length(n: int) -> bytes:
         return re.escape(bytes((n & 255, n >> 8)))
@@ -431,24 +433,26 @@ def _records_pattern():
     scanned: dict = {}
     for name in _SCANNED:
         scanned.setdefault(len(name), []).append(name)
+    empty_names = [length(len(name)) + re.escape(name) + length(0) for name in _KEY_NAMES]
     keys = []
-    for n in range(1, 256):
-        # The key names of this length first, each capturing; then any other key.
-        choices = []
-        for name in scanned.get(n, ()):
-            if name in _KEY_NAMES:
-                choices.append(re.escape(name) + rb"(?=\x00\x00)")
-            choices.append(re.escape(name) + b"()")
-        if choices:
-            others = b"(?!" + b"|".join(re.escape(name) for name in scanned[n]) + b")"
-            choices.append(others + any_bytes(n))
-            keys.append(length(n) + b"(?:" + b"|".join(choices) + b")")
+    key_lengths = list(_COMMON_KEY_LENGTHS) + [n for n in range(1, 256)
+                                               if n not in _COMMON_KEY_LENGTHS]
+    grouped = [name for n in key_lengths for name in scanned.get(n, ())]
+    assert grouped == list(_SCANNED), "scan_request unpacks the groups in _SCANNED's order"
+    for n in key_lengths:
+        names = [re.escape(name) + b"()" for name in scanned.get(n, ())]
+        if names:
+            keys.append(length(n) + b"(?:%s|%s)" % (b"|".join(names), any_bytes(n)))
         else:
             keys.append(length(n) + any_bytes(n))
     values = [length(n) + any_bytes(n) for n in range(256)]
-    return re.compile(b"(?s)(?:(?:%s)(?:%s))*+" % (b"|".join(keys), b"|".join(values)))
+    return re.compile(b"(?s)(?:%s|(?:%s)(?:%s))*+"
+                      % (b"|".join(empty_names), b"|".join(keys), b"|".join(values)))
 
 
+# The lengths of the var names a web server sends most (REMOTE_ADDR, HTTP_HOST,
+# QUERY_STRING, CONTENT_LENGTH, SERVER_PROTOCOL, DOCUMENT_ROOT, HTTP_ACCEPT_ENCODING...).
+_COMMON_KEY_LENGTHS = (11, 9, 12, 14, 15, 13, 20)
 _INLINE_RUN = 32
 _RECORDS = _records_pattern()
 _match_records = _RECORDS.match if _RECORDS is not None else None
@@ -484,7 +488,7 @@ def scan_request(block: BytesLike, force_key: Optional[bytes] = None) -> Request
     data = block if type(block) is bytes else bytes(block)
     if _match_records is None:  # pragma: no cover - before Python 3.11
         return _scan_walk(data, force_key)
-    whole, host, server_name, raddr, rport, clen, fr_key, chunked = _match_records(data).regs
+    whole, server_name, raddr, rport, host, clen, fr_key, chunked = _match_records(data).regs
     if whole[1] != len(data):
         return _scan_walk(data, force_key)
     # Each group is empty and sits where its value's length starts; all lengths
