@@ -502,7 +502,8 @@ class Session:
         self.bfd = sock.fileno()
         # Optimistic first send: usually the connection is already up.
         try:
-            if family == _AF_UNIX and self.ctx.handoffs.may_pass(not self.watch_client):
+            # Handoffs.may_pass(), written out: only bodyless requests are handed over.
+            if family == _AF_UNIX and not self.watch_client and self.ctx.handoffs.enabled:
                 sent = send_fds(sock, head, (self.cfd,))
                 self.fd_passed = True
                 if sent == len(head) and self.ctx.handoffs.unchecked(route.address):
@@ -629,6 +630,7 @@ class Session:
         take the client, so both our copies are closed at once, with no verdict."""
         self._count_connected(sent)
         self.backend_eof = True
+        self.outcome = HANDOFF        # what _outcome would say, known here
         self.close()
 
     def _count_connected(self, sent: int) -> None:
