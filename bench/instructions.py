@@ -53,6 +53,7 @@ REPO_DIR = os.path.dirname(BENCH_DIR)
 sys.path.insert(0, BENCH_DIR)
 
 import processes  # noqa: E402
+import proctree  # noqa: E402
 
 BACKEND_BIN = os.path.join(BENCH_DIR, "build", "backend")
 
@@ -97,10 +98,17 @@ def send_requests(port: int, count: int) -> int:
     return ok
 
 
+UWSGI_BIN: List[str] = []    # --uwsgi: measure the uWSGI FastRouter instead
+
+
 def start_router(work: str, backend: str, wrap: List[str], extra: List[str]) -> tuple:
     port = processes.free_port()
-    argv = wrap + [sys.executable, "-m", "uwsgi_fastrouter", "--fastrouter", "127.0.0.1:%d" % port,
-                   "--fastrouter-to", backend, "--listen", "1024"] + extra
+    router = [sys.executable, "-m", "uwsgi_fastrouter"]
+    if UWSGI_BIN:
+        # as bench.py runs it (its master and its fastrouter process are both counted)
+        router = UWSGI_BIN + ["--master", "--die-on-term", "--fastrouter-buffer-size", "65536"]
+    argv = wrap + router + ["--fastrouter", "127.0.0.1:%d" % port,
+                            "--fastrouter-to", backend, "--listen", "1024"] + extra
     env = dict(os.environ, PYTHONPATH=REPO_DIR)
     child = processes.spawn("router", argv, os.path.join(work, "router.log"), cwd=REPO_DIR, env=env)
     if not processes.wait_serving(child, port, timeout=180):
@@ -123,13 +131,16 @@ def measure_callgrind(args, work: str, backend: str) -> float:
     child, port = start_router(work, backend, wrap, args.router_arg)
     try:
         send_requests(port, args.warmup)
-        subprocess.run(["callgrind_control", "-z", str(child.pid)], capture_output=True, timeout=60)
+        pids = [str(pid) for pid, _ in proctree.snapshot_pids(child.pid)]
+        for pid in pids:
+            subprocess.run(["callgrind_control", "-z", pid], capture_output=True, timeout=60)
         ok = send_requests(port, args.requests)
         before = set(os.listdir(work))
-        subprocess.run(["callgrind_control", "-d", str(child.pid)], capture_output=True, timeout=60)
+        for pid in pids:
+            subprocess.run(["callgrind_control", "-d", pid], capture_output=True, timeout=60)
         deadline = time.monotonic() + 30
         dumps: List[str] = []
-        while time.monotonic() < deadline and not dumps:
+        while time.monotonic() < deadline and len(dumps) < len(pids):
             dumps = [fn for fn in set(os.listdir(work)) - before if fn.startswith("cg.")]
             time.sleep(0.2)
         time.sleep(0.5)
@@ -149,7 +160,10 @@ def measure_strace(args, work: str, backend: str) -> float:
     out = os.path.join(work, "strace.txt")
     try:
         send_requests(port, args.warmup)
-        tracer = subprocess.Popen(["strace", "-c", "-f", "-o", out, "-p", str(child.pid)],
+        attach = []
+        for pid, _ in proctree.snapshot_pids(child.pid):
+            attach += ["-p", str(pid)]
+        tracer = subprocess.Popen(["strace", "-c", "-f", "-o", out] + attach,
                                   stderr=subprocess.DEVNULL)
         time.sleep(1.0)   # strace attaches asynchronously; requests before that are not counted
         send_requests(port, args.requests)
@@ -197,6 +211,9 @@ def main() -> int:
     parser.add_argument("--router-arg", action="append", default=[])
     parser.add_argument("--vars", choices=sorted(VAR_SETS), default="plain",
                         help="the request's vars: plain (11) or nginx (16, as the harness sends)")
+    parser.add_argument("--uwsgi", metavar="BIN",
+                        help="measure this uWSGI binary's FastRouter instead of ours "
+                             "(--fd-node then runs it without the trust option)")
     parser.add_argument("--fd-node", action="store_true",
                         help="a UNIX node that takes the client's descriptor, with "
                              "--fastrouter-trust-fd-passing")
@@ -205,9 +222,12 @@ def main() -> int:
     REQUEST = _request(var_set=args.vars)
     subprocess.run(["make", "-s", "-C", BENCH_DIR], check=True)
     work = tempfile.mkdtemp(prefix="instr.")
+    if args.uwsgi:
+        UWSGI_BIN.append(args.uwsgi)
     if args.fd_node:
         node_argv = [BACKEND_BIN, "-u", os.path.join(work, "node.sock"), "-F"]
-        args.router_arg = ["--fastrouter-trust-fd-passing"] + args.router_arg
+        if not args.uwsgi:
+            args.router_arg = ["--fastrouter-trust-fd-passing"] + args.router_arg
     else:
         node_argv = [BACKEND_BIN, "-p", "0"]
     backend_child, backend = processes.spawn_listening(
