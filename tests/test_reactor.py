@@ -985,8 +985,8 @@ def test_hangup_comes_only_with_the_peers_fin(socketpair):
         run_bounded(reactor)
         assert sorted(masks) == sorted([READ | HANGUP, WRITE])
     finally:
-        reactor.unregister(a.fileno())
-        reactor.unregister(c.fileno())
+        for sock in (a, c):
+            reactor.unregister(sock.fileno())
         reactor.close()
 
 
