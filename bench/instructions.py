@@ -5,6 +5,7 @@ Usage::
 
     python3 bench/instructions.py [--requests 2000] [--warmup 300] [--strace] [--no-callgrind]
                                   [--router-arg ARG ...] [--profile FILE.prof]
+                                  [--vars nginx] [--fd-node]
 
 Theory of operation
 -------------------
@@ -21,7 +22,16 @@ the warm-up and detaches it after *requests* more: system calls per request (the
 that a change must not raise).  ``--profile`` runs the router under cProfile instead
 (written when the router exits) for a per-function view.
 
-Each request carries the vars a web server sends for a GET (as ``loadgen.c`` does).
+Each request carries the vars a web server sends for a GET (11 vars, as ``loadgen.c``
+does); ``--vars nginx`` sends the 16 vars of nginx's stock ``uwsgi_params`` instead
+(empty ``CONTENT_LENGTH`` and ``CONTENT_TYPE``, ``REMOTE_PORT``, ``DOCUMENT_URI``,
+``REQUEST_SCHEME``...), the request the shared harness's load generator sends.
+
+``--fd-node`` measures the descriptor-passing path instead: the node is
+``backend -u SOCK -F`` (a UNIX socket; it takes the client's descriptor and answers
+on it) and the router runs with ``--fastrouter-trust-fd-passing``, so after the
+warm-up every request is handed over without waiting for the node's verdict (but
+for the periodic check, one in 64).
 """
 
 from __future__ import annotations
@@ -43,15 +53,27 @@ REPO_DIR = os.path.dirname(BENCH_DIR)
 sys.path.insert(0, BENCH_DIR)
 
 import processes  # noqa: E402
+import proctree  # noqa: E402
 
 BACKEND_BIN = os.path.join(BENCH_DIR, "build", "backend")
 
 
-def _request(host: str = "bench.local") -> bytes:
-    pairs = [("REQUEST_METHOD", "GET"), ("REQUEST_URI", "/"), ("PATH_INFO", "/"),
-             ("QUERY_STRING", ""), ("SERVER_PROTOCOL", "HTTP/1.1"), ("SERVER_NAME", host),
-             ("SERVER_PORT", "80"), ("REMOTE_ADDR", "127.0.0.1"), ("HTTP_HOST", host),
-             ("HTTP_USER_AGENT", "bench"), ("HTTP_ACCEPT", "*/*")]
+_PLAIN_VARS = [("REQUEST_METHOD", "GET"), ("REQUEST_URI", "/"), ("PATH_INFO", "/"),
+               ("QUERY_STRING", ""), ("SERVER_PROTOCOL", "HTTP/1.1"), ("SERVER_NAME", "{host}"),
+               ("SERVER_PORT", "80"), ("REMOTE_ADDR", "127.0.0.1"), ("HTTP_HOST", "{host}"),
+               ("HTTP_USER_AGENT", "bench"), ("HTTP_ACCEPT", "*/*")]
+# nginx's stock uwsgi_params for a GET, in its order (the harness's load generator).
+_NGINX_VARS = [("QUERY_STRING", ""), ("REQUEST_METHOD", "GET"), ("CONTENT_TYPE", ""),
+               ("CONTENT_LENGTH", ""), ("REQUEST_URI", "/"), ("PATH_INFO", "/"),
+               ("DOCUMENT_URI", "/"), ("SERVER_PROTOCOL", "HTTP/1.1"), ("REQUEST_SCHEME", "http"),
+               ("REMOTE_ADDR", "127.0.0.1"), ("REMOTE_PORT", "40000"), ("SERVER_PORT", "80"),
+               ("SERVER_NAME", "{host}"), ("HTTP_HOST", "{host}"),
+               ("HTTP_USER_AGENT", "loadgen/1.0"), ("HTTP_ACCEPT", "*/*")]
+VAR_SETS = {"plain": _PLAIN_VARS, "nginx": _NGINX_VARS}
+
+
+def _request(host: str = "bench.local", var_set: str = "plain") -> bytes:
+    pairs = [(k, v.format(host=host)) for k, v in VAR_SETS[var_set]]
     body = b"".join(struct.pack("<H", len(k)) + k.encode() + struct.pack("<H", len(v)) + v.encode()
                     for k, v in pairs)
     return struct.pack("<BHB", 0, len(body), 0) + body
@@ -76,10 +98,17 @@ def send_requests(port: int, count: int) -> int:
     return ok
 
 
+UWSGI_BIN: List[str] = []    # --uwsgi: measure the uWSGI FastRouter instead
+
+
 def start_router(work: str, backend: str, wrap: List[str], extra: List[str]) -> tuple:
     port = processes.free_port()
-    argv = wrap + [sys.executable, "-m", "uwsgi_fastrouter", "--fastrouter", "127.0.0.1:%d" % port,
-                   "--fastrouter-to", backend, "--listen", "1024"] + extra
+    router = [sys.executable, "-m", "uwsgi_fastrouter"]
+    if UWSGI_BIN:
+        # as bench.py runs it (its master and its fastrouter process are both counted)
+        router = UWSGI_BIN + ["--master", "--die-on-term", "--fastrouter-buffer-size", "65536"]
+    argv = wrap + router + ["--fastrouter", "127.0.0.1:%d" % port,
+                            "--fastrouter-to", backend, "--listen", "1024"] + extra
     env = dict(os.environ, PYTHONPATH=REPO_DIR)
     child = processes.spawn("router", argv, os.path.join(work, "router.log"), cwd=REPO_DIR, env=env)
     if not processes.wait_serving(child, port, timeout=180):
@@ -102,13 +131,16 @@ def measure_callgrind(args, work: str, backend: str) -> float:
     child, port = start_router(work, backend, wrap, args.router_arg)
     try:
         send_requests(port, args.warmup)
-        subprocess.run(["callgrind_control", "-z", str(child.pid)], capture_output=True, timeout=60)
+        pids = [str(pid) for pid, _ in proctree.snapshot_pids(child.pid)]
+        for pid in pids:
+            subprocess.run(["callgrind_control", "-z", pid], capture_output=True, timeout=60)
         ok = send_requests(port, args.requests)
         before = set(os.listdir(work))
-        subprocess.run(["callgrind_control", "-d", str(child.pid)], capture_output=True, timeout=60)
+        for pid in pids:
+            subprocess.run(["callgrind_control", "-d", pid], capture_output=True, timeout=60)
         deadline = time.monotonic() + 30
         dumps: List[str] = []
-        while time.monotonic() < deadline and not dumps:
+        while time.monotonic() < deadline and len(dumps) < len(pids):
             dumps = [fn for fn in set(os.listdir(work)) - before if fn.startswith("cg.")]
             time.sleep(0.2)
         time.sleep(0.5)
@@ -128,7 +160,10 @@ def measure_strace(args, work: str, backend: str) -> float:
     out = os.path.join(work, "strace.txt")
     try:
         send_requests(port, args.warmup)
-        tracer = subprocess.Popen(["strace", "-c", "-f", "-o", out, "-p", str(child.pid)],
+        attach = []
+        for pid, _ in proctree.snapshot_pids(child.pid):
+            attach += ["-p", str(pid)]
+        tracer = subprocess.Popen(["strace", "-c", "-f", "-o", out] + attach,
                                   stderr=subprocess.DEVNULL)
         time.sleep(1.0)   # strace attaches asynchronously; requests before that are not counted
         send_requests(port, args.requests)
@@ -174,11 +209,31 @@ def main() -> int:
     parser.add_argument("--profile", help="run under cProfile, write the stats here")
     parser.add_argument("--keep-dump", help="copy the callgrind dump into this directory")
     parser.add_argument("--router-arg", action="append", default=[])
+    parser.add_argument("--vars", choices=sorted(VAR_SETS), default="plain",
+                        help="the request's vars: plain (11) or nginx (16, as the harness sends)")
+    parser.add_argument("--uwsgi", metavar="BIN",
+                        help="measure this uWSGI binary's FastRouter instead of ours "
+                             "(--fd-node then runs it without the trust option)")
+    parser.add_argument("--fd-node", action="store_true",
+                        help="a UNIX node that takes the client's descriptor, with "
+                             "--fastrouter-trust-fd-passing")
     args = parser.parse_args()
+    global REQUEST
+    REQUEST = _request(var_set=args.vars)
     subprocess.run(["make", "-s", "-C", BENCH_DIR], check=True)
     work = tempfile.mkdtemp(prefix="instr.")
+    if args.uwsgi:
+        UWSGI_BIN.append(args.uwsgi)
+    if args.fd_node:
+        node_argv = [BACKEND_BIN, "-u", os.path.join(work, "node.sock"), "-F"]
+        if not args.uwsgi:
+            args.router_arg = ["--fastrouter-trust-fd-passing"] + args.router_arg
+    else:
+        node_argv = [BACKEND_BIN, "-p", "0"]
     backend_child, backend = processes.spawn_listening(
-        "backend", [BACKEND_BIN, "-p", "0"], os.path.join(work, "backend.log"))
+        "backend", node_argv, os.path.join(work, "backend.log"))
+    if backend.startswith("unix:"):
+        backend = backend[len("unix:"):]
     try:
         if args.profile:
             measure_profile(args, work, backend)

@@ -83,6 +83,29 @@ def test_scan_request_agrees_with_the_plain_walk(block, force_key):
     assert scan_request(bytearray(block), force_key) == reference_info(decoded, force_key)
 
 
+# Records built from the names scan_request picks out (and near misses of their
+# length), with values around the 255-byte limit of its pattern path.
+_SCANNED_NAMES = [F, H, S, b"CONTENT_LENGTH", b"REMOTE_ADDR", b"REMOTE_PORT",
+                  b"HTTP_TRANSFER_ENCODING", b"SERVER_PORT", b"PATH_INFO", b"HTTP_HOSTX", b"X"]
+_scanned_values = st.one_of(st.binary(max_size=4), st.sampled_from([b"", b"0", b"12", b"a.b"]),
+                            st.integers(min_value=250, max_value=260).map(lambda n: b"v" * n))
+
+
+@PROPERTY
+@given(st.lists(st.tuples(st.sampled_from(_SCANNED_NAMES), _scanned_values), max_size=8),
+       st.one_of(st.none(), st.just(b"forced")), st.binary(max_size=3))
+def test_scan_request_pattern_and_walk_agree(pairs_, force_key, tail):
+    """Both walks of scan_request (the re pattern for blocks whose keys and values
+    are all under 256 bytes, the Python walk for the others and for bad blocks) agree
+    with the documented rules, with or without trailing junk."""
+    block = encode_vars(pairs_)
+    assert scan_request(block, force_key) == reference_info(pairs_, force_key)
+    bad = block + tail
+    if tail:
+        with pytest.raises(MalformedVars):
+            scan_request(bad, force_key)
+
+
 @PROPERTY
 @given(st.binary(max_size=40), st.integers(min_value=0, max_value=8))
 def test_parse_header_raises_only_protocol_error(data, offset):

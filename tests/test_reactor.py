@@ -13,7 +13,7 @@ import time
 import pytest
 
 from uwsgi_fastrouter import log as logmod
-from uwsgi_fastrouter.reactor import READ, WRITE, Reactor, Timer
+from uwsgi_fastrouter.reactor import HANGUP, READ, WRITE, Reactor, Timer
 
 SELECTOR_NAMES = ["EpollSelector", "PollSelector", "SelectSelector", "KqueueSelector",
                   "DevpollSelector"]
@@ -943,7 +943,8 @@ def test_fast_path_keeps_the_selectors_map_in_step(socketpair):
 @needs_epoll
 def test_fast_path_masks_follow_the_registered_interest(socketpair):
     """A peer that went away makes epoll report HUP: a READ-only registration sees READ
-    (never a WRITE it did not ask for), a READ|WRITE one sees both, as with selectors."""
+    (never a WRITE it did not ask for), a READ|WRITE one sees both, as with selectors;
+    both see the HANGUP bit (the peer's FIN)."""
     reactor = Reactor(selector=selectors.EpollSelector())
     a, b = socketpair()
     c, d = socketpair()
@@ -955,10 +956,37 @@ def test_fast_path_masks_follow_the_registered_interest(socketpair):
         d.close()
         reactor.call_soon(reactor.stop)
         run_bounded(reactor)
-        assert masks == {"read": READ, "both": READ | WRITE}
+        assert masks == {"read": READ | HANGUP, "both": READ | WRITE | HANGUP}
     finally:
         reactor.unregister(a.fileno())
         reactor.unregister(c.fileno())
+        reactor.close()
+
+
+@needs_epoll
+def test_hangup_comes_only_with_the_peers_fin(socketpair):
+    """Bytes alone make a socket READ; the HANGUP bit joins once the peer has shut down
+    its sending side, and never for a write-only registration."""
+    reactor = Reactor(selector=selectors.EpollSelector())
+    a, b = socketpair()
+    c, d = socketpair()
+    masks = []
+    try:
+        reactor.register(a.fileno(), READ, masks.append)
+        reactor.register(c.fileno(), WRITE, masks.append)
+        b.send(b"x")
+        reactor.call_soon(reactor.stop)
+        run_bounded(reactor)
+        assert sorted(masks) == [READ, WRITE]
+        masks.clear()
+        b.shutdown(socket.SHUT_WR)
+        d.shutdown(socket.SHUT_WR)
+        reactor.call_soon(reactor.stop)
+        run_bounded(reactor)
+        assert sorted(masks) == sorted([READ | HANGUP, WRITE])
+    finally:
+        for sock in (a, c):
+            reactor.unregister(sock.fileno())
         reactor.close()
 
 

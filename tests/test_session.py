@@ -4,6 +4,7 @@ the timers driven by the test."""
 from __future__ import annotations
 
 import io
+import select
 import socket
 
 import pytest
@@ -16,7 +17,8 @@ from uwsgi_fastrouter.reactor import Reactor
 from uwsgi_fastrouter.router import Router
 from uwsgi_fastrouter.server import Server
 from uwsgi_fastrouter.router import BUSY_FIRST_DELAY, BUSY_MAX_DELAY, BUSY_TICK
-from uwsgi_fastrouter.session import CONNECTING, RELAY, Session
+from uwsgi_fastrouter.record import OK
+from uwsgi_fastrouter.session import CLOSED, CONNECTING, FIRST_READ, RELAY, Session
 
 GET = [(b"HTTP_HOST", b"example.com"), (b"PATH_INFO", b"/"), (b"CONTENT_LENGTH", b"")]
 
@@ -180,3 +182,68 @@ def test_a_client_that_never_reads_leaves_at_most_16_kib_in_the_router():
             reactor.close()
             client.close()
             listener.close()
+
+
+def _answer_and_close(node: socket.socket, size: int) -> None:
+    """Accept the router's connection, read the head, send *size* bytes and close:
+    the response and the FIN are both queued before the router looks again."""
+    conn, _ = node.accept()
+    with conn:
+        conn.settimeout(10)
+        head = conn.recv(4)
+        want = head[1] | head[2] << 8
+        while want:
+            want -= len(conn.recv(want))
+        conn.sendall(bytes(range(256)) * (size // 256) + b"x" * (size % 256))
+
+
+@pytest.mark.parametrize("size", [100, FIRST_READ - 1, FIRST_READ, FIRST_READ + 100, 300000])
+@pytest.mark.parametrize("slow_client", [False, True], ids=["reading", "small-window"])
+def test_a_response_sent_with_the_nodes_fin_reaches_the_client_whole(size, slow_client):
+    """The node's FIN comes with its answer (the reactor's HANGUP bit): a first read
+    that empties the node's socket ends the request without another read; a read that
+    filled its buffer (FIRST_READ), or bytes the client could not take yet, must not
+    end it early.  The client gets every byte, then EOF, and the request counts as OK."""
+    node = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    node.bind(("127.0.0.1", 0))
+    node.listen(4)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    reactor = Reactor()
+    server = Server(reactor, Router(to=["127.0.0.1:%d" % node.getsockname()[1]]), [])
+    if slow_client:
+        client, ours, addr = internet_client(listener)
+    else:
+        client = socket.create_connection(listener.getsockname())
+        ours, addr = listener.accept()
+    client.setblocking(False)
+    try:
+        client.sendall(uwsgi_packet(GET))
+        wait_until(lambda: select.select([ours], [], [], 0)[0], what="the request")
+        session = Session(server.context, ours, addr)
+        server.sessions.add(session)
+        session.start()
+        _answer_and_close(node, size)
+        received = []
+
+        def answered():
+            reactor.call_soon(lambda: None)     # a pass that does not wait
+            one_pass(reactor)
+            try:
+                data = client.recv(65536)
+            except BlockingIOError:
+                return False
+            received.append(data)
+            return not data                     # EOF: the router closed its side
+        wait_until(answered, what="the whole response and EOF")
+        body = b"".join(received)
+        assert len(body) == size
+        assert body == bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+        assert session.state == CLOSED and session.outcome == OK
+        assert server.counters.by_code[OK] == 1
+    finally:
+        server.stop()
+        reactor.close()
+        for sock in (client, node, listener):
+            sock.close()

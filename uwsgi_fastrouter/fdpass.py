@@ -21,6 +21,10 @@ import socket
 from typing import List, Sequence, Tuple
 
 _INT_SIZE = array.array("i").itemsize
+# Looked up once: send_fds runs for every client handed to a node.
+_SOL_SOCKET = socket.SOL_SOCKET
+_SCM_RIGHTS = socket.SCM_RIGHTS
+_int_array = array.array
 
 
 class FdPassError(OSError):
@@ -34,7 +38,7 @@ def send_fds(sock: socket.socket, data: bytes, fds: Sequence[int], flags: int = 
     rest must be sent with plain ``send`` (the descriptors are already across).
     Raises BlockingIOError when nothing could be sent (nothing was passed then).
     """
-    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    ancillary = [(_SOL_SOCKET, _SCM_RIGHTS, _int_array("i", fds))] if fds else []
     return sock.sendmsg([data], ancillary, flags)
 
 

@@ -112,28 +112,30 @@ class Handoffs:
     handed over: the client is not read meanwhile, and there is nothing to relay
     upstream.  ``count`` is the number of clients a node took over."""
 
-    __slots__ = ("enabled", "trust", "count")
+    __slots__ = ("enabled", "trust", "taken_count", "unchecked")
 
     def __init__(self, enabled: bool, trust: bool = False) -> None:
         self.enabled = enabled
         self.trust = HandoffTrust(enabled and trust)
-        self.count = 0
+        self.taken_count = 0          # verified handoffs the node took
+        #: ``unchecked(address)``: True when the handoff just made to *address* needs
+        #: no verdict: the node is trusted, the session closes its side at once (and
+        #: the handoff is counted, in the trust's ``unchecked_total``).  The trust's
+        #: own method, bound here: it runs for every request handed over.
+        self.unchecked = self.trust.unchecked
+
+    @property
+    def count(self) -> int:
+        """Clients a node took over: verified and unchecked handoffs."""
+        return self.taken_count + self.trust.unchecked_total
 
     def may_pass(self, bodyless: bool) -> bool:
         """Whether the client of a request goes to a UNIX node with its head."""
         return self.enabled and bodyless
 
-    def unchecked(self, address: bytes) -> bool:
-        """True when the handoff just made to *address* needs no verdict: the node is
-        trusted, the session closes its side at once (and the handoff is counted)."""
-        if self.trust.unchecked(address):
-            self.count += 1
-            return True
-        return False
-
     def taken(self, address: bytes) -> None:
         """The node at *address* closed without a byte: it took the client."""
-        self.count += 1
+        self.taken_count += 1
         self.trust.taken(address)
 
     def ignored(self, address: bytes) -> bool:

@@ -33,7 +33,9 @@ vars, no list built, only the few names the router cares about are compared.
 
 from __future__ import annotations
 
+import re
 import struct
+import sys
 from enum import IntEnum
 from typing import Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
 
@@ -380,6 +382,82 @@ def _raise_malformed(data: bytes) -> None:
     raise AssertionError("scan_request rejected a valid vars block")  # pragma: no cover
 
 
+def _content_length(digits: bytes) -> int:
+    """The value of a CONTENT_LENGTH var (see :func:`scan_request`)."""
+    # junk (empty, signs, spaces, non-ASCII digits) -> 0: "no body to buffer";
+    # bytes.isdigit() is true for ASCII 0-9 only, and false when empty
+    if not digits.isdigit():
+        return 0
+    if len(digits) <= 18:
+        return int(digits)
+    return _long_content_length(digits)
+
+
+# The names scan_request picks out, in the order of their groups in _RECORDS (the
+# order of their lengths in _COMMON_KEY_LENGTHS, then by length).
+_SCANNED = (_SERVER_NAME, _REMOTE_ADDR, _REMOTE_PORT, _HTTP_HOST, _CONTENT_LENGTH, _FR_KEY,
+            _TRANSFER_ENCODING)
+# The names whose value is a key candidate only when it is 1..255 bytes long.
+_KEY_NAMES = (_FR_KEY, _HTTP_HOST, _SERVER_NAME)
+
+
+def _records_pattern():
+    """The vars walk of :func:`scan_request` as one regular expression, or None where
+    the ``re`` module has no possessive repeat (before Python 3.11).
+
+    A walk in Python costs a few dozen bytecodes per record; the ``re`` engine walks
+    the same records in C.  It cannot compute a length, so the pattern spells out
+    every length: ``\\x05\\x00.{5}`` is a key or value of 5 bytes, for 0..255 (a
+    length of 256 or more, or any malformed record, stops the match early and the
+    request goes through the Python walk, which also names the fault).  One record is
+    a key then a value.  The keys of :data:`_SCANNED` come first among the keys of
+    their length, and capture an empty group right after the name, i.e. where the
+    value's length starts; a group in a repeat keeps its last match: the last
+    occurrence, which is the rule.  A key name with an empty value (an empty
+    candidate counts as absent) is a whole record of its own, tried before the
+    others, so it captures nothing.  The repeat is possessive (``*+``): a record
+    that matched is never tried again, so a bad block costs one pass whatever it
+    holds.  The engine tries alternatives in order, so the usual lengths of var
+    names come first (:data:`_COMMON_KEY_LENGTHS`)."""
+    if sys.version_info < (3, 11):  # pragma: no cover - possessive repeats are 3.11+
+        return None
+
+    def length(n: int) -> bytes:
+        return re.escape(bytes((n & 255, n >> 8)))
+
+    def any_bytes(n: int) -> bytes:
+        # Short runs as plain dots: the engine steps over them in line, where a
+        # counted repeat costs a nested match of the rest of the pattern.
+        return b"." * n if n <= _INLINE_RUN else b".{%d}" % n
+
+    scanned: dict = {}
+    for name in _SCANNED:
+        scanned.setdefault(len(name), []).append(name)
+    empty_names = [length(len(name)) + re.escape(name) + length(0) for name in _KEY_NAMES]
+    keys = []
+    key_lengths = list(_COMMON_KEY_LENGTHS) + [n for n in range(1, 256)
+                                               if n not in _COMMON_KEY_LENGTHS]
+    grouped = [name for n in key_lengths for name in scanned.get(n, ())]
+    assert grouped == list(_SCANNED), "scan_request unpacks the groups in _SCANNED's order"
+    for n in key_lengths:
+        names = [re.escape(name) + b"()" for name in scanned.get(n, ())]
+        if names:
+            keys.append(length(n) + b"(?:%s|%s)" % (b"|".join(names), any_bytes(n)))
+        else:
+            keys.append(length(n) + any_bytes(n))
+    values = [length(n) + any_bytes(n) for n in range(256)]
+    return re.compile(b"(?s)(?:%s|(?:%s)(?:%s))*+"
+                      % (b"|".join(empty_names), b"|".join(keys), b"|".join(values)))
+
+
+# The lengths of the var names a web server sends most (REMOTE_ADDR, HTTP_HOST,
+# QUERY_STRING, CONTENT_LENGTH, SERVER_PROTOCOL, DOCUMENT_ROOT, HTTP_ACCEPT_ENCODING...).
+_COMMON_KEY_LENGTHS = (11, 9, 12, 14, 15, 13, 20)
+_INLINE_RUN = 32
+_RECORDS = _records_pattern()
+_match_records = _RECORDS.match if _RECORDS is not None else None
+
+
 def scan_request(block: BytesLike, force_key: Optional[bytes] = None) -> RequestInfo:
     """Validate a request's vars block and pick out what the router needs.
 
@@ -402,13 +480,47 @@ def scan_request(block: BytesLike, force_key: Optional[bytes] = None) -> Request
         last occurrence, raw bytes, or ``None``.
     ``chunked``
         an ``HTTP_TRANSFER_ENCODING`` var is present (a body of unknown length).
+
+    The walk is done by the ``re`` engine (:func:`_records_pattern`) when every key
+    and value is shorter than 256 bytes, by :func:`_scan_walk` otherwise; both give
+    the same answer.
     """
+    data = block if type(block) is bytes else bytes(block)
+    if _match_records is None:  # pragma: no cover - before Python 3.11
+        return _scan_walk(data, force_key)
+    whole, server_name, raddr, rport, host, clen, fr_key, chunked = _match_records(data).regs
+    if whole[1] != len(data):
+        return _scan_walk(data, force_key)
+    # Each group is empty and sits where its value's length starts; all lengths
+    # are below 256 here, so the low byte is the length.
+    if force_key is None:
+        at = fr_key[0]
+        if at < 0:
+            at = host[0]
+            if at < 0:
+                at = server_name[0]
+        if at >= 0:
+            force_key = data[at + 2:at + 2 + data[at]]
+    at = clen[0]
+    if at >= 0:
+        clen = _content_length(data[at + 2:at + 2 + data[at]]) if data[at] else 0
+    else:
+        clen = None
+    at = raddr[0]
+    raddr = data[at + 2:at + 2 + data[at]] if at >= 0 else None
+    at = rport[0]
+    rport = data[at + 2:at + 2 + data[at]] if at >= 0 else None
+    return _new_tuple(RequestInfo, (force_key, clen, raddr, rport, chunked[0] >= 0))
+
+
+def _scan_walk(data: bytes, force_key: Optional[bytes]) -> RequestInfo:
+    """:func:`scan_request` as a walk in Python: the path of blocks with a key or
+    value of 256 bytes or more, and the one that names the fault of a bad block."""
     # The walk does the fewest checks that still catch every malformed block:
     # an index past the end (stray bytes, a key running into or past the value
     # length) raises IndexError; a zero key length stops the loop early; a value
     # running past the end leaves ``pos > end``.  Any of them ends with
     # ``pos != end`` and the slow path names the fault.
-    data = block if type(block) is bytes else bytes(block)
     end = len(data)
     pos = 0
     lengths = _NAME_LENGTHS
@@ -451,12 +563,5 @@ def scan_request(block: BytesLike, force_key: Optional[bytes] = None) -> Request
     if force_key is None:
         force_key = fr_key or host or server_name
     if clen is not None:
-        # junk (empty, signs, spaces, non-ASCII digits) -> 0: "no body to buffer";
-        # bytes.isdigit() is true for ASCII 0-9 only, and false when empty
-        if not clen.isdigit():
-            clen = 0
-        elif len(clen) <= 18:
-            clen = int(clen)
-        else:
-            clen = _long_content_length(clen)
+        clen = _content_length(clen)
     return _new_tuple(RequestInfo, (force_key, clen, raddr, rport, chunked))

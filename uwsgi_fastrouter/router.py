@@ -225,7 +225,9 @@ class StaticMapper:
         self.cursor %= len(nodes)
         self.down_count = sum(1 for node in nodes if node.down or node.drained)
 
-    def __call__(self, key: bytes) -> Optional[Route]:
+    def route(self, key: bytes, request=None) -> Optional[Route]:
+        """The next node's route (the round robin); *request* is not looked at.  The
+        router calls this bound method directly (one call less than ``__call__``)."""
         if self.down_count or self.caps is not None:
             return self._route_skipping()
         nodes = self.nodes
@@ -248,6 +250,8 @@ class StaticMapper:
         self.cursor = (index + 1) % count
         node.ref += 1
         return node.route
+
+    __call__ = route
 
 
 class PatternMapper:
@@ -428,6 +432,8 @@ class Router:
         if self.mapper is subscriptions:
             # the subscription mapper takes the request along: called directly
             self.route = subscriptions
+        elif self.mapper is self.static:
+            self.route = self.static.route
         self.fallbacks = [Route(a.encode("utf-8", "surrogateescape")) for a in fallback]
         #: fallback addresses marked down by the health checks, drained by the
         #: operator, and both: the ones skipped

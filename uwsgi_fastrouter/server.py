@@ -176,7 +176,7 @@ class Server:
         context = self.context
 
         def start_session(fd: int, addr: Any) -> None:
-            session = Session(context, new_socket(family, type_, proto, fd), addr)
+            session = Session(context, new_socket(family, type_, proto, fd), addr, fd)
             sessions.add(session)
             session.start()
 

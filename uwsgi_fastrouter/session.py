@@ -84,7 +84,7 @@ import socket
 from typing import TYPE_CHECKING, Optional
 
 from .protocol import HeadReader, ProtocolError
-from .reactor import READ, WRITE
+from .reactor import HANGUP, READ, WRITE
 from .fdpass import send_fds
 from .httperrors import BAD_GATEWAY, GATEWAY_TIMEOUT, SERVICE_UNAVAILABLE, response
 from .record import (ABORTED, CLIENT_ERROR, FAILED, HANDOFF, NODE_ERROR, NO_ROUTE, OK,
@@ -151,10 +151,10 @@ class Session:
         "started", "first_byte", "ended", "rx", "tx", "outcome", "first",
     )
 
-    def __init__(self, ctx: "SessionContext", csock: socket.socket, caddr) -> None:
+    def __init__(self, ctx: "SessionContext", csock: socket.socket, caddr, cfd: int = -1) -> None:
         self.ctx = ctx
         self.csock = csock
-        self.cfd = csock.fileno()
+        self.cfd = cfd if cfd >= 0 else csock.fileno()   # the acceptor knows it
         self.caddr = caddr
         self.bsock: Optional[socket.socket] = None
         self.bfd = -1
@@ -190,19 +190,15 @@ class Session:
     # ------------------------------------------------------------------ head
 
     def start(self) -> None:
-        """Called right after accept: try to read the head at once."""
-        self._read_first()
-        if self.state == RECV_HEAD:
-            self.c_events = READ
-            self.ctx.reactor.register(self.cfd, READ, self._on_client)
-
-    def _read_first(self) -> None:
-        """The first read: up to one chunk, straight into the shared scratch buffer."""
+        """Called right after accept: the first read, up to one chunk, straight into the
+        shared scratch buffer.  A request that arrived whole goes on from here in the
+        same call; for a head not there yet, or there in part, the client is watched."""
         ctx = self.ctx
         scratch = ctx.scratch
         try:
             n = self.csock.recv_into(scratch, ctx.chunk, MSG_DONTWAIT)
         except BlockingIOError:
+            self._watch_head()
             return
         except OSError as exc:
             self.close("error reading the request: %s" % (exc.strerror or exc))
@@ -215,18 +211,26 @@ class Session:
             total = 4 + (scratch[1] | (scratch[2] << 8))
             if n >= total:
                 self._head_complete(ctx.scratch_view, total, n)
-                self._release_scratch()
+                if self.up_buf is not None:
+                    self._release_scratch()
                 return
         # Only part of the head: n < 4 + datasize, so all of it is head.
         self.reader = reader = HeadReader()
         reader.feed(ctx.scratch_view[:n])
+        self._watch_head()
+
+    def _watch_head(self) -> None:
+        """Wait for (the rest of) the head: the client is read when it is readable."""
+        if not self.c_events:
+            self.c_events = READ
+            self.ctx.reactor.register(self.cfd, READ, self._on_client)
 
     def _read_more(self) -> None:
         """The rest of a head that arrived in pieces: exactly what completes it (first
         of the header, then of the vars), so body bytes stay in the kernel."""
         reader = self.reader
         if reader is None:
-            self._read_first()
+            self.start()      # nothing had come at accept
             return
         csock = self.csock
         try:
@@ -498,7 +502,8 @@ class Session:
         self.bfd = sock.fileno()
         # Optimistic first send: usually the connection is already up.
         try:
-            if family == _AF_UNIX and self.ctx.handoffs.may_pass(not self.watch_client):
+            # Handoffs.may_pass(), written out: only bodyless requests are handed over.
+            if family == _AF_UNIX and not self.watch_client and self.ctx.handoffs.enabled:
                 sent = send_fds(sock, head, (self.cfd,))
                 self.fd_passed = True
                 if sent == len(head) and self.ctx.handoffs.unchecked(route.address):
@@ -625,6 +630,7 @@ class Session:
         take the client, so both our copies are closed at once, with no verdict."""
         self._count_connected(sent)
         self.backend_eof = True
+        self.outcome = HANDOFF        # what _outcome would say, known here
         self.close()
 
     def _count_connected(self, sent: int) -> None:
@@ -642,6 +648,13 @@ class Session:
             self.up_buf = bytes(memoryview(data)[sent:])
         else:
             self.up_buf = None
+            if not self.watch_client and not self.b_events:
+                # A bodyless request whose head is out: only the node's answer is
+                # awaited (what _update_interest computes here, without computing it:
+                # the client is not watched, nothing is pending either way).
+                self.b_events = READ
+                self.ctx.reactor.register(self.bfd, READ, self._on_backend)
+                return
         self._update_interest()
 
     def _connect_failed(self, reason: str, log_it: bool = True) -> None:
@@ -775,15 +788,18 @@ class Session:
                 if not self._send_file():
                     return
         if mask & READ and not self.backend_eof and self.down_buf is None:
-            self._pump_down()
+            self._pump_down(mask & HANGUP)
         if self.state == RELAY:
             self._update_interest()
 
-    def _pump_down(self) -> None:
+    def _pump_down(self, hangup: int = 0) -> None:
         """Backend -> client, until the backend has nothing more or the client is full.
 
         The first read takes up to FIRST_READ bytes; later ones peek a whole chunk and
-        consume only what the client took (see the module docstring)."""
+        consume only what the client took (see the module docstring).  *hangup* (the
+        reactor's HANGUP bit) says the node had shut down its side when the event came:
+        a first read that leaves its socket empty, fully sent on, is then the whole
+        response, and the session ends without the read that would return 0."""
         ctx = self.ctx
         scratch = ctx.scratch
         view = ctx.scratch_view
@@ -792,12 +808,13 @@ class Session:
         csock = self.csock
         node = self.route.node
         peek = self.down_peek
+        first = FIRST_READ if chunk > FIRST_READ else chunk
         for _ in range(_READS_PER_EVENT):
             try:
                 if peek:
                     n = bsock.recv_into(scratch, chunk, _MSG_PEEK)
                 else:
-                    n = bsock.recv_into(scratch, FIRST_READ if chunk > FIRST_READ else chunk)
+                    n = bsock.recv_into(scratch, first)
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -845,6 +862,13 @@ class Session:
                     node.tx += n
                 if sent < n:
                     self.down_buf = bytes(view[sent:n])
+                    return
+                if hangup and n < first and self.tls is None:
+                    # The node's FIN came before this read, which left its socket
+                    # empty: the response is complete (a TLS link may still hold
+                    # decrypted bytes, so it reads on).
+                    self.backend_eof = True
+                    self.close()
                     return
                 peek = True
                 continue
@@ -1050,7 +1074,10 @@ class Session:
         # The record is complete: both readers see the same facts (record.py).
         self.ended = reactor.now
         if self.outcome is None:
-            self.outcome = self._outcome(state, reason)
+            if reason is None and state == RELAY and not self.fd_passed:
+                self.outcome = OK             # relayed to its end: _outcome's first case
+            else:
+                self.outcome = self._outcome(state, reason)
         ctx.counters.ended(self)
         ctx.closed(self)
         if reason:
