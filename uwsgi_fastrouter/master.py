@@ -974,8 +974,9 @@ class RouterLink:
                     self.outbox += encode_frame(REPORT, _REPORT_HEAD.pack(ident, 1))
                     self.report = None
                     break
-                self.outbox += encode_frame(REPORT, _REPORT_HEAD.pack(ident, 0)
-                                            + json.dumps(part, separators=(",", ":")).encode())
+                if part:        # an empty part is a pause in a walk: nothing to send
+                    self.outbox += encode_frame(REPORT, _REPORT_HEAD.pack(ident, 0)
+                                                + json.dumps(part, separators=(",", ":")).encode())
                 if time.monotonic() >= deadline:
                     break
         self._flush()

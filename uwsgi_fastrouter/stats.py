@@ -445,7 +445,9 @@ def report_parts(server, table, pools_per_part: int = 32, totals_only: bool = Fa
     metrics scrape) the pools of *table* a few at a time, each taken from the table when
     its part is built (one removed meanwhile is left out).  A pool whose counters are
     all zero is left out too: the master sums what it gets into its own table, where a
-    missing pool adds nothing, as zeros would."""
+    missing pool adds nothing, as zeros would.  So that a walk over many such pools
+    is sliced too, an empty part (``{}``: nothing to send) comes after every
+    *pools_per_part* x 8 pools looked at without a part."""
     first = {"sessions": len(server.sessions),
              "static": [[n.hits, int(n.dead_since)] for n in server.router.static_nodes],
              "cheap": 1 if server.cheap else 0,
@@ -457,14 +459,19 @@ def report_parts(server, table, pools_per_part: int = 32, totals_only: bool = Fa
         return
     flat: list = []
     count = 0
+    idle = 0
     for counters in live_pools(table, _pool_counters):
         if counters is None:
+            idle += 1
+            if idle >= pools_per_part * 8:
+                yield {}
+                idle = 0
             continue
         flat += counters
         count += 1
         if count >= pools_per_part:
             yield {"pools": flat}
-            flat, count = [], 0
+            flat, count, idle = [], 0, 0
     if flat:
         yield {"pools": flat}
 

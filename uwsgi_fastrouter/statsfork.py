@@ -8,8 +8,10 @@ master's loop (in slices, see stats.py) it never blocks a pass for long, but it 
 a CPU busy at normal priority for as long as documents are asked for, and on a small
 machine the router processes then wait for a CPU: routing latency suffers although no
 loop stalls.  So the master hands a stats client whose document is ready to a process
-of its own at the lowest priority (nice 19), which renders and writes that document
-and exits; the scheduler gives routing the CPUs first.
+of its own at a low priority (nice 10), which renders and writes that document
+and exits; the scheduler gives routing the CPUs first.  Nice 10, not 19: on a machine
+whose CPUs are all busy at normal priority the renderer still gets about a tenth of
+one (at 19 it would get one part in seventy, and a big document would take minutes).
 
 How a document leaves the master: the master forks an intermediate process and waits
 for it.  The intermediate drops the master's signal handlers, closes every descriptor
@@ -42,8 +44,8 @@ from .stats import CHUNK
 
 #: renderer processes alive at once; more concurrent stats clients are served in the loop
 MAX_RENDERERS = 4
-#: the renderer's nice value (the lowest priority)
-RENDERER_NICE = 19
+#: the renderer's nice value (added to the master's)
+RENDERER_NICE = 10
 
 _SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
 
@@ -157,7 +159,7 @@ def _render(sock: socket.socket, pieces: Iterator[bytes], timeout: float,
     """In the renderer: the whole answer to *sock*, a chunk at a time, at low priority.
     A failure before anything was sent is an error answer (as in the loop)."""
     try:
-        os.setpriority(os.PRIO_PROCESS, 0, RENDERER_NICE)
+        os.nice(RENDERER_NICE)
     except OSError:
         pass
     gc.disable()            # a short life: a collection would only copy pages
