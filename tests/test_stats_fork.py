@@ -191,8 +191,16 @@ def test_a_renderer_is_nobodys_child_at_low_priority_with_only_the_clients_socke
         inode = os.fstat(ours.fileno()).st_ino
         assert renderers(ours, _big_answer(), 10.0, lambda exc: b"error")
         ours.close()                                       # as the stats server does
-        (renderer,) = _holders(inode)
-        assert renderer != os.getpid() and renderer not in children(os.getpid())
+
+        def renderer_alone():
+            """The renderer, once it is the only holder (the intermediate process
+            that forked it holds a copy for a moment) and is not our child."""
+            holders = _holders(inode)
+            alone = len(holders) == 1 and holders[0] not in children(os.getpid())
+            return holders[0] if alone else None
+
+        renderer = wait_until(renderer_alone, what="the renderer alone with the socket")
+        assert renderer != os.getpid()
         assert _sockets_of(renderer) == 1
         assert os.getpriority(os.PRIO_PROCESS, renderer) == \
             min(19, os.getpriority(os.PRIO_PROCESS, 0) + RENDERER_NICE)
@@ -223,6 +231,7 @@ def test_at_most_so_many_renderers_then_the_caller_serves_the_client():
         assert renderers(pairs[2][0], iter([b"{}"]), 10.0, lambda exc: b"error")
         pairs[2][0].close()
         assert read_to_eof(pairs[2][1]) == b"{}"
+        _run_until(reactor, lambda: renderers.alive == 0, "the third renderer's exit seen")
     finally:
         for ours, reader in pairs:
             ours.close()
@@ -243,6 +252,7 @@ def test_a_document_that_fails_in_the_renderer_is_an_error_answer():
         ours.close()
         reader.settimeout(20)
         assert read_to_eof(reader) == b'{"error":"no table"}'
+        _run_until(reactor, lambda: renderers.alive == 0, "the renderer's exit seen")
     finally:
         reader.close()
         reactor.close()

@@ -13,23 +13,27 @@ and exits; the scheduler gives routing the CPUs first.  Nice 10, not 19: on a ma
 whose CPUs are all busy at normal priority the renderer still gets about a tenth of
 one (at 19 it would get one part in seventy, and a big document would take minutes).
 
-How a document leaves the master: the master forks an intermediate process and waits
-for it.  The intermediate drops the master's signal handlers, closes every descriptor
-but the client's socket, the standard streams and the write end of a *done* pipe,
-forks the renderer and exits.  So when the master's ``waitpid`` returns, no process
-but the master holds any of its descriptors (an epoll registration outlives a close
-while another process holds the file, and the master's listeners must not stay open
-after it exits), the renderer is nobody's child (the master never reaps or kills it;
-``init`` does), and the master closes its copy of the client's socket and goes on.
-The master blocks for two forks and an exit, a few milliseconds; the document is a
-snapshot of the table and the reports at the fork, written whole, in chunks of
-:data:`~uwsgi_fastrouter.stats.CHUNK` bytes each bounded by the socket time-out.
+How a document leaves the master, which never waits for it: the master forks an
+intermediate process, closes its copy of the client's socket and goes on.  The
+intermediate drops the master's signal handlers, closes every descriptor but the
+client's socket, the standard streams and the write end of a *done* pipe, forks the
+renderer and exits (if that fork fails, it renders the document itself).  So the
+renderer is nobody's child (no one reaps or kills it; ``init`` does) and holds none of
+the master's descriptors: the master's listeners do not outlive it, and nothing of
+the master's loop is touched.  For the few milliseconds the intermediate lives it
+holds copies of them all; that is harmless where, as in the master, every descriptor
+is unregistered from epoll before it is closed (:meth:`Reactor.forget` would leave a
+registration behind while a copy exists; the master runs no sessions, the only users
+of it).  The document is a snapshot of the table and the reports at the fork, written
+whole, in chunks of :data:`~uwsgi_fastrouter.stats.CHUNK` bytes each bounded by the
+socket time-out; the master's fork copies its page tables and nothing else.
 
-The renderer holds the *done* pipe's only write end: its exit is the pipe's EOF in
-the master, which counts the renderers alive and hands out at most
-:data:`MAX_RENDERERS` at a time (each holds a copy-on-write image of the master);
-beyond that, or when a fork fails, the document is rendered in the master's loop as
-before.
+The intermediate and the renderer hold the *done* pipe's only write ends: when both
+have exited the master reads the pipe's EOF, reaps the intermediate if its own
+SIGCHLD handling has not, and counts the renderer gone.  At most
+:data:`MAX_RENDERERS` are alive at a time (each holds a copy-on-write image of the
+master); beyond that, or when the fork fails, the document is rendered in the
+master's loop as before.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import gc
 import os
 import signal
 import socket
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 from .stats import CHUNK
 
@@ -58,6 +62,7 @@ class ForkedRenderers:
     the pieces of its answer (not yet rendered), the socket time-out and the function
     that makes an error answer; True when a renderer took the client (the caller then
     closes its own copy of the socket), False when the caller must serve it itself.
+    Main thread only (it sets signal handlers in the forked process).
     """
 
     def __init__(self, reactor, limit: int = MAX_RENDERERS) -> None:
@@ -71,18 +76,18 @@ class ForkedRenderers:
             return False
         done_read, done_write = os.pipe()
         try:
-            started = _start_renderer(sock, pieces, timeout, error_payload, done_write)
+            pid = _fork_intermediate(sock, pieces, timeout, error_payload, done_write)
         finally:
             os.close(done_write)
-        if not started:
+        if pid is None:
             os.close(done_read)
             return False
         self.alive += 1
-        self.reactor.add_reader(done_read, lambda: self._gone(done_read))
+        self.reactor.add_reader(done_read, lambda: self._gone(done_read, pid))
         return True
 
-    def _gone(self, done_read: int) -> None:
-        """The renderer behind *done_read* exited (the pipe's EOF)."""
+    def _gone(self, done_read: int, pid: int) -> None:
+        """The processes behind *done_read* exited (the pipe's EOF)."""
         try:
             if os.read(done_read, 64):
                 return          # never written to: only its EOF counts
@@ -93,37 +98,43 @@ class ForkedRenderers:
         self.reactor.remove_reader(done_read)
         os.close(done_read)
         self.alive -= 1
+        try:
+            os.waitpid(pid, os.WNOHANG)     # it has exited: this does not wait
+        except ChildProcessError:
+            pass                            # reaped by the master's SIGCHLD handling
 
 
-def _start_renderer(sock: socket.socket, pieces: Iterator[bytes], timeout: float,
-                    error_payload: Callable[[BaseException], bytes], done_write: int) -> bool:
-    """Fork the intermediate process and wait for it; True when the renderer runs."""
+def _fork_intermediate(sock: socket.socket, pieces: Iterator[bytes], timeout: float,
+                       error_payload: Callable[[BaseException], bytes], done_write: int) -> Optional[int]:
+    """Fork the intermediate process: its pid, or None when the fork failed."""
     # Blocked across the fork: the master's handlers must not run in the intermediate
     # before it has dropped them.
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     try:
         pid = os.fork()
     except OSError:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-        return False
+        pid = None
     if pid == 0:  # pragma: no cover - runs in the intermediate process
         _intermediate(sock, pieces, timeout, error_payload, done_write, previous)
     signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-    _, status = os.waitpid(pid, 0)
-    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    return pid
 
 
 def _intermediate(sock, pieces, timeout, error_payload, done_write, mask) -> None:  # pragma: no cover
-    """Leave the master behind, fork the renderer and exit (0: the renderer runs)."""
+    """Leave the master behind, fork the renderer and exit; without a renderer (the
+    fork failed), render the document here."""
     try:
         for signum in _SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
         _close_all_but(0, 1, 2, sock.fileno(), done_write)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        renderer = os.fork()
     except BaseException:
         os._exit(1)
+    try:
+        renderer = os.fork()
+    except OSError:
+        renderer = 0
     if renderer:
         os._exit(0)
     try:
