@@ -13,7 +13,7 @@ import pytest
 
 from backends import RecordingBackend, request
 from support import fetch_stats, start_router, wait_until
-from test_master import children
+from test_master import children, zombies
 from test_stats_slices import (_announce_many, _router_parts, _Static, make_table, read_to_eof,
                                reference_aggregate, reference_render, reference_report)
 from uwsgi_fastrouter.reactor import Reactor
@@ -131,6 +131,9 @@ def test_ten_thousand_keys_whole_documents_and_routing_meanwhile(tmp_path, maste
         assert pools["k00007.example.com"]["hits"] == 0
         after = fetch_stats(router.stats_address, timeout=30)
         assert {p["key"]: p["hits"] for p in after["subscriptions"]}["k09999.example.com"] == 5
+        if master:      # the intermediate processes were reaped by the master
+            wait_until(lambda: not zombies(router.pid), what="no zombie child of the master")
+            assert len(children(router.pid)) == 2
 
 
 # --------------------------------------------------------------------------

@@ -650,7 +650,7 @@ class MasterRuntime:
         self.zerg = zerg_server(reactor, bindings)
         self.subscriber = make_subscriber(cfg, reactor, self.prepared)
         self.stats = stats_server(cfg, reactor, bindings, gather=self._gather_stats,
-                                  render_elsewhere=ForkedRenderers(reactor))
+                                  render_elsewhere=ForkedRenderers(reactor, reap=False))
         self.metrics = metrics_server(cfg, reactor, bindings, self._gather_metrics)
 
     def _load_table(self, fd: int) -> None:

@@ -29,8 +29,8 @@ whole, in chunks of :data:`~uwsgi_fastrouter.stats.CHUNK` bytes each bounded by 
 socket time-out; the master's fork copies its page tables and nothing else.
 
 The intermediate and the renderer hold the *done* pipe's only write ends: when both
-have exited the master reads the pipe's EOF, reaps the intermediate if its own
-SIGCHLD handling has not, and counts the renderer gone.  At most
+have exited the master reads the pipe's EOF and counts the renderer gone (its SIGCHLD
+handling has reaped the intermediate, a child it does not know, without a word).  At most
 :data:`MAX_RENDERERS` are alive at a time (each holds a copy-on-write image of the
 master); beyond that, or when the fork fails, the document is rendered in the
 master's loop as before.
@@ -63,11 +63,16 @@ class ForkedRenderers:
     that makes an error answer; True when a renderer took the client (the caller then
     closes its own copy of the socket), False when the caller must serve it itself.
     Main thread only (it sets signal handlers in the forked process).
+
+    *reap*: reap each intermediate process once it has exited.  False where the
+    process reaps every child of its own (the master's SIGCHLD handling): a second
+    reaper could, once the pid is reused, take the status of a child it does not own.
     """
 
-    def __init__(self, reactor, limit: int = MAX_RENDERERS) -> None:
+    def __init__(self, reactor, limit: int = MAX_RENDERERS, reap: bool = True) -> None:
         self.reactor = reactor
         self.limit = limit
+        self.reap = reap
         self.alive = 0
 
     def __call__(self, sock: socket.socket, pieces: Iterator[bytes], timeout: float,
@@ -98,10 +103,11 @@ class ForkedRenderers:
         self.reactor.remove_reader(done_read)
         os.close(done_read)
         self.alive -= 1
-        try:
-            os.waitpid(pid, os.WNOHANG)     # it has exited: this does not wait
-        except ChildProcessError:
-            pass                            # reaped by the master's SIGCHLD handling
+        if self.reap:
+            try:
+                os.waitpid(pid, os.WNOHANG)     # it has exited: this does not wait
+            except ChildProcessError:
+                pass
 
 
 def _fork_intermediate(sock: socket.socket, pieces: Iterator[bytes], timeout: float,
