@@ -318,6 +318,8 @@ def run_window(a, router: Router, keys: int, window: str, workdir: str, tag: str
                                               "--check-every", str(a.check_every),
                                               "--fetch-interval", str(a.fetch_interval)],
                                   None, stdout_pipe=True, death_signal=signal.SIGKILL)
+        if a.fetcher_nice:
+            os.setpriority(os.PRIO_PROCESS, fetcher.pid, a.fetcher_nice)
         reader = processes.LineReader(fetcher)
         if not reader.wait_for("FETCH", 60):
             processes.stop(fetcher, signal.SIGTERM)
@@ -430,6 +432,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--expect", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--fetch-interval", type=float, default=0.0,
                    help="seconds from the start of one stats fetch to the next (default 0: back to back)")
+    p.add_argument("--fetcher-nice", type=int, default=0,
+                   help="nice value of the stats fetcher (default 0); on a small machine the "
+                        "fetcher's own CPU (megabytes of JSON a second) competes with the probe")
     p.add_argument("--check-every", type=int, default=5,
                    help="parse every Nth stats document fetched (default 5; the others are compared "
                         "in length)")
