@@ -20,6 +20,11 @@ difference over the amount of work is the figure, so start-up and set-up cancel 
   through ``render_pieces``: per document.
 * ``master``: the master's document for the same table with the reports of two router
   processes (their parts JSON-encoded as a router sends them) merged in: per document.
+  Every key has counters (a router process routed to each).
+* ``merge``: of ``master``, the reception of the two reports only (what stays in the
+  master's loop when a renderer process writes the document, see statsfork.py).
+* ``report``: one router process's report (its parts built and JSON-encoded), every
+  key routed to; ``report_idle``: the same with one key in a hundred routed to.
 
 ``--tree`` (repeatable) names source trees to compare (default: this repository); each
 run imports ``uwsgi_fastrouter`` from that tree.
@@ -60,36 +65,52 @@ if case in ("refresh", "new"):
     for packet in work[:n]:
         server.handle(packet, None)
 else:
+    import types
     from uwsgi_fastrouter import stats
+    from uwsgi_fastrouter.metrics import Counters
     for i in range(10000):
         table.announce(parse_announcement(build_announcement(b"k-%05d.bench" % i, b"127.0.0.1:9",
                                                              cores=1, weight=1)), 1700000000.0)
-    parts = []
-    flat, count = [], 0
-    for counters in stats.live_pools(table, stats._pool_counters):
-        flat += counters
-        count += 1
-        if count >= 32:
-            parts.append(json.dumps({"pools": flat}, separators=(",", ":")).encode())
-            flat, count = [], 0
-    if flat:
-        parts.append(json.dumps({"pools": flat}, separators=(",", ":")).encode())
+    # the keys a router process routed to: every one, or one in a hundred (report_idle)
+    for i, pool in enumerate(table.pools_for_stats()):
+        if case != "report_idle" or i % 100 == 0:
+            pool.hits = pool.nodes[0].requests = 1 + i % 50
+    server = types.SimpleNamespace(sessions=[], cheap=False, counters=Counters(), fd_handoffs=0,
+                                   router=types.SimpleNamespace(static_nodes=[]))
+
+    def report() -> list:
+        """A router process's report, its parts as they go on the channel."""
+        return [json.dumps(part, separators=(",", ":")).encode()
+                for part in stats.report_parts(server, table) if part]
+
+    def merged(parts: list) -> list:
+        """The master's reception of two such reports."""
+        reports = []
+        for _ in range(2):
+            report_ = stats.RouterReport()
+            for part in parts:
+                report_.add(part)
+            reports.append(report_)
+        return reports
+
+    parts = report() if case in ("merge", "master") else None
     for _ in range(n):
+        if case in ("report", "report_idle"):
+            report()
+            continue
+        if case == "merge":
+            merged(parts)
+            continue
         if case == "single":
             document = {"version": "x", "subscriptions": stats.subscription_stream(table)}
         else:
-            reports = []
-            for _ in range(2):
-                report = stats.RouterReport()
-                for part in parts:
-                    report.add(part)
-                reports.append(report)
-            document = stats.master_document(reports, table, ["127.0.0.1:1"], [])
+            document = stats.master_document(merged(parts), table, ["127.0.0.1:1"], [])
         "".join(stats.render_pieces(document))
 '''
 
 CASES = {"refresh": (5000, "datagram"), "new": (5000, "datagram"), "single": (1, "document"),
-         "master": (1, "document")}
+         "master": (1, "document"), "report": (1, "report"), "report_idle": (1, "report"),
+         "merge": (1, "document")}
 
 
 def collected(tree: str, case: str, n: int) -> int:

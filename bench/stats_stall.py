@@ -29,14 +29,18 @@ connection each, the latency is connect to EOF):
 * ``quiet``: nothing else happens;
 * ``stats``: a second process (this script with ``--fetch-stats``) fetches the whole
   stats document back to back (or one every ``--fetch-interval`` seconds); it parses
-  every ``--check-every``-th one (default 5) and checks that it is valid JSON with N
-  pools, and that the others have its length.  The requests that started while a
+  every ``--check-every``-th one (default 5), and any whose length differs from the
+  last one parsed, and checks that it is valid JSON with N pools.  The requests that started while a
   fetch was under way are also summed up on their own ("during a fetch").
 
 Reported per kind of window (all rounds together): requests, errors, latency p50 /
 p99 / max, and the longest busy pass of the router's loops seen by ``loopstall.py``,
 in wall-clock time and in CPU time (the master's, or the single process's, and the
-router processes' apart), plus the stats fetches (count, mean time, size).  On a
+router processes' apart), plus the stats fetches (count, mean time, size), and the CPU
+the router used per second of window: the process started (the master, or the single
+process) and its children (the router processes; not the stats renderers, which are
+nobody's children: see statsfork.py).  That last figure is what competes with routing
+for the CPUs, and the load of other work moves it little.  On a
 loaded machine the wall time of a pass includes waiting for a CPU; its CPU time is
 what the pass itself cost.  ``--keep-logs`` keeps every pass and every request's
 latency (``stall-*.txt``, ``latency-*.txt``) for a closer look.
@@ -119,13 +123,15 @@ def fetcher_main(port: int, expect: int, check_every: int, interval: float) -> i
         try:
             raw = fetch_stats(port)
             elapsed = time.monotonic() - t0
-            if checked_length is None or n % check_every == 0:
+            if checked_length is None or n % check_every == 0 or len(raw) != checked_length:
+                # parsed: every Nth, and one whose length differs from the last parsed
+                # (counters that gained a digit, or a broken document)
                 pools = pool_count(raw)
                 ok = pools == expect
                 checked_length = len(raw)
             else:
-                pools = expect if len(raw) == checked_length else -1
-                ok = pools == expect
+                pools = expect
+                ok = True
         except (OSError, ValueError):
             raw, pools, ok, elapsed = b"", -1, False, time.monotonic() - t0
         n += 1
@@ -258,6 +264,26 @@ def subscribe(router: Router, keys: int, address: bytes) -> None:
         time.sleep(0.2)  # polling interval of a bounded wait
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) *pid* used so far; 0 for a process that is gone."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(pid: int) -> Dict[int, float]:
+    """CPU seconds of *pid* and of each of its children, by pid."""
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+            pids = [pid] + [int(p) for p in f.read().split()]
+    except OSError:
+        pids = [pid]
+    return {p: process_cpu(p) for p in pids}
+
+
 def stalls(router: Router, t0: float, t1: float) -> Dict[str, float]:
     """The longest busy pass in [t0, t1], for the master (the pid we started) and the others."""
     out = {"first": 0.0, "others": 0.0, "first_cpu": 0.0, "others_cpu": 0.0}
@@ -292,14 +318,20 @@ def run_window(a, router: Router, keys: int, window: str, workdir: str, tag: str
                                               "--check-every", str(a.check_every),
                                               "--fetch-interval", str(a.fetch_interval)],
                                   None, stdout_pipe=True, death_signal=signal.SIGKILL)
+        if a.fetcher_nice:
+            os.setpriority(os.PRIO_PROCESS, fetcher.pid, a.fetcher_nice)
         reader = processes.LineReader(fetcher)
         if not reader.wait_for("FETCH", 60):
             processes.stop(fetcher, signal.SIGTERM)
             raise BenchError("no stats fetch finished within 60 s")
+    cpu0 = tree_cpu(router.child.pid)
     t0 = time.monotonic()
     trace: list = []
     latencies, errors = probe_latency(router.listen_port, a.duration, a.interval, trace)
     t1 = time.monotonic()
+    cpu1 = tree_cpu(router.child.pid)
+    master_cpu = cpu1.get(router.child.pid, 0.0) - cpu0.get(router.child.pid, 0.0)
+    others_cpu = sum(cpu1[p] - cpu0[p] for p in cpu1 if p in cpu0 and p != router.child.pid)
     with open(os.path.join(workdir, "latency-%s-%s.txt" % (tag, window)), "a") as f:
         f.writelines("%.6f %.6f\n" % pair for pair in trace)
     fetches = []
@@ -312,7 +344,7 @@ def run_window(a, router: Router, keys: int, window: str, workdir: str, tag: str
     spans = [(float(f["start"]), float(f["start"]) + float(f["seconds"])) for f in fetches]
     during = [latency for start, latency in trace if any(a0 <= start < a1 for a0, a1 in spans)]
     return {"latencies": latencies, "during": during, "errors": errors, "busy": stalls(router, t0, t1),
-            "fetches": fetches}
+            "fetches": fetches, "seconds": t1 - t0, "cpu_master": master_cpu, "cpu_routers": others_cpu}
 
 
 def measure(a, tree: str, mode: str, keys: int, workdir: str, backend_port: int, tag: str) -> List[dict]:
@@ -346,6 +378,9 @@ def measure(a, tree: str, mode: str, keys: int, workdir: str, backend_port: int,
             "fetch_bad": sum(1 for f in fetches if f.get("ok") != "1"),
             "fetch_mean": statistics.mean(float(f["seconds"]) for f in fetches) if fetches else None,
             "fetch_bytes": int(fetches[-1]["bytes"]) if fetches else None,
+            # CPU of the process we started and of its children, per second of window
+            "load_first": sum(run["cpu_master"] for run in items) / sum(run["seconds"] for run in items),
+            "load_others": sum(run["cpu_routers"] for run in items) / sum(run["seconds"] for run in items),
         })
     return rows
 
@@ -361,7 +396,7 @@ def ms(value: Optional[float]) -> str:
 def table(rows: List[dict]) -> str:
     header = ["tree", "mode", "keys", "window", "requests", "errors", "p50 ms", "p99 ms", "max ms",
               "during a fetch: requests, p50, p99 ms", "longest pass ms wall (cpu)", "routers: longest pass ms wall (cpu)",
-              "stats fetches", "bad", "mean fetch s", "doc bytes"]
+              "stats fetches", "bad", "mean fetch s", "doc bytes", "CPU s/s: first (children)"]
     body = []
     for r in rows:
         master = r["mode"] == "master"
@@ -374,7 +409,8 @@ def table(rows: List[dict]) -> str:
                      str(r["fetches"]) if r["window"] == "stats" else "-",
                      str(r["fetch_bad"]) if r["window"] == "stats" else "-",
                      "%.3f" % r["fetch_mean"] if r["fetch_mean"] is not None else "-",
-                     str(r["fetch_bytes"]) if r["fetch_bytes"] is not None else "-"])
+                     str(r["fetch_bytes"]) if r["fetch_bytes"] is not None else "-",
+                     "%.2f (%.2f)" % (r["load_first"], r["load_others"])])
     widths = [max(len(x) for x in col) for col in zip(header, *body)]
     lines = ["  ".join(x.ljust(w) for x, w in zip(row, widths)) for row in [header] + body]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -396,6 +432,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--expect", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--fetch-interval", type=float, default=0.0,
                    help="seconds from the start of one stats fetch to the next (default 0: back to back)")
+    p.add_argument("--fetcher-nice", type=int, default=0,
+                   help="nice value of the stats fetcher (default 0); on a small machine the "
+                        "fetcher's own CPU (megabytes of JSON a second) competes with the probe")
     p.add_argument("--check-every", type=int, default=5,
                    help="parse every Nth stats document fetched (default 5; the others are compared "
                         "in length)")

@@ -198,7 +198,8 @@ RANKS = {
     "session": 3.2, "scripts": 3.2,
     "server": 3.3, "codestring": 3.3,
     # 4: processes
-    "proccontrol": 4.0, "binding": 4.0, "validation": 4.0, "master": 4.1, "runtime": 4.2,
+    "proccontrol": 4.0, "binding": 4.0, "validation": 4.0, "statsfork": 4.0, "master": 4.1,
+    "runtime": 4.2,
     # 5: entry points
     "cli": 5.0, "__main__": 5.1, "manpage": 5.0,
 }

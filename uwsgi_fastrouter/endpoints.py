@@ -41,12 +41,18 @@ class StatsServer(ConnectionServer):
     *document* returns the document; or *gather*, for a document that takes a while to
     collect (the master's, from its router processes), is called with a ``deliver``
     function to call once with the document, now or later.
+
+    *render_elsewhere*, when given, is offered each client whose document is ready:
+    ``render_elsewhere(sock, pieces, timeout, error_payload)`` returns True when it took
+    the client (another process writes the answer; see statsfork.py), False when the
+    answer is to be written here, in slices.
     """
 
     def __init__(self, reactor: Reactor, listener, document: Optional[Callable[[], Dict[str, Any]]] = None,
                  *, gather: Optional[Callable[[Callable[[Dict[str, Any]], None]], None]] = None,
                  minified: bool = False, http: bool = False,
-                 timeout: float = ZERO_TIMEOUT_BOUND) -> None:
+                 timeout: float = ZERO_TIMEOUT_BOUND, render_elsewhere: Optional[Callable[..., bool]] = None
+                 ) -> None:
         if (document is None) == (gather is None):
             raise TypeError("StatsServer needs document or gather")
         super().__init__(reactor, listener, "stats server")
@@ -55,6 +61,7 @@ class StatsServer(ConnectionServer):
         self.minified = minified
         self.http = http
         self.timeout = timeout if timeout > 0 else ZERO_TIMEOUT_BOUND
+        self.render_elsewhere = render_elsewhere
         self._pass = None           # the loop pass (its loop time) the budget below is for
         self._pass_deadline = 0.0
 
@@ -162,7 +169,13 @@ class _StatsClient(_EndpointClient):
     def _deliver(self, document: Dict[str, Any]) -> None:
         if self.sock is None:       # timed out meanwhile
             return
-        self.pieces = self.server.pieces(document)
+        server = self.server
+        elsewhere = server.render_elsewhere
+        if elsewhere is not None and elsewhere(self.sock, server.pieces(document), server.timeout,
+                                               server.error_payload):
+            self.close()            # the other process has its own copy of the socket
+            return
+        self.pieces = server.pieces(document)
         self._write()
 
     def _deliver_error(self, exc: BaseException) -> None:

@@ -49,7 +49,10 @@ REPORT frames built a slice at a time on its own loop (32 pools each, so no pass
 either loop parses or builds megabytes), the last one flagged.  The master
 merges each frame as it arrives.  A process that has sent nothing for half a second
 (or is not done after three) is left out of that round with a log line, never waited
-for; the document is then rendered from the master's table and the complete reports.
+for; the document is then rendered from the master's table and the complete reports,
+by a short-lived process of its own at a low priority (statsfork.py), so that summing
+and rendering tens of thousands of pools never competes with the router processes for
+a CPU.  A router process leaves the pools it never routed to out of its report.
 A metrics scrape asks for the totals only (a flag byte after the round number): each
 process answers with one part, its request counters included (see metrics.py).
 
@@ -974,8 +977,9 @@ class RouterLink:
                     self.outbox += encode_frame(REPORT, _REPORT_HEAD.pack(ident, 1))
                     self.report = None
                     break
-                self.outbox += encode_frame(REPORT, _REPORT_HEAD.pack(ident, 0)
-                                            + json.dumps(part, separators=(",", ":")).encode())
+                if part:        # an empty part is a pause in a walk: nothing to send
+                    self.outbox += encode_frame(REPORT, _REPORT_HEAD.pack(ident, 0)
+                                                + json.dumps(part, separators=(",", ":")).encode())
                 if time.monotonic() >= deadline:
                     break
         self._flush()

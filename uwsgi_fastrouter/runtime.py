@@ -47,6 +47,7 @@ from .server import Server
 from .keyfile import read_hmac_key_file
 from .signing import HmacChecker, SignatureChecker, SigningError, proof_checker
 from .stats import RouterReport, build_document, master_document, report_parts, subscription_stream
+from .statsfork import ForkedRenderers
 from .subscription import ALGORITHMS, SubscriptionTable
 from .subserver import SubscriptionServer
 from .validation import (chmod_mode, node_tls, skip_uids, source_allow_list, subscribe_modifier1,
@@ -241,13 +242,13 @@ def subscription_server(cfg, reactor: Reactor, table: SubscriptionTable, binding
         allow=source_allow_list(cfg), names=names if cfg.subscription_resolve_names else None)
 
 
-def stats_server(cfg, reactor: Reactor, bindings: Bindings, *, document=None, gather=None
-                 ) -> Optional[StatsServer]:
+def stats_server(cfg, reactor: Reactor, bindings: Bindings, *, document=None, gather=None,
+                 render_elsewhere=None) -> Optional[StatsServer]:
     """``--fastrouter-stats``: None when not asked for."""
     if bindings.stats is None:
         return None
     return StatsServer(reactor, bindings.stats, document, gather=gather, minified=cfg.stats_minified,
-                       http=cfg.stats_http, timeout=cfg.socket_timeout)
+                       http=cfg.stats_http, timeout=cfg.socket_timeout, render_elsewhere=render_elsewhere)
 
 
 def metrics_server(cfg, reactor: Reactor, bindings: Bindings, gather) -> Optional[MetricsServer]:
@@ -648,7 +649,8 @@ class MasterRuntime:
             self.subscriptions.on_accepted = master.queue_announcement
         self.zerg = zerg_server(reactor, bindings)
         self.subscriber = make_subscriber(cfg, reactor, self.prepared)
-        self.stats = stats_server(cfg, reactor, bindings, gather=self._gather_stats)
+        self.stats = stats_server(cfg, reactor, bindings, gather=self._gather_stats,
+                                  render_elsewhere=ForkedRenderers(reactor, reap=False))
         self.metrics = metrics_server(cfg, reactor, bindings, self._gather_metrics)
 
     def _load_table(self, fd: int) -> None:

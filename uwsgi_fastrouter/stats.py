@@ -443,7 +443,11 @@ def report_parts(server, table, pools_per_part: int = 32, totals_only: bool = Fa
     """A router process's counters for the master's stats, in parts (see
     :class:`RouterReport`): the totals of *server* first, then (unless *totals_only*: a
     metrics scrape) the pools of *table* a few at a time, each taken from the table when
-    its part is built (one removed meanwhile is left out)."""
+    its part is built (one removed meanwhile is left out).  A pool whose counters are
+    all zero is left out too: the master sums what it gets into its own table, where a
+    missing pool adds nothing, as zeros would.  So that a walk over many such pools
+    is sliced too, an empty part (``{}``: nothing to send) comes after every
+    *pools_per_part* x 8 pools looked at without a part."""
     first = {"sessions": len(server.sessions),
              "static": [[n.hits, int(n.dead_since)] for n in server.router.static_nodes],
              "cheap": 1 if server.cheap else 0,
@@ -455,20 +459,35 @@ def report_parts(server, table, pools_per_part: int = 32, totals_only: bool = Fa
         return
     flat: list = []
     count = 0
+    idle = 0
     for counters in live_pools(table, _pool_counters):
+        if counters is None:
+            idle += 1
+            if idle >= pools_per_part * 8:
+                yield {}
+                idle = 0
+            continue
         flat += counters
         count += 1
         if count >= pools_per_part:
             yield {"pools": flat}
-            flat, count = [], 0
+            flat, count, idle = [], 0, 0
     if flat:
         yield {"pools": flat}
 
 
-def _pool_counters(pool) -> list:
-    """One pool in a router process's report, flat (see :class:`RouterReport`)."""
-    flat = [pool.key.decode("latin-1"), pool.hits, len(pool.nodes)]
-    for n in pool.nodes:
+def _pool_counters(pool) -> Optional[list]:
+    """One pool in a router process's report, flat (see :class:`RouterReport`); None
+    for a pool whose counters are all zero (a key this process never routed to)."""
+    nodes = pool.nodes
+    if not pool.hits:
+        for n in nodes:
+            if n.requests or n.last_requests or n.tx or n.rx or n.ref or n.failcnt:
+                break
+        else:
+            return None
+    flat = [pool.key.decode("latin-1"), pool.hits, len(nodes)]
+    for n in nodes:
         flat += (n.name.decode("latin-1"), n.requests, n.last_requests, n.tx, n.rx, n.ref, n.failcnt)
     return flat
 

@@ -1,0 +1,204 @@
+"""Stats documents written by short-lived, low-priority processes (under ``--master``).
+
+Theory of operation
+-------------------
+The master's stats document sums its router processes' reports into its own table:
+with 10,000 keys that is a fifth of a second of CPU per document.  Rendered in the
+master's loop (in slices, see stats.py) it never blocks a pass for long, but it keeps
+a CPU busy at normal priority for as long as documents are asked for, and on a small
+machine the router processes then wait for a CPU: routing latency suffers although no
+loop stalls.  So the master hands a stats client whose document is ready to a process
+of its own at a low priority (nice 10), which renders and writes that document
+and exits; the scheduler gives routing the CPUs first.  Nice 10, not 19: on a machine
+whose CPUs are all busy at normal priority the renderer still gets about a tenth of
+one (at 19 it would get one part in seventy, and a big document would take minutes).
+
+How a document leaves the master, which never waits for it: the master forks an
+intermediate process, closes its copy of the client's socket and goes on.  The
+intermediate drops the master's signal handlers, closes every descriptor but the
+client's socket, the standard streams and the write end of a *done* pipe, forks the
+renderer and exits (if that fork fails, it renders the document itself).  So the
+renderer is nobody's child (no one reaps or kills it; ``init`` does) and holds none of
+the master's descriptors: the master's listeners do not outlive it, and nothing of
+the master's loop is touched.  For the few milliseconds the intermediate lives it
+holds copies of them all; that is harmless where, as in the master, every descriptor
+is unregistered from epoll before it is closed (:meth:`Reactor.forget` would leave a
+registration behind while a copy exists; the master runs no sessions, the only users
+of it).  The document is a snapshot of the table and the reports at the fork, written
+whole, in chunks of :data:`~uwsgi_fastrouter.stats.CHUNK` bytes each bounded by the
+socket time-out; the master's fork copies its page tables and nothing else.
+
+The intermediate and the renderer hold the *done* pipe's only write ends: when both
+have exited the master reads the pipe's EOF and counts the renderer gone (its SIGCHLD
+handling has reaped the intermediate, a child it does not know, without a word).  At most
+:data:`MAX_RENDERERS` are alive at a time (each holds a copy-on-write image of the
+master); beyond that, or when the fork fails, the document is rendered in the
+master's loop as before.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import socket
+from typing import Callable, Iterator, Optional
+
+from .stats import CHUNK
+
+#: renderer processes alive at once; more concurrent stats clients are served in the loop
+MAX_RENDERERS = 4
+#: the renderer's nice value (added to the master's)
+RENDERER_NICE = 10
+
+_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
+
+
+class ForkedRenderers:
+    """Hands stats clients to renderer processes, at most *limit* alive at a time.
+
+    An instance is the ``render_elsewhere`` hook of a
+    :class:`~uwsgi_fastrouter.endpoints.StatsServer`: called with a client's socket,
+    the pieces of its answer (not yet rendered), the socket time-out and the function
+    that makes an error answer; True when a renderer took the client (the caller then
+    closes its own copy of the socket), False when the caller must serve it itself.
+    Main thread only (it sets signal handlers in the forked process).
+
+    *reap*: reap each intermediate process once it has exited.  False where the
+    process reaps every child of its own (the master's SIGCHLD handling): a second
+    reaper could, once the pid is reused, take the status of a child it does not own.
+    """
+
+    def __init__(self, reactor, limit: int = MAX_RENDERERS, reap: bool = True) -> None:
+        self.reactor = reactor
+        self.limit = limit
+        self.reap = reap
+        self.alive = 0
+
+    def __call__(self, sock: socket.socket, pieces: Iterator[bytes], timeout: float,
+                 error_payload: Callable[[BaseException], bytes]) -> bool:
+        if self.alive >= self.limit:
+            return False
+        done_read, done_write = os.pipe()
+        try:
+            pid = _fork_intermediate(sock, pieces, timeout, error_payload, done_write)
+        finally:
+            os.close(done_write)
+        if pid is None:
+            os.close(done_read)
+            return False
+        self.alive += 1
+        self.reactor.add_reader(done_read, lambda: self._gone(done_read, pid))
+        return True
+
+    def _gone(self, done_read: int, pid: int) -> None:
+        """The processes behind *done_read* exited (the pipe's EOF)."""
+        try:
+            if os.read(done_read, 64):
+                return          # never written to: only its EOF counts
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self.reactor.remove_reader(done_read)
+        os.close(done_read)
+        self.alive -= 1
+        if self.reap:
+            try:
+                os.waitpid(pid, os.WNOHANG)     # it has exited: this does not wait
+            except ChildProcessError:
+                pass
+
+
+def _fork_intermediate(sock: socket.socket, pieces: Iterator[bytes], timeout: float,
+                       error_payload: Callable[[BaseException], bytes], done_write: int) -> Optional[int]:
+    """Fork the intermediate process: its pid, or None when the fork failed."""
+    # Blocked across the fork: the master's handlers must not run in the intermediate
+    # before it has dropped them.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    try:
+        pid = os.fork()
+    except OSError:
+        pid = None
+    if pid == 0:  # pragma: no cover - runs in the intermediate process
+        _intermediate(sock, pieces, timeout, error_payload, done_write, previous)
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    return pid
+
+
+def _intermediate(sock, pieces, timeout, error_payload, done_write, mask) -> None:  # pragma: no cover
+    """Leave the master behind, fork the renderer and exit; without a renderer (the
+    fork failed), render the document here."""
+    try:
+        for signum in _SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        _close_all_but(0, 1, 2, sock.fileno(), done_write)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    except BaseException:
+        os._exit(1)
+    try:
+        renderer = os.fork()
+    except OSError:
+        renderer = 0
+    if renderer:
+        os._exit(0)
+    try:
+        _render(sock, pieces, timeout, error_payload)
+    finally:
+        os._exit(0)
+
+
+def _close_all_but(*keep: int) -> None:
+    """Close every descriptor of this process except *keep* (those listed in
+    /proc/self/fd, or every number up to the limit where there is no /proc)."""
+    try:
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd not in keep:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass        # the directory's own descriptor, closed already
+        return
+    except OSError:
+        pass
+    low = 0
+    for fd in sorted(set(keep)):
+        if fd > low:
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+
+
+def _render(sock: socket.socket, pieces: Iterator[bytes], timeout: float,
+            error_payload: Callable[[BaseException], bytes]) -> None:  # pragma: no cover
+    """In the renderer: the whole answer to *sock*, a chunk at a time, at low priority.
+    A failure before anything was sent is an error answer (as in the loop)."""
+    try:
+        os.nice(RENDERER_NICE)
+    except OSError:
+        pass
+    gc.disable()            # a short life: a collection would only copy pages
+    sock.settimeout(timeout)
+    sent_any = False
+    chunk: list = []
+    size = 0
+    try:
+        for piece in pieces:
+            chunk.append(piece)
+            size += len(piece)
+            if size >= CHUNK:
+                sock.sendall(b"".join(chunk))
+                sent_any = True
+                chunk, size = [], 0
+        if chunk:
+            sock.sendall(b"".join(chunk))
+    except OSError:
+        return              # the client went away or stopped reading
+    except Exception as exc:
+        if not sent_any:
+            try:
+                sock.sendall(error_payload(exc))
+            except Exception:
+                pass
