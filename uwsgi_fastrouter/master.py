@@ -224,6 +224,8 @@ class Master:
             from .proccontrol import Heartbeat
             self.heartbeat = Heartbeat(routers)
         self.sockets.setup_master(self, reactor, inherited)
+        if inherited and routers:
+            self.sockets.check_listener_groups(routers)
         for index in range(1, routers + 1):
             child = Child("router", index)
             self.routers.append(child)
@@ -340,6 +342,7 @@ class Master:
             uid, gid = resolve_ids(cfg.fastrouter_uid, cfg.fastrouter_gid)
             drop_privileges(uid, gid, who="uWSGI fastrouter %d" % child.index)
         reactor = Reactor(max_events=cfg.fastrouter_events)
+        self.sockets.take_listeners(child.index, len(self.routers))
         parts = self._wire(self.cfg, reactor, self.sockets, channel)
         link = RouterLink(reactor, channel, parts)
         if self.heartbeat is not None:
