@@ -272,12 +272,13 @@ def _queue_on_a_stopped_process(router, clients: int = 48):
     return victim, load, waiting
 
 
-@pytest.mark.parametrize("how", ["killed", "reload"])
+@pytest.mark.parametrize("how", ["killed", "reload", "brutal-reload"])
 def test_connections_queued_on_a_replaced_process_are_all_served(how):
     """Process 1 is stopped while connections queue on its socket, then replaced: by
-    the master after it is killed, or by a graceful reload's new generation.  Its
-    socket stays open in the master, so the successor accepts every one of them (a
-    socket closed with connections in its queue would reset them)."""
+    the master after it is killed, by a graceful reload's new generation, or after a
+    brutal reload (SIGTERM: every process killed, the master re-executed).  Its socket
+    stays open in the master, so the successor accepts every one of them (a socket
+    closed with connections in its queue would reset them)."""
     with RecordingBackend("a") as node:
         router = _router(node, *REUSE)
         victim, load, waiting = _queue_on_a_stopped_process(router)
@@ -286,10 +287,13 @@ def test_connections_queued_on_a_replaced_process_are_all_served(how):
             if how == "killed":
                 os.kill(victim, signal.SIGKILL)
                 router.wait_for_log(r"DAMN ! fastrouter 1 \(pid: %d\) died" % victim)
-            else:
+            elif how == "reload":
                 os.kill(router.pid, signal.SIGHUP)
-                router.wait_for_log(r"graceful reload: 1 old process|graceful reload: 2 old process",
-                                    timeout=30)
+                router.wait_for_log(r"graceful reload: 2 old process", timeout=30)
+            else:
+                os.kill(router.pid, signal.SIGTERM)
+                router.wait_for_log(r"brutally reloading")
+                router.wait_for_log(r"spawned uWSGI fastrouter 1 ", count=2, timeout=30)
             answers = load.join()
         finally:
             if how == "reload":
