@@ -20,8 +20,8 @@ from typing import Dict, List
 import pytest
 
 from backends import RecordingBackend, request
-from support import fetch_stats, start_router, wait_applied_everywhere, wait_until
-from test_master import HOST, Load, children
+from support import fetch_stats, start_router, tcp_table_rows, wait_applied_everywhere, wait_until
+from test_master import HOST, children, reload_under_load
 from test_subscriptions import announce
 
 from uwsgi_fastrouter.binding import Bindings
@@ -38,18 +38,8 @@ def _port(address: str) -> int:
 
 def listening_queues(port: int) -> List[int]:
     """The accept queue length of every TCP socket listening on *port* (IPv4 and IPv6)."""
-    queues = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as handle:
-                rows = handle.read().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            cols = row.split()
-            if cols[3] == _LISTEN and int(cols[1].rsplit(":", 1)[1], 16) == port:
-                queues.append(int(cols[4].split(":")[1], 16))
-    return queues
+    return [int(cols[4].split(":")[1], 16) for cols in tcp_table_rows()
+            if cols[3] == _LISTEN and int(cols[1].rsplit(":", 1)[1], 16) == port]
 
 
 def spawned_pids(router) -> Dict[int, int]:
@@ -134,18 +124,30 @@ def test_a_unix_listener_with_the_option_stops_the_start_naming_it(sock_dir):
 # ---------------------------------------------------------------- binding
 
 
-def _bind(*args: str) -> Bindings:
-    cfg = _config("--fastrouter", "127.0.0.1:0", "--fastrouter-to", "127.0.0.1:9", *args)
+def _bind(*args: str, listener: str = "127.0.0.1:0") -> Bindings:
+    cfg = _config("--fastrouter", listener, "--fastrouter-to", "127.0.0.1:9", *args)
     validate(cfg)
     return Bindings.bind(cfg, None)
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
 
 
 def _reuse_port(listener) -> bool:
     return listener.sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) != 0
 
 
-def test_one_socket_per_router_process_on_the_same_port():
-    bindings = _bind("--fastrouter-processes", "3", *REUSE)
+@pytest.mark.parametrize("listener", ["127.0.0.1:0", "[::1]:0"])
+def test_one_socket_per_router_process_on_the_same_port(listener):
+    if listener.startswith("[") and not _has_ipv6_loopback():
+        pytest.skip("no IPv6 loopback")
+    bindings = _bind("--fastrouter-processes", "3", *REUSE, listener=listener)
     try:
         groups = [bindings.listeners] + bindings.per_process
         assert [len(g) for g in groups] == [1, 1, 1]
@@ -308,14 +310,7 @@ def test_graceful_reloads_under_load_lose_nothing_and_keep_the_sockets():
     with RecordingBackend("a") as node:
         router = _router(node, *REUSE)
         port = _port(router.addresses[0])
-        load = Load(router.addresses[0], clients=6)
-        try:
-            for i in range(1, 4):
-                os.kill(router.pid, signal.SIGHUP)
-                router.wait_for_log(r"graceful reload: \d+ old process", count=i, timeout=30)
-                wait_until(lambda: load.ok > 0, what="requests flowing")
-        finally:
-            load.finish()
+        load = reload_under_load(router, 3, clients=6)
         assert load.failed == 0 and load.ok > 20
         assert len(listening_queues(port)) == 2            # the same two sockets, no more
         assert "own socket" not in router.log().split("gracefully reloading", 1)[1]
