@@ -356,3 +356,30 @@ def test_reuse_port_lets_another_socket_bind_the_shared_address(flag):
         assert listening_queues(port) == [0]
         assert _ok(request(router.addresses[0], HOST))
         assert router.stop() == 0
+
+
+def test_a_reload_with_another_process_count_keeps_the_sockets_and_strands_no_queue(tmp_path):
+    """The sockets cross a reload as they are: with more processes than sockets the
+    processes share them, with fewer every socket is still polled by one of them (a
+    request given to an unpolled socket would never be answered)."""
+    ini = tmp_path / "router.ini"
+
+    def configure(processes: int) -> None:
+        ini.write_text("[uwsgi]\nmaster = true\nfastrouter = 127.0.0.1:0\nfastrouter-to = %s\n"
+                       "fastrouter-processes = %d\nfastrouter-reuse-port = true\n" % (node.address, processes))
+
+    with RecordingBackend("a") as node:
+        configure(2)
+        router = start_router(["--ini", str(ini)], listeners=1)
+        router.wait_for_log(r"spawned uWSGI fastrouter 2 ")
+        port = _port(router.addresses[0])
+        for reload, processes in enumerate((3, 1), start=1):
+            configure(processes)
+            os.kill(router.pid, signal.SIGHUP)
+            router.wait_for_log(r"graceful reload: the %d router process\(es\) share the 2 listening "
+                                r"socket\(s\) per address" % processes, timeout=30)
+            router.wait_for_log(r"graceful reload: \d+ old process", count=reload, timeout=30)
+            answers = Clients(router.addresses[0], 48, timeout=15).join()
+            assert [a for a in answers if not _ok(a)] == []
+            assert listening_queues(port) == [0, 0]
+        assert router.stop() == 0
