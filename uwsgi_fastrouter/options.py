@@ -311,9 +311,10 @@ OPTIONS: Tuple[Option, ...] = (
        G_ROUTER, default=1, zero_means=1, aliases=("fastrouter-workers",), status=SUPPORTED),
     _o("fastrouter-reuse-port", BOOL, "give each router process its own listening socket on every "
        "TCP --fastrouter address (SO_REUSEPORT: the kernel spreads new connections over them, "
-       "no process waits on another's accept); the master binds and keeps them all, so a "
-       "replaced or reloaded process's successor takes over its queued connections; TCP "
-       "ip:port and host:port listeners only (any other is a start-up error)", G_ROUTER),
+       "no process is woken for another's connection; a stalled process's share waits for it); "
+       "the master binds and keeps them all, so a replaced or reloaded process's successor "
+       "takes over its queued connections; TCP ip:port, [ipv6]:port and host:port listeners "
+       "only (any other is a start-up error)", G_ROUTER),
     _o("fastrouter-stats", STRING, "serve the router statistics as JSON on ADDR (ip:port or unix "
        "path)", G_ROUTER, aliases=("fastrouter-stats-server", "fastrouter-ss"), metavar="ADDR"),
     _o("fastrouter-metrics", STRING, "serve Prometheus text metrics on ADDR (ip:port or unix path): "
