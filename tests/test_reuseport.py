@@ -262,33 +262,43 @@ def test_one_process_has_one_socket(master):
 def _queue_on_a_stopped_process(router, clients: int = 48):
     """Stop router process 1 (SIGSTOP) and send *clients* requests at once: the ones
     the kernel gives process 2's socket are answered, the others wait in process 1's
-    socket.  Returns (the stopped pid, the clients, how many wait)."""
+    socket.  Returns (the stopped pid, the clients, the most seen waiting)."""
     victim = spawned_pids(router)[1]
     os.kill(victim, signal.SIGSTOP)
     port = _port(router.addresses[0])
     load = Clients(router.addresses[0], clients)
-    # Everything is answered or queued: the kernel's count and ours add up.
-    wait_until(lambda: load.done + sum(listening_queues(port)) == clients, timeout=30,
-               what="every request answered or waiting in an accept queue")
-    waiting = sum(listening_queues(port))
-    return victim, load, waiting
+    most = [0]
+
+    def settled() -> bool:
+        """Everything is answered or queued: the kernel's count and ours add up."""
+        queued = sum(listening_queues(port))
+        most[0] = max(most[0], queued)
+        return load.done + queued == clients
+
+    wait_until(settled, timeout=30, what="every request answered or waiting in an accept queue")
+    return victim, load, most[0]
 
 
-@pytest.mark.parametrize("how", ["killed", "reload", "brutal-reload"])
+@pytest.mark.parametrize("how", ["killed", "harakiri", "reload", "brutal-reload"])
 def test_connections_queued_on_a_replaced_process_are_all_served(how):
     """Process 1 is stopped while connections queue on its socket, then replaced: by
-    the master after it is killed, by a graceful reload's new generation, or after a
+    the master after it is killed, or after the master kills it for not beating
+    (--fastrouter-harakiri), by a graceful reload's new generation, or after a
     brutal reload (SIGTERM: every process killed, the master re-executed).  Its socket
     stays open in the master, so the successor accepts every one of them (a socket
     closed with connections in its queue would reset them)."""
     with RecordingBackend("a") as node:
-        router = _router(node, *REUSE)
+        harakiri = ["--fastrouter-harakiri", "3"] if how == "harakiri" else []
+        router = _router(node, *REUSE, *harakiri)
         victim, load, waiting = _queue_on_a_stopped_process(router)
         try:
             assert waiting > 0, "no connection was given to the stopped process's socket"
             if how == "killed":
                 os.kill(victim, signal.SIGKILL)
                 router.wait_for_log(r"DAMN ! fastrouter 1 \(pid: %d\) died" % victim)
+            elif how == "harakiri":
+                router.wait_for_log(r"HARAKIRI ON GATEWAY uWSGI fastrouter 1 \(pid: %d\)" % victim,
+                                    timeout=30)
             elif how == "reload":
                 os.kill(router.pid, signal.SIGHUP)
                 router.wait_for_log(r"graceful reload: 2 old process", timeout=30)
