@@ -18,6 +18,10 @@ polling it is woken for a new connection and all but one find nothing to accept
 (``accept4`` failing with EAGAIN); with a socket per process only the owner is woken.
 strace slows every call down, which widens the windows in which that happens: read the
 figures as a comparison, not as what an untraced router does.
+
+Before the traced window, an untraced one of the same length gives how evenly the
+work is spread: the share of the router processes' CPU time (the master's excluded)
+taken by the busiest one (0.50 is an even split of two).
 """
 
 from __future__ import annotations
@@ -81,12 +85,22 @@ def parse_summary(text: str) -> Dict[str, Tuple[int, int]]:
     return out
 
 
+def busiest_share(pids: List[int], run) -> float:
+    """The busiest of *pids*' share of their CPU time while *run()* runs."""
+    before = [proctree.cpu_seconds([pid]) for pid in pids]
+    run()
+    used = [proctree.cpu_seconds([pid]) - b for pid, b in zip(pids, before)]
+    return max(used) / sum(used) if sum(used) > 0 else 0.0
+
+
 def measure(name: str, extra: List[str], args, work: str, backend: str) -> dict:
     child, port = start_router(work, backend, extra)
     out = os.path.join(work, "strace-%s.txt" % name.replace(" ", "_"))
     try:
         loadgen(port, args.concurrency, 1.0, work)          # warm-up
         pids = [pid for pid, _ in proctree.snapshot_pids(child.pid)]
+        busiest = busiest_share([pid for pid in pids if pid != child.pid] or [child.pid],
+                                lambda: loadgen(port, args.concurrency, args.duration, work))
         argv = ["strace", "-c", "-f", "-o", out] + [a for pid in pids for a in ("-p", str(pid))]
         tracer = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
         time.sleep(1.0)      # strace attaches asynchronously
@@ -103,7 +117,7 @@ def measure(name: str, extra: List[str], args, work: str, backend: str) -> dict:
     failed = sum(errors for _, errors in counts.values())
     accept = counts.get("accept4", (0, 0))
     waits = sum(counts.get(s, (0, 0))[0] for s in ("epoll_wait", "epoll_pwait", "poll", "select"))
-    return {"name": name, "requests": requests, "errors": int(result["errors"]),
+    return {"name": name, "requests": requests, "errors": int(result["errors"]), "busiest": busiest,
             "syscalls": per(total), "failed": per(failed), "accept4": per(accept[0]),
             "accept4_eagain": per(accept[1]), "waits": per(waits)}
 
@@ -126,12 +140,13 @@ def main() -> int:
         processes.stop(backend_child)
     print("system calls per request under strace -c -f, c=%d, %g s (%s)"
           % (args.concurrency, args.duration, processes.pin_note()))
-    print("%-20s %9s %9s %9s %9s %13s %9s %7s" % ("router", "requests", "syscalls", "failed",
-                                                  "accept4", "accept4 EAGAIN", "waits", "errors"))
+    print("%-20s %9s %9s %9s %9s %13s %9s %7s %8s" % ("router", "requests", "syscalls", "failed",
+                                                       "accept4", "accept4 EAGAIN", "waits", "errors",
+                                                       "busiest"))
     for r in rows:
-        print("%-20s %9d %9.2f %9.2f %9.2f %13.2f %9.2f %7d" % (
+        print("%-20s %9d %9.2f %9.2f %9.2f %13.2f %9.2f %7d %8.2f" % (
             r["name"], r["requests"], r["syscalls"], r["failed"], r["accept4"], r["accept4_eagain"],
-            r["waits"], r["errors"]))
+            r["waits"], r["errors"], r["busiest"]))
     return 0
 
 
