@@ -42,6 +42,25 @@ def listening_queues(port: int) -> List[int]:
             if cols[3] == _LISTEN and int(cols[1].rsplit(":", 1)[1], 16) == port]
 
 
+def listening_inodes(port: int) -> set:
+    """The socket inodes of the TCP sockets listening on *port*."""
+    return {cols[9] for cols in tcp_table_rows()
+            if cols[3] == _LISTEN and int(cols[1].rsplit(":", 1)[1], 16) == port}
+
+
+def held_sockets(pid: int) -> set:
+    """The socket inodes *pid* holds a descriptor for."""
+    held = set()
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            link = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            held.add(link[8:-1])
+    return held
+
+
 def spawned_pids(router) -> Dict[int, int]:
     """Router process number -> pid of the newest process spawned in that slot."""
     pids = {}
@@ -236,6 +255,23 @@ def test_every_router_process_accepts_on_its_own_socket(tmp_path):
         stats = fetch_stats(router.stats_address)
         assert len([name for name in stats["fastrouter"] if name.endswith(":%d" % port)]) == 1
         assert stats["static_nodes"][0]["hits"] == 64
+        assert router.stop() == 0
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_each_router_process_holds_its_own_socket_only(processes):
+    """Every router process holds exactly one of the address's listening sockets, each a
+    different one (a process holding two would take the connections of both), while
+    the master holds them all."""
+    with RecordingBackend("a") as node:
+        router = _router(node, *REUSE, processes=processes)
+        sockets = listening_inodes(_port(router.addresses[0]))
+        assert len(sockets) == processes
+        assert held_sockets(router.pid) & sockets == sockets
+        pids = spawned_pids(router)
+        mine = [held_sockets(pids[number]) & sockets for number in range(1, processes + 1)]
+        assert [len(held) for held in mine] == [1] * processes
+        assert set.union(*mine) == sockets
         assert router.stop() == 0
 
 

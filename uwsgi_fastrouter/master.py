@@ -344,7 +344,7 @@ class Master:
             uid, gid = resolve_ids(cfg.fastrouter_uid, cfg.fastrouter_gid)
             drop_privileges(uid, gid, who="uWSGI fastrouter %d" % child.index)
         reactor = Reactor(max_events=cfg.fastrouter_events)
-        self.sockets.take_listeners(child.index, len(self.routers))
+        self.sockets.take_listeners(child.index, self.cfg.fastrouter_processes)
         parts = self._wire(self.cfg, reactor, self.sockets, channel)
         link = RouterLink(reactor, channel, parts)
         if self.heartbeat is not None:
