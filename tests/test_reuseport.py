@@ -422,7 +422,7 @@ def test_a_reload_with_another_process_count_keeps_the_sockets_and_strands_no_qu
         for reload, processes in enumerate((3, 1), start=1):
             configure(processes)
             os.kill(router.pid, signal.SIGHUP)
-            router.wait_for_log(r"graceful reload: the %d router process\(es\) share the 2 listening "
+            router.wait_for_log(r"reload: the %d router process\(es\) share the 2 listening "
                                 r"socket\(s\) per address" % processes, timeout=30)
             router.wait_for_log(r"graceful reload: \d+ old process", count=reload, timeout=30)
             answers = Clients(router.addresses[0], 48, timeout=15).join()

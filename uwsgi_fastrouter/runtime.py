@@ -642,7 +642,7 @@ class MasterRuntime:
         groups = 1 + len(self.prepared.bindings.per_process)
         wanted = processes if self.cfg.fastrouter_reuse_port else 1
         if groups != wanted:
-            log("graceful reload: the %d router process(es) share the %d listening socket(s) per "
+            log("reload: the %d router process(es) share the %d listening socket(s) per "
                 "address bound at start; a changed --fastrouter-reuse-port or "
                 "--fastrouter-processes takes effect on a restart" % (processes, groups))
 
