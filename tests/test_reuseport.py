@@ -22,6 +22,7 @@ import pytest
 from backends import RecordingBackend, request
 from support import fetch_stats, start_router, tcp_table_rows, wait_applied_everywhere, wait_until
 from test_master import HOST, children, reload_under_load
+from test_sockets import ipv6_available
 from test_subscriptions import announce
 
 from uwsgi_fastrouter.binding import Bindings
@@ -149,22 +150,13 @@ def _bind(*args: str, listener: str = "127.0.0.1:0") -> Bindings:
     return Bindings.bind(cfg, None)
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
 def _reuse_port(listener) -> bool:
     return listener.sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) != 0
 
 
 @pytest.mark.parametrize("listener", ["127.0.0.1:0", "[::1]:0"])
 def test_one_socket_per_router_process_on_the_same_port(listener):
-    if listener.startswith("[") and not _has_ipv6_loopback():
+    if listener.startswith("[") and not ipv6_available():
         pytest.skip("no IPv6 loopback")
     bindings = _bind("--fastrouter-processes", "3", *REUSE, listener=listener)
     try:
