@@ -526,7 +526,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="seconds a router gets to serve its first request")
     p.add_argument("--results-dir", default=os.path.join(BENCH_DIR, "results"))
     p.add_argument("--keep-logs", action="store_true", help="keep the temp dir with the process logs")
+    p.add_argument("--pin", action="store_true",
+                   help="routers on the last CPU, load generator and backend on the others (as PIN=1)")
     a = p.parse_args(argv)
+    if a.pin:
+        os.environ["PIN"] = "1"     # read by processes.spawn
     quick = a.quick
     a.rounds = a.rounds or (1 if quick else 3)
     a.duration = a.duration or (3.0 if quick else 5.0)

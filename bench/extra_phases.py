@@ -21,8 +21,11 @@ own in ``bench.extra_tables`` (its raw samples in ``bench.extra_raw``).
   Around every measurement the backend is asked for its counters (SIGUSR1,
   "COUNTERS" on its stdout), so the share of requests that arrived with a
   descriptor is known per target.
-* procs: ours with one process and with ``--master --fastrouter-processes 2``,
-  uWSGI with ``--fastrouter-processes 1`` and ``2``.
+* procs: ours with one process, with ``--master --fastrouter-processes 2`` (one
+  shared listening socket) and with ``--fastrouter-reuse-port`` too (a socket per
+  process), uWSGI with ``--fastrouter-processes 1`` and ``2``.  Meant to be run
+  with the load generator on its own CPU (``--pin`` / ``PIN=1``, see
+  processes.py): the table's title says how the programs were placed.
 * reload: for each target a fresh router under c=16 load for
   ``--reload-duration`` s, while the driver sends SIGHUP to the router's main
   pid ``--reloads`` times, evenly spaced over the measured window.  Every
@@ -187,26 +190,33 @@ def phase_fdpass(bench, drv) -> None:
 
 def phase_procs(bench, drv) -> None:
     ours = bench.templates["ours"]
-    names = ("uwsgi1", "uwsgi2", "ours1", "ours2")
-    templates = (drv.UWSGI_CMD + " --fastrouter-processes 1", drv.UWSGI_CMD + " --fastrouter-processes 2",
-                 ours, ours + " --master --fastrouter-processes 2")
+    two = ours + " --master --fastrouter-processes 2"
+    targets = (("uwsgi1", "uwsgi 1p", drv.UWSGI_CMD + " --fastrouter-processes 1"),
+               ("uwsgi2", "uwsgi 2p", drv.UWSGI_CMD + " --fastrouter-processes 2"),
+               ("ours1", "ours 1p", ours),
+               ("ours2", "ours 2p", two),
+               ("ours2r", "ours 2p reuseport", two + " --fastrouter-reuse-port"))
+    names = tuple(name for name, _label, _tpl in targets)
     try:
-        for name, tpl in zip(names, templates):
+        for name, _label, tpl in targets:
             _start(bench, name, tpl)
         data = _rps_matrix(bench, drv, "procs", names)
     finally:
         _stop(bench, names)
+    ratios = (("uwsgi 2p/1p", "uwsgi2", "uwsgi1"), ("ours 2p/1p", "ours2", "ours1"),
+              ("reuseport 2p/1p", "ours2r", "ours1"), ("reuseport/shared 2p", "ours2r", "ours2"),
+              ("ours/uwsgi 2p", "ours2", "uwsgi2"))
     rows = []
     for key, label, digits in (("rps", "requests/s", 0), ("router_cpu10k", "router CPU s/10k req", 3)):
         for c in bench.a.extra_concurrency:
             med = {n: _med(data, n, c, key) for n in names}
             rows.append(["%s c=%d" % (label, c)] + _cells(data, names, c, key, digits)
-                        + [fmt_ratio(med["uwsgi2"], med["uwsgi1"]), fmt_ratio(med["ours2"], med["ours1"]),
-                           fmt_ratio(med["ours2"], med["uwsgi2"])])
+                        + [fmt_ratio(med[a], med[b]) for _label, a, b in ratios])
     errs = [str(sum(m["errors"] for c in bench.a.extra_concurrency for m in data.get((n, c), []))) for n in names]
-    rows.append(["errors (all cells)"] + errs + ["", "", ""])
-    header = ["metric", "uwsgi 1p", "uwsgi 2p", "ours 1p", "ours 2p", "uwsgi 2p/1p", "ours 2p/1p", "ours/uwsgi 2p"]
-    bench.extra_tables.append("one against two router processes\n" + render_table(header, rows))
+    rows.append(["errors (all cells)"] + errs + [""] * len(ratios))
+    header = ["metric"] + [label for _name, label, _tpl in targets] + [label for label, _a, _b in ratios]
+    bench.extra_tables.append("one against two router processes (%s)\n" % processes.pin_note()
+                              + render_table(header, rows))
     bench.extra_raw["procs"] = {"%s c=%d" % k: v for k, v in data.items()}
 
 

@@ -6,6 +6,13 @@ process we started, a bounded wait, then SIGKILL to whatever is left of the
 tree recorded just before the signal (each pid checked against its start time
 so a recycled pid is never hit).  Output lines are read from pipes with a
 deadline, never with an unbounded blocking read.
+
+Pinning (``PIN=1`` in the environment, as in the shared harness, or ``bench.py
+--pin``): the load side (the load generator and the backends, by their names)
+runs on every CPU but the last, everything else (the routers under test) on the
+last one, so the routers never compete with the load for a CPU.  On a 2-CPU box
+that puts every router process on one CPU: several router processes then share
+it and cannot add throughput, only show what they cost.
 """
 
 from __future__ import annotations
@@ -19,19 +26,48 @@ import socket
 import struct
 import subprocess
 import time
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Set
 
 import proctree
 
 _PR_SET_PDEATHSIG = 1
 
 
-def _child_setup(death_signal: int) -> None:
+def _child_setup(death_signal: int, cpus: Optional[Set[int]] = None) -> None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+
+
+def _load_side(name: str) -> bool:
+    """The programs that make the load (not the ones under test)."""
+    return name == "loadgen" or name.endswith("backend")
+
+
+def pinned() -> bool:
+    return os.environ.get("PIN", "0") not in ("", "0")
+
+
+def pin_cpus(name: str) -> Optional[Set[int]]:
+    """The CPUs the program *name* is pinned to (see the module doc), or None."""
+    if not pinned():
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    return set(cpus[:-1]) if _load_side(name) else {cpus[-1]}
+
+
+def pin_note() -> str:
+    """One line saying how the programs are placed, for a report."""
+    if not pinned() or pin_cpus("router") is None:
+        return "not pinned (every program on every CPU)"
+    return "pinned: routers on CPU %s, load generator and backend on CPU(s) %s" % (
+        ",".join(map(str, sorted(pin_cpus("router")))), ",".join(map(str, sorted(pin_cpus("loadgen")))))
 
 
 class Child:
@@ -78,7 +114,7 @@ def spawn(
             stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
             stdout=subprocess.PIPE if stdout_pipe else log,
             stderr=log,
-            preexec_fn=lambda: _child_setup(death_signal),
+            preexec_fn=lambda cpus=pin_cpus(name): _child_setup(death_signal, cpus),
             close_fds=True,
         )
     finally:

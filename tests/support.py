@@ -516,18 +516,24 @@ def _listening_port(pid: int, fd: int) -> Optional[int]:
         m = re.match(r"socket:\[(\d+)\]$", link)
         if m:
             inode = m.group(1)
-            for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-                try:
-                    with open(table) as f:
-                        rows = f.read().splitlines()[1:]
-                except OSError:
-                    continue
-                for row in rows:
-                    cols = row.split()
-                    if len(cols) > 9 and cols[9] == inode:
-                        return int(cols[1].rsplit(":", 1)[1], 16)
+            for cols in tcp_table_rows():
+                if len(cols) > 9 and cols[9] == inode:
+                    return int(cols[1].rsplit(":", 1)[1], 16)
         todo.extend(_children(p))
     return None
+
+
+def tcp_table_rows() -> List[List[str]]:
+    """The rows of /proc/net/tcp and /proc/net/tcp6, split into columns (local address,
+    state, tx:rx queues, ..., inode)."""
+    rows = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows.extend(row.split() for row in f.read().splitlines()[1:])
+        except OSError:
+            continue
+    return rows
 
 
 def _resolve(address: str, fd: int, pid: int, timeout: float = 5.0) -> str:

@@ -68,6 +68,20 @@ class Load:
             t.join(20)
 
 
+def reload_under_load(router, reloads: int, clients: int = 4) -> Load:
+    """Reload *router* (SIGHUP) *reloads* times, each after the previous one forked its
+    generation, while *clients* send requests back to back; the finished load."""
+    load = Load(router.addresses[0], clients)
+    try:
+        for i in range(1, reloads + 1):
+            os.kill(router.pid, signal.SIGHUP)
+            router.wait_for_log(r"graceful reload: \d+ old process", count=i, timeout=30)
+            wait_until(lambda: load.ok > 0, what="requests flowing")
+    finally:
+        load.finish()
+    return load
+
+
 def test_several_processes_serve_and_a_killed_one_is_respawned(tmp_path):
     with RecordingBackend("m") as node:
         router = start_router(["--master", "--fastrouter", "127.0.0.1:0", "--fastrouter-to", node.address,
@@ -140,14 +154,7 @@ def test_graceful_reloads_under_load_lose_nothing_and_keep_the_table(tmp_path):
         router.wait_for_log(r"spawned uWSGI fastrouter 2")
         announce(sub, b"example.com", a.address.encode())
         wait_applied_everywhere(router, r"example.com => new node")
-        load = Load(router.addresses[0])
-        try:
-            for i in range(1, 6):
-                os.kill(router.pid, signal.SIGHUP)
-                router.wait_for_log(r"graceful reload: \d+ old process", count=i, timeout=20)
-                wait_until(lambda: load.ok > 0, what="requests flowing")
-        finally:
-            load.finish()
+        load = reload_under_load(router, 5)
         assert load.failed == 0 and load.ok > 50
         # the subscription survived five reloads without a new announce
         assert router.count(r"subscribed node\(s\) carried over") >= 5

@@ -76,6 +76,8 @@ SUPPORTED |= {"subscription-slow-start", "fastrouter-health-check-interval",
               "fastrouter-health-check-passes", "fastrouter-health-check-max-probes",
               "subscription-drain-timeout", "drain-on-graceful-reload", "fastrouter-drain",
               "fastrouter-undrain"}
+# a listening socket per router process; uWSGI's SO_REUSEPORT flag
+SUPPORTED |= {"fastrouter-reuse-port", "reuse-port"}
 
 
 def test_table_is_consistent():

@@ -18,19 +18,28 @@ Theory of operation
 ``owned`` lists every socket once, in binding order: it is what is closed at the end
 (removing the UNIX socket files this process created) and what crosses a re-exec.
 The other members are views on it by role.
+
+Per-process listening sockets (``--fastrouter-reuse-port``, docs/decisions.md): the
+router's TCP listeners are bound with ``SO_REUSEPORT`` and, for each router process
+after the first, bound once more on the same address (``per_process``).  The master
+binds them all and keeps them for its whole life (and across a reload's re-exec), so
+the connections the kernel queued on a process's socket wait there for that
+process's successor instead of being reset.  :meth:`Bindings.for_process` says which
+of them a router process polls; :meth:`Bindings.keep_for_process` makes a forked
+router process keep only those.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from typing import Optional
+from typing import List, Optional
 
 from . import zerg
 from .addresses import shared_socket_index
 from .log import log
 from .options import StartupError
-from .sockets import AddressError, Listener, bind_listener, bind_stream_server
+from .sockets import AddressError, Listener, bind_listener, bind_sibling, bind_stream_server
 from .subserver import DatagramListener, bind_datagram
 
 
@@ -40,6 +49,8 @@ class Bindings:
     def __init__(self) -> None:
         self.owned: list = []           # every socket below, once, in binding order
         self.listeners: list = []       # the router's (--fastrouter, --fastrouter-zerg)
+        # --fastrouter-reuse-port: for router processes 2..N, a copy of `listeners` each
+        self.per_process: List[list] = []
         self.datagram: list = []        # --fastrouter-subscription-server
         self.shared: list = []          # --shared-socket, --undeferred-shared-socket, in order
         self.app: list = []             # --socket and --zerg (the local app's)
@@ -80,6 +91,7 @@ class Bindings:
         pick = lambda key: [self.owned[i] for i in state.get(key, [])]
         one = lambda key: (pick(key) or [None])[0]
         self.listeners = pick("listeners")
+        self.per_process = [[self.owned[i] for i in group] for group in state.get("per_process", [])]
         self.datagram = pick("datagram")
         self.shared = pick("shared")
         self.app = pick("app")
@@ -99,10 +111,45 @@ class Bindings:
             sockets.append([kind, item.name, fd, item.unix_path])
         refs = lambda items: [index[id(item)] for item in items if id(item) in index]
         maybe = lambda item: [item] if item is not None else []
-        return {"sockets": sockets, "listeners": refs(self.listeners), "datagram": refs(self.datagram),
+        return {"sockets": sockets, "listeners": refs(self.listeners),
+                "per_process": [refs(group) for group in self.per_process],
+                "datagram": refs(self.datagram),
                 "shared": refs(self.shared), "app": refs(self.app),
                 "stats": refs(maybe(self.stats)), "metrics": refs(maybe(self.metrics)),
                 "zerg": refs(maybe(self.zerg_server))}
+
+    # ------------------------------------------- per-process listening sockets
+
+    def for_process(self, index: int, processes: int) -> list:
+        """The listeners router process *index* (1-based) of *processes* polls.
+
+        Without per-process sockets, all of ``listeners`` (shared by every process).
+        With them, group *index* (group 1 is ``listeners``).  After a reload whose
+        configuration asks for another number of processes than the inherited groups
+        serve, process *i* takes every group whose number is *i* modulo *processes*
+        (more groups than processes: none is left unpolled), or group *i* modulo the
+        number of groups (fewer): a queued connection is never stranded.
+        """
+        groups = [self.listeners] + self.per_process
+        if len(groups) == 1 or processes < 1:
+            return list(self.listeners)
+        slot = (index - 1) % processes
+        if len(groups) >= processes:
+            return [item for number, group in enumerate(groups) if number % processes == slot
+                    for item in group]
+        return list(groups[slot % len(groups)])
+
+    def keep_for_process(self, index: int, processes: int) -> None:
+        """In a forked router process: poll this process's listeners, and close this
+        process's copies of the other processes' (the master keeps them open)."""
+        mine = self.for_process(index, processes)
+        kept = {id(item) for item in mine}
+        for group in [self.listeners] + self.per_process:
+            for item in group:
+                if id(item) not in kept:
+                    item.sock.close()
+        self.listeners = mine
+        self.per_process = []
 
     # -------------------------------------------------------------- closing
 
@@ -133,10 +180,11 @@ class _Binder:
         self.bound = bindings
         self.option = "shared-socket"
 
-    def _listener(self, spec: str, deferred: bool = True) -> Listener:
+    def _listener(self, spec: str, deferred: bool = True, reuse_port: bool = False) -> Listener:
         cfg = self.cfg
         return bind_listener(spec, backlog=cfg.listen, chmod=self.chmod, abstract_all=cfg.abstract_socket,
-                             defer_accept=cfg.socket_timeout if deferred else 0)
+                             defer_accept=cfg.socket_timeout if deferred else 0,
+                             reuse_port=reuse_port or cfg.reuse_port)
 
     def _resolve(self, spec: str):
         """(listener, shared socket number or None): ``=N`` names a shared socket."""
@@ -166,10 +214,31 @@ class _Binder:
 
     def router(self) -> None:
         self.option = "fastrouter"
+        per_process = self.cfg.fastrouter_reuse_port
         for spec in self.cfg.fastrouter:
-            listener, _index = self._resolve(spec)
+            if per_process:   # TCP only (validation.py): never "=N"
+                listener = self.bound._own(self._listener(spec, reuse_port=True))
+            else:
+                listener, _index = self._resolve(spec)
             self.bound.listeners.append(listener)
             log("uWSGI fastrouter bound on %s fd %d" % (listener.name, listener.sock.fileno()))
+        if per_process:
+            self.per_process_copies()
+
+    def per_process_copies(self) -> None:
+        """--fastrouter-reuse-port: the listeners once more for each router process
+        after the first, on the very address each is bound to."""
+        cfg = self.cfg
+        self.option = "fastrouter-reuse-port"
+        for number in range(2, cfg.fastrouter_processes + 1):
+            group = []
+            for listener in self.bound.listeners:
+                copy = self.bound._own(bind_sibling(listener, backlog=cfg.listen,
+                                                    defer_accept=cfg.socket_timeout))
+                group.append(copy)
+                log("uWSGI fastrouter %d has its own socket on %s fd %d (SO_REUSEPORT)"
+                    % (number, copy.name, copy.sock.fileno()))
+            self.bound.per_process.append(group)
 
     def app(self) -> None:
         self.option = "socket"

@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 The master binds every socket first (or adopts them after a reload), then forks
 ``--fastrouter-processes`` router processes and ``--processes`` app workers (when
-``--socket`` and an app are configured) that all poll the same listening sockets, and
+``--socket`` and an app are configured) that all poll the same listening sockets (with
+``--fastrouter-reuse-port``, router process N polls its own: see binding.py), and
 supervises them: a child that dies is respawned (after a one-second back-off when it
 dies young, so a broken child cannot make the master spin).  Every death is logged with
 its decoded status ("exited with status 1", "killed by signal SIGSEGV").  A router
@@ -72,7 +73,8 @@ A graceful reload never closes a listening socket.  The master writes its subscr
 table to an unlinked temporary file, clears close-on-exec on the sockets and the file,
 and re-executes itself with their numbers in the environment.  The new image (same
 pid, so the old children are still its children) adopts the sockets, loads the table,
-forks fresh children, and only then asks the old ones to stop accepting and to finish
+forks fresh children (router process N on slot N's sockets under
+``--fastrouter-reuse-port``), and only then asks the old ones to stop accepting and to finish
 what they have (SIGTERM to a router child: it stops polling its listeners and exits once
 its last session ends, or after ``--fastrouter-timeout``).  Connections arriving
 meanwhile wait in the kernel backlog for a few milliseconds: none is refused or cut.
@@ -227,6 +229,8 @@ class Master:
             from .proccontrol import Heartbeat
             self.heartbeat = Heartbeat(routers)
         self.sockets.setup_master(self, reactor, inherited)
+        if inherited and routers:
+            self.sockets.check_listener_groups(routers)
         for index in range(1, routers + 1):
             child = Child("router", index)
             self.routers.append(child)
@@ -343,6 +347,7 @@ class Master:
             uid, gid = resolve_ids(cfg.fastrouter_uid, cfg.fastrouter_gid)
             drop_privileges(uid, gid, who="uWSGI fastrouter %d" % child.index)
         reactor = Reactor(max_events=cfg.fastrouter_events)
+        self.sockets.take_listeners(child.index, self.cfg.fastrouter_processes)
         parts = self._wire(self.cfg, reactor, self.sockets, channel)
         link = RouterLink(reactor, channel, parts)
         if self.heartbeat is not None:

@@ -309,6 +309,12 @@ OPTIONS: Tuple[Option, ...] = (
        G_ROUTER, status=SUPPORTED),
     _o("fastrouter-processes", INT, "number of router processes sharing the listening sockets",
        G_ROUTER, default=1, zero_means=1, aliases=("fastrouter-workers",), status=SUPPORTED),
+    _o("fastrouter-reuse-port", BOOL, "give each router process its own listening socket on every "
+       "TCP --fastrouter address (SO_REUSEPORT: the kernel spreads new connections over them, "
+       "no process is woken for another's connection; a stalled process's share waits for it); "
+       "the master binds and keeps them all, so a replaced or reloaded process's successor "
+       "takes over its queued connections; TCP ip:port, [ipv6]:port and host:port listeners "
+       "only (any other is a start-up error)", G_ROUTER),
     _o("fastrouter-stats", STRING, "serve the router statistics as JSON on ADDR (ip:port or unix "
        "path)", G_ROUTER, aliases=("fastrouter-stats-server", "fastrouter-ss"), metavar="ADDR"),
     _o("fastrouter-metrics", STRING, "serve Prometheus text metrics on ADDR (ip:port or unix path): "
@@ -369,6 +375,9 @@ OPTIONS: Tuple[Option, ...] = (
        "graceful reloads", G_PROCESS, short="M"),
     _o("listen", INT, "listen() backlog of every listening socket", G_PROCESS, short="l",
        default=100),
+    _o("reuse-port", BOOL, "set SO_REUSEPORT on every TCP listening socket this instance binds "
+       "(as uWSGI: each address is still one socket shared by the processes; another program "
+       "of the same user may then bind the same address too)", G_PROCESS),
     _o("socket-timeout", INT, "TCP_DEFER_ACCEPT seconds on TCP listeners, the stats server's "
        "I/O timeout, and how long the local app workers (--socket) wait on a client's read or "
        "write", G_PROCESS, short="z", default=4, metavar="SECS"),

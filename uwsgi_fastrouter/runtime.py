@@ -631,6 +631,22 @@ class MasterRuntime:
     def inheritable_state(self) -> dict:
         return self.prepared.bindings.inheritable_state()
 
+    def take_listeners(self, index: int, processes: int) -> None:
+        """In router process *index* (of *processes*), before it is wired: its own
+        listening sockets under --fastrouter-reuse-port, else the shared ones."""
+        self.prepared.bindings.keep_for_process(index, processes)
+
+    def check_listener_groups(self, processes: int) -> None:
+        """After a reload: say so when the per-process sockets inherited do not match
+        what the configuration now asks for (the inherited ones are kept, so that no
+        queued connection is reset; binding.py says how they are shared out)."""
+        groups = 1 + len(self.prepared.bindings.per_process)
+        wanted = processes if self.cfg.fastrouter_reuse_port else 1
+        if groups != wanted:
+            log("reload: the %d router process(es) share the %d listening socket(s) per "
+                "address bound at start; a changed --fastrouter-reuse-port or "
+                "--fastrouter-processes takes effect on a restart" % (processes, groups))
+
     # ---- in the master
 
     def setup_master(self, master, reactor, inherited: Optional[dict]) -> None:

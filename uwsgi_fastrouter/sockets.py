@@ -38,7 +38,9 @@ __all__ = [
     "Listener",
     "bind_datagram",
     "bind_listener",
+    "bind_sibling",
     "bind_stream_server",
+    "has_reuse_port",
     "connect_sockaddr",
     "node_sockaddr",
     "sockname",
@@ -124,13 +126,15 @@ def bind_listener(
     chmod: Optional[int] = None,
     abstract_all: bool = False,
     defer_accept: int = 0,
+    reuse_port: bool = False,
 ) -> Listener:
     """Bind and listen on *spec* (a ``--fastrouter`` value, see the module doc).
 
     *backlog* is the ``listen()`` backlog, *chmod* the mode applied to a UNIX
     socket file, *abstract_all* binds every UNIX path as an abstract name (the
     name stays as given), *defer_accept* > 0 sets ``TCP_DEFER_ACCEPT`` (Linux)
-    on TCP listeners.
+    on TCP listeners, *reuse_port* sets ``SO_REUSEPORT`` on a TCP listener
+    before it is bound (so that :func:`bind_sibling` can bind the same address).
 
     Raises :class:`AddressError` for anything that cannot be bound, including
     ``=N`` shared sockets (the caller resolves those to a socket it holds).
@@ -141,7 +145,31 @@ def bind_listener(
     if address.kind == SHARED:
         raise AddressError(spec, "a shared socket (=N) cannot be used here")
     return _bind(address, socket.SOCK_STREAM, backlog=backlog, chmod=chmod,
-                 defer_accept=defer_accept)
+                 defer_accept=defer_accept, reuse_port=reuse_port)
+
+
+def has_reuse_port() -> bool:
+    """Whether this platform has ``SO_REUSEPORT``."""
+    return hasattr(socket, "SO_REUSEPORT")
+
+
+def bind_sibling(listener: Listener, *, backlog: int = 100, defer_accept: int = 0) -> Listener:
+    """One more TCP listening socket on the exact address *listener* is bound to (its
+    real port and address, not its spec), with ``SO_REUSEPORT``: the kernel then
+    spreads new connections over the two sockets, each with its own queue.
+    *listener* must have been bound with ``reuse_port`` (by this user)."""
+    sock = socket.socket(listener.sock.family, socket.SOCK_STREAM)
+    try:
+        _set_stream_options(sock, defer_accept, reuse_port=True)
+        try:
+            sock.bind(listener.sock.getsockname())
+        except OSError as exc:
+            raise _os_error(listener.name, "bind a second socket with SO_REUSEPORT", exc) from exc
+        _start_listening(sock, listener.name, socket.SOCK_STREAM, backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return Listener(sock, listener.name)
 
 
 def bind_stream_server(spec: str, *, backlog: int = 100) -> Listener:
@@ -185,7 +213,7 @@ def _adopt_fd(spec: str, fd: int) -> Listener:
 
 
 def _bind(address: Address, kind: int, *, backlog: int = 0, chmod: Optional[int] = None,
-          defer_accept: int = 0) -> Listener:
+          defer_accept: int = 0, reuse_port: bool = False) -> Listener:
     """Bind *address* on a new socket of type *kind*; listen if it is a stream."""
     if address.kind == UNIX:
         return _bind_unix(address, kind, backlog, chmod)
@@ -194,9 +222,7 @@ def _bind(address: Address, kind: int, *, backlog: int = 0, chmod: Optional[int]
     sock = socket.socket(family, kind)
     try:
         if kind == socket.SOCK_STREAM:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if defer_accept > 0 and hasattr(socket, "TCP_DEFER_ACCEPT"):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, defer_accept)
+            _set_stream_options(sock, defer_accept, reuse_port)
         try:
             sock.bind(sockaddr)
         except OSError as exc:
@@ -209,6 +235,15 @@ def _bind(address: Address, kind: int, *, backlog: int = 0, chmod: Optional[int]
     if sockaddr[1] == 0:
         name = f"{spec[: spec.rfind(':')]}:{sock.getsockname()[1]}"
     return Listener(sock, name)
+
+
+def _set_stream_options(sock: socket.socket, defer_accept: int, reuse_port: bool) -> None:
+    """What a TCP listener gets before ``bind()``."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port and has_reuse_port():   # --reuse-port without it: logged at start-up
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if defer_accept > 0 and hasattr(socket, "TCP_DEFER_ACCEPT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, defer_accept)
 
 
 def _bind_sockaddr(address: Address, kind: int) -> Tuple[int, object]:

@@ -13,9 +13,12 @@ from __future__ import annotations
 from typing import List, Optional
 
 from .accesslog import AccessLog, compile_format
+from .addresses import INET, INET6, NAME, AddressError, parse_bind
 from .allowlist import AllowListError, allow_list
+from .log import log
 from .names import DEFAULT_MAX_NAMES, names_in
 from .options import StartupError, access_log_target, find_option
+from .sockets import has_reuse_port
 from .stripvars import StripRuleError, VarStripper, make_stripper
 from .tlsnode import NodeTls, TlsSetupError, client_context
 
@@ -26,6 +29,7 @@ def validate(cfg) -> None:
     _check_retries(cfg)
     _check_host_names(cfg)
     _check_access_log(cfg)
+    _check_reuse_port(cfg)
     chmod_mode(cfg)
     skip_uids(cfg)
     subscribe_specs(cfg)
@@ -71,6 +75,32 @@ def _check_access_log(cfg) -> None:
         except OSError as exc:
             raise StartupError('option "--fastrouter-access-log": unable to open %s: %s'
                                % (path, exc.strerror or exc))
+
+
+def _check_reuse_port(cfg) -> None:
+    """--fastrouter-reuse-port binds a socket per router process on each listener's
+    address: only a TCP address can be bound more than once (SO_REUSEPORT); a UNIX
+    path, a shared socket (=N), an inherited descriptor (fd://N) or the zerg server's
+    sockets cannot, and are refused here rather than silently shared."""
+    if cfg.reuse_port and not has_reuse_port():
+        log("!!! your system does not support SO_REUSEPORT !!!")     # uWSGI goes on too
+    if not cfg.fastrouter_reuse_port:
+        return
+    option = 'option "--fastrouter-reuse-port"'
+    if not has_reuse_port():
+        raise StartupError("%s: this system has no SO_REUSEPORT" % option)
+    if cfg.fastrouter_zerg:
+        raise StartupError("%s: the sockets of --fastrouter-zerg are lent by the zerg server "
+                           "and cannot be bound once per process" % option)
+    for spec in cfg.fastrouter:
+        try:
+            kind = parse_bind(spec, abstract_all=cfg.abstract_socket).kind
+        except AddressError:
+            continue        # binding reports it, naming --fastrouter
+        if kind not in (INET, INET6, NAME):
+            raise StartupError("%s: --fastrouter %s is not a TCP address (ip:port, [ipv6]:port or "
+                               "host:port); only those can have a socket per router process"
+                               % (option, spec))
 
 
 def source_allow_list(cfg):
