@@ -269,8 +269,11 @@ class SubscriptionServer:
 
     def _apply(self, announcement: Announcement, sender, pid, uid, gid, trusted: bool,
                notify: bool, verified: bool, mirrored: bool = False) -> bool:
+        if self.names is None:   # (then _named_applied stays None)
+            return self._apply_node(announcement, sender, pid, uid, gid, trusted, notify, verified,
+                                    mirrored)
         self._named_applied = None
-        named = host_name(announcement.address) if self.names is not None else None
+        named = host_name(announcement.address)
         args = (pid, uid, gid, trusted, notify, verified, mirrored)
         if named is None:
             return self._apply_node(announcement, sender, *args)
