@@ -105,6 +105,7 @@ from __future__ import annotations
 
 import base64
 import json
+import struct
 from hashlib import blake2b
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
@@ -372,8 +373,12 @@ def _walk_vars(data: bytes, pos: int, values: list, strings: Dict[bytes, Tuple[i
 # over, so unusual tails (a flood of them) cost a miss each and no memory.
 _KEY_RECORD = b"\x03\x00key"
 _ADDRESS_RECORD = b"\x07\x00address"
-_KEY_START = HEADER_SIZE + len(_KEY_RECORD) + 2
-_ADDRESS_HEAD = len(_ADDRESS_RECORD) + 2
+#: the header (modifier1 skipped, datasize, modifier2), the key's name record, its length
+_KEY_HEAD = struct.Struct("<xHB%dsH" % len(_KEY_RECORD))
+_KEY_START = _KEY_HEAD.size
+#: the address's name record and its length
+_ADDRESS_HEAD = struct.Struct("<%dsH" % len(_ADDRESS_RECORD))
+_ADDRESS_START = _ADDRESS_HEAD.size
 _TAIL_STRINGS = {name: slot for name, slot in _STRING_SLOTS.items()
                  if slot[0] not in (_KEY, _ADDRESS)}
 _TAIL_REFUSED = _RARE_VARS | {b"key", b"address"}
@@ -387,16 +392,17 @@ def _parse_usual(data: bytes) -> Optional[Announcement]:
     and whose tail is known (see _TAILS); None for any other packet (that one is
     walked in full).  Returns exactly what the general walk returns."""
     end = len(data)
-    if (end < _KEY_START or data[1] | (data[2] << 8) != end - HEADER_SIZE
-            or not data.startswith(_KEY_RECORD, HEADER_SIZE)):
+    if end < _KEY_START:
         return None
-    key_end = _KEY_START + (data[_KEY_START - 2] | (data[_KEY_START - 1] << 8))
-    address_start = key_end + _ADDRESS_HEAD
-    if address_start > end or not data.startswith(_ADDRESS_RECORD, key_end):
+    datasize, opcode, record, key_length = _KEY_HEAD.unpack_from(data)
+    key_end = _KEY_START + key_length
+    address_start = key_end + _ADDRESS_START
+    if datasize != end - HEADER_SIZE or record != _KEY_RECORD or address_start > end:
         return None
-    address_end = address_start + (data[address_start - 2] | (data[address_start - 1] << 8))
-    if address_end > end or key_end == _KEY_START or key_end - _KEY_START > MAX_KEY \
-            or address_end == address_start or address_end - address_start > MAX_ADDRESS:
+    record, address_length = _ADDRESS_HEAD.unpack_from(data, key_end)
+    address_end = address_start + address_length
+    if record != _ADDRESS_RECORD or address_end > end or not 0 < key_length <= MAX_KEY \
+            or not 0 < address_length <= MAX_ADDRESS:
         return None
     tail = data[address_end:]
     values = _TAILS.get(tail, _UNKNOWN_TAIL)
@@ -407,7 +413,7 @@ def _parse_usual(data: bytes) -> Optional[Announcement]:
     values = values[:]
     values[_KEY] = data[_KEY_START:key_end]
     values[_ADDRESS] = data[address_start:address_end]
-    values[_UNSUBSCRIBE] = data[3] != 0
+    values[_UNSUBSCRIBE] = opcode != 0
     values[_SIGNED_PART] = data[HEADER_SIZE:]
     return _new_announcement(Announcement, values)
 

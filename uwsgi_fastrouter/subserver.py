@@ -143,10 +143,8 @@ class SubscriptionServer:
         # master copies it to the router processes (see apply_mirrored).
         self.on_accepted: Optional[Callable[[Announcement, Optional[int], Optional[int],
                                              Optional[int]], None]] = None
-        self._buf = bytearray(_MAX_DATAGRAM + 1)
         # the addresses the last named announce was applied as (see _as_applied)
         self._named_applied: Optional[List[bytes]] = None
-        self._view = memoryview(self._buf)
         self._resub_sock_inet: Optional[socket.socket] = None
         self._resub_sock_unix: Optional[socket.socket] = None
         # Targets are parsed now: a bad one is a start-up error, not a log line per packet.
@@ -197,8 +195,9 @@ class SubscriptionServer:
                                 and len(payload) >= _UCRED.size:
                             pid, uid, gid = _UCRED.unpack_from(payload)
                 else:
-                    n, sender = sock.recvfrom_into(self._buf)
-                    data = bytes(self._view[:n])     # one copy, of the datagram only
+                    # (the bytes object is made at the largest size and shrunk in place:
+                    # cheaper than reading into a buffer and copying the datagram out)
+                    data, sender = sock.recvfrom(_MAX_DATAGRAM + 1)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
