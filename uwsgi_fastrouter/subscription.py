@@ -997,7 +997,6 @@ class SubscriptionTable:
         pool = self._pools.get(a.key)
         node = pool.by_address.get(a.address) if pool is not None else None
         check = self.verifier is not None and not (trusted or mirrored)
-        room = 2 if mirrored else 1
         if a.unsubscribe:
             if node is None:
                 return None
@@ -1045,6 +1044,7 @@ class SubscriptionTable:
         if check:
             self._check_new(a, now_s)
             self._check_not_replayed(a)
+        room = 2 if mirrored else 1
         if pool is None:
             self._check_room_for_key(a, now_s, room * self.max_keys)
         elif len(pool.nodes) >= room * self.max_nodes:

@@ -234,8 +234,7 @@ class SubscriptionServer:
         # proven: the table checks signatures of every untrusted packet, and a failed
         # credential check has dropped the packet above
         verified = bool(self.credentials_check) or (self.table.verifier is not None and not trusted)
-        if not self._apply(announcement, sender, pid, uid, gid, trusted, notify=True,
-                           verified=verified):
+        if not self._apply(announcement, sender, pid, uid, gid, trusted, True, verified):
             return None
         if self.on_accepted is not None:
             for accepted in self._as_applied(announcement):
