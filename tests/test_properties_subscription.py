@@ -286,3 +286,12 @@ def test_quick_parse_agrees_with_the_strict_one(datagram):
     except SubscriptionError as exc:
         got = ("error", str(exc))
     assert got == strict
+
+
+@PROPERTY
+@given(st.one_of(st.binary(max_size=24), st.text(max_size=12).map(lambda t: t.encode("utf-8"))))
+def test_a_field_as_log_text_is_what_printable_makes_of_it(value):
+    """Keys and addresses of plain ASCII skip printable(), with the same text."""
+    from uwsgi_fastrouter.log import printable
+    from uwsgi_fastrouter.subscription import _text
+    assert _text(value) == printable(value)

@@ -105,6 +105,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import struct
 from hashlib import blake2b
 from collections import OrderedDict
@@ -191,8 +192,16 @@ class TableFull(SubscriptionError):
 
 
 def _text(value: bytes) -> str:
-    """A packet field as log text: control bytes escaped (docs/decisions.md D18)."""
+    """A packet field as log text: control bytes escaped (docs/decisions.md D18).  Keys
+    and addresses are nearly always printable ASCII, which needs no escaping: that is
+    checked first (one regex match, in C) and, if so, the bytes are decoded as they are."""
+    if type(value) is bytes and _PLAIN_ASCII(value) is not None:
+        return value.decode("ascii")
     return printable(value)
+
+
+#: printable ASCII only (what :func:`~uwsgi_fastrouter.log.printable` leaves as it is)
+_PLAIN_ASCII = re.compile(rb"[\x20-\x7e]*").fullmatch
 
 
 # ---------------------------------------------------------------------------
