@@ -652,10 +652,15 @@ def forward_announcement(a: Announcement, address: bytes, *, cores: int = 0, loa
 def djb33x(key: bytes) -> int:
     """uWSGI's key hash: ``h = h * 33 ^ byte`` from 5381, on 32 bits, where bytes
     of 0x80 and above count as negative (sign-extended) C chars."""
+    # Both steps commute with taking the low 32 bits, so h is cut down once, at the end.
     h = 5381
-    for b in key:
-        h = ((h * 33) ^ (b if b < 0x80 else 0xFFFFFF00 | b)) & 0xFFFFFFFF
-    return h
+    if key.isascii():
+        for b in key:
+            h = h * 33 ^ b
+    else:
+        for b in key:
+            h = h * 33 ^ (b if b < 0x80 else 0xFFFFFF00 | b)
+    return h & 0xFFFFFFFF
 
 
 def stats_hash(key: bytes) -> int:
