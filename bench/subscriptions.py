@@ -6,6 +6,7 @@ Usage::
     python3 bench/subscriptions.py [--quick] [--keys 10000] [--rounds 3] [--duration 5]
                                    [--concurrency 16] [--uwsgi PATH | --no-uwsgi] [--keep-logs]
                                    [--phases datagrams,routing] [--python-load]
+                                   [--python-sender] [--ours-args ARGS]
 
 About two minutes with the defaults (``--quick``: about 30 s).  Prints the exact command
 lines and two tables; nothing here asserts a timing.
@@ -28,6 +29,11 @@ expires while it is measured.
    busy router (10,000 keys announced every 10 s are 1,000 packets/s), and the stats
    must show every node with that weight.  Router CPU per packet comes from the
    schedstat run time of its process tree (ns resolution) over the same window.
+
+   The sender is ``bench/build/dgramsend`` (C, built with ``make -C bench``; it
+   reads the packets from a file written before the clock starts): a Python sender
+   spends several microseconds per datagram, about what uWSGI spends on one, so it
+   capped uWSGI's rate (``--python-sender`` still measures that way).
 
    * unix: a blocking sender on a UNIX datagram socket; the kernel makes it wait
      while the router's queue is full, so nothing is lost.
@@ -54,6 +60,7 @@ import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -73,6 +80,9 @@ from uwsgi_fastrouter.subscription import build_announcement  # noqa: E402
 
 BACKEND_BIN = os.path.join(BENCH_DIR, "build", "backend")
 LOADGEN_BIN = os.path.join(BENCH_DIR, "build", "loadgen")
+SENDER_BIN = os.path.join(BENCH_DIR, "build", "dgramsend")
+#: whether the datagrams go through SENDER_BIN (set in main)
+SENDER = {"c": False}
 HOT_KEY = "hot.bench"
 #: the first command line each router was started with (printed with the results)
 COMMANDS: Dict[str, List[str]] = {}
@@ -249,7 +259,31 @@ def start_router(name: str, uwsgi: Optional[str], workdir: str, seq: int, timeou
 
 
 def pump(router: Router, transport: str, packets: Sequence[bytes]) -> None:
-    """Send *packets* as fast as the router takes them, without losing any."""
+    """Send *packets* as fast as the router takes them, without losing any: through
+    ``bench/build/dgramsend`` (C) when it was built, else from this process."""
+    if SENDER["c"]:
+        send_file(router, transport, packets_file(router, packets))
+    else:
+        python_pump(router, transport, packets)
+
+
+def packets_file(router: Router, packets: Sequence[bytes]) -> str:
+    """The file ``dgramsend`` reads: each packet as a 4-byte little-endian length and its bytes."""
+    path = router.unix_path + ".packets"
+    with open(path, "wb") as f:
+        f.write(b"".join(struct.pack("<I", len(p)) + p for p in packets))
+    return path
+
+
+def send_file(router: Router, transport: str, path: str) -> None:
+    target = ["-x", router.unix_path] if transport == "unix" else [
+        "-u", str(router.udp_port), "-q", str(rmem_default() // 2)]
+    done = subprocess.run([SENDER_BIN, "-f", path] + target, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0 or not done.stdout.startswith("SENT "):
+        raise BenchError("dgramsend failed: %s%s" % (done.stdout, done.stderr))
+
+
+def python_pump(router: Router, transport: str, packets: Sequence[bytes]) -> None:
     if transport == "unix":
         for packet in packets:
             router.send("unix", packet)
@@ -273,11 +307,15 @@ def measure_datagrams(router: Router, transport: str, kind: str, keys: List[byte
     the marker key are routed (every router process has applied what came before it)."""
     packets = [build_announcement(k, address, cores=1, weight=weight) for k in keys]
     marker_packet = build_announcement(marker, marker_address, cores=1)
+    prepared = packets_file(router, packets) if SENDER["c"] else None
     tail = LogTail(router.child.log_path)
     drops0 = udp_socket_state(router.udp_port)
     cpu0 = proctree.tree_sched_seconds(router.child.pid)
     t0 = time.monotonic()
-    pump(router, transport, packets)
+    if prepared is not None:
+        send_file(router, transport, prepared)
+    else:
+        python_pump(router, transport, packets)
     router.send(transport, marker_packet)
     last_poke = [time.monotonic()]
 
@@ -521,7 +559,8 @@ def report(a, dgram_rows: List[dict], routing_rows: List[dict], commands: List[s
     out = ["commands:"] + ["  " + c for c in commands]
     if dgram_rows:
         out += ["", "1. subscription datagrams processed (N = %d keys; refresh: median of %d rounds, "
-                "± half the min-max range)" % (a.keys, a.rounds), ""]
+                "± half the min-max range; sent by %s)"
+                % (a.keys, a.rounds, "bench/build/dgramsend" if SENDER["c"] else "Python"), ""]
         out.append(table(
             ["router", "transport", "kind", "sent", "applied", "kernel drops", "seconds", "packets/s",
              "logged packets/s", "router CPU µs/packet"],
@@ -571,6 +610,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--phases", default="datagrams,routing", help="datagrams,routing (default both)")
     p.add_argument("--python-load", action="store_true",
                    help="use the Python load generator even when bench/build/loadgen builds")
+    p.add_argument("--python-sender", action="store_true",
+                   help="send the datagrams from Python even when bench/build/dgramsend builds")
     p.add_argument("--start-timeout", type=float, default=30.0)
     p.add_argument("--keep-logs", action="store_true", help="keep the directory with every process's log")
     p.add_argument("--ours-args", default="",
@@ -602,6 +643,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if not use_c:
         log("bench/build/loadgen unavailable: using the Python load generator")
+    SENDER["c"] = not a.python_sender and build.returncode == 0 and os.access(SENDER_BIN, os.X_OK)
+    if not SENDER["c"]:
+        log("datagrams sent from Python (slower than a C router takes them: uWSGI's rate is capped)")
     workdir = tempfile.mkdtemp(prefix="frsubbench.")
     log("logs in %s" % workdir)
     commands: List[str] = []

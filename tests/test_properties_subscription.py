@@ -269,15 +269,29 @@ with_rare_vars = st.builds(
 @PROPERTY
 @given(st.one_of(datagrams, mutated(with_rare_vars), with_rare_vars))
 def test_quick_parse_agrees_with_the_strict_one(datagram):
-    """parse_announcement walks ordinary packets quickly and hands the rest to the strict
-    parser: for any bytes, the same announcement or the same error as the strict one."""
-    from uwsgi_fastrouter.subscription import _parse_common
+    """parse_announcement walks ordinary packets quickly (the usual layout with its tail
+    remembered, or one general walk) and hands the rest to the strict parser: for any
+    bytes, the same announcement or the same error as the strict one."""
+    from uwsgi_fastrouter.subscription import _parse_common, _parse_usual
     strict = _strict_outcome(datagram)
     quick = _parse_common(datagram)
     if quick is not None:
         assert quick == strict and type(quick) is Announcement
+    for _ in range(2):   # a tail not seen yet, then the remembered one
+        usual = _parse_usual(datagram)
+        if usual is not None:
+            assert usual == strict and type(usual) is Announcement
     try:
         got = parse_announcement(datagram)
     except SubscriptionError as exc:
         got = ("error", str(exc))
     assert got == strict
+
+
+@PROPERTY
+@given(st.one_of(st.binary(max_size=24), st.text(max_size=12).map(lambda t: t.encode("utf-8"))))
+def test_a_field_as_log_text_is_what_printable_makes_of_it(value):
+    """Keys and addresses of plain ASCII skip printable(), with the same text."""
+    from uwsgi_fastrouter.log import printable
+    from uwsgi_fastrouter.subscription import _text
+    assert _text(value) == printable(value)

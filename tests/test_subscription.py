@@ -61,6 +61,40 @@ def test_the_documented_example_parses():
     assert a.unix is None and a.sign is None and a.notify is None and not a.forwarded
 
 
+def test_a_usual_packet_whose_tail_repeats_key_or_address_keeps_the_last_one():
+    """The usual layout (key, address first) reuses what its tail gave before; a tail
+    that names key or address again is walked in full: the last one counts."""
+    for name in (b"key", b"address"):
+        for _ in range(2):   # the tail unknown, then remembered
+            a = parse_announcement(datagram([(b"key", b"k"), (b"address", b"a:1"),
+                                             (b"weight", b"3"), (name, b"later")]))
+            assert (a.key if name == b"key" else a.address) == b"later" and a.weight == 3
+
+
+def test_the_same_tail_after_different_heads_gives_each_its_own_key_and_address():
+    tail = [(b"modifier1", b"7"), (b"cores", b"2"), (b"weight", b"5"), (FORWARDED_VAR, b"1")]
+    for i in range(3):
+        for unsubscribe in (False, True):
+            pkt = datagram([(b"key", b"k%d" % i), (b"address", b"a:%d" % i)] + tail,
+                           mod2=1 if unsubscribe else 0)
+            a = parse_announcement(pkt)
+            assert (a.key, a.address, a.unsubscribe, a.signed_part) == (
+                b"k%d" % i, b"a:%d" % i, unsubscribe, pkt[4:])
+            assert (a.modifier1, a.cores, a.weight, a.forwarded) == (7, 2, 5, True)
+
+
+def test_remembered_tails_are_bounded():
+    from uwsgi_fastrouter import subscription
+    for weight in range(subscription._TAILS_MAX + 50):
+        assert parse_announcement(build_announcement(b"k", b"a:1", weight=weight)).weight == weight
+        assert len(subscription._TAILS) <= subscription._TAILS_MAX
+    # a tail that needs the strict parser is remembered too, and still refused
+    bad = datagram([(b"key", b"k"), (b"address", b"a:1"), (b"weight", b"-1")])
+    for _ in range(2):
+        with pytest.raises(SubscriptionError, match="invalid weight"):
+            parse_announcement(bad)
+
+
 def test_every_field_parses():
     pkt = datagram([
         (b"key", b"unbit.it:8000"), (b"address", b"/run/app/x.sock"), (b"modifier1", b"5"),

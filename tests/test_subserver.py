@@ -188,3 +188,28 @@ def test_without_an_allow_list_every_sender_is_looked_at():
     srv = server(SubscriptionTable())
     assert srv.handle(packet(), ("192.0.2.1", 4000)) is not None
     assert srv.handle(packet(b"k2"), None) is not None and srv.refused_sources == 0
+
+
+def test_a_flood_of_bad_tails_is_refused_and_announces_after_it_still_apply():
+    """Announces with the usual head and ever new faulty tails (numbers that are not
+    decimals) are each refused with the strict parser's reason; the memo of tails stays
+    bounded and good announces around the flood are applied."""
+    from uwsgi_fastrouter import subscription
+    lines = io.StringIO()
+    log.set_stream(lines)
+    try:
+        table = SubscriptionTable()
+        srv = server(table)
+        assert srv.handle(packet(b"before"), None) is not None
+        flood = subscription._TAILS_MAX + 20
+        for i in range(flood):
+            bad = build_announcement(b"k%d" % i, b"a:1", cores=i).replace(
+                b"\x06\x00weight\x01\x000", b"\x06\x00weight\x01\x00x")
+            assert srv.handle(bad, None) is None
+            assert len(subscription._TAILS) <= subscription._TAILS_MAX
+        assert srv.handle(packet(b"after"), None) is not None
+    finally:
+        log.set_stream(None)
+    assert srv.dropped == flood and table.pool(b"before") and table.pool(b"after")
+    assert len(table) == 2
+    assert "invalid weight value b'x'" in lines.getvalue()

@@ -105,6 +105,8 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import struct
 from hashlib import blake2b
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
@@ -190,8 +192,16 @@ class TableFull(SubscriptionError):
 
 
 def _text(value: bytes) -> str:
-    """A packet field as log text: control bytes escaped (docs/decisions.md D18)."""
+    """A packet field as log text: control bytes escaped (docs/decisions.md D18).  Keys
+    and addresses are nearly always printable ASCII, which needs no escaping: that is
+    checked first (one regex match, in C) and, if so, the bytes are decoded as they are."""
+    if type(value) is bytes and _PLAIN_ASCII(value) is not None:
+        return value.decode("ascii")
     return printable(value)
+
+
+#: printable ASCII only (what :func:`~uwsgi_fastrouter.log.printable` leaves as it is)
+_PLAIN_ASCII = re.compile(rb"[\x20-\x7e]*").fullmatch
 
 
 # ---------------------------------------------------------------------------
@@ -313,37 +323,8 @@ def _parse_common(data: bytes) -> Optional[Announcement]:
     if end < HEADER_SIZE or data[1] | (data[2] << 8) != end - HEADER_SIZE:
         return None
     values = _FIELD_DEFAULTS[:]
-    strings = _STRING_SLOTS
-    numbers = _NUMBER_SLOTS
-    pos = HEADER_SIZE
-    while pos < end:
-        if pos + 2 >= end:
-            return None
-        kend = pos + 2 + (data[pos] | (data[pos + 1] << 8))
-        if kend == pos + 2 or kend + 2 > end:
-            return None
-        name = data[pos + 2:kend]
-        pos = kend + 2 + (data[kend] | (data[kend + 1] << 8))
-        if pos > end:
-            return None
-        value = data[kend + 2:pos]
-        slot = strings.get(name)
-        if slot is not None:
-            index, keep_empty = slot
-            values[index] = value if value or keep_empty else None
-            continue
-        number = numbers.get(name)
-        if number is not None:
-            if not value.isdigit() or len(value) > 19:
-                return None
-            index, limit = number
-            values[index] = int(value)
-            if values[index] > limit:
-                return None
-        elif name == FORWARDED_VAR:
-            values[_FORWARDED] = value not in (b"", b"0")
-        elif name in _RARE_VARS:
-            return None
+    if not _walk_vars(data, HEADER_SIZE, values, _STRING_SLOTS, _RARE_VARS):
+        return None
     key = values[_KEY]
     address = values[_ADDRESS]
     if not key or len(key) > MAX_KEY or not address or len(address) > MAX_ADDRESS:
@@ -353,12 +334,120 @@ def _parse_common(data: bytes) -> Optional[Announcement]:
     return _new_announcement(Announcement, values)
 
 
+def _walk_vars(data: bytes, pos: int, values: list, strings: Dict[bytes, Tuple[int, bool]],
+               refused: frozenset) -> bool:
+    """Store the vars of ``data[pos:]`` in *values* (Announcement's field order): the
+    string vars of *strings* and the numbers; False at the first fault, the first var
+    of *refused*, or a number of more than 19 digits (the strict parser decides)."""
+    end = len(data)
+    numbers = _NUMBER_SLOTS
+    while pos < end:
+        if pos + 2 >= end:
+            return False
+        kend = pos + 2 + (data[pos] | (data[pos + 1] << 8))
+        if kend == pos + 2 or kend + 2 > end:
+            return False
+        name = data[pos + 2:kend]
+        pos = kend + 2 + (data[kend] | (data[kend + 1] << 8))
+        if pos > end:
+            return False
+        value = data[kend + 2:pos]
+        slot = strings.get(name)
+        if slot is not None:
+            index, keep_empty = slot
+            values[index] = value if value or keep_empty else None
+            continue
+        number = numbers.get(name)
+        if number is not None:
+            if not value.isdigit() or len(value) > 19:
+                return False
+            index, limit = number
+            values[index] = int(value)
+            if values[index] > limit:
+                return False
+        elif name == FORWARDED_VAR:
+            values[_FORWARDED] = value not in (b"", b"0")
+        elif name in refused:
+            return False
+    return True
+
+
+# The usual packet (every uWSGI instance writes it so) starts with the ``key`` and the
+# ``address`` var; what follows them, the tail (modifiers, cores, load, weight, ...),
+# is the same for most nodes of a router and for every announce of a node.  So the
+# field values a tail gives are remembered by its bytes (a parse depends on nothing
+# else): an announce then costs the two head records and one dict lookup.  A tail that
+# needs the general walk (a fault, a rarer var, ``key`` or ``address`` again) is
+# remembered as None.  At most _TAILS_MAX tails are kept: when full, the memo starts
+# over, so unusual tails (a flood of them) cost a miss each and no memory.
+_KEY_RECORD = b"\x03\x00key"
+_ADDRESS_RECORD = b"\x07\x00address"
+#: the header (modifier1 skipped, datasize, modifier2), the key's name record, its length
+_KEY_HEAD = struct.Struct("<xHB%dsH" % len(_KEY_RECORD))
+_KEY_START = _KEY_HEAD.size
+#: the address's name record and its length
+_ADDRESS_HEAD = struct.Struct("<%dsH" % len(_ADDRESS_RECORD))
+_ADDRESS_START = _ADDRESS_HEAD.size
+_TAIL_STRINGS = {name: slot for name, slot in _STRING_SLOTS.items()
+                 if slot[0] not in (_KEY, _ADDRESS)}
+_TAIL_REFUSED = _RARE_VARS | {b"key", b"address"}
+_TAILS: Dict[bytes, Optional[list]] = {}
+_TAILS_MAX = 4096
+_UNKNOWN_TAIL = object()
+
+
+def _parse_usual(data: bytes) -> Optional[Announcement]:
+    """:func:`_parse_common` for a packet whose vars start with ``key`` and ``address``
+    and whose tail is known (see _TAILS); None for any other packet (that one is
+    walked in full).  Returns exactly what the general walk returns."""
+    end = len(data)
+    if end < _KEY_START:
+        return None
+    datasize, opcode, record, key_length = _KEY_HEAD.unpack_from(data)
+    key_end = _KEY_START + key_length
+    address_start = key_end + _ADDRESS_START
+    if datasize != end - HEADER_SIZE or record != _KEY_RECORD or address_start > end:
+        return None
+    record, address_length = _ADDRESS_HEAD.unpack_from(data, key_end)
+    address_end = address_start + address_length
+    if record != _ADDRESS_RECORD or address_end > end or not 0 < key_length <= MAX_KEY \
+            or not 0 < address_length <= MAX_ADDRESS:
+        return None
+    tail = data[address_end:]
+    values = _TAILS.get(tail, _UNKNOWN_TAIL)
+    if values is _UNKNOWN_TAIL:
+        values = _learn_tail(tail)
+    if values is None:
+        return None
+    values = values[:]
+    values[_KEY] = data[_KEY_START:key_end]
+    values[_ADDRESS] = data[address_start:address_end]
+    values[_UNSUBSCRIBE] = opcode != 0
+    values[_SIGNED_PART] = data[HEADER_SIZE:]
+    return _new_announcement(Announcement, values)
+
+
+def _learn_tail(tail: bytes) -> Optional[list]:
+    """Walk a tail not seen yet and remember what it gives (see _TAILS)."""
+    values: Optional[list] = _FIELD_DEFAULTS[:]
+    if not _walk_vars(tail, 0, values, _TAIL_STRINGS, _TAIL_REFUSED):
+        values = None
+    if len(_TAILS) >= _TAILS_MAX:
+        _TAILS.clear()
+    _TAILS[tail] = values
+    return values
+
+
 def parse_announcement(datagram: bytes) -> Announcement:
     """Parse one subscription datagram, strictly (see :func:`_parse_strict`).
 
-    Ordinary packets take a quicker walk with the same result (:func:`_parse_common`).
+    Ordinary packets take a quicker walk with the same result: :func:`_parse_usual`
+    for the usual layout, else :func:`_parse_common`.
     """
     data = datagram if type(datagram) is bytes else bytes(datagram)
+    announcement = _parse_usual(data)
+    if announcement is not None:
+        return announcement
     announcement = _parse_common(data)
     if announcement is not None:
         return announcement
@@ -563,10 +652,15 @@ def forward_announcement(a: Announcement, address: bytes, *, cores: int = 0, loa
 def djb33x(key: bytes) -> int:
     """uWSGI's key hash: ``h = h * 33 ^ byte`` from 5381, on 32 bits, where bytes
     of 0x80 and above count as negative (sign-extended) C chars."""
+    # Both steps commute with taking the low 32 bits, so h is cut down once, at the end.
     h = 5381
-    for b in key:
-        h = ((h * 33) ^ (b if b < 0x80 else 0xFFFFFF00 | b)) & 0xFFFFFFFF
-    return h
+    if key.isascii():
+        for b in key:
+            h = h * 33 ^ b
+    else:
+        for b in key:
+            h = h * 33 ^ (b if b < 0x80 else 0xFFFFFF00 | b)
+    return h & 0xFFFFFFFF
 
 
 def stats_hash(key: bytes) -> int:
@@ -917,7 +1011,6 @@ class SubscriptionTable:
         pool = self._pools.get(a.key)
         node = pool.by_address.get(a.address) if pool is not None else None
         check = self.verifier is not None and not (trusted or mirrored)
-        room = 2 if mirrored else 1
         if a.unsubscribe:
             if node is None:
                 return None
@@ -965,6 +1058,7 @@ class SubscriptionTable:
         if check:
             self._check_new(a, now_s)
             self._check_not_replayed(a)
+        room = 2 if mirrored else 1
         if pool is None:
             self._check_room_for_key(a, now_s, room * self.max_keys)
         elif len(pool.nodes) >= room * self.max_nodes:

@@ -143,10 +143,8 @@ class SubscriptionServer:
         # master copies it to the router processes (see apply_mirrored).
         self.on_accepted: Optional[Callable[[Announcement, Optional[int], Optional[int],
                                              Optional[int]], None]] = None
-        self._buf = bytearray(_MAX_DATAGRAM + 1)
         # the addresses the last named announce was applied as (see _as_applied)
         self._named_applied: Optional[List[bytes]] = None
-        self._view = memoryview(self._buf)
         self._resub_sock_inet: Optional[socket.socket] = None
         self._resub_sock_unix: Optional[socket.socket] = None
         # Targets are parsed now: a bad one is a start-up error, not a log line per packet.
@@ -197,8 +195,9 @@ class SubscriptionServer:
                                 and len(payload) >= _UCRED.size:
                             pid, uid, gid = _UCRED.unpack_from(payload)
                 else:
-                    n, sender = sock.recvfrom_into(self._buf)
-                    data = bytes(self._view[:n])     # one copy, of the datagram only
+                    # (the bytes object is made at the largest size and shrunk in place:
+                    # cheaper than reading into a buffer and copying the datagram out)
+                    data, sender = sock.recvfrom(_MAX_DATAGRAM + 1)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -235,8 +234,7 @@ class SubscriptionServer:
         # proven: the table checks signatures of every untrusted packet, and a failed
         # credential check has dropped the packet above
         verified = bool(self.credentials_check) or (self.table.verifier is not None and not trusted)
-        if not self._apply(announcement, sender, pid, uid, gid, trusted, notify=True,
-                           verified=verified):
+        if not self._apply(announcement, sender, pid, uid, gid, trusted, True, verified):
             return None
         if self.on_accepted is not None:
             for accepted in self._as_applied(announcement):
@@ -269,8 +267,11 @@ class SubscriptionServer:
 
     def _apply(self, announcement: Announcement, sender, pid, uid, gid, trusted: bool,
                notify: bool, verified: bool, mirrored: bool = False) -> bool:
+        if self.names is None:   # (then _named_applied stays None)
+            return self._apply_node(announcement, sender, pid, uid, gid, trusted, notify, verified,
+                                    mirrored)
         self._named_applied = None
-        named = host_name(announcement.address) if self.names is not None else None
+        named = host_name(announcement.address)
         args = (pid, uid, gid, trusted, notify, verified, mirrored)
         if named is None:
             return self._apply_node(announcement, sender, *args)
