@@ -95,6 +95,18 @@ def test_remembered_tails_are_bounded():
             parse_announcement(bad)
 
 
+def test_a_long_tail_is_parsed_but_not_remembered():
+    """A peer cannot park 64 KiB tails in the memo: a long one is walked every time."""
+    from uwsgi_fastrouter import subscription
+    notify = b"n" * (subscription._TAIL_MAX_BYTES + 1)
+    subscription._TAILS.clear()
+    for _ in range(2):
+        a = parse_announcement(datagram([(b"key", b"k"), (b"address", b"a:1"), (b"weight", b"4"),
+                                         (b"notify", notify)]))
+        assert (a.key, a.weight, a.notify) == (b"k", 4, notify)
+    assert subscription._TAILS == {}
+
+
 def test_every_field_parses():
     pkt = datagram([
         (b"key", b"unbit.it:8000"), (b"address", b"/run/app/x.sock"), (b"modifier1", b"5"),

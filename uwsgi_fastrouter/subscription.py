@@ -379,7 +379,9 @@ def _walk_vars(data: bytes, pos: int, values: list, strings: Dict[bytes, Tuple[i
 # else): an announce then costs the two head records and one dict lookup.  A tail that
 # needs the general walk (a fault, a rarer var, ``key`` or ``address`` again) is
 # remembered as None.  At most _TAILS_MAX tails are kept: when full, the memo starts
-# over, so unusual tails (a flood of them) cost a miss each and no memory.
+# over, so unusual tails (a flood of them) cost a miss each and no memory; a tail
+# longer than _TAIL_MAX_BYTES (a usual one is a few dozen bytes) is walked every time,
+# so the memo holds at most _TAILS_MAX x _TAIL_MAX_BYTES bytes of peers' data (2 MiB).
 _KEY_RECORD = b"\x03\x00key"
 _ADDRESS_RECORD = b"\x07\x00address"
 #: the header (modifier1 skipped, datasize, modifier2), the key's name record, its length
@@ -393,6 +395,7 @@ _TAIL_STRINGS = {name: slot for name, slot in _STRING_SLOTS.items()
 _TAIL_REFUSED = _RARE_VARS | {b"key", b"address"}
 _TAILS: Dict[bytes, Optional[list]] = {}
 _TAILS_MAX = 4096
+_TAIL_MAX_BYTES = 512
 _UNKNOWN_TAIL = object()
 
 
@@ -412,6 +415,8 @@ def _parse_usual(data: bytes) -> Optional[Announcement]:
     address_end = address_start + address_length
     if record != _ADDRESS_RECORD or address_end > end or not 0 < key_length <= MAX_KEY \
             or not 0 < address_length <= MAX_ADDRESS:
+        return None
+    if end - address_end > _TAIL_MAX_BYTES:
         return None
     tail = data[address_end:]
     values = _TAILS.get(tail, _UNKNOWN_TAIL)
