@@ -131,9 +131,9 @@ def test_ten_thousand_keys_whole_documents_and_routing_meanwhile(tmp_path, maste
         assert pools["k00007.example.com"]["hits"] == 0
         after = fetch_stats(router.stats_address, timeout=30)
         assert {p["key"]: p["hits"] for p in after["subscriptions"]}["k09999.example.com"] == 5
-        if master:      # the renderers were reaped by the master
-            wait_until(lambda: not zombies(router.pid) and len(children(router.pid)) == 2,
-                       what="no renderer left, no zombie child of the master")
+        if master:      # the intermediate processes were reaped by the master
+            wait_until(lambda: not zombies(router.pid), what="no zombie child of the master")
+            assert len(children(router.pid)) == 2
 
 
 # --------------------------------------------------------------------------
@@ -185,7 +185,7 @@ def _run_until(reactor: Reactor, predicate, what: str) -> None:
     assert predicate(), what
 
 
-def test_a_renderer_is_a_reaped_child_at_low_priority_with_only_the_clients_socket():
+def test_a_renderer_is_nobodys_child_at_low_priority_with_only_the_clients_socket():
     reactor = Reactor()
     renderers = ForkedRenderers(reactor)
     ours, reader = socket.socketpair()
@@ -196,12 +196,14 @@ def test_a_renderer_is_a_reaped_child_at_low_priority_with_only_the_clients_sock
         ours.close()                                       # as the stats server does
 
         def renderer_alone():
-            """The renderer, once the only holder of the socket (our copy is closed)."""
+            """The renderer, once it is the only holder (the intermediate process
+            that forked it holds a copy for a moment) and is not our child."""
             holders = _holders(inode)
-            return holders[0] if len(holders) == 1 else None
+            alone = len(holders) == 1 and holders[0] not in children(os.getpid())
+            return holders[0] if alone else None
 
         renderer = wait_until(renderer_alone, what="the renderer alone with the socket")
-        assert renderer != os.getpid() and renderer in children(os.getpid())
+        assert renderer != os.getpid()
         assert _sockets_of(renderer) == 1
         assert os.getpriority(os.PRIO_PROCESS, renderer) == \
             min(19, os.getpriority(os.PRIO_PROCESS, 0) + RENDERER_NICE)
@@ -210,7 +212,6 @@ def test_a_renderer_is_a_reaped_child_at_low_priority_with_only_the_clients_sock
         data = read_to_eof(reader)
         assert len(data) == 2000 * 4096 and data[-4096:].startswith(b"0001999")
         _run_until(reactor, lambda: renderers.alive == 0, "the renderer's exit seen")
-        _run_until(reactor, lambda: not os.path.exists("/proc/%d" % renderer), "the renderer reaped")
     finally:
         reader.close()
         listener.close()

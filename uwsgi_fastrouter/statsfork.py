@@ -13,23 +13,24 @@ and exits; the scheduler gives routing the CPUs first.  Nice 10, not 19: on a ma
 whose CPUs are all busy at normal priority the renderer still gets about a tenth of
 one (at 19 it would get one part in seventy, and a big document would take minutes).
 
-How a document leaves the master, which never waits for it: the master forks the
-renderer, closes its copy of the client's socket and goes on.  The renderer drops the
-master's signal handlers, closes every descriptor but the client's socket, the standard
-streams and the write end of a *done* pipe, renders, writes and exits.  So it holds
-none of the master's descriptors (the master's listeners do not outlive it) and touches
-nothing of the master's loop.  For the moment between the fork and the closing it holds
-copies of them all; that is harmless where, as in the master, every descriptor is
-unregistered from epoll before it is closed (:meth:`Reactor.forget` would leave a
+How a document leaves the master, which never waits for it: the master forks an
+intermediate process, closes its copy of the client's socket and goes on.  The
+intermediate drops the master's signal handlers, closes every descriptor but the
+client's socket, the standard streams and the write end of a *done* pipe, forks the
+renderer and exits (if that fork fails, it renders the document itself).  So the
+renderer is nobody's child (no one reaps or kills it; ``init`` does) and holds none of
+the master's descriptors: the master's listeners do not outlive it, and nothing of
+the master's loop is touched.  For the few milliseconds the intermediate lives it
+holds copies of them all; that is harmless where, as in the master, every descriptor
+is unregistered from epoll before it is closed (:meth:`Reactor.forget` would leave a
 registration behind while a copy exists; the master runs no sessions, the only users
 of it).  The document is a snapshot of the table and the reports at the fork, written
 whole, in chunks of :data:`~uwsgi_fastrouter.stats.CHUNK` bytes each bounded by the
 socket time-out; the master's fork copies its page tables and nothing else.
 
-The renderer stays the master's child, so it is reaped wherever the master runs (a
-container whose first process reaps nothing included): the master's SIGCHLD handling
-reaps every child, and says nothing of one it does not supervise.  It holds the *done*
-pipe's only write end: at its EOF the master counts the renderer gone.  At most
+The intermediate and the renderer hold the *done* pipe's only write ends: when both
+have exited the master reads the pipe's EOF and counts the renderer gone (its SIGCHLD
+handling has reaped the intermediate, a child it does not know, without a word).  At most
 :data:`MAX_RENDERERS` are alive at a time (each holds a copy-on-write image of the
 master); beyond that, or when the fork fails, the document is rendered in the
 master's loop as before.
@@ -63,9 +64,9 @@ class ForkedRenderers:
     closes its own copy of the socket), False when the caller must serve it itself.
     Main thread only (it sets signal handlers in the forked process).
 
-    *reap*: reap each renderer once it has exited.  False where the process reaps
-    every child of its own (the master's SIGCHLD handling): a second reaper could, once
-    the pid is reused, take the status of a child it does not own.
+    *reap*: reap each intermediate process once it has exited.  False where the
+    process reaps every child of its own (the master's SIGCHLD handling): a second
+    reaper could, once the pid is reused, take the status of a child it does not own.
     """
 
     def __init__(self, reactor, limit: int = MAX_RENDERERS, reap: bool = True) -> None:
@@ -80,7 +81,7 @@ class ForkedRenderers:
             return False
         done_read, done_write = os.pipe()
         try:
-            pid = _fork_renderer(sock, pieces, timeout, error_payload, done_write)
+            pid = _fork_intermediate(sock, pieces, timeout, error_payload, done_write)
         finally:
             os.close(done_write)
         if pid is None:
@@ -91,7 +92,7 @@ class ForkedRenderers:
         return True
 
     def _gone(self, done_read: int, pid: int) -> None:
-        """The renderer behind *done_read* is exiting (the pipe's EOF)."""
+        """The processes behind *done_read* exited (the pipe's EOF)."""
         try:
             if os.read(done_read, 64):
                 return          # never written to: only its EOF counts
@@ -103,38 +104,31 @@ class ForkedRenderers:
         os.close(done_read)
         self.alive -= 1
         if self.reap:
-            self._reap(pid, 0)
-
-    def _reap(self, pid: int, tries: int) -> None:
-        """Reap the renderer *pid*, never waiting: its descriptors are closed a moment
-        before it can be reaped, so look again shortly (for at most about 10 s)."""
-        try:
-            done, _status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if not done and tries < 1000:
-            self.reactor.call_later(0.01, lambda: self._reap(pid, tries + 1))
+            try:
+                os.waitpid(pid, os.WNOHANG)     # it has exited: this does not wait
+            except ChildProcessError:
+                pass
 
 
-def _fork_renderer(sock: socket.socket, pieces: Iterator[bytes], timeout: float,
-                   error_payload: Callable[[BaseException], bytes], done_write: int) -> Optional[int]:
-    """Fork the renderer: its pid, or None when the fork failed."""
-    # Blocked across the fork: the master's handlers must not run in the renderer
+def _fork_intermediate(sock: socket.socket, pieces: Iterator[bytes], timeout: float,
+                       error_payload: Callable[[BaseException], bytes], done_write: int) -> Optional[int]:
+    """Fork the intermediate process: its pid, or None when the fork failed."""
+    # Blocked across the fork: the master's handlers must not run in the intermediate
     # before it has dropped them.
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     try:
         pid = os.fork()
     except OSError:
         pid = None
-    if pid == 0:  # pragma: no cover - runs in the renderer
-        _renderer(sock, pieces, timeout, error_payload, done_write, previous)
+    if pid == 0:  # pragma: no cover - runs in the intermediate process
+        _intermediate(sock, pieces, timeout, error_payload, done_write, previous)
     signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     return pid
 
 
-def _renderer(sock, pieces, timeout, error_payload, done_write, mask) -> None:  # pragma: no cover
-    """The renderer process: leave the master's handlers and descriptors behind, write
-    the document, exit."""
+def _intermediate(sock, pieces, timeout, error_payload, done_write, mask) -> None:  # pragma: no cover
+    """Leave the master behind, fork the renderer and exit; without a renderer (the
+    fork failed), render the document here."""
     try:
         for signum in _SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
@@ -143,6 +137,12 @@ def _renderer(sock, pieces, timeout, error_payload, done_write, mask) -> None:  
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     except BaseException:
         os._exit(1)
+    try:
+        renderer = os.fork()
+    except OSError:
+        renderer = 0
+    if renderer:
+        os._exit(0)
     try:
         _render(sock, pieces, timeout, error_payload)
     finally:
