@@ -613,6 +613,13 @@ def start_router(args: Sequence[Any], cwd: Optional[Union[str, Path]] = None,
     return proc
 
 
+def udp_subscription_address(router: "RouterProc") -> str:
+    """The ``127.0.0.1:PORT`` the router's UDP subscription server took (it was given
+    ``127.0.0.1:0``), read from its start-up line."""
+    bound = router.wait_for_log(r"subscription server bound on (127\.0\.0\.1:\d+) fd")
+    return bound.group(1)
+
+
 def wait_applied_everywhere(router: "RouterProc", regex: str, timeout: float = 20.0) -> None:
     """Wait until a subscription event the master logged (*regex*) is applied by every
     router process too.  Under a master the event is logged once, by the master, and

@@ -7,20 +7,12 @@ from __future__ import annotations
 import pytest
 
 from backends import RecordingBackend, request
-from support import sock_path, start_router, start_uwsgi_app, wait_applied_everywhere
+from support import (sock_path, start_router, start_uwsgi_app, udp_subscription_address,
+                     wait_applied_everywhere)
 from test_subscriptions import APP, HOST, served_by
 
 MASTER = pytest.mark.parametrize("master", [[], ["--master"]], ids=["single", "master"])
 RESOLVED = r"host name localhost resolves to 127\.0\.0\.1"
-
-
-def start_router_with_udp_subscriptions(master: list):
-    """A router whose UDP subscription server took a port of its own (port 0); the router
-    and that port, read from its start-up line."""
-    router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-stats", "127.0.0.1:0",
-                           "--fastrouter-subscription-server", "127.0.0.1:0", *master])
-    bound = router.wait_for_log(r"subscription server bound on 127\.0\.0\.1:(\d+) fd")
-    return router, int(bound.group(1))
 
 
 @MASTER
@@ -47,7 +39,9 @@ def test_a_fallback_given_as_localhost_rescues_a_dead_node(master):
 
 @MASTER
 def test_our_subscriber_announces_to_a_server_given_by_name(master):
-    router, sub_port = start_router_with_udp_subscriptions(master)
+    router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-stats", "127.0.0.1:0",
+                           "--fastrouter-subscription-server", "127.0.0.1:0", *master])
+    sub_port = int(udp_subscription_address(router).rsplit(":", 1)[1])
     with RecordingBackend("g") as backend:
         announcer = start_router(["--subscribe-to", "%s=localhost:%d:example.com"
                                   % (backend.address, sub_port), "--subscribe-freq", "1", *master],
@@ -64,7 +58,9 @@ def test_our_subscriber_announces_to_a_server_given_by_name(master):
 def test_a_real_uwsgi_node_and_our_named_subscriber_share_the_router(tmp_path, master):
     """The uWSGI node announces its IP (2.0.31 takes no names); our subscriber reaches the
     same subscription server by name."""
-    router, sub_port = start_router_with_udp_subscriptions(master)
+    router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-stats", "127.0.0.1:0",
+                           "--fastrouter-subscription-server", "127.0.0.1:0", *master])
+    sub_port = int(udp_subscription_address(router).rsplit(":", 1)[1])
     app = start_uwsgi_app(tmp_path, APP, socket="127.0.0.1:0",
                           extra=["--subscribe-to", "127.0.0.1:%d:uwsgi.test" % sub_port])
     with RecordingBackend("ours") as backend:

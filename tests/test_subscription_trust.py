@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from backends import RecordingBackend, request
-from support import sock_path, start_router, start_uwsgi_app
+from support import sock_path, start_router, start_uwsgi_app, udp_subscription_address
 from test_subscriber import keypair  # noqa: F401  (a fixture: an openssl-made RSA key)
-from test_subscriptions import (APP, HOST, MASTER, applied, free_udp_address, send_datagram,
+from test_subscriptions import (APP, HOST, MASTER, applied, send_datagram,
                                 served_by, signed_packet)
 from uwsgi_fastrouter.signing import hmac_tag
 from uwsgi_fastrouter.subscription import build_announcement
@@ -64,19 +64,19 @@ def test_the_trust_matrix(sock_dir, keypair, master):
     """unsigned, RSA, HMAC, wrong key, replay, stale unix, disallowed and allowed sources,
     against one router that takes either proof and listens on UDP and UNIX."""
     private, public_dir = keypair
-    udp = free_udp_address()
     unix_sub = sock_path(sock_dir, "sub.sock")
     allowed_dir = sock_dir / "subscribers"
     allowed_dir.mkdir()
     router = start_router(master + [
         "--fastrouter", "127.0.0.1:0",
-        "--fastrouter-subscription-server", udp, "--fastrouter-subscription-server", unix_sub,
+        "--fastrouter-subscription-server", "127.0.0.1:0", "--fastrouter-subscription-server", unix_sub,
         "--subscriptions-sign-check", "SHA1:%s" % public_dir,
         "--subscriptions-hmac-key", key_file(sock_dir),
         "--subscriptions-sign-check-tolerance", str(TOLERANCE),
         "--subscription-allow", "127.0.0.1/32", "--subscription-allow", "%s/" % allowed_dir,
         "--fastrouter-stats", "127.0.0.1:0"])
     router.wait_for_log(r"subscription server bound on", count=2)
+    udp = udp_subscription_address(router)
     entry = router.addresses[0]
     now = int(time.time())
     with RecordingBackend("rsa") as rsa, RecordingBackend("hmac") as shared, \
@@ -134,12 +134,11 @@ def test_the_trust_matrix(sock_dir, keypair, master):
 
 @MASTER
 def test_our_subscriber_process_proves_its_announces_with_the_shared_key(sock_dir, master):
-    udp = free_udp_address()
     router = start_router(master + [
-        "--fastrouter", "127.0.0.1:0", "--fastrouter-subscription-server", udp,
+        "--fastrouter", "127.0.0.1:0", "--fastrouter-subscription-server", "127.0.0.1:0",
         "--subscriptions-hmac-key", key_file(sock_dir, name="router.key"),
         "--subscription-allow", "127.0.0.1", "--fastrouter-stats", "127.0.0.1:0"])
-    router.wait_for_log(r"subscription server bound on")
+    udp = udp_subscription_address(router)
     with RecordingBackend("g") as backend:
         announcer = start_router([
             "--subscribe-to", "%s=%s:example.com" % (backend.address, udp),
@@ -158,10 +157,9 @@ def test_a_bad_key_file_stops_the_start_with_a_clear_error(sock_dir):
     for option in ("--subscriptions-hmac-key", "--subscribe-hmac-key"):
         args = [option, str(loose)]
         if option == "--subscriptions-hmac-key":
-            args += ["--fastrouter", "127.0.0.1:0", "--fastrouter-subscription-server",
-                     free_udp_address()]
-        else:
-            args += ["--subscribe-to", "%s:k" % free_udp_address()]
+            args += ["--fastrouter", "127.0.0.1:0", "--fastrouter-subscription-server", "127.0.0.1:0"]
+        else:       # (the start stops at the key file: nothing is ever sent there)
+            args += ["--subscribe-to", "127.0.0.1:9:k"]
         proc = start_router(args, listeners=0)
         proc.wait_for_log(r'option "%s": the key file %s is open to other users \(mode 0644\)'
                           % (option, loose))
@@ -172,15 +170,13 @@ def test_a_bad_key_file_stops_the_start_with_a_clear_error(sock_dir):
 @MASTER
 def test_a_real_uwsgi_subscriber_is_refused_when_hmac_is_required_and_accepted_when_allowed(
         sock_dir, tmp_path, master):
-    strict_udp, open_udp = free_udp_address(), free_udp_address()
     strict = start_router(master + [
-        "--fastrouter", "127.0.0.1:0", "--fastrouter-subscription-server", strict_udp,
+        "--fastrouter", "127.0.0.1:0", "--fastrouter-subscription-server", "127.0.0.1:0",
         "--subscriptions-hmac-key", key_file(sock_dir), "--fastrouter-stats", "127.0.0.1:0"])
     allowing = start_router(master + [
-        "--fastrouter", "127.0.0.1:0", "--fastrouter-subscription-server", open_udp,
+        "--fastrouter", "127.0.0.1:0", "--fastrouter-subscription-server", "127.0.0.1:0",
         "--subscription-allow", "127.0.0.0/8", "--fastrouter-stats", "127.0.0.1:0"])
-    for router in (strict, allowing):
-        router.wait_for_log(r"subscription server bound on")
+    strict_udp, open_udp = udp_subscription_address(strict), udp_subscription_address(allowing)
     app = start_uwsgi_app(tmp_path, APP, socket="127.0.0.1:0",
                           extra=["--subscribe-to", "%s:example.com" % strict_udp,
                                  "--subscribe-to", "%s:example.com" % open_udp])

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from backends import RecordingBackend, connect, request, uwsgi_packet
-from support import (sock_path, start_router, start_uwsgi_app, uwsgi_bin, wait_applied_everywhere,
-                     wait_until)
+from support import (sock_path, start_router, start_uwsgi_app, udp_subscription_address, uwsgi_bin,
+                     wait_applied_everywhere, wait_until)
 from test_subscriber import keypair  # noqa: F401  (a fixture: an openssl-made RSA key)
 from uwsgi_fastrouter.signing import load_private_key, sign
 from uwsgi_fastrouter.subscription import build_announcement
@@ -176,11 +176,8 @@ def test_dead_node_is_marked_and_the_request_retried_on_another(tmp_path):
 
 @pytest.mark.interop
 def test_a_real_uwsgi_instance_subscribes_and_is_routed(tmp_path):
-    sub_port_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sub_port_sock.bind(("127.0.0.1", 0))
-    sub_addr = "127.0.0.1:%d" % sub_port_sock.getsockname()[1]
-    sub_port_sock.close()
-    router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-subscription-server", sub_addr])
+    router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-subscription-server", "127.0.0.1:0"])
+    sub_addr = udp_subscription_address(router)
     app = start_uwsgi_app(tmp_path, APP, socket="127.0.0.1:0",
                           extra=["--subscribe-to", "%s:example.com" % sub_addr,
                                  "--subscribe-to", "%s:uwsgi.it,5" % sub_addr])
@@ -233,12 +230,6 @@ def send_as(server: str, data: bytes, uid: int, gid: int) -> None:
         s.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, creds)], 0, server)
 
 
-def free_udp_address() -> str:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return "127.0.0.1:%d" % s.getsockname()[1]
-
-
 def notify_socket(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)
@@ -249,15 +240,16 @@ def notify_socket(path: str) -> socket.socket:
 @MASTER
 def test_notify_is_written_only_for_a_verified_announce(sock_dir, keypair, master):
     private, public_dir = keypair
-    sub, udp = sock_path(sock_dir, "sub.sock"), free_udp_address()
+    sub = sock_path(sock_dir, "sub.sock")
     # a sender that may subscribe without a signature (root's uid cannot be listed)
     uid, gid = (65534, 65534) if os.getuid() == 0 else (os.getuid(), os.getgid())
     router = start_router(master + [
         "--fastrouter", "127.0.0.1:0", "--fastrouter-subscription-server", sub,
-        "--fastrouter-subscription-server", udp, "--subscriptions-sign-check", "SHA1:%s" % public_dir,
+        "--fastrouter-subscription-server", "127.0.0.1:0", "--subscriptions-sign-check", "SHA1:%s" % public_dir,
         "--subscriptions-use-credentials", "--subscriptions-sign-skip-uid", str(uid),
         "--fastrouter-stats", "127.0.0.1:0"])
     router.wait_for_log(r"subscription server bound on", count=2)
+    udp = udp_subscription_address(router)
     path = sock_path(sock_dir, "notify.sock")
     with notify_socket(path) as notify, RecordingBackend("a") as a, RecordingBackend("b") as b:
         send_as(sub, build_announcement(b"example.com", a.address.encode(), notify=path.encode()),
