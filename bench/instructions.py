@@ -40,7 +40,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -84,18 +83,8 @@ REQUEST = _request()
 
 def send_requests(port: int, count: int) -> int:
     """*count* sequential requests; returns how many got an HTTP 200."""
-    ok = 0
-    for _ in range(count):
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-            s.sendall(REQUEST)
-            data = b""
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        ok += data[9:12] == b"200"
-    return ok
+    return sum(processes.is_http_200(processes.exchange(port, REQUEST, timeout=30))
+               for _ in range(count))
 
 
 UWSGI_BIN: List[str] = []    # --uwsgi: measure the uWSGI FastRouter instead

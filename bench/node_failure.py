@@ -38,7 +38,6 @@ import argparse
 import os
 import shlex
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -49,18 +48,15 @@ from typing import List, Optional, Sequence
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(BENCH_DIR)
+sys.path.insert(0, BENCH_DIR)
+
+import processes  # noqa: E402  (siblings in bench/)
 
 APP = """\
 def application(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
     return [b"ok"]
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def packet(pairs: Sequence[tuple]) -> bytes:
@@ -75,14 +71,7 @@ REQUEST = packet([(b"REQUEST_METHOD", b"GET"), (b"PATH_INFO", b"/"), (b"REQUEST_
 
 def one_request(port: int) -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            sock.sendall(REQUEST)
-            data = b""
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+        data = processes.exchange(port, REQUEST)
     except OSError:
         return False
     return data.startswith(b"HTTP/1.1 200") and data.endswith(b"ok")
@@ -128,7 +117,7 @@ class Nodes:
         app = os.path.join(directory, "app.py")
         with open(app, "w") as f:
             f.write(APP)
-        self.ports = [free_port() for _ in range(3)]
+        self.ports = [processes.free_port() for _ in range(3)]
         self.procs = [subprocess.Popen([uwsgi, "--master", "--processes", "2", "--die-on-term",
                                         "--socket", "127.0.0.1:%d" % port, "--wsgi-file", app,
                                         "--disable-logging"],
@@ -226,7 +215,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             with tempfile.TemporaryDirectory() as directory:
                 nodes = Nodes(args.uwsgi, directory)
                 try:
-                    port = free_port()
+                    port = processes.free_port()
                     targets = []
                     for node_port in nodes.ports:
                         targets += ["--fastrouter-to", "127.0.0.1:%d" % node_port]

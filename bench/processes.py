@@ -264,21 +264,32 @@ def uwsgi_request(host: str = "localhost", path: str = "/") -> bytes:
     return struct.pack("<BHB", 0, len(body), 0) + body
 
 
+def exchange(port: int, request: bytes, timeout: float = 10.0, limit: int = 0) -> bytes:
+    """Send *request* to 127.0.0.1:*port* on a new connection and read the answer to EOF
+    (or to *limit* bytes, when given).  OSError when the connection fails."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.settimeout(timeout)
+        s.sendall(request)
+        data = b""
+        while not limit or len(data) < limit:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+def is_http_200(data: bytes) -> bool:
+    """Whether an answer is an HTTP 200 response."""
+    return data.startswith(b"HTTP/1.") and data[9:12] == b"200"
+
+
 def probe(port: int, timeout: float = 2.0, host: str = "localhost") -> bool:
     """One uwsgi request to 127.0.0.1:port; True if an HTTP 200 came back before EOF."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-            s.settimeout(timeout)
-            s.sendall(uwsgi_request(host))
-            data = b""
-            while len(data) < 65536:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+        return is_http_200(exchange(port, uwsgi_request(host), timeout, limit=65536))
     except OSError:
         return False
-    return data.startswith(b"HTTP/1.") and data[9:12] == b"200"
 
 
 def wait_serving(child: Child, port: int, timeout: float, host: str = "localhost") -> bool:

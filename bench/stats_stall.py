@@ -140,15 +140,7 @@ def fetcher_main(port: int, expect: int, check_every: int, interval: float) -> i
 
 
 def one_request(port: int, request: bytes) -> bool:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(request)
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return data.startswith(b"HTTP/1.") and data[9:12] == b"200"
+    return processes.is_http_200(processes.exchange(port, request))
 
 
 def probe_latency(port: int, duration: float, interval: float,

@@ -430,15 +430,7 @@ def python_load(port: int, conc: int, warmup: float, duration: float, host: str)
     def worker(i: int) -> None:
         while not state["stop"]:
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-                    s.sendall(request)
-                    data = b""
-                    while True:
-                        chunk = s.recv(65536)
-                        if not chunk:
-                            break
-                        data += chunk
-                ok = data.startswith(b"HTTP/1.") and data[9:12] == b"200"
+                ok = processes.is_http_200(processes.exchange(port, request))
             except OSError:
                 ok = False
             if state["measuring"]:

@@ -40,10 +40,10 @@ def application(environ, start_response):
     environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
     if path == "/hold" and NODE == "A":
         open(os.path.join(HERE, "held-" + environ["REQUEST_METHOD"]), "w").close()
-        time.sleep(60)
+        time.sleep(60)      # a node that never answers (the test ends it by PID)
     if path == "/count":
         _note("+")
-        time.sleep(0.05)
+        time.sleep(0.05)    # the request's own work, so requests overlap in the node
         _note("-")
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [("node=" + NODE).encode()]
