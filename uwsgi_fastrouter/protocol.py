@@ -413,9 +413,10 @@ def _records_pattern():
     a key then a value.  The keys of :data:`_SCANNED` come first among the keys of
     their length, and capture an empty group right after the name, i.e. where the
     value's length starts; a group in a repeat keeps its last match: the last
-    occurrence, which is the rule.  A key name with an empty value (an empty
-    candidate counts as absent) is a whole record of its own, tried before the
-    others, so it captures nothing.  The repeat is possessive (``*+``): a record
+    occurrence, which is the rule.  (An empty value of a key name is captured too:
+    :func:`scan_request` then walks the block in Python, since an earlier, non-empty
+    occurrence is the candidate.  Matching empty key names as records of their own
+    cost every record with a key of their lengths a failed try.)  The repeat is possessive (``*+``): a record
     that matched is never tried again, so a bad block costs one pass whatever it
     holds.  The engine tries alternatives in order, so the usual lengths of var
     names come first (:data:`_COMMON_KEY_LENGTHS`)."""
@@ -433,7 +434,6 @@ def _records_pattern():
     scanned: dict = {}
     for name in _SCANNED:
         scanned.setdefault(len(name), []).append(name)
-    empty_names = [length(len(name)) + re.escape(name) + length(0) for name in _KEY_NAMES]
     keys = []
     key_lengths = list(_COMMON_KEY_LENGTHS) + [n for n in range(1, 256)
                                                if n not in _COMMON_KEY_LENGTHS]
@@ -446,8 +446,7 @@ def _records_pattern():
         else:
             keys.append(length(n) + any_bytes(n))
     values = [length(n) + any_bytes(n) for n in range(256)]
-    return re.compile(b"(?s)(?:%s|(?:%s)(?:%s))*+"
-                      % (b"|".join(empty_names), b"|".join(keys), b"|".join(values)))
+    return re.compile(b"(?s)(?:(?:%s)(?:%s))*+" % (b"|".join(keys), b"|".join(values)))
 
 
 # The lengths of the var names a web server sends most (REMOTE_ADDR, HTTP_HOST,
@@ -500,7 +499,11 @@ def scan_request(block: BytesLike, force_key: Optional[bytes] = None) -> Request
             if at < 0:
                 at = server_name[0]
         if at >= 0:
-            force_key = data[at + 2:at + 2 + data[at]]
+            size = data[at]
+            if not size:
+                # The name's last occurrence is empty: an earlier one may count.
+                return _scan_walk(data, None)
+            force_key = data[at + 2:at + 2 + size]
     at = clen[0]
     if at >= 0:
         clen = _content_length(data[at + 2:at + 2 + data[at]]) if data[at] else 0

@@ -111,6 +111,7 @@ HANGUP = _EPOLLRDHUP
 #: selector interest (READ=1, WRITE=2) -> epoll interest; a read interest also asks
 #: for EPOLLRDHUP, which only ever comes with EPOLLIN (a half-closed peer is readable)
 _EPOLL_INTEREST = (0, _EPOLLIN | _EPOLLRDHUP, _EPOLLOUT, _EPOLLIN | _EPOLLOUT | _EPOLLRDHUP)
+_PLAIN_INTERESTS = frozenset((READ, WRITE, READ | WRITE))
 _NOT_IN = ~_EPOLLIN                # any epoll event but EPOLLIN reports WRITE
 _NOT_OUT = ~_EPOLLOUT              # any epoll event but EPOLLOUT reports READ
 
@@ -123,16 +124,30 @@ def _masks_of(event: int) -> Tuple[int, int, int, int]:
     return tuple((interest & ready) | hangup for interest in range(4))  # type: ignore[return-value]
 
 
-class _EventMasks(dict):
-    """epoll event -> :func:`_masks_of`, computed once per event value: the dispatch
-    costs a lookup instead of half a dozen bit operations on every event."""
+#: epoll event -> :func:`_masks_of`, for every combination of the bits epoll reports
+#: (IN, PRI, OUT, ERR, HUP, RDHUP): the dispatch costs one plain-dict lookup instead of
+#: half a dozen bit operations per event.  A plain dict, not a subclass with
+#: ``__missing__``: indexing a dict subclass goes through a slot that calls
+#: ``__getitem__`` as a method, several times the cost.  Any other event value is
+#: added on first sight (:func:`_learn_masks`).
+_REPORTED_BITS = [bit for bit in (_EPOLLIN, getattr(_select, "EPOLLPRI", 2), _EPOLLOUT,
+                                  getattr(_select, "EPOLLERR", 8), getattr(_select, "EPOLLHUP", 16),
+                                  _EPOLLRDHUP) if bit]
+_EVENT_MASKS: Dict[int, Tuple[int, int, int, int]] = {}
+for _combination in range(1 << len(_REPORTED_BITS)):
+    _event = 0
+    for _i, _bit in enumerate(_REPORTED_BITS):
+        if _combination >> _i & 1:
+            _event |= _bit
+    _EVENT_MASKS[_event] = _masks_of(_event)
+del _combination, _event, _i, _bit
 
-    def __missing__(self, event: int) -> Tuple[int, int, int, int]:
-        masks = self[event] = _masks_of(event)
-        return masks
+
+def _learn_masks(event: int) -> Tuple[int, int, int, int]:
+    masks = _EVENT_MASKS[event] = _masks_of(event)
+    return masks
 
 
-_EVENT_MASKS = _EventMasks()
 _new_key = tuple.__new__          # SelectorKey(fd, fd, events, data) without a Python frame
 _SelectorKey = selectors.SelectorKey
 
@@ -281,23 +296,20 @@ class Reactor:
         registered through add_reader()/add_writer(), and whatever the selector
         raises for a bad fd or event mask.
         """
-        key = self._keys.get(fd)
-        if key is not None:
-            if type(key.data) is _ReaderWriter:
+        keys = self._keys
+        if fd in keys:
+            if type(keys[fd].data) is _ReaderWriter:
                 raise ValueError("fd %d is registered with add_reader/add_writer" % fd)
             raise KeyError("fd %d is already registered" % fd)
         epoll = self._epoll
-        if epoll is None or type(fd) is not int:
-            self._keys[fd] = self._register(fd, events, callback)
+        if epoll is None or type(fd) is not int or events not in _PLAIN_INTERESTS:
+            keys[fd] = self._register(fd, events, callback)
             return
         # _register()'s fast path, inline: the proxy registers a socket per request.
-        if not events or events & ~(READ | WRITE):
-            raise ValueError("Invalid events: %r" % (events,))
-        sel_map = self._sel_map
-        if fd in sel_map:
-            raise KeyError("fd %d is already registered" % fd)
+        # The selector's map holds exactly the keys of _keys (both change together),
+        # so the check above covers it.
         epoll.register(fd, _EPOLL_INTEREST[events])
-        self._keys[fd] = sel_map[fd] = _new_key(_SelectorKey, (fd, fd, events, callback))
+        keys[fd] = self._sel_map[fd] = _new_key(_SelectorKey, (fd, fd, events, callback))
 
     def _register(self, fd: int, events: int, data: Any) -> selectors.SelectorKey:
         epoll = self._epoll
@@ -702,9 +714,13 @@ class Reactor:
                 fd, event = ready[0]
                 key = keys_get(fd)
                 if key is not None:
+                    try:
+                        masks = event_masks[event]
+                    except KeyError:
+                        masks = _learn_masks(event)
                     callback = key.data
                     try:
-                        callback(event_masks[event][key.events])
+                        callback(masks[key.events])
                     except Exception:
                         report(callback)
             elif count:
@@ -712,9 +728,13 @@ class Reactor:
                 batch = [(keys_get(fd), event) for fd, event in ready]
                 for key, event in batch:
                     if key is not None and keys_get(key.fd) is key:
+                        try:
+                            masks = event_masks[event]
+                        except KeyError:
+                            masks = _learn_masks(event)
                         callback = key.data
                         try:
-                            callback(event_masks[event][key.events])
+                            callback(masks[key.events])
                         except Exception:
                             report(callback)
             if timers and timers[0][0] <= now:

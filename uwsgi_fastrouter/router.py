@@ -492,7 +492,8 @@ class Router:
         return self.mapper(key)
 
     def connected(self, route: Route) -> None:
-        """The connect to *route* succeeded."""
+        """The connect to *route* succeeded.  (Session._count_connected does the same
+        without the call: change both.)"""
         owner = route.owner
         if owner is not None:
             owner.connected(route)

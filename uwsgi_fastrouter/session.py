@@ -636,7 +636,9 @@ class Session:
     def _count_connected(self, sent: int) -> None:
         """The node took the connection and *sent* bytes of the request."""
         route = self.route
-        self.ctx.router.connected(route)
+        owner = route.owner       # Router.connected(), written out (one call a request)
+        if owner is not None:
+            owner.connected(route)
         node = route.node
         if node is not None:
             node.rx += sent
