@@ -18,6 +18,7 @@ from __future__ import annotations
 import array
 import os
 import socket
+import struct
 from typing import List, Sequence, Tuple
 
 _INT_SIZE = array.array("i").itemsize
@@ -40,6 +41,15 @@ def send_fds(sock: socket.socket, data: bytes, fds: Sequence[int], flags: int = 
     """
     ancillary = [(_SOL_SOCKET, _SCM_RIGHTS, _int_array("i", fds))] if fds else []
     return sock.sendmsg([data], ancillary, flags)
+
+
+_fd_bytes = struct.Struct("i").pack
+
+
+def send_fd(sock: socket.socket, data: bytes, fd: int) -> int:
+    """:func:`send_fds` for one descriptor (a client handed to a node), without the
+    sequence and the array."""
+    return sock.sendmsg([data], [(_SOL_SOCKET, _SCM_RIGHTS, _fd_bytes(fd))])
 
 
 def recv_fds(sock: socket.socket, bufsize: int, max_fds: int, flags: int = 0

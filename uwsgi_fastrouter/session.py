@@ -85,7 +85,7 @@ from typing import TYPE_CHECKING, Optional
 
 from .protocol import HeadReader, ProtocolError
 from .reactor import HANGUP, READ, WRITE
-from .fdpass import send_fds
+from .fdpass import send_fd
 from .httperrors import BAD_GATEWAY, GATEWAY_TIMEOUT, SERVICE_UNAVAILABLE, response
 from .record import (ABORTED, CLIENT_ERROR, FAILED, HANDOFF, NODE_ERROR, NO_ROUTE, OK,
                      TIMEOUT)
@@ -98,6 +98,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .router import Route
 
 MSG_DONTWAIT = socket.MSG_DONTWAIT
+_write = os.write
 # The C socket type: per-request sockets skip the Python-level wrapper of
 # socket.socket (its __init__ and close() bookkeeping serve makefile(), unused here).
 _new_socket = _socket.socket
@@ -504,13 +505,15 @@ class Session:
         try:
             # Handoffs.may_pass(), written out: only bodyless requests are handed over.
             if family == _AF_UNIX and not self.watch_client and self.ctx.handoffs.enabled:
-                sent = send_fds(sock, head, (self.cfd,))
+                sent = send_fd(sock, head, self.cfd)
                 self.fd_passed = True
                 if sent == len(head) and self.ctx.handoffs.unchecked(route.address):
                     self._handed_over(sent)
                     return
             else:
-                sent = sock.send(head)
+                # write(), not send(): the same on a connected socket, without
+                # send()'s argument parsing (a plain node, never a TLS link here).
+                sent = _write(self.bfd, head)
         except BlockingIOError:
             self.b_events = WRITE
             self.ctx.reactor.register(self.bfd, WRITE, self._on_backend)
@@ -585,7 +588,7 @@ class Session:
             return
         try:
             if self.bsock.family == _AF_UNIX and self.ctx.handoffs.may_pass(not self.watch_client):
-                sent = send_fds(self.bsock, self.up_buf, (self.cfd,))
+                sent = send_fd(self.bsock, self.up_buf, self.cfd)
                 self.fd_passed = True
             else:
                 sent = self.bsock.send(self.up_buf)
