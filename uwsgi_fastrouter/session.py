@@ -147,7 +147,7 @@ class Session:
         "reader", "key", "route", "retries", "fallback_index",
         "up_buf", "down_buf", "client_eof", "backend_eof", "c_events", "b_events",
         "info", "watch_client", "timer", "fd_passed", "body", "down_peek", "failed_address",
-        "__weakref__", "tls", "head",
+        "tls", "head",
         # the request record (record.py)
         "started", "first_byte", "ended", "rx", "tx", "outcome", "first",
     )
