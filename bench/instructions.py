@@ -88,12 +88,15 @@ def send_requests(port: int, count: int) -> int:
 
 
 UWSGI_BIN: List[str] = []    # --uwsgi: measure the uWSGI FastRouter instead
+FLOOR: List[str] = []        # --floor: measure bench/floor_proxy.py instead
 
 
 def start_router(work: str, backend: str, wrap: List[str], extra: List[str]) -> tuple:
     port = processes.free_port()
     router = [sys.executable, "-m", "uwsgi_fastrouter"]
-    if UWSGI_BIN:
+    if FLOOR:
+        router = [sys.executable, os.path.join(BENCH_DIR, "floor_proxy.py")] + FLOOR
+    elif UWSGI_BIN:
         # as bench.py runs it (its master and its fastrouter process are both counted)
         router = UWSGI_BIN + ["--master", "--die-on-term", "--fastrouter-buffer-size", "65536"]
     argv = wrap + router + ["--fastrouter", "127.0.0.1:%d" % port,
@@ -203,6 +206,10 @@ def main() -> int:
     parser.add_argument("--uwsgi", metavar="BIN",
                         help="measure this uWSGI binary's FastRouter instead of ours "
                              "(--fd-node then runs it without the trust option)")
+    parser.add_argument("--floor", choices=["plain", "scan"],
+                        help="measure bench/floor_proxy.py (the least Python a request can "
+                             "cost with the router's system calls) instead; scan: with the "
+                             "router's vars walk")
     parser.add_argument("--fd-node", action="store_true",
                         help="a UNIX node that takes the client's descriptor, with "
                              "--fastrouter-trust-fd-passing")
@@ -213,6 +220,8 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="instr.")
     if args.uwsgi:
         UWSGI_BIN.append(args.uwsgi)
+    if args.floor:
+        FLOOR.append("--scan" if args.floor == "scan" else "--listen=1024")
     if args.fd_node:
         node_argv = [BACKEND_BIN, "-u", os.path.join(work, "node.sock"), "-F"]
         if not args.uwsgi:

@@ -454,7 +454,14 @@ def _records_pattern():
 _COMMON_KEY_LENGTHS = (11, 9, 12, 14, 15, 13, 20)
 _INLINE_RUN = 32
 _RECORDS = _records_pattern()
-_match_records = _RECORDS.match if _RECORDS is not None else None
+# fullmatch: a block the pattern cannot walk to its end (a long or bad record) is None
+_match_records = _RECORDS.fullmatch if _RECORDS is not None else None
+# The group of each scanned name in _RECORDS (groups are numbered from 1, in
+# _SCANNED's order).
+(_G_SERVER_NAME, _G_REMOTE_ADDR, _G_REMOTE_PORT, _G_HOST, _G_CONTENT_LENGTH, _G_FR_KEY,
+ _G_CHUNKED) = (_SCANNED.index(name) + 1 for name in (
+    _SERVER_NAME, _REMOTE_ADDR, _REMOTE_PORT, _HTTP_HOST, _CONTENT_LENGTH, _FR_KEY,
+    _TRANSFER_ENCODING))
 
 
 def scan_request(block: BytesLike, force_key: Optional[bytes] = None) -> RequestInfo:
@@ -487,33 +494,35 @@ def scan_request(block: BytesLike, force_key: Optional[bytes] = None) -> Request
     data = block if type(block) is bytes else bytes(block)
     if _match_records is None:  # pragma: no cover - before Python 3.11
         return _scan_walk(data, force_key)
-    whole, server_name, raddr, rport, host, clen, fr_key, chunked = _match_records(data).regs
-    if whole[1] != len(data):
+    match = _match_records(data)
+    if match is None:
         return _scan_walk(data, force_key)
-    # Each group is empty and sits where its value's length starts; all lengths
-    # are below 256 here, so the low byte is the length.
+    # Each group is empty and sits where its value's length starts (-1: no such
+    # var); all lengths are below 256 here, so the low byte is the length.  The
+    # groups are read one by one: Match.regs would build a tuple per group.
+    at_of = match.start
     if force_key is None:
-        at = fr_key[0]
+        at = at_of(_G_FR_KEY)
         if at < 0:
-            at = host[0]
+            at = at_of(_G_HOST)
             if at < 0:
-                at = server_name[0]
+                at = at_of(_G_SERVER_NAME)
         if at >= 0:
             size = data[at]
             if not size:
                 # The name's last occurrence is empty: an earlier one may count.
                 return _scan_walk(data, None)
             force_key = data[at + 2:at + 2 + size]
-    at = clen[0]
+    at = at_of(_G_CONTENT_LENGTH)
     if at >= 0:
         clen = _content_length(data[at + 2:at + 2 + data[at]]) if data[at] else 0
     else:
         clen = None
-    at = raddr[0]
+    at = at_of(_G_REMOTE_ADDR)
     raddr = data[at + 2:at + 2 + data[at]] if at >= 0 else None
-    at = rport[0]
+    at = at_of(_G_REMOTE_PORT)
     rport = data[at + 2:at + 2 + data[at]] if at >= 0 else None
-    return _new_tuple(RequestInfo, (force_key, clen, raddr, rport, chunked[0] >= 0))
+    return _new_tuple(RequestInfo, (force_key, clen, raddr, rport, at_of(_G_CHUNKED) >= 0))
 
 
 def _scan_walk(data: bytes, force_key: Optional[bytes]) -> RequestInfo:
