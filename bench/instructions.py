@@ -5,7 +5,7 @@ Usage::
 
     python3 bench/instructions.py [--requests 2000] [--warmup 300] [--strace] [--no-callgrind]
                                   [--router-arg ARG ...] [--profile FILE.prof]
-                                  [--vars nginx] [--fd-node]
+                                  [--vars nginx] [--fd-node] [--floor plain|scan]
 
 Theory of operation
 -------------------
@@ -26,6 +26,10 @@ Each request carries the vars a web server sends for a GET (11 vars, as ``loadge
 does); ``--vars nginx`` sends the 16 vars of nginx's stock ``uwsgi_params`` instead
 (empty ``CONTENT_LENGTH`` and ``CONTENT_TYPE``, ``REMOTE_PORT``, ``DOCUMENT_URI``,
 ``REQUEST_SCHEME``...), the request the shared harness's load generator sends.
+
+``--floor plain`` measures ``bench/floor_proxy.py`` instead of the router: the same
+system calls from the fewest bytecodes (no features); ``--floor scan`` adds the router's
+strict vars walk.  What the router costs above them is what its features cost.
 
 ``--fd-node`` measures the descriptor-passing path instead: the node is
 ``backend -u SOCK -F`` (a UNIX socket; it takes the client's descriptor and answers
@@ -220,6 +224,8 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="instr.")
     if args.uwsgi:
         UWSGI_BIN.append(args.uwsgi)
+    if args.floor and (args.fd_node or args.uwsgi):
+        parser.error("--floor measures the floor proxy with a TCP node: not with --fd-node or --uwsgi")
     if args.floor:
         FLOOR.append("--scan" if args.floor == "scan" else "--listen=1024")
     if args.fd_node:
