@@ -306,10 +306,11 @@ class Reactor:
             keys[fd] = self._register(fd, events, callback)
             return
         # _register()'s fast path, inline: the proxy registers a socket per request.
-        # The selector's map holds exactly the keys of _keys (both change together),
-        # so the check above covers it.
+        sel_map = self._sel_map
+        if fd in sel_map:     # registered under its file object
+            raise KeyError("fd %d is already registered" % fd)
         epoll.register(fd, _EPOLL_INTEREST[events])
-        keys[fd] = self._sel_map[fd] = _new_key(_SelectorKey, (fd, fd, events, callback))
+        keys[fd] = sel_map[fd] = _new_key(_SelectorKey, (fd, fd, events, callback))
 
     def _register(self, fd: int, events: int, data: Any) -> selectors.SelectorKey:
         epoll = self._epoll
