@@ -364,11 +364,13 @@ def subscription_stream(table) -> Streamed:
     return Streamed(lambda: live_pools(table, pool_stats))
 
 
-def live_pools(table, record: Callable[[Any], Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
-    """``record(pool)`` for the pools of *table* in stats order, taken one at a time;
-    the pool list is snapshot at the first ``next()``, and a pool no longer in the
-    table when its turn comes is skipped."""
-    for pool in table.pools_for_stats():
+def live_pools(table, record: Callable[[Any], Dict[str, Any]],
+               in_stats_order: bool = True) -> Iterator[Dict[str, Any]]:
+    """``record(pool)`` for the pools of *table* in stats order (or, when not
+    *in_stats_order*, in the table's own order, which costs no sort), taken one at a
+    time; the pool list is snapshot at the first ``next()``, and a pool no longer in
+    the table when its turn comes is skipped."""
+    for pool in (table.pools_for_stats() if in_stats_order else table.pools_now()):
         if table.pool(pool.key) is pool:
             yield record(pool)
 
@@ -460,7 +462,8 @@ def report_parts(server, table, pools_per_part: int = 32, totals_only: bool = Fa
     flat: list = []
     count = 0
     idle = 0
-    for counters in live_pools(table, _pool_counters):
+    # in the table's order: the master finds each pool of a report by its key
+    for counters in live_pools(table, _pool_counters, in_stats_order=False):
         if counters is None:
             idle += 1
             if idle >= pools_per_part * 8:

@@ -109,7 +109,7 @@ import re
 import struct
 from hashlib import blake2b
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 from . import slowstart
 from .log import printable
@@ -156,6 +156,8 @@ _STATS_BUCKETS = 65535
 _DUMP_VERSION = 1
 #: removed nodes whose last signed timestamp is remembered against replays
 REPLAY_MEMORY = 10000
+#: pools plus nodes one step of the expiry sweep looks at (SubscriptionTable.expiry_steps)
+EXPIRY_STEP = 512
 
 
 class SubscriptionError(ValueError):
@@ -1310,24 +1312,54 @@ class SubscriptionTable:
 
     def expire(self, now: float) -> int:
         """Mark every node past the tolerance dead and remove the dead nodes nobody
-        uses (the router calls this every second); forget the kept slots and the
-        replay timestamps whose time is over.  Returns how many nodes were removed."""
-        limit = int(now) - self.tolerance
+        uses; forget the kept slots and the replay timestamps whose time is over.
+        Returns how many nodes were removed.  The whole sweep at once; the router runs
+        it a step at a time (:meth:`expiry_steps`, every second)."""
+        before = self.node_count
+        for _ in self.expiry_steps(lambda: now):
+            pass
+        return before - self.node_count
+
+    def expiry_steps(self, clock: Callable[[], float], step: int = EXPIRY_STEP) -> Iterator[None]:
+        """:meth:`expire`'s sweep in steps, for a caller that runs one step per pass of
+        its event loop: each ``next()`` looks at about *step* pools and nodes (a pool
+        counts one, each of its nodes one more), so no step is long whatever the
+        table's size.  ``clock()`` is read at the start and before each step (*now* of
+        :meth:`expire`): a node expires no later than in a sweep made in one go when
+        the sweep starts.  The pools swept are the table's at the start; one removed
+        meanwhile is skipped, and one added meanwhile waits for the next sweep (it has
+        just announced; a lookup never picks a node past the tolerance anyway).  A
+        pool leaves the table only once it has no node, and never gets one again,
+        so a removed pool met on the way has nothing to sweep."""
+        now = clock()
         self._forget_reservations(int(now))
         self._forget_removed(int(now))
-        before = self.node_count
+        limit = int(now) - self.tolerance
+        work = 0
         for pool in list(self._pools.values()):
+            if work >= step:
+                yield
+                work = 0
+                now = clock()
+                limit = int(now) - self.tolerance
+            nodes = pool.nodes
+            work += 1 + len(nodes)
             doomed = False
             if pool.draining:
                 self._end_drains(pool, now)
-            for node in pool.nodes:
+            for node in nodes:
                 if node.last_check < limit:
                     self._expired(pool.key, node)
                 if node.death_mark and node.ref == 0:
                     doomed = True
             if doomed:
                 self._sweep(pool)
-        return before - self.node_count
+
+    def pools_now(self) -> List[Pool]:
+        """The pools as they are now, in the table's own order: no sort, for a walk
+        whose reader finds each pool by its key (a router process's stats report),
+        where :meth:`pools_for_stats` would sort thousands of pools in one go."""
+        return list(self._pools.values())
 
     # -- bookkeeping --------------------------------------------------------
 
