@@ -34,7 +34,10 @@ connection each, the latency is connect to EOF):
   fetch was under way are also summed up on their own ("during a fetch").
 
 Reported per kind of window (all rounds together): requests, errors, latency p50 /
-p99 / max, and the longest busy pass of the router's loops seen by ``loopstall.py``,
+p99 / max, the ratio of each stats window's p99 to that of the quiet window just
+before it (the median over the rounds, and the range: two windows a few seconds
+apart share most of the machine's other load, so this ratio is steadier than one
+of p99s pooled over all rounds), and the longest busy pass of the router's loops seen by ``loopstall.py``,
 in wall-clock time and in CPU time (the master's, or the single process's, and the
 router processes' apart), plus the stats fetches (count, mean time, size), and the CPU
 the router used per second of window: the process started (the master, or the single
@@ -352,6 +355,8 @@ def measure(a, tree: str, mode: str, keys: int, workdir: str, backend_port: int,
                 runs[window].append(run_window(a, router, keys, window, workdir, tag))
     finally:
         router.stop()
+    ratios = sorted(p99_of(stats["latencies"]) / p99_of(quiet["latencies"])
+                    for quiet, stats in zip(runs["quiet"], runs["stats"]))
     rows = []
     for window, items in runs.items():
         latencies = sorted(x for run in items for x in run["latencies"])
@@ -373,8 +378,14 @@ def measure(a, tree: str, mode: str, keys: int, workdir: str, backend_port: int,
             # CPU of the process we started and of its children, per second of window
             "load_first": sum(run["cpu_master"] for run in items) / sum(run["seconds"] for run in items),
             "load_others": sum(run["cpu_routers"] for run in items) / sum(run["seconds"] for run in items),
+            # p99 of each stats window over that of the quiet window just before it
+            "ratios": ratios if window == "stats" else None,
         })
     return rows
+
+
+def p99_of(latencies: List[float]) -> float:
+    return percentile(sorted(latencies), 0.99) or 0.0
 
 
 def percentile(ordered: List[float], fraction: float) -> Optional[float]:
@@ -388,7 +399,8 @@ def ms(value: Optional[float]) -> str:
 def table(rows: List[dict]) -> str:
     header = ["tree", "mode", "keys", "window", "requests", "errors", "p50 ms", "p99 ms", "max ms",
               "during a fetch: requests, p50, p99 ms", "longest pass ms wall (cpu)", "routers: longest pass ms wall (cpu)",
-              "stats fetches", "bad", "mean fetch s", "doc bytes", "CPU s/s: first (children)"]
+              "stats fetches", "bad", "mean fetch s", "doc bytes", "CPU s/s: first (children)",
+              "p99 stats/quiet per round: median (min-max)"]
     body = []
     for r in rows:
         master = r["mode"] == "master"
@@ -402,7 +414,9 @@ def table(rows: List[dict]) -> str:
                      str(r["fetch_bad"]) if r["window"] == "stats" else "-",
                      "%.3f" % r["fetch_mean"] if r["fetch_mean"] is not None else "-",
                      str(r["fetch_bytes"]) if r["fetch_bytes"] is not None else "-",
-                     "%.2f (%.2f)" % (r["load_first"], r["load_others"])])
+                     "%.2f (%.2f)" % (r["load_first"], r["load_others"]),
+                     "%.2f (%.2f-%.2f)" % (statistics.median(r["ratios"]), r["ratios"][0], r["ratios"][-1])
+                     if r["ratios"] else "-"])
     widths = [max(len(x) for x in col) for col in zip(header, *body)]
     lines = ["  ".join(x.ljust(w) for x, w in zip(row, widths)) for row in [header] + body]
     lines.insert(1, "  ".join("-" * w for w in widths))

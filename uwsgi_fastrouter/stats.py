@@ -364,13 +364,11 @@ def subscription_stream(table) -> Streamed:
     return Streamed(lambda: live_pools(table, pool_stats))
 
 
-def live_pools(table, record: Callable[[Any], Dict[str, Any]],
-               in_stats_order: bool = True) -> Iterator[Dict[str, Any]]:
-    """``record(pool)`` for the pools of *table* in stats order (or, when not
-    *in_stats_order*, in the table's own order, which costs no sort), taken one at a
-    time; the pool list is snapshot at the first ``next()``, and a pool no longer in
-    the table when its turn comes is skipped."""
-    for pool in (table.pools_for_stats() if in_stats_order else table.pools_now()):
+def live_pools(table, record: Callable[[Any], Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
+    """``record(pool)`` for the pools of *table* in stats order, taken one at a time;
+    the pool list is snapshot at the first ``next()``, and a pool no longer in the
+    table when its turn comes is skipped."""
+    for pool in table.pools_for_stats():
         if table.pool(pool.key) is pool:
             yield record(pool)
 
@@ -462,9 +460,12 @@ def report_parts(server, table, pools_per_part: int = 32, totals_only: bool = Fa
     flat: list = []
     count = 0
     idle = 0
-    # in the table's order: the master finds each pool of a report by its key
-    for counters in live_pools(table, _pool_counters, in_stats_order=False):
-        if counters is None:
+    # In the table's own order (no sort: the master finds each pool of a report by its
+    # key); a pool removed since the walk started is left out, like an idle one.
+    pool_now = table.pool
+    for pool in table.pools_now():
+        counters = _pool_counters(pool)
+        if counters is None or pool_now(pool.key) is not pool:
             idle += 1
             if idle >= pools_per_part * 8:
                 yield {}

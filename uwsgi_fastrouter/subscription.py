@@ -1323,7 +1323,8 @@ class SubscriptionTable:
     def expiry_steps(self, clock: Callable[[], float], step: int = EXPIRY_STEP) -> Iterator[None]:
         """:meth:`expire`'s sweep in steps, for a caller that runs one step per pass of
         its event loop: each ``next()`` looks at about *step* pools and nodes (a pool
-        counts one, each of its nodes one more), so no step is long whatever the
+        counts one, each of its nodes one more; as many pools per step as make *step*
+        with the table's mean pool size at the start), so no step is long whatever the
         table's size.  ``clock()`` is read at the start and before each step (*now* of
         :meth:`expire`): a node expires no later than in a sweep made in one go when
         the sweep starts.  The pools swept are the table's at the start; one removed
@@ -1334,26 +1335,24 @@ class SubscriptionTable:
         now = clock()
         self._forget_reservations(int(now))
         self._forget_removed(int(now))
-        limit = int(now) - self.tolerance
-        work = 0
-        for pool in list(self._pools.values()):
-            if work >= step:
+        pools = list(self._pools.values())
+        per_step = max(1, step * len(pools) // max(1, len(pools) + self.node_count))
+        for start in range(0, len(pools), per_step):
+            if start:
                 yield
-                work = 0
                 now = clock()
-                limit = int(now) - self.tolerance
-            nodes = pool.nodes
-            work += 1 + len(nodes)
-            doomed = False
-            if pool.draining:
-                self._end_drains(pool, now)
-            for node in nodes:
-                if node.last_check < limit:
-                    self._expired(pool.key, node)
-                if node.death_mark and node.ref == 0:
-                    doomed = True
-            if doomed:
-                self._sweep(pool)
+            limit = int(now) - self.tolerance
+            for pool in pools[start:start + per_step]:
+                doomed = False
+                if pool.draining:
+                    self._end_drains(pool, now)
+                for node in pool.nodes:
+                    if node.last_check < limit:
+                        self._expired(pool.key, node)
+                    if node.death_mark and node.ref == 0:
+                        doomed = True
+                if doomed:
+                    self._sweep(pool)
 
     def pools_now(self) -> List[Pool]:
         """The pools as they are now, in the table's own order: no sort, for a walk
