@@ -1327,11 +1327,11 @@ class SubscriptionTable:
         with the table's mean pool size at the start), so no step is long whatever the
         table's size.  ``clock()`` is read at the start and before each step (*now* of
         :meth:`expire`): a node expires no later than in a sweep made in one go when
-        the sweep starts.  The pools swept are the table's at the start; one removed
-        meanwhile is skipped, and one added meanwhile waits for the next sweep (it has
-        just announced; a lookup never picks a node past the tolerance anyway).  A
-        pool leaves the table only once it has no node, and never gets one again,
-        so a removed pool met on the way has nothing to sweep."""
+        the sweep starts.  The pools swept are the table's at the start: one removed
+        meanwhile has nothing left to sweep (a pool leaves the table only once it has
+        no node, and never gets one again), and one added meanwhile waits for the next
+        sweep (it has just announced; a lookup never picks a node past the tolerance
+        anyway)."""
         now = clock()
         self._forget_reservations(int(now))
         self._forget_removed(int(now))
