@@ -25,6 +25,8 @@ difference over the amount of work is the figure, so start-up and set-up cancel 
   master's loop when a renderer process writes the document, see statsfork.py).
 * ``report``: one router process's report (its parts built and JSON-encoded), every
   key routed to; ``report_idle``: the same with one key in a hundred routed to.
+* ``expire``: the once-a-second expiry sweep over the same 10,000 keys, none of them
+  stale (the steady state), in one go (the router runs it a step per pass of its loop).
 
 ``--tree`` (repeatable) names source trees to compare (default: this repository); each
 run imports ``uwsgi_fastrouter`` from that tree.
@@ -95,6 +97,9 @@ else:
 
     parts = report() if case in ("merge", "master") else None
     for _ in range(n):
+        if case == "expire":
+            table.expire(1700000000.0)      # the steady state: every node fresh
+            continue
         if case in ("report", "report_idle"):
             report()
             continue
@@ -110,7 +115,7 @@ else:
 
 CASES = {"refresh": (5000, "datagram"), "new": (5000, "datagram"), "single": (1, "document"),
          "master": (1, "document"), "report": (1, "report"), "report_idle": (1, "report"),
-         "merge": (1, "document")}
+         "merge": (1, "document"), "expire": (1, "sweep")}
 
 
 def collected(tree: str, case: str, n: int) -> int:

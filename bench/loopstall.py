@@ -59,6 +59,8 @@ def _install(path: str, threshold: float) -> None:
             state["cpu"] = cpu_clock()
 
     selectors.EpollSelector.select = timed_select
+    if os.environ.get("LOOPSTALL_SAMPLE"):
+        _sample_long_passes(state, clock)
 
     # The cyclic garbage collector runs inside whichever pass allocates: its pauses are
     # logged apart, as "PID MONOTONIC gcN SECONDS", to tell them from the router's work.
@@ -76,6 +78,53 @@ def _install(path: str, threshold: float) -> None:
             out.write("%d %.6f gc%d %.6f\n" % (os.getpid(), clock(), info.get("generation", -1), took))
 
     gc.callbacks.append(on_gc)
+
+
+def _sample_long_passes(state: dict, clock) -> None:
+    """``LOOPSTALL_SAMPLE=1``: what a pass is doing once it has run for
+    ``$LOOPSTALL_SAMPLE_MS`` (default 1 ms) of wall-clock time, and every such period
+    after, as ``PID MONOTONIC stack FILE:LINE:FUNCTION<...`` lines (innermost first).
+    A thread per process (started at its first pass, so forked router processes get
+    theirs) looks at the main thread's stack while a pass runs; the interpreter's
+    switch interval is shortened to let it in.  A diagnostic, not a measurement: the
+    sampler itself takes some CPU."""
+    import threading
+    import traceback
+    period = float(os.environ.get("LOOPSTALL_SAMPLE_MS", "1")) / 1000.0
+    sys.setswitchinterval(period / 4)
+    timed_select = selectors.EpollSelector.select
+    sampler = {"pid": None}
+    main_ident = threading.main_thread().ident
+
+    def sample_forever(pid: int, main: int) -> None:
+        while True:
+            time.sleep(period)
+            started = state["pass_started"]
+            out = state["out"]
+            if started is None or out is None or state["pid"] != pid:
+                continue
+            if clock() - started >= period:
+                frame = sys._current_frames().get(main)
+                if frame is not None:
+                    stack = traceback.extract_stack(frame, limit=10)
+                    out.write("%d %.6f stack %s\n" % (pid, clock(), "<".join(
+                        "%s:%d:%s" % (os.path.basename(f.filename), f.lineno, f.name)
+                        for f in reversed(stack))))
+
+    def sampled_select(self, timeout=None):
+        pid = os.getpid()
+        if sampler["pid"] != pid:
+            sampler["pid"] = pid
+            threading.Thread(target=sample_forever, args=(pid, threading.get_ident()),
+                             daemon=True).start()
+        state["pass_started"] = None
+        try:
+            return timed_select(self, timeout)
+        finally:
+            state["pass_started"] = clock()
+
+    state["pass_started"] = None
+    selectors.EpollSelector.select = sampled_select
 
 
 def main() -> None:

@@ -27,6 +27,9 @@ process sends one request for the hot key every ``--interval`` seconds (a new
 connection each, the latency is connect to EOF):
 
 * ``quiet``: nothing else happens;
+* ``hog`` (with ``--hog``, the control): no stats; a process at nice 10 keeps a CPU
+  busy as a stats renderer would (walking a heap, writing JSON), so what a busy CPU
+  alone costs the probe shows apart from what the router does for the stats;
 * ``stats``: a second process (this script with ``--fetch-stats``) fetches the whole
   stats document back to back (or one every ``--fetch-interval`` seconds); it parses
   every ``--check-every``-th one (default 5), and any whose length differs from the
@@ -34,7 +37,10 @@ connection each, the latency is connect to EOF):
   fetch was under way are also summed up on their own ("during a fetch").
 
 Reported per kind of window (all rounds together): requests, errors, latency p50 /
-p99 / max, and the longest busy pass of the router's loops seen by ``loopstall.py``,
+p99 / max, the ratio of each stats window's p99 to that of the quiet window just
+before it (the median over the rounds, and the range: two windows a few seconds
+apart share most of the machine's other load, so this ratio is steadier than one
+of p99s pooled over all rounds), and the longest busy pass of the router's loops seen by ``loopstall.py``,
 in wall-clock time and in CPU time (the master's, or the single process's, and the
 router processes' apart), plus the stats fetches (count, mean time, size), and the CPU
 the router used per second of window: the process started (the master, or the single
@@ -137,6 +143,18 @@ def fetcher_main(port: int, expect: int, check_every: int, interval: float) -> i
         n += 1
         print("FETCH start=%.6f seconds=%.6f bytes=%d pools=%d ok=%d" % (t0, elapsed, len(raw), pools, ok),
               flush=True)
+
+
+def hog_main() -> int:
+    """``--hog-run``: keep a CPU busy the way a stats renderer does (walk a heap of
+    small objects, write JSON) until SIGTERM; the caller sets its nice value."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    heap = [{"key": "k%06d.bench" % i, "hits": i, "nodes": [{"name": "127.0.0.1:%d" % i, "requests": i}]}
+            for i in range(100000)]
+    print("HOG ready", flush=True)
+    while True:
+        for start in range(0, len(heap), 1000):
+            json.dumps(heap[start:start + 1000])
 
 
 def one_request(port: int, request: bytes) -> bool:
@@ -303,7 +321,14 @@ def stalls(router: Router, t0: float, t1: float) -> Dict[str, float]:
 
 def run_window(a, router: Router, keys: int, window: str, workdir: str, tag: str) -> dict:
     """One window: latencies, errors, the longest passes, and the stats fetches."""
-    fetcher = reader = None
+    fetcher = reader = hog = None
+    if window == "hog":
+        hog = processes.spawn("hog", [sys.executable, os.path.abspath(__file__), "--hog-run"],
+                              None, stdout_pipe=True, death_signal=signal.SIGKILL)
+        os.setpriority(os.PRIO_PROCESS, hog.pid, a.hog_nice)
+        if not processes.LineReader(hog).wait_for("HOG", 60):
+            processes.stop(hog, signal.SIGTERM)
+            raise BenchError("the CPU hog did not start within 60 s")
     if window == "stats":
         fetcher = processes.spawn("fetcher", [sys.executable, os.path.abspath(__file__), "--fetch-stats",
                                               str(router.stats_port), "--expect", str(keys),
@@ -326,6 +351,8 @@ def run_window(a, router: Router, keys: int, window: str, workdir: str, tag: str
     others_cpu = sum(cpu1[p] - cpu0[p] for p in cpu1 if p in cpu0 and p != router.child.pid)
     with open(os.path.join(workdir, "latency-%s-%s.txt" % (tag, window)), "a") as f:
         f.writelines("%.6f %.6f\n" % pair for pair in trace)
+    if hog is not None:
+        processes.stop(hog, signal.SIGTERM, grace=5)
     fetches = []
     if fetcher is not None:
         os.kill(fetcher.pid, signal.SIGTERM)
@@ -342,16 +369,20 @@ def run_window(a, router: Router, keys: int, window: str, workdir: str, tag: str
 def measure(a, tree: str, mode: str, keys: int, workdir: str, backend_port: int, tag: str) -> List[dict]:
     """``--rounds`` x (a quiet window, a stats window), summed up per kind of window."""
     router = start_router(tree, mode, workdir, tag, a.start_timeout)
-    runs: Dict[str, List[dict]] = {"quiet": [], "stats": []}
+    windows = ("quiet", "stats", "hog") if a.hog else ("quiet", "stats")
+    runs: Dict[str, List[dict]] = {window: [] for window in windows}
     try:
         log("%s %s %d keys: subscribing" % (tree, mode, keys))
         subscribe(router, keys, b"127.0.0.1:%d" % backend_port)
         for r in range(a.rounds):
-            for window in ("quiet", "stats"):
+            for window in windows:
                 log("%s %s %d keys: round %d, window %s" % (tree, mode, keys, r + 1, window))
                 runs[window].append(run_window(a, router, keys, window, workdir, tag))
     finally:
         router.stop()
+    ratios = {window: sorted(p99_of(other["latencies"]) / p99_of(quiet["latencies"])
+                             for quiet, other in zip(runs["quiet"], items))
+              for window, items in runs.items() if window != "quiet"}
     rows = []
     for window, items in runs.items():
         latencies = sorted(x for run in items for x in run["latencies"])
@@ -373,8 +404,14 @@ def measure(a, tree: str, mode: str, keys: int, workdir: str, backend_port: int,
             # CPU of the process we started and of its children, per second of window
             "load_first": sum(run["cpu_master"] for run in items) / sum(run["seconds"] for run in items),
             "load_others": sum(run["cpu_routers"] for run in items) / sum(run["seconds"] for run in items),
+            # p99 of each stats window over that of the quiet window just before it
+            "ratios": ratios.get(window),
         })
     return rows
+
+
+def p99_of(latencies: List[float]) -> float:
+    return percentile(sorted(latencies), 0.99) or 0.0
 
 
 def percentile(ordered: List[float], fraction: float) -> Optional[float]:
@@ -388,7 +425,8 @@ def ms(value: Optional[float]) -> str:
 def table(rows: List[dict]) -> str:
     header = ["tree", "mode", "keys", "window", "requests", "errors", "p50 ms", "p99 ms", "max ms",
               "during a fetch: requests, p50, p99 ms", "longest pass ms wall (cpu)", "routers: longest pass ms wall (cpu)",
-              "stats fetches", "bad", "mean fetch s", "doc bytes", "CPU s/s: first (children)"]
+              "stats fetches", "bad", "mean fetch s", "doc bytes", "CPU s/s: first (children)",
+              "p99 stats/quiet per round: median (min-max)"]
     body = []
     for r in rows:
         master = r["mode"] == "master"
@@ -402,7 +440,9 @@ def table(rows: List[dict]) -> str:
                      str(r["fetch_bad"]) if r["window"] == "stats" else "-",
                      "%.3f" % r["fetch_mean"] if r["fetch_mean"] is not None else "-",
                      str(r["fetch_bytes"]) if r["fetch_bytes"] is not None else "-",
-                     "%.2f (%.2f)" % (r["load_first"], r["load_others"])])
+                     "%.2f (%.2f)" % (r["load_first"], r["load_others"]),
+                     "%.2f (%.2f-%.2f)" % (statistics.median(r["ratios"]), r["ratios"][0], r["ratios"][-1])
+                     if r["ratios"] else "-"])
     widths = [max(len(x) for x in col) for col in zip(header, *body)]
     lines = ["  ".join(x.ljust(w) for x, w in zip(row, widths)) for row in [header] + body]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -427,6 +467,12 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--fetcher-nice", type=int, default=0,
                    help="nice value of the stats fetcher (default 0); on a small machine the "
                         "fetcher's own CPU (megabytes of JSON a second) competes with the probe")
+    p.add_argument("--hog", action="store_true",
+                   help="a third window per round, the control: no stats, a process of ours "
+                        "at --hog-nice keeps a CPU busy walking a heap and writing JSON, as a "
+                        "renderer does")
+    p.add_argument("--hog-nice", type=int, default=10, help="nice value of the --hog process (default 10)")
+    p.add_argument("--hog-run", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--check-every", type=int, default=5,
                    help="parse every Nth stats document fetched (default 5; the others are compared "
                         "in length)")
@@ -441,6 +487,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     a = parse_args(argv)
+    if a.hog_run:
+        return hog_main()
     if a.fetch_stats:
         return fetcher_main(a.fetch_stats, a.expect, max(1, a.check_every), a.fetch_interval)
     build = subprocess.run(["make", "-s", "-C", BENCH_DIR], capture_output=True, text=True)

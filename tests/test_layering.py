@@ -193,7 +193,7 @@ RANKS = {
     "sockets": 2.1, "acceptor": 2.1, "resolver": 2.1, "tlsnode": 2.1,
     # 3: the engine
     "router": 3.0, "accesslog": 3.0, "bodybuffer": 3.0, "health": 3.0, "subserver": 3.0,
-    "subscriber": 3.0, "zerg": 3.0, "wsgiserver": 3.0, "endpoints": 3.0,
+    "subscriber": 3.0, "zerg": 3.0, "wsgiserver": 3.0, "endpoints": 3.0, "expiry": 3.0,
     "context": 3.1, "cache": 3.1, "uwsgi_shim": 3.1,
     "session": 3.2, "scripts": 3.2,
     "server": 3.3, "codestring": 3.3,

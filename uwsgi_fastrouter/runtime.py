@@ -36,6 +36,7 @@ from .accesslog import AccessLog
 from .addresses import shared_socket_index
 from .binding import Bindings
 from .endpoints import MetricsServer, StatsServer
+from .expiry import SlicedExpiry
 from .log import log, printable
 from .names import NameTable, expand, names_in
 from .nodecaps import NodeCaps
@@ -331,6 +332,7 @@ class RouterRuntime:
         self.health: Optional[health.HealthChecker] = None  # --fastrouter-health-check-interval
         self.resolver: Optional[Resolver] = None   # host names of nodes, when there are some
         self.report_failure = None           # (key, address) -> None, set under a master
+        self.expiry: Optional[SlicedExpiry] = None   # the table's one-second sweep
 
     def start(self) -> None:
         if self.resolver is not None:
@@ -501,15 +503,13 @@ def _wire_router(cfg, reactor: Reactor, runtime: RouterRuntime) -> None:
                                                     on_node=server.leave_cheap, on_empty=on_empty,
                                                     names=runtime.resolver)
 
-        def expire(_now: float) -> None:
-            if external:
-                table.expire(time.time())
-            else:   # a copy of the master's table: the master logs the expiries
-                table.quietly(table.expire, time.time())
+        def expired() -> None:
             if table.empty:
                 on_empty()
 
-        server.periodic.append(expire)
+        # under a master, a copy of the master's table: the master logs the expiries
+        runtime.expiry = SlicedExpiry(reactor, table, quiet=not external, on_done=expired)
+        server.periodic.append(runtime.expiry)
     runtime.health = health_checker(cfg, reactor, router, runtime.table)
     server.counters.health = runtime.health
     if cfg.fastrouter_cheap and not has_table:
@@ -617,6 +617,7 @@ class MasterRuntime:
         self.resolver: Optional[Resolver] = None   # announced host names (--subscription-resolve-names)
         self.subscriptions_blocked = False
         self.drained: set = set()        # addresses drained through the master FIFO
+        self.expiry: Optional[SlicedExpiry] = None   # the master table's one-second sweep
         self._stats_waiting: list = []   # stats requests waiting for the collection under way
         self._metrics_waiting: list = []  # scrapes waiting for the collection under way
 
@@ -656,6 +657,7 @@ class MasterRuntime:
         self.reactor = reactor
         if bindings.datagram:
             self.table = master.table = make_table(cfg)
+            self.expiry = SlicedExpiry(reactor, self.table)
             if inherited and inherited.get("table_fd") is not None:
                 self._load_table(inherited["table_fd"])
             if cfg.subscription_resolve_names:
@@ -785,8 +787,8 @@ class MasterRuntime:
             self.table.set_drained(address, drained, time.time())
 
     def tick(self) -> None:
-        if self.table is not None:
-            self.table.expire(time.time())
+        if self.expiry is not None:
+            self.expiry()
 
     def close_master_only(self) -> None:
         """In a child: the master's own sockets are not the child's business."""

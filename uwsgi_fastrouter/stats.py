@@ -460,8 +460,12 @@ def report_parts(server, table, pools_per_part: int = 32, totals_only: bool = Fa
     flat: list = []
     count = 0
     idle = 0
-    for counters in live_pools(table, _pool_counters):
-        if counters is None:
+    # In the table's own order (no sort: the master finds each pool of a report by its
+    # key); a pool removed since the walk started is left out, like an idle one.
+    pool_now = table.pool
+    for pool in table.pools_now():
+        counters = _pool_counters(pool)
+        if counters is None or pool_now(pool.key) is not pool:
             idle += 1
             if idle >= pools_per_part * 8:
                 yield {}

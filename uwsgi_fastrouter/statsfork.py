@@ -16,8 +16,10 @@ one (at 19 it would get one part in seventy, and a big document would take minut
 How a document leaves the master, which never waits for it: the master forks an
 intermediate process, closes its copy of the client's socket and goes on.  The
 intermediate drops the master's signal handlers, closes every descriptor but the
-client's socket, the standard streams and the write end of a *done* pipe, forks the
-renderer and exits (if that fork fails, it renders the document itself).  So the
+client's socket, the standard streams and the write end of a *done* pipe, lowers its
+priority (so that the second fork, which copies the master's page tables again, runs
+at nice 10 too), forks the renderer and exits (if that fork fails, it renders the
+document itself).  So the
 renderer is nobody's child (no one reaps or kills it; ``init`` does) and holds none of
 the master's descriptors: the master's listeners do not outlive it, and nothing of
 the master's loop is touched.  For the few milliseconds the intermediate lives it
@@ -137,6 +139,7 @@ def _intermediate(sock, pieces, timeout, error_payload, done_write, mask) -> Non
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     except BaseException:
         os._exit(1)
+    _lower_priority()   # before the fork: its copy of the master's page tables is work too
     try:
         renderer = os.fork()
     except OSError:
@@ -147,6 +150,13 @@ def _intermediate(sock, pieces, timeout, error_payload, done_write, mask) -> Non
         _render(sock, pieces, timeout, error_payload)
     finally:
         os._exit(0)
+
+
+def _lower_priority() -> None:  # pragma: no cover - runs in the intermediate process
+    try:
+        os.nice(RENDERER_NICE)
+    except OSError:
+        pass
 
 
 def _close_all_but(*keep: int) -> None:
@@ -174,11 +184,8 @@ def _close_all_but(*keep: int) -> None:
 def _render(sock: socket.socket, pieces: Iterator[bytes], timeout: float,
             error_payload: Callable[[BaseException], bytes]) -> None:  # pragma: no cover
     """In the renderer: the whole answer to *sock*, a chunk at a time, at low priority.
-    A failure before anything was sent is an error answer (as in the loop)."""
-    try:
-        os.nice(RENDERER_NICE)
-    except OSError:
-        pass
+    A failure before anything was sent is an error answer (as in the loop).  Its
+    priority is the intermediate's, lowered already."""
     gc.disable()            # a short life: a collection would only copy pages
     sock.settimeout(timeout)
     sent_any = False

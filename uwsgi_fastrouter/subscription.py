@@ -109,7 +109,7 @@ import re
 import struct
 from hashlib import blake2b
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 from . import slowstart
 from .log import printable
@@ -156,6 +156,8 @@ _STATS_BUCKETS = 65535
 _DUMP_VERSION = 1
 #: removed nodes whose last signed timestamp is remembered against replays
 REPLAY_MEMORY = 10000
+#: pools plus nodes one step of the expiry sweep looks at (SubscriptionTable.expiry_steps)
+EXPIRY_STEP = 512
 
 
 class SubscriptionError(ValueError):
@@ -1310,24 +1312,53 @@ class SubscriptionTable:
 
     def expire(self, now: float) -> int:
         """Mark every node past the tolerance dead and remove the dead nodes nobody
-        uses (the router calls this every second); forget the kept slots and the
-        replay timestamps whose time is over.  Returns how many nodes were removed."""
-        limit = int(now) - self.tolerance
+        uses; forget the kept slots and the replay timestamps whose time is over.
+        Returns how many nodes were removed.  The whole sweep at once; the router runs
+        it a step at a time (:meth:`expiry_steps`, every second)."""
+        before = self.node_count
+        for _ in self.expiry_steps(lambda: now):
+            pass
+        return before - self.node_count
+
+    def expiry_steps(self, clock: Callable[[], float], step: int = EXPIRY_STEP) -> Iterator[None]:
+        """:meth:`expire`'s sweep in steps, for a caller that runs one step per pass of
+        its event loop: each ``next()`` looks at about *step* pools and nodes (a pool
+        counts one, each of its nodes one more; as many pools per step as make *step*
+        with the table's mean pool size at the start), so no step is long whatever the
+        table's size.  ``clock()`` is read at the start and before each step (*now* of
+        :meth:`expire`): a node expires no later than in a sweep made in one go when
+        the sweep starts.  The pools swept are the table's at the start: one removed
+        meanwhile has nothing left to sweep (a pool leaves the table only once it has
+        no node, and never gets one again), and one added meanwhile waits for the next
+        sweep (it has just announced; a lookup never picks a node past the tolerance
+        anyway)."""
+        now = clock()
         self._forget_reservations(int(now))
         self._forget_removed(int(now))
-        before = self.node_count
-        for pool in list(self._pools.values()):
-            doomed = False
-            if pool.draining:
-                self._end_drains(pool, now)
-            for node in pool.nodes:
-                if node.last_check < limit:
-                    self._expired(pool.key, node)
-                if node.death_mark and node.ref == 0:
-                    doomed = True
-            if doomed:
-                self._sweep(pool)
-        return before - self.node_count
+        pools = list(self._pools.values())
+        per_step = max(1, step * len(pools) // max(1, len(pools) + self.node_count))
+        for start in range(0, len(pools), per_step):
+            if start:
+                yield
+                now = clock()
+            limit = int(now) - self.tolerance
+            for pool in pools[start:start + per_step]:
+                doomed = False
+                if pool.draining:
+                    self._end_drains(pool, now)
+                for node in pool.nodes:
+                    if node.last_check < limit:
+                        self._expired(pool.key, node)
+                    if node.death_mark and node.ref == 0:
+                        doomed = True
+                if doomed:
+                    self._sweep(pool)
+
+    def pools_now(self) -> List[Pool]:
+        """The pools as they are now, in the table's own order: no sort, for a walk
+        whose reader finds each pool by its key (a router process's stats report),
+        where :meth:`pools_for_stats` would sort thousands of pools in one go."""
+        return list(self._pools.values())
 
     # -- bookkeeping --------------------------------------------------------
 
