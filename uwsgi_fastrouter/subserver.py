@@ -183,34 +183,77 @@ class SubscriptionServer:
 
     def _readable(self, listener: DatagramListener) -> None:
         sock = listener.sock
-        creds_wanted = self.use_credentials and sock.family == socket.AF_UNIX
+        if self.use_credentials and sock.family == socket.AF_UNIX:
+            self._read_with_credentials(listener)
+            return
+        batch = self._receive(listener)
+        self.received += len(batch)
+        handle = self.handle
+        if not self._refreshes_in_place():
+            for data, sender in batch:
+                handle(data, sender)
+            return
+        refresh = self.table.refresh_usual
+        clock = self.wall_clock
+        on_node = self.on_node
+        for data, sender in batch:
+            if refresh(data, clock()):
+                on_node()
+            else:
+                handle(data, sender)
+
+    def _refreshes_in_place(self) -> bool:
+        """Whether a plain refresh of a known node may go straight to the table
+        (``SubscriptionTable.refresh_usual``; it falls back to :meth:`handle` for
+        any other packet): true when nothing is checked about the sender (no allow
+        list, no credentials), nothing is copied to router processes or forwarded,
+        and addresses are not host names to resolve."""
+        return (self.allow is None and not self.credentials_check and self.names is None
+                and self.on_accepted is None and not self.resubscribe)
+
+    def _receive(self, listener: DatagramListener) -> List[tuple]:
+        """Up to _DATAGRAMS_PER_EVENT ``(datagram, sender)`` pairs, as many as are
+        queued.  They are all read before any is applied: the reads follow each other
+        closely, so a sender blocked on the full queue is woken for a burst."""
+        recvfrom = listener.sock.recvfrom
+        batch: List[tuple] = []
+        try:
+            for _ in range(_DATAGRAMS_PER_EVENT):
+                # (the bytes object is made at the largest size and shrunk in place:
+                # cheaper than reading into a buffer and copying the datagram out)
+                batch.append(recvfrom(_MAX_DATAGRAM + 1))
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.EAGAIN):
+                self._receive_failed(listener, exc)
+        return batch
+
+    def _read_with_credentials(self, listener: DatagramListener) -> None:
+        """:meth:`_readable` of a UNIX socket read with ``SCM_CREDENTIALS``: the
+        sender's pid/uid/gid go with each datagram."""
+        sock = listener.sock
         for _ in range(_DATAGRAMS_PER_EVENT):
             pid = uid = gid = None
             try:
-                if creds_wanted:
-                    data, ancdata, flags, sender = sock.recvmsg(_MAX_DATAGRAM + 1,
-                                                                socket.CMSG_SPACE(_UCRED.size))
-                    for level, kind, payload in ancdata:
-                        if level == socket.SOL_SOCKET and kind == _SCM_CREDENTIALS \
-                                and len(payload) >= _UCRED.size:
-                            pid, uid, gid = _UCRED.unpack_from(payload)
-                else:
-                    # (the bytes object is made at the largest size and shrunk in place:
-                    # cheaper than reading into a buffer and copying the datagram out)
-                    data, sender = sock.recvfrom(_MAX_DATAGRAM + 1)
+                data, ancdata, flags, sender = sock.recvmsg(_MAX_DATAGRAM + 1,
+                                                            socket.CMSG_SPACE(_UCRED.size))
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in (errno.ECONNREFUSED, errno.EAGAIN):
-                    return
-                log("[uwsgi-subscription for pid %d] recv on %s: %s"
-                    % (os.getpid(), listener.name, exc.strerror or exc))
+                if exc.errno not in (errno.ECONNREFUSED, errno.EAGAIN):
+                    self._receive_failed(listener, exc)
                 return
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == _SCM_CREDENTIALS \
+                        and len(payload) >= _UCRED.size:
+                    pid, uid, gid = _UCRED.unpack_from(payload)
             self.received += 1
-            if creds_wanted:
-                self.handle(data, sender, pid=pid, uid=uid, gid=gid, require_credentials=True)
-            else:
-                self.handle(data, sender)
+            self.handle(data, sender, pid=pid, uid=uid, gid=gid, require_credentials=True)
+
+    def _receive_failed(self, listener: DatagramListener, exc: OSError) -> None:
+        log("[uwsgi-subscription for pid %d] recv on %s: %s"
+            % (os.getpid(), listener.name, exc.strerror or exc))
 
     def handle(self, data: bytes, sender=None, *, pid: Optional[int] = None, uid: Optional[int] = None,
                gid: Optional[int] = None, require_credentials: bool = False) -> Optional[Announcement]:
