@@ -4,10 +4,17 @@ Theory of operation
 -------------------
 Each ``--fastrouter-subscription-server`` address is a datagram socket (UDP when the
 address has a ``:``, else a UNIX datagram socket) registered with the reactor.  On
-readiness up to 64 datagrams are read; each is parsed strictly
-(:func:`~uwsgi_fastrouter.subscription.parse_announcement`) and applied to the
-:class:`~uwsgi_fastrouter.subscription.SubscriptionTable`.  Nothing is ever sent back
-to the sender except the optional ``notify`` acknowledgement of uWSGI.
+readiness up to 64 datagrams are read, all of them before the first is applied; each is
+parsed strictly (:func:`~uwsgi_fastrouter.subscription.parse_announcement`) and applied
+to the :class:`~uwsgi_fastrouter.subscription.SubscriptionTable`.  Nothing is ever sent
+back to the sender except the optional ``notify`` acknowledgement of uWSGI.
+
+The steady state of a busy router is plain re-announces of known nodes.  When nothing
+about the sender is checked and nothing is copied or forwarded
+(:meth:`SubscriptionServer._refreshes_in_place`), such a datagram is applied straight
+from its bytes (``SubscriptionTable.refresh_usual``, which hands every other packet
+back); the result, the log and the counters are those of :meth:`SubscriptionServer.handle`
+(tests/test_subserver_refresh.py compares the two paths).
 
 Bad datagrams are dropped with a log line; the log is rate limited (a flood of garbage
 cannot flood the log: after 20 lines in a second the rest are counted and summarised).
