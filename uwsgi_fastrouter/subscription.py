@@ -738,8 +738,9 @@ class Node:
         self.proto: Optional[bytes] = None
         self.vassal: Optional[bytes] = None
         self.v21 = False
-        #: the node's rendezvous-hashing seed (see :func:`_pick_hash`)
-        self.hrw = _seed(name)
+        #: the node's rendezvous-hashing seed (see :func:`_pick_hash`); only iphash
+        #: keys use it, so it is made when the node joins one (SubscriptionTable._add)
+        self.hrw = 0
         #: slow start: when the node's weight ramp began, 0 when it has none
         #: (uwsgi_fastrouter/slowstart.py)
         self.ramp_from = 0.0
@@ -1404,6 +1405,8 @@ class SubscriptionTable:
             node.failcnt += 1
 
     def _add(self, pool: Pool, node: Node) -> None:
+        if pool.hashed:
+            node.hrw = _seed(node.name)
         if self.health_checked:
             node.health = "down" if node.name in self.down else "up"
         pool.nodes.append(node)
