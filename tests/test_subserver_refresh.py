@@ -75,14 +75,18 @@ def state(table: SubscriptionTable) -> list:
 
 
 def outcome(batches: List[List[bytes]], general: bool, pair: Optional[Pair] = None,
-            **table_args) -> tuple:
+            master: bool = False, **table_args) -> tuple:
     """Apply *batches* (a clock second apart) one datagram at a time through handle(),
     or a readiness per batch through the socket; the table, its log, the server's
-    log and counters."""
+    log and counters, and with *master* what a master copies to its router
+    processes."""
     table_lines: List[str] = []
     table = SubscriptionTable(log=table_lines.append, pid=1, **table_args)
     when = [float(T0)]
     srv = make_server(table, when)
+    copies: list = []
+    if master:
+        srv.on_accepted = lambda a, pid, uid, gid: copies.append((a, pid, uid, gid))
     lines = io.StringIO()
     log.set_stream(lines)
     try:
@@ -96,7 +100,7 @@ def outcome(batches: List[List[bytes]], general: bool, pair: Optional[Pair] = No
     finally:
         log.set_stream(None)
     return (state(table), table_lines, lines.getvalue(), srv.received if not general else None,
-            srv.dropped, table.refused_keys, table.refused_nodes)
+            srv.dropped, table.refused_keys, table.refused_nodes, copies)
 
 
 plain = st.builds(
@@ -112,17 +116,19 @@ datagrams = st.one_of(plain, plain, mutated(plain))
 
 @PROPERTY
 @given(st.lists(st.lists(datagrams, min_size=1, max_size=12), min_size=1, max_size=6),
-       st.sampled_from([dict(), dict(slow_start=5.0), dict(max_keys=2, max_nodes=2)]))
-def test_the_quick_path_leaves_what_the_general_path_leaves(batches, table_args):
+       st.sampled_from([dict(), dict(slow_start=5.0), dict(max_keys=2, max_nodes=2)]),
+       st.booleans())
+def test_the_quick_path_leaves_what_the_general_path_leaves(batches, table_args, master):
     """For any sequence of announces, unsubscribes, drains, 2.1 fields and damaged
     packets, reading them from the socket (plain refreshes take the quick path) leaves
-    the table, the log lines and the counters exactly as handle() does."""
+    the table, the log lines and the counters exactly as handle() does, and gives a
+    master the same copies."""
     p = Pair()
     try:
-        quick = outcome(batches, False, p, **table_args)
+        quick = outcome(batches, False, p, master, **table_args)
     finally:
         p.close()
-    general = outcome(batches, True, **table_args)
+    general = outcome(batches, True, None, master, **table_args)
     assert quick[0] == general[0]
     assert quick[1:3] == general[1:3]
     assert quick[3] == sum(len(batch) for batch in batches)

@@ -10,7 +10,7 @@ to the :class:`~uwsgi_fastrouter.subscription.SubscriptionTable`.  Nothing is ev
 back to the sender except the optional ``notify`` acknowledgement of uWSGI.
 
 The steady state of a busy router is plain re-announces of known nodes.  When nothing
-about the sender is checked and nothing is copied or forwarded
+about the sender is checked and nothing is forwarded
 (:meth:`SubscriptionServer._refreshes_in_place`), such a datagram is applied straight
 from its bytes (``SubscriptionTable.refresh_usual``, which hands every other packet
 back); the result, the log and the counters are those of :meth:`SubscriptionServer.handle`
@@ -203,9 +203,12 @@ class SubscriptionServer:
         refresh = self.table.refresh_usual
         clock = self.wall_clock
         on_node = self.on_node
+        copy = self.on_accepted
         for data, sender in batch:
             if refresh(data, clock()):
                 on_node()
+                if copy is not None:
+                    copy(parse_announcement(data), None, None, None)
             else:
                 handle(data, sender)
 
@@ -213,10 +216,11 @@ class SubscriptionServer:
         """Whether a plain refresh of a known node may go straight to the table
         (``SubscriptionTable.refresh_usual``; it falls back to :meth:`handle` for
         any other packet): true when nothing is checked about the sender (no allow
-        list, no credentials), nothing is copied to router processes or forwarded,
-        and addresses are not host names to resolve."""
+        list, no credentials), nothing is forwarded, and addresses are not host
+        names to resolve.  (A master still gets its copy of each, see
+        :attr:`on_accepted`.)"""
         return (self.allow is None and not self.credentials_check and self.names is None
-                and self.on_accepted is None and not self.resubscribe)
+                and not self.resubscribe)
 
     def _receive(self, listener: DatagramListener) -> List[tuple]:
         """Up to _DATAGRAMS_PER_EVENT ``(datagram, sender)`` pairs, as many as are
