@@ -419,10 +419,22 @@ def _parse_usual(data: bytes) -> Optional[Announcement]:
     return _new_announcement(Announcement, values)
 
 
+#: the datagram :func:`_usual_layout` last looked at, and what it found: when the
+#: server's quick path (SubscriptionTable.refresh_usual) hands a packet back, the parser
+#: looks at the same bytes object right after it (bytes never change, and the reference
+#: held here keeps the identity from being reused)
+_LAST_LAYOUT: list = [None, None]
+
+
 def _usual_layout(data: bytes) -> Optional[Tuple[bytes, bytes, int, list]]:
     """``(key, address, header byte 3, the tail's field values)`` of a packet in the
     usual layout whose tail is well formed and plain (see _TAILS), else None.  The
     values are the memo's own list, in Announcement's field order: read, never change."""
+    last = _LAST_LAYOUT
+    if data is last[0]:
+        return last[1]
+    last[0] = data
+    last[1] = None    # (until the end below is reached)
     end = len(data)
     if end < _KEY_START:
         return None
@@ -444,7 +456,8 @@ def _usual_layout(data: bytes) -> Optional[Tuple[bytes, bytes, int, list]]:
         values = _learn_tail(tail)
     if values is None:
         return None
-    return data[_KEY_START:key_end], data[address_start:address_end], opcode, values
+    found = last[1] = data[_KEY_START:key_end], data[address_start:address_end], opcode, values
+    return found
 
 
 def _learn_tail(tail: bytes) -> Optional[list]:
