@@ -407,7 +407,8 @@ def _parse_usual(data: bytes) -> Optional[Announcement]:
     """:func:`_parse_common` for a packet whose vars start with ``key`` and ``address``
     and whose tail is known (see _TAILS); None for any other packet (that one is
     walked in full).  Returns exactly what the general walk returns."""
-    usual = _usual_layout(data)
+    handed = _HANDED_BACK
+    usual = handed[1] if data is handed[0] else _usual_layout(data)
     if usual is None:
         return None
     key, address, opcode, values = usual
@@ -419,22 +420,25 @@ def _parse_usual(data: bytes) -> Optional[Announcement]:
     return _new_announcement(Announcement, values)
 
 
-#: the datagram :func:`_usual_layout` last looked at, and what it found: when the
-#: server's quick path (SubscriptionTable.refresh_usual) hands a packet back, the parser
-#: looks at the same bytes object right after it (bytes never change, and the reference
-#: held here keeps the identity from being reused)
-_LAST_LAYOUT: list = [None, None]
+#: the last datagram the server's quick path (SubscriptionTable.refresh_usual) handed
+#: back to the general path, and its usual layout: the parser, which looks at the same
+#: bytes object right after, finds the layout here (bytes never change, and the
+#: reference held here keeps the identity from being reused)
+_HANDED_BACK: list = [None, None]
+
+
+def _hand_back(data: bytes, usual: tuple) -> bool:
+    """``refresh_usual``'s answer for a usual packet it leaves to the general path
+    (False), the layout kept for :func:`_parse_usual`."""
+    _HANDED_BACK[0] = data
+    _HANDED_BACK[1] = usual
+    return False
 
 
 def _usual_layout(data: bytes) -> Optional[Tuple[bytes, bytes, int, list]]:
     """``(key, address, header byte 3, the tail's field values)`` of a packet in the
     usual layout whose tail is well formed and plain (see _TAILS), else None.  The
     values are the memo's own list, in Announcement's field order: read, never change."""
-    last = _LAST_LAYOUT
-    if data is last[0]:
-        return last[1]
-    last[0] = data
-    last[1] = None    # (until the end below is reached)
     end = len(data)
     if end < _KEY_START:
         return None
@@ -456,8 +460,7 @@ def _usual_layout(data: bytes) -> Optional[Tuple[bytes, bytes, int, list]]:
         values = _learn_tail(tail)
     if values is None:
         return None
-    found = last[1] = data[_KEY_START:key_end], data[address_start:address_end], opcode, values
-    return found
+    return data[_KEY_START:key_end], data[address_start:address_end], opcode, values
 
 
 def _learn_tail(tail: bytes) -> Optional[list]:
@@ -1126,10 +1129,10 @@ class SubscriptionTable:
         key, address, opcode, values = usual
         pool = self._pools.get(key)
         if pool is None or opcode or values[_DRAIN]:
-            return False
+            return _hand_back(data, usual)
         node = pool.by_address.get(address)
         if node is None or node.v21:
-            return False
+            return _hand_back(data, usual)
         self._refresh(pool, node, now, values[_CORES], values[_LOAD], values[_WEIGHT])
         return True
 
