@@ -20,6 +20,8 @@ difference over the amount of work is the figure, so start-up and set-up cancel 
   pair by the server's readiness callback, 40 queued per readiness (as many as a
   router under load finds); the sends are part of the set-up that cancels out only
   in part, so compare these between trees, not with ``refresh``/``new``.
+* ``read_copied``: ``read_refresh`` by a master's server, which copies each accepted
+  announce for its router processes (to a list here).
 * ``single``: the stats document of one process holding 10,000 keys, rendered whole
   through ``render_pieces``: per document.
 * ``master``: the master's document for the same table with the reports of two router
@@ -53,14 +55,17 @@ logmod.set_stream(io.StringIO())
 case, n = sys.argv[2], int(sys.argv[3])
 table = SubscriptionTable(tolerance=3600, algo="wrr", max_keys=10**6, max_nodes=64, log=logmod.log,
                           pid=1, verifier=None)
-if case in ("refresh", "new", "read_refresh", "read_new"):
+if case in ("refresh", "new", "read_refresh", "read_new", "read_copied"):
     from uwsgi_fastrouter.reactor import Reactor
     from uwsgi_fastrouter.subserver import SubscriptionServer
     server = SubscriptionServer(Reactor(), table, [], wall_clock=time.time)
+    if case == "read_copied":   # a master's server: what it accepts is queued for its routers
+        copies = []
+        server.on_accepted = lambda a, pid, uid, gid: copies.append((pid, uid, gid, tuple(a)))
     keys = [b"k-%05d.bench" % i for i in range(5000)]
     created = [build_announcement(k, b"127.0.0.1:9", cores=1, weight=1) for k in keys]
     refreshed = [build_announcement(k, b"127.0.0.1:9", cores=1, weight=2) for k in keys]
-    if case.endswith("refresh"):
+    if case in ("refresh", "read_refresh", "read_copied"):
         for packet in created:
             server.handle(packet, None)
         work = refreshed[:n]
@@ -126,7 +131,8 @@ else:
 '''
 
 CASES = {"refresh": (5000, "datagram"), "new": (5000, "datagram"),
-         "read_refresh": (5000, "datagram"), "read_new": (5000, "datagram"), "single": (1, "document"),
+         "read_refresh": (5000, "datagram"), "read_new": (5000, "datagram"),
+         "read_copied": (5000, "datagram"), "single": (1, "document"),
          "master": (1, "document"), "report": (1, "report"), "report_idle": (1, "report"),
          "merge": (1, "document")}
 
