@@ -421,15 +421,15 @@ def _parse_usual(data: bytes) -> Optional[Announcement]:
 
 
 #: the last datagram the server's quick path (SubscriptionTable.refresh_usual) handed
-#: back to the general path, and its usual layout: the parser, which looks at the same
-#: bytes object right after, finds the layout here (bytes never change, and the
+#: back to the general path (or refreshed, for a master's copy), and its usual layout:
+#: the parser, which looks at the same bytes object right after, finds the layout here (bytes never change, and the
 #: reference held here keeps the identity from being reused)
 _HANDED_BACK: list = [None, None]
 
 
 def _hand_back(data: bytes, usual: tuple) -> bool:
-    """``refresh_usual``'s answer for a usual packet it leaves to the general path
-    (False), the layout kept for :func:`_parse_usual`."""
+    """Keep *usual* as the layout of *data* for :func:`_parse_usual`; False (what
+    ``refresh_usual`` answers for a packet it leaves to the general path)."""
     _HANDED_BACK[0] = data
     _HANDED_BACK[1] = usual
     return False
@@ -1110,7 +1110,7 @@ class SubscriptionTable:
                  % (self.pid, _text(a.key), _text(a.address)))
         return node
 
-    def refresh_usual(self, data: bytes, now: float) -> bool:
+    def refresh_usual(self, data: bytes, now: float, keep_layout: bool = False) -> bool:
         """Refresh the node a plain re-announce names, straight from the datagram's
         bytes: the steady state of a busy router, without an :class:`Announcement`.
 
@@ -1120,7 +1120,8 @@ class SubscriptionTable:
         field.  For such a packet it does what :meth:`announce` does when the sender's
         credentials are unknown, and returns True; for any other packet it returns
         False and changes nothing: the caller parses the packet and applies it the
-        general way."""
+        general way, which finds the layout read here (so does a parse of a refreshed
+        packet with *keep_layout*: a master copies it to its router processes)."""
         if self.verifier is not None:
             return False
         usual = _usual_layout(data)
@@ -1134,6 +1135,8 @@ class SubscriptionTable:
         if node is None or node.v21:
             return _hand_back(data, usual)
         self._refresh(pool, node, now, values[_CORES], values[_LOAD], values[_WEIGHT])
+        if keep_layout:
+            _hand_back(data, usual)
         return True
 
     def _refresh(self, pool: Pool, node: Node, now: float, cores: int, load: int,

@@ -204,8 +204,9 @@ class SubscriptionServer:
         clock = self.wall_clock
         on_node = self.on_node
         copy = self.on_accepted
+        copying = copy is not None
         for data, sender in batch:
-            if refresh(data, clock()):
+            if refresh(data, clock(), copying):
                 on_node()
                 if copy is not None:
                     copy(parse_announcement(data), None, None, None)
