@@ -403,6 +403,21 @@ _TAIL_MAX_BYTES = 512
 _UNKNOWN_TAIL = object()
 
 
+#: the last datagram the server's quick path (SubscriptionTable.refresh_usual) handed
+#: back to the general path (or refreshed, for a master's copy), and its usual layout:
+#: the parser, which looks at the same bytes object right after, finds the layout here
+#: (bytes never change, and the reference held here keeps the identity from being reused)
+_HANDED_BACK: list = [None, None]
+
+
+def _hand_back(data: bytes, usual: tuple) -> bool:
+    """Keep *usual* as the layout of *data* for :func:`_parse_usual`; False (what
+    ``refresh_usual`` answers for a packet it leaves to the general path)."""
+    _HANDED_BACK[0] = data
+    _HANDED_BACK[1] = usual
+    return False
+
+
 def _parse_usual(data: bytes) -> Optional[Announcement]:
     """:func:`_parse_common` for a packet whose vars start with ``key`` and ``address``
     and whose tail is known (see _TAILS); None for any other packet (that one is
@@ -418,21 +433,6 @@ def _parse_usual(data: bytes) -> Optional[Announcement]:
     values[_UNSUBSCRIBE] = opcode != 0
     values[_SIGNED_PART] = data[HEADER_SIZE:]
     return _new_announcement(Announcement, values)
-
-
-#: the last datagram the server's quick path (SubscriptionTable.refresh_usual) handed
-#: back to the general path (or refreshed, for a master's copy), and its usual layout:
-#: the parser, which looks at the same bytes object right after, finds the layout here (bytes never change, and the
-#: reference held here keeps the identity from being reused)
-_HANDED_BACK: list = [None, None]
-
-
-def _hand_back(data: bytes, usual: tuple) -> bool:
-    """Keep *usual* as the layout of *data* for :func:`_parse_usual`; False (what
-    ``refresh_usual`` answers for a packet it leaves to the general path)."""
-    _HANDED_BACK[0] = data
-    _HANDED_BACK[1] = usual
-    return False
 
 
 def _usual_layout(data: bytes) -> Optional[Tuple[bytes, bytes, int, list]]:

@@ -208,7 +208,7 @@ class SubscriptionServer:
         for data, sender in batch:
             if refresh(data, clock(), copying):
                 on_node()
-                if copy is not None:
+                if copying:
                     copy(parse_announcement(data), None, None, None)
             else:
                 handle(data, sender)
