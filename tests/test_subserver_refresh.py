@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from property_support import PROPERTY, mutated
+from support import sock_path
 from uwsgi_fastrouter import log, subserver
 from uwsgi_fastrouter.allowlist import SourceAllowList
 from uwsgi_fastrouter.subscription import Node, SubscriptionTable, build_announcement
@@ -190,6 +191,41 @@ def test_an_allow_list_is_applied_to_every_refresh_read_from_the_socket(pair):
         log.set_stream(None)
     assert table.pool(b"k").nodes[0].weight == 1
     assert srv.refused_sources == 1 and srv.dropped == 1
+
+
+def test_an_allowed_sender_takes_the_quick_path(sock_dir, monkeypatch):
+    """With an allow list, a refresh from a listed sender is applied from its bytes;
+    one from an unlisted sender is refused, counted and logged as before."""
+    table = SubscriptionTable()
+    srv = make_server(table, [float(T0)],
+                      allow=SourceAllowList([sock_path(sock_dir, "ok-a.sock")]))
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(sock_path(sock_dir, "router.sock"))
+    receiver.setblocking(False)
+    listener = DatagramListener(receiver, "router", None)
+    senders = {}
+    for name in ("ok-a.sock", "evil.sock"):
+        senders[name] = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        senders[name].bind(sock_path(sock_dir, name))
+    try:
+        senders["ok-a.sock"].sendto(build_announcement(b"k", b"a:1", weight=1),
+                                    receiver.getsockname())
+        srv._readable(listener)
+        monkeypatch.setattr(subserver, "parse_announcement", lambda data: pytest.fail("parsed"))
+        for name, weight in (("ok-a.sock", 4), ("evil.sock", 9)):
+            senders[name].sendto(build_announcement(b"k", b"a:1", weight=weight),
+                                 receiver.getsockname())
+        log.set_stream(io.StringIO())
+        try:
+            srv._readable(listener)
+        finally:
+            log.set_stream(None)
+    finally:
+        for sock in senders.values():
+            sock.close()
+        listener.close()
+    assert table.pool(b"k").nodes[0].weight == 4
+    assert srv.received == 3 and srv.refused_sources == 1 and srv.dropped == 1
 
 
 def test_under_a_master_every_refresh_is_copied_to_the_router_processes(pair):

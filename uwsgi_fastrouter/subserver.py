@@ -9,9 +9,10 @@ parsed strictly (:func:`~uwsgi_fastrouter.subscription.parse_announcement`) and 
 to the :class:`~uwsgi_fastrouter.subscription.SubscriptionTable`.  Nothing is ever sent
 back to the sender except the optional ``notify`` acknowledgement of uWSGI.
 
-The steady state of a busy router is plain re-announces of known nodes.  When nothing
-about the sender is checked and nothing is forwarded
-(:meth:`SubscriptionServer._refreshes_in_place`), such a datagram is applied straight
+The steady state of a busy router is plain re-announces of known nodes.  When no
+credentials are checked and nothing is forwarded
+(:meth:`SubscriptionServer._refreshes_in_place`), such a datagram from a sender the
+allow list (if any) accepts is applied straight
 from its bytes (``SubscriptionTable.refresh_usual``, which hands every other packet
 back); the result, the log and the counters are those of :meth:`SubscriptionServer.handle`
 (tests/test_subserver_refresh.py compares the two paths).
@@ -205,8 +206,10 @@ class SubscriptionServer:
         on_node = self.on_node
         copy = self.on_accepted
         copying = copy is not None
+        allow = self.allow
         for data, sender in batch:
-            if refresh(data, clock(), copying):
+            # (a sender the allow list refuses goes to handle(), which counts and logs it)
+            if (allow is None or allow.allows(sender)) and refresh(data, clock(), copying):
                 on_node()
                 if copying:
                     copy(parse_announcement(data), None, None, None)
@@ -216,12 +219,11 @@ class SubscriptionServer:
     def _refreshes_in_place(self) -> bool:
         """Whether a plain refresh of a known node may go straight to the table
         (``SubscriptionTable.refresh_usual``; it falls back to :meth:`handle` for
-        any other packet): true when nothing is checked about the sender (no allow
-        list, no credentials), nothing is forwarded, and addresses are not host
-        names to resolve.  (A master still gets its copy of each, see
+        any other packet): true when no credentials are checked, nothing is
+        forwarded, and addresses are not host names to resolve.  (The allow list is
+        still asked about each sender, and a master still gets its copy of each, see
         :attr:`on_accepted`.)"""
-        return (self.allow is None and not self.credentials_check and self.names is None
-                and not self.resubscribe)
+        return not self.credentials_check and self.names is None and not self.resubscribe
 
     def _receive(self, listener: DatagramListener) -> List[tuple]:
         """Up to _DATAGRAMS_PER_EVENT ``(datagram, sender)`` pairs, as many as are
