@@ -16,6 +16,12 @@ difference over the amount of work is the figure, so start-up and set-up cancel 
   the table (a new weight each), after 5,000 that created them: per datagram.
 * ``new``: 5,000 announces of new keys (pool and node created, two log lines each, to
   a memory stream): per datagram.
+* ``read_refresh``, ``read_new``: the same datagrams read from a UNIX datagram socket
+  pair by the server's readiness callback, 40 queued per readiness (as many as a
+  router under load finds); the sends are part of the set-up that cancels out only
+  in part, so compare these between trees, not with ``refresh``/``new``.
+* ``read_copied``: ``read_refresh`` by a master's server, which copies each accepted
+  announce for its router processes (to a list here).
 * ``single``: the stats document of one process holding 10,000 keys, rendered whole
   through ``render_pieces``: per document.
 * ``master``: the master's document for the same table with the reports of two router
@@ -51,21 +57,37 @@ logmod.set_stream(io.StringIO())
 case, n = sys.argv[2], int(sys.argv[3])
 table = SubscriptionTable(tolerance=3600, algo="wrr", max_keys=10**6, max_nodes=64, log=logmod.log,
                           pid=1, verifier=None)
-if case in ("refresh", "new"):
+if case in ("refresh", "new", "read_refresh", "read_new", "read_copied"):
     from uwsgi_fastrouter.reactor import Reactor
     from uwsgi_fastrouter.subserver import SubscriptionServer
     server = SubscriptionServer(Reactor(), table, [], wall_clock=time.time)
+    if case == "read_copied":   # a master's server: what it accepts is queued for its routers
+        copies = []
+        server.on_accepted = lambda a, pid, uid, gid: copies.append((pid, uid, gid, tuple(a)))
     keys = [b"k-%05d.bench" % i for i in range(5000)]
     created = [build_announcement(k, b"127.0.0.1:9", cores=1, weight=1) for k in keys]
     refreshed = [build_announcement(k, b"127.0.0.1:9", cores=1, weight=2) for k in keys]
-    if case == "refresh":
+    if case in ("refresh", "read_refresh", "read_copied"):
         for packet in created:
             server.handle(packet, None)
-        work = refreshed
+        work = refreshed[:n]
     else:
-        work = created
-    for packet in work[:n]:
-        server.handle(packet, None)
+        work = created[:n]
+    if case.startswith("read_"):
+        # through the socket: a UNIX datagram pair, BATCH datagrams queued per readiness
+        import socket
+        from uwsgi_fastrouter.subserver import DatagramListener
+        sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        receiver.setblocking(False)
+        listener = DatagramListener(receiver, "pair", None)
+        BATCH = 40
+        for i in range(0, len(work), BATCH):
+            for packet in work[i:i + BATCH]:
+                sender.send(packet)
+            server._readable(listener)
+    else:
+        for packet in work:
+            server.handle(packet, None)
 else:
     import types
     from uwsgi_fastrouter import stats
@@ -113,7 +135,9 @@ else:
         "".join(stats.render_pieces(document))
 '''
 
-CASES = {"refresh": (5000, "datagram"), "new": (5000, "datagram"), "single": (1, "document"),
+CASES = {"refresh": (5000, "datagram"), "new": (5000, "datagram"),
+         "read_refresh": (5000, "datagram"), "read_new": (5000, "datagram"),
+         "read_copied": (5000, "datagram"), "single": (1, "document"),
          "master": (1, "document"), "report": (1, "report"), "report_idle": (1, "report"),
          "merge": (1, "document"), "expire": (1, "sweep")}
 

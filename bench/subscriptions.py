@@ -24,7 +24,9 @@ expires while it is measured.
    Packets on one socket are processed in order, so when the router logs
    ``marker => new node`` it has handled everything before it: packets/s = N / (time
    from the first send until that line is in the router's log).  The stats then
-   confirm how many were applied.  ``new`` creates N pools (and two log lines each);
+   confirm how many were applied.  The routers under test run side by side, one
+   transport at a time, and their refresh rounds alternate, so that a change in the
+   machine's load falls on both.  ``new`` creates N pools (and two log lines each);
    ``refresh`` re-announces the same N keys with a new weight, the steady state of a
    busy router (10,000 keys announced every 10 s are 1,000 packets/s), and the stats
    must show every node with that weight.  Router CPU per packet comes from the
@@ -355,42 +357,50 @@ def measure_datagrams(router: Router, transport: str, kind: str, keys: List[byte
 
 def phase_datagrams(a, routers_wanted: List[str], uwsgi: Optional[str], workdir: str) -> List[dict]:
     rows = []
-    seq = 0
     address = b"127.0.0.1:9"  # never connected to in this phase
     backend, backend_port = start_backend(workdir)
     marker_address = b"127.0.0.1:%d" % backend_port
     try:
-        for name in routers_wanted:
-            rows += _datagrams_of(a, name, uwsgi, workdir, seq, address, marker_address)
-            seq += 10
+        for seq, transport in enumerate(("unix", "udp")):
+            rows += _datagrams_over(a, transport, routers_wanted, uwsgi, workdir, 10 * seq, address,
+                                    marker_address)
     finally:
         processes.stop(backend, signal.SIGINT)
-    return rows
+    order = {name: i for i, name in enumerate(routers_wanted)}
+    return sorted(rows, key=lambda row: (order[row["router"]], row["transport"] != "unix",
+                                         row["kind"] != "new"))
 
 
-def _datagrams_of(a, name: str, uwsgi: Optional[str], workdir: str, seq: int, address: bytes,
-                  marker_address: bytes) -> List[dict]:
+def _datagrams_over(a, transport: str, names: List[str], uwsgi: Optional[str], workdir: str,
+                    seq: int, address: bytes, marker_address: bytes) -> List[dict]:
+    """The routers side by side on one transport: each creates the keys, then the refresh
+    rounds alternate between them (ours, uwsgi, uwsgi, ours, ...), so that a change in
+    the machine's load falls on both; the median round of each is kept."""
     rows = []
-    for transport in ("unix", "udp"):
-        seq += 1
-        router = start_router(name, uwsgi, workdir, seq, a.start_timeout)
-        try:
-            keys = keys_for(a.keys, "k-")
+    routers: Dict[str, Router] = {}
+    try:
+        for i, name in enumerate(names):
+            routers[name] = start_router(name, uwsgi, workdir, seq + i + 1, a.start_timeout)
+        keys = keys_for(a.keys, "k-")
+        for name in names:
             log("%s %s: %d new keys" % (name, transport, a.keys))
-            rows.append(measure_datagrams(router, transport, "new", keys, 1,
+            rows.append(measure_datagrams(routers[name], transport, "new", keys, 1,
                                           b"marker-0.bench", address, marker_address))
-            refreshes = []
-            for r in range(a.rounds):
-                refreshes.append(measure_datagrams(router, transport, "refresh", keys, 2 + r,
-                                                   b"marker-%d.bench" % (r + 1), address,
-                                                   marker_address))
-            best = sorted(refreshes, key=lambda row: row["pps"])[len(refreshes) // 2]
-            best = dict(best, spread=spread([row["pps"] for row in refreshes]),
-                        applied=min(row["applied"] for row in refreshes),
-                        drops=(sum(row["drops"] for row in refreshes) if transport == "udp"
-                               and all(row["drops"] is not None for row in refreshes) else None))
-            rows.append(best)
-        finally:
+        refreshes: Dict[str, List[dict]] = {name: [] for name in names}
+        for r in range(a.rounds):
+            for name in (names if r % 2 == 0 else names[::-1]):
+                refreshes[name].append(measure_datagrams(routers[name], transport, "refresh", keys,
+                                                         2 + r, b"marker-%d.bench" % (r + 1),
+                                                         address, marker_address))
+        for name in names:
+            rounds = refreshes[name]
+            best = sorted(rounds, key=lambda row: row["pps"])[len(rounds) // 2]
+            rows.append(dict(best, spread=spread([row["pps"] for row in rounds]),
+                             applied=min(row["applied"] for row in rounds),
+                             drops=(sum(row["drops"] for row in rounds) if transport == "udp"
+                                    and all(row["drops"] is not None for row in rounds) else None)))
+    finally:
+        for router in routers.values():
             router.close()
     return rows
 
@@ -559,6 +569,19 @@ def report(a, dgram_rows: List[dict], routing_rows: List[dict], commands: List[s
             [[r["router"], r["transport"], r["kind"], str(r["sent"]), str(r["applied"]), fmt(r["drops"], "%d"),
               "%.3f" % r["seconds"], fmt(r["pps"]) + (" ±%.0f%%" % r["spread"] if r.get("spread") else ""),
               fmt(r["logged_pps"]), fmt(r["cpu_us"], "%.1f")] for r in dgram_rows]))
+        by_row = {(r["router"], r["transport"], r["kind"]): r for r in dgram_rows}
+        ratios = []
+        for transport in ("unix", "udp"):
+            for kind in ("refresh", "new"):
+                ours, theirs = by_row.get(("ours", transport, kind)), by_row.get(("uwsgi", transport, kind))
+                if ours and theirs and theirs["pps"] and ours["cpu_us"]:
+                    ratios.append("%s %s: packets/s x%.2f, CPU per packet x%.2f"
+                                  % (transport, kind, ours["pps"] / theirs["pps"],
+                                     ours["cpu_us"] / theirs["cpu_us"]))
+        if ratios:
+            out += ["", "ours / uwsgi (%s):" % ("refresh: median rounds, the rounds interleaved"
+                                                if a.rounds > 1 else "one round")]
+            out += ["  " + line for line in ratios]
     if routing_rows:
         out += ["", "2. routing key %s among 1 and %d subscribed keys (c=%d, %s s x %d rounds, %s)"
                 % (HOT_KEY, a.keys, a.concurrency, a.duration, a.rounds,

@@ -751,6 +751,25 @@ def test_dump_and_load_round_trip():
     assert dst.lookup(b"\xff\x00key", T0 + 5).name == b"@x"
 
 
+def test_an_iphash_key_sends_each_client_to_the_same_node_after_a_hand_over():
+    """The rendezvous seeds are made when a node joins an iphash key, by an announce
+    or by a load: the loaded key picks as the original one did."""
+    src = SubscriptionTable(algo="iphash")
+    for i in range(5):
+        src.announce(ann(b"k", b"10.1.0.%d:3031" % i), T0)
+    dst = SubscriptionTable()
+    assert dst.load(src.dump(), T0) == 5
+    clients = [b"10.9.%d.%d" % (i // 256, i % 256) for i in range(500)]
+    picked = {}
+    for table in (src, dst):
+        for client in clients:
+            node = table.lookup(b"k", T0, client)
+            table.release(node)
+            picked.setdefault(client, []).append(node.name)
+    assert all(a == b for a, b in picked.values())
+    assert len({a for a, _ in picked.values()}) == 5
+
+
 def test_load_keeps_newer_nodes_and_skips_expired_ones():
     src = SubscriptionTable()
     src.announce(ann(b"k", b"old"), T0 - 100)

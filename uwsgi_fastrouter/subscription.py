@@ -310,6 +310,10 @@ _KEY = _FIELD_INDEX["key"]
 _ADDRESS = _FIELD_INDEX["address"]
 _SIGNED_PART = _FIELD_INDEX["signed_part"]
 _FORWARDED = _FIELD_INDEX["forwarded"]
+_CORES = _FIELD_INDEX["cores"]
+_LOAD = _FIELD_INDEX["load"]
+_WEIGHT = _FIELD_INDEX["weight"]
+_DRAIN = _FIELD_INDEX["drain"]
 _new_announcement = tuple.__new__
 
 
@@ -401,10 +405,42 @@ _TAIL_MAX_BYTES = 512
 _UNKNOWN_TAIL = object()
 
 
+#: the last datagram the server's quick path (SubscriptionTable.refresh_usual) handed
+#: back to the general path (or refreshed, for a master's copy), and its usual layout:
+#: the parser, which looks at the same bytes object right after, finds the layout here
+#: (bytes never change, and the reference held here keeps the identity from being reused)
+_HANDED_BACK: list = [None, None]
+
+
+def _hand_back(data: bytes, usual: tuple) -> bool:
+    """Keep *usual* as the layout of *data* for :func:`_parse_usual`; False (what
+    ``refresh_usual`` answers for a packet it leaves to the general path)."""
+    _HANDED_BACK[0] = data
+    _HANDED_BACK[1] = usual
+    return False
+
+
 def _parse_usual(data: bytes) -> Optional[Announcement]:
     """:func:`_parse_common` for a packet whose vars start with ``key`` and ``address``
     and whose tail is known (see _TAILS); None for any other packet (that one is
     walked in full).  Returns exactly what the general walk returns."""
+    handed = _HANDED_BACK
+    usual = handed[1] if data is handed[0] else _usual_layout(data)
+    if usual is None:
+        return None
+    key, address, opcode, values = usual
+    values = values[:]
+    values[_KEY] = key
+    values[_ADDRESS] = address
+    values[_UNSUBSCRIBE] = opcode != 0
+    values[_SIGNED_PART] = data[HEADER_SIZE:]
+    return _new_announcement(Announcement, values)
+
+
+def _usual_layout(data: bytes) -> Optional[Tuple[bytes, bytes, int, list]]:
+    """``(key, address, header byte 3, the tail's field values)`` of a packet in the
+    usual layout whose tail is well formed and plain (see _TAILS), else None.  The
+    values are the memo's own list, in Announcement's field order: read, never change."""
     end = len(data)
     if end < _KEY_START:
         return None
@@ -426,12 +462,7 @@ def _parse_usual(data: bytes) -> Optional[Announcement]:
         values = _learn_tail(tail)
     if values is None:
         return None
-    values = values[:]
-    values[_KEY] = data[_KEY_START:key_end]
-    values[_ADDRESS] = data[address_start:address_end]
-    values[_UNSUBSCRIBE] = opcode != 0
-    values[_SIGNED_PART] = data[HEADER_SIZE:]
-    return _new_announcement(Announcement, values)
+    return data[_KEY_START:key_end], data[address_start:address_end], opcode, values
 
 
 def _learn_tail(tail: bytes) -> Optional[list]:
@@ -725,8 +756,9 @@ class Node:
         self.proto: Optional[bytes] = None
         self.vassal: Optional[bytes] = None
         self.v21 = False
-        #: the node's rendezvous-hashing seed (see :func:`_pick_hash`)
-        self.hrw = _seed(name)
+        #: the node's rendezvous-hashing seed (see :func:`_pick_hash`); only iphash
+        #: keys use it, so it is made when the node joins one (SubscriptionTable._add)
+        self.hrw = 0
         #: slow start: when the node's weight ramp began, 0 when it has none
         #: (uwsgi_fastrouter/slowstart.py)
         self.ramp_from = 0.0
@@ -1041,15 +1073,7 @@ class SubscriptionTable:
         if node is not None:
             if check:
                 self._check_known(a, node)
-            if node.death_mark or node.draining:
-                self.start_ramp(node, now)
-            node.death_mark = 0
-            node.draining = 0.0
-            node.last_check = now_s
-            node.cores = a.cores
-            node.load = a.load
-            node.weight = a.weight if a.weight > 0 else 1
-            node.last_requests = 0
+            self._refresh(pool, node, now, a.cores, a.load, a.weight)
             if a.v21 or node.v21:
                 _apply_v21(pool, node, a)
             if pid is not None:
@@ -1058,8 +1082,6 @@ class SubscriptionTable:
                 node.uid = uid
             if gid is not None:
                 node.gid = gid
-            pool.refreshed = True
-            pool.last_announce = now_s
             return node
         # A new node: its proof first, then the table's memory, then room.
         if check:
@@ -1089,6 +1111,51 @@ class SubscriptionTable:
         self.log("[uwsgi-subscription for pid %d] %s => new node: %s"
                  % (self.pid, _text(a.key), _text(a.address)))
         return node
+
+    def refresh_usual(self, data: bytes, now: float, keep_layout: bool = False) -> bool:
+        """Refresh the node a plain re-announce names, straight from the datagram's
+        bytes: the steady state of a busy router, without an :class:`Announcement`.
+
+        It covers a table without a ``verifier``, and a subscribe in the usual layout
+        whose tail the memo of tails knows (well formed; no ``sign``, ``hmac``, 2.1 var
+        or ``drain``) for a node already in the table that never announced a 2.1
+        field.  For such a packet it does what :meth:`announce` does when the sender's
+        credentials are unknown, and returns True; for any other packet it returns
+        False and changes nothing: the caller parses the packet and applies it the
+        general way, which finds the layout read here (so does a parse of a refreshed
+        packet with *keep_layout*: a master copies it to its router processes)."""
+        if self.verifier is not None:
+            return False
+        usual = _usual_layout(data)
+        if usual is None:
+            return False
+        key, address, opcode, values = usual
+        pool = self._pools.get(key)
+        if pool is None or opcode or values[_DRAIN]:
+            return _hand_back(data, usual)
+        node = pool.by_address.get(address)
+        if node is None or node.v21:
+            return _hand_back(data, usual)
+        self._refresh(pool, node, now, values[_CORES], values[_LOAD], values[_WEIGHT])
+        if keep_layout:
+            _hand_back(data, usual)
+        return True
+
+    def _refresh(self, pool: Pool, node: Node, now: float, cores: int, load: int,
+                 weight: int) -> None:
+        """What every accepted subscribe of a node already in the table updates."""
+        if node.death_mark or node.draining:
+            self.start_ramp(node, now)
+        now_s = int(now)
+        node.death_mark = 0
+        node.draining = 0.0
+        node.last_check = now_s
+        node.cores = cores
+        node.load = load
+        node.weight = weight if weight > 0 else 1
+        node.last_requests = 0
+        pool.refreshed = True
+        pool.last_announce = now_s
 
     def _signature_fault(self, a: Announcement) -> Optional[str]:
         """Why *a*'s proof (signature or hmac) is not acceptable, or ``None``."""
@@ -1388,6 +1455,8 @@ class SubscriptionTable:
             node.failcnt += 1
 
     def _add(self, pool: Pool, node: Node) -> None:
+        if pool.hashed:
+            node.hrw = _seed(node.name)
         if self.health_checked:
             node.health = "down" if node.name in self.down else "up"
         pool.nodes.append(node)

@@ -4,10 +4,18 @@ Theory of operation
 -------------------
 Each ``--fastrouter-subscription-server`` address is a datagram socket (UDP when the
 address has a ``:``, else a UNIX datagram socket) registered with the reactor.  On
-readiness up to 64 datagrams are read; each is parsed strictly
-(:func:`~uwsgi_fastrouter.subscription.parse_announcement`) and applied to the
-:class:`~uwsgi_fastrouter.subscription.SubscriptionTable`.  Nothing is ever sent back
-to the sender except the optional ``notify`` acknowledgement of uWSGI.
+readiness up to 64 datagrams are read, all of them before the first is applied; each is
+parsed strictly (:func:`~uwsgi_fastrouter.subscription.parse_announcement`) and applied
+to the :class:`~uwsgi_fastrouter.subscription.SubscriptionTable`.  Nothing is ever sent
+back to the sender except the optional ``notify`` acknowledgement of uWSGI.
+
+The steady state of a busy router is plain re-announces of known nodes.  When no
+credentials are checked and nothing is forwarded
+(:meth:`SubscriptionServer._refreshes_in_place`), such a datagram from a sender the
+allow list (if any) accepts is applied straight
+from its bytes (``SubscriptionTable.refresh_usual``, which hands every other packet
+back); the result, the log and the counters are those of :meth:`SubscriptionServer.handle`
+(tests/test_subserver_refresh.py compares the two paths).
 
 Bad datagrams are dropped with a log line; the log is rate limited (a flood of garbage
 cannot flood the log: after 20 lines in a second the rest are counted and summarised).
@@ -183,34 +191,83 @@ class SubscriptionServer:
 
     def _readable(self, listener: DatagramListener) -> None:
         sock = listener.sock
-        creds_wanted = self.use_credentials and sock.family == socket.AF_UNIX
+        if self.use_credentials and sock.family == socket.AF_UNIX:
+            self._read_with_credentials(listener)
+            return
+        batch = self._receive(listener)
+        self.received += len(batch)
+        handle = self.handle
+        if not self._refreshes_in_place():
+            for data, sender in batch:
+                handle(data, sender)
+            return
+        refresh = self.table.refresh_usual
+        clock = self.wall_clock
+        on_node = self.on_node
+        copy = self.on_accepted
+        copying = copy is not None
+        allow = self.allow
+        for data, sender in batch:
+            # (a sender the allow list refuses goes to handle(), which counts and logs it)
+            if (allow is None or allow.allows(sender)) and refresh(data, clock(), copying):
+                on_node()
+                if copying:
+                    copy(parse_announcement(data), None, None, None)
+            else:
+                handle(data, sender)
+
+    def _refreshes_in_place(self) -> bool:
+        """Whether a plain refresh of a known node may go straight to the table
+        (``SubscriptionTable.refresh_usual``; it falls back to :meth:`handle` for
+        any other packet): true when no credentials are checked, nothing is
+        forwarded, and addresses are not host names to resolve.  (The allow list is
+        still asked about each sender, and a master still gets its copy of each, see
+        :attr:`on_accepted`.)"""
+        return not self.credentials_check and self.names is None and not self.resubscribe
+
+    def _receive(self, listener: DatagramListener) -> List[tuple]:
+        """Up to _DATAGRAMS_PER_EVENT ``(datagram, sender)`` pairs, as many as are
+        queued.  They are all read before any is applied: the reads follow each other
+        closely, so a sender blocked on the full queue is woken for a burst."""
+        recvfrom = listener.sock.recvfrom
+        batch: List[tuple] = []
+        try:
+            for _ in range(_DATAGRAMS_PER_EVENT):
+                # (the bytes object is made at the largest size and shrunk in place:
+                # cheaper than reading into a buffer and copying the datagram out)
+                batch.append(recvfrom(_MAX_DATAGRAM + 1))
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.EAGAIN):
+                self._receive_failed(listener, exc)
+        return batch
+
+    def _read_with_credentials(self, listener: DatagramListener) -> None:
+        """:meth:`_readable` of a UNIX socket read with ``SCM_CREDENTIALS``: the
+        sender's pid/uid/gid go with each datagram."""
+        sock = listener.sock
         for _ in range(_DATAGRAMS_PER_EVENT):
             pid = uid = gid = None
             try:
-                if creds_wanted:
-                    data, ancdata, flags, sender = sock.recvmsg(_MAX_DATAGRAM + 1,
-                                                                socket.CMSG_SPACE(_UCRED.size))
-                    for level, kind, payload in ancdata:
-                        if level == socket.SOL_SOCKET and kind == _SCM_CREDENTIALS \
-                                and len(payload) >= _UCRED.size:
-                            pid, uid, gid = _UCRED.unpack_from(payload)
-                else:
-                    # (the bytes object is made at the largest size and shrunk in place:
-                    # cheaper than reading into a buffer and copying the datagram out)
-                    data, sender = sock.recvfrom(_MAX_DATAGRAM + 1)
+                data, ancdata, flags, sender = sock.recvmsg(_MAX_DATAGRAM + 1,
+                                                            socket.CMSG_SPACE(_UCRED.size))
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in (errno.ECONNREFUSED, errno.EAGAIN):
-                    return
-                log("[uwsgi-subscription for pid %d] recv on %s: %s"
-                    % (os.getpid(), listener.name, exc.strerror or exc))
+                if exc.errno not in (errno.ECONNREFUSED, errno.EAGAIN):
+                    self._receive_failed(listener, exc)
                 return
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == _SCM_CREDENTIALS \
+                        and len(payload) >= _UCRED.size:
+                    pid, uid, gid = _UCRED.unpack_from(payload)
             self.received += 1
-            if creds_wanted:
-                self.handle(data, sender, pid=pid, uid=uid, gid=gid, require_credentials=True)
-            else:
-                self.handle(data, sender)
+            self.handle(data, sender, pid=pid, uid=uid, gid=gid, require_credentials=True)
+
+    def _receive_failed(self, listener: DatagramListener, exc: OSError) -> None:
+        log("[uwsgi-subscription for pid %d] recv on %s: %s"
+            % (os.getpid(), listener.name, exc.strerror or exc))
 
     def handle(self, data: bytes, sender=None, *, pid: Optional[int] = None, uid: Optional[int] = None,
                gid: Optional[int] = None, require_credentials: bool = False) -> Optional[Announcement]:
