@@ -328,8 +328,11 @@ def test_a_process_stopped_past_its_outbox_is_replaced_and_ends_when_resumed(tmp
             count += announce_all(sub, address, [count])
             last = key(count - 1)
             router.wait_for_log(r"%s => new node" % last.decode(), timeout=60)
-            # both running processes have every update (the lagging one is stopped)
-            running = [replacement, pids[2]]
+            # both running processes have every update (the lagging one is stopped).
+            # On a loaded machine the flood can leave process 2 behind by more than
+            # the limit too: it is then replaced as well (the same rule), and its
+            # replacement is the one to check.
+            running = [replacement, router_pids(router, 3)[2]]
             for pid in running:
                 stop(*[p for p in running if p != pid])
                 try:
@@ -345,8 +348,11 @@ def test_a_process_stopped_past_its_outbox_is_replaced_and_ends_when_resumed(tmp
             # resumed, the old process finishes (it has nothing to finish) and is not respawned
             resume(lagging)
             router.wait_for_log(r"fastrouter 1 \(pid: %d\) exited with status 0" % lagging)
-            assert "died" not in router.log() and router.count(SPAWNED) == 3
-            assert router.count(r"unread: replacing it") == 1
+            others = router.count(r"fastrouter 2 \(pid: \d+\) left \d+ bytes of its channel "
+                                  r"unread: replacing it")
+            assert "died" not in router.log() and router.count(SPAWNED) == 3 + others
+            assert router.count(replaced % lagging) == 1
+            assert router.count(r"unread: replacing it") == 1 + others
         finally:
             resume(*pids.values())
         assert router.stop() == 0
