@@ -416,9 +416,9 @@ def _records_pattern():
     occurrence, which is the rule.  (An empty value of a key name is captured too:
     :func:`scan_request` then walks the block in Python, since an earlier, non-empty
     occurrence is the candidate.  Matching empty key names as records of their own
-    cost every record with a key of their lengths a failed try.)  The repeat is possessive (``*+``): a record
-    that matched is never tried again, so a bad block costs one pass whatever it
-    holds.  The engine tries alternatives in order, so the usual lengths of var
+    cost every record with a key of their lengths a failed try.)  The repeat is
+    possessive (``*+``): a record that matched is never tried again, so a bad block
+    costs one pass whatever it holds.  The engine tries alternatives in order, so the usual lengths of var
     names come first (:data:`_COMMON_KEY_LENGTHS`)."""
     if sys.version_info < (3, 11):  # pragma: no cover - possessive repeats are 3.11+
         return None
