@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from support import wait_until
 from uwsgi_fastrouter import log as logmod
 from uwsgi_fastrouter.reactor import HANGUP, READ, WRITE, Reactor, Timer
 
@@ -125,16 +126,6 @@ def run_bounded(reactor: Reactor, seconds: float = WATCHDOG_SECONDS) -> None:
         alarm_r.close()
         alarm_w.close()
     assert not fired.is_set(), "reactor still running after %.1f s" % seconds
-
-
-def wait_for(predicate, seconds: float = WATCHDOG_SECONDS) -> bool:
-    """Poll *predicate* until it holds or *seconds* pass; return its last value."""
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.001)
-    return True
 
 
 # ------------------------------------------------------------------ fd dispatch
@@ -695,7 +686,8 @@ def test_close_restores_previous_handler_and_wakeup_fd(selector_cls, preserve_si
         assert signal.getsignal(signal.SIGUSR1) is previous_handler
         assert signal.set_wakeup_fd(other_w.fileno()) == other_w.fileno()
         os.kill(os.getpid(), signal.SIGUSR1)
-        assert wait_for(lambda: previous_calls == [signal.SIGUSR1])
+        wait_until(lambda: previous_calls == [signal.SIGUSR1], timeout=WATCHDOG_SECONDS,
+                   interval=0.001, what="the previous SIGUSR1 handler to run")
         assert other_r.recv(10) == bytes([signal.SIGUSR1])
     finally:
         signal.set_wakeup_fd(old)
