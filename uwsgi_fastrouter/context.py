@@ -16,7 +16,14 @@ built (the counters, the request scan) are forwarded by the server's properties.
 The scratch buffer rule: every read of a session goes into ``scratch`` and lives
 there only until the callback that made it returns, as the next callback of any
 session overwrites it.  Whatever must outlive the callback is copied out first
-(see ``Session._release_scratch`` and the pumps' pending buffers).
+(the pumps' pending buffers).  The first read of a request is the exception: it
+is a bytes object of its own (``Session.start``), since a head that waits for its
+node must outlive the callback anyway.
+
+``fast_path`` says whether a session may take ``Session._forward``, the one-frame
+path of the usual request: true when the request scan is the default one and no
+var stripping, retry-after-connect or TLS policy is set.  It is worked out again
+whenever the scan is replaced (:meth:`SessionContext.set_scan`).
 """
 
 from __future__ import annotations
@@ -25,13 +32,14 @@ from typing import Any, Callable, Optional
 
 from .bodybuffer import BodyBuffering
 from .handoff import Handoffs
+from .protocol import scan_request as default_scan
 from .stripvars import VarStripper
 
 
 class SessionContext:
     __slots__ = ("reactor", "router", "scratch", "scratch_view", "chunk", "timeout", "force_key",
                  "scan_request", "counters", "handoffs", "body", "access_log", "cheap_enabled",
-                 "closed", "log", "strip_vars", "http_errors", "tls", "resend")
+                 "closed", "log", "strip_vars", "http_errors", "tls", "resend", "fast_path")
 
     def __init__(self, reactor, router, *, chunk: int, timeout: float, scan_request: Callable,
                  counters: Any, handoffs: Handoffs, body: Optional[BodyBuffering] = None,
@@ -61,3 +69,10 @@ class SessionContext:
         self.strip_vars = strip_vars      # vars removed before a head goes out; None when off
         self.http_errors = http_errors    # answer 502/503/504 instead of a bare close
         self.tls = tls                    # which nodes speak TLS (tlsnode.NodeTls); None: none
+        self.set_scan(scan_request)
+
+    def set_scan(self, scan_request: Callable) -> None:
+        """Use *scan_request* to read the vars of every request from now on."""
+        self.scan_request = scan_request
+        self.fast_path = (scan_request is default_scan and self.strip_vars is None
+                          and not self.resend and self.tls is None)

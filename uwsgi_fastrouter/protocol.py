@@ -58,6 +58,8 @@ __all__ = [
     "HeadReader",
     "RequestInfo",
     "scan_request",
+    "scan_route",
+    "request_info",
 ]
 
 #: modifier1 (u8), datasize (u16 little-endian), modifier2 (u8).
@@ -487,16 +489,36 @@ def scan_request(block: BytesLike, force_key: Optional[bytes] = None) -> Request
     ``chunked``
         an ``HTTP_TRANSFER_ENCODING`` var is present (a body of unknown length).
 
-    The walk is done by the ``re`` engine (:func:`_records_pattern`) when every key
+    The walk is done by the ``re`` engine (:func:`scan_route`) when every key
     and value is shorter than 256 bytes, by :func:`_scan_walk` otherwise; both give
     the same answer.
     """
     data = block if type(block) is bytes else bytes(block)
+    scanned = scan_route(data, force_key, 0)
+    if scanned is None:
+        return _scan_walk(data, force_key)
+    return request_info(scanned[3], scanned[0])
+
+
+def scan_route(data: bytes, force_key: Optional[bytes] = None, start: int = HEADER_SIZE):
+    """The router's per-request scan: :func:`scan_request` without the parts most
+    requests never need.
+
+    *data* holds the vars from *start* to its end (by default a whole head: the
+    4-byte header, then the vars).  Returns ``(key, content_length, chunked,
+    match)`` with the meanings of :func:`scan_request`, where *match* is what
+    :func:`request_info` reads the rest from if it is ever asked for (the client's
+    address, for a log line or a balancing rule); no :class:`RequestInfo` is built
+    here.  Returns None where the pattern does not decide: a key or value of 256
+    bytes or more, a malformed block, or an empty last occurrence of the chosen
+    key name (an earlier one may count); :func:`scan_request` then walks the block
+    in Python and names a fault.
+    """
     if _match_records is None:  # pragma: no cover - before Python 3.11
-        return _scan_walk(data, force_key)
-    match = _match_records(data)
+        return None
+    match = _match_records(data, start)
     if match is None:
-        return _scan_walk(data, force_key)
+        return None
     # Each group is empty and sits where its value's length starts (-1: no such
     # var); all lengths are below 256 here, so the low byte is the length.  The
     # groups are read one by one: Match.regs would build a tuple per group.
@@ -510,9 +532,21 @@ def scan_request(block: BytesLike, force_key: Optional[bytes] = None) -> Request
         if at >= 0:
             size = data[at]
             if not size:
-                # The name's last occurrence is empty: an earlier one may count.
-                return _scan_walk(data, None)
+                return None
             force_key = data[at + 2:at + 2 + size]
+    at = at_of(_G_CONTENT_LENGTH)
+    if at >= 0:
+        clen = _content_length(data[at + 2:at + 2 + data[at]]) if data[at] else 0
+    else:
+        clen = None
+    return force_key, clen, at_of(_G_CHUNKED) >= 0, match
+
+
+def request_info(match: "re.Match", key: Optional[bytes]) -> RequestInfo:
+    """The :class:`RequestInfo` of a block that :func:`scan_route` matched, with
+    *key* (the one it returned)."""
+    data = match.string
+    at_of = match.start
     at = at_of(_G_CONTENT_LENGTH)
     if at >= 0:
         clen = _content_length(data[at + 2:at + 2 + data[at]]) if data[at] else 0
@@ -522,7 +556,7 @@ def scan_request(block: BytesLike, force_key: Optional[bytes] = None) -> Request
     raddr = data[at + 2:at + 2 + data[at]] if at >= 0 else None
     at = at_of(_G_REMOTE_PORT)
     rport = data[at + 2:at + 2 + data[at]] if at >= 0 else None
-    return _new_tuple(RequestInfo, (force_key, clen, raddr, rport, at_of(_G_CHUNKED) >= 0))
+    return _new_tuple(RequestInfo, (key, clen, raddr, rport, at_of(_G_CHUNKED) >= 0))
 
 
 def _scan_walk(data: bytes, force_key: Optional[bytes]) -> RequestInfo:

@@ -103,7 +103,7 @@ class Server:
 
     @scan_request.setter
     def scan_request(self, scan: Callable) -> None:
-        self.context.scan_request = scan
+        self.context.set_scan(scan)
 
     @property
     def access_log(self) -> Optional[Callable]:

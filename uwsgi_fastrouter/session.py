@@ -83,7 +83,7 @@ import os
 import socket
 from typing import TYPE_CHECKING, Optional
 
-from .protocol import HeadReader, ProtocolError
+from .protocol import HeadReader, ProtocolError, request_info, scan_route
 from .reactor import HANGUP, READ, WRITE
 from .fdpass import send_fd
 from .httperrors import BAD_GATEWAY, GATEWAY_TIMEOUT, SERVICE_UNAVAILABLE, response
@@ -141,12 +141,23 @@ _MSG_TRUNC = getattr(socket, "MSG_TRUNC", 0)   # without it the consumed bytes a
 _IN_NODE_SOCKET = memoryview(b"")
 
 
+def _with_modifiers(head, route: "Route"):
+    """*head* (a bytes-like uwsgi head) with the modifiers of *route*: *head* itself when
+    they are already its own, else a copy."""
+    if head[0] == route.modifier1 and head[3] == route.modifier2:
+        return head
+    head = bytearray(head)
+    head[0] = route.modifier1
+    head[3] = route.modifier2
+    return bytes(head)
+
+
 class Session:
     __slots__ = (
         "ctx", "csock", "cfd", "caddr", "bsock", "bfd", "state", "last",
         "reader", "key", "route", "retries", "fallback_index",
         "up_buf", "down_buf", "client_eof", "backend_eof", "c_events", "b_events",
-        "info", "watch_client", "timer", "fd_passed", "body", "down_peek", "failed_address",
+        "_info", "vars_match", "watch_client", "timer", "fd_passed", "body", "down_peek", "failed_address",
         "tls", "head",
         # the request record (record.py)
         "started", "first_byte", "ended", "rx", "tx", "outcome", "first",
@@ -172,7 +183,8 @@ class Session:
         self.backend_eof = False
         self.c_events = 0         # registered interest, client
         self.b_events = 0         # registered interest, backend
-        self.info = None          # RequestInfo, for log lines
+        self._info = None         # RequestInfo (see the info property)
+        self.vars_match = None    # protocol.scan_route's match, read by info when asked
         self.watch_client = True  # read the client during RELAY (see _head_complete)
         self.timer = None         # pending connect re-try (UNIX listen queue full)
         self.fd_passed = False    # the client's descriptor went to the node with the head
@@ -191,34 +203,75 @@ class Session:
     # ------------------------------------------------------------------ head
 
     def start(self) -> None:
-        """Called right after accept: the first read, up to one chunk, straight into the
-        shared scratch buffer.  A request that arrived whole goes on from here in the
-        same call; for a head not there yet, or there in part, the client is watched."""
+        """Called right after accept: the first read, up to one chunk, as a bytes object
+        of its own (what a head waiting for its node must be copied to anyway).  A
+        request that arrived whole goes on from here in the same call; for a head not
+        there yet, or there in part, the client is watched."""
         ctx = self.ctx
-        scratch = ctx.scratch
         try:
-            n = self.csock.recv_into(scratch, ctx.chunk, MSG_DONTWAIT)
+            head = self.csock.recv(ctx.chunk, MSG_DONTWAIT)
         except BlockingIOError:
             self._watch_head()
             return
         except OSError as exc:
             self.close("error reading the request: %s" % (exc.strerror or exc))
             return
+        n = len(head)
         if n == 0:
             self.close()
             return
         self.rx = n
         if n >= 4:
-            total = 4 + (scratch[1] | (scratch[2] << 8))
+            total = 4 + (head[1] | (head[2] << 8))
+            if n == total and ctx.fast_path:
+                self._forward(head)
+                return
             if n >= total:
-                self._head_complete(ctx.scratch_view, total, n)
-                if self.up_buf is not None:
-                    self._release_scratch()
+                self._head_complete(memoryview(head), total, n)
                 return
         # Only part of the head: n < 4 + datasize, so all of it is head.
         self.reader = reader = HeadReader()
-        reader.feed(ctx.scratch_view[:n])
+        reader.feed(head)
         self._watch_head()
+
+    def _forward(self, head: bytes) -> None:
+        """The usual request, in as few frames as it takes: a head that came whole with
+        nothing after it, on a router with the default scan and no var stripping,
+        retry-after-connect or TLS policy (SessionContext.fast_path).  The vars are
+        walked by :func:`~uwsgi_fastrouter.protocol.scan_route` (no RequestInfo is built:
+        :attr:`info` makes it if asked), and a bodyless request with a key and a node
+        goes straight to :meth:`_connect`.  Anything else continues on the general path
+        from where it differs: the Python walk (long values, bad vars), a body, no
+        key, no node."""
+        scanned = scan_route(head, self.ctx.force_key)
+        total = len(head)
+        if scanned is None:
+            self._head_complete(memoryview(head), total, total)
+            return
+        key, clen, chunked, self.vars_match = scanned
+        if clen or chunked or not key:
+            self._route_key(key, clen, chunked, memoryview(head), total, total)
+            return
+        self.key = key
+        route = self.ctx.router.route(key, self)
+        if route is None:
+            self._unrouted(key, clen, chunked, memoryview(head), total, total)
+            return
+        self.watch_client = False     # bodyless: see _routed
+        if head[0] != route.modifier1 or head[3] != route.modifier2:
+            head = _with_modifiers(head, route)
+        self.up_buf = head
+        self._connect(route)
+
+    @property
+    def info(self):
+        """The request's :class:`~uwsgi_fastrouter.protocol.RequestInfo` (None before its
+        vars were read); on the fast path it is made only when something asks for it
+        (a log line, the access log, a balancing rule)."""
+        info = self._info
+        if info is None and self.vars_match is not None:
+            info = self._info = request_info(self.vars_match, self.key or None)
+        return info
 
     def _watch_head(self) -> None:
         """Wait for (the rest of) the head: the client is read when it is readable."""
@@ -253,16 +306,6 @@ class Session:
         head = reader.head
         self._head_complete(memoryview(head), len(head), len(head))
 
-    def _release_scratch(self) -> None:
-        """The scratch-buffer rule (context.py): the callback that read into the shared
-        scratch buffer is about to return, and the next read of any session overwrites
-        it.  A head that could not be sent at once (connect in progress, a busy node's
-        back-off, a partial send) still points into it: it is copied out here, once,
-        whichever path left it pending."""
-        buf = self.up_buf
-        if buf is not None and type(buf) is memoryview and buf.obj is self.ctx.scratch:
-            self.up_buf = bytes(buf)
-
     def _head_complete(self, buf: memoryview, total: int, have: int) -> None:
         """*buf[:total]* is header + vars; *buf[total:have]* is early body."""
         ctx = self.ctx
@@ -271,52 +314,66 @@ class Session:
         except ProtocolError as exc:
             self.close("malformed request vars: %s" % exc)
             return
-        self.info = info
+        self._info = info
+        self._route_key(info.key, info.content_length, info.chunked, buf, total, have)
+
+    def _route_key(self, key: Optional[bytes], clen: Optional[int], chunked: bool,
+                   buf: memoryview, total: int, have: int) -> None:
+        """The vars are read: *key*, the CONTENT_LENGTH value *clen* and *chunked* (see
+        protocol.scan_request).  Find the node and go on."""
+        ctx = self.ctx
         if self.c_events:
             # The client is watched again once the backend is connected.
             ctx.reactor.unregister(self.cfd)
             self.c_events = 0
-        key = info.key
         if not key:
             # No usable key: closed as uWSGI does, with a line (D19).
             self._no_route(NO_ROUTE, "the request carries no key (UWSGI_FASTROUTER_KEY, "
                                      "HTTP_HOST or SERVER_NAME)")
             return
         self.key = key
-        router = ctx.router
-        route = router.route(key, self)
+        route = ctx.router.route(key, self)
         if route is None:
-            if router.at_cap():
-                self._wait_for_slot(buf, have)
-                return
-            route, self.retries, self.fallback_index = router.route_unknown_key(key)
-            if route is None:
-                self._no_route(NO_ROUTE, router.no_route_reason(key, ctx.cheap_enabled))
-                return
-        self._routed(route, buf, total, have)
+            self._unrouted(key, clen, chunked, buf, total, have)
+            return
+        self._routed(route, clen, chunked, buf, total, have)
 
-    def _routed(self, route: "Route", buf: memoryview, total: int, have: int) -> None:
+    def _unrouted(self, key: bytes, clen: Optional[int], chunked: bool,
+                  buf: memoryview, total: int, have: int) -> None:
+        """The mapper has no node for *key*: wait for a capped node's slot, try the
+        router's last resorts (fallbacks, cheap mode's rules), or give up."""
+        ctx = self.ctx
+        router = ctx.router
+        if router.at_cap():
+            self._wait_for_slot(buf, have)
+            return
+        route, self.retries, self.fallback_index = router.route_unknown_key(key)
+        if route is None:
+            self._no_route(NO_ROUTE, router.no_route_reason(key, ctx.cheap_enabled))
+            return
+        self._routed(route, clen, chunked, buf, total, have)
+
+    def _routed(self, route: "Route", clen: Optional[int], chunked: bool, buf: memoryview,
+                total: int, have: int) -> None:
         """The head in *buf* has a node: send it (or read the body first)."""
         ctx = self.ctx
-        info = self.info
         # A request without a body (uWSGI's rule, decisions.md D2: CONTENT_LENGTH
         # absent, empty or 0, no Transfer-Encoding; and nothing past the vars) has
         # nothing to relay upstream until the node answers: the client is watched only
         # from the first response bytes on (a websocket's frames follow its 101), which
         # spares two epoll_ctl calls per plain request.
-        if not info.content_length and not info.chunked and have == total:
+        if not clen and not chunked and have == total:
             self.watch_client = False
         if ctx.strip_vars is not None:
             buf, total, have = self._strip_vars(buf, total, have)
-        # Patch the modifiers into the head before it leaves (from the shared scratch
-        # buffer: see _release_scratch).
-        buf[0] = route.modifier1
-        buf[3] = route.modifier2
-        self.up_buf = buf[:have]
+        head = buf if have == len(buf) else buf[:have]
+        # The modifiers of the node go into the head before it leaves.
+        head = _with_modifiers(head, route)
+        self.up_buf = head
         if ctx.resend and not self.watch_client:
-            self.head = bytes(buf[:have])
-        if ctx.body is not None and info.content_length:
-            self._start_body(route, info.content_length, total, have)
+            self.head = bytes(head)
+        if ctx.body is not None and clen:
+            self._start_body(route, clen, total, have)
             return
         self._connect(route)
 
@@ -371,7 +428,8 @@ class Session:
         self.up_buf = None
         total = 4 + (head[1] | (head[2] << 8))
         self.last = self.ctx.reactor.now
-        self._routed(route, memoryview(head), total, len(head))
+        info = self.info
+        self._routed(route, info.content_length, info.chunked, memoryview(head), total, len(head))
         return True
 
     def _wait_expired(self, timeout: float) -> None:
@@ -486,21 +544,39 @@ class Session:
         self.state = CONNECTING
         if self.body is not None:
             self.body.sent = 0        # a retry sends the whole body file again
-        head = self.up_buf
         try:
             family, addr = node_sockaddr(route.address)
         except AddressError as exc:
             self._connect_failed(str(exc))
             return
         tls = self.ctx.tls
-        if tls is not None and tls.wanted(route):
-            self._connect_tls(route, tls, family, addr, busy)
+        if tls is not None and not tls.wanted(route):
+            tls = None
+        try:
+            # ssl wraps only the Python socket class, not the C type of the plain path
+            sock = (socket.socket if tls is not None else _new_socket)(family, _SOCK_FLAGS)
+        except OSError as exc:
+            self.close("unable to create a socket for node %s: %s"
+                       % (printable(route.address), exc.strerror or exc))
             return
-        sock = self._start_connect(route, _new_socket, family, addr, busy)
-        if sock is None:
+        err = sock.connect_ex(addr)
+        if err and (err not in _IN_PROGRESS or err == errno.EAGAIN and family == _AF_UNIX):
+            sock.close()
+            if err == errno.EAGAIN:
+                self._wait_for_busy_node(route, busy)     # the listen queue is full
+            else:
+                self._connect_failed(os.strerror(err))
+            return
+        self.bfd = bfd = sock.fileno()
+        if tls is not None:
+            # The head waits for the handshake, which starts once the TCP connect is
+            # complete (_finish_tls).
+            self.bsock = self.tls = tls.link(sock, self.ctx.reactor, self._tls_buffered)
+            self.b_events = WRITE
+            self.ctx.reactor.register(bfd, WRITE, self._on_backend)
             return
         self.bsock = sock
-        self.bfd = sock.fileno()
+        head = self.up_buf
         # Optimistic first send: usually the connection is already up.
         try:
             # Handoffs.may_pass(), written out: only bodyless requests are handed over.
@@ -513,50 +589,16 @@ class Session:
             else:
                 # write(), not send(): the same on a connected socket, without
                 # send()'s argument parsing (a plain node, never a TLS link here).
-                sent = _write(self.bfd, head)
+                sent = _write(bfd, head)
         except BlockingIOError:
             self.b_events = WRITE
-            self.ctx.reactor.register(self.bfd, WRITE, self._on_backend)
+            self.ctx.reactor.register(bfd, WRITE, self._on_backend)
             return
         except OSError as exc:
             self._drop_backend()
             self._connect_failed(exc.strerror or str(exc))
             return
         self._connected(head, sent)
-
-    def _start_connect(self, route: "Route", make_socket, family: int, addr,
-                       busy: Optional[tuple]):
-        """A new non-blocking socket from *make_socket* with its connect to *addr*
-        started; None when the session already went on without it (closed for want of
-        a socket, waiting for a busy UNIX node, or a failed connect reported)."""
-        try:
-            sock = make_socket(family, _SOCK_FLAGS)
-        except OSError as exc:
-            self.close("unable to create a socket for node %s: %s"
-                       % (printable(route.address), exc.strerror or exc))
-            return None
-        err = sock.connect_ex(addr)
-        if err == errno.EAGAIN and family == _AF_UNIX:
-            sock.close()
-            self._wait_for_busy_node(route, busy)
-            return None
-        if err and err not in _IN_PROGRESS:
-            sock.close()
-            self._connect_failed(os.strerror(err))
-            return None
-        return sock
-
-    def _connect_tls(self, route: "Route", tls, family: int, addr, busy: Optional[tuple]) -> None:
-        """:meth:`_connect` for a TLS node (tlsnode.py): the head waits for the handshake,
-        which starts once the TCP connect is complete (:meth:`_finish_tls`)."""
-        # ssl wraps only the Python socket class, not the C type the plain path uses
-        sock = self._start_connect(route, socket.socket, family, addr, busy)
-        if sock is None:
-            return
-        self.bfd = sock.fileno()
-        self.bsock = self.tls = tls.link(sock, self.ctx.reactor, self._tls_buffered)
-        self.b_events = WRITE
-        self.ctx.reactor.register(self.bfd, WRITE, self._on_backend)
 
     def _wait_for_busy_node(self, route: "Route", busy: Optional[tuple]) -> None:
         """The node's listen queue is full: connect again when the router's back-off
@@ -681,12 +723,7 @@ class Session:
         if route is None:
             self._all_failed()
             return
-        head = self.up_buf
-        if head[0] != route.modifier1 or head[3] != route.modifier2:
-            head = bytearray(head)
-            head[0] = route.modifier1
-            head[3] = route.modifier2
-            self.up_buf = bytes(head)
+        self.up_buf = _with_modifiers(self.up_buf, route)
         self.last = ctx.reactor.now
         self._connect(route)
 
@@ -818,8 +855,12 @@ class Session:
             try:
                 if peek:
                     n = bsock.recv_into(scratch, chunk, _MSG_PEEK)
+                    data = view[:n]
                 else:
-                    n = bsock.recv_into(scratch, first)
+                    # A bytes object of its own: sent as it is, kept if the client
+                    # cannot take it all (no slice of the scratch buffer to copy).
+                    data = bsock.recv(first)
+                    n = len(data)
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -846,7 +887,7 @@ class Session:
                 self.down_peek = True
                 self.first_byte = ctx.reactor.now
                 if ctx.access_log is not None:
-                    self.first = bytes(view[:16])     # for the HTTP status
+                    self.first = data[:16]            # for the HTTP status
                 if not self.watch_client:
                     # After a handoff the first response bytes mean the node ignored
                     # the descriptor: its answer is relayed as usual.
@@ -855,7 +896,7 @@ class Session:
                         ctx.log(self, "node ignored a passed descriptor: handing clients "
                                            "over to it is verified again (--fastrouter-trust-fd-passing)")
             try:
-                sent = csock.send(view[:n], MSG_DONTWAIT)
+                sent = csock.send(data, MSG_DONTWAIT)
             except BlockingIOError:
                 sent = 0
             except OSError as exc:
@@ -866,7 +907,7 @@ class Session:
                 if node is not None:
                     node.tx += n
                 if sent < n:
-                    self.down_buf = bytes(view[sent:n])
+                    self.down_buf = memoryview(data)[sent:]
                     return
                 if hangup and n < first and self.tls is None:
                     # The node's FIN came before this read, which left its socket

@@ -231,6 +231,11 @@ class TlsLink:
         except _WANT:
             raise BlockingIOError("TLS write would block")
 
+    def recv(self, nbytes: int) -> bytes:
+        """Up to *nbytes* decrypted bytes (a real read, as ``socket.recv``)."""
+        buf = bytearray(nbytes)
+        return bytes(memoryview(buf)[:self.recv_into(buf, nbytes)])
+
     def recv_into(self, buf, nbytes: int = 0, flags: int = 0) -> int:
         if flags & _MSG_TRUNC:
             return self._drop(nbytes)
