@@ -492,7 +492,7 @@ class Router:
         return self.mapper(key)
 
     def connected(self, route: Route) -> None:
-        """The connect to *route* succeeded.  (Session._count_connected does the same
+        """The connect to *route* succeeded.  (Session._connected does the same
         without the call: change both.)"""
         owner = route.owner
         if owner is not None:

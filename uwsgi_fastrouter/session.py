@@ -99,6 +99,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 MSG_DONTWAIT = socket.MSG_DONTWAIT
 _write = os.write
+_read = os.read
 # The C socket type: per-request sockets skip the Python-level wrapper of
 # socket.socket (its __init__ and close() bookkeeping serve makefile(), unused here).
 _new_socket = _socket.socket
@@ -584,7 +585,7 @@ class Session:
                 sent = send_fd(sock, head, self.cfd)
                 self.fd_passed = True
                 if sent == len(head) and self.ctx.handoffs.unchecked(route.address):
-                    self._handed_over(sent)
+                    self._connected(head, sent, True)
                     return
             else:
                 # write(), not send(): the same on a connected socket, without
@@ -670,16 +671,11 @@ class Session:
         if self.state == RELAY and self.down_buf is None and not self.backend_eof:
             self._on_backend(READ)
 
-    def _handed_over(self, sent: int) -> None:
-        """An unchecked handoff (--fastrouter-trust-fd-passing): the node is trusted to
-        take the client, so both our copies are closed at once, with no verdict."""
-        self._count_connected(sent)
-        self.backend_eof = True
-        self.outcome = HANDOFF        # what _outcome would say, known here
-        self.close()
-
-    def _count_connected(self, sent: int) -> None:
-        """The node took the connection and *sent* bytes of the request."""
+    def _connected(self, data, sent: int, handed_over: bool = False) -> None:
+        """The node took the connection and *sent* bytes of the head *data*.  With
+        *handed_over* (an unchecked handoff, --fastrouter-trust-fd-passing) the node is
+        trusted to take the client, so both our copies are closed at once, with no
+        verdict."""
         route = self.route
         owner = route.owner       # Router.connected(), written out (one call a request)
         if owner is not None:
@@ -687,9 +683,11 @@ class Session:
         node = route.node
         if node is not None:
             node.rx += sent
-
-    def _connected(self, data, sent: int) -> None:
-        self._count_connected(sent)
+        if handed_over:
+            self.backend_eof = True
+            self.outcome = HANDOFF    # what _outcome would say, known here
+            self.close()
+            return
         self.state = RELAY
         if sent < len(data):
             self.up_buf = bytes(memoryview(data)[sent:])
@@ -858,8 +856,9 @@ class Session:
                     data = view[:n]
                 else:
                     # A bytes object of its own: sent as it is, kept if the client
-                    # cannot take it all (no slice of the scratch buffer to copy).
-                    data = bsock.recv(first)
+                    # cannot take it all (no slice of the scratch buffer to copy);
+                    # read() on a plain node: recv() without its argument parsing.
+                    data = _read(self.bfd, first) if self.tls is None else bsock.recv(first)
                     n = len(data)
             except BlockingIOError:
                 return
