@@ -24,6 +24,7 @@ from support import busy_unix_node, free_dead_tcp_address, sock_path, wait_until
 from uwsgi_fastrouter import log, router as router_module, session as session_module, wsgiserver
 from uwsgi_fastrouter.accesslog import AccessLog
 from uwsgi_fastrouter.metrics import OUTCOMES, Counters
+from uwsgi_fastrouter.protocol import scan_request
 from uwsgi_fastrouter.record import FAILED
 from uwsgi_fastrouter.reactor import Reactor
 from uwsgi_fastrouter.router import BUSY_FIRST_DELAY, BUSY_MAX_DELAY, BUSY_TICK, Router
@@ -313,6 +314,55 @@ def test_a_node_that_never_answers_times_out_in_relay(engines, log_lines):
             engine.advance(2)
             assert session.state == CLOSED
             assert "timeout in state RELAY" in log_lines.getvalue()
+
+
+def test_a_bodyless_request_reads_the_client_address_from_its_vars_when_asked(engines, log_lines):
+    # The usual request takes Session._forward: its RequestInfo is made only when a log
+    # line (here the time-out's) asks for it, and says what scan_request says.
+    node, address = tcp_listener()
+    pairs = GET + [(b"REMOTE_ADDR", b"10.9.8.7"), (b"REMOTE_PORT", b"4242")]
+    with node:
+        engine = engines(Router(to=[address]))
+        head = uwsgi_packet(pairs, 5, 3)
+        client, session = engine.client(head)
+        conn, _ = node.accept()
+        with conn:
+            got = read_packet(conn)
+            # the modifiers are the node's (0, 0), every other byte is the client's
+            assert got[0] == 0 and got[3] == 0 and got[1:3] == head[1:3] and got[4:] == head[4:]
+            engine.until(lambda: session.state == RELAY, "relaying")
+            assert session.info == scan_request(head[4:])
+            engine.advance(TIMEOUT + 1)
+            assert session.state == CLOSED
+            assert ("[uwsgi-fastrouter key: example.com client_addr: 10.9.8.7 client_port: 4242 "
+                    "node: %s] timeout in state RELAY" % address) in log_lines.getvalue()
+
+
+@pytest.mark.parametrize("vars_, why", [
+    (GET + [(b"CONTENT_LENGTH", b"3")], "a body"),
+    ([(b"PATH_INFO", b"/")], "no key"),
+    (GET + [(b"HTTP_USER_AGENT", b"u" * 300)], "a value too long for the pattern"),
+    ([(b"HTTP_HOST", b"example.com"), (b"HTTP_HOST", b"")], "an empty last key var"),
+])
+def test_requests_the_one_frame_path_leaves_take_the_general_one(engines, log_lines, vars_, why):
+    node, address = tcp_listener()
+    with node:
+        engine = engines(Router(to=[address]))
+        body = b"abc" if why == "a body" else b""
+        client, session = engine.client(uwsgi_packet(vars_) + body)
+        if why == "no key":
+            engine.until(lambda: session.state == CLOSED, "closed")
+            assert "the request carries no key" in log_lines.getvalue()
+            return
+        conn, _ = node.accept()
+        with conn:
+            assert read_packet(conn) == uwsgi_packet(vars_)
+            if body:
+                assert recv_exact(conn, 3) == body
+            engine.until(lambda: session.state == RELAY, "relaying")
+            assert session.key == b"example.com"
+            assert session.watch_client == bool(body)
+            assert session.info == scan_request(uwsgi_packet(vars_)[4:])
 
 
 def test_the_body_min_rate_deadline_is_a_timer_on_the_loop_clock(engines, log_lines):

@@ -521,6 +521,41 @@ def test_cancelled_top_timer_does_not_shorten_the_wait(selector_cls):
         reactor.close()
 
 
+@pytest.mark.skipif(not hasattr(selectors, "EpollSelector"), reason="epoll only")
+def test_the_epoll_loop_waits_for_live_timers_from_a_fresh_clock():
+    """The epoll loop's wait skips a cancelled earliest timer, and is measured from a
+    clock read after the pass's callbacks: a slow callback does not make the next
+    timer late."""
+    clock = FakeClock()
+    reactor = Reactor(selector=selectors.EpollSelector(), clock=clock)
+    timeouts = []
+    epoll = reactor._epoll
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(epoll, name)
+
+        def poll(self, timeout=None, maxevents=-1):
+            # Pretend to wait: record the timeout, move the fake clock by it.
+            timeouts.append(timeout)
+            clock.advance(timeout or 0.0)
+            return epoll.poll(0, maxevents)
+
+    reactor._epoll = Recording()
+    try:
+        early = reactor.call_later(1, lambda: None)
+        reactor.call_later(5, clock.advance, 4.97)      # a slow timer callback...
+        reactor.call_later(10, reactor.stop)            # ...right before a near timer
+        reactor.call_later(12, lambda: None)
+        early.cancel()
+        run_bounded(reactor)
+        assert timeouts[0] == 5.0                       # not 1: the cancelled one is skipped
+        assert timeouts[1] == pytest.approx(0.03)       # 10 - (5 + 4.97), not 10 - 5
+        assert reactor.now == pytest.approx(1010.0)
+    finally:
+        reactor.close()
+
+
 def test_timeout_is_never_negative(make_reactor):
     clock = FakeClock()
     reactor = make_reactor(clock=clock)

@@ -39,7 +39,8 @@ from .stripvars import VarStripper
 class SessionContext:
     __slots__ = ("reactor", "router", "scratch", "scratch_view", "chunk", "timeout", "force_key",
                  "scan_request", "counters", "handoffs", "body", "access_log", "cheap_enabled",
-                 "closed", "log", "strip_vars", "http_errors", "tls", "resend", "fast_path")
+                 "closed", "log", "strip_vars", "http_errors", "tls", "resend", "fast_path",
+                 "first_read")
 
     def __init__(self, reactor, router, *, chunk: int, timeout: float, scan_request: Callable,
                  counters: Any, handoffs: Handoffs, body: Optional[BodyBuffering] = None,
@@ -55,6 +56,10 @@ class SessionContext:
         # largest head (header + 65535 bytes of vars).
         self.scratch = bytearray(max(chunk, 65536 + 4))
         self.scratch_view = memoryview(self.scratch)
+        # A request's first read is a bytes object of its own: room for the largest
+        # head, no more (an allocation that large would be a mapping of its own, made
+        # and unmade by system calls on every request).
+        self.first_read = min(chunk, 65536 + 4)
         self.timeout = timeout
         self.force_key = force_key
         self.scan_request = scan_request

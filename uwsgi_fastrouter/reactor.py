@@ -174,13 +174,6 @@ def _epoll_parts(selector: selectors.BaseSelector) -> Tuple[Any, Optional[Dict[i
 # (idle) pass.  It keeps huge delays away from the kernel's timeout limits.
 MAX_SELECT_TIMEOUT = 24 * 3600.0
 
-# The epoll loop computes its poll timeout from the loop time of the pass before
-# (read after the previous poll), which saves a clock reading per pass: a timer
-# further away than this from that time can only be late by how long that pass's
-# callbacks ran, which only matters for a pass that was itself a stall.  A nearer
-# timer gets a fresh reading, as the generic loop always does.
-FRESH_CLOCK_WITHIN = 0.1
-
 
 class Timer:
     """A scheduled callback, returned by :meth:`Reactor.call_later` / :meth:`Reactor.call_at`."""
@@ -697,7 +690,7 @@ class Reactor:
         run_timers = self._run_timers
         run_soon = self._run_soon
         report = self._report
-        self.now = now = clock()
+        self.now = clock()
         while True:
             if soon:
                 timeout: Optional[float] = 0.0
@@ -706,11 +699,8 @@ class Reactor:
                 if timer._cancelled:
                     timeout = next_timeout()
                 else:
-                    # The loop time of this pass is older than the callbacks it ran;
-                    # a timer due within FRESH_CLOCK_WITHIN of it gets a fresh reading.
-                    timeout = when - now
-                    if timeout < FRESH_CLOCK_WITHIN:
-                        timeout = when - clock()
+                    # A fresh clock reading: callbacks of this pass may have taken time.
+                    timeout = when - clock()
                     if timeout <= 0.0:
                         timeout = 0.0
                     elif timeout > MAX_SELECT_TIMEOUT:

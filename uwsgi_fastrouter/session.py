@@ -204,13 +204,14 @@ class Session:
     # ------------------------------------------------------------------ head
 
     def start(self) -> None:
-        """Called right after accept: the first read, up to one chunk, as a bytes object
-        of its own (what a head waiting for its node must be copied to anyway).  A
-        request that arrived whole goes on from here in the same call; for a head not
-        there yet, or there in part, the client is watched."""
+        """Called right after accept: the first read, as a bytes object of its own (what
+        a head waiting for its node must be copied to anyway), of up to one chunk or the
+        largest head, whichever is smaller (SessionContext.first_read).  A request that
+        arrived whole goes on from here in the same call; for a head not there yet, or
+        there in part, the client is watched."""
         ctx = self.ctx
         try:
-            head = self.csock.recv(ctx.chunk, MSG_DONTWAIT)
+            head = self.csock.recv(ctx.first_read, MSG_DONTWAIT)
         except BlockingIOError:
             self._watch_head()
             return
@@ -841,8 +842,6 @@ class Session:
         a first read that leaves its socket empty, fully sent on, is then the whole
         response, and the session ends without the read that would return 0."""
         ctx = self.ctx
-        scratch = ctx.scratch
-        view = ctx.scratch_view
         chunk = ctx.chunk
         bsock = self.bsock
         csock = self.csock
@@ -852,8 +851,8 @@ class Session:
         for _ in range(_READS_PER_EVENT):
             try:
                 if peek:
-                    n = bsock.recv_into(scratch, chunk, _MSG_PEEK)
-                    data = view[:n]
+                    n = bsock.recv_into(ctx.scratch, chunk, _MSG_PEEK)
+                    data = ctx.scratch_view[:n]
                 else:
                     # A bytes object of its own: sent as it is, kept if the client
                     # cannot take it all (no slice of the scratch buffer to copy);
