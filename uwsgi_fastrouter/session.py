@@ -699,7 +699,7 @@ class Session:
                 # awaited (what _update_interest computes here, without computing it:
                 # the client is not watched, nothing is pending either way).
                 self.b_events = READ
-                self.ctx.reactor.register(self.bfd, READ, self._on_backend)
+                self.ctx.reactor.register(self.bfd, READ, self._on_answer)
                 return
         self._update_interest()
 
@@ -829,93 +829,128 @@ class Session:
                 if not self._send_file():
                     return
         if mask & READ and not self.backend_eof and self.down_buf is None:
-            self._pump_down(mask & HANGUP)
+            if not self.down_peek:
+                self._on_answer(mask)     # the first response bytes; it ends the event
+                return
+            self._pump_down()
         if self.state == RELAY:
             self._update_interest()
 
-    def _pump_down(self, hangup: int = 0) -> None:
-        """Backend -> client, until the backend has nothing more or the client is full.
-
-        The first read takes up to FIRST_READ bytes; later ones peek a whole chunk and
-        consume only what the client took (see the module docstring).  *hangup* (the
-        reactor's HANGUP bit) says the node had shut down its side when the event came:
-        a first read that leaves its socket empty, fully sent on, is then the whole
-        response, and the session ends without the read that would return 0."""
+    def _on_answer(self, mask: int) -> None:
+        """The first response bytes: the node's readiness callback of a bodyless request
+        whose head went out whole (:meth:`_connected`), and :meth:`_on_backend`'s first
+        read otherwise.  The read takes up to FIRST_READ bytes, as a bytes object of its
+        own, sent to the client as it is (later reads peek, see :meth:`_pump_down`).
+        The HANGUP bit of *mask* says the node had shut down its side when the event
+        came: a first read that leaves its socket empty, fully sent on, is then the
+        whole response, and the session ends without the read that would return 0."""
+        if self.down_peek:
+            self._on_backend(mask)        # called again after the first read
+            return
         ctx = self.ctx
+        self.last = ctx.reactor.now
+        chunk = ctx.chunk
+        first = FIRST_READ if chunk > FIRST_READ else chunk
+        try:
+            # read() on a plain node: recv() without its argument parsing
+            data = _read(self.bfd, first) if self.tls is None else self.bsock.recv(first)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._node_failed(exc, True)
+            return
+        n = len(data)
+        if n == 0:
+            self._node_closed(True)
+            return
+        self.down_peek = True
+        self.first_byte = ctx.reactor.now
+        if ctx.access_log is not None:
+            self.first = data[:16]            # for the HTTP status
+        if not self.watch_client:
+            # After a handoff the first response bytes mean the node ignored the
+            # descriptor: its answer is relayed as usual.
+            self.watch_client = True
+            if self.fd_passed and ctx.handoffs.ignored(self.route.address):
+                ctx.log(self, "node ignored a passed descriptor: handing clients "
+                              "over to it is verified again (--fastrouter-trust-fd-passing)")
+        try:
+            sent = self.csock.send(data, MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.close("error writing to client: %s" % (exc.strerror or exc))
+            return
+        self.tx += sent
+        node = self.route.node
+        if node is not None:
+            node.tx += n
+        if sent < n:
+            self.down_buf = memoryview(data)[sent:]   # kept whole, no copy
+        elif mask & HANGUP and n < first and self.tls is None:
+            # The node's FIN came before this read, which left its socket empty: the
+            # response is complete (a TLS link may still hold decrypted bytes, so it
+            # reads on).
+            self.backend_eof = True
+            self.close()
+            return
+        else:
+            self._pump_down()
+        if self.state == RELAY:
+            self._update_interest()
+
+    def _node_failed(self, exc: OSError, first: bool) -> None:
+        """Reading from the node failed (before its *first* response byte, or after)."""
+        if self.head is not None and self._resend("failed (%s)" % (exc.strerror or exc)):
+            return
+        if first:
+            self._answer_error(BAD_GATEWAY)
+        self.close("error reading from node: %s" % (exc.strerror or exc))
+
+    def _node_closed(self, first: bool) -> None:
+        """The node closed its side (before its *first* response byte, or after)."""
+        if self.head is not None and self._resend("closed the connection"):
+            return
+        self.backend_eof = True
+        if first:
+            # Closed without a byte: taken over (below), or no answer at all.
+            self._answer_error(BAD_GATEWAY)
+            if self.fd_passed and not self.watch_client:
+                # The node took the client over.  Our copy is only closed (never shut
+                # down: that would cut the node's).
+                self.ctx.handoffs.taken(self.route.address)
+        self.close()
+
+    def _pump_down(self) -> None:
+        """Backend -> client after the first response bytes (:meth:`_on_answer`), until
+        the backend has nothing more or the client is full: each read peeks a whole
+        chunk and consumes only what the client took (see the module docstring)."""
+        ctx = self.ctx
+        scratch = ctx.scratch
+        view = ctx.scratch_view
         chunk = ctx.chunk
         bsock = self.bsock
         csock = self.csock
         node = self.route.node
-        peek = self.down_peek
-        first = FIRST_READ if chunk > FIRST_READ else chunk
         for _ in range(_READS_PER_EVENT):
             try:
-                if peek:
-                    n = bsock.recv_into(ctx.scratch, chunk, _MSG_PEEK)
-                    data = ctx.scratch_view[:n]
-                else:
-                    # A bytes object of its own: sent as it is, kept if the client
-                    # cannot take it all (no slice of the scratch buffer to copy);
-                    # read() on a plain node: recv() without its argument parsing.
-                    data = _read(self.bfd, first) if self.tls is None else bsock.recv(first)
-                    n = len(data)
+                n = bsock.recv_into(scratch, chunk, _MSG_PEEK)
             except BlockingIOError:
                 return
             except OSError as exc:
-                if self.head is not None and self._resend("failed (%s)" % (exc.strerror or exc)):
-                    return
-                if not peek:
-                    self._answer_error(BAD_GATEWAY)
-                self.close("error reading from node: %s" % (exc.strerror or exc))
+                self._node_failed(exc, False)
                 return
             if n == 0:
-                if self.head is not None and self._resend("closed the connection"):
-                    return
-                self.backend_eof = True
-                if not peek:
-                    # Closed without a byte: taken over (below), or no answer at all.
-                    self._answer_error(BAD_GATEWAY)
-                if self.fd_passed and not self.watch_client:
-                    # Closed without a byte: the node took the client over.  Our copy
-                    # is only closed (never shut down: that would cut the node's).
-                    ctx.handoffs.taken(self.route.address)
-                self.close()
+                self._node_closed(False)
                 return
-            if not peek:
-                self.down_peek = True
-                self.first_byte = ctx.reactor.now
-                if ctx.access_log is not None:
-                    self.first = data[:16]            # for the HTTP status
-                if not self.watch_client:
-                    # After a handoff the first response bytes mean the node ignored
-                    # the descriptor: its answer is relayed as usual.
-                    self.watch_client = True
-                    if self.fd_passed and ctx.handoffs.ignored(self.route.address):
-                        ctx.log(self, "node ignored a passed descriptor: handing clients "
-                                           "over to it is verified again (--fastrouter-trust-fd-passing)")
             try:
-                sent = csock.send(data, MSG_DONTWAIT)
+                sent = csock.send(view[:n], MSG_DONTWAIT)
             except BlockingIOError:
                 sent = 0
             except OSError as exc:
                 self.close("error writing to client: %s" % (exc.strerror or exc))
                 return
             self.tx += sent
-            if not peek:
-                if node is not None:
-                    node.tx += n
-                if sent < n:
-                    self.down_buf = memoryview(data)[sent:]
-                    return
-                if hangup and n < first and self.tls is None:
-                    # The node's FIN came before this read, which left its socket
-                    # empty: the response is complete (a TLS link may still hold
-                    # decrypted bytes, so it reads on).
-                    self.backend_eof = True
-                    self.close()
-                    return
-                peek = True
-                continue
             if sent and not self._consume(sent):
                 return
             if node is not None:
