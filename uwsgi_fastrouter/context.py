@@ -35,12 +35,16 @@ from .handoff import Handoffs
 from .protocol import scan_request as default_scan
 from .stripvars import VarStripper
 
+# The first read of a response: enough for a whole small response (one recv), and all
+# that a client that never reads can leave in the router's memory (session.py).
+FIRST_READ = 16 * 1024
+
 
 class SessionContext:
     __slots__ = ("reactor", "router", "scratch", "scratch_view", "chunk", "timeout", "force_key",
                  "scan_request", "counters", "handoffs", "body", "access_log", "cheap_enabled",
                  "closed", "log", "strip_vars", "http_errors", "tls", "resend", "fast_path",
-                 "first_read")
+                 "first_read", "answer_read")
 
     def __init__(self, reactor, router, *, chunk: int, timeout: float, scan_request: Callable,
                  counters: Any, handoffs: Handoffs, body: Optional[BodyBuffering] = None,
@@ -60,6 +64,8 @@ class SessionContext:
         # head, no more (an allocation that large would be a mapping of its own, made
         # and unmade by system calls on every request).
         self.first_read = min(chunk, 65536 + 4)
+        # A response's first read (Session._on_answer): see FIRST_READ.
+        self.answer_read = min(chunk, FIRST_READ)
         self.timeout = timeout
         self.force_key = force_key
         self.scan_request = scan_request

@@ -152,6 +152,7 @@ class StaticMapper:
         self.cursor = 0
         self.down_count = 0          # nodes down (health checks) or drained
         self.caps: Optional[NodeCaps] = None    # --fastrouter-node-max-conns
+        self.waiting: Optional[Waiting] = None  # told when a slot is given back
 
     def connected(self, route: Route) -> None:
         route.node.hits += 1
@@ -167,6 +168,8 @@ class StaticMapper:
         node = route.node
         if node.ref > 0:
             node.ref -= 1
+        if self.waiting is not None and self.waiting.sessions:
+            self.waiting.slot_freed()
 
     def set_down(self, address: bytes, down: bool) -> None:
         """The health checks marked the nodes at *address* down (or up again)."""
@@ -339,6 +342,7 @@ class SubscriptionMapper:
         self.on_empty = on_empty
         self.has_fallbacks = has_fallbacks
         self.on_failed = None   # (key, address): tell the other router processes (D8)
+        self.waiting: Optional[Waiting] = None  # told when a slot is given back
 
     def __call__(self, key: bytes, request=None) -> Optional[Route]:
         table = self.table
@@ -380,6 +384,8 @@ class SubscriptionMapper:
         table.release(route.node)
         if self.on_empty is not None and not self.has_fallbacks and table.empty:
             self.on_empty()
+        if self.waiting is not None and self.waiting.sessions:
+            self.waiting.slot_freed()
 
 
 class FixedMapper:
@@ -453,8 +459,10 @@ class Router:
             self.waiting = Waiting()
             if self.static is not None:
                 self.static.caps = caps
+                self.static.waiting = self.waiting
             if subscriptions is not None:
                 subscriptions.table.caps = caps
+                subscriptions.waiting = self.waiting
             self._uncapped_route = self.route
             self.route = self._capped_route
 
@@ -499,12 +507,13 @@ class Router:
             owner.connected(route)
 
     def release(self, route: Route) -> None:
-        """The session that used *route* is over (or its attempt failed)."""
+        """The session that used *route* is over (or its attempt failed).  The mapper
+        that owns the node takes the reference back and, with caps, tells the requests
+        waiting for a slot.  (Session.close does the same without the call: change
+        both.)"""
         owner = route.owner
         if owner is not None:
             owner.release(route)
-            if self.waiting is not None and self.waiting.sessions:
-                self.waiting.slot_freed()
 
     def connect_failed(self, route: Route, key: bytes, retries: int, reason: str,
                        log_it: bool = True) -> None:
@@ -517,8 +526,6 @@ class Router:
         if owner is not None:
             owner.failed(route, key)
             owner.release(route)
-            if self.waiting is not None and self.waiting.sessions:
-                self.waiting.slot_freed()
 
     def at_cap(self) -> bool:
         """The last lookup found no node because every alive node of the key holds as

@@ -85,6 +85,7 @@ from typing import TYPE_CHECKING, Optional
 
 from .protocol import HeadReader, ProtocolError, request_info, scan_route
 from .reactor import HANGUP, READ, WRITE
+from .context import FIRST_READ
 from .fdpass import send_fd
 from .httperrors import BAD_GATEWAY, GATEWAY_TIMEOUT, SERVICE_UNAVAILABLE, response
 from .record import (ABORTED, CLIENT_ERROR, FAILED, HANDOFF, NODE_ERROR, NO_ROUTE, OK,
@@ -132,9 +133,6 @@ TRANSITIONS = {
 # How many reads one readiness event may do on a streaming side before yielding.
 _READS_PER_EVENT = 8
 
-# The first read of a response: enough for a whole small response (one recv, as
-# before), and all that a client that never reads can leave in the router's memory.
-FIRST_READ = 16 * 1024
 _MSG_PEEK = socket.MSG_PEEK
 _MSG_TRUNC = getattr(socket, "MSG_TRUNC", 0)   # without it the consumed bytes are copied
 # down_buf while the response bytes the client could not take yet wait in the node's
@@ -246,18 +244,17 @@ class Session:
         from where it differs: the Python walk (long values, bad vars), a body, no
         key, no node."""
         scanned = scan_route(head, self.ctx.force_key)
-        total = len(head)
         if scanned is None:
-            self._head_complete(memoryview(head), total, total)
+            self._head_complete(memoryview(head), len(head), len(head))
             return
         key, clen, chunked, self.vars_match = scanned
         if clen or chunked or not key:
-            self._route_key(key, clen, chunked, memoryview(head), total, total)
+            self._route_key(key, clen, chunked, memoryview(head), len(head), len(head))
             return
         self.key = key
         route = self.ctx.router.route(key, self)
         if route is None:
-            self._unrouted(key, clen, chunked, memoryview(head), total, total)
+            self._unrouted(key, clen, chunked, memoryview(head), len(head), len(head))
             return
         self.watch_client = False     # bodyless: see _routed
         if head[0] != route.modifier1 or head[3] != route.modifier2:
@@ -849,8 +846,7 @@ class Session:
             return
         ctx = self.ctx
         self.last = ctx.reactor.now
-        chunk = ctx.chunk
-        first = FIRST_READ if chunk > FIRST_READ else chunk
+        first = ctx.answer_read
         try:
             # read() on a plain node: recv() without its argument parsing
             data = _read(self.bfd, first) if self.tls is None else self.bsock.recv(first)
@@ -1148,8 +1144,11 @@ class Session:
         if self.body is not None:
             self.body.close()
             self.body = None
-        if self.route is not None:
-            ctx.router.release(self.route)
+        route = self.route
+        if route is not None:
+            owner = route.owner       # Router.release(), written out (one call a request)
+            if owner is not None:
+                owner.release(route)
         # The record is complete: both readers see the same facts (record.py).
         self.ended = reactor.now
         if self.outcome is None:
