@@ -315,6 +315,39 @@ def stalls(router: Router, t0: float, t1: float) -> Dict[str, float]:
     return out
 
 
+def collections(router: Router, t0: float, t1: float) -> List[Tuple[str, int, float]]:
+    """The cyclic GC's collections that ended in [t0, t1] (the ``gcN`` lines of
+    loopstall.py): (role, generation, seconds) each, role as in :func:`stalls`."""
+    try:
+        with open(router.stall_path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) != 5 or not fields[2].startswith("gc"):
+            continue
+        try:
+            pid, when, generation, took = int(fields[0]), float(fields[1]), int(fields[2][2:]), float(fields[3])
+        except ValueError:
+            continue
+        if t0 <= when <= t1:
+            out.append(("first" if pid == router.child.pid else "others", generation, took))
+    return out
+
+
+def gc_summary(items: List[dict], role: str) -> str:
+    """Collections per window of *role*: ``n0/n1/n2`` by generation (mean over the
+    windows), then their total and the longest one in ms."""
+    found = [(g, took) for run in items for r, g, took in run["collections"] if r == role]
+    windows = max(1, len(items))
+    counts = "/".join("%.1f" % (sum(1 for g, _ in found if g == gen) / windows) for gen in (0, 1, 2))
+    total = sum(took for _, took in found) / windows
+    longest = max((took for _, took in found), default=0.0)
+    return "%s, %.2f, %.2f" % (counts, total * 1000, longest * 1000)
+
+
 # ---------------------------------------------------------------------------
 # Measurement
 
@@ -363,6 +396,7 @@ def run_window(a, router: Router, keys: int, window: str, workdir: str, tag: str
     spans = [(float(f["start"]), float(f["start"]) + float(f["seconds"])) for f in fetches]
     during = [latency for start, latency in trace if any(a0 <= start < a1 for a0, a1 in spans)]
     return {"latencies": latencies, "during": during, "errors": errors, "busy": stalls(router, t0, t1),
+            "collections": collections(router, t0, t1),
             "fetches": fetches, "seconds": t1 - t0, "cpu_master": master_cpu, "cpu_routers": others_cpu}
 
 
@@ -406,6 +440,7 @@ def measure(a, tree: str, mode: str, keys: int, workdir: str, backend_port: int,
             "load_others": sum(run["cpu_routers"] for run in items) / sum(run["seconds"] for run in items),
             # p99 of each stats window over that of the quiet window just before it
             "ratios": ratios.get(window),
+            "gc_first": gc_summary(items, "first"), "gc_others": gc_summary(items, "others"),
         })
     return rows
 
@@ -426,7 +461,8 @@ def table(rows: List[dict]) -> str:
     header = ["tree", "mode", "keys", "window", "requests", "errors", "p50 ms", "p99 ms", "max ms",
               "during a fetch: requests, p50, p99 ms", "longest pass ms wall (cpu)", "routers: longest pass ms wall (cpu)",
               "stats fetches", "bad", "mean fetch s", "doc bytes", "CPU s/s: first (children)",
-              "p99 stats/quiet per round: median (min-max)"]
+              "p99 stats/quiet per round: median (min-max)",
+              "GC per window, first: gen0/1/2, ms total, ms longest", "routers: GC per window"]
     body = []
     for r in rows:
         master = r["mode"] == "master"
@@ -442,7 +478,8 @@ def table(rows: List[dict]) -> str:
                      str(r["fetch_bytes"]) if r["fetch_bytes"] is not None else "-",
                      "%.2f (%.2f)" % (r["load_first"], r["load_others"]),
                      "%.2f (%.2f-%.2f)" % (statistics.median(r["ratios"]), r["ratios"][0], r["ratios"][-1])
-                     if r["ratios"] else "-"])
+                     if r["ratios"] else "-",
+                     r["gc_first"], r["gc_others"] if master else "-"])
     widths = [max(len(x) for x in col) for col in zip(header, *body)]
     lines = ["  ".join(x.ljust(w) for x, w in zip(row, widths)) for row in [header] + body]
     lines.insert(1, "  ".join("-" * w for w in widths))
