@@ -17,7 +17,9 @@ is imported, and appends one line ``PID MONOTONIC BUSY_SECONDS CPU_SECONDS`` to
 BUSY_SECONDS is time the process waited for a CPU on a loaded machine.  The patch is
 inherited by forked router processes; the pid tells them apart, and ``time.monotonic``
 is one clock for every process of the machine, so a reader can cut the lines into the
-windows it measured.  Nothing of the router itself is changed.
+windows it measured.  Every collection of the cyclic garbage collector is logged too,
+as ``PID MONOTONIC gcN SECONDS COLLECTED`` (N its generation).  Nothing of the router
+itself is changed.
 
 ``PYTHONPATH`` picks the tree under test, as for ``python -m uwsgi_fastrouter``.
 """
