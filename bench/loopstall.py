@@ -17,7 +17,9 @@ is imported, and appends one line ``PID MONOTONIC BUSY_SECONDS CPU_SECONDS`` to
 BUSY_SECONDS is time the process waited for a CPU on a loaded machine.  The patch is
 inherited by forked router processes; the pid tells them apart, and ``time.monotonic``
 is one clock for every process of the machine, so a reader can cut the lines into the
-windows it measured.  Nothing of the router itself is changed.
+windows it measured.  Every collection of the cyclic garbage collector is logged too,
+as ``PID MONOTONIC gcN SECONDS COLLECTED`` (N its generation).  Nothing of the router
+itself is changed.
 
 ``PYTHONPATH`` picks the tree under test, as for ``python -m uwsgi_fastrouter``.
 """
@@ -36,7 +38,7 @@ def _install(path: str, threshold: float) -> None:
     original = selectors.EpollSelector.select
     clock = time.monotonic
     cpu_clock = time.thread_time
-    state = {"pid": None, "returned": None, "cpu": 0.0, "out": None}
+    state = {"pid": None, "returned": None, "cpu": 0.0, "out": None, "gc_lines": []}
 
     def timed_select(self, timeout=None):
         entered = clock()
@@ -46,7 +48,11 @@ def _install(path: str, threshold: float) -> None:
             state["pid"] = pid
             state["returned"] = None
             state["out"] = None
+            mine = "%d " % pid      # the parent's collections, copied by the fork, are not ours
+            state["gc_lines"][:] = [line for line in state["gc_lines"] if line.startswith(mine)]
         returned = state["returned"]
+        if state["gc_lines"]:
+            _write_gc_lines(state, path)
         if returned is not None and entered - returned >= threshold:
             out = state["out"]
             if out is None:
@@ -62,22 +68,35 @@ def _install(path: str, threshold: float) -> None:
     if os.environ.get("LOOPSTALL_SAMPLE"):
         _sample_long_passes(state, clock)
 
-    # The cyclic garbage collector runs inside whichever pass allocates: its pauses are
-    # logged apart, as "PID MONOTONIC gcN SECONDS", to tell them from the router's work.
+    # The cyclic garbage collector runs inside whichever pass allocates: every collection
+    # is logged apart, as "PID MONOTONIC gcN SECONDS COLLECTED" (N the generation), to
+    # tell its pauses from the router's work and to count them per window.  The lines
+    # are kept in memory and written when the pass ends (in timed_select), so logging
+    # one costs no system call inside the pass it measures.
     gc_started = {}
+    gc_lines = state["gc_lines"] = []
 
     def on_gc(phase, info):
         if phase == "start":
             gc_started["t"] = clock()
             return
-        took = clock() - gc_started.get("t", clock())
-        if took >= threshold / 2:
-            out = state["out"]
-            if out is None or state["pid"] != os.getpid():
-                return
-            out.write("%d %.6f gc%d %.6f\n" % (os.getpid(), clock(), info.get("generation", -1), took))
+        now = clock()
+        took = now - gc_started.get("t", now)
+        gc_lines.append("%d %.6f gc%d %.6f %d\n" % (os.getpid(), now, info.get("generation", -1), took,
+                                                    info.get("collected", 0)))
 
     gc.callbacks.append(on_gc)
+
+
+def _write_gc_lines(state: dict, path: str) -> None:
+    """The collections logged since the last pass, to the file (opened in this process
+    if it is not yet)."""
+    out = state["out"]
+    if out is None:
+        out = state["out"] = open(path, "a", buffering=1)
+    lines = state["gc_lines"]
+    out.write("".join(lines))
+    del lines[:]
 
 
 def _sample_long_passes(state: dict, clock) -> None:

@@ -48,7 +48,10 @@ process) and its children (the router processes; not the stats renderers, which 
 nobody's children: see statsfork.py).  That last figure is what competes with routing
 for the CPUs, and the load of other work moves it little.  On a
 loaded machine the wall time of a pass includes waiting for a CPU; its CPU time is
-what the pass itself cost.  ``--keep-logs`` keeps every pass and every request's
+what the pass itself cost.  Two more columns per window: the collections of the cyclic
+garbage collector (loopstall.py's ``gcN`` lines; per window, by generation, their
+total and longest time), and the passes that used 1 ms of CPU or more, per second
+(``loopstall.py`` is started with ``LOOPSTALL_MIN_MS=1`` unless it is set).  ``--keep-logs`` keeps every pass and every request's
 latency (``stall-*.txt``, ``latency-*.txt``) for a closer look.
 """
 
@@ -79,6 +82,9 @@ from uwsgi_fastrouter.subscription import build_announcement  # noqa: E402
 BACKEND_BIN = os.path.join(BENCH_DIR, "build", "backend")
 LOOPSTALL = os.path.join(BENCH_DIR, "loopstall.py")
 HOT_KEY = b"hot.bench"
+#: a pass of a loop that used this much CPU or more is counted (a count load moves less
+#: than the longest pass's wall time); loopstall.py logs passes from 1 ms of wall time
+LONG_PASS_CPU = 0.001
 
 
 class BenchError(Exception):
@@ -226,6 +232,7 @@ def start_router(tree: str, mode: str, workdir: str, tag: str, timeout: float) -
     env = dict(os.environ)
     env["PYTHONPATH"] = tree
     env["LOOPSTALL_FILE"] = stall_path
+    env.setdefault("LOOPSTALL_MIN_MS", "1")
     child = processes.spawn("router", argv, os.path.join(workdir, "router-%s.log" % tag), cwd=tree, env=env)
     router = Router(child, listen_port, stats_port, sub_path, stall_path, argv)
     deadline = time.monotonic() + timeout
@@ -295,8 +302,10 @@ def tree_cpu(pid: int) -> Dict[int, float]:
 
 
 def stalls(router: Router, t0: float, t1: float) -> Dict[str, float]:
-    """The longest busy pass in [t0, t1], for the master (the pid we started) and the others."""
-    out = {"first": 0.0, "others": 0.0, "first_cpu": 0.0, "others_cpu": 0.0}
+    """The longest busy pass in [t0, t1], for the master (the pid we started) and the
+    others, and (``first_long``, ``others_long``) how many passes used
+    :data:`LONG_PASS_CPU` or more of CPU."""
+    out = {"first": 0.0, "others": 0.0, "first_cpu": 0.0, "others_cpu": 0.0, "first_long": 0, "others_long": 0}
     try:
         with open(router.stall_path) as f:
             lines = f.read().splitlines()
@@ -312,7 +321,42 @@ def stalls(router: Router, t0: float, t1: float) -> Dict[str, float]:
             role = "first" if int(pid) == router.child.pid else "others"
             out[role] = max(out[role], busy_f)
             out[role + "_cpu"] = max(out[role + "_cpu"], cpu_f)
+            if cpu_f >= LONG_PASS_CPU:
+                out[role + "_long"] += 1
     return out
+
+
+def collections(router: Router, t0: float, t1: float) -> List[Tuple[str, int, float]]:
+    """The cyclic GC's collections that ended in [t0, t1] (the ``gcN`` lines of
+    loopstall.py): (role, generation, seconds) each, role as in :func:`stalls`."""
+    try:
+        with open(router.stall_path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) != 5 or not fields[2].startswith("gc"):
+            continue
+        try:
+            pid, when, generation, took = int(fields[0]), float(fields[1]), int(fields[2][2:]), float(fields[3])
+        except ValueError:
+            continue
+        if t0 <= when <= t1:
+            out.append(("first" if pid == router.child.pid else "others", generation, took))
+    return out
+
+
+def gc_summary(items: List[dict], role: str) -> str:
+    """Collections per window of *role*: ``n0/n1/n2`` by generation (mean over the
+    windows), then their total and the longest one in ms."""
+    found = [(g, took) for run in items for r, g, took in run["collections"] if r == role]
+    windows = max(1, len(items))
+    counts = "/".join("%.1f" % (sum(1 for g, _ in found if g == gen) / windows) for gen in (0, 1, 2))
+    total = sum(took for _, took in found) / windows
+    longest = max((took for _, took in found), default=0.0)
+    return "%s, %.2f, %.2f" % (counts, total * 1000, longest * 1000)
 
 
 # ---------------------------------------------------------------------------
@@ -363,6 +407,7 @@ def run_window(a, router: Router, keys: int, window: str, workdir: str, tag: str
     spans = [(float(f["start"]), float(f["start"]) + float(f["seconds"])) for f in fetches]
     during = [latency for start, latency in trace if any(a0 <= start < a1 for a0, a1 in spans)]
     return {"latencies": latencies, "during": during, "errors": errors, "busy": stalls(router, t0, t1),
+            "collections": collections(router, t0, t1),
             "fetches": fetches, "seconds": t1 - t0, "cpu_master": master_cpu, "cpu_routers": others_cpu}
 
 
@@ -389,6 +434,9 @@ def measure(a, tree: str, mode: str, keys: int, workdir: str, backend_port: int,
         during = sorted(x for run in items for x in run["during"])
         fetches = [f for run in items for f in run["fetches"]]
         busy = {k: max(run["busy"][k] for run in items) for k in items[0]["busy"]}
+        seconds = sum(run["seconds"] for run in items)
+        long_passes = {role: sum(run["busy"][role + "_long"] for run in items) / seconds
+                       for role in ("first", "others")}
         rows.append({
             "tree": tree, "mode": mode, "keys": keys, "window": window, "requests": len(latencies),
             "errors": sum(run["errors"] for run in items),
@@ -397,6 +445,7 @@ def measure(a, tree: str, mode: str, keys: int, workdir: str, backend_port: int,
             "during": len(during), "during_p50": percentile(during, 0.5), "during_p99": percentile(during, 0.99),
             "stall_first": busy["first"], "stall_others": busy["others"],
             "cpu_first": busy["first_cpu"], "cpu_others": busy["others_cpu"],
+            "long_first": long_passes["first"], "long_others": long_passes["others"],
             "fetches": len(fetches),
             "fetch_bad": sum(1 for f in fetches if f.get("ok") != "1"),
             "fetch_mean": statistics.mean(float(f["seconds"]) for f in fetches) if fetches else None,
@@ -406,6 +455,7 @@ def measure(a, tree: str, mode: str, keys: int, workdir: str, backend_port: int,
             "load_others": sum(run["cpu_routers"] for run in items) / sum(run["seconds"] for run in items),
             # p99 of each stats window over that of the quiet window just before it
             "ratios": ratios.get(window),
+            "gc_first": gc_summary(items, "first"), "gc_others": gc_summary(items, "others"),
         })
     return rows
 
@@ -426,7 +476,9 @@ def table(rows: List[dict]) -> str:
     header = ["tree", "mode", "keys", "window", "requests", "errors", "p50 ms", "p99 ms", "max ms",
               "during a fetch: requests, p50, p99 ms", "longest pass ms wall (cpu)", "routers: longest pass ms wall (cpu)",
               "stats fetches", "bad", "mean fetch s", "doc bytes", "CPU s/s: first (children)",
-              "p99 stats/quiet per round: median (min-max)"]
+              "p99 stats/quiet per round: median (min-max)",
+              "GC per window, first: gen0/1/2, ms total, ms longest", "routers: GC per window",
+              "passes >= 1 ms CPU per s: first (routers)"]
     body = []
     for r in rows:
         master = r["mode"] == "master"
@@ -442,7 +494,9 @@ def table(rows: List[dict]) -> str:
                      str(r["fetch_bytes"]) if r["fetch_bytes"] is not None else "-",
                      "%.2f (%.2f)" % (r["load_first"], r["load_others"]),
                      "%.2f (%.2f-%.2f)" % (statistics.median(r["ratios"]), r["ratios"][0], r["ratios"][-1])
-                     if r["ratios"] else "-"])
+                     if r["ratios"] else "-",
+                     r["gc_first"], r["gc_others"] if master else "-",
+                     "%.2f (%.2f)" % (r["long_first"], r["long_others"]) if master else "%.2f" % r["long_first"]])
     widths = [max(len(x) for x in col) for col in zip(header, *body)]
     lines = ["  ".join(x.ljust(w) for x, w in zip(row, widths)) for row in [header] + body]
     lines.insert(1, "  ".join("-" * w for w in widths))

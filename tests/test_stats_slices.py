@@ -29,7 +29,8 @@ from uwsgi_fastrouter.sockets import bind_stream_server
 from uwsgi_fastrouter.endpoints import StatsServer
 from uwsgi_fastrouter.stats import (HTTP_HEADER, RouterReport, Streamed, Unindented, build_document,
                                     master_document, render, render_pieces, subscription_stream)
-from uwsgi_fastrouter.subscription import SubscriptionTable, build_announcement, parse_announcement
+from uwsgi_fastrouter.subscription import (STATS_SORT_STEP, Pool, SubscriptionTable, build_announcement,
+                                           parse_announcement)
 
 NOW = 1_700_000_000.0
 
@@ -283,6 +284,32 @@ def test_pieces_join_into_the_full_render():
         assert "".join(pieces).encode("utf-8") == expected
         assert render(streamed, minified) == expected
         json.loads(expected)
+
+
+def test_no_piece_of_the_document_sorts_the_whole_table(monkeypatch):
+    """Between two pieces (where a slice of the single process's loop may stop) the
+    walk reads the sort key of a few hundred pools at most, never of the whole table:
+    the pools are sorted a run at a time, and the pieces still join into the full
+    render."""
+    table = make_table(3000)
+    names = Unindented(["127.0.0.1:3017"])
+    expected = reference_render(single_document(table, names, None, streamed=False))
+    reads = [0]
+    slot = Pool.hash
+
+    def counted(pool):
+        reads[0] += 1
+        return slot.__get__(pool, Pool)
+
+    monkeypatch.setattr(Pool, "hash", property(counted))
+    per_piece, text = [], []
+    for piece in render_pieces(single_document(table, names, None)):
+        per_piece.append(reads[0])
+        reads[0] = 0
+        text.append(piece)
+    assert "".join(text).encode("utf-8") == expected
+    assert sum(per_piece) >= 3000
+    assert max(per_piece) <= STATS_SORT_STEP + 2, "a piece sorted %d pools" % max(per_piece)
 
 
 @pytest.mark.parametrize("minified", [False, True])

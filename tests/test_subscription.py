@@ -721,6 +721,24 @@ def test_pools_for_stats_by_hash_then_creation():
     assert got.index(b"aana.com") == got.index(b"aesb.com") - 1
 
 
+@pytest.mark.parametrize("step", [1, 2, 3, 512])
+def test_pools_for_stats_in_steps_is_the_same_order_a_run_at_a_time(step):
+    t = SubscriptionTable()
+    keys = [b"aesb.com", b"k%d" % 7, b"aana.com", b"example.com", b"h\xe9\xff", b"zzz"]
+    keys += [b"key-%03d.example.com" % i for i in range(40)]
+    for key in keys:
+        t.announce(ann(key, b"a"), T0)
+    # a re-created pool goes after its equal-hash peer, in steps as in one go
+    t.announce(ann(b"aesb.com", b"a", unsubscribe=True), T0)
+    t.announce(ann(b"aesb.com", b"a"), T0)
+    walk = list(t.pools_for_stats_in_steps(step))
+    pauses = [i for i, pool in enumerate(walk) if pool is None]
+    runs = -(-len(keys) // step)
+    assert pauses == list(range(runs))      # a pause per run sorted, all before any pool
+    assert [p.key for p in walk[runs:]] == [p.key for p in t.pools_for_stats()]
+    assert list(SubscriptionTable().pools_for_stats_in_steps(step)) == []
+
+
 def test_dump_and_load_round_trip():
     src = SubscriptionTable()
     a = src.announce(ann(b"k", b"a:1", modifier1=5, modifier2=2, cores=3, load=4, weight=6,

@@ -104,7 +104,9 @@ subscriptions").
 from __future__ import annotations
 
 import base64
+import heapq
 import json
+import operator
 import re
 import struct
 from hashlib import blake2b
@@ -153,6 +155,8 @@ FORWARDED_VAR = b"fastrouter_forwarded"
 _BYTE_MAX = 255
 _NUMBER_MAX = 2 ** 63
 _STATS_BUCKETS = 65535
+#: pools sorted in one step of a stats walk (a few dozen microseconds)
+STATS_SORT_STEP = 512
 _DUMP_VERSION = 1
 #: removed nodes whose last signed timestamp is remembered against replays
 REPLAY_MEMORY = 10000
@@ -1018,6 +1022,20 @@ class SubscriptionTable:
         """Pools by stats hash, ties in creation order."""
         return sorted(self._pools.values(), key=_by_hash)
 
+    def pools_for_stats_in_steps(self, step: int = STATS_SORT_STEP) -> Iterator[Optional[Pool]]:
+        """The pools of :meth:`pools_for_stats`, in the same order, sorted a step at a
+        time: the pools are listed at the first ``next()``, a ``None`` follows the sort
+        of each run of *step* of them, then come the pools, merged from the runs one at
+        a time.  A walk that pauses at each ``None`` never sorts more than *step* pools
+        in one go."""
+        pools = list(self._pools.values())
+        runs = []
+        for start in range(0, len(pools), step):
+            runs.append(sorted(pools[start:start + step], key=_by_hash))
+            yield None
+        # Equal keys come out in the order of their runs: ties stay in creation order.
+        yield from heapq.merge(*runs, key=_by_hash)
+
     @property
     def reserved_keys(self) -> int:
         """Slots kept for returning subscribers (some may be past their time until
@@ -1665,8 +1683,7 @@ def _apply_v21(pool: Pool, node: Node, a: Announcement) -> None:
         pool.levels = True
 
 
-def _by_hash(pool: Pool) -> int:
-    return pool.hash
+_by_hash = operator.attrgetter("hash")
 
 
 def _enc(value: bytes) -> str:
