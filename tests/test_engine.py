@@ -317,8 +317,9 @@ def test_a_node_that_never_answers_times_out_in_relay(engines, log_lines):
 
 
 def test_a_bodyless_request_reads_the_client_address_from_its_vars_when_asked(engines, log_lines):
-    # The usual request takes Session._forward: its RequestInfo is made only when a log
-    # line (here the time-out's) asks for it, and says what scan_request says.
+    # The usual request goes to its node from Session.start: its RequestInfo is made
+    # only when a log line (here the time-out's) asks for it, and says what
+    # scan_request says.
     node, address = tcp_listener()
     pairs = GET + [(b"REMOTE_ADDR", b"10.9.8.7"), (b"REMOTE_PORT", b"4242")]
     with node:
@@ -344,7 +345,7 @@ def test_a_bodyless_request_reads_the_client_address_from_its_vars_when_asked(en
     (GET + [(b"HTTP_USER_AGENT", b"u" * 300)], "a value too long for the pattern"),
     ([(b"HTTP_HOST", b"example.com"), (b"HTTP_HOST", b"")], "an empty last key var"),
 ])
-def test_requests_the_one_frame_path_leaves_take_the_general_one(engines, log_lines, vars_, why):
+def test_requests_off_the_usual_path_take_the_general_one(engines, log_lines, vars_, why):
     node, address = tcp_listener()
     with node:
         engine = engines(Router(to=[address]))

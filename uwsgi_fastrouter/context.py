@@ -20,9 +20,9 @@ session overwrites it.  Whatever must outlive the callback is copied out first
 is a bytes object of its own (``Session.start``), since a head that waits for its
 node must outlive the callback anyway.
 
-``fast_path`` says whether a session may take ``Session._forward``, the one-frame
-path of the usual request: true when the request scan is the default one and no
-var stripping, retry-after-connect or TLS policy is set.  It is worked out again
+``fast_path`` says whether a session may carry the usual request to its node from
+``Session.start``, in one frame: true when the request scan is the default one and
+no var stripping, retry-after-connect or TLS policy is set.  It is worked out again
 whenever the scan is replaced (:meth:`SessionContext.set_scan`).
 """
 

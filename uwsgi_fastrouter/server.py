@@ -186,7 +186,7 @@ class Server:
 
     def session_closed(self, session: Session) -> None:
         self.sessions.discard(session)
-        if not self.sessions and self.on_idle is not None:
+        if self.on_idle is not None and not self.sessions:
             self.on_idle()
 
     def log_session(self, session: Session, reason: str) -> None:

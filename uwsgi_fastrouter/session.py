@@ -80,6 +80,7 @@ from __future__ import annotations
 import _socket
 import errno
 import os
+import re
 import socket
 from typing import TYPE_CHECKING, Optional
 
@@ -100,6 +101,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 MSG_DONTWAIT = socket.MSG_DONTWAIT
 _write = os.write
+_Match = re.Match
 _read = os.read
 # The C socket type: per-request sockets skip the Python-level wrapper of
 # socket.socket (its __init__ and close() bookkeeping serve makefile(), unused here).
@@ -156,7 +158,7 @@ class Session:
         "ctx", "csock", "cfd", "caddr", "bsock", "bfd", "state", "last",
         "reader", "key", "route", "retries", "fallback_index",
         "up_buf", "down_buf", "client_eof", "backend_eof", "c_events", "b_events",
-        "_info", "vars_match", "watch_client", "timer", "fd_passed", "body", "down_peek", "failed_address",
+        "_info", "watch_client", "timer", "fd_passed", "body", "down_peek", "failed_address",
         "tls", "head",
         # the request record (record.py)
         "started", "first_byte", "ended", "rx", "tx", "outcome", "first",
@@ -182,8 +184,7 @@ class Session:
         self.backend_eof = False
         self.c_events = 0         # registered interest, client
         self.b_events = 0         # registered interest, backend
-        self._info = None         # RequestInfo (see the info property)
-        self.vars_match = None    # protocol.scan_route's match, read by info when asked
+        self._info = None         # RequestInfo, or scan_route's match (see the info property)
         self.watch_client = True  # read the client during RELAY (see _head_complete)
         self.timer = None         # pending connect re-try (UNIX listen queue full)
         self.fd_passed = False    # the client's descriptor went to the node with the head
@@ -204,9 +205,18 @@ class Session:
     def start(self) -> None:
         """Called right after accept: the first read, as a bytes object of its own (what
         a head waiting for its node must be copied to anyway), of up to one chunk or the
-        largest head, whichever is smaller (SessionContext.first_read).  A request that
-        arrived whole goes on from here in the same call; for a head not there yet, or
-        there in part, the client is watched."""
+        largest head, whichever is smaller (SessionContext.first_read).  For a head not
+        there yet, or there in part, the client is watched; a request that arrived
+        whole goes on from here in the same call.
+
+        The usual request is carried to its node in this frame: a head that came whole
+        with nothing after it, on a router with the default scan and no var stripping,
+        retry-after-connect or TLS policy (SessionContext.fast_path).  Its vars are
+        walked by :func:`~uwsgi_fastrouter.protocol.scan_route` (no RequestInfo is
+        built: :attr:`info` makes it if asked), and a bodyless request with a key and a
+        node goes straight to :meth:`_connect`.  Anything else continues on the general
+        path from where it differs: the Python walk (long values, bad vars), a body,
+        no key, no node."""
         ctx = self.ctx
         try:
             head = self.csock.recv(ctx.first_read, MSG_DONTWAIT)
@@ -221,40 +231,28 @@ class Session:
             self.close()
             return
         self.rx = n
-        if n >= 4:
-            total = 4 + (head[1] | (head[2] << 8))
-            if n == total and ctx.fast_path:
-                self._forward(head)
-                return
-            if n >= total:
-                self._head_complete(memoryview(head), total, n)
-                return
-        # Only part of the head: n < 4 + datasize, so all of it is head.
-        self.reader = reader = HeadReader()
-        reader.feed(head)
-        self._watch_head()
-
-    def _forward(self, head: bytes) -> None:
-        """The usual request, in as few frames as it takes: a head that came whole with
-        nothing after it, on a router with the default scan and no var stripping,
-        retry-after-connect or TLS policy (SessionContext.fast_path).  The vars are
-        walked by :func:`~uwsgi_fastrouter.protocol.scan_route` (no RequestInfo is built:
-        :attr:`info` makes it if asked), and a bodyless request with a key and a node
-        goes straight to :meth:`_connect`.  Anything else continues on the general path
-        from where it differs: the Python walk (long values, bad vars), a body, no
-        key, no node."""
-        scanned = scan_route(head, self.ctx.force_key)
-        if scanned is None:
-            self._head_complete(memoryview(head), len(head), len(head))
+        total = 4 + (head[1] | (head[2] << 8)) if n >= 4 else 5
+        if n < total:
+            # Only part of the head: all of it is head.
+            self.reader = reader = HeadReader()
+            reader.feed(head)
+            self._watch_head()
             return
-        key, clen, chunked, self.vars_match = scanned
+        if n > total or not ctx.fast_path:
+            self._head_complete(memoryview(head), total, n)
+            return
+        scanned = scan_route(head, ctx.force_key)
+        if scanned is None:
+            self._head_complete(memoryview(head), n, n)
+            return
+        key, clen, chunked, self._info = scanned
         if clen or chunked or not key:
-            self._route_key(key, clen, chunked, memoryview(head), len(head), len(head))
+            self._route_key(key, clen, chunked, memoryview(head), n, n)
             return
         self.key = key
-        route = self.ctx.router.route(key, self)
+        route = ctx.router.route(key, self)
         if route is None:
-            self._unrouted(key, clen, chunked, memoryview(head), len(head), len(head))
+            self._unrouted(key, clen, chunked, memoryview(head), n, n)
             return
         self.watch_client = False     # bodyless: see _routed
         if head[0] != route.modifier1 or head[3] != route.modifier2:
@@ -268,8 +266,8 @@ class Session:
         vars were read); on the fast path it is made only when something asks for it
         (a log line, the access log, a balancing rule)."""
         info = self._info
-        if info is None and self.vars_match is not None:
-            info = self._info = request_info(self.vars_match, self.key or None)
+        if type(info) is _Match:
+            info = self._info = request_info(info, self.key or None)
         return info
 
     def _watch_head(self) -> None:
