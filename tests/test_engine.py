@@ -339,6 +339,28 @@ def test_a_bodyless_request_reads_the_client_address_from_its_vars_when_asked(en
                     "node: %s] timeout in state RELAY" % address) in log_lines.getvalue()
 
 
+def test_the_idle_callback_comes_when_the_last_session_closes(engines):
+    # A closing session leaves the server's set; with on_idle set (a graceful stop),
+    # the callback comes once the set is empty, and not before.
+    engine = engines(Router(to=["127.0.0.1:1"]))
+    server = engine.server
+    first_client, first = engine.client()
+    second_client, second = engine.client()
+    idle = []
+    server.on_idle = lambda: idle.append(len(server.sessions))
+    first_client.close()
+    engine.until(lambda: first.state == CLOSED, "the first session closed")
+    assert idle == [] and server.sessions == {second}
+    second_client.close()
+    engine.until(lambda: second.state == CLOSED, "the second session closed")
+    assert idle == [0]
+    server.on_idle = None
+    third_client, third = engine.client()
+    third_client.close()
+    engine.until(lambda: third.state == CLOSED, "the third session closed")
+    assert idle == [0] and not server.sessions
+
+
 @pytest.mark.parametrize("vars_, why", [
     (GET + [(b"CONTENT_LENGTH", b"3")], "a body"),
     ([(b"PATH_INFO", b"/")], "no key"),

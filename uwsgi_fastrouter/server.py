@@ -71,7 +71,7 @@ class Server:
             counters=Counters(), handoffs=Handoffs(fd_passing, trust_fd_passing), body=body,
             force_key=force_key, access_log=access_log, cheap_enabled=cheap, tls=tls,
             resend=retry_after_connect,
-            closed=self.session_closed, log=self.log_session, strip_vars=strip_vars,
+            closed=self.sessions.discard, log=self.log_session, strip_vars=strip_vars,
             http_errors=http_errors)
         self.accepting = False
         self.stopping = False
@@ -82,7 +82,7 @@ class Server:
                                    name=listener.name, batch=self.events)
                           for listener in self.listeners]
         self._sweep_timer = None
-        self.on_idle: Optional[Callable[[], None]] = None
+        self._on_idle: Optional[Callable[[], None]] = None
         # Per-session problems (bad requests, time-outs, vanished peers) are logged,
         # but at most 50 lines a second.
         self.session_log = RateLimitedLog(lambda: reactor.now, burst=50, what="session log lines")
@@ -184,10 +184,22 @@ class Server:
 
     # ------------------------------------------------------------- sessions
 
+    @property
+    def on_idle(self) -> Optional[Callable[[], None]]:
+        """Called when the last live session closes (a graceful stop waits for it)."""
+        return self._on_idle
+
+    @on_idle.setter
+    def on_idle(self, callback: Optional[Callable[[], None]]) -> None:
+        # Without it a closing session only leaves the set: the context's hook is the
+        # set's own discard, no Python frame on every request.
+        self._on_idle = callback
+        self.context.closed = self.sessions.discard if callback is None else self.session_closed
+
     def session_closed(self, session: Session) -> None:
         self.sessions.discard(session)
-        if self.on_idle is not None and not self.sessions:
-            self.on_idle()
+        if self._on_idle is not None and not self.sessions:
+            self._on_idle()
 
     def log_session(self, session: Session, reason: str) -> None:
         info = session.info
