@@ -29,8 +29,9 @@ from uwsgi_fastrouter.record import FAILED
 from uwsgi_fastrouter.reactor import Reactor
 from uwsgi_fastrouter.router import BUSY_FIRST_DELAY, BUSY_MAX_DELAY, BUSY_TICK, Router
 from uwsgi_fastrouter.server import Server
-from uwsgi_fastrouter.session import (CLOSED, CONNECTING, FIRST_READ, RECV_BODY, RECV_HEAD, RELAY,
-                                      TRANSITIONS, Session)
+from uwsgi_fastrouter.context import FIRST_READ
+from uwsgi_fastrouter.session import (CLOSED, CONNECTING, RECV_BODY, RECV_HEAD, RELAY, TRANSITIONS,
+                                      Session)
 
 GET = [(b"HTTP_HOST", b"example.com"), (b"PATH_INFO", b"/"), (b"CONTENT_LENGTH", b"")]
 TIMEOUT = 5

@@ -18,7 +18,8 @@ from uwsgi_fastrouter.router import Router
 from uwsgi_fastrouter.server import Server
 from uwsgi_fastrouter.router import BUSY_FIRST_DELAY, BUSY_MAX_DELAY, BUSY_TICK
 from uwsgi_fastrouter.record import OK
-from uwsgi_fastrouter.session import CLOSED, CONNECTING, FIRST_READ, RELAY, Session
+from uwsgi_fastrouter.context import FIRST_READ
+from uwsgi_fastrouter.session import CLOSED, CONNECTING, RELAY, Session
 
 GET = [(b"HTTP_HOST", b"example.com"), (b"PATH_INFO", b"/"), (b"CONTENT_LENGTH", b"")]
 

@@ -6,9 +6,11 @@ A session carries exactly one uwsgi request.  Its states, named after what it wa
 
 ``RECV_HEAD``
     Waiting for the 4-byte header and ``datasize`` bytes of vars.  The first read
-    takes up to one relay chunk into the process-wide scratch buffer, so a request
-    that arrived whole (the usual case: nginx writes header, vars and a small body in
-    one go) costs one ``recv``.  Bytes past the vars are body and are forwarded with
+    takes up to one relay chunk or the largest head, whichever is smaller, as a bytes
+    object that becomes the head sent to the node, so a request that arrived whole
+    (the usual case: nginx writes header, vars and a small body in one go) costs one
+    ``recv`` and no copy; the usual bodyless request goes on to its node in the same
+    frame (:meth:`Session.start`).  Bytes past the vars are body and are forwarded with
     the head.  A head that arrives in pieces is collected by the protocol's
     :class:`~uwsgi_fastrouter.protocol.HeadReader`, which reads exactly what completes
     it, so nothing past the vars is read in that case.
@@ -34,9 +36,9 @@ A session carries exactly one uwsgi request.  Its states, named after what it wa
     and the response is still delivered (decisions.md D4).  The session ends when the
     backend has closed and everything it sent reached the client.
 
-    A client that stops reading costs the router at most ``FIRST_READ`` (16 KiB) of
-    its own memory: only the first read of a response takes bytes out of the node's
-    socket before the client took them.  Every later read peeks (``MSG_PEEK``, full
+    A client that stops reading costs the router at most ``context.FIRST_READ`` (16
+    KiB) of its own memory: only the first read of a response takes bytes out of the
+    node's socket before the client took them.  Every later read peeks (``MSG_PEEK``, full
     relay chunks), sends, and then removes from the node's socket exactly what the
     client took (``MSG_TRUNC``: no copy on TCP); what the client did not take stays in
     the kernel, and is peeked again once the client is writable.
@@ -86,7 +88,6 @@ from typing import TYPE_CHECKING, Optional
 
 from .protocol import HeadReader, ProtocolError, request_info, scan_route
 from .reactor import HANGUP, READ, WRITE
-from .context import FIRST_READ
 from .fdpass import send_fd
 from .httperrors import BAD_GATEWAY, GATEWAY_TIMEOUT, SERVICE_UNAVAILABLE, response
 from .record import (ABORTED, CLIENT_ERROR, FAILED, HANDOFF, NODE_ERROR, NO_ROUTE, OK,
@@ -101,8 +102,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 MSG_DONTWAIT = socket.MSG_DONTWAIT
 _write = os.write
-_Match = re.Match
 _read = os.read
+_Match = re.Match
 # The C socket type: per-request sockets skip the Python-level wrapper of
 # socket.socket (its __init__ and close() bookkeeping serve makefile(), unused here).
 _new_socket = _socket.socket
@@ -185,7 +186,7 @@ class Session:
         self.c_events = 0         # registered interest, client
         self.b_events = 0         # registered interest, backend
         self._info = None         # RequestInfo, or scan_route's match (see the info property)
-        self.watch_client = True  # read the client during RELAY (see _head_complete)
+        self.watch_client = True  # read the client during RELAY (see _routed)
         self.timer = None         # pending connect re-try (UNIX listen queue full)
         self.fd_passed = False    # the client's descriptor went to the node with the head
         self.body = None          # post-buffering: a BufferedBody (bodybuffer.py)
