@@ -869,6 +869,7 @@ class Session:
             if self.fd_passed and ctx.handoffs.ignored(self.route.address):
                 ctx.log(self, "node ignored a passed descriptor: handing clients "
                               "over to it is verified again (--fastrouter-trust-fd-passing)")
+        # The send of _pump_down's loop, written out (one call less a request).
         try:
             sent = self.csock.send(data, MSG_DONTWAIT)
         except BlockingIOError:
