@@ -24,7 +24,7 @@ from support import busy_unix_node, free_dead_tcp_address, sock_path, wait_until
 from uwsgi_fastrouter import log, router as router_module, session as session_module, wsgiserver
 from uwsgi_fastrouter.accesslog import AccessLog
 from uwsgi_fastrouter.metrics import OUTCOMES, Counters
-from uwsgi_fastrouter.protocol import scan_request
+from uwsgi_fastrouter.protocol import RequestInfo, scan_request
 from uwsgi_fastrouter.record import FAILED
 from uwsgi_fastrouter.reactor import Reactor
 from uwsgi_fastrouter.router import BUSY_FIRST_DELAY, BUSY_MAX_DELAY, BUSY_TICK, Router
@@ -338,6 +338,25 @@ def test_a_bodyless_request_reads_the_client_address_from_its_vars_when_asked(en
             assert session.state == CLOSED
             assert ("[uwsgi-fastrouter key: example.com client_addr: 10.9.8.7 client_port: 4242 "
                     "node: %s] timeout in state RELAY" % address) in log_lines.getvalue()
+
+
+def test_a_large_head_does_not_stay_whole_for_the_session_s_life(engines):
+    # The usual path keeps the scan's match (and so the whole head) until the info is
+    # asked for; a head over session._LAZY_INFO_HEAD bytes has its info made at once.
+    node, address = tcp_listener()
+    filler = [(b"HTTP_X_%d" % i, b"v" * 200) for i in range(25)]
+    with node:
+        engine = engines(Router(to=[address]))
+        for pairs, lazy in ((GET, True), (GET + filler, False)):
+            head = uwsgi_packet(pairs)
+            assert (len(head) <= session_module._LAZY_INFO_HEAD) == lazy
+            client, session = engine.client(head)
+            conn, _ = node.accept()
+            with conn:
+                assert read_packet(conn) == head
+                engine.until(lambda: session.state == RELAY, "relaying")
+                assert (type(session._info) is not RequestInfo) == lazy
+                assert session.info == scan_request(head[4:])
 
 
 def test_the_idle_callback_comes_when_the_last_session_closes(engines):

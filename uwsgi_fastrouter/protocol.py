@@ -457,8 +457,10 @@ def _records_pattern():
 _COMMON_KEY_LENGTHS = (11, 9, 12, 14, 15, 13, 20)
 _COUNTED_RUN = 4
 _RECORDS = _records_pattern()
-# fullmatch: a block the pattern cannot walk to its end (a long or bad record) is None
-_match_records = _RECORDS.fullmatch if _RECORDS is not None else None
+# fullmatch: a block the pattern cannot walk to its end (a long or bad record) is None,
+# as is every block where there is no pattern (the Python walk then does it all)
+_match_records = (_RECORDS.fullmatch if _RECORDS is not None
+                  else lambda data, pos=0: None)  # pragma: no cover - before Python 3.11
 # The group of each scanned name in _RECORDS (groups are numbered from 1, in
 # _SCANNED's order).
 (_G_SERVER_NAME, _G_REMOTE_ADDR, _G_REMOTE_PORT, _G_HOST, _G_CONTENT_LENGTH, _G_FR_KEY,
@@ -515,8 +517,6 @@ def scan_route(data: bytes, force_key: Optional[bytes] = None, start: int = HEAD
     key name (an earlier one may count); :func:`scan_request` then walks the block
     in Python and names a fault.
     """
-    if _match_records is None:  # pragma: no cover - before Python 3.11
-        return None
     match = _match_records(data, start)
     if match is None:
         return None

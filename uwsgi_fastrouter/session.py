@@ -104,6 +104,10 @@ MSG_DONTWAIT = socket.MSG_DONTWAIT
 _write = os.write
 _read = os.read
 _Match = re.Match
+# The largest head that start() carries on the usual path: its RequestInfo waits until
+# something asks for it (Session.info), so the match keeps the head for the session's
+# life.  A larger head goes the general way, whose info keeps only a few fields.
+_LAZY_INFO_HEAD = 4096
 # The C socket type: per-request sockets skip the Python-level wrapper of
 # socket.socket (its __init__ and close() bookkeeping serve makefile(), unused here).
 _new_socket = _socket.socket
@@ -239,7 +243,7 @@ class Session:
             reader.feed(head)
             self._watch_head()
             return
-        if n > total or not ctx.fast_path:
+        if n > total or n > _LAZY_INFO_HEAD or not ctx.fast_path:
             self._head_complete(memoryview(head), total, n)
             return
         scanned = scan_route(head, ctx.force_key)
