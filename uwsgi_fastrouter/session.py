@@ -848,7 +848,6 @@ class Session:
             self._on_backend(mask)        # called again after the first read
             return
         ctx = self.ctx
-        self.last = ctx.reactor.now
         first = ctx.answer_read
         try:
             # read() on a plain node: recv() without its argument parsing
@@ -897,6 +896,7 @@ class Session:
         else:
             self._pump_down()
         if self.state == RELAY:
+            self.last = ctx.reactor.now   # the session goes on (the time-out sweep's clock)
             self._update_interest()
 
     def _node_failed(self, exc: OSError, first: bool) -> None:
