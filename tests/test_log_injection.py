@@ -90,10 +90,11 @@ def test_garbage_and_unsigned_datagrams_from_a_sender_with_a_newline(sock_dir, m
         assert_not_forged(router.log())
 
 
-def test_client_vars_in_a_session_line(sock_dir):
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_client_vars_in_a_session_line(sock_dir, mode):
     with RecordingBackend("live") as live:
         router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-to", live.address,
-                               "--fastrouter-post-buffering", "8"])
+                               "--fastrouter-post-buffering", "8"] + MODES[mode])
         pairs = [(b"HTTP_HOST", EVIL), (b"REMOTE_ADDR", b"10.0.0.1\n" + INJECTED.encode()),
                  (b"REMOTE_PORT", b"1\x1b[2J"), (b"CONTENT_LENGTH", b"100")]
         with connect(router.addresses[0]) as sock:
@@ -102,6 +103,26 @@ def test_client_vars_in_a_session_line(sock_dir):
                                       "1\\x1b[2J" % (EVIL_LOGGED, INJECTED)))
         assert b"node=live" in request(router.addresses[0], [(b"HTTP_HOST", b"fine")])
         assert live.count == 1
+        assert_not_forged(router.log())
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_client_vars_of_a_bodyless_request_in_a_session_line(mode):
+    # The usual request reads REMOTE_ADDR and REMOTE_PORT only when a line asks for
+    # them (Session.info): they are escaped all the same.
+    # The key is the node's address (--fastrouter-use-pattern %s): each request goes
+    # where it says, in either mode.
+    with RecordingBackend("silent", mode="hang") as silent, RecordingBackend("live") as live:
+        router = start_router(["--fastrouter", "127.0.0.1:0", "--fastrouter-use-pattern", "%s",
+                               "--fastrouter-timeout", "1"] + MODES[mode])
+        pairs = [(b"HTTP_HOST", silent.address.encode()),
+                 (b"REMOTE_ADDR", b"10.0.0.1\n" + INJECTED.encode()), (b"REMOTE_PORT", b"1\x1b[2J")]
+        with connect(router.addresses[0]) as sock:
+            sock.sendall(uwsgi_packet(pairs))
+            router.wait_for_log(re.escape("[uwsgi-fastrouter key: %s client_addr: 10.0.0.1\\x0a%s "
+                                          "client_port: 1\\x1b[2J node: %s] timeout in state RELAY"
+                                          % (silent.address, INJECTED, silent.address)))
+        assert b"node=live" in request(router.addresses[0], [(b"HTTP_HOST", live.address.encode())])
         assert_not_forged(router.log())
 
 

@@ -506,15 +506,6 @@ class Router:
         if owner is not None:
             owner.connected(route)
 
-    def release(self, route: Route) -> None:
-        """The session that used *route* is over (or its attempt failed).  The mapper
-        that owns the node takes the reference back and, with caps, tells the requests
-        waiting for a slot.  (Session.close does the same without the call: change
-        both.)"""
-        owner = route.owner
-        if owner is not None:
-            owner.release(route)
-
     def connect_failed(self, route: Route, key: bytes, retries: int, reason: str,
                        log_it: bool = True) -> None:
         """Log a failed connect (unless *log_it* is False), mark the node it went to

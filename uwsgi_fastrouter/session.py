@@ -1150,7 +1150,9 @@ class Session:
             self.body = None
         route = self.route
         if route is not None:
-            owner = route.owner       # Router.release(), written out (one call a request)
+            # The mapper that owns the node takes it back and, with caps, tells the
+            # requests waiting for a slot (router.py, StaticMapper/SubscriptionMapper).
+            owner = route.owner
             if owner is not None:
                 owner.release(route)
         # The record is complete: both readers see the same facts (record.py).
