@@ -7,7 +7,10 @@ One backend (build/backend) serves everything.  Two routers forward to it:
 ``ours`` (``python -m uwsgi_fastrouter`` from the repository, or any
 ``--candidate-cmd``) and ``uwsgi`` (the real FastRouter at its best settings).
 ``direct`` is the load generator talking to the backend itself: the limit of
-the machine.  Phases:
+the machine.  With ``--floor`` the rps phase also measures ``floor`` and
+``floor+scan``: bench/floor_proxy.py (without and with ``--scan``), a
+featureless Python proxy making our router's system calls, so the run shows
+what any Python router making them costs next to uWSGI.  Phases:
 
 * rps: for every round and every concurrency, each target in turn (the order
   rotates so nobody is always first) gets a warm-up and then a measured
@@ -58,8 +61,11 @@ import report  # noqa: E402
 OURS_CMD = "{python} -m uwsgi_fastrouter --fastrouter {listen} --fastrouter-to {backend} --listen 1024"
 UWSGI_CMD = ("{uwsgi} --master --die-on-term --listen 1024 --fastrouter {listen} --fastrouter-to {backend}"
              " --fastrouter-buffer-size 65536")
+FLOOR_CMD = "{python} bench/floor_proxy.py --fastrouter {listen} --fastrouter-to {backend}"
 ROUTERS = ("uwsgi", "ours")
 TARGETS = ("direct",) + ROUTERS
+# --floor: yardsticks measured in the rps phase only, next to ROUTERS
+FLOOR_TEMPLATES = {"floor": FLOOR_CMD, "floor+scan": FLOOR_CMD + " --scan"}
 BUILD_DIR = os.path.join(BENCH_DIR, "build")
 BACKEND_BIN = os.path.join(BUILD_DIR, "backend")
 LOADGEN_BIN = os.path.join(BUILD_DIR, "loadgen")
@@ -107,6 +113,9 @@ class Bench:
         self.uwsgi_bin = uwsgi_bin
         self.workdir = workdir
         self.templates = {"uwsgi": UWSGI_CMD, "ours": args.candidate_cmd or OURS_CMD}
+        self.floors = tuple(FLOOR_TEMPLATES) if args.floor else ()
+        self.templates.update((name, FLOOR_TEMPLATES[name]) for name in self.floors)
+        self.rps_routers = ROUTERS + self.floors     # the routers of the rps phase, in column order
         self.backend: Optional[processes.Child] = None
         self.backend_port = 0
         self.routers: Dict[str, processes.Child] = {}
@@ -310,10 +319,14 @@ class Bench:
         return best
 
     def phase_rps(self) -> None:
+        """Every round x concurrency x target (rotating order); the floor proxies live for this phase only."""
         a = self.a
+        for name in self.floors:
+            if name not in self.routers:
+                self.start_router(name)
         for rnd in range(a.rounds):
             for ci, conc in enumerate(a.concurrency):
-                for target in rotate(TARGETS, rnd + ci):
+                for target in rotate(("direct",) + self.rps_routers, rnd + ci):
                     if target != "direct":
                         self.ensure_alive(target)
                     label = "rps round %d c=%d %s" % (rnd + 1, conc, target)
@@ -323,9 +336,11 @@ class Bench:
                     log("   %-28s %9.0f req/s, p50 %6d us, p99 %6d us%s, errors %d, bg %.0f%%, steal %.0f%%"
                         % (label, m["rps"], m["p50_us"], m["p99_us"], cpu, m["errors"], m["bg_cpu"] * 100,
                            m["steal_cpu"] * 100))
-        for name in ROUTERS:
+        for name in self.rps_routers:
             if name in self.routers:
                 self.hwm.setdefault(name, {})["rps"] = proctree.tree_hwm_kib(self.routers[name].pid)
+        for name in self.floors:
+            self.stop_router(name)
 
     def measure_bulk_once(self, target: str, direction: str) -> dict:
         a = self.a
@@ -473,11 +488,11 @@ class Bench:
 
         out = ["run (from the repository root): " + q(["python3", "bench/bench.py"] + sys.argv[1:])]
         out.append("backend: " + q(self.commands.get("backend", [])))
-        for name in ROUTERS:
+        for name in self.rps_routers:
             if name in self.commands:
                 out.append("%s (cwd and PYTHONPATH = repo root): %s" % (name, q(self.commands[name])))
         for name, argv in self.commands.items():
-            if name not in ROUTERS and name != "backend":
+            if name not in self.rps_routers and name != "backend":
                 out.append("%s: %s" % (name, q(argv)))
         for kind in ("rps", "upload", "download", "idle", "reload"):
             if kind in self.loadgen_cmds:
@@ -510,6 +525,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="seconds of c=16 load per target in the reload phase (default 20)")
     p.add_argument("--reloads", type=int, default=10, help="SIGHUPs per target in the reload phase (default 10)")
     p.add_argument("--concurrency", default="1,16,128", help="loadgen connections for rps (default 1,16,128)")
+    p.add_argument("--floor", action="store_true",
+                   help="the rps phase also measures bench/floor_proxy.py as 'floor' and with --scan as "
+                        "'floor+scan' (featureless Python proxies making our router's system calls)")
     p.add_argument("--candidate-cmd", metavar="TEMPLATE",
                    help="command for 'ours' instead of python -m uwsgi_fastrouter; placeholders "
                         "{listen} {backend} {python} {uwsgi}")
@@ -543,6 +561,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     bad = [x for x in a.phases if x not in ("rps", "bulk", "idle") + extra_phases.PHASES]
     if bad:
         p.error("unknown phase(s): %s" % ", ".join(bad))
+    if a.floor and "rps" not in a.phases:
+        p.error("--floor adds targets to the rps phase, which is not among --phases")
     if a.rounds < 1 or a.duration <= 0 or a.bulk_reps < 1 or a.bulk_count < 1 or not a.concurrency:
         p.error("rounds, duration, bulk-reps, bulk-count and concurrency must be positive")
     return a
