@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import socket
 import types
 
@@ -17,6 +18,7 @@ from test_master import children, zombies
 from test_stats_slices import (_announce_many, _router_parts, _Static, make_table, read_to_eof,
                                reference_aggregate, reference_render, reference_report)
 from uwsgi_fastrouter.reactor import Reactor
+from uwsgi_fastrouter import statsfork
 from uwsgi_fastrouter.statsfork import MAX_RENDERERS, RENDERER_NICE, ForkedRenderers
 from uwsgi_fastrouter.stats import RouterReport, build_document, master_document, render_pieces
 
@@ -185,7 +187,20 @@ def _run_until(reactor: Reactor, predicate, what: str) -> None:
     assert predicate(), what
 
 
-def test_a_renderer_is_nobodys_child_at_low_priority_with_only_the_clients_socket():
+def _renderer_of(inode: int):
+    """The renderer holding the socket of *inode*, once it is the only holder (the
+    intermediate process that forked it holds a copy for a moment) and is not our
+    child; None before."""
+    holders = _holders(inode)
+    alone = len(holders) == 1 and holders[0] not in children(os.getpid())
+    return holders[0] if alone else None
+
+
+_IDLE = getattr(os, "SCHED_IDLE", None)
+
+
+def test_a_renderer_is_nobodys_child_at_low_priority_with_only_the_clients_socket(monkeypatch):
+    monkeypatch.setattr(statsfork, "IDLE_FOR", 3600.0)    # it stays idle throughout
     reactor = Reactor()
     renderers = ForkedRenderers(reactor)
     ours, reader = socket.socketpair()
@@ -194,19 +209,13 @@ def test_a_renderer_is_nobodys_child_at_low_priority_with_only_the_clients_socke
         inode = os.fstat(ours.fileno()).st_ino
         assert renderers(ours, _big_answer(), 10.0, lambda exc: b"error")
         ours.close()                                       # as the stats server does
-
-        def renderer_alone():
-            """The renderer, once it is the only holder (the intermediate process
-            that forked it holds a copy for a moment) and is not our child."""
-            holders = _holders(inode)
-            alone = len(holders) == 1 and holders[0] not in children(os.getpid())
-            return holders[0] if alone else None
-
-        renderer = wait_until(renderer_alone, what="the renderer alone with the socket")
+        renderer = wait_until(lambda: _renderer_of(inode), what="the renderer alone with the socket")
         assert renderer != os.getpid()
         assert _sockets_of(renderer) == 1
         assert os.getpriority(os.PRIO_PROCESS, renderer) == \
             min(19, os.getpriority(os.PRIO_PROCESS, 0) + RENDERER_NICE)
+        if _IDLE is not None:
+            assert os.sched_getscheduler(renderer) == _IDLE
         assert renderers.alive == 1
         reader.settimeout(20)
         data = read_to_eof(reader)
@@ -215,6 +224,42 @@ def test_a_renderer_is_nobodys_child_at_low_priority_with_only_the_clients_socke
     finally:
         reader.close()
         listener.close()
+        reactor.close()
+
+
+def _may_raise_priority() -> bool:
+    """Whether this process may leave the idle policy for nice 10 (root, or a
+    RLIMIT_NICE that allows it)."""
+    if os.geteuid() == 0:
+        return True
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NICE)
+    nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + RENDERER_NICE)
+    return soft == resource.RLIM_INFINITY or 20 - nice <= soft
+
+
+@pytest.mark.skipif(_IDLE is None, reason="no idle scheduling policy here")
+def test_a_renderer_at_work_for_long_leaves_the_idle_policy_where_it_may(monkeypatch):
+    monkeypatch.setattr(statsfork, "IDLE_FOR", 0.0)       # at once, after its first chunk
+    reactor = Reactor()
+    renderers = ForkedRenderers(reactor)
+    ours, reader = socket.socketpair()
+    try:
+        inode = os.fstat(ours.fileno()).st_ino
+        assert renderers(ours, _big_answer(), 10.0, lambda exc: b"error")
+        ours.close()
+        renderer = wait_until(lambda: _renderer_of(inode), what="the renderer alone with the socket")
+        # Nothing is read yet: the renderer sent its first chunks, then blocks on a full
+        # socket, so its policy settles before the document is done.
+        want = os.SCHED_OTHER if _may_raise_priority() else _IDLE
+        wait_until(lambda: os.sched_getscheduler(renderer) == want,
+                   what="the renderer's policy after its first chunk")
+        assert os.getpriority(os.PRIO_PROCESS, renderer) == \
+            min(19, os.getpriority(os.PRIO_PROCESS, 0) + RENDERER_NICE)
+        reader.settimeout(20)
+        assert len(read_to_eof(reader)) == 2000 * 4096
+        _run_until(reactor, lambda: renderers.alive == 0, "the renderer's exit seen")
+    finally:
+        reader.close()
         reactor.close()
 
 

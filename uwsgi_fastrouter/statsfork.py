@@ -8,17 +8,28 @@ master's loop (in slices, see stats.py) it never blocks a pass for long, but it 
 a CPU busy at normal priority for as long as documents are asked for, and on a small
 machine the router processes then wait for a CPU: routing latency suffers although no
 loop stalls.  So the master hands a stats client whose document is ready to a process
-of its own at a low priority (nice 10), which renders and writes that document
-and exits; the scheduler gives routing the CPUs first.  Nice 10, not 19: on a machine
-whose CPUs are all busy at normal priority the renderer still gets about a tenth of
-one (at 19 it would get one part in seventy, and a big document would take minutes).
+of its own at the lowest priority there is, which renders and writes that document
+and exits; the scheduler gives routing the CPUs first.
+
+The lowest priority is Linux's idle policy (``SCHED_IDLE``) where there is one: a
+router process that wakes up takes the CPU from such a process at once.  A merely
+niced process (nice 10) is not preempted so: the kernel lets it finish its time
+slice, and a router process woken meanwhile waits for a CPU for a few milliseconds,
+which the routing latency's 99th percentile shows on a machine with few CPUs.  The
+price of the idle policy is that a renderer gets next to no CPU while every CPU is
+busy at normal priority: so a renderer that has been at work for :data:`IDLE_FOR`
+seconds leaves that policy for nice 10 (a tenth of a CPU or so on a busy machine; at
+nice 19 a big document would take minutes), where the kernel lets it (a process
+needs the right to raise its own priority for that: root, or ``CAP_SYS_NICE``, or a
+high enough ``RLIMIT_NICE``); one that may not stays idle and finishes when a CPU is
+free.  Without the idle policy the renderer runs at nice 10 from the start.
 
 How a document leaves the master, which never waits for it: the master forks an
 intermediate process, closes its copy of the client's socket and goes on.  The
 intermediate drops the master's signal handlers, closes every descriptor but the
-client's socket, the standard streams and the write end of a *done* pipe, lowers its
-priority (so that the second fork, which copies the master's page tables again, runs
-at nice 10 too), forks the renderer and exits (if that fork fails, it renders the
+client's socket, the standard streams and the write end of a *done* pipe (at the
+renderer's priority already: the second fork, which copies the master's page tables
+again, is work too), forks the renderer and exits (if that fork fails, it renders the
 document itself).  So the
 renderer is nobody's child (no one reaps or kills it; ``init`` does) and holds none of
 the master's descriptors: the master's listeners do not outlive it, and nothing of
@@ -44,14 +55,20 @@ import gc
 import os
 import signal
 import socket
+import time
 from typing import Callable, Iterator, Optional
 
 from .stats import CHUNK
 
 #: renderer processes alive at once; more concurrent stats clients are served in the loop
 MAX_RENDERERS = 4
-#: the renderer's nice value (added to the master's)
+#: the renderer's nice value (added to the master's): its priority without the idle
+#: policy, or once it has left that policy
 RENDERER_NICE = 10
+#: seconds a renderer spends under the idle policy before it asks for nice 10
+IDLE_FOR = 2.0
+#: Linux's idle scheduling policy (None where the platform has none)
+_SCHED_IDLE = getattr(os, "SCHED_IDLE", None)
 
 _SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
 
@@ -131,6 +148,9 @@ def _fork_intermediate(sock: socket.socket, pieces: Iterator[bytes], timeout: fl
 def _intermediate(sock, pieces, timeout, error_payload, done_write, mask) -> None:  # pragma: no cover
     """Leave the master behind, fork the renderer and exit; without a renderer (the
     fork failed), render the document here."""
+    # The renderer's priority first of all: what this process does (closing, the
+    # second fork's copy of the master's page tables) is work too.
+    idle = _lower_priority()
     try:
         for signum in _SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
@@ -139,7 +159,6 @@ def _intermediate(sock, pieces, timeout, error_payload, done_write, mask) -> Non
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     except BaseException:
         os._exit(1)
-    _lower_priority()   # before the fork: its copy of the master's page tables is work too
     try:
         renderer = os.fork()
     except OSError:
@@ -147,14 +166,32 @@ def _intermediate(sock, pieces, timeout, error_payload, done_write, mask) -> Non
     if renderer:
         os._exit(0)
     try:
-        _render(sock, pieces, timeout, error_payload)
+        _render(sock, pieces, timeout, error_payload, idle)
     finally:
         os._exit(0)
 
 
-def _lower_priority() -> None:  # pragma: no cover - runs in the intermediate process
+def _lower_priority() -> bool:  # pragma: no cover - runs in the intermediate process
+    """Nice 10, then the idle policy where there is one: True when the process is
+    under the idle policy (the renderer forked next inherits both)."""
     try:
         os.nice(RENDERER_NICE)
+    except OSError:
+        pass
+    if _SCHED_IDLE is None:
+        return False
+    try:
+        os.sched_setscheduler(0, _SCHED_IDLE, os.sched_param(0))
+    except OSError:
+        return False
+    return True
+
+
+def _leave_idle() -> None:  # pragma: no cover - runs in the renderer
+    """From the idle policy back to the usual one, at the nice value set before
+    (refused without the right to raise a priority: the renderer then stays idle)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
     except OSError:
         pass
 
@@ -182,12 +219,14 @@ def _close_all_but(*keep: int) -> None:
 
 
 def _render(sock: socket.socket, pieces: Iterator[bytes], timeout: float,
-            error_payload: Callable[[BaseException], bytes]) -> None:  # pragma: no cover
+            error_payload: Callable[[BaseException], bytes], idle: bool = False) -> None:  # pragma: no cover
     """In the renderer: the whole answer to *sock*, a chunk at a time, at low priority.
     A failure before anything was sent is an error answer (as in the loop).  Its
-    priority is the intermediate's, lowered already."""
+    priority is the intermediate's, lowered already; *idle*: under the idle policy,
+    which it leaves after :data:`IDLE_FOR` seconds (looked at between chunks)."""
     gc.disable()            # a short life: a collection would only copy pages
     sock.settimeout(timeout)
+    leave_idle_at = time.monotonic() + IDLE_FOR if idle else None
     sent_any = False
     chunk: list = []
     size = 0
@@ -199,6 +238,9 @@ def _render(sock: socket.socket, pieces: Iterator[bytes], timeout: float,
                 sock.sendall(b"".join(chunk))
                 sent_any = True
                 chunk, size = [], 0
+                if leave_idle_at is not None and time.monotonic() >= leave_idle_at:
+                    _leave_idle()
+                    leave_idle_at = None
         if chunk:
             sock.sendall(b"".join(chunk))
     except OSError:
