@@ -261,7 +261,7 @@ class Session:
             return
         self.watch_client = False     # bodyless: see _routed
         if head[0] != route.modifier1 or head[3] != route.modifier2:
-            head = _with_modifiers(head, route)
+            head = _with_modifiers(head, route)   # checked here first: no call when they match
         self.up_buf = head
         self._connect(route)
 
@@ -564,7 +564,7 @@ class Session:
         err = sock.connect_ex(addr)
         if err and (err not in _IN_PROGRESS or err == errno.EAGAIN and family == _AF_UNIX):
             sock.close()
-            if err == errno.EAGAIN:
+            if err == errno.EAGAIN and family == _AF_UNIX:
                 self._wait_for_busy_node(route, busy)     # the listen queue is full
             else:
                 self._connect_failed(os.strerror(err))
